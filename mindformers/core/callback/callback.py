@@ -1,0 +1,138 @@
+"""Training callbacks. They are MindSpore `Callback`s: the Trainer's loop calls `on_train_begin`,
+`on_train_epoch_begin`, `on_train_step_end`, `on_train_epoch_end` and `on_train_end` with a `RunContext` whose
+`original_args()` is a `TrainState`."""
+import math
+import os
+import time
+
+from mindspore.train.callback import Callback
+
+from mindformers.tools.checkpoint import save_checkpoint_atomic, record_checkpoint
+from mindformers.tools.logger import logger
+from mindformers.tools.register import MindFormerRegister, MindFormerModuleType
+
+
+class TrainState:
+    """What callbacks see of the run. Counters are 1-based once a step has run.
+
+    Fields: cur_epoch_num, cur_step_num (global optimizer step), step_in_epoch, batch_num (steps per epoch),
+    epoch_num, total_steps, loss (float), lr (float), grad_norm (float), tokens_per_step, train_network,
+    network, optimizer, rank_id, output_dir, losses (every step's loss, in order)."""
+
+    def __init__(self, **kwargs):
+        self.cur_epoch_num = 0
+        self.cur_step_num = 0
+        self.step_in_epoch = 0
+        self.loss = float('nan')
+        self.lr = float('nan')
+        self.grad_norm = float('nan')
+        self.losses = []
+        self.__dict__.update(kwargs)
+
+
+def _format_seconds(seconds):
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+@MindFormerRegister.register(MindFormerModuleType.CALLBACK)
+class MFLossMonitor(Callback):
+    """Logs `step i/N, epoch e/E, loss, lr, grad_norm, tokens/s, ETA` every `per_print_times` steps and a summary
+    (time, first and final loss, relative drop) at the end."""
+
+    def __init__(self, per_print_times=1, **kwargs):
+        super().__init__()
+        self.per_print_times = max(int(per_print_times), 1)
+        self._start = None
+        self._window_start = None
+        self._window_tokens = 0
+
+    def on_train_begin(self, run_context):
+        self._start = self._window_start = time.time()
+        self._window_tokens = 0
+
+    def on_train_step_end(self, run_context):
+        state = run_context.original_args()
+        self._window_tokens += state.tokens_per_step
+        if state.cur_step_num % self.per_print_times and state.cur_step_num != state.total_steps:
+            return
+        now = time.time()
+        tokens_per_s = self._window_tokens / max(now - self._window_start, 1e-9)
+        done = state.cur_step_num - state.initial_step
+        elapsed = now - self._start
+        eta = elapsed / max(done, 1) * (state.total_steps - state.cur_step_num)
+        state.tokens_per_s = tokens_per_s
+        logger.info("step %d/%d, epoch %d/%d, loss %.4f, lr %.3e, grad_norm %.4f, %.0f tokens/s, ETA %s",
+                    state.cur_step_num, state.total_steps, state.cur_epoch_num, state.epoch_num, state.loss,
+                    state.lr, state.grad_norm, tokens_per_s, _format_seconds(eta))
+        self._window_start, self._window_tokens = now, 0
+
+    def on_train_end(self, run_context):
+        state = run_context.original_args()
+        losses = [x for x in state.losses if math.isfinite(x)]
+        elapsed = time.time() - (self._start or time.time())
+        if not losses:
+            logger.info("training finished: no steps run")
+            return
+        tail = losses[-max(1, min(10, len(losses) // 5)):]
+        final = sum(tail) / len(tail)
+        drop = (losses[0] - final) / losses[0] * 100 if losses[0] else 0.0
+        state.summary = {'steps': len(state.losses), 'seconds': elapsed, 'first_loss': losses[0],
+                         'final_loss': final, 'loss_drop_percent': drop}
+        logger.info("training finished: %d steps in %s (%.1f s); loss %.4f -> %.4f (mean of last %d steps), "
+                    "%s by %.1f%%", len(state.losses), _format_seconds(elapsed), elapsed, losses[0], final,
+                    len(tail), 'fell' if drop >= 0 else 'rose', abs(drop))
+
+
+@MindFormerRegister.register(MindFormerModuleType.CALLBACK)
+class CheckpointMonitor(Callback):
+    """Saves the train network (model weights, optimizer state and counters) every `save_checkpoint_steps`
+    optimizer steps and at the end, to `<directory or output_dir/checkpoint>/rank_<i>/<prefix>_rank_<i>-<epoch>_<step
+    in epoch>.ckpt`, atomically, keeping at most `keep_checkpoint_max` files. `checkpoint_format`: 'ckpt' or
+    'safetensors'."""
+
+    def __init__(self, prefix='mindformers', directory=None, save_checkpoint_steps=1000, keep_checkpoint_max=5,
+                 checkpoint_format='ckpt', integrated_save=True, save_network_params=False,
+                 save_trainable_params=False, async_save=False, **kwargs):
+        super().__init__()
+        if checkpoint_format not in ('ckpt', 'safetensors'):
+            raise ValueError(f"checkpoint_format must be 'ckpt' or 'safetensors', got {checkpoint_format!r}")
+        if int(save_checkpoint_steps) < 1:
+            raise ValueError(f"save_checkpoint_steps must be >= 1, got {save_checkpoint_steps}")
+        self.prefix = prefix
+        self.directory = directory
+        self.save_checkpoint_steps = int(save_checkpoint_steps)
+        self.keep_checkpoint_max = int(keep_checkpoint_max)
+        self.checkpoint_format = checkpoint_format
+        self.last_saved_step = None
+        self.last_path = None
+
+    def _save(self, state):
+        if self.last_saved_step == state.cur_step_num:
+            return
+        directory = os.path.join(self.directory or os.path.join(state.output_dir, 'checkpoint'),
+                                 f'rank_{state.rank_id}')
+        name = f"{self.prefix}_rank_{state.rank_id}-{state.cur_epoch_num}_{state.step_in_epoch}." \
+               f"{self.checkpoint_format}"
+        path = os.path.join(directory, name)
+        save_checkpoint_atomic(state.train_network, path,
+                               append_dict={'epoch_num': state.cur_epoch_num, 'step_num': state.step_in_epoch,
+                                            'global_step': state.cur_step_num})
+        record_checkpoint(directory, name, state.cur_epoch_num, state.step_in_epoch, state.cur_step_num,
+                          self.keep_checkpoint_max)
+        self.last_saved_step, self.last_path = state.cur_step_num, path
+        state.last_checkpoint = path
+        logger.info("saved checkpoint %s", path)
+
+    def on_train_step_end(self, run_context):
+        state = run_context.original_args()
+        if state.cur_step_num % self.save_checkpoint_steps == 0:
+            self._save(state)
+
+    def on_train_end(self, run_context):
+        state = run_context.original_args()
+        if state.cur_step_num > 0:
+            self._save(state)
+
+
+MindFormerRegister.register_cls(CheckpointMonitor, MindFormerModuleType.CALLBACK, alias='CheckpointMointor')

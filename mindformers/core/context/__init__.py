@@ -1,0 +1,4 @@
+"""Context setup."""
+from .build_context import init_context, ContextConfig, ParallelContextConfig, best_device, device_available
+
+__all__ = ['init_context', 'ContextConfig', 'ParallelContextConfig', 'best_device', 'device_available']

@@ -1,0 +1,146 @@
+"""Process context: device, graph/pynative mode, and (optionally) the distributed group."""
+import glob
+import os
+from dataclasses import dataclass, field, fields
+
+import mindspore as ms
+
+from mindformers.tools.logger import logger
+
+_DEVICE_PROBES = {
+    'Ascend': lambda: bool(glob.glob('/dev/davinci[0-9]*')),
+    'GPU': lambda: bool(glob.glob('/dev/nvidia[0-9]*')),
+    'CPU': lambda: True,
+}
+
+
+def device_available(device_target):
+    """True when `device_target` ('Ascend', 'GPU', 'CPU') has hardware and a loadable MindSpore backend."""
+    if device_target not in _DEVICE_PROBES:
+        raise ValueError(f"unknown device_target {device_target!r}; use one of Ascend, GPU, CPU")
+    if device_target == 'CPU':
+        return True
+    return _DEVICE_PROBES[device_target]() and ms.hal.is_available(device_target)
+
+
+def best_device():
+    """The first available of Ascend, GPU, CPU."""
+    for target in ('Ascend', 'GPU', 'CPU'):
+        if device_available(target):
+            return target
+    return 'CPU'
+
+
+@dataclass
+class ContextConfig:
+    """MindSpore context settings. `mode` 0 = GRAPH_MODE (compiled, default), 1 = PYNATIVE_MODE.
+    `device_target` None picks the best device present."""
+    mode: int = 0
+    device_target: str = None
+    device_id: int = None
+    max_call_depth: int = 10000
+    max_device_memory: str = None
+    save_graphs: bool = False
+    save_graphs_path: str = './graph'
+    jit_config: dict = None
+    enable_compile_cache: bool = False
+    compile_cache_path: str = None
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, mapping):
+        mapping = dict(mapping or {})
+        known = {f.name for f in fields(cls)} - {'extra'}
+        extra = {k: mapping.pop(k) for k in list(mapping) if k not in known}
+        return cls(**mapping, extra=extra)
+
+
+@dataclass
+class ParallelContextConfig:
+    """Distributed context. `parallel_mode`: 0/'data_parallel', 1/'semi_auto_parallel', 2/'auto_parallel',
+    3/'hybrid_parallel', or 'stand_alone'."""
+    parallel_mode: object = 0
+    gradients_mean: bool = True
+    full_batch: bool = False
+    enable_parallel_optimizer: bool = False
+    search_mode: str = 'sharding_propagation'
+    strategy_ckpt_save_file: str = None
+    strategy_ckpt_load_file: str = None
+    device_num: int = None
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, mapping):
+        mapping = dict(mapping or {})
+        known = {f.name for f in fields(cls)} - {'extra'}
+        extra = {k: mapping.pop(k) for k in list(mapping) if k not in known}
+        return cls(**mapping, extra=extra)
+
+
+_PARALLEL_MODES = {0: 'data_parallel', 1: 'semi_auto_parallel', 2: 'auto_parallel', 3: 'hybrid_parallel',
+                   'stand_alone': 'stand_alone', 'data_parallel': 'data_parallel',
+                   'semi_auto_parallel': 'semi_auto_parallel', 'auto_parallel': 'auto_parallel',
+                   'hybrid_parallel': 'hybrid_parallel'}
+
+
+def init_context(use_parallel=False, context_config=None, parallel_config=None):
+    """Set the MindSpore context and, with `use_parallel`, join the process group.
+
+    Returns `(rank_id, device_num)`. Raises RuntimeError naming the device when the requested one is absent."""
+    if not isinstance(context_config, ContextConfig):
+        context_config = ContextConfig.from_dict(context_config)
+    if not isinstance(parallel_config, ParallelContextConfig):
+        parallel_config = ParallelContextConfig.from_dict(parallel_config)
+    target = context_config.device_target or best_device()
+    if not device_available(target):
+        raise RuntimeError(f"device_target {target!r} was requested but is not available on this machine "
+                           f"(available: {best_device()}); set context.device_target or --device_target accordingly")
+    if context_config.mode not in (0, 1, 'GRAPH_MODE', 'PYNATIVE_MODE'):
+        raise ValueError(f"context.mode must be 0 (GRAPH_MODE) or 1 (PYNATIVE_MODE), got {context_config.mode!r}")
+    mode = {'GRAPH_MODE': 0, 'PYNATIVE_MODE': 1}.get(context_config.mode, context_config.mode)
+    kwargs = dict(mode=mode, device_target=target, max_call_depth=context_config.max_call_depth)
+    if context_config.save_graphs:
+        kwargs.update(save_graphs=True, save_graphs_path=context_config.save_graphs_path)
+    if context_config.max_device_memory and target != 'CPU':
+        kwargs['max_device_memory'] = context_config.max_device_memory
+    if context_config.device_id is not None or os.environ.get('DEVICE_ID'):
+        device_id = context_config.device_id if context_config.device_id is not None else int(os.environ['DEVICE_ID'])
+        if target != 'CPU':
+            kwargs['device_id'] = device_id
+    if context_config.enable_compile_cache:
+        kwargs['enable_compile_cache'] = True
+        kwargs['compile_cache_path'] = context_config.compile_cache_path or './compile_cache'
+    kwargs.update(context_config.extra)
+    ms.set_context(**kwargs)
+    if context_config.jit_config:
+        ms.set_context(jit_config=dict(context_config.jit_config))
+
+    if not use_parallel:
+        return 0, 1
+
+    mode_name = _PARALLEL_MODES.get(parallel_config.parallel_mode)
+    if mode_name is None:
+        raise ValueError(f"parallel.parallel_mode {parallel_config.parallel_mode!r} is not one of "
+                         f"0 (data_parallel), 1 (semi_auto_parallel), 2 (auto_parallel), 3 (hybrid_parallel)")
+    if target == 'CPU' and mode_name in ('semi_auto_parallel', 'auto_parallel'):
+        raise RuntimeError(f"parallel.parallel_mode {mode_name} needs Ascend or GPU (MindSpore supports it only with "
+                           f"hccl/nccl); on CPU use parallel_mode 0 (data_parallel) under msrun")
+    from mindspore import communication
+    communication.init()
+    rank_id = communication.get_rank()
+    device_num = communication.get_group_size()
+    auto_kwargs = dict(parallel_mode=mode_name, gradients_mean=parallel_config.gradients_mean,
+                       device_num=device_num)
+    if mode_name in ('semi_auto_parallel', 'auto_parallel'):
+        auto_kwargs.update(full_batch=parallel_config.full_batch,
+                           enable_parallel_optimizer=parallel_config.enable_parallel_optimizer)
+        if mode_name == 'auto_parallel':
+            auto_kwargs['search_mode'] = parallel_config.search_mode
+        if parallel_config.strategy_ckpt_save_file:
+            auto_kwargs['strategy_ckpt_save_file'] = parallel_config.strategy_ckpt_save_file
+        if parallel_config.strategy_ckpt_load_file:
+            auto_kwargs['strategy_ckpt_load_file'] = parallel_config.strategy_ckpt_load_file
+    auto_kwargs.update(parallel_config.extra)
+    ms.set_auto_parallel_context(**auto_kwargs)
+    logger.info("distributed: rank %d of %d, parallel_mode %s", rank_id, device_num, mode_name)
+    return rank_id, device_num

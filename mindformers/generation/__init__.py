@@ -1,0 +1,4 @@
+"""Text generation."""
+from .text_generator import GeneratorMixin
+
+__all__ = ['GeneratorMixin']

@@ -1,0 +1,157 @@
+"""Checkpoint files: atomic writes, `meta.json` beside them, and loading with clear errors.
+
+Layout: `<output_dir>/checkpoint/rank_<i>/<prefix>_rank_<i>-<epoch>_<step>.ckpt` plus `meta.json`
+(`last_epoch`, `last_step`, `last_ckpt_file`, `global_step`, and the list of kept files, oldest first)."""
+import json
+import os
+
+import mindspore as ms
+import numpy as np
+
+from mindformers.tools.logger import logger
+
+META_FILE = 'meta.json'
+
+
+class CheckpointError(ValueError):
+    """A missing, corrupt or mismatched checkpoint; the message names the file."""
+
+
+def _fsync_dir(directory):
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path, data):
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, 'w', encoding='utf-8') as f:
+        json.dump(data, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def save_checkpoint_atomic(save_obj, path, append_dict=None):
+    """Write a checkpoint to `path` so that it either exists complete or not at all.
+
+    `save_obj`: a Cell, a list of Parameters, or a dict name -> Tensor/ndarray. The file is written under a hidden
+    temporary name in the same directory, fsynced, then renamed."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fmt = 'safetensors' if path.endswith('.safetensors') else 'ckpt'
+    if isinstance(save_obj, dict):
+        save_obj = [{'name': k, 'data': v if isinstance(v, ms.Tensor) else ms.Tensor(np.asarray(v))}
+                    for k, v in save_obj.items()]
+    tmp_stem = os.path.join(directory, f".{os.path.basename(path)}.partial.{os.getpid()}")
+    tmp_file = f"{tmp_stem}.{fmt}"
+    try:
+        ms.save_checkpoint(save_obj, tmp_stem, append_dict=append_dict, format=fmt,
+                           crc_check=fmt == 'ckpt')
+        with open(tmp_file, 'rb+') as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_file, path)
+        _fsync_dir(directory)
+    finally:
+        if os.path.exists(tmp_file):
+            os.remove(tmp_file)
+    return path
+
+
+def load_checkpoint_file(path):
+    """Load a `.ckpt` or `.safetensors` file into a dict name -> Parameter; corrupt files raise CheckpointError."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    fmt = 'safetensors' if path.endswith('.safetensors') else 'ckpt'
+    try:
+        kwargs = {'crc_check': True} if fmt == 'ckpt' else {}
+        return ms.load_checkpoint(path, format=fmt, **kwargs)
+    except Exception as err:  # MindSpore raises ValueError/RuntimeError with long C++ traces
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"checkpoint {path} is corrupt or unreadable ({first}); "
+                              f"use an earlier checkpoint or re-create it") from None
+
+
+def load_into_network(network, param_dict, path='<checkpoint>', strict=True):
+    """Load `param_dict` into `network`. With `strict`, every network parameter must be present with the same
+    shape; extra entries (optimizer state, counters) are ignored. Errors name the parameters."""
+    net_params = {p.name: p for p in network.get_parameters()}
+    missing = [n for n in net_params if n not in param_dict]
+    mismatched = [f"{n}: checkpoint {tuple(param_dict[n].shape)} vs model {tuple(p.shape)}"
+                  for n, p in net_params.items() if n in param_dict and tuple(param_dict[n].shape) != tuple(p.shape)]
+    if mismatched:
+        raise CheckpointError(f"checkpoint {path} does not fit the model: shape mismatch for "
+                              f"{'; '.join(mismatched[:10])}{' ...' if len(mismatched) > 10 else ''}")
+    if missing and strict:
+        raise CheckpointError(f"checkpoint {path} lacks {len(missing)} model parameter(s): "
+                              f"{', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
+    ms.load_param_into_net(network, {n: param_dict[n] for n in net_params if n in param_dict}, strict_load=False)
+    return missing
+
+
+def read_meta(directory):
+    """The parsed `meta.json` of a rank directory, or None when absent or unreadable."""
+    path = os.path.join(directory, META_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding='utf-8') as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        logger.warning("ignoring unreadable %s: %s", path, err)
+        return None
+
+
+def resolve_checkpoint(path, rank_id=0):
+    """Turn a `load_checkpoint` value into one file.
+
+    A file is returned as is. A directory is searched in order: `rank_<rank_id>/` inside it, its `meta.json`
+    (`last_ckpt_file`), then the `.ckpt`/`.safetensors` file with the highest (epoch, step) in its name."""
+    if os.path.isfile(path):
+        return path
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint not found: {path} is neither a file nor a directory")
+    rank_dir = os.path.join(path, f'rank_{rank_id}')
+    if os.path.isdir(rank_dir):
+        return resolve_checkpoint(rank_dir, rank_id)
+    meta = read_meta(path)
+    if meta and meta.get('last_ckpt_file'):
+        candidate = os.path.join(path, meta['last_ckpt_file'])
+        if os.path.isfile(candidate):
+            return candidate
+    files = [f for f in os.listdir(path) if f.endswith(('.ckpt', '.safetensors')) and not f.startswith('.')]
+    if not files:
+        raise CheckpointError(f"no checkpoint file (*.ckpt, *.safetensors) in directory {path}")
+    return os.path.join(path, max(files, key=_epoch_step_key))
+
+
+def _epoch_step_key(filename):
+    stem = filename.rsplit('.', 1)[0]
+    try:
+        epoch, step = stem.rsplit('-', 1)[1].split('_')
+        return int(epoch), int(step), filename
+    except (IndexError, ValueError):
+        return -1, -1, filename
+
+
+def record_checkpoint(directory, filename, epoch, step, global_step, keep_max):
+    """Update `meta.json` after `filename` is complete, and delete the oldest files beyond `keep_max`."""
+    meta = read_meta(directory) or {}
+    kept = [f for f in meta.get('checkpoints', []) if f != filename and os.path.isfile(os.path.join(directory, f))]
+    kept.append(filename)
+    removed = kept[:-keep_max] if keep_max and keep_max > 0 else []
+    kept = kept[len(removed):]
+    write_json_atomic(os.path.join(directory, META_FILE),
+                      {'last_epoch': epoch, 'last_step': step, 'global_step': global_step,
+                       'last_ckpt_file': filename, 'checkpoints': kept})
+    for old in removed:
+        try:
+            os.remove(os.path.join(directory, old))
+        except OSError as err:
+            logger.warning("could not remove old checkpoint %s: %s", old, err)

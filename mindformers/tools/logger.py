@@ -1,0 +1,31 @@
+"""The `mindformers` logger: INFO to stdout, and per-rank files once `setup_file_logging` names an output dir."""
+import logging
+import os
+import sys
+
+logger = logging.getLogger('mindformers')
+if not logger.handlers:
+    _handler = logging.StreamHandler(sys.stdout)
+    _handler.setFormatter(logging.Formatter('%(asctime)s - mindformers - %(levelname)s - %(message)s',
+                                            '%Y-%m-%d %H:%M:%S'))
+    logger.addHandler(_handler)
+    logger.setLevel(os.environ.get('MINDFORMERS_LOG_LEVEL', 'INFO').upper())
+    logger.propagate = False
+
+_file_handlers = {}
+
+
+def setup_file_logging(output_dir, rank_id=0):
+    """Also write the log to `<output_dir>/log/rank_<rank_id>/mindformer.log`; returns that directory."""
+    log_dir = os.path.join(output_dir, 'log', f'rank_{rank_id}')
+    os.makedirs(log_dir, exist_ok=True)
+    path = os.path.abspath(os.path.join(log_dir, 'mindformer.log'))
+    if path not in _file_handlers:
+        for old in _file_handlers.values():
+            logger.removeHandler(old)
+        _file_handlers.clear()
+        handler = logging.FileHandler(path, encoding='utf-8')
+        handler.setFormatter(logging.Formatter('%(asctime)s - %(levelname)s - %(message)s', '%Y-%m-%d %H:%M:%S'))
+        logger.addHandler(handler)
+        _file_handlers[path] = handler
+    return log_dir

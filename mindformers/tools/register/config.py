@@ -1,0 +1,165 @@
+"""MindFormerConfig: YAML (safe loader only) as a dict with attribute access, inheritance and dotted overrides."""
+import copy
+import difflib
+import os
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem, with the file, line or dotted key in the message."""
+
+
+def _to_config(value, path):
+    if isinstance(value, MindFormerConfig):
+        return value
+    if isinstance(value, dict):
+        return MindFormerConfig(value, _path=path)
+    if isinstance(value, list):
+        return [_to_config(v, f"{path}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
+def deep_merge(base, override):
+    """Return `base` updated by `override`: nested mappings merge, everything else is replaced."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_yaml(path):
+    """Load one YAML file with `yaml.safe_load`; syntax errors name the file and line."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    with open(path, encoding='utf-8') as f:
+        try:
+            data = yaml.safe_load(f)
+        except yaml.MarkedYAMLError as err:
+            mark = err.problem_mark or err.context_mark
+            line = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+            raise ConfigError(f"{path}{line}: YAML syntax error: {err.problem or err.context}") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: YAML error: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def load_yaml_with_bases(path, _seen=()):
+    """Load `path`, resolving `base_config` (a path or list of paths relative to the file) recursively."""
+    path = os.path.abspath(path)
+    if path in _seen:
+        raise ConfigError(f"{path}: base_config cycle: {' -> '.join(_seen + (path,))}")
+    data = load_yaml(path)
+    bases = data.pop('base_config', None)
+    if not bases:
+        return data
+    if isinstance(bases, str):
+        bases = [bases]
+    merged = {}
+    for base in bases:
+        base_path = base if os.path.isabs(base) else os.path.join(os.path.dirname(path), base)
+        if not os.path.isfile(base_path):
+            raise ConfigError(f"{path}: base_config {base!r} not found (looked for {base_path})")
+        merged = deep_merge(merged, load_yaml_with_bases(base_path, _seen + (path,)))
+    return deep_merge(merged, data)
+
+
+def parse_value(text):
+    """Parse a command-line value: YAML scalars and flow lists/maps (`1`, `1e-4`, `True`, `[1,2]`, `none`)."""
+    if not isinstance(text, str):
+        return text
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+class MindFormerConfig(dict):
+    """A dict with attribute access. Nested mappings become MindFormerConfig.
+
+    `MindFormerConfig('a.yaml', key=value)` loads the YAML (with `base_config` inheritance) and merges
+    the keyword arguments over it. A missing attribute raises AttributeError naming the dotted path and
+    the closest keys; use `.get()` for optional keys."""
+
+    def __init__(self, *args, _path='', **kwargs):
+        super().__init__()
+        object.__setattr__(self, '_path', _path)
+        data = {}
+        for arg in args:
+            if isinstance(arg, (str, os.PathLike)):
+                data = deep_merge(data, load_yaml_with_bases(os.fspath(arg)))
+            elif isinstance(arg, dict):
+                data = deep_merge(data, arg)
+            elif arg is not None:
+                raise TypeError(f"MindFormerConfig takes YAML paths or mappings, got {type(arg).__name__}")
+        data = deep_merge(data, kwargs)
+        for key, value in data.items():
+            self[key] = value
+
+    def _child(self, key):
+        return f"{self._path}.{key}" if self._path else str(key)
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, _to_config(value, self._child(key)))
+
+    def __getattr__(self, key):
+        if key.startswith('__'):
+            raise AttributeError(key)
+        try:
+            return self[key]
+        except KeyError:
+            close = difflib.get_close_matches(str(key), [str(k) for k in self], n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise AttributeError(f"config has no key '{self._child(key)}'{hint}") from None
+
+    def __setattr__(self, key, value):
+        self[key] = value
+
+    def __delattr__(self, key):
+        del self[key]
+
+    def __deepcopy__(self, memo):
+        return MindFormerConfig(copy.deepcopy(self.to_dict(), memo), _path=self._path)
+
+    def __reduce__(self):
+        return (MindFormerConfig, (self.to_dict(),), None)
+
+    def to_dict(self):
+        """A plain nested dict/list copy."""
+        def plain(v):
+            if isinstance(v, dict):
+                return {k: plain(x) for k, x in v.items()}
+            if isinstance(v, list):
+                return [plain(x) for x in v]
+            return v
+        return plain(self)
+
+    def merge_from_dict(self, options):
+        """Merge `{'a.b.c': value}` (dotted keys) or nested mappings into this config, deeply."""
+        for dotted, value in options.items():
+            node = self
+            keys = str(dotted).split('.')
+            for key in keys[:-1]:
+                if not isinstance(node.get(key), dict):
+                    node[key] = {}
+                node = node[key]
+            last = keys[-1]
+            if isinstance(value, dict) and isinstance(node.get(last), dict):
+                node[last] = deep_merge(node[last], value)
+            else:
+                node[last] = value
+        return self
+
+    def save(self, path):
+        """Write as YAML (atomically)."""
+        tmp = f"{path}.tmp"
+        with open(tmp, 'w', encoding='utf-8') as f:
+            yaml.safe_dump(self.to_dict(), f, sort_keys=False, allow_unicode=True)
+        os.replace(tmp, path)

@@ -1,0 +1,17 @@
+"""Small shared helpers: path resolution against the installed package."""
+import os
+
+PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_DIR = os.path.dirname(PACKAGE_DIR)
+
+
+def resolve_path(path):
+    """Return `path` if it exists as given; else try it relative to the package (`mindformers/`), then to the
+    directory above it (a source checkout or the installed `configs/`). Unresolvable paths come back unchanged."""
+    if not path or os.path.isabs(path) or os.path.exists(path):
+        return path
+    for root in (PACKAGE_DIR, REPO_DIR, os.path.join(PACKAGE_DIR, '_packaged')):
+        candidate = os.path.join(root, path)
+        if os.path.exists(candidate):
+            return candidate
+    return path

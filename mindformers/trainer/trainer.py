@@ -1,0 +1,374 @@
+"""Trainer: builds everything a run config names and runs train, finetune, evaluate and predict."""
+import copy
+import math
+import os
+import time
+
+import numpy as np
+import mindspore as ms
+from mindspore import nn, ops, Tensor
+from mindspore.train.callback import RunContext
+
+from mindformers.core.callback import TrainState
+from mindformers.core.context import init_context
+from mindformers.core.loss import CrossEntropyLoss
+from mindformers.core.lr import build_lr
+from mindformers.core.metric import PerplexityMetric
+from mindformers.core.optim import build_optim
+from mindformers.core.parallel_config import build_parallel_config, ParallelConfig, RecomputeConfig
+from mindformers.tools.build import build_model, build_callback, build_wrapper, build_dataset, build_tokenizer
+from mindformers.tools.checkpoint import (load_checkpoint_file, load_into_network, resolve_checkpoint,
+                                          CheckpointError)
+from mindformers.tools.logger import logger, setup_file_logging
+from mindformers.tools.model_book import find_config
+from mindformers.tools.register import MindFormerConfig, MindFormerRegister, MindFormerModuleType
+from mindformers.trainer.training_args import TrainingArguments
+
+SUPPORTED_TASKS = {'text_generation': 'gpt2'}
+_CONTEXT_DONE = {}
+
+
+class _EvalLossCell(nn.Cell):
+    """`(loss_sum, token_count)` of next-token prediction on `input_ids [B, S+1]`, with the model in eval mode."""
+
+    def __init__(self, network):
+        super().__init__(auto_prefix=False)
+        self.network = network
+        self.loss = CrossEntropyLoss()
+        config = network.config
+        self.ignore_id = int(getattr(config, 'ignore_token_id', -100))
+        pad, eos = getattr(config, 'pad_token_id', None), getattr(config, 'eos_token_id', None)
+        self.pad_id = int(pad) if pad is not None and pad != eos else None
+
+    def construct(self, input_ids, *args):
+        tokens = input_ids[:, :-1]
+        targets = input_ids[:, 1:]
+        logits = self.network(tokens)
+        mask = ops.cast(targets != self.ignore_id, ms.float32)
+        if self.pad_id is not None:
+            mask = mask * ops.cast(targets != self.pad_id, ms.float32)
+        vocab = logits.shape[-1]
+        flat_mask = mask.reshape(-1)
+        mean = self.loss(logits.reshape(-1, vocab), ops.maximum(targets, 0).reshape(-1), flat_mask)
+        count = flat_mask.sum()
+        return mean * count, count
+
+
+@MindFormerRegister.register(MindFormerModuleType.TRAINER)
+class Trainer:
+    """The high-level runner.
+
+    `args`: a YAML path, a MindFormerConfig/dict (a full run config) or TrainingArguments (overriding the YAML of
+    the model). `model`: a registered name (`gpt2`, `gpt2_tiny`, ...) or a model instance. `train_dataset` /
+    `eval_dataset`: a MindRecord directory or file, or a `mindspore.dataset` object yielding the model's columns.
+    """
+
+    def __init__(self, args=None, task='text_generation', model=None, model_name=None, train_dataset=None,
+                 eval_dataset=None, tokenizer=None, optimizers=None, callbacks=None, compute_metrics=None,
+                 pet_method='', **kwargs):
+        if kwargs:
+            raise TypeError(f"Trainer got unknown argument(s): {', '.join(sorted(kwargs))}")
+        if task not in SUPPORTED_TASKS:
+            raise ValueError(f"task {task!r} is not supported; supported tasks: {', '.join(SUPPORTED_TASKS)}")
+        if pet_method:
+            raise NotImplementedError(f"pet_method={pet_method!r}: parameter-efficient tuning is not available yet "
+                                      f"(planned: LoRA); use pet_method=''")
+        self.task = task
+        self.model = model if model is not None and not isinstance(model, str) else None
+        if isinstance(model, str):
+            model_name = model
+        self.config = self._resolve_config(args, model_name or (None if self.model is not None else None))
+        self.tokenizer = tokenizer
+        self.optimizers = optimizers
+        self.callbacks = list(callbacks or [])
+        self.compute_metrics = compute_metrics
+        self.train_dataset = self._dataset_arg(train_dataset, 'train_dataset')
+        self.eval_dataset = self._dataset_arg(eval_dataset, 'eval_dataset')
+        self.rank_id, self.device_num = 0, 1
+        self.state = None
+
+    # ----------------------------------------------------------------- config
+    def _resolve_config(self, args, model_name):
+        if isinstance(args, (str, os.PathLike)):
+            config = MindFormerConfig(os.fspath(args))
+        elif isinstance(args, dict):
+            config = MindFormerConfig(copy.deepcopy(dict(args)))
+        else:
+            name = model_name or SUPPORTED_TASKS[self.task]
+            config = MindFormerConfig(find_config(name))
+            if isinstance(args, TrainingArguments):
+                args.apply_to(config)
+            elif args is not None:
+                raise TypeError(f"args must be a YAML path, a config mapping or TrainingArguments, "
+                                f"got {type(args).__name__}")
+        config.setdefault('output_dir', './output')
+        config.setdefault('seed', 0)
+        config.setdefault('runner_config', {})
+        return config
+
+    def _dataset_arg(self, dataset, key):
+        if isinstance(dataset, (str, os.PathLike)):
+            self.config.merge_from_dict({f'{key}.data_loader.dataset_dir': os.fspath(dataset)})
+            return None
+        return dataset
+
+    def set_parallel_config(self, data_parallel=1, model_parallel=1, pipeline_stage=1, micro_batch_num=1,
+                            micro_batch_interleave_num=1, optimizer_shard=False, vocab_emb_dp=True,
+                            use_seq_parallel=False, gradient_aggregation_group=4, expert_parallel=1):
+        """Set `parallel_config` (applied to the model when it is built, or to the given instance's config)."""
+        self.config['parallel_config'] = dict(
+            data_parallel=data_parallel, model_parallel=model_parallel, pipeline_stage=pipeline_stage,
+            micro_batch_num=micro_batch_num, micro_batch_interleave_num=micro_batch_interleave_num,
+            optimizer_shard=optimizer_shard, vocab_emb_dp=vocab_emb_dp, use_seq_parallel=use_seq_parallel,
+            gradient_aggregation_group=gradient_aggregation_group, expert_parallel=expert_parallel)
+
+    def set_recompute_config(self, recompute=False, select_recompute=False, parallel_optimizer_comm_recompute=False,
+                             mp_comm_recompute=True, recompute_slice_activation=False):
+        """Set `recompute_config`; `recompute=True` recomputes every transformer block in the backward pass."""
+        self.config['recompute_config'] = dict(
+            recompute=recompute, select_recompute=select_recompute,
+            parallel_optimizer_comm_recompute=parallel_optimizer_comm_recompute,
+            mp_comm_recompute=mp_comm_recompute, recompute_slice_activation=recompute_slice_activation)
+
+    # ----------------------------------------------------------------- building
+    def _setup(self):
+        config = self.config
+        if 'ids' not in _CONTEXT_DONE:
+            parallel = dict(config.get('parallel') or {})
+            _CONTEXT_DONE['ids'] = init_context(bool(config.get('use_parallel', False)),
+                                                dict(config.get('context') or {}), parallel)
+        self.rank_id, self.device_num = _CONTEXT_DONE['ids']
+        ms.set_seed(int(config.seed))
+        np.random.seed(int(config.seed))
+        setup_file_logging(config.output_dir, self.rank_id)
+
+    def _parallel_config(self):
+        return build_parallel_config(self.config.get('parallel_config'), self.config.get('recompute_config'))
+
+    def _get_network(self):
+        if self.model is not None:
+            config = getattr(self.model, 'config', None)
+            if config is not None and (self.config.get('parallel_config') or self.config.get('recompute_config')):
+                config.parallel_config = self._parallel_config()
+            return self.model
+        if 'model' not in self.config:
+            raise KeyError("the run config has no 'model' section (model.model_config and model.arch)")
+        self.model = build_model(self.config.model, default_args={'parallel_config': self._parallel_config()})
+        logger.info("built %s with %.2fM parameters", type(self.model).__name__,
+                    sum(int(np.prod(p.shape)) for p in self.model.get_parameters()) / 1e6)
+        return self.model
+
+    def _load_weights(self, network, checkpoint):
+        path = resolve_checkpoint(os.fspath(checkpoint), self.rank_id)
+        load_into_network(network, load_checkpoint_file(path), path)
+        logger.info("loaded weights from %s", path)
+        return path
+
+    def _checkpoint_arg(self, value):
+        """True → newest checkpoint under output_dir; a str → that path; False/None → load_checkpoint of the YAML."""
+        if value is True:
+            return os.path.join(self.config.output_dir, 'checkpoint')
+        if isinstance(value, (str, os.PathLike)) and value:
+            return value
+        return self.config.get('load_checkpoint') or None
+
+    def _get_tokenizer(self):
+        if self.tokenizer is None:
+            tok_cfg = (self.config.get('processor') or {}).get('tokenizer')
+            if not tok_cfg:
+                raise ValueError("no tokenizer: pass tokenizer= to Trainer or set processor.tokenizer in the YAML")
+            self.tokenizer = build_tokenizer(tok_cfg, where='processor.tokenizer')
+        return self.tokenizer
+
+    def _build_dataset(self, key, given, network):
+        if given is not None:
+            return given
+        section = self.config.get(f'{key}_task')
+        if not section:
+            raise ValueError(f"no {key}: pass {key}= to Trainer (a directory or a mindspore dataset) or set "
+                             f"{key}_task in the YAML")
+        dataset_config = copy.deepcopy(dict(self.config.get(key) or section.get('dataset_config') or {}))
+        dataset_config.setdefault('seed', int(self.config.seed))
+        dataset_config['seq_length'] = int(network.config.seq_length)
+        dataset_config['rank_id'], dataset_config['device_num'] = self.rank_id, self.device_num
+        if key == 'train_dataset':
+            dataset_config.setdefault('batch_size', self.config.runner_config.get('batch_size', 1))
+        tokenizer_needed = (dataset_config.get('data_loader') or {}).get('type') == 'TextCorpusDataset'
+        if tokenizer_needed and 'tokenizer' not in dataset_config['data_loader']:
+            dataset_config['data_loader']['tokenizer'] = self._get_tokenizer()
+        return build_dataset({'type': section.get('type', 'CausalLanguageModelDataset'),
+                              'dataset_config': dataset_config}, where=f'{key}_task')
+
+    # ----------------------------------------------------------------- train
+    def train(self, train_checkpoint=False, resume_training=None, do_eval=None, **kwargs):
+        """Train from scratch, or from `train_checkpoint` weights (True = newest under output_dir). Returns the
+        final TrainState (losses, summary, last_checkpoint)."""
+        return self._train(self._checkpoint_arg(train_checkpoint), resume_training, do_eval, kwargs)
+
+    def finetune(self, finetune_checkpoint=False, resume_training=None, do_eval=None, **kwargs):
+        """Train starting from pretrained weights: `finetune_checkpoint` (path, directory, or True for the newest
+        under output_dir), else `load_checkpoint` / `model.model_config.checkpoint_name_or_path` of the YAML."""
+        checkpoint = self._checkpoint_arg(finetune_checkpoint)
+        if checkpoint is None:
+            model_cfg = (self.config.get('model') or {}).get('model_config') or {}
+            checkpoint = model_cfg.get('checkpoint_name_or_path') or None
+        if checkpoint is None and self.model is None:
+            raise ValueError("finetune needs pretrained weights: pass finetune_checkpoint=<path|True>, a model "
+                             "instance, or set load_checkpoint in the config (--load_checkpoint on the CLI)")
+        return self._train(checkpoint, resume_training, do_eval, kwargs)
+
+    def _train(self, checkpoint, resume_training, do_eval, kwargs):
+        if kwargs:
+            raise TypeError(f"unknown argument(s): {', '.join(sorted(kwargs))}")
+        if resume_training:
+            raise NotImplementedError("resume_training is not available yet; pass train_checkpoint=<path> to start "
+                                      "from saved weights")
+        self._setup()
+        config = self.config
+        network = self._get_network()
+        if checkpoint:
+            self._load_weights(network, checkpoint)
+        dataset = self._build_dataset('train_dataset', self.train_dataset, network)
+        runner = config.runner_config
+        epochs = int(runner.get('epochs', 1))
+        accumulation = int(runner.get('gradient_accumulation_steps', 1) or 1)
+        batches_per_epoch = dataset.get_dataset_size()
+        steps_per_epoch = batches_per_epoch // accumulation
+        if steps_per_epoch < 1:
+            raise ValueError(f"the training dataset has {batches_per_epoch} batch(es) per epoch, fewer than "
+                             f"gradient_accumulation_steps={accumulation}; use more data or a smaller batch_size")
+        total_steps = epochs * steps_per_epoch
+
+        if self.optimizers is not None:
+            optimizer = self.optimizers
+        else:
+            lr = build_lr(dict(config.lr_schedule), total_steps=total_steps) if config.get('lr_schedule') else None
+            optimizer = build_optim(dict(config.optimizer), params=network.trainable_params(), learning_rate=lr)
+        wrapper_cfg = dict(config.get('runner_wrapper') or {'type': 'MFTrainOneStepCell'})
+        if wrapper_cfg.get('scale_sense') is not None:
+            raise NotImplementedError("runner_wrapper.scale_sense (loss scaling for fp16) is not available yet; "
+                                      "remove it and train in fp32")
+        wrapper_cfg.pop('scale_sense', None)
+        train_cell = build_wrapper(wrapper_cfg, default_args={
+            'network': network, 'optimizer': optimizer, 'gradient_accumulation_steps': accumulation},
+            where='runner_wrapper')
+        train_cell.set_train(True)
+
+        callbacks = [build_callback(dict(cb), where='callbacks') for cb in config.get('callbacks') or []]
+        callbacks += self.callbacks
+        seq_tokens = None
+        state = TrainState(train_network=train_cell, network=network, optimizer=optimizer, rank_id=self.rank_id,
+                           output_dir=config.output_dir, epoch_num=epochs, batch_num=steps_per_epoch,
+                           total_steps=total_steps, initial_step=0, tokens_per_step=0)
+        self.state = state
+        run_context = RunContext(state)
+        lr_fn = optimizer.learning_rate if isinstance(optimizer.learning_rate, nn.LearningRateSchedule) else None
+        eval_every_steps = int(config.get('eval_step_interval') or 0) if (do_eval or config.get('do_eval')) else 0
+        eval_every_epochs = int(config.get('eval_epoch_interval') or 0) if (do_eval or config.get('do_eval')) else 0
+        if (do_eval or config.get('do_eval')) and not eval_every_steps and not eval_every_epochs:
+            eval_every_epochs = 1
+
+        logger.info("training: %d epoch(s) x %d step(s) = %d optimizer steps, %d batch(es) of %d per step",
+                    epochs, steps_per_epoch, total_steps, accumulation, int(runner.get('batch_size', 0) or 0))
+        _call(callbacks, 'on_train_begin', run_context)
+        iterator = dataset.create_tuple_iterator(num_epochs=epochs, output_numpy=False)
+        for epoch in range(1, epochs + 1):
+            state.cur_epoch_num, state.step_in_epoch = epoch, 0
+            _call(callbacks, 'on_train_epoch_begin', run_context)
+            micro = 0
+            for batch_index, batch in enumerate(iterator):
+                if batch_index >= steps_per_epoch * accumulation:
+                    continue  # drop a partial accumulation window at the epoch end
+                batch = [t if t.dtype != ms.int64 else t.astype(ms.int32) for t in batch]
+                if seq_tokens is None:
+                    seq_tokens = int(np.prod(batch[0].shape[:1])) * max(int(batch[0].shape[-1]) - 1, 1)
+                    state.tokens_per_step = seq_tokens * accumulation * self.device_num
+                micro += 1
+                if micro < accumulation:
+                    train_cell.accumulate(*batch)
+                    continue
+                micro = 0
+                loss, grad_norm = train_cell(*batch)
+                state.cur_step_num += 1
+                state.step_in_epoch += 1
+                state.loss = float(loss.asnumpy())
+                state.grad_norm = float(grad_norm.asnumpy())
+                state.lr = float(lr_fn(Tensor(state.cur_step_num - 1, ms.int32)).asnumpy()) if lr_fn is not None \
+                    else float(np.asarray(optimizer.learning_rate.asnumpy()).reshape(-1)[0])
+                state.losses.append(state.loss)
+                if not math.isfinite(state.loss):
+                    logger.warning("step %d: loss is %s", state.cur_step_num, state.loss)
+                _call(callbacks, 'on_train_step_end', run_context)
+                if eval_every_steps and state.cur_step_num % eval_every_steps == 0:
+                    self._eval_during_training(network, train_cell, state)
+                if run_context.get_stop_requested():
+                    break
+            _call(callbacks, 'on_train_epoch_end', run_context)
+            if eval_every_epochs and epoch % eval_every_epochs == 0:
+                self._eval_during_training(network, train_cell, state)
+            if run_context.get_stop_requested():
+                break
+        _call(callbacks, 'on_train_end', run_context)
+        return state
+
+    def _eval_during_training(self, network, train_cell, state):
+        result = self._evaluate(network)
+        state.eval_results = result
+        logger.info("eval at step %d: loss %.4f, PPL %.3f", state.cur_step_num, result['loss'], result['PPL'])
+        train_cell.set_train(True)
+
+    # ----------------------------------------------------------------- evaluate / predict
+    def evaluate(self, eval_checkpoint=False, **kwargs):
+        """Perplexity on the eval dataset: returns {'loss': mean token loss, 'PPL': exp(loss)}."""
+        if kwargs:
+            raise TypeError(f"unknown argument(s): {', '.join(sorted(kwargs))}")
+        self._setup()
+        network = self._get_network()
+        checkpoint = self._checkpoint_arg(eval_checkpoint)
+        if checkpoint:
+            self._load_weights(network, checkpoint)
+        result = self._evaluate(network)
+        logger.info("eval: loss %.4f, PPL %.3f over %d tokens", result['loss'], result['PPL'], result['tokens'])
+        return result
+
+    def _evaluate(self, network):
+        dataset = self._build_dataset('eval_dataset', self.eval_dataset, network)
+        cell = _EvalLossCell(network)
+        network.set_train(False)
+        metric = PerplexityMetric()
+        for batch in dataset.create_tuple_iterator(num_epochs=1, output_numpy=False):
+            input_ids = batch[0] if batch[0].dtype == ms.int32 else batch[0].astype(ms.int32)
+            loss_sum, count = cell(input_ids)
+            metric.update(float(loss_sum.asnumpy()), float(count.asnumpy()))
+        result = metric.eval()
+        result['tokens'] = int(metric.total_tokens)
+        return result
+
+    def predict(self, predict_checkpoint=None, input_data=None, batch_size=None, **generate_kwargs):
+        """Continue each prompt of `input_data` (a str or list of str). Returns
+        `[{'text_generation_text': [text]}, ...]`, one entry per prompt, each text including its prompt."""
+        self._setup()
+        network = self._get_network()
+        checkpoint = self._checkpoint_arg(predict_checkpoint)
+        if checkpoint:
+            self._load_weights(network, checkpoint)
+        if input_data is None:
+            input_data = self.config.get('input_data')
+        if input_data is None:
+            raise ValueError("predict needs input_data (a prompt or a list of prompts; --predict_data on the CLI)")
+        prompts = [input_data] if isinstance(input_data, str) else list(input_data)
+        tokenizer = self._get_tokenizer()
+        batch_size = int(batch_size or len(prompts))
+        results = []
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start:start + batch_size]
+            ids = [tokenizer.encode(p) for p in chunk]
+            outputs = network.generate(ids, **generate_kwargs)
+            results += [{'text_generation_text': [tokenizer.decode(out, skip_special_tokens=True)]}
+                        for out in outputs]
+        return results
+
+
+def _call(callbacks, event, run_context):
+    for cb in callbacks:
+        getattr(cb, event)(run_context)

@@ -1,0 +1,180 @@
+#!/usr/bin/env python
+"""Run a YAML config: `python run_mindformer.py --config configs/gpt2/run_gpt2_tiny.yaml --run_mode train`.
+
+Flags override the YAML; `--options a.b=1 c=[1,2]` and free `--a.b.c value` set any dotted key.
+Exit codes: 0 success, 2 bad flag or value, 1 any other error (one line on stderr)."""
+import argparse
+import os
+import sys
+
+RUN_MODES = ('train', 'finetune', 'eval', 'predict')
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        sys.stderr.write(f"run_mindformer.py: error: {message}\n")
+        sys.exit(2)
+
+
+def _bool(text):
+    value = str(text).strip().lower()
+    if value in ('true', '1', 'yes'):
+        return True
+    if value in ('false', '0', 'no'):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+
+
+def build_parser():
+    parser = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--config', required=True, help='YAML run config (path, or a registered model name)')
+    parser.add_argument('--run_mode', choices=RUN_MODES, help='what to run (default: run_mode of the YAML)')
+    parser.add_argument('--train_dataset_dir', help='training data: MindRecord directory or file')
+    parser.add_argument('--eval_dataset_dir', help='evaluation data: MindRecord directory or file')
+    parser.add_argument('--predict_data', nargs='+', help='prompt(s) for predict; "\\n" is unescaped')
+    parser.add_argument('--predict_batch_size', type=int, help='prompts per generate call')
+    parser.add_argument('--load_checkpoint', help='weights to load: a file, or a directory (newest checkpoint)')
+    parser.add_argument('--output_dir', help='where logs and checkpoints go (default ./output)')
+    parser.add_argument('--seed', type=int)
+    parser.add_argument('--use_parallel', type=_bool, help='True under msrun for data parallel')
+    parser.add_argument('--device_target', choices=('CPU', 'GPU', 'Ascend'))
+    parser.add_argument('--device_id', type=int)
+    parser.add_argument('--mode', type=int, choices=(0, 1), help='0 GRAPH_MODE (default), 1 PYNATIVE_MODE')
+    parser.add_argument('--epochs', type=int)
+    parser.add_argument('--batch_size', type=int)
+    parser.add_argument('--gradient_accumulation_steps', type=int)
+    parser.add_argument('--do_eval', type=_bool, help='evaluate while training')
+    parser.add_argument('--options', nargs='+', default=[], metavar='KEY=VALUE',
+                        help='dotted overrides, e.g. --options runner_config.epochs=2 optimizer.learning_rate=1e-4')
+    return parser
+
+
+def parse_args(argv=None):
+    """Parse flags; returns (args, overrides) where overrides maps dotted keys to parsed values."""
+    from mindformers.tools.register import parse_value
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    overrides = {}
+    for item in args.options:
+        if '=' not in item:
+            parser.error(f"--options expects KEY=VALUE, got {item!r}")
+        key, value = item.split('=', 1)
+        overrides[key] = parse_value(value)
+    i = 0
+    while i < len(rest):
+        flag = rest[i]
+        if not flag.startswith('--') or '.' not in flag:
+            parser.error(f"unrecognized argument {flag!r} (free overrides must look like --section.key value)")
+        if '=' in flag:
+            key, value = flag[2:].split('=', 1)
+            i += 1
+        else:
+            if i + 1 >= len(rest):
+                parser.error(f"{flag} needs a value")
+            key, value = flag[2:], rest[i + 1]
+            i += 2
+        overrides[key] = parse_value(value)
+    for name in ('epochs', 'batch_size', 'gradient_accumulation_steps', 'predict_batch_size'):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name} must be >= 1, got {value}")
+    return args, overrides
+
+
+def build_config(args, overrides):
+    """The run config: the YAML, then `--options`/free overrides, then the named flags."""
+    from mindformers.tools.model_book import find_config, list_models
+    from mindformers.tools.register import MindFormerConfig
+    path = args.config
+    if not os.path.isfile(path):
+        if path in list_models():
+            path = find_config(path)
+        else:
+            known = ', '.join(sorted(list_models()))
+            raise FileNotFoundError(f"--config {args.config}: no such file, and not a registered model name "
+                                    f"(known: {known})")
+    config = MindFormerConfig(path)
+    for key, value in overrides.items():
+        parts = key.split('.')
+        node = config
+        for depth, part in enumerate(parts[:-1]):
+            if not isinstance(node, dict) or part not in node:
+                where = '.'.join(parts[:depth + 1])
+                raise KeyError(f"override {key}: the config has no key '{where}'")
+            node = node[part]
+    config.merge_from_dict(overrides)
+    flag_map = {'output_dir': 'output_dir', 'seed': 'seed', 'use_parallel': 'use_parallel',
+                'load_checkpoint': 'load_checkpoint', 'run_mode': 'run_mode', 'do_eval': 'do_eval',
+                'device_target': 'context.device_target', 'device_id': 'context.device_id', 'mode': 'context.mode',
+                'epochs': 'runner_config.epochs', 'gradient_accumulation_steps':
+                'runner_config.gradient_accumulation_steps',
+                'train_dataset_dir': 'train_dataset.data_loader.dataset_dir',
+                'eval_dataset_dir': 'eval_dataset.data_loader.dataset_dir'}
+    for flag, key in flag_map.items():
+        value = getattr(args, flag)
+        if value is not None:
+            config.merge_from_dict({key: value})
+    if args.batch_size is not None:
+        config.merge_from_dict({'runner_config.batch_size': args.batch_size,
+                                'train_dataset.batch_size': args.batch_size})
+    for key in ('train_dataset', 'eval_dataset'):
+        loader = (config.get(key) or {}).get('data_loader') or {}
+        if getattr(args, f'{key}_dir') is not None and loader.get('type') not in (None, 'MindDataset'):
+            # a directory of MindRecord replaces the YAML's own loader (e.g. the bundled text corpus)
+            config[key]['data_loader'] = {'type': 'MindDataset', 'dataset_dir': getattr(args, f'{key}_dir'),
+                                          'shuffle': loader.get('shuffle', key == 'train_dataset')}
+    if args.predict_data is not None:
+        config['input_data'] = [p.replace('\\n', '\n') for p in args.predict_data]
+    config.setdefault('run_mode', 'train')
+    return config
+
+
+def _fail(err, code):
+    message = err.args[0] if isinstance(err, KeyError) and err.args else err
+    sys.stderr.write(f"run_mindformer.py: error: {message}\n")
+    return code
+
+
+_ERRORS = (ValueError, KeyError, TypeError, FileNotFoundError, NotImplementedError, RuntimeError, OSError)
+
+
+def main(argv=None):
+    args, overrides = parse_args(argv)
+    try:
+        config = build_config(args, overrides)
+    except _ERRORS as err:  # the config or a flag value is wrong: a usage error
+        return _fail(err, 2)
+    try:
+        from mindformers.trainer import Trainer
+        from mindformers.tools.logger import logger
+        trainer = Trainer(args=config)
+        mode = config.run_mode
+        if mode not in RUN_MODES:
+            raise ValueError(f"run_mode {mode!r} is not one of {', '.join(RUN_MODES)}")
+        if mode == 'train':
+            state = trainer.train()
+            if getattr(state, 'last_checkpoint', None):
+                logger.info("checkpoint: %s", state.last_checkpoint)
+                logger.info("continue a prompt with: python run_mindformer.py --config %s --run_mode predict "
+                            "--load_checkpoint %s --predict_data \"...\"", args.config,
+                            os.path.join(config.output_dir, 'checkpoint'))
+        elif mode == 'finetune':
+            trainer.finetune()
+        elif mode == 'eval':
+            trainer.evaluate()
+        else:
+            results = trainer.predict(batch_size=args.predict_batch_size,
+                                      **dict(config.get('generation') or {}))
+            for result in results:
+                print(result['text_generation_text'][0])
+                print('-' * 40)
+    except KeyboardInterrupt:
+        sys.stderr.write("run_mindformer.py: interrupted\n")
+        return 130
+    except _ERRORS as err:
+        return _fail(err, 1)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,28 @@
+"""Packaging for mindformers. `configs/` is installed as `mindformers/configs` so registered names resolve."""
+import os
+
+from setuptools import setup, find_packages
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def requirements():
+    with open(os.path.join(HERE, 'requirements.txt'), encoding='utf-8') as f:
+        return [line.strip() for line in f if line.strip() and not line.startswith('#')]
+
+
+setup(
+    name='mindformers',
+    version='0.1.0',
+    description='MindSpore-native suite for large transformer language models',
+    long_description=open(os.path.join(HERE, 'README.md'), encoding='utf-8').read(),
+    long_description_content_type='text/markdown',
+    python_requires='>=3.9',
+    packages=find_packages(include=['mindformers', 'mindformers.*']) + ['mindformers.configs'],
+    package_dir={'mindformers.configs': 'configs'},
+    package_data={'mindformers': ['assets/**/*', 'assets/*/*'], 'mindformers.configs': ['*/*.yaml', '*.yaml']},
+    include_package_data=True,
+    install_requires=requirements(),
+    extras_require={'test': ['pytest', 'torch==2.13.0', 'transformers']},
+    py_modules=['run_mindformer', 'convert_weight'],
+)

@@ -1,0 +1,16 @@
+"""Shared test setup: compiled mode on CPU, and helpers to find the repo."""
+import os
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+
+@pytest.fixture(scope='session', autouse=True)
+def _cpu_graph_mode():
+    import mindspore as ms
+    ms.set_context(mode=0, device_target='CPU')
+    yield
