@@ -34,7 +34,7 @@ def pattern_dataset(batch_size, num_samples=64, seed=0):
 
 def test_tutorial_usage_trains_with_instance_and_generator_dataset(tmp_path):
     model = tiny_model()
-    args = TrainingArguments(output_dir=str(tmp_path), batch_size=4, num_train_epochs=2, learning_rate=5e-3,
+    args = TrainingArguments(output_dir=str(tmp_path), batch_size=4, num_train_epochs=2, learning_rate=1e-2,
                              warmup_steps=2, save_steps=8, save_total_limit=2, logging_steps=4)
     trainer = Trainer(task='text_generation', model=model, args=args, train_dataset=pattern_dataset(4))
     state = trainer.train()

@@ -7,6 +7,7 @@ import time
 import numpy as np
 import mindspore as ms
 from mindspore import nn, ops, Tensor
+from mindspore.nn.learning_rate_schedule import LearningRateSchedule
 from mindspore.train.callback import RunContext
 
 from mindformers.core.callback import TrainState
@@ -262,7 +263,7 @@ class Trainer:
                            total_steps=total_steps, initial_step=0, tokens_per_step=0)
         self.state = state
         run_context = RunContext(state)
-        lr_fn = optimizer.learning_rate if isinstance(optimizer.learning_rate, nn.LearningRateSchedule) else None
+        lr_fn = optimizer.learning_rate if isinstance(optimizer.learning_rate, LearningRateSchedule) else None
         eval_every_steps = int(config.get('eval_step_interval') or 0) if (do_eval or config.get('do_eval')) else 0
         eval_every_epochs = int(config.get('eval_epoch_interval') or 0) if (do_eval or config.get('do_eval')) else 0
         if (do_eval or config.get('do_eval')) and not eval_every_steps and not eval_every_epochs:

@@ -12,22 +12,27 @@ from mindformers.tools.logger import logger
 from mindformers.tools.register import MindFormerRegister, MindFormerModuleType
 
 
-class TrainState:
-    """What callbacks see of the run. Counters are 1-based once a step has run.
+class TrainState(dict):
+    """What callbacks see of the run: a dict with attribute access (MindSpore's `RunContext` wants a dict, and its
+    own callbacks read `cb_params.cur_step_num` and friends). Counters are 1-based once a step has run.
 
     Fields: cur_epoch_num, cur_step_num (global optimizer step), step_in_epoch, batch_num (steps per epoch),
     epoch_num, total_steps, loss (float), lr (float), grad_norm (float), tokens_per_step, train_network,
     network, optimizer, rank_id, output_dir, losses (every step's loss, in order)."""
 
     def __init__(self, **kwargs):
-        self.cur_epoch_num = 0
-        self.cur_step_num = 0
-        self.step_in_epoch = 0
-        self.loss = float('nan')
-        self.lr = float('nan')
-        self.grad_norm = float('nan')
-        self.losses = []
-        self.__dict__.update(kwargs)
+        super().__init__(cur_epoch_num=0, cur_step_num=0, step_in_epoch=0, loss=float('nan'), lr=float('nan'),
+                         grad_norm=float('nan'), losses=[])
+        self.update(kwargs)
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"TrainState has no field {name!r}") from None
+
+    def __setattr__(self, name, value):
+        self[name] = value
 
 
 def _format_seconds(seconds):
@@ -40,7 +45,11 @@ class MFLossMonitor(Callback):
     """Logs `step i/N, epoch e/E, loss, lr, grad_norm, tokens/s, ETA` every `per_print_times` steps and a summary
     (time, first and final loss, relative drop) at the end."""
 
-    def __init__(self, per_print_times=1, **kwargs):
+    def __init__(self, per_print_times=1, learning_rate=None, micro_batch_num=1, micro_batch_interleave_num=1,
+                 origin_epochs=None, dataset_size=None, initial_epoch=0, initial_step=0, global_batch_size=0,
+                 gradient_accumulation_steps=1):
+        """Only `per_print_times` matters; the other MindFormers arguments are accepted so existing YAMLs load, and
+        their values are read from the live training state instead."""
         super().__init__()
         self.per_print_times = max(int(per_print_times), 1)
         self._start = None

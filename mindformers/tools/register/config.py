@@ -2,6 +2,7 @@
 import copy
 import difflib
 import os
+import re
 
 import yaml
 
@@ -32,12 +33,12 @@ def deep_merge(base, override):
 
 
 def load_yaml(path):
-    """Load one YAML file with `yaml.safe_load`; syntax errors name the file and line."""
+    """Load one YAML file with a safe loader; syntax errors name the file and line."""
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path}")
     with open(path, encoding='utf-8') as f:
         try:
-            data = yaml.safe_load(f)
+            data = _yaml_load(f)
         except yaml.MarkedYAMLError as err:
             mark = err.problem_mark or err.context_mark
             line = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
@@ -71,12 +72,34 @@ def load_yaml_with_bases(path, _seen=()):
     return deep_merge(merged, data)
 
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads `1e-4` and `3E5` as floats (YAML 1.1 wants a dot: `1.0e-4`) and Python's
+    `None`/`none` as null."""
+
+
+_Loader.add_implicit_resolver(
+    'tag:yaml.org,2002:float',
+    re.compile(r"""^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                    |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
+                    |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                    |[-+]?\.(?:inf|Inf|INF)
+                    |\.(?:nan|NaN|NAN))$""", re.X),
+    list('-+0123456789.'))
+
+
+_Loader.add_implicit_resolver('tag:yaml.org,2002:null', re.compile(r'^(?:None|none)$'), list('Nn'))
+
+
+def _yaml_load(stream):
+    return yaml.load(stream, Loader=_Loader)  # a SafeLoader subclass: builds plain data only, never objects
+
+
 def parse_value(text):
     """Parse a command-line value: YAML scalars and flow lists/maps (`1`, `1e-4`, `True`, `[1,2]`, `none`)."""
     if not isinstance(text, str):
         return text
     try:
-        return yaml.safe_load(text)
+        return _yaml_load(text)
     except yaml.YAMLError:
         return text
 

@@ -114,7 +114,7 @@ def _ensure_builtins_registered():
     from mindspore import nn, dataset as ds, train
     sections = [
         (MindFormerModuleType.OPTIMIZER, nn.optim, nn.Optimizer),
-        (MindFormerModuleType.LR, nn.learning_rate_schedule, nn.LearningRateSchedule),
+        (MindFormerModuleType.LR, nn.learning_rate_schedule, nn.learning_rate_schedule.LearningRateSchedule),
         (MindFormerModuleType.DATASET_LOADER, ds, None),
         (MindFormerModuleType.LOSS, nn.loss, nn.Cell),
         (MindFormerModuleType.CALLBACK, train.callback, train.callback.Callback),

@@ -1,0 +1,130 @@
+"""Training-step throughput: mindformers GPT-2 vs HuggingFace GPT2LMHeadModel + torch.optim.AdamW, same machine.
+
+The 29.5M-parameter GPT-2 (vocab 8192, hidden 512, 8 layers, 8 heads, seq 256, batch 8, AdamW, fp32, dropout 0).
+Each measurement runs in its own process; variants are interleaved round-robin and the median over rounds is
+reported, so machine noise hits both sides alike.
+
+    python benchmarks/train_gpt2.py [--rounds 3] [--steps 12] [--json result.json]
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+VOCAB, HIDDEN, LAYERS, HEADS, SEQ, BATCH = 8192, 512, 8, 8, 256, 8
+LR, BETAS, EPS, WEIGHT_DECAY = 1e-4, (0.9, 0.95), 1e-8, 0.1
+
+
+def _batches(steps, seed=0):
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, VOCAB, size=(BATCH, SEQ + 1), dtype=np.int64) for _ in range(steps)]
+
+
+def _peak_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_mindformers(steps, warmup):
+    import mindspore as ms
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from mindformers import GPT2Config, GPT2LMHeadModel, AdamWeightDecay, MFTrainOneStepCell
+    ms.set_context(mode=0, device_target='CPU')
+    ms.set_seed(0)
+    config = GPT2Config(vocab_size=VOCAB, hidden_size=HIDDEN, num_layers=LAYERS, num_heads=HEADS, seq_length=SEQ,
+                        hidden_dropout_rate=0.0, attention_dropout_rate=0.0, embedding_dropout_prob=0.0)
+    model = GPT2LMHeadModel(config)
+    optimizer = AdamWeightDecay(model.trainable_params(), learning_rate=LR, beta1=BETAS[0], beta2=BETAS[1], eps=EPS,
+                                weight_decay=WEIGHT_DECAY)
+    step = MFTrainOneStepCell(model, optimizer, use_clip_grad=False)
+    step.set_train(True)
+    batches = [ms.Tensor(b.astype('int32')) for b in _batches(steps + warmup)]
+    times = []
+    for batch in batches:
+        start = time.perf_counter()
+        loss, _ = step(batch)
+        loss.asnumpy()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def run_torch(steps, warmup):
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_positions=SEQ,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = GPT2LMHeadModel(config)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
+    batches = [torch.from_numpy(b) for b in _batches(steps + warmup)]
+    times = []
+    for batch in batches:
+        start = time.perf_counter()
+        out = model(input_ids=batch[:, :-1], labels=batch[:, :-1])
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.item()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+WORKERS = {'mindformers': run_mindformers, 'torch': run_torch}
+
+
+def worker(name, steps, warmup):
+    start = time.perf_counter()
+    times = WORKERS[name](steps, warmup)
+    measured = times[warmup:]
+    print(json.dumps({'variant': name, 'tokens_per_s': BATCH * SEQ * len(measured) / sum(measured),
+                      'first_step_s': times[0], 'setup_and_first_step_s': time.perf_counter() - start
+                      - sum(times[1:]), 'peak_rss_mb': _peak_rss_mb()}))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--rounds', type=int, default=3)
+    parser.add_argument('--steps', type=int, default=12, help='measured steps per process')
+    parser.add_argument('--warmup', type=int, default=2, help='unmeasured steps (the first includes compilation)')
+    parser.add_argument('--json', help='write the figures here')
+    parser.add_argument('--worker', choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.worker, args.steps, args.warmup)
+        return
+    results = {name: [] for name in WORKERS}
+    for round_index in range(args.rounds):
+        for name in WORKERS:
+            proc = subprocess.run([sys.executable, os.path.abspath(__file__), '--worker', name, '--steps',
+                                   str(args.steps), '--warmup', str(args.warmup)], capture_output=True, text=True)
+            lines = [line for line in proc.stdout.splitlines() if line.startswith('{')]
+            if proc.returncode or not lines:
+                sys.exit(f"{name} worker failed:\n{proc.stderr[-3000:]}")
+            results[name].append(json.loads(lines[-1]))
+            print(f"round {round_index + 1}/{args.rounds} {name}: {results[name][-1]['tokens_per_s']:.0f} tokens/s",
+                  file=sys.stderr)
+    summary = {name: {key: statistics.median(r[key] for r in runs) for key in runs[0] if key != 'variant'}
+               for name, runs in results.items()}
+    ours, ref = summary['mindformers'], summary['torch']
+    figures = {'model': f'GPT-2 vocab {VOCAB}, hidden {HIDDEN}, {LAYERS} layers, {HEADS} heads, seq {SEQ}, '
+                        f'batch {BATCH}, AdamW fp32', 'rounds': args.rounds, 'steps': args.steps,
+               'mindformers': ours, 'torch': ref,
+               'ratio': ours['tokens_per_s'] / ref['tokens_per_s'],
+               'rss_ratio': ours['peak_rss_mb'] / ref['peak_rss_mb']}
+    print(f"{'variant':<28}{'tokens/s':>10}{'first step s':>14}{'peak RSS MB':>13}")
+    for name, label in (('mindformers', 'mindformers (GRAPH_MODE)'), ('torch', 'HF transformers + torch')):
+        row = summary[name]
+        print(f"{label:<28}{row['tokens_per_s']:>10.0f}{row['first_step_s']:>14.1f}{row['peak_rss_mb']:>13.0f}")
+    print(f"ratio (ours / torch tokens/s): {figures['ratio']:.2f}   rss_ratio: {figures['rss_ratio']:.2f}")
+    if args.json:
+        with open(args.json, 'w', encoding='utf-8') as f:
+            json.dump(figures, f, indent=2)
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,4 @@
+"""Losses."""
+from .cross_entropy import CrossEntropyLoss
+
+__all__ = ['CrossEntropyLoss']

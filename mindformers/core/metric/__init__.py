@@ -1,0 +1,4 @@
+"""Metrics."""
+from .perplexity import PerplexityMetric
+
+__all__ = ['PerplexityMetric']

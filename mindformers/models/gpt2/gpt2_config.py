@@ -1,0 +1,116 @@
+"""GPT2Config: the hyper-parameters of a GPT-2 model (MindFormers r1.0 field names)."""
+from mindformers.models.base_config import BaseConfig
+from mindformers.modules.layers import to_mstype, get_activation
+from mindformers.tools.register import MindFormerRegister, MindFormerModuleType
+
+
+@MindFormerRegister.register(MindFormerModuleType.CONFIG)
+class GPT2Config(BaseConfig):
+    """GPT-2 configuration.
+
+    Architecture:
+        vocab_size (50257): rows of the token embedding (and of the tied output head).
+        hidden_size (768), num_layers (12), num_heads (12): width, depth and attention heads;
+            hidden_size must be divisible by num_heads.
+        expand_ratio (4): feed-forward width = expand_ratio * hidden_size.
+        seq_length (1024): the longest input the model accepts, and the number of learned positions.
+            Training batches carry seq_length + 1 tokens (inputs and shifted targets).
+        hidden_act ('gelu'): feed-forward activation; 'gelu' is the tanh approximation (= HF 'gelu_new').
+        layernorm_epsilon (1e-5), initializer_range (0.02): LayerNorm epsilon and init std.
+        embedding_dropout_prob, hidden_dropout_rate, attention_dropout_rate (0.1 each): dropout after the
+            embeddings, on each residual branch, and on the attention probabilities.
+        post_layernorm_residual (False), offset (0), num_labels (2): MindFormers fields; only pre-LN is built.
+    Precision ('float32' | 'float16' | 'bfloat16'):
+        param_init_type ('float32'), compute_dtype ('float32'; MindFormers defaults to float16 for Ascend),
+        layernorm_compute_type ('float32'), softmax_compute_type ('float32').
+    Tokens:
+        eos_token_id, pad_token_id, bos_token_id, unk_token_id (50256 each), ignore_token_id (-100): targets equal
+        to ignore_token_id, and to pad_token_id when it differs from eos_token_id, are left out of the loss.
+    Generation defaults: batch_size (1), max_decode_length (1024), top_k (5), top_p (1.0), do_sample (False),
+        repetition_penalty (1.0), use_past (False), use_flash_attention (False; no CPU kernel, must stay False).
+    Run: parallel_config (mapping or ParallelConfig, with its recompute settings), checkpoint_name_or_path
+        (weights loaded at model construction; '' for random init).
+    Unknown keywords are kept as attributes."""
+
+    model_type = 'gpt2'
+
+    def __init__(self, batch_size=1, seq_length=1024, vocab_size=50257, hidden_size=768, num_layers=12,
+                 num_heads=12, expand_ratio=4, embedding_dropout_prob=0.1, hidden_dropout_rate=0.1,
+                 attention_dropout_rate=0.1, hidden_act='gelu', layernorm_epsilon=1e-5, initializer_range=0.02,
+                 compute_dtype='float32', layernorm_compute_type='float32', softmax_compute_type='float32',
+                 param_init_type='float32', eos_token_id=50256, pad_token_id=50256, bos_token_id=50256,
+                 unk_token_id=50256, ignore_token_id=-100, use_past=False, use_flash_attention=False,
+                 post_layernorm_residual=False, offset=0, num_labels=2, top_k=5, top_p=1.0, do_sample=False,
+                 repetition_penalty=1.0, max_decode_length=1024, parallel_config=None, checkpoint_name_or_path='',
+                 **kwargs):
+        super().__init__(parallel_config=parallel_config, checkpoint_name_or_path=checkpoint_name_or_path, **kwargs)
+        self.batch_size = batch_size
+        self.seq_length = seq_length
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.num_heads = num_heads
+        self.expand_ratio = expand_ratio
+        self.embedding_dropout_prob = embedding_dropout_prob
+        self.hidden_dropout_rate = hidden_dropout_rate
+        self.attention_dropout_rate = attention_dropout_rate
+        self.hidden_act = hidden_act
+        self.layernorm_epsilon = layernorm_epsilon
+        self.initializer_range = initializer_range
+        self.compute_dtype = compute_dtype
+        self.layernorm_compute_type = layernorm_compute_type
+        self.softmax_compute_type = softmax_compute_type
+        self.param_init_type = param_init_type
+        self.eos_token_id = eos_token_id
+        self.pad_token_id = pad_token_id
+        self.bos_token_id = bos_token_id
+        self.unk_token_id = unk_token_id
+        self.ignore_token_id = ignore_token_id
+        self.use_past = use_past
+        self.use_flash_attention = use_flash_attention
+        self.post_layernorm_residual = post_layernorm_residual
+        self.offset = offset
+        self.num_labels = num_labels
+        self.top_k = top_k
+        self.top_p = top_p
+        self.do_sample = do_sample
+        self.repetition_penalty = repetition_penalty
+        self.max_decode_length = max_decode_length
+        self.validate()
+
+    def validate(self):
+        """Raise ValueError naming the first inconsistent field."""
+        for name in ('seq_length', 'vocab_size', 'hidden_size', 'num_layers', 'num_heads', 'expand_ratio'):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"GPT2Config.{name} must be a positive integer, got {value!r}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"GPT2Config.hidden_size ({self.hidden_size}) must be divisible by num_heads "
+                             f"({self.num_heads})")
+        for name in ('embedding_dropout_prob', 'hidden_dropout_rate', 'attention_dropout_rate'):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0 <= value < 1:
+                raise ValueError(f"GPT2Config.{name} must be in [0, 1), got {value!r}")
+        for name in ('compute_dtype', 'layernorm_compute_type', 'softmax_compute_type', 'param_init_type'):
+            to_mstype(getattr(self, name), f"GPT2Config.{name}")
+        try:
+            get_activation(self.hidden_act)
+        except ValueError as err:
+            raise ValueError(f"GPT2Config.hidden_act: {err}") from None
+        if self.post_layernorm_residual:
+            raise ValueError("GPT2Config.post_layernorm_residual=True is not supported (GPT-2 is pre-LayerNorm)")
+        if self.use_past:
+            raise ValueError("GPT2Config.use_past=True (KV cache) is not supported yet; set use_past: False")
+        if self.use_flash_attention:
+            raise ValueError("GPT2Config.use_flash_attention=True is not supported (no flash-attention kernel on "
+                             "this backend); set use_flash_attention: False")
+        parallel = self.parallel_config
+        if parallel.model_parallel > 1:
+            for name in ('num_heads', 'hidden_size'):
+                if getattr(self, name) % parallel.model_parallel:
+                    raise ValueError(f"GPT2Config.{name} ({getattr(self, name)}) must be divisible by "
+                                     f"parallel_config.model_parallel ({parallel.model_parallel})")
+            if not parallel.vocab_emb_dp and self.vocab_size % parallel.model_parallel:
+                raise ValueError(f"GPT2Config.vocab_size ({self.vocab_size}) must be divisible by "
+                                 f"parallel_config.model_parallel ({parallel.model_parallel}) unless "
+                                 f"parallel_config.vocab_emb_dp is True")

@@ -1,0 +1,100 @@
+"""GPT2Tokenizer: GPT-2's byte-level BPE, run by the `tokenizers` library from `vocab.json` + `merges.txt`."""
+import os
+import shutil
+
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+from mindformers.models.base_tokenizer import BaseTokenizer
+from mindformers.tools.register import MindFormerRegister, MindFormerModuleType
+from mindformers.tools.utils import resolve_path
+
+ENDOFTEXT = '<|endoftext|>'
+
+
+@MindFormerRegister.register(MindFormerModuleType.TOKENIZER)
+class GPT2Tokenizer(BaseTokenizer):
+    """GPT-2 tokenizer: byte-level BPE, so any text (any language, emoji, whitespace runs) encodes losslessly.
+
+    A word's first token differs with and without a leading space ('Hello' vs ' Hello'); `add_prefix_space=True`
+    adds a space before the text. Special tokens (`<|endoftext|>` by default) are never split, also inside text.
+    Ids match HF `GPT2TokenizerFast(vocab_file, merges_file)` built from the same files.
+
+    Args:
+        vocab_file, merges_file: GPT-2 `vocab.json` and `merges.txt`; paths may be relative to the working
+            directory, the package (`assets/gpt2_tiny/vocab.json`) or the repository.
+        unk_token, bos_token, eos_token, pad_token: special tokens (all `<|endoftext|>` by default).
+        add_prefix_space: add a space before the text, so its first word tokenizes like any other.
+        add_bos_token: put `bos_token` before every sequence when `add_special_tokens=True`.
+        **kwargs: BaseTokenizer options (add_eos_token, padding_side, truncation_side, model_max_length, ...).
+    """
+    vocab_files_names = {'vocab_file': 'vocab.json', 'merges_file': 'merges.txt'}
+
+    def __init__(self, vocab_file, merges_file, unk_token=ENDOFTEXT, bos_token=ENDOFTEXT, eos_token=ENDOFTEXT,
+                 pad_token=ENDOFTEXT, add_prefix_space=False, add_bos_token=False, **kwargs):
+        super().__init__(bos_token=bos_token, eos_token=eos_token, unk_token=unk_token, pad_token=pad_token,
+                         add_bos_token=add_bos_token, **kwargs)
+        self.vocab_file = _existing_file(vocab_file, 'vocab_file', "GPT-2's vocab.json")
+        self.merges_file = _existing_file(merges_file, 'merges_file', "GPT-2's merges.txt")
+        try:
+            bpe = models.BPE.from_file(self.vocab_file, self.merges_file)
+        except Exception as err:  # the Rust side raises a bare Exception for unreadable files
+            raise ValueError(f"GPT2Tokenizer: cannot read the BPE files vocab_file={self.vocab_file!r} and "
+                             f"merges_file={self.merges_file!r}: {err}") from err
+        self._tokenizer = Tokenizer(bpe)
+        self._tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space)
+        self._tokenizer.decoder = decoders.ByteLevel()
+        # special tokens already in vocab.json keep their ids; others are appended after the vocabulary
+        self._tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                            for t in self.all_special_tokens])
+        self.add_prefix_space = add_prefix_space
+        self.init_kwargs.update(vocab_file=self.vocab_file, merges_file=self.merges_file,
+                                add_prefix_space=add_prefix_space)
+
+    def _tokenize_ids(self, text):
+        return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+    def _tokenize_ids_batch(self, texts):
+        return [enc.ids for enc in self._tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+    def _decode(self, ids):
+        return self._tokenizer.decode(ids, skip_special_tokens=False)
+
+    def get_vocab(self):
+        return self._tokenizer.get_vocab(with_added_tokens=True)
+
+    @property
+    def vocab_size(self):
+        return self._tokenizer.get_vocab_size(with_added_tokens=False)
+
+    def __len__(self):
+        return self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def _token_to_id(self, token):
+        return self._tokenizer.token_to_id(token)
+
+    def _id_to_token(self, index):
+        return self._tokenizer.id_to_token(index)
+
+    def save_vocabulary(self, save_directory):
+        """Copy vocab.json and merges.txt into `save_directory`; returns their paths."""
+        paths = []
+        for source, name in ((self.vocab_file, 'vocab.json'), (self.merges_file, 'merges.txt')):
+            target = os.path.join(save_directory, name)
+            if not (os.path.exists(target) and os.path.samefile(source, target)):
+                shutil.copyfile(source, target)
+            paths.append(target)
+        return tuple(paths)
+
+
+GPT2TokenizerFast = GPT2Tokenizer
+MindFormerRegister.register_cls(GPT2Tokenizer, MindFormerModuleType.TOKENIZER, alias='GPT2TokenizerFast')
+
+
+def _existing_file(path, arg, what):
+    if not path:
+        raise ValueError(f"GPT2Tokenizer needs {arg} (the path to {what}), got {path!r}")
+    resolved = resolve_path(os.fspath(path))
+    if not os.path.isfile(resolved):
+        raise FileNotFoundError(f"GPT2Tokenizer: {arg} {os.fspath(path)!r} not found (looked in the working "
+                                f"directory, the mindformers package and the repository root)")
+    return os.path.abspath(resolved)

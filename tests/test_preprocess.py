@@ -1,0 +1,221 @@
+"""text_to_mindrecord: raw text -> samples of seq_length + 1 tokens -> MindRecord, and its failure modes."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import mindspore.dataset as ds
+
+from mindformers.tools.dataset_preprocess import text_to_mindrecord as t2m
+from mindformers.tools.dataset_preprocess.text_to_mindrecord import build_lm_samples, main, write_mindrecord
+from mindformers.models.gpt2.gpt2_tokenizer import GPT2Tokenizer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CORPUS = os.path.join(REPO, 'mindformers', 'assets', 'corpus', 'tiny_shakespeare.txt')
+VOCAB, MERGES = 'assets/gpt2_tiny/vocab.json', 'assets/gpt2_tiny/merges.txt'  # resolved against the package
+TOKENIZER = GPT2Tokenizer(vocab_file=VOCAB, merges_file=MERGES)
+TOKENIZER_ARGS = ['--tokenizer', 'GPT2Tokenizer', '--vocab_file', VOCAB, '--merges_file', MERGES]
+EOS = TOKENIZER.eos_token_id
+
+
+def shakespeare(n_chars=3000):
+    with open(CORPUS, encoding='utf-8') as f:
+        return f.read(n_chars)
+
+
+def read_rows(files):
+    data = ds.MindDataset(files, shuffle=False)
+    return np.stack([row[0] for row in data.create_tuple_iterator(output_numpy=True)])
+
+
+def summary_numbers(stdout):
+    return {key: int(re.search(rf'{key}\s+(\d+)', stdout).group(1))
+            for key in ('documents', 'tokens', 'samples', 'dropped')}
+
+
+def run_main(args, capsys):
+    code = main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_build_lm_samples_concatenates_documents_with_eos():
+    docs = ['hello', 'to be or not', '', 'x' * 20]
+    samples, stats = build_lm_samples(iter(docs), TOKENIZER, seq_length=7)
+    stream = [t for d in docs if d for t in TOKENIZER.encode(d, add_special_tokens=False) + [EOS]]
+    assert samples.dtype == np.int32 and samples.shape == (len(stream) // 8, 8)
+    np.testing.assert_array_equal(samples.reshape(-1), stream[:samples.size])
+    assert stats == {'documents': 3, 'tokens': len(stream), 'samples': len(stream) // 8,
+                     'dropped_tokens': len(stream) % 8, 'seq_length': 7}
+
+
+def test_build_lm_samples_streams_in_blocks_identically():
+    docs = [shakespeare()[i:i + 97] for i in range(0, 3000, 97)]
+    whole, stats = build_lm_samples(docs, TOKENIZER, 15)
+    blocks = list(t2m.iter_lm_samples(docs, TOKENIZER, 15, block_tokens=50))
+    assert len(blocks) > 5
+    np.testing.assert_array_equal(np.concatenate(blocks), whole)
+    assert stats['samples'] == len(whole)
+
+
+def test_cli_txt_round_trip_and_summary(tmp_path, capsys):
+    text = shakespeare()
+    docs = [text[:1200], text[1200:]]
+    for i, doc in enumerate(docs):
+        (tmp_path / f'part{i}.txt').write_text(doc, encoding='utf-8')
+    out_file = tmp_path / 'out' / 'train.mindrecord'
+    code, out, _ = run_main(['--input', str(tmp_path / 'part*.txt'), *TOKENIZER_ARGS, '--seq_length', '63',
+                             '--output_file', str(out_file), '--quiet'], capsys)
+    assert code == 0
+    expected, stats = build_lm_samples(docs, TOKENIZER, 63)
+    tokens = sum(len(TOKENIZER.encode(d, add_special_tokens=False)) + 1 for d in docs)
+    assert summary_numbers(out) == {'documents': 2, 'tokens': tokens, 'samples': tokens // 64,
+                                    'dropped': tokens % 64}
+    assert sorted(os.listdir(out_file.parent)) == ['train.mindrecord', 'train.mindrecord.db']
+    np.testing.assert_array_equal(read_rows(str(out_file)), expected)
+
+
+def test_cli_split_lines_jsonl_text_key_and_splits(tmp_path, capsys):
+    lines = [line for line in shakespeare().splitlines() if line.strip()]
+    (tmp_path / 'a.txt').write_text('\n'.join(lines[:20]) + '\n\n', encoding='utf-8')
+    with open(tmp_path / 'b.jsonl', 'w', encoding='utf-8') as f:
+        for line in lines[20:]:
+            f.write(json.dumps({'id': 1, 'body': line}) + '\n')
+    out_file = tmp_path / 'out.mindrecord'
+    code, out, _ = run_main(['--input', str(tmp_path / 'a.txt'), str(tmp_path / 'b.jsonl'), '--split_lines',
+                             '--text_key', 'body', *TOKENIZER_ARGS, '--seq_length', '31',
+                             '--output_file', str(out_file), '--num_splits', '2', '--quiet'], capsys)
+    assert code == 0
+    expected, stats = build_lm_samples(lines, TOKENIZER, 31)
+    assert summary_numbers(out)['documents'] == len(lines) == stats['documents']
+    files = [str(out_file) + '0', str(out_file) + '1']
+    assert all(os.path.isfile(f) and os.path.isfile(f + '.db') for f in files)
+    got = read_rows(files)
+    assert sorted(map(tuple, got)) == sorted(map(tuple, expected))
+
+
+def test_refuses_to_overwrite_unless_asked(tmp_path, capsys):
+    (tmp_path / 'in.txt').write_text(shakespeare(), encoding='utf-8')
+    out_file = tmp_path / 'out.mindrecord'
+
+    def args(seq_length, *extra):
+        return ['--input', str(tmp_path / 'in.txt'), *TOKENIZER_ARGS, '--seq_length', str(seq_length),
+                '--output_file', str(out_file), '--quiet', *extra]
+
+    assert run_main(args(31), capsys)[0] == 0
+    before = out_file.read_bytes()
+    code, _, err = run_main(args(63), capsys)
+    assert code == 2 and '--overwrite' in err and str(out_file) in err
+    assert out_file.read_bytes() == before
+    assert run_main(args(63, '--overwrite'), capsys)[0] == 0
+    assert read_rows(str(out_file)).shape[1] == 64
+    assert sorted(os.listdir(tmp_path)) == ['in.txt', 'out.mindrecord', 'out.mindrecord.db']
+
+
+@pytest.mark.parametrize('case, needle', [
+    ('missing', 'input not found'),
+    ('bad_json', 'bad.jsonl:3: bad JSON line'),
+    ('no_key', "bad.jsonl:1: no field 'text' (fields: 'body')"),
+    ('too_little', 'too little text'),
+    ('empty_dir', 'no .txt, .jsonl or .json files in directory'),
+    ('bad_suffix', '--output_file must end with .mindrecord'),
+    ('bad_tokenizer', "unknown tokenizer type 'NoSuchTokenizer'"),
+    ('zero_seq', '--seq_length must be >= 1'),
+    ('not_utf8', 'latin1.txt: not valid UTF-8 (byte offset 3)'),
+])
+def test_bad_input_is_one_line_exit_2_and_no_files(tmp_path, capsys, case, needle):
+    data = tmp_path / 'data'
+    data.mkdir()
+    good = data / 'good.txt'
+    good.write_text(shakespeare(500), encoding='utf-8')
+    inputs, extra, out_name = [str(good)], [], 'out.mindrecord'
+    if case == 'missing':
+        inputs = [str(data / 'nope.txt')]
+    elif case in ('bad_json', 'no_key'):
+        bad = data / 'bad.jsonl'
+        rows = [json.dumps({'text': 'fine'}), json.dumps({'text': 'also fine'}), '{"text": broken']
+        bad.write_text('\n'.join(rows if case == 'bad_json' else [json.dumps({'body': 'x'})]) + '\n')
+        inputs = [str(bad)]
+    elif case == 'too_little':
+        extra = ['--seq_length', '4096']
+    elif case == 'empty_dir':
+        (tmp_path / 'empty').mkdir()
+        inputs = [str(tmp_path / 'empty')]
+    elif case == 'bad_suffix':
+        out_name = 'out.bin'
+    elif case == 'zero_seq':
+        extra = ['--seq_length', '0']
+    elif case == 'not_utf8':
+        (data / 'latin1.txt').write_bytes('caf\u00e9 \u00e9t\u00e9'.encode('latin-1') * 50)
+        inputs = [str(data)]
+    tokenizer = list(TOKENIZER_ARGS)
+    if case == 'bad_tokenizer':
+        tokenizer[1] = 'NoSuchTokenizer'
+    out_dir = tmp_path / 'out'
+    args = ['--input', *inputs, *tokenizer, '--seq_length', '31', '--output_file', str(out_dir / out_name),
+            '--quiet', *extra]
+    code, out, err = run_main(args, capsys)
+    assert code == 2, (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('text_to_mindrecord: error:') and needle in lines[0], err
+    assert not out_dir.exists() or os.listdir(out_dir) == []
+
+
+def test_tokenizer_dir_gives_the_same_samples(tmp_path, capsys):
+    (tmp_path / 'in.txt').write_text(shakespeare(), encoding='utf-8')
+    TOKENIZER.save_pretrained(str(tmp_path / 'tok'))
+    outputs = []
+    for name, tokenizer in (('a', TOKENIZER_ARGS), ('b', ['--tokenizer', 'GPT2Tokenizer',
+                                                         '--tokenizer_dir', str(tmp_path / 'tok')])):
+        out_file = str(tmp_path / f'{name}.mindrecord')
+        assert run_main(['--input', str(tmp_path / 'in.txt'), *tokenizer, '--seq_length', '15',
+                         '--output_file', out_file, '--quiet'], capsys)[0] == 0
+        outputs.append(read_rows(out_file))
+    np.testing.assert_array_equal(outputs[0], outputs[1])
+
+
+def test_failure_while_writing_leaves_nothing(tmp_path):
+    def blocks():
+        yield np.zeros((3, 8), np.int32)
+        raise RuntimeError('tokenizer crashed')
+
+    with pytest.raises(RuntimeError, match='tokenizer crashed'):
+        write_mindrecord(str(tmp_path / 'x.mindrecord'), blocks(), seq_length=7)
+    assert os.listdir(tmp_path) == []
+    with pytest.raises(ValueError, match=r'does not match \[n, 8\]'):
+        write_mindrecord(str(tmp_path / 'x.mindrecord'), [np.zeros((3, 5), np.int32)], seq_length=7)
+    assert os.listdir(tmp_path) == []
+
+
+def test_progress_without_tqdm_prints_eta(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, 'tqdm', None)
+    progress = t2m._Progress(total=1000)  # pylint: disable=protected-access
+    assert progress.bar is None
+    progress.update(400)
+    progress.close()
+    err = capsys.readouterr().err
+    assert 'tokenizing:' in err and '40.0%' in err and 'ETA' in err and err.endswith('\n')
+
+
+def run_module(*args):
+    return subprocess.run([sys.executable, '-m', 'mindformers.tools.dataset_preprocess.text_to_mindrecord', *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def test_module_entry_point_on_the_bundled_corpus(tmp_path):
+    out_file = tmp_path / 'shakespeare.mindrecord'
+    proc = run_module('--input', CORPUS, *TOKENIZER_ARGS, '--seq_length', '128', '--output_file', str(out_file))
+    assert proc.returncode == 0, proc.stderr
+    stats = summary_numbers(proc.stdout)
+    assert stats['documents'] == 1 and stats['samples'] == stats['tokens'] // 129 > 100
+    assert 'tokenizing' in proc.stderr  # the progress bar
+    assert read_rows(str(out_file)).shape == (stats['samples'], 129)
+
+    proc = run_module('--input', str(tmp_path / 'missing.txt'), *TOKENIZER_ARGS, '--seq_length', '8',
+                      '--output_file', str(tmp_path / 'o.mindrecord'))
+    assert proc.returncode == 2
+    assert f"text_to_mindrecord: error: input not found: {tmp_path / 'missing.txt'}" in proc.stderr
+    assert sorted(os.listdir(tmp_path)) == ['shakespeare.mindrecord', 'shakespeare.mindrecord.db']
