@@ -94,15 +94,10 @@ def build_config(args, overrides):
             raise FileNotFoundError(f"--config {args.config}: no such file, and not a registered model name "
                                     f"(known: {known})")
     config = MindFormerConfig(path)
-    for key, value in overrides.items():
-        parts = key.split('.')
-        node = config
-        for depth, part in enumerate(parts[:-1]):
-            if not isinstance(node, dict) or part not in node:
-                where = '.'.join(parts[:depth + 1])
-                raise KeyError(f"override {key}: the config has no key '{where}'")
-            node = node[part]
-    config.merge_from_dict(overrides)
+    try:
+        config.merge_from_dict(overrides, strict=True)
+    except KeyError as err:
+        raise KeyError(f"override {err.args[0]}") from None
     flag_map = {'output_dir': 'output_dir', 'seed': 'seed', 'use_parallel': 'use_parallel',
                 'load_checkpoint': 'load_checkpoint', 'run_mode': 'run_mode', 'do_eval': 'do_eval',
                 'device_target': 'context.device_target', 'device_id': 'context.device_id', 'mode': 'context.mode',

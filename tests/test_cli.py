@@ -38,7 +38,7 @@ def test_bad_flags_exit_2_with_one_line(args, needle):
 def test_override_of_missing_section_names_the_key(tmp_path):
     code, _, stderr = run_cli('--config', TINY, '--runer_config.epochs', '2', '--output_dir', str(tmp_path))
     assert code == 2
-    assert "no key 'runer_config'" in stderr
+    assert "no section 'runer_config'" in stderr and "did you mean 'runner_config'" in stderr
 
 
 def test_unknown_config_lists_known_names(tmp_path):
@@ -75,3 +75,49 @@ def test_finetune_without_checkpoint_says_how_to_fix(tmp_path):
     code, _, stderr = run_cli('--config', TINY, '--run_mode', 'finetune', '--output_dir', str(tmp_path))
     assert code == 1
     assert '--load_checkpoint' in stderr
+
+
+def test_train_then_predict_end_to_end(tmp_path):
+    """The README's embedded default, shortened: train, save, then continue a prompt from the checkpoint."""
+    out = tmp_path / 'out'
+    code, stdout, stderr = run_cli('--config', TINY, '--run_mode', 'train', '--epochs', '1', '--output_dir', str(out),
+                                   '--train_dataset.data_loader.max_samples', '64', '--model.model_config.num_layers',
+                                   '1')
+    assert code == 0, stderr
+    log = (out / 'log' / 'rank_0' / 'mindformer.log').read_text()
+    assert 'training finished' in log and 'fell by' in log
+    meta = (out / 'checkpoint' / 'rank_0' / 'meta.json').read_text()
+    assert '"last_ckpt_file"' in meta
+    code, stdout, stderr = run_cli('--config', TINY, '--run_mode', 'predict', '--predict_data', 'ROMEO:',
+                                   '--load_checkpoint', str(out / 'checkpoint'), '--output_dir', str(out),
+                                   '--model.model_config.num_layers', '1', '--model.model_config.max_decode_length',
+                                   '24')
+    assert code == 0, stderr
+    text = stdout.split('\n' + '-' * 40)[0]  # each result is followed by a rule; it may hold newlines
+    assert text.startswith('ROMEO:') and len(text) > len('ROMEO:')
+
+
+def test_corrupt_checkpoint_is_named_and_left_alone(tmp_path):
+    bad = tmp_path / 'broken.ckpt'
+    bad.write_bytes(b'\x00garbage' * 100)
+    code, _, stderr = run_cli('--config', TINY, '--run_mode', 'predict', '--predict_data', 'hi',
+                              '--load_checkpoint', str(bad), '--output_dir', str(tmp_path / 'out'))
+    assert code == 1
+    lines = error_lines(stderr)
+    assert len(lines) == 1 and 'broken.ckpt' in lines[0] and 'corrupt' in lines[0], stderr
+    assert bad.read_bytes() == b'\x00garbage' * 100
+
+
+def test_data_seq_length_mismatch_names_both_numbers(tmp_path):
+    corpus = tmp_path / 'c.txt'
+    corpus.write_text('To be, or not to be, that is the question. ' * 200)
+    assets = os.path.join(REPO, 'mindformers', 'assets', 'gpt2_tiny')
+    subprocess.run([sys.executable, '-m', 'mindformers.tools.dataset_preprocess.text_to_mindrecord', '--input',
+                    str(corpus), '--tokenizer', 'GPT2Tokenizer', '--vocab_file', os.path.join(assets, 'vocab.json'),
+                    '--merges_file', os.path.join(assets, 'merges.txt'), '--seq_length', '32', '--output_file',
+                    str(tmp_path / 'data' / 'train.mindrecord')], cwd=REPO, check=True, capture_output=True)
+    code, _, stderr = run_cli('--config', TINY, '--train_dataset_dir', str(tmp_path / 'data'), '--output_dir',
+                              str(tmp_path / 'out'))
+    assert code == 1
+    lines = error_lines(stderr)
+    assert len(lines) == 1 and '128' in lines[0] and '33' in lines[0], stderr

@@ -100,7 +100,7 @@ def test_endoftext_is_one_token_even_inside_text(tiny):
 def test_bundled_assets_resolve_from_any_working_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     tok = GPT2Tokenizer(TINY_VOCAB, TINY_MERGES)
-    assert tok.vocab_size == len(tok) == 2048
+    assert tok.vocab_size == len(tok) == 512
     assert tok.decode(tok.encode("O Romeo, Romeo!")) == "O Romeo, Romeo!"
 
 
@@ -233,7 +233,7 @@ def test_registry_build_and_alias():
 
 def test_special_tokens_conversions_and_bad_ids(tiny):
     vocab = tiny.get_vocab()
-    assert len(vocab) == len(tiny) == 2048 and vocab[EOT] == 0
+    assert len(vocab) == len(tiny) == 512 and vocab[EOT] == 0
     assert tiny.all_special_tokens == [EOT] and tiny.all_special_ids == [0]
     tokens = tiny.tokenize("Hello there")
     ids = tiny.convert_tokens_to_ids(tokens)
@@ -241,8 +241,8 @@ def test_special_tokens_conversions_and_bad_ids(tiny):
     assert tiny.convert_tokens_to_ids('no such token here') == tiny.unk_token_id == 0
     assert tiny.convert_ids_to_tokens(0) == EOT
     assert tiny.convert_ids_to_tokens([0] + ids, skip_special_tokens=True) == tokens
-    with pytest.raises(ValueError, match=r'token id 2048 is out of range \[0, 2048\)'):
-        tiny.decode([5, 2048])
+    with pytest.raises(ValueError, match=r'token id 512 is out of range \[0, 512\)'):
+        tiny.decode([5, 512])
     with pytest.raises(ValueError, match='use batch_decode'):
         tiny.decode([[1, 2], [3, 4]])
     with pytest.raises(TypeError, match=r'text\[1\] must be a string'):
@@ -250,22 +250,22 @@ def test_special_tokens_conversions_and_bad_ids(tiny):
     with pytest.raises(AttributeError, match='no .token_type_ids'):
         tiny("x").token_type_ids
     extra = GPT2Tokenizer(TINY_VOCAB, TINY_MERGES, pad_token='<pad>')
-    assert extra.pad_token_id == 2048 and len(extra) == 2049 and extra.vocab_size == 2048
-    assert extra(["a b c", "a"], padding=True)['input_ids'][1][-1] == 2048
-    assert extra.encode("x<pad>y")[1] == 2048
+    assert extra.pad_token_id == 512 and len(extra) == 513 and extra.vocab_size == 512
+    assert extra(["a b c", "a"], padding=True)['input_ids'][1][-1] == 512
+    assert extra.encode("x<pad>y")[1] == 512
 
 
 def test_train_tokenizer_cli_is_deterministic_and_reproduces_bundled_assets(tmp_path):
     runs = []
     for name in ('run1', 'run2'):
-        assert train_tokenizer.main(['--input', CORPUS, '--vocab_size', '2048', '--output_dir',
+        assert train_tokenizer.main(['--input', CORPUS, '--vocab_size', '512', '--output_dir',
                                      str(tmp_path / name)]) == 0
         runs.append({f: (tmp_path / name / f).read_bytes() for f in ('vocab.json', 'merges.txt')})
     assert runs[0] == runs[1]
     bundled = {f: open(resolve_path(f'assets/gpt2_tiny/{f}'), 'rb').read() for f in ('vocab.json', 'merges.txt')}
     assert runs[0] == bundled, "the bundled assets/gpt2_tiny files are not what the CLI produces from the corpus"
     merges = runs[0]['merges.txt'].decode('utf-8').splitlines()
-    assert merges[0] == '#version: 0.2' and len(merges) - 1 == 2048 - 1 - 256
+    assert merges[0] == '#version: 0.2' and len(merges) - 1 == 512 - 1 - 256
     assert train_tokenizer.main(['--input', str(tmp_path / 'absent.txt'), '--vocab_size', '300',
                                  '--output_dir', str(tmp_path / 'x')]) == 2
     assert train_tokenizer.main(['--input', CORPUS, '--vocab_size', '100', '--output_dir', str(tmp_path / 'x')]) == 2

@@ -88,7 +88,7 @@ def test_yaml_train_evaluate_predict_and_finetune(tmp_path):
     assert len(state.losses) == 4 and state.losses[-1] < state.losses[0]
     result = trainer.evaluate()
     assert set(result) >= {'loss', 'PPL'} and np.isclose(result['PPL'], np.exp(result['loss']))
-    assert result['PPL'] < 2048  # better than uniform over the vocabulary
+    assert result["PPL"] < 512  # better than uniform over the vocabulary
     outputs = trainer.predict(input_data=['ROMEO:', 'To be'], max_new_tokens=8)
     assert len(outputs) == 2 and outputs[0]['text_generation_text'][0].startswith('ROMEO:')
 
@@ -100,7 +100,7 @@ def test_yaml_train_evaluate_predict_and_finetune(tmp_path):
 
 def test_auto_classes_from_registered_name():
     config = AutoConfig.from_pretrained('gpt2_tiny')
-    assert isinstance(config, GPT2Config) and config.seq_length == 128 and config.vocab_size == 2048
+    assert isinstance(config, GPT2Config) and config.seq_length == 128 and config.vocab_size == 512
     model = AutoModel.from_pretrained('gpt2_tiny', num_layers=1)
     assert isinstance(model, GPT2LMHeadModel) and model.config.num_layers == 1
     small = AutoModel.from_config(AutoConfig.from_pretrained('gpt2', num_layers=1, hidden_size=64, num_heads=2,

@@ -2,7 +2,8 @@
 import os
 
 import numpy as np
-from mindspore import nn
+import mindspore as ms
+from mindspore import nn, ops
 
 from mindformers.generation.text_generator import GeneratorMixin
 from mindformers.tools.checkpoint import (CheckpointError, load_checkpoint_file, load_into_network,
@@ -72,3 +73,55 @@ class BaseModel(nn.Cell, GeneratorMixin):
         """Number of scalar parameters (each shared parameter counted once)."""
         params = self.trainable_params() if trainable_only else self.get_parameters()
         return int(sum(np.prod(p.shape) for p in params))
+
+
+class CausalLMModel(BaseModel):
+    """A decoder-only LM head model; subclasses implement `logits(input_ids [B, S]) -> fp32 [B * S, vocab]`.
+
+    Training (`set_train(True)`): `construct(input_ids [B, S+1], attention_mask=None, labels=None)` returns the
+    mean next-token cross-entropy (fp32 scalar) of tokens = input_ids[:, :-1] against targets = input_ids[:, 1:].
+    `labels` and `attention_mask` may have S+1 columns (shifted like the targets) or S (already aligned). Targets
+    equal to `config.ignore_token_id`, with attention_mask 0, or equal to `config.pad_token_id` (only when it differs
+    from `eos_token_id`: GPT-style models pad with EOS) are left out.
+    Inference (`set_train(False)`): `construct(input_ids [B, S])` returns logits [B, S, vocab_size] fp32."""
+
+    def __init__(self, config, **kwargs):
+        super().__init__(config, **kwargs)
+        from mindformers.core.loss import CrossEntropyLoss
+        self.vocab_size = int(config.vocab_size)
+        self.ignore_token_id = int(getattr(config, 'ignore_token_id', -100))
+        pad, eos = getattr(config, 'pad_token_id', None), getattr(config, 'eos_token_id', None)
+        self.pad_token_id = None if pad is None or pad == eos else int(pad)
+        self.loss = CrossEntropyLoss(getattr(config, 'parallel_config', None))
+
+    def logits(self, input_ids):
+        raise NotImplementedError(f"{type(self).__name__} must implement logits(input_ids)")
+
+    def next_token_loss(self, input_ids, attention_mask=None, labels=None):
+        """(mean loss fp32 scalar, number of target tokens that count fp32 scalar) for `input_ids [B, S+1]`."""
+        targets = input_ids[:, 1:] if labels is None else self._align(labels, input_ids, 'labels')
+        targets = targets.reshape(-1)
+        mask = ops.cast(targets != self.ignore_token_id, ms.float32)
+        if self.pad_token_id is not None:
+            mask = ops.mul(mask, ops.cast(targets != self.pad_token_id, ms.float32))
+        if attention_mask is not None:
+            aligned = self._align(attention_mask, input_ids, 'attention_mask')
+            mask = ops.mul(mask, ops.cast(aligned, ms.float32).reshape(-1))
+        return self.loss(self.logits(input_ids[:, :-1]), targets, mask), mask.sum()
+
+    def construct(self, input_ids, attention_mask=None, labels=None):
+        if not self.training:
+            batch, seq = input_ids.shape
+            return self.logits(input_ids).reshape(batch, seq, self.vocab_size)
+        loss, _ = self.next_token_loss(input_ids, attention_mask, labels)
+        return loss
+
+    @staticmethod
+    def _align(column, input_ids, name):
+        """A per-token column of S+1 entries (like input_ids) is shifted to the targets; S entries are used as is."""
+        if column.shape[1] == input_ids.shape[1]:
+            return column[:, 1:]
+        if column.shape[1] != input_ids.shape[1] - 1:
+            raise ValueError(f"{name} must have {input_ids.shape[1]} or {input_ids.shape[1] - 1} columns like "
+                             f"input_ids, got {column.shape[1]}")
+        return column

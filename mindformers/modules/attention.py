@@ -2,7 +2,6 @@
 import math
 
 import numpy as np
-import mindspore as ms
 from mindspore import nn, ops, Tensor
 
 from mindformers.modules.layers import Linear, Dropout, to_mstype, _dp_mp, _check_divisible

@@ -1,11 +1,11 @@
-"""The `mindformers` logger: INFO to stdout, and per-rank files once `setup_file_logging` names an output dir."""
+"""The `mindformers` logger: INFO to stderr (stdout carries only results, e.g. predicted text), and per-rank files once `setup_file_logging` names an output dir."""
 import logging
 import os
 import sys
 
 logger = logging.getLogger('mindformers')
 if not logger.handlers:
-    _handler = logging.StreamHandler(sys.stdout)
+    _handler = logging.StreamHandler(sys.stderr)
     _handler.setFormatter(logging.Formatter('%(asctime)s - mindformers - %(levelname)s - %(message)s',
                                             '%Y-%m-%d %H:%M:%S'))
     logger.addHandler(_handler)

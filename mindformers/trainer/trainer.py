@@ -2,24 +2,21 @@
 import copy
 import math
 import os
-import time
 
 import numpy as np
 import mindspore as ms
-from mindspore import nn, ops, Tensor
+from mindspore import nn, Tensor
 from mindspore.nn.learning_rate_schedule import LearningRateSchedule
 from mindspore.train.callback import RunContext
 
 from mindformers.core.callback import TrainState
 from mindformers.core.context import init_context
-from mindformers.core.loss import CrossEntropyLoss
 from mindformers.core.lr import build_lr
 from mindformers.core.metric import PerplexityMetric
 from mindformers.core.optim import build_optim
-from mindformers.core.parallel_config import build_parallel_config, ParallelConfig, RecomputeConfig
+from mindformers.core.parallel_config import build_parallel_config
 from mindformers.tools.build import build_model, build_callback, build_wrapper, build_dataset, build_tokenizer
-from mindformers.tools.checkpoint import (load_checkpoint_file, load_into_network, resolve_checkpoint,
-                                          CheckpointError)
+from mindformers.tools.checkpoint import load_checkpoint_file, load_into_network, resolve_checkpoint
 from mindformers.tools.logger import logger, setup_file_logging
 from mindformers.tools.model_book import find_config
 from mindformers.tools.register import MindFormerConfig, MindFormerRegister, MindFormerModuleType
@@ -30,28 +27,14 @@ _CONTEXT_DONE = {}
 
 
 class _EvalLossCell(nn.Cell):
-    """`(loss_sum, token_count)` of next-token prediction on `input_ids [B, S+1]`, with the model in eval mode."""
+    """`(loss_sum, token_count)` of next-token prediction on `input_ids [B, S+1]` (run with the model in eval mode)."""
 
     def __init__(self, network):
         super().__init__(auto_prefix=False)
         self.network = network
-        self.loss = CrossEntropyLoss()
-        config = network.config
-        self.ignore_id = int(getattr(config, 'ignore_token_id', -100))
-        pad, eos = getattr(config, 'pad_token_id', None), getattr(config, 'eos_token_id', None)
-        self.pad_id = int(pad) if pad is not None and pad != eos else None
 
     def construct(self, input_ids, *args):
-        tokens = input_ids[:, :-1]
-        targets = input_ids[:, 1:]
-        logits = self.network(tokens)
-        mask = ops.cast(targets != self.ignore_id, ms.float32)
-        if self.pad_id is not None:
-            mask = mask * ops.cast(targets != self.pad_id, ms.float32)
-        vocab = logits.shape[-1]
-        flat_mask = mask.reshape(-1)
-        mean = self.loss(logits.reshape(-1, vocab), ops.maximum(targets, 0).reshape(-1), flat_mask)
-        count = flat_mask.sum()
+        mean, count = self.network.next_token_loss(input_ids)
         return mean * count, count
 
 

@@ -1,6 +1,6 @@
 """Compiled training steps: forward + backward + (all-reduce) + clipping + optimizer, with gradient accumulation."""
 import mindspore as ms
-from mindspore import nn, ops, Parameter, Tensor
+from mindspore import nn, ops, Tensor
 from mindspore.context import ParallelMode
 from mindspore.parallel._utils import _get_parallel_mode, _get_gradients_mean, _get_device_num
 

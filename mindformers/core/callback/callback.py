@@ -95,14 +95,18 @@ class MFLossMonitor(Callback):
 
 @MindFormerRegister.register(MindFormerModuleType.CALLBACK)
 class CheckpointMonitor(Callback):
-    """Saves the train network (model weights, optimizer state and counters) every `save_checkpoint_steps`
+    """Saves the train network (model weights, optimizer state with its update count `global_step`, and the
+    `epoch_num`/`step_num` counters) every `save_checkpoint_steps`
     optimizer steps and at the end, to `<directory or output_dir/checkpoint>/rank_<i>/<prefix>_rank_<i>-<epoch>_<step
     in epoch>.ckpt`, atomically, keeping at most `keep_checkpoint_max` files. `checkpoint_format`: 'ckpt' or
     'safetensors'."""
 
     def __init__(self, prefix='mindformers', directory=None, save_checkpoint_steps=1000, keep_checkpoint_max=5,
                  checkpoint_format='ckpt', integrated_save=True, save_network_params=False,
-                 save_trainable_params=False, async_save=False, **kwargs):
+                 save_trainable_params=False, async_save=False):
+        """`integrated_save`, `save_network_params`, `save_trainable_params` and `async_save` are MindFormers
+        arguments accepted so existing YAMLs load: saves here are always whole (weights and optimizer state) and
+        synchronous, which is what makes them safe to resume from."""
         super().__init__()
         if checkpoint_format not in ('ckpt', 'safetensors'):
             raise ValueError(f"checkpoint_format must be 'ckpt' or 'safetensors', got {checkpoint_format!r}")
@@ -125,8 +129,7 @@ class CheckpointMonitor(Callback):
                f"{self.checkpoint_format}"
         path = os.path.join(directory, name)
         save_checkpoint_atomic(state.train_network, path,
-                               append_dict={'epoch_num': state.cur_epoch_num, 'step_num': state.step_in_epoch,
-                                            'global_step': state.cur_step_num})
+                               append_dict={'epoch_num': state.cur_epoch_num, 'step_num': state.step_in_epoch})
         record_checkpoint(directory, name, state.cur_epoch_num, state.step_in_epoch, state.cur_step_num,
                           self.keep_checkpoint_max)
         self.last_saved_step, self.last_path = state.cur_step_num, path

@@ -4,7 +4,7 @@ import math
 import mindspore as ms
 from mindspore import nn, ops
 
-from mindformers.models.base_model import BaseModel
+from mindformers.models.base_model import CausalLMModel
 from mindformers.models.gpt2.gpt2_config import GPT2Config
 from mindformers.modules import CausalMask, CausalSelfAttention, Dropout, Embedding, LayerNorm, MLP
 from mindformers.modules.layers import _dp_mp, to_mstype
@@ -98,33 +98,19 @@ class GPT2Model(nn.Cell):
 
 
 @MindFormerRegister.register(MindFormerModuleType.MODELS)
-class GPT2LMHeadModel(BaseModel):
-    """GPT-2 with its output head tied to the token embedding.
-
-    Training (`set_train(True)`): `construct(input_ids [B, S+1], attention_mask=None, labels=None)` returns the
-    mean next-token cross-entropy (fp32 scalar) of tokens = input_ids[:, :-1] against targets = input_ids[:, 1:].
-    `labels` and `attention_mask` may have S+1 columns (shifted like the targets) or S (already aligned); targets
-    equal to `ignore_token_id`, with attention_mask 0, or equal to `pad_token_id` (only when it differs from
-    `eos_token_id`, since GPT-2 pads with EOS) are left out.
-    Inference (`set_train(False)`): `construct(input_ids [B, S])` returns logits [B, S, vocab_size] fp32."""
+class GPT2LMHeadModel(CausalLMModel):
+    """GPT-2 with its output head tied to the token embedding. Training and inference contracts: `CausalLMModel`."""
 
     def __init__(self, config: GPT2Config):
         super().__init__(config)
         self.backbone = GPT2Model(config)
-        self.vocab_size = config.vocab_size
-        self.ignore_token_id = int(config.ignore_token_id)
-        pad, eos = config.pad_token_id, config.eos_token_id
-        self.pad_token_id = None if pad is None or pad == eos else int(pad)
         dp, mp = _dp_mp(config.parallel_config)
         # logits = hidden @ embed_tokens.weight^T; the vocabulary is split mp ways unless the embedding is replicated
         self.head_matmul = ops.MatMul(transpose_b=True).shard(
             ((dp, 1), (1, 1)) if config.parallel_config.vocab_emb_dp else ((dp, 1), (mp, 1)))
-        self.cross_entropy = ops.SoftmaxCrossEntropyWithLogits().shard(((dp, 1), (dp, 1)))
-        self.one_hot = ops.OneHot().shard(((dp, 1), (), ()))
-        self.on_value, self.off_value = ms.Tensor(1.0, ms.float32), ms.Tensor(0.0, ms.float32)
         self.load_checkpoint(config)
 
-    def _logits(self, input_ids):
+    def logits(self, input_ids):
         """[B, S] -> fp32 logits [B * S, vocab_size]."""
         hidden = self.backbone(input_ids)
         hidden = hidden.reshape(-1, hidden.shape[-1])
@@ -135,30 +121,3 @@ class GPT2LMHeadModel(BaseModel):
         if logits.dtype != ms.float32:
             logits = ops.cast(logits, ms.float32)
         return logits
-
-    def construct(self, input_ids, attention_mask=None, labels=None):
-        if not self.training:
-            batch, seq = input_ids.shape
-            return self._logits(input_ids).reshape(batch, seq, self.vocab_size)
-        tokens = input_ids[:, :-1]
-        targets = input_ids[:, 1:] if labels is None else self._align(labels, input_ids, 'labels')
-        logits = self._logits(tokens)
-        targets = targets.reshape(-1)
-        mask = ops.cast(targets != self.ignore_token_id, ms.float32)
-        if self.pad_token_id is not None:
-            mask = mask * ops.cast(targets != self.pad_token_id, ms.float32)
-        if attention_mask is not None:
-            mask = mask * ops.cast(self._align(attention_mask, input_ids, 'attention_mask'), ms.float32).reshape(-1)
-        one_hot = self.one_hot(targets, self.vocab_size, self.on_value, self.off_value)  # ignored ids -> all zero
-        loss, _ = self.cross_entropy(logits, one_hot)
-        return (loss * mask).sum() / ops.maximum(mask.sum(), 1.0)
-
-    @staticmethod
-    def _align(column, input_ids, name):
-        """A per-token column of S+1 entries (like input_ids) is shifted to the targets; S entries are used as is."""
-        if column.shape[1] == input_ids.shape[1]:
-            return column[:, 1:]
-        if column.shape[1] != input_ids.shape[1] - 1:
-            raise ValueError(f"{name} must have {input_ids.shape[1]} or {input_ids.shape[1] - 1} columns like "
-                             f"input_ids, got {column.shape[1]}")
-        return column

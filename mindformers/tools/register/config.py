@@ -164,20 +164,37 @@ class MindFormerConfig(dict):
             return v
         return plain(self)
 
-    def merge_from_dict(self, options):
-        """Merge `{'a.b.c': value}` (dotted keys) or nested mappings into this config, deeply."""
+    def merge_from_dict(self, options, strict=False):
+        """Merge `{'a.b.c': value}` (dotted keys; an integer part indexes a list, e.g. `callbacks.0.prefix`) or
+        nested mappings into this config, deeply. Missing parents are created, unless `strict`: then every parent
+        must exist and a KeyError names the first missing one."""
         for dotted, value in options.items():
             node = self
             keys = str(dotted).split('.')
-            for key in keys[:-1]:
-                if not isinstance(node.get(key), dict):
-                    node[key] = {}
-                node = node[key]
-            last = keys[-1]
-            if isinstance(value, dict) and isinstance(node.get(last), dict):
-                node[last] = deep_merge(node[last], value)
+            for depth, key in enumerate(keys):
+                where = '.'.join(keys[:depth + 1])
+                if isinstance(node, list):
+                    if not key.isdigit() or int(key) >= len(node):
+                        raise KeyError(f"{dotted}: '{where}' is not an index of a list of {len(node)}")
+                    key = int(key)
+                elif not isinstance(node, dict):
+                    raise KeyError(f"{dotted}: '{'.'.join(keys[:depth])}' is a value, not a section")
+                if depth == len(keys) - 1:
+                    break
+                child = node[key] if isinstance(node, list) or key in node else None
+                if not isinstance(child, (dict, list)):
+                    if strict:
+                        close = difflib.get_close_matches(key, [str(k) for k in node], n=3) \
+                            if isinstance(node, dict) else []
+                        hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ''
+                        raise KeyError(f"{dotted}: the config has no section '{where}'{hint}")
+                    child = node[key] = MindFormerConfig(_path=where)
+                node = child
+            current = node[key] if isinstance(node, list) or key in node else None
+            if isinstance(value, dict) and isinstance(current, dict):
+                node[key] = _to_config(deep_merge(current, value), '.'.join(keys))
             else:
-                node[last] = value
+                node[key] = _to_config(value, '.'.join(keys))
         return self
 
     def save(self, path):
