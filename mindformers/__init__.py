@@ -10,8 +10,8 @@ from mindformers.core import (init_context, ContextConfig, ParallelContextConfig
                               build_parallel_config, build_lr, build_optim, CrossEntropyLoss, PerplexityMetric,
                               MFLossMonitor, CheckpointMonitor, CheckpointMointor, AdamWeightDecay, ClipGradNorm)
 from mindformers.dataset import CausalLanguageModelDataset
-from mindformers.models import (BaseConfig, BaseModel, BaseTokenizer, BaseProcessor, GPT2Config, GPT2Model,
-                                GPT2LMHeadModel, GPT2Tokenizer, GPT2Processor)
+from mindformers.models import (BaseConfig, BaseModel, CausalLMModel, BaseTokenizer, BaseProcessor, GPT2Config,
+                                GPT2Model, GPT2LMHeadModel, GPT2Tokenizer, GPT2TokenizerFast, GPT2Processor)
 from mindformers.models.auto import AutoConfig, AutoModel, AutoTokenizer
 from mindformers.generation import GeneratorMixin
 from mindformers.wrapper import MFTrainOneStepCell

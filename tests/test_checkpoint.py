@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import mindspore as ms
 
-from mindformers.tools.checkpoint import (CheckpointError, load_checkpoint_file, record_checkpoint,
+from mindformers.tools.checkpoint import (CheckpointError, file_sha256, load_checkpoint_file, record_checkpoint,
                                           resolve_checkpoint, save_checkpoint_atomic)
 
 
@@ -58,8 +58,30 @@ def test_meta_json_and_keep_max(tmp_path):
         record_checkpoint(directory, name, epoch=1, step=step, global_step=step, keep_max=2)
     meta = json.loads((tmp_path / 'meta.json').read_text())
     assert meta['last_ckpt_file'] == 'net_rank_0-1_40.ckpt' and meta['global_step'] == 40
-    assert meta['checkpoints'] == ['net_rank_0-1_30.ckpt', 'net_rank_0-1_40.ckpt']
-    assert sorted(f for f in os.listdir(directory) if f.endswith('.ckpt')) == meta['checkpoints']
+    kept = [e['file'] for e in meta['checkpoints']]
+    assert kept == ['net_rank_0-1_30.ckpt', 'net_rank_0-1_40.ckpt']
+    assert sorted(f for f in os.listdir(directory) if f.endswith('.ckpt')) == kept
+    assert meta['checkpoints'][-1]['sha256'] == file_sha256(os.path.join(directory, kept[-1]))
+    assert [e['global_step'] for e in meta['checkpoints']] == [30, 40]
+
+
+def test_corrupt_newest_falls_back_to_previous_and_says_so(tmp_path, capsys):
+    rank_dir = tmp_path / 'rank_0'
+    rank_dir.mkdir()
+    for step in (1, 2, 3):
+        name = f'net_rank_0-1_{step}.ckpt'
+        save_checkpoint_atomic(weights(step), str(rank_dir / name))
+        record_checkpoint(str(rank_dir), name, 1, step, step, keep_max=5)
+    newest = rank_dir / 'net_rank_0-1_3.ckpt'
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte: same size, same name, still the newest
+    newest.write_bytes(bytes(data))
+    (rank_dir / 'net_rank_0-1_2.ckpt').unlink()  # and the one before it vanished
+    assert resolve_checkpoint(str(tmp_path)).endswith('net_rank_0-1_1.ckpt')
+    warnings = capsys.readouterr().err
+    assert 'net_rank_0-1_3.ckpt is corrupt' in warnings and 'net_rank_0-1_2.ckpt' in warnings
+    with pytest.raises(CheckpointError, match='net_rank_0-1_3.ckpt is corrupt'):
+        resolve_checkpoint(str(newest))  # asked for by name: an error, never a silent substitute
 
 
 def test_resolve_prefers_meta_over_names_and_times(tmp_path):

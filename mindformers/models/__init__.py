@@ -1,6 +1,6 @@
 """Models: base classes, auto classes and one folder per family."""
 from .base_config import BaseConfig
-from .base_model import BaseModel
+from .base_model import BaseModel, CausalLMModel
 from .base_tokenizer import BaseTokenizer
 from .base_processor import BaseProcessor
-from .gpt2 import GPT2Config, GPT2Model, GPT2LMHeadModel, GPT2Tokenizer, GPT2Processor
+from .gpt2 import GPT2Config, GPT2Model, GPT2LMHeadModel, GPT2Tokenizer, GPT2TokenizerFast, GPT2Processor

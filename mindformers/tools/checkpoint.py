@@ -1,7 +1,9 @@
 """Checkpoint files: atomic writes, `meta.json` beside them, and loading with clear errors.
 
 Layout: `<output_dir>/checkpoint/rank_<i>/<prefix>_rank_<i>-<epoch>_<step>.ckpt` plus `meta.json`
-(`last_epoch`, `last_step`, `last_ckpt_file`, `global_step`, and the list of kept files, oldest first)."""
+(`last_epoch`, `last_step`, `last_ckpt_file`, `global_step`, and `checkpoints`: the kept files, oldest first, each
+with its epoch, step, global step and SHA-256)."""
+import hashlib
 import json
 import os
 
@@ -95,6 +97,14 @@ def load_into_network(network, param_dict, path='<checkpoint>', strict=True):
     return missing
 
 
+def file_sha256(path, chunk=1 << 20):
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(chunk), b''):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def read_meta(directory):
     """The parsed `meta.json` of a rank directory, or None when absent or unreadable."""
     path = os.path.join(directory, META_FILE)
@@ -102,33 +112,77 @@ def read_meta(directory):
         return None
     try:
         with open(path, encoding='utf-8') as f:
-            return json.load(f)
+            meta = json.load(f)
     except (OSError, json.JSONDecodeError) as err:
         logger.warning("ignoring unreadable %s: %s", path, err)
         return None
+    return meta if isinstance(meta, dict) else None
+
+
+def meta_entries(directory):
+    """The checkpoints `meta.json` lists for `directory`, oldest first: dicts with `file`, `epoch`, `step`,
+    `global_step` and `sha256`."""
+    meta = read_meta(directory) or {}
+    return [e for e in meta.get('checkpoints', []) if isinstance(e, dict) and e.get('file')]
+
+
+def verify_checkpoint(path, sha256=None):
+    """Check that `path` exists and, when `sha256` is given, that its content has that checksum; else raise
+    CheckpointError naming the file."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    if sha256 and file_sha256(path) != sha256:
+        raise CheckpointError(f"checkpoint {path} is corrupt: its SHA-256 differs from the one recorded in "
+                              f"{META_FILE} when it was written")
+    return path
+
+
+def _recorded_sha256(path):
+    """The checksum `meta.json` beside `path` recorded for it, or None."""
+    directory, name = os.path.split(os.path.abspath(path))
+    for entry in meta_entries(directory):
+        if entry['file'] == name:
+            return entry.get('sha256')
+    return None
 
 
 def resolve_checkpoint(path, rank_id=0):
-    """Turn a `load_checkpoint` value into one file.
+    """Turn a `load_checkpoint` value into one verified file.
 
-    A file is returned as is. A directory is searched in order: `rank_<rank_id>/` inside it, its `meta.json`
-    (`last_ckpt_file`), then the `.ckpt`/`.safetensors` file with the highest (epoch, step) in its name."""
+    A file is returned as is (its checksum is verified when `meta.json` beside it records one). A directory is
+    searched in order: `rank_<rank_id>/` inside it, the newest checkpoint its `meta.json` lists whose checksum
+    holds (corrupt ones are reported and skipped), then the `.ckpt`/`.safetensors` file with the highest
+    (epoch, step) in its name. Modification times are never used."""
     if os.path.isfile(path):
-        return path
+        return verify_checkpoint(path, _recorded_sha256(path))
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint not found: {path} is neither a file nor a directory")
     rank_dir = os.path.join(path, f'rank_{rank_id}')
     if os.path.isdir(rank_dir):
         return resolve_checkpoint(rank_dir, rank_id)
-    meta = read_meta(path)
-    if meta and meta.get('last_ckpt_file'):
-        candidate = os.path.join(path, meta['last_ckpt_file'])
-        if os.path.isfile(candidate):
-            return candidate
+    entries = meta_entries(path)
+    if entries:
+        return newest_good_checkpoint(path, entries)[0]
     files = [f for f in os.listdir(path) if f.endswith(('.ckpt', '.safetensors')) and not f.startswith('.')]
     if not files:
         raise CheckpointError(f"no checkpoint file (*.ckpt, *.safetensors) in directory {path}")
     return os.path.join(path, max(files, key=_epoch_step_key))
+
+
+def newest_good_checkpoint(directory, entries):
+    """(path, entry) of the newest of `entries` (meta.json entries, oldest first) whose file is present and
+    intact. Each bad one is logged by name before falling back to the previous; none good raises CheckpointError."""
+    problems = []
+    for entry in reversed(entries):
+        path = os.path.join(directory, entry['file'])
+        try:
+            verify_checkpoint(path, entry.get('sha256'))
+        except CheckpointError as err:
+            problems.append(str(err))
+            logger.warning("%s; falling back to the previous checkpoint", err)
+            continue
+        return path, entry
+    raise CheckpointError(f"no intact checkpoint in {directory}: {'; '.join(problems)}")
 
 
 def _epoch_step_key(filename):
@@ -141,17 +195,20 @@ def _epoch_step_key(filename):
 
 
 def record_checkpoint(directory, filename, epoch, step, global_step, keep_max):
-    """Update `meta.json` after `filename` is complete, and delete the oldest files beyond `keep_max`."""
-    meta = read_meta(directory) or {}
-    kept = [f for f in meta.get('checkpoints', []) if f != filename and os.path.isfile(os.path.join(directory, f))]
-    kept.append(filename)
+    """After `filename` is complete on disk: add it to `meta.json` with its SHA-256, then delete the oldest files
+    beyond `keep_max` (their entries go first, so meta.json never lists a missing file)."""
+    entry = {'file': filename, 'epoch': int(epoch), 'step': int(step), 'global_step': int(global_step),
+             'sha256': file_sha256(os.path.join(directory, filename))}
+    kept = [e for e in meta_entries(directory)
+            if e['file'] != filename and os.path.isfile(os.path.join(directory, e['file']))]
+    kept.append(entry)
     removed = kept[:-keep_max] if keep_max and keep_max > 0 else []
     kept = kept[len(removed):]
     write_json_atomic(os.path.join(directory, META_FILE),
-                      {'last_epoch': epoch, 'last_step': step, 'global_step': global_step,
+                      {'last_epoch': entry['epoch'], 'last_step': entry['step'], 'global_step': entry['global_step'],
                        'last_ckpt_file': filename, 'checkpoints': kept})
     for old in removed:
         try:
-            os.remove(os.path.join(directory, old))
+            os.remove(os.path.join(directory, old['file']))
         except OSError as err:
-            logger.warning("could not remove old checkpoint %s: %s", old, err)
+            logger.warning("could not remove old checkpoint %s: %s", old['file'], err)

@@ -1,11 +1,26 @@
-"""The `mindformers` logger: INFO to stderr (stdout carries only results, e.g. predicted text), and per-rank files once `setup_file_logging` names an output dir."""
+"""The `mindformers` logger: INFO to stderr (stdout carries only results, e.g. predicted text), and per-rank files
+once `setup_file_logging` names an output dir."""
 import logging
 import os
 import sys
 
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is at the time (so redirections and test captures see the log)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 logger = logging.getLogger('mindformers')
 if not logger.handlers:
-    _handler = logging.StreamHandler(sys.stderr)
+    _handler = _StderrHandler()
     _handler.setFormatter(logging.Formatter('%(asctime)s - mindformers - %(levelname)s - %(message)s',
                                             '%Y-%m-%d %H:%M:%S'))
     logger.addHandler(_handler)

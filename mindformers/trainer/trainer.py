@@ -16,10 +16,11 @@ from mindformers.core.metric import PerplexityMetric
 from mindformers.core.optim import build_optim
 from mindformers.core.parallel_config import build_parallel_config
 from mindformers.tools.build import build_model, build_callback, build_wrapper, build_dataset, build_tokenizer
-from mindformers.tools.checkpoint import load_checkpoint_file, load_into_network, resolve_checkpoint
+from mindformers.tools.checkpoint import CheckpointError, load_checkpoint_file, load_into_network, resolve_checkpoint
 from mindformers.tools.logger import logger, setup_file_logging
 from mindformers.tools.model_book import find_config
 from mindformers.tools.register import MindFormerConfig, MindFormerRegister, MindFormerModuleType
+from mindformers.trainer.resume import find_resume_checkpoint, restore_train_state
 from mindformers.trainer.training_args import TrainingArguments
 
 SUPPORTED_TASKS = {'text_generation': 'gpt2'}
@@ -164,7 +165,7 @@ class Trainer:
             self.tokenizer = build_tokenizer(tok_cfg, where='processor.tokenizer')
         return self.tokenizer
 
-    def _build_dataset(self, key, given, network):
+    def _build_dataset(self, key, given, network, start_epoch=0):
         if given is not None:
             return given
         section = self.config.get(f'{key}_task')
@@ -177,6 +178,7 @@ class Trainer:
         dataset_config['rank_id'], dataset_config['device_num'] = self.rank_id, self.device_num
         if key == 'train_dataset':
             dataset_config.setdefault('batch_size', self.config.runner_config.get('batch_size', 1))
+            dataset_config['start_epoch'] = start_epoch
         tokenizer_needed = (dataset_config.get('data_loader') or {}).get('type') == 'TextCorpusDataset'
         if tokenizer_needed and 'tokenizer' not in dataset_config['data_loader']:
             dataset_config['data_loader']['tokenizer'] = self._get_tokenizer()
@@ -204,84 +206,81 @@ class Trainer:
     def _train(self, checkpoint, resume_training, do_eval, kwargs):
         if kwargs:
             raise TypeError(f"unknown argument(s): {', '.join(sorted(kwargs))}")
-        if resume_training:
-            raise NotImplementedError("resume_training is not available yet; pass train_checkpoint=<path> to start "
-                                      "from saved weights")
         self._setup()
         config = self.config
         network = self._get_network()
-        if checkpoint:
+        resume = self._resume_location(resume_training, checkpoint)
+        point = find_resume_checkpoint(resume, self.rank_id, self.device_num) if resume else None
+        if checkpoint and point is None:
             self._load_weights(network, checkpoint)
-        dataset = self._build_dataset('train_dataset', self.train_dataset, network)
+
         runner = config.runner_config
         epochs = int(runner.get('epochs', 1))
         accumulation = int(runner.get('gradient_accumulation_steps', 1) or 1)
+        start_epoch, skip_batches = (0, 0) if point is None else (point.epoch - 1, point.step_in_epoch * accumulation)
+        dataset = self._build_dataset('train_dataset', self.train_dataset, network, start_epoch=start_epoch)
         batches_per_epoch = dataset.get_dataset_size()
         steps_per_epoch = batches_per_epoch // accumulation
         if steps_per_epoch < 1:
             raise ValueError(f"the training dataset has {batches_per_epoch} batch(es) per epoch, fewer than "
                              f"gradient_accumulation_steps={accumulation}; use more data or a smaller batch_size")
+        if point is not None and point.step_in_epoch >= steps_per_epoch:  # saved at an epoch's end
+            start_epoch, skip_batches = point.epoch, 0
+            if self.train_dataset is None:
+                dataset = self._build_dataset('train_dataset', None, network, start_epoch=start_epoch)
         total_steps = epochs * steps_per_epoch
+        if start_epoch >= epochs:
+            raise ValueError(f"resume_training: {point.path} is from epoch {point.epoch} step {point.step_in_epoch}, "
+                             f"which is already the end of this {epochs}-epoch run; raise runner_config.epochs to "
+                             f"train further")
 
-        if self.optimizers is not None:
-            optimizer = self.optimizers
-        else:
-            lr = build_lr(dict(config.lr_schedule), total_steps=total_steps) if config.get('lr_schedule') else None
-            optimizer = build_optim(dict(config.optimizer), params=network.trainable_params(), learning_rate=lr)
-        wrapper_cfg = dict(config.get('runner_wrapper') or {'type': 'MFTrainOneStepCell'})
-        if wrapper_cfg.get('scale_sense') is not None:
-            raise NotImplementedError("runner_wrapper.scale_sense (loss scaling for fp16) is not available yet; "
-                                      "remove it and train in fp32")
-        wrapper_cfg.pop('scale_sense', None)
-        train_cell = build_wrapper(wrapper_cfg, default_args={
-            'network': network, 'optimizer': optimizer, 'gradient_accumulation_steps': accumulation},
-            where='runner_wrapper')
-        train_cell.set_train(True)
-
-        callbacks = [build_callback(dict(cb), where='callbacks') for cb in config.get('callbacks') or []]
-        callbacks += self.callbacks
-        seq_tokens = None
+        train_cell, optimizer = self._build_train_cell(network, total_steps, accumulation)
         state = TrainState(train_network=train_cell, network=network, optimizer=optimizer, rank_id=self.rank_id,
                            output_dir=config.output_dir, epoch_num=epochs, batch_num=steps_per_epoch,
                            total_steps=total_steps, initial_step=0, tokens_per_step=0)
+        if point is not None:
+            restore_train_state(train_cell, point)
+            state.cur_step_num = state.initial_step = start_epoch * steps_per_epoch + skip_batches // accumulation
+            if state.cur_step_num != point.global_step:
+                raise CheckpointError(f"resume_training: {point.path} was saved at global step {point.global_step}, "
+                                      f"but epoch {point.epoch} step {point.step_in_epoch} is step "
+                                      f"{state.cur_step_num} of this run; resume with the same data, batch_size, "
+                                      f"gradient_accumulation_steps and device count")
+            logger.info("resuming from %s: epoch %d, step %d of %d done", point.path, start_epoch + 1,
+                        state.cur_step_num, total_steps)
         self.state = state
-        run_context = RunContext(state)
-        lr_fn = optimizer.learning_rate if isinstance(optimizer.learning_rate, LearningRateSchedule) else None
-        eval_every_steps = int(config.get('eval_step_interval') or 0) if (do_eval or config.get('do_eval')) else 0
-        eval_every_epochs = int(config.get('eval_epoch_interval') or 0) if (do_eval or config.get('do_eval')) else 0
-        if (do_eval or config.get('do_eval')) and not eval_every_steps and not eval_every_epochs:
-            eval_every_epochs = 1
-
+        callbacks = [build_callback(dict(cb), where='callbacks') for cb in config.get('callbacks') or []]
+        callbacks += self.callbacks
+        eval_every_steps, eval_every_epochs = self._eval_intervals(do_eval)
         logger.info("training: %d epoch(s) x %d step(s) = %d optimizer steps, %d batch(es) of %d per step",
                     epochs, steps_per_epoch, total_steps, accumulation, int(runner.get('batch_size', 0) or 0))
+
+        run_context = RunContext(state)
         _call(callbacks, 'on_train_begin', run_context)
-        iterator = dataset.create_tuple_iterator(num_epochs=epochs, output_numpy=False)
-        for epoch in range(1, epochs + 1):
-            state.cur_epoch_num, state.step_in_epoch = epoch, 0
+        # a user's dataset object cannot start at an epoch: its earlier epochs are read and dropped instead
+        replay_epochs = start_epoch if self.train_dataset is not None else 0
+        iterator = dataset.create_tuple_iterator(num_epochs=epochs - start_epoch + replay_epochs, output_numpy=False)
+        for _ in range(replay_epochs):
+            for _ in iterator:
+                pass
+        for epoch in range(start_epoch + 1, epochs + 1):
+            state.cur_epoch_num = epoch
+            state.step_in_epoch = skip_batches // accumulation if epoch == start_epoch + 1 else 0
             _call(callbacks, 'on_train_epoch_begin', run_context)
-            micro = 0
             for batch_index, batch in enumerate(iterator):
+                if batch_index < skip_batches and epoch == start_epoch + 1:
+                    continue  # done before the checkpoint we resumed from
                 if batch_index >= steps_per_epoch * accumulation:
                     continue  # drop a partial accumulation window at the epoch end
                 batch = [t if t.dtype != ms.int64 else t.astype(ms.int32) for t in batch]
-                if seq_tokens is None:
-                    seq_tokens = int(np.prod(batch[0].shape[:1])) * max(int(batch[0].shape[-1]) - 1, 1)
-                    state.tokens_per_step = seq_tokens * accumulation * self.device_num
-                micro += 1
-                if micro < accumulation:
+                if not state.tokens_per_step:
+                    state.tokens_per_step = int(batch[0].shape[0]) * max(int(batch[0].shape[-1]) - 1, 1) * \
+                        accumulation * self.device_num
+                if (batch_index + 1) % accumulation:
                     train_cell.accumulate(*batch)
                     continue
-                micro = 0
                 loss, grad_norm = train_cell(*batch)
-                state.cur_step_num += 1
-                state.step_in_epoch += 1
-                state.loss = float(loss.asnumpy())
-                state.grad_norm = float(grad_norm.asnumpy())
-                state.lr = float(lr_fn(Tensor(state.cur_step_num - 1, ms.int32)).asnumpy()) if lr_fn is not None \
-                    else float(np.asarray(optimizer.learning_rate.asnumpy()).reshape(-1)[0])
-                state.losses.append(state.loss)
-                if not math.isfinite(state.loss):
-                    logger.warning("step %d: loss is %s", state.cur_step_num, state.loss)
+                self._record_step(state, loss, grad_norm, optimizer)
                 _call(callbacks, 'on_train_step_end', run_context)
                 if eval_every_steps and state.cur_step_num % eval_every_steps == 0:
                     self._eval_during_training(network, train_cell, state)
@@ -294,6 +293,59 @@ class Trainer:
                 break
         _call(callbacks, 'on_train_end', run_context)
         return state
+
+    def _resume_location(self, resume_training, checkpoint):
+        """None, or where to resume from: True -> `checkpoint` if it is a directory, else
+        `<output_dir>/checkpoint`; a path -> that path. Falls back to the config's `resume_training`."""
+        value = self.config.get('resume_training', False) if resume_training is None else resume_training
+        if isinstance(value, str) and value.strip().lower() in ('true', 'false', ''):
+            value = value.strip().lower() == 'true'
+        if not value:
+            return None
+        if value is True:
+            if checkpoint and os.path.isdir(os.fspath(checkpoint)):
+                return os.fspath(checkpoint)
+            return os.path.join(self.config.output_dir, 'checkpoint')
+        return os.fspath(value)
+
+    def _build_train_cell(self, network, total_steps, accumulation):
+        config = self.config
+        if self.optimizers is not None:
+            optimizer = self.optimizers
+        else:
+            lr = build_lr(dict(config.lr_schedule), total_steps=total_steps) if config.get('lr_schedule') else None
+            optimizer = build_optim(dict(config.optimizer), params=network.trainable_params(), learning_rate=lr)
+        wrapper_cfg = dict(config.get('runner_wrapper') or {'type': 'MFTrainOneStepCell'})
+        scale_sense = wrapper_cfg.get('scale_sense')
+        if isinstance(scale_sense, dict):
+            wrapper_cfg['scale_sense'] = build_wrapper(dict(scale_sense), where='runner_wrapper.scale_sense')
+        train_cell = build_wrapper(wrapper_cfg, default_args={
+            'network': network, 'optimizer': optimizer, 'gradient_accumulation_steps': accumulation},
+            where='runner_wrapper')
+        train_cell.set_train(True)
+        return train_cell, optimizer
+
+    def _eval_intervals(self, do_eval):
+        """(every n optimizer steps, every n epochs) to evaluate at; 0 = never. do_eval without either: each epoch."""
+        config = self.config
+        if not (config.get('do_eval', False) if do_eval is None else do_eval):
+            return 0, 0
+        steps, epochs = int(config.get('eval_step_interval') or 0), int(config.get('eval_epoch_interval') or 0)
+        return (steps, epochs) if steps or epochs else (0, 1)
+
+    @staticmethod
+    def _record_step(state, loss, grad_norm, optimizer):
+        state.cur_step_num += 1
+        state.step_in_epoch += 1
+        state.loss = float(loss.asnumpy())
+        state.grad_norm = float(grad_norm.asnumpy())
+        lr = optimizer.learning_rate
+        if isinstance(lr, LearningRateSchedule):
+            lr = lr(Tensor(state.cur_step_num - 1, ms.int32))
+        state.lr = float(np.asarray(lr.asnumpy()).reshape(-1)[0])
+        state.losses.append(state.loss)
+        if not math.isfinite(state.loss):
+            logger.warning("step %d: loss is %s", state.cur_step_num, state.loss)
 
     def _eval_during_training(self, network, train_cell, state):
         result = self._evaluate(network)

@@ -31,8 +31,19 @@ def best_device():
     return 'CPU'
 
 
+class _FromDict:
+    """`from_dict(mapping)`: known keys become fields, the rest go to `extra` (passed on to MindSpore as is)."""
+
+    @classmethod
+    def from_dict(cls, mapping):
+        mapping = dict(mapping or {})
+        known = {f.name for f in fields(cls)} - {'extra'}
+        extra = {k: mapping.pop(k) for k in list(mapping) if k not in known}
+        return cls(**mapping, extra=extra)
+
+
 @dataclass
-class ContextConfig:
+class ContextConfig(_FromDict):
     """MindSpore context settings. `mode` 0 = GRAPH_MODE (compiled, default), 1 = PYNATIVE_MODE.
     `device_target` None picks the best device present."""
     mode: int = 0
@@ -47,16 +58,9 @@ class ContextConfig:
     compile_cache_path: str = None
     extra: dict = field(default_factory=dict)
 
-    @classmethod
-    def from_dict(cls, mapping):
-        mapping = dict(mapping or {})
-        known = {f.name for f in fields(cls)} - {'extra'}
-        extra = {k: mapping.pop(k) for k in list(mapping) if k not in known}
-        return cls(**mapping, extra=extra)
-
 
 @dataclass
-class ParallelContextConfig:
+class ParallelContextConfig(_FromDict):
     """Distributed context. `parallel_mode`: 0/'data_parallel', 1/'semi_auto_parallel', 2/'auto_parallel',
     3/'hybrid_parallel', or 'stand_alone'."""
     parallel_mode: object = 0
@@ -68,13 +72,6 @@ class ParallelContextConfig:
     strategy_ckpt_load_file: str = None
     device_num: int = None
     extra: dict = field(default_factory=dict)
-
-    @classmethod
-    def from_dict(cls, mapping):
-        mapping = dict(mapping or {})
-        known = {f.name for f in fields(cls)} - {'extra'}
-        extra = {k: mapping.pop(k) for k in list(mapping) if k not in known}
-        return cls(**mapping, extra=extra)
 
 
 _PARALLEL_MODES = {0: 'data_parallel', 1: 'semi_auto_parallel', 2: 'auto_parallel', 3: 'hybrid_parallel',

@@ -55,9 +55,7 @@ class AutoModel:
     @classmethod
     def from_pretrained(cls, name_or_path, **kwargs):
         if os.path.isdir(str(name_or_path)):
-            config = _config_from_dir(name_or_path)
-            for key, value in kwargs.items():
-                setattr(config, key, value)
+            config = AutoConfig.from_pretrained(name_or_path, **kwargs)
             weights = [f for f in os.listdir(name_or_path) if f.endswith(('.ckpt', '.safetensors'))]
             if len(weights) == 1 and not config.checkpoint_name_or_path:
                 config.checkpoint_name_or_path = os.path.join(name_or_path, weights[0])

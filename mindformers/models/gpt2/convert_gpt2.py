@@ -2,10 +2,12 @@
 
 HF stores its projections as `Conv1D` weights [in, out] (y = x W + b); ours are `Linear` weights [out, in], so every
 projection is transposed. The fused `c_attn` (q | k | v) maps onto our fused `qkv_proj` unchanged apart from that.
-HF's `lm_head.weight` is tied to `wte` and dropped; the causal-mask buffers `attn.bias` / `attn.masked_bias` of older
-files are skipped. HF names are accepted with or without the `transformer.` prefix and written with it.
+HF's `lm_head.weight` is tied to `wte` and dropped (an untied one is refused); the causal-mask buffers
+`attn.bias` / `attn.masked_bias` of older files are skipped. HF names are accepted with or without the
+`transformer.` prefix and written with it.
 
     python convert_weight.py --model gpt2 --input_path <HF dir or file> --output_path gpt2.ckpt
+    python convert_weight.py --model gpt2 --reversed --input_path gpt2.ckpt --output_path <HF dir | file.safetensors>
 """
 import copy
 import json
@@ -14,6 +16,8 @@ import re
 
 import numpy as np
 
+from mindformers.models.convert_utils import (ConversionError, DTYPES, check_dtype, refuse_non_empty, load_hf_weights,
+                                              load_ms_weights, save_hf_directory, save_hf_weights, save_ms_weights)
 from mindformers.models.gpt2.gpt2_config import GPT2Config
 
 HF_PREFIX = 'transformer.'
@@ -39,10 +43,6 @@ _HF_TO_MS.update({f'h.{{i}}.{hf}': (f'backbone.layers.{{i}}.{ms}', t) for hf, ms
 _MS_TO_HF = {ms: (hf, t) for hf, (ms, t) in _HF_TO_MS.items()}
 _LAYER_INDEX = re.compile(r'\.(\d+)\.')
 _SKIPPED = re.compile(r'^(lm_head\.weight|h\.\d+\.attn\.(bias|masked_bias))$')
-
-
-class ConversionError(ValueError):
-    """Weights that do not fit the target model; the message names every offending tensor."""
 
 
 def _rename(name, table):
@@ -107,6 +107,7 @@ def convert_hf_to_ms(state_dict, config):
         ours, transposed = renamed
         converted[ours] = _transpose(value) if transposed else np.asarray(value)
         sources[ours] = name
+    _check_tied_head(state_dict)
 
     def input_name(ours):
         return sources.get(ours) or HF_PREFIX + _rename(ours, _MS_TO_HF)[0]
@@ -114,6 +115,18 @@ def convert_hf_to_ms(state_dict, config):
     missing, unexpected, mismatched = _check(converted, config, input_name, lambda n: _rename(n, _MS_TO_HF)[1])
     _raise_if(config, missing, unexpected + unknown, mismatched)
     return converted
+
+
+def _check_tied_head(state_dict):
+    """GPT-2's output head is the token embedding; a checkpoint whose `lm_head.weight` differs cannot be mapped."""
+    head = state_dict.get('lm_head.weight')
+    embedding = next((state_dict[n] for n in ('wte.weight', HF_PREFIX + 'wte.weight') if n in state_dict), None)
+    if head is None or embedding is None:
+        return
+    head, embedding = np.asarray(head), np.asarray(embedding)
+    if head.shape != embedding.shape or not np.array_equal(head, embedding):
+        raise ConversionError("lm_head.weight differs from transformer.wte.weight: GPT-2 here ties its output head "
+                              "to the token embedding, an untied head cannot be converted")
 
 
 def convert_ms_to_hf(state_dict, config):
@@ -132,133 +145,13 @@ def convert_ms_to_hf(state_dict, config):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# files
-
-
-def _read_safetensors(path):
-    from safetensors import safe_open
-    out = {}
-    with safe_open(path, framework='np') as f:
-        for name in f.keys():
-            try:
-                out[name] = f.get_tensor(name)
-            except (TypeError, ValueError):  # bfloat16 has no NumPy dtype: read through torch, widen to float32
-                out[name] = _read_safetensors_torch(path, name)
-    return out
-
-
-def _read_safetensors_torch(path, name):
-    import torch
-    from safetensors import safe_open
-    with safe_open(path, framework='pt') as f:
-        return f.get_tensor(name).to(torch.float32).numpy()
-
-
-def _read_torch(path):
-    import torch  # only needed for .bin files
-    state = torch.load(path, map_location='cpu', weights_only=True)
-    if not isinstance(state, dict):
-        raise ConversionError(f"{path} does not hold a state dict (got {type(state).__name__})")
-    out = {}
-    for name, value in state.items():
-        if isinstance(value, torch.Tensor):
-            value = value.detach()
-            out[name] = (value.to(torch.float32) if value.dtype == torch.bfloat16 else value).numpy()
-    return out
-
-
-def _read_index(path):
-    """A sharded checkpoint: `*.index.json` maps each tensor to its shard file in the same directory."""
-    with open(path, encoding='utf-8') as f:
-        weight_map = json.load(f).get('weight_map')
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise ConversionError(f"{path} has no 'weight_map'")
-    out = {}
-    for shard in sorted(set(weight_map.values())):
-        out.update(load_hf_weights(os.path.join(os.path.dirname(path), shard)))
-    return out
-
-
-_HF_FILES = ('model.safetensors', 'model.safetensors.index.json', 'pytorch_model.bin', 'pytorch_model.bin.index.json')
-
-
-def load_hf_weights(path):
-    """Tensors (name -> np.ndarray) of a HF checkpoint: a directory holding one of `model.safetensors`,
-    `model.safetensors.index.json` (sharded), `pytorch_model.bin` or `pytorch_model.bin.index.json`, or such a
-    file itself. `.bin` files are read with `torch.load(weights_only=True)`; bfloat16 is widened to float32."""
-    if os.path.isdir(path):
-        found = [name for name in _HF_FILES if os.path.isfile(os.path.join(path, name))]
-        if not found:
-            raise ConversionError(f"no HF weights in directory {path} (looked for {', '.join(_HF_FILES)})")
-        path = os.path.join(path, found[0])
-    if not os.path.isfile(path):
-        raise ConversionError(f"input not found: {path}")
-    if path.endswith('.index.json'):
-        return _read_index(path)
-    if path.endswith('.safetensors'):
-        return _read_safetensors(path)
-    if path.endswith(('.bin', '.pt', '.pth')):
-        return _read_torch(path)
-    raise ConversionError(f"unsupported HF weight file {path} (expected .safetensors, .bin, .pt, .pth or "
-                          f"*.index.json)")
-
-
-def load_ms_weights(path):
-    """Tensors (name -> np.ndarray, bfloat16 widened to float32) of a MindSpore `.ckpt` or `.safetensors` file."""
-    import mindspore as ms
-    from mindformers.tools.checkpoint import load_checkpoint_file
-    out = {}
-    for name, param in load_checkpoint_file(path).items():
-        out[name] = (param.astype(ms.float32) if param.dtype == ms.bfloat16 else param).asnumpy()
-    return out
-
-
-_DTYPES = {'fp32': 'float32', 'fp16': 'float16', 'bf16': 'bfloat16'}
-
-
-def save_ms_weights(weights, path, dtype=None):
-    """Write name -> array as a MindSpore checkpoint (`.safetensors` by extension, else `.ckpt`), atomically.
-    `dtype` ('fp32' | 'fp16' | 'bf16') casts floating-point tensors."""
-    import mindspore as ms
-    from mindformers.tools.checkpoint import save_checkpoint_atomic
-    target = getattr(ms, _DTYPES[dtype]) if dtype else None
-    tensors = {}
-    for name, value in weights.items():
-        tensor = ms.Tensor(value)
-        if target is not None and np.issubdtype(value.dtype, np.floating):
-            tensor = tensor.astype(target)
-        tensors[name] = tensor
-    return save_checkpoint_atomic(tensors, path)
-
-
-def save_hf_weights(weights, path, dtype=None):
-    """Write name -> array as a HF `.safetensors` file, atomically (temporary file, then rename)."""
-    from safetensors.numpy import save_file
-    if not path.endswith('.safetensors'):
-        raise ConversionError(f"HF output must be a .safetensors file, got {path}")
-    if dtype == 'bf16':
-        raise ConversionError("--dtype bf16 is not available for HF output (NumPy has no bfloat16); use fp32 or fp16")
-    if dtype:
-        weights = {name: value.astype(_DTYPES[dtype]) if np.issubdtype(value.dtype, np.floating) else value
-                   for name, value in weights.items()}
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.partial.{os.getpid()}")
-    try:
-        save_file(weights, tmp, metadata={'format': 'pt'})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # configs and entry points
 
 
 _HF_ACTIVATIONS = {'gelu_new': 'gelu', 'gelu_pytorch_tanh': 'gelu', 'gelu_fast': 'gelu', 'quick_gelu': 'quick_gelu',
                    'relu': 'relu'}
+_TO_HF_ACTIVATIONS = {'gelu': 'gelu_new', 'gelu_new': 'gelu_new', 'fast_gelu': 'quick_gelu',
+                      'quick_gelu': 'quick_gelu', 'relu': 'relu'}
 
 
 def config_from_hf(hf_config):
@@ -271,13 +164,38 @@ def config_from_hf(hf_config):
         raise ConversionError("HF config with scale_attn_by_inverse_layer_idx=True or scale_attn_weights=False "
                               "is not supported")
     hidden = hf_config.get('n_embd', 768)
+    inner = hf_config.get('n_inner') or 4 * hidden
+    if inner % hidden:
+        raise ConversionError(f"HF n_inner ({inner}) is not a multiple of n_embd ({hidden}); GPT2Config only has "
+                              f"an integer expand_ratio")
+    eos = hf_config.get('eos_token_id', 50256)
+    pad = hf_config.get('pad_token_id')
     return GPT2Config(vocab_size=hf_config.get('vocab_size', 50257), hidden_size=hidden,
                       num_layers=hf_config.get('n_layer', 12), num_heads=hf_config.get('n_head', 12),
                       seq_length=hf_config.get('n_positions', 1024),
-                      expand_ratio=(hf_config.get('n_inner') or 4 * hidden) // hidden,
+                      expand_ratio=inner // hidden,
                       layernorm_epsilon=hf_config.get('layer_norm_epsilon', 1e-5), hidden_act=_HF_ACTIVATIONS[act],
-                      bos_token_id=hf_config.get('bos_token_id', 50256),
-                      eos_token_id=hf_config.get('eos_token_id', 50256))
+                      embedding_dropout_prob=hf_config.get('embd_pdrop', 0.1),
+                      hidden_dropout_rate=hf_config.get('resid_pdrop', 0.1),
+                      attention_dropout_rate=hf_config.get('attn_pdrop', 0.1),
+                      initializer_range=hf_config.get('initializer_range', 0.02),
+                      bos_token_id=hf_config.get('bos_token_id', 50256), eos_token_id=eos,
+                      pad_token_id=eos if pad is None else pad)  # GPT-2 pads with EOS
+
+
+def config_to_hf(config, dtype='float32'):
+    """The HF `config.json` mapping (`GPT2LMHeadModel`) of our GPT2Config; `dtype` names the stored tensors."""
+    if config.hidden_act not in _TO_HF_ACTIVATIONS:
+        raise ConversionError(f"hidden_act {config.hidden_act!r} has no HF GPT-2 equivalent")
+    return {'architectures': ['GPT2LMHeadModel'], 'model_type': 'gpt2', 'vocab_size': config.vocab_size,
+            'n_positions': config.seq_length, 'n_embd': config.hidden_size, 'n_layer': config.num_layers,
+            'n_head': config.num_heads, 'n_inner': config.expand_ratio * config.hidden_size,
+            'activation_function': _TO_HF_ACTIVATIONS[config.hidden_act],
+            'resid_pdrop': config.hidden_dropout_rate, 'embd_pdrop': config.embedding_dropout_prob,
+            'attn_pdrop': config.attention_dropout_rate, 'layer_norm_epsilon': config.layernorm_epsilon,
+            'initializer_range': config.initializer_range, 'bos_token_id': config.bos_token_id,
+            'eos_token_id': config.eos_token_id, 'pad_token_id': config.pad_token_id, 'tie_word_embeddings': True,
+            'torch_dtype': dtype}
 
 
 def infer_config(weights, ms_names=False):
@@ -306,32 +224,95 @@ def infer_config(weights, ms_names=False):
                       expand_ratio=expand_ratio)
 
 
-def _hf_config_file(input_path):
-    directory = input_path if os.path.isdir(input_path) else os.path.dirname(input_path)
-    path = os.path.join(directory, 'config.json')
-    if not os.path.isfile(path):
-        return None
+def _config_from_json(path):
+    """A GPT2Config from a HF GPT-2 `config.json` or from ours (`GPT2Config.save_pretrained`)."""
     with open(path, encoding='utf-8') as f:
-        data = json.load(f)
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ConversionError(f"{path} is not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ConversionError(f"{path} does not hold a JSON object")
+    if 'num_layers' in data or data.get('type') == 'GPT2Config':
+        return GPT2Config.from_dict({k: v for k, v in data.items() if k != 'checkpoint_name_or_path'})
     if data.get('model_type', 'gpt2') != 'gpt2':
         raise ConversionError(f"{path} describes a {data.get('model_type')!r} model, not GPT-2")
-    return data
+    return config_from_hf(data)
+
+
+def _config_from_yaml(path):
+    """The GPT2Config of a run YAML's `model.model_config` section."""
+    from mindformers.tools.register.config import load_yaml_with_bases
+    section = (load_yaml_with_bases(path).get('model') or {}).get('model_config')
+    if not isinstance(section, dict):
+        raise ConversionError(f"{path} has no model.model_config section")
+    if section.get('type', 'GPT2Config') != 'GPT2Config':
+        raise ConversionError(f"{path}: model.model_config.type is {section['type']!r}, not GPT2Config")
+    return GPT2Config(**{k: v for k, v in section.items() if k not in ('type', 'checkpoint_name_or_path')})
+
+
+def load_config(config):
+    """`config` as a GPT2Config: one already, or the path of a `.yaml` run config or a `.json` model config."""
+    if isinstance(config, GPT2Config):
+        return config
+    path = os.fspath(config)
+    if not os.path.isfile(path):
+        raise ConversionError(f"config file not found: {path}")
+    try:
+        return _config_from_yaml(path) if path.endswith(('.yaml', '.yml')) else _config_from_json(path)
+    except (TypeError, ValueError) as err:
+        if isinstance(err, ConversionError):
+            raise
+        raise ConversionError(f"config {path}: {err}") from None
+
+
+def _config_beside(input_path):
+    """The GPT2Config of the `config.json` in (or beside) `input_path`, or None when there is none."""
+    directory = input_path if os.path.isdir(input_path) else os.path.dirname(os.path.abspath(input_path))
+    path = os.path.join(directory, 'config.json')
+    return load_config(path) if os.path.isfile(path) else None
 
 
 def convert_pt_to_ms(input_path, output_path, dtype=None, config=None):
-    """Convert a HF GPT-2 checkpoint (directory or file) into a MindSpore checkpoint at `output_path`.
+    """Convert a HF GPT-2 checkpoint (directory or file) into a MindSpore checkpoint file at `output_path`.
 
-    The architecture comes from `config` (a GPT2Config), else the HF `config.json` beside the weights, else the
-    tensor shapes. Returns the output path."""
+    The architecture comes from `config` (a GPT2Config or a config file), else the `config.json` beside the
+    weights, else the tensor shapes. Returns {our tensor name: shape} of what was written."""
+    check_dtype(dtype)
+    if os.path.isdir(output_path):
+        raise ConversionError(f"output path {output_path} is a directory; give a checkpoint file "
+                              f"(.ckpt or .safetensors)")
     weights = load_hf_weights(input_path)
-    if config is None:
-        hf_config = _hf_config_file(input_path)
-        config = config_from_hf(hf_config) if hf_config else infer_config(weights)
-    return save_ms_weights(convert_hf_to_ms(weights, config), output_path, dtype)
+    config = load_config(config) if config is not None else _config_beside(input_path) or infer_config(weights)
+    converted = convert_hf_to_ms(weights, config)
+    save_ms_weights(converted, output_path, dtype)
+    return {name: tuple(value.shape) for name, value in converted.items()}
 
 
 def convert_ms_to_pt(input_path, output_path, dtype=None, config=None):
-    """Convert a mindformers GPT-2 checkpoint (`.ckpt`/`.safetensors`) into a HF `.safetensors` file."""
+    """Convert a mindformers GPT-2 checkpoint (`.ckpt`/`.safetensors`, or a checkpoint directory) to HF format.
+
+    `output_path` ending in `.safetensors` gets that file; any other path becomes a HF model directory
+    (`config.json` + `model.safetensors`) that `transformers.GPT2LMHeadModel.from_pretrained` loads. The
+    architecture comes from `config` (a GPT2Config or a config file), else a `config.json` beside the checkpoint,
+    else the tensor shapes (num_heads is then guessed, with a warning). Returns {HF tensor name: shape}."""
+    check_dtype(dtype)
+    to_file = output_path.endswith('.safetensors')
+    if not to_file:
+        refuse_non_empty(os.path.abspath(output_path))
     weights = load_ms_weights(input_path)
-    config = config or infer_config(weights, ms_names=True)
-    return save_hf_weights(convert_ms_to_hf(weights, config), output_path, dtype)
+    config = load_config(config) if config is not None else _config_beside(input_path)
+    if config is None:
+        config = infer_config(weights, ms_names=True)
+        if not to_file:
+            from mindformers.tools.logger import logger
+            logger.warning("num_heads is not stored in the weights: config.json gets n_head=%d (head size %d); "
+                           "pass the model's config (convert_weight.py --config) to set it", config.num_heads,
+                           config.hidden_size // config.num_heads)
+    converted = convert_ms_to_hf(weights, config)
+    if to_file:
+        save_hf_weights(converted, output_path, dtype)
+    else:
+        stored = DTYPES[dtype] if dtype else str(converted[HF_PREFIX + 'wte.weight'].dtype)
+        save_hf_directory(converted, config_to_hf(config, stored), output_path, dtype)
+    return {name: tuple(value.shape) for name, value in converted.items()}

@@ -1,0 +1,84 @@
+#!/usr/bin/env python
+"""Convert model weights between HuggingFace checkpoints and mindformers checkpoints.
+
+    python convert_weight.py --model gpt2 --input_path <HF dir or file> --output_path gpt2.ckpt [--dtype fp16]
+    python convert_weight.py --model gpt2 --reversed --input_path gpt2.ckpt --output_path <HF dir | x.safetensors>
+
+A family joins by one line in CONVERTERS: its module provides
+`convert_pt_to_ms(input_path, output_path, dtype=None, config=None)` (HF -> ours) and
+`convert_ms_to_pt(input_path, output_path, dtype=None, config=None)` (ours -> HF), each returning
+{tensor name: shape} of what it wrote, writing atomically, and raising ValueError (ConversionError,
+CheckpointError) or OSError for bad input.
+Exit codes: 0 success, 2 bad flag or input (one line on stderr), 1 any other error (one line on stderr)."""
+import argparse
+import importlib
+import math
+import os
+import sys
+
+CONVERTERS = {
+    'gpt2': 'mindformers.models.gpt2.convert_gpt2',
+}
+DTYPES = ('fp32', 'fp16', 'bf16')
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise _BadInput(message)
+
+
+class _BadInput(Exception):
+    pass
+
+
+def build_parser():
+    parser = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--model', required=True, help=f"model family ({', '.join(sorted(CONVERTERS))})")
+    parser.add_argument('--input_path', required=True,
+                        help='HF directory or weight file; with --reversed a mindformers checkpoint')
+    parser.add_argument('--output_path', required=True,
+                        help='mindformers .ckpt/.safetensors; with --reversed a HF directory or .safetensors file')
+    parser.add_argument('--dtype', choices=DTYPES, help='cast floating-point tensors (default: keep)')
+    parser.add_argument('--reversed', action='store_true', help='convert mindformers -> HuggingFace')
+    parser.add_argument('--config', help='model config (run YAML or config.json) when the weights alone do not '
+                                         'settle the architecture, e.g. num_heads for --reversed')
+    return parser
+
+
+def convert(model, input_path, output_path, dtype=None, reversed_=False, config=None):
+    """Run the family converter; returns {tensor name: shape} of what was written."""
+    if model not in CONVERTERS:
+        raise _BadInput(f"unknown --model {model!r} (known: {', '.join(sorted(CONVERTERS))})")
+    if not os.path.exists(input_path):
+        raise _BadInput(f"--input_path {input_path} does not exist")
+    module = importlib.import_module(CONVERTERS[model])
+    function = module.convert_ms_to_pt if reversed_ else module.convert_pt_to_ms
+    kwargs = {'config': config} if config else {}
+    return function(input_path, output_path, dtype=dtype, **kwargs)
+
+
+def _one_line(err):
+    return ' '.join(str(err).split()) or type(err).__name__
+
+
+def main(argv=None):
+    try:
+        args = build_parser().parse_args(argv)
+        written = convert(args.model, args.input_path, args.output_path, args.dtype, args.reversed, args.config)
+    except (_BadInput, ValueError, OSError) as err:
+        sys.stderr.write(f"convert_weight.py: error: {_one_line(err)}\n")
+        return 2
+    except Exception as err:  # pylint: disable=broad-except
+        sys.stderr.write(f"convert_weight.py: error: {type(err).__name__}: {_one_line(err)}\n")
+        return 1
+    direction = 'mindformers -> HuggingFace' if args.reversed else 'HuggingFace -> mindformers'
+    parameters = sum(math.prod(shape) for shape in written.values())
+    print(args.output_path)
+    print(f"{args.model} {direction}: {len(written)} tensors, {parameters:,} parameters"
+          f"{', ' + args.dtype if args.dtype else ''}")
+    return 0
+
+
+if __name__ == '__main__':
+    os.environ.setdefault('GLOG_v', '3')  # MindSpore's own warnings would break the one-line error contract
+    sys.exit(main())

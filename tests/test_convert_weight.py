@@ -1,0 +1,161 @@
+"""`convert_weight.py` as users run it: a subprocess from the repo root."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HF_CONFIG = dict(vocab_size=64, n_embd=32, n_layer=2, n_head=2, n_positions=16, n_inner=96)
+
+
+def run(*args):
+    return subprocess.run([sys.executable, 'convert_weight.py', *map(str, args)], cwd=REPO, capture_output=True,
+                          text=True, timeout=120, check=False)
+
+
+def error_line(result):
+    """The single stderr line of a failed run (exit 2)."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def hf_tensors(path):
+    return load_file(os.path.join(path, 'model.safetensors') if os.path.isdir(path) else path)
+
+
+@pytest.fixture(scope='module')
+def hf_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**HF_CONFIG))
+    directory = tmp_path_factory.mktemp('hf')
+    model.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope='module')
+def ckpt(hf_dir, tmp_path_factory):
+    path = tmp_path_factory.mktemp('ms') / 'gpt2.ckpt'
+    result = run('--model', 'gpt2', '--input_path', hf_dir, '--output_path', path)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert lines[-2] == str(path)
+    assert lines[-1].startswith('gpt2 HuggingFace -> mindformers: 28 tensors, ')
+    return path
+
+
+def test_round_trip_gives_identical_tensors(hf_dir, ckpt, tmp_path):
+    out = tmp_path / 'back'
+    result = run('--model', 'gpt2', '--reversed', '--input_path', ckpt, '--output_path', out,
+                 '--config', hf_dir / 'config.json')
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-2] == str(out)
+    original, back = hf_tensors(hf_dir), hf_tensors(out)
+    assert set(back) == set(original) - {'lm_head.weight'}
+    for name, value in back.items():
+        np.testing.assert_array_equal(value, original[name], err_msg=name)
+    with open(out / 'config.json', encoding='utf-8') as f:
+        config = json.load(f)
+    assert config['model_type'] == 'gpt2' and config['architectures'] == ['GPT2LMHeadModel']
+    assert {key: config[key] for key in HF_CONFIG} == HF_CONFIG
+    assert not [name for name in os.listdir(tmp_path) if name != 'back']  # no temporary directory left behind
+
+
+def test_reverse_to_safetensors_file_and_guessed_heads(ckpt, tmp_path):
+    out = tmp_path / 'gpt2.safetensors'
+    result = run('--model', 'gpt2', '--reversed', '--input_path', ckpt, '--output_path', out, '--dtype', 'bf16')
+    assert result.returncode == 0, result.stderr
+    with safe_open(str(out), framework='pt') as f:
+        assert {f.get_tensor(name).dtype for name in f.keys()} == {torch.bfloat16}
+    # without a config the head count is a guess, and said so
+    result = run('--model', 'gpt2', '--reversed', '--input_path', ckpt, '--output_path', tmp_path / 'dir')
+    assert result.returncode == 0, result.stderr
+    assert 'num_heads is not stored in the weights' in result.stderr
+    with open(tmp_path / 'dir' / 'config.json', encoding='utf-8') as f:
+        assert json.load(f)['n_head'] == 1
+
+
+def test_fp16_output(hf_dir, tmp_path):
+    import mindspore as ms
+    out = tmp_path / 'gpt2_fp16.ckpt'
+    result = run('--model', 'gpt2', '--input_path', hf_dir / 'model.safetensors', '--output_path', out,
+                 '--dtype', 'fp16')
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith(', fp16')
+    params = ms.load_checkpoint(str(out))
+    assert len(params) == 28 and {p.dtype for p in params.values()} == {ms.float16}
+    expected = hf_tensors(hf_dir)['transformer.h.0.attn.c_attn.weight'].T.astype(np.float16)
+    np.testing.assert_array_equal(params['backbone.layers.0.attention.qkv_proj.weight'].asnumpy(), expected)
+
+
+def _write_hf(directory, tensors, hf_dir):
+    os.makedirs(directory)
+    save_file(tensors, str(directory / 'model.safetensors'), metadata={'format': 'pt'})
+    with open(hf_dir / 'config.json', encoding='utf-8') as src, open(directory / 'config.json', 'w') as dst:
+        dst.write(src.read())
+
+
+@pytest.mark.parametrize('change, named', [
+    ('missing', 'missing transformer.h.1.ln_2.bias'),
+    ('unexpected', 'unexpected transformer.h.0.attn.rotary.weight'),
+    ('shape', 'wrong shape transformer.wpe.weight (8, 32) (expected (16, 32))'),
+])
+def test_bad_weights_exit_2_naming_the_tensor(hf_dir, tmp_path, change, named):
+    tensors = hf_tensors(hf_dir)
+    if change == 'missing':
+        del tensors['transformer.h.1.ln_2.bias']
+    elif change == 'unexpected':
+        tensors['transformer.h.0.attn.rotary.weight'] = np.ones(4, np.float32)
+    else:
+        tensors['transformer.wpe.weight'] = tensors['transformer.wpe.weight'][:8].copy()
+    _write_hf(tmp_path / 'bad', tensors, hf_dir)
+    out = tmp_path / 'out' / 'gpt2.ckpt'
+    line = error_line(run('--model', 'gpt2', '--input_path', tmp_path / 'bad', '--output_path', out))
+    assert named in line
+    assert not os.path.exists(tmp_path / 'out') or not os.listdir(tmp_path / 'out')
+
+
+def test_reverse_of_incomplete_checkpoint_exits_2(ckpt, hf_dir, tmp_path):
+    import mindspore as ms
+    params = ms.load_checkpoint(str(ckpt))
+    del params['backbone.layers.0.mlp.fc_in.bias']
+    ms.save_checkpoint([{'name': n, 'data': p} for n, p in params.items()], str(tmp_path / 'partial.ckpt'))
+    line = error_line(run('--model', 'gpt2', '--reversed', '--input_path', tmp_path / 'partial.ckpt',
+                          '--output_path', tmp_path / 'hf_out', '--config', hf_dir / 'config.json'))
+    assert 'missing backbone.layers.0.mlp.fc_in.bias' in line
+    assert not os.path.exists(tmp_path / 'hf_out')
+    assert sorted(os.listdir(tmp_path)) == ['partial.ckpt']
+
+
+def test_usage_errors_exit_2_with_one_line(hf_dir, ckpt, tmp_path):
+    line = error_line(run('--model', 'gpt3', '--input_path', hf_dir, '--output_path', tmp_path / 'x.ckpt'))
+    assert "unknown --model 'gpt3'" in line and 'gpt2' in line
+    line = error_line(run('--model', 'gpt2', '--input_path', tmp_path / 'nowhere', '--output_path',
+                          tmp_path / 'x.ckpt'))
+    assert 'nowhere' in line and 'does not exist' in line
+    line = error_line(run('--model', 'gpt2', '--input_path', hf_dir, '--output_path', tmp_path / 'x.ckpt',
+                          '--dtype', 'fp8'))
+    assert '--dtype' in line
+    (tmp_path / 'full').mkdir()
+    (tmp_path / 'full' / 'keep.txt').write_text('mine')
+    line = error_line(run('--model', 'gpt2', '--reversed', '--input_path', ckpt, '--output_path',
+                          tmp_path / 'full'))
+    assert 'not empty' in line and str(tmp_path / 'full') in line
+    assert os.listdir(tmp_path / 'full') == ['keep.txt']
+    assert sorted(os.listdir(tmp_path)) == ['full']
+
+
+def test_config_from_run_yaml_sets_heads():
+    from mindformers.models.gpt2.convert_gpt2 import ConversionError, load_config
+    config = load_config(os.path.join(REPO, 'configs', 'gpt2', 'run_gpt2_tiny.yaml'))
+    assert (config.num_heads, config.hidden_size) == (4, 192)  # heads that no weight shape reveals
+    with pytest.raises(ConversionError, match='README.md is not valid JSON'):
+        load_config(os.path.join(REPO, 'README.md'))
