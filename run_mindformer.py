@@ -44,6 +44,10 @@ def build_parser():
     parser.add_argument('--batch_size', type=int)
     parser.add_argument('--gradient_accumulation_steps', type=int)
     parser.add_argument('--do_eval', type=_bool, help='evaluate while training')
+    parser.add_argument('--resume_training', nargs='?', const='True', metavar='True|PATH',
+                        help='continue an interrupted run: alone or True = the newest complete checkpoint under '
+                             '--load_checkpoint (a directory) or <output_dir>/checkpoint; or a checkpoint file or '
+                             'directory')
     parser.add_argument('--options', nargs='+', default=[], metavar='KEY=VALUE',
                         help='dotted overrides, e.g. --options runner_config.epochs=2 optimizer.learning_rate=1e-4')
     return parser
@@ -100,6 +104,7 @@ def build_config(args, overrides):
         raise KeyError(f"override {err.args[0]}") from None
     flag_map = {'output_dir': 'output_dir', 'seed': 'seed', 'use_parallel': 'use_parallel',
                 'load_checkpoint': 'load_checkpoint', 'run_mode': 'run_mode', 'do_eval': 'do_eval',
+                'resume_training': 'resume_training',
                 'device_target': 'context.device_target', 'device_id': 'context.device_id', 'mode': 'context.mode',
                 'epochs': 'runner_config.epochs', 'gradient_accumulation_steps':
                 'runner_config.gradient_accumulation_steps',

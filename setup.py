@@ -23,6 +23,6 @@ setup(
     package_data={'mindformers': ['assets/**/*', 'assets/*/*'], 'mindformers.configs': ['*/*.yaml', '*.yaml']},
     include_package_data=True,
     install_requires=requirements(),
-    extras_require={'test': ['pytest', 'torch==2.13.0', 'transformers']},
+    extras_require={'test': ['pytest', 'torch==2.13.0', 'transformers', 'matplotlib']},
     py_modules=['run_mindformer', 'convert_weight'],
 )

@@ -14,3 +14,7 @@ def _cpu_graph_mode():
     import mindspore as ms
     ms.set_context(mode=0, device_target='CPU')
     yield
+
+
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'slow: takes tens of seconds (kept in CI; deselect with -m "not slow")')

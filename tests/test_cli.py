@@ -121,3 +121,15 @@ def test_data_seq_length_mismatch_names_both_numbers(tmp_path):
     assert code == 1
     lines = error_lines(stderr)
     assert len(lines) == 1 and '128' in lines[0] and '33' in lines[0], stderr
+
+
+def test_resume_training_flag_continues_from_the_newest_checkpoint(tmp_path):
+    common = ['--config', TINY, '--output_dir', str(tmp_path), '--train_dataset.data_loader.max_samples', '32',
+              '--model.model_config.num_layers', '1', '--batch_size', '8']
+    code, _, stderr = run_cli(*common, '--epochs', '1')
+    assert code == 0, stderr
+    code, _, stderr = run_cli(*common, '--epochs', '2', '--resume_training')
+    assert code == 0, stderr
+    assert 'resuming from' in stderr and 'gpt2_tiny_rank_0-1_4.ckpt' in stderr and 'step 8/8' in stderr
+    code, _, stderr = run_cli(*common, '--epochs', '2', '--resume_training', str(tmp_path / 'missing'))
+    assert code == 1 and 'missing' in error_lines(stderr)[0]

@@ -66,6 +66,23 @@ def save_checkpoint_atomic(save_obj, path, append_dict=None):
     return path
 
 
+def remove_partial_files(directory):
+    """Delete the temporary files of saves that were interrupted (hidden `.<name>.partial.<pid>.*`); returns their
+    names. Call it only where no other process writes into `directory` (each rank has its own)."""
+    if not os.path.isdir(directory):
+        return []
+    stale = sorted(f for f in os.listdir(directory) if f.startswith('.') and '.partial.' in f)
+    for name in stale:
+        try:
+            os.remove(os.path.join(directory, name))
+        except OSError as err:
+            logger.warning("could not remove %s: %s", name, err)
+    if stale:
+        logger.info("removed %d incomplete checkpoint file(s) left by an interrupted save in %s", len(stale),
+                    directory)
+    return stale
+
+
 def load_checkpoint_file(path):
     """Load a `.ckpt` or `.safetensors` file into a dict name -> Parameter; corrupt files raise CheckpointError."""
     if not os.path.isfile(path):

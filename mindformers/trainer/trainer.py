@@ -9,7 +9,7 @@ from mindspore import nn, Tensor
 from mindspore.nn.learning_rate_schedule import LearningRateSchedule
 from mindspore.train.callback import RunContext
 
-from mindformers.core.callback import TrainState
+from mindformers.core.callback import TrainState, append_metrics
 from mindformers.core.context import init_context
 from mindformers.core.lr import build_lr
 from mindformers.core.metric import PerplexityMetric
@@ -176,8 +176,9 @@ class Trainer:
         dataset_config.setdefault('seed', int(self.config.seed))
         dataset_config['seq_length'] = int(network.config.seq_length)
         dataset_config['rank_id'], dataset_config['device_num'] = self.rank_id, self.device_num
-        if key == 'train_dataset':
-            dataset_config.setdefault('batch_size', self.config.runner_config.get('batch_size', 1))
+        if key == 'train_dataset':  # runner_config.batch_size wins, as in MindFormers
+            dataset_config['batch_size'] = self.config.runner_config.get('batch_size') or \
+                dataset_config.get('batch_size', 1)
             dataset_config['start_epoch'] = start_epoch
         tokenizer_needed = (dataset_config.get('data_loader') or {}).get('type') == 'TextCorpusDataset'
         if tokenizer_needed and 'tokenizer' not in dataset_config['data_loader']:
@@ -350,7 +351,10 @@ class Trainer:
     def _eval_during_training(self, network, train_cell, state):
         result = self._evaluate(network)
         state.eval_results = result
-        logger.info("eval at step %d: loss %.4f, PPL %.3f", state.cur_step_num, result['loss'], result['PPL'])
+        logger.info("eval at step %d: loss %.4f, PPL %.3f over %d tokens", state.cur_step_num, result['loss'],
+                    result['PPL'], result['tokens'])
+        append_metrics(state, {'step': state.cur_step_num, 'epoch': state.cur_epoch_num,
+                               'eval_loss': result['loss'], 'eval_PPL': result['PPL'], 'eval_tokens': result['tokens']})
         train_cell.set_train(True)
 
     # ----------------------------------------------------------------- evaluate / predict

@@ -1,15 +1,18 @@
 """Training callbacks. They are MindSpore `Callback`s: the Trainer's loop calls `on_train_begin`,
 `on_train_epoch_begin`, `on_train_step_end`, `on_train_epoch_end` and `on_train_end` with a `RunContext` whose
 `original_args()` is a `TrainState`."""
+import json
 import math
 import os
 import time
 
 from mindspore.train.callback import Callback
 
-from mindformers.tools.checkpoint import save_checkpoint_atomic, record_checkpoint
+from mindformers.tools.checkpoint import save_checkpoint_atomic, record_checkpoint, remove_partial_files
 from mindformers.tools.logger import logger
 from mindformers.tools.register import MindFormerRegister, MindFormerModuleType
+
+METRICS_FILE = 'metrics.jsonl'
 
 
 class TrainState(dict):
@@ -35,6 +38,53 @@ class TrainState(dict):
         self[name] = value
 
 
+def metrics_path(state):
+    """`<output_dir>/log/rank_<i>/metrics.jsonl` of the run `state` describes."""
+    return os.path.join(state.output_dir, 'log', f'rank_{state.rank_id}', METRICS_FILE)
+
+
+def append_metrics(state, record):
+    """Append one JSON object (a logged step or an evaluation) to the run's metrics.jsonl."""
+    path = metrics_path(state)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, 'a', encoding='utf-8') as f:
+        f.write(json.dumps(record) + '\n')
+
+
+def plot_loss_curve(metrics_file, png_path):
+    """Draw loss (and eval loss) against step from metrics.jsonl into `png_path`; returns the path, or None when
+    matplotlib is not installed. Steps logged twice (redone after a resume) keep their last value."""
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    train, evals = {}, {}
+    with open(metrics_file, encoding='utf-8') as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a kill
+            if 'loss' in record:
+                train[record['step']] = record['loss']
+            if 'eval_loss' in record:
+                evals[record['step']] = record['eval_loss']
+    figure, axes = plt.subplots(figsize=(7, 4))
+    axes.plot(sorted(train), [train[k] for k in sorted(train)], label='train loss')
+    if evals:
+        axes.plot(sorted(evals), [evals[k] for k in sorted(evals)], 'o-', label='eval loss')
+    axes.set_xlabel('step')
+    axes.set_ylabel('loss')
+    axes.legend()
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(png_path, dpi=100)
+    plt.close(figure)
+    return png_path
+
+
 def _format_seconds(seconds):
     seconds = int(max(seconds, 0))
     return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
@@ -42,8 +92,9 @@ def _format_seconds(seconds):
 
 @MindFormerRegister.register(MindFormerModuleType.CALLBACK)
 class MFLossMonitor(Callback):
-    """Logs `step i/N, epoch e/E, loss, lr, grad_norm, tokens/s, ETA` every `per_print_times` steps and a summary
-    (time, first and final loss, relative drop) at the end."""
+    """Logs `step i/N, epoch e/E, loss, lr, grad_norm, tokens/s, ETA` every `per_print_times` steps (also appended
+    as JSON to `<output_dir>/log/rank_<i>/metrics.jsonl`) and a summary (time, first and final loss, relative drop)
+    at the end, with `loss_curve.png` beside the metrics when matplotlib is installed."""
 
     def __init__(self, per_print_times=1, learning_rate=None, micro_batch_num=1, micro_batch_interleave_num=1,
                  origin_epochs=None, dataset_size=None, initial_epoch=0, initial_step=0, global_batch_size=0,
@@ -53,27 +104,37 @@ class MFLossMonitor(Callback):
         super().__init__()
         self.per_print_times = max(int(per_print_times), 1)
         self._start = None
+        self._first_step_end = None
         self._window_start = None
         self._window_tokens = 0
 
     def on_train_begin(self, run_context):
         self._start = self._window_start = time.time()
+        self._first_step_end = None
         self._window_tokens = 0
 
     def on_train_step_end(self, run_context):
         state = run_context.original_args()
+        now = time.time()
+        done = state.cur_step_num - state.initial_step
+        if done == 1:
+            self._first_step_end = now  # the first step includes compilation: leave it out of the ETA
         self._window_tokens += state.tokens_per_step
         if state.cur_step_num % self.per_print_times and state.cur_step_num != state.total_steps:
             return
-        now = time.time()
         tokens_per_s = self._window_tokens / max(now - self._window_start, 1e-9)
-        done = state.cur_step_num - state.initial_step
-        elapsed = now - self._start
-        eta = elapsed / max(done, 1) * (state.total_steps - state.cur_step_num)
+        if done > 1:
+            per_step = (now - self._first_step_end) / (done - 1)
+        else:
+            per_step = now - self._start
+        eta = per_step * (state.total_steps - state.cur_step_num)
         state.tokens_per_s = tokens_per_s
         logger.info("step %d/%d, epoch %d/%d, loss %.4f, lr %.3e, grad_norm %.4f, %.0f tokens/s, ETA %s",
                     state.cur_step_num, state.total_steps, state.cur_epoch_num, state.epoch_num, state.loss,
                     state.lr, state.grad_norm, tokens_per_s, _format_seconds(eta))
+        append_metrics(state, {'step': state.cur_step_num, 'epoch': state.cur_epoch_num, 'loss': state.loss,
+                               'lr': state.lr, 'grad_norm': state.grad_norm, 'tokens_per_s': tokens_per_s,
+                               'time': now})
         self._window_start, self._window_tokens = now, 0
 
     def on_train_end(self, run_context):
@@ -91,6 +152,11 @@ class MFLossMonitor(Callback):
         logger.info("training finished: %d steps in %s (%.1f s); loss %.4f -> %.4f (mean of last %d steps), "
                     "%s by %.1f%%", len(state.losses), _format_seconds(elapsed), elapsed, losses[0], final,
                     len(tail), 'fell' if drop >= 0 else 'rose', abs(drop))
+        metrics = metrics_path(state)
+        if os.path.isfile(metrics):
+            png = plot_loss_curve(metrics, os.path.join(os.path.dirname(metrics), 'loss_curve.png'))
+            logger.info("metrics: %s%s", metrics, f"; loss curve: {png}" if png else
+                        " (install matplotlib for a loss-curve PNG)")
 
 
 @MindFormerRegister.register(MindFormerModuleType.CALLBACK)
@@ -120,11 +186,16 @@ class CheckpointMonitor(Callback):
         self.last_saved_step = None
         self.last_path = None
 
+    def _directory(self, state):
+        return os.path.join(self.directory or os.path.join(state.output_dir, 'checkpoint'), f'rank_{state.rank_id}')
+
+    def on_train_begin(self, run_context):
+        remove_partial_files(self._directory(run_context.original_args()))
+
     def _save(self, state):
         if self.last_saved_step == state.cur_step_num:
             return
-        directory = os.path.join(self.directory or os.path.join(state.output_dir, 'checkpoint'),
-                                 f'rank_{state.rank_id}')
+        directory = self._directory(state)
         name = f"{self.prefix}_rank_{state.rank_id}-{state.cur_epoch_num}_{state.step_in_epoch}." \
                f"{self.checkpoint_format}"
         path = os.path.join(directory, name)
