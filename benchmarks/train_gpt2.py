@@ -2,7 +2,9 @@
 
 The 29.5M-parameter GPT-2 (vocab 8192, hidden 512, 8 layers, 8 heads, seq 256, batch 8, AdamW, fp32, dropout 0).
 Each measurement runs in its own process; variants are interleaved round-robin and the median over rounds is
-reported, so machine noise hits both sides alike.
+reported, so machine noise hits both sides alike. mindformers runs twice per round: with an empty compile cache
+(the first step includes graph compilation) and with a warm one (filled by the first run); `ratio` and
+`rss_ratio` use the cold-cache run.
 
     python benchmarks/train_gpt2.py [--rounds 3] [--steps 12] [--json result.json]
 """
@@ -10,9 +12,11 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 VOCAB, HIDDEN, LAYERS, HEADS, SEQ, BATCH = 8192, 512, 8, 8, 256, 8
@@ -29,10 +33,12 @@ def _peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_mindformers(steps, warmup):
+def run_mindformers(steps, warmup, compile_cache=None):
     import mindspore as ms
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from mindformers import GPT2Config, GPT2LMHeadModel, AdamWeightDecay, MFTrainOneStepCell
+    if compile_cache:
+        ms.set_context(enable_compile_cache=True, compile_cache_path=compile_cache)
     ms.set_context(mode=0, device_target='CPU')
     ms.set_seed(0)
     config = GPT2Config(vocab_size=VOCAB, hidden_size=HIDDEN, num_layers=LAYERS, num_heads=HEADS, seq_length=SEQ,
@@ -74,12 +80,12 @@ def run_torch(steps, warmup):
     return times
 
 
-WORKERS = {'mindformers': run_mindformers, 'torch': run_torch}
+WORKERS = {'mindformers': run_mindformers, 'mindformers_cached': run_mindformers, 'torch': run_torch}
 
 
-def worker(name, steps, warmup):
+def worker(name, steps, warmup, compile_cache=None):
     start = time.perf_counter()
-    times = WORKERS[name](steps, warmup)
+    times = WORKERS[name](steps, warmup, compile_cache) if compile_cache else WORKERS[name](steps, warmup)
     measured = times[warmup:]
     print(json.dumps({'variant': name, 'tokens_per_s': BATCH * SEQ * len(measured) / sum(measured),
                       'first_step_s': times[0], 'setup_and_first_step_s': time.perf_counter() - start
@@ -93,15 +99,26 @@ def main():
     parser.add_argument('--warmup', type=int, default=2, help='unmeasured steps (the first includes compilation)')
     parser.add_argument('--json', help='write the figures here')
     parser.add_argument('--worker', choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    parser.add_argument('--compile_cache', help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker, args.steps, args.warmup)
+        worker(args.worker, args.steps, args.warmup, args.compile_cache)
         return
     results = {name: [] for name in WORKERS}
+    cache_root = tempfile.mkdtemp(prefix='mf-bench-cache-')
+    warm_cache = os.path.join(cache_root, 'warm')
     for round_index in range(args.rounds):
         for name in WORKERS:
+            extra = []
+            if name == 'mindformers':  # an empty compile cache each time: the cold first step
+                extra = ['--compile_cache', os.path.join(cache_root, f'cold{round_index}')]
+            elif name == 'mindformers_cached':  # filled by the first cold run of this invocation
+                if not os.path.isdir(warm_cache):
+                    shutil.copytree(os.path.join(cache_root, 'cold0'), warm_cache)
+                extra = ['--compile_cache', warm_cache]
             proc = subprocess.run([sys.executable, os.path.abspath(__file__), '--worker', name, '--steps',
-                                   str(args.steps), '--warmup', str(args.warmup)], capture_output=True, text=True)
+                                   str(args.steps), '--warmup', str(args.warmup), *extra], capture_output=True,
+                                  text=True)
             lines = [line for line in proc.stdout.splitlines() if line.startswith('{')]
             if proc.returncode or not lines:
                 sys.exit(f"{name} worker failed:\n{proc.stderr[-3000:]}")
@@ -110,16 +127,20 @@ def main():
                   file=sys.stderr)
     summary = {name: {key: statistics.median(r[key] for r in runs) for key in runs[0] if key != 'variant'}
                for name, runs in results.items()}
+    shutil.rmtree(cache_root, ignore_errors=True)
     ours, ref = summary['mindformers'], summary['torch']
     figures = {'model': f'GPT-2 vocab {VOCAB}, hidden {HIDDEN}, {LAYERS} layers, {HEADS} heads, seq {SEQ}, '
                         f'batch {BATCH}, AdamW fp32', 'rounds': args.rounds, 'steps': args.steps,
-               'mindformers': ours, 'torch': ref,
+               'mindformers': ours, 'mindformers_cached': summary['mindformers_cached'], 'torch': ref,
+               'first_step_s_cold_cache': ours['first_step_s'],
+               'first_step_s_warm_cache': summary['mindformers_cached']['first_step_s'],
                'ratio': ours['tokens_per_s'] / ref['tokens_per_s'],
                'rss_ratio': ours['peak_rss_mb'] / ref['peak_rss_mb']}
-    print(f"{'variant':<28}{'tokens/s':>10}{'first step s':>14}{'peak RSS MB':>13}")
-    for name, label in (('mindformers', 'mindformers (GRAPH_MODE)'), ('torch', 'HF transformers + torch')):
+    print(f"{'variant':<34}{'tokens/s':>10}{'first step s':>14}{'peak RSS MB':>13}")
+    for name, label in (('mindformers', 'mindformers, cold compile cache'),
+                        ('mindformers_cached', 'mindformers, warm compile cache'), ('torch', 'HF transformers + torch')):
         row = summary[name]
-        print(f"{label:<28}{row['tokens_per_s']:>10.0f}{row['first_step_s']:>14.1f}{row['peak_rss_mb']:>13.0f}")
+        print(f"{label:<34}{row['tokens_per_s']:>10.0f}{row['first_step_s']:>14.1f}{row['peak_rss_mb']:>13.0f}")
     print(f"ratio (ours / torch tokens/s): {figures['ratio']:.2f}   rss_ratio: {figures['rss_ratio']:.2f}")
     if args.json:
         with open(args.json, 'w', encoding='utf-8') as f:

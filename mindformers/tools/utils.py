@@ -15,3 +15,11 @@ def resolve_path(path):
         if os.path.exists(candidate):
             return candidate
     return path
+
+
+def cache_dir(*parts):
+    """`$MINDFORMERS_CACHE/<parts>` (default `~/.cache/mindformers/<parts>`), created if missing."""
+    root = os.environ.get('MINDFORMERS_CACHE') or os.path.join(os.path.expanduser('~'), '.cache', 'mindformers')
+    path = os.path.join(root, *parts)
+    os.makedirs(path, exist_ok=True)
+    return path

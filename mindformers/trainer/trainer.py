@@ -1,5 +1,7 @@
 """Trainer: builds everything a run config names and runs train, finetune, evaluate and predict."""
 import copy
+import hashlib
+import json
 import math
 import os
 
@@ -19,6 +21,7 @@ from mindformers.tools.build import build_model, build_callback, build_wrapper, 
 from mindformers.tools.checkpoint import CheckpointError, load_checkpoint_file, load_into_network, resolve_checkpoint
 from mindformers.tools.logger import logger, setup_file_logging
 from mindformers.tools.model_book import find_config
+from mindformers.tools.utils import cache_dir
 from mindformers.tools.register import MindFormerConfig, MindFormerRegister, MindFormerModuleType
 from mindformers.trainer.resume import find_resume_checkpoint, restore_train_state
 from mindformers.trainer.training_args import TrainingArguments
@@ -120,8 +123,10 @@ class Trainer:
         config = self.config
         if 'ids' not in _CONTEXT_DONE:
             parallel = dict(config.get('parallel') or {})
-            _CONTEXT_DONE['ids'] = init_context(bool(config.get('use_parallel', False)),
-                                                dict(config.get('context') or {}), parallel)
+            context = dict(config.get('context') or {})
+            if context.get('enable_compile_cache') and not context.get('compile_cache_path'):
+                context['compile_cache_path'] = _compile_cache_path(config)
+            _CONTEXT_DONE['ids'] = init_context(bool(config.get('use_parallel', False)), context, parallel)
         self.rank_id, self.device_num = _CONTEXT_DONE['ids']
         ms.set_seed(int(config.seed))
         np.random.seed(int(config.seed))
@@ -407,6 +412,17 @@ class Trainer:
             results += [{'text_generation_text': [tokenizer.decode(out, skip_special_tokens=True)]}
                         for out in outputs]
         return results
+
+
+def _compile_cache_path(config):
+    """A compile-cache directory per (model, wrapper, optimizer, batch, parallel layout, MindSpore version): MindSpore
+    keeps one cached graph per directory and checks only the source files it came from, so runs that differ in
+    shapes or settings must not share one."""
+    keys = ('model', 'runner_config', 'runner_wrapper', 'optimizer', 'lr_schedule', 'parallel_config',
+            'recompute_config', 'use_parallel', 'parallel')
+    described = json.dumps({k: config.get(k) for k in keys} | {'mindspore': ms.__version__}, sort_keys=True,
+                           default=str)
+    return cache_dir('compile_cache', hashlib.sha256(described.encode()).hexdigest()[:16])
 
 
 def _call(callbacks, event, run_context):
