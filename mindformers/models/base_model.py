@@ -83,7 +83,10 @@ class CausalLMModel(BaseModel):
     `labels` and `attention_mask` may have S+1 columns (shifted like the targets) or S (already aligned). Targets
     equal to `config.ignore_token_id`, with attention_mask 0, or equal to `config.pad_token_id` (only when it differs
     from `eos_token_id`: GPT-style models pad with EOS) are left out.
-    Inference (`set_train(False)`): `construct(input_ids [B, S])` returns logits [B, S, vocab_size] fp32."""
+    Inference (`set_train(False)`): `construct(input_ids [B, S], attention_mask=None)` returns logits
+    [B, S, vocab_size] fp32; there `attention_mask` marks padding (0) to hide as keys and to skip when counting
+    positions (left-padded generation batches), as in HuggingFace.
+    `incremental_session(batch_size)`: the KV-cache decoding session (see `modules.kv_cache.IncrementalSession`)."""
 
     def __init__(self, config, **kwargs):
         super().__init__(config, **kwargs)
@@ -94,8 +97,8 @@ class CausalLMModel(BaseModel):
         self.pad_token_id = None if pad is None or pad == eos else int(pad)
         self.loss = CrossEntropyLoss(getattr(config, 'parallel_config', None))
 
-    def logits(self, input_ids):
-        raise NotImplementedError(f"{type(self).__name__} must implement logits(input_ids)")
+    def logits(self, input_ids, attention_mask=None):
+        raise NotImplementedError(f"{type(self).__name__} must implement logits(input_ids, attention_mask=None)")
 
     def next_token_loss(self, input_ids, attention_mask=None, labels=None):
         """(mean loss fp32 scalar, number of target tokens that count fp32 scalar) for `input_ids [B, S+1]`."""
@@ -112,7 +115,7 @@ class CausalLMModel(BaseModel):
     def construct(self, input_ids, attention_mask=None, labels=None):
         if not self.training:
             batch, seq = input_ids.shape
-            return self.logits(input_ids).reshape(batch, seq, self.vocab_size)
+            return self.logits(input_ids, attention_mask).reshape(batch, seq, self.vocab_size)
         loss, _ = self.next_token_loss(input_ids, attention_mask, labels)
         return loss
 

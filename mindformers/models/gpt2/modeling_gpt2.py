@@ -7,6 +7,7 @@ from mindspore import nn, ops
 from mindformers.models.base_model import CausalLMModel
 from mindformers.models.gpt2.gpt2_config import GPT2Config
 from mindformers.modules import CausalMask, CausalSelfAttention, Dropout, Embedding, LayerNorm, MLP
+from mindformers.modules.kv_cache import IncrementalSession, KVCache
 from mindformers.modules.layers import _dp_mp, to_mstype
 from mindformers.tools.register import MindFormerRegister, MindFormerModuleType
 
@@ -52,7 +53,8 @@ def _recompute_layer(recompute, layer_id, num_layers, pipeline_stages):
 
 @MindFormerRegister.register(MindFormerModuleType.MODELS)
 class GPT2Model(nn.Cell):
-    """The GPT-2 backbone: input_ids [B, S] int32 (S <= seq_length) -> final hidden states [B, S, H]."""
+    """The GPT-2 backbone: input_ids [B, S] int32 (S <= seq_length) -> final hidden states [B, S, H].
+    `attention_mask` [B, S] (1 = token, 0 = padding, e.g. left padding for generation) is optional."""
 
     def __init__(self, config):
         super().__init__()
@@ -80,15 +82,22 @@ class GPT2Model(nn.Cell):
         self.add_positions = ops.Add().shard(((dp, 1, 1), (1, 1)))
         self.embed_dropout.shard(((dp, 1, 1),))
 
-    def construct(self, input_ids):
+    def construct(self, input_ids, attention_mask=None):
         batch, seq = input_ids.shape
         if seq > self.seq_length:
             raise ValueError(f"input_ids has {seq} tokens per row, more than seq_length {self.seq_length}")
         mask = self.causal_mask(batch, self.num_heads, seq)
-        positions = self.embed_positions.weight
-        if seq != self.seq_length:
-            positions = positions[:seq]
-        hidden = self.add_positions(self.embed_tokens(input_ids), positions)
+        if attention_mask is None:
+            positions = self.embed_positions.weight
+            if seq != self.seq_length:
+                positions = positions[:seq]
+            hidden = self.add_positions(self.embed_tokens(input_ids), positions)
+        else:  # padded rows: positions count from each row's first real token, padding is hidden as a key
+            valid = ops.cast(attention_mask, ms.int32)
+            positions = ops.maximum(ops.cumsum(valid, 1) - 1, 0)
+            hidden = self.embed_tokens(input_ids) + ops.gather(self.embed_positions.weight, positions, 0)
+            padding = ops.cast(1 - valid, mask.dtype).reshape(batch, 1, 1, seq) * -1e9
+            mask = mask + padding
         if hidden.dtype != self.compute_dtype:
             hidden = ops.cast(hidden, self.compute_dtype)
         hidden = self.embed_dropout(hidden)
@@ -110,9 +119,9 @@ class GPT2LMHeadModel(CausalLMModel):
             ((dp, 1), (1, 1)) if config.parallel_config.vocab_emb_dp else ((dp, 1), (mp, 1)))
         self.load_checkpoint(config)
 
-    def logits(self, input_ids):
-        """[B, S] -> fp32 logits [B * S, vocab_size]."""
-        hidden = self.backbone(input_ids)
+    def logits(self, input_ids, attention_mask=None):
+        """[B, S] (and optionally a padding mask [B, S]) -> fp32 logits [B * S, vocab_size]."""
+        hidden = self.backbone(input_ids, attention_mask)
         hidden = hidden.reshape(-1, hidden.shape[-1])
         weight = self.backbone.embed_tokens.weight
         if weight.dtype != hidden.dtype:
@@ -121,3 +130,53 @@ class GPT2LMHeadModel(CausalLMModel):
         if logits.dtype != ms.float32:
             logits = ops.cast(logits, ms.float32)
         return logits
+
+    def incremental_session(self, batch_size, max_length=None):
+        """An `IncrementalSession` with a KV cache for `batch_size` rows of up to `seq_length` positions."""
+        return IncrementalSession(GPT2IncrementalCore(self, batch_size), batch_size, self.config.num_heads,
+                                  self.config.seq_length)
+
+
+class GPT2IncrementalCore(nn.Cell):
+    """GPT2LMHeadModel's weights plus a KV cache: the prefill / decode forward of `modules.kv_cache`.
+
+    `forward(input_ids [B, T], positions [B, T], mask, indices, prefill)`: T is the bucketed prompt length (prefill,
+    mask [B, 1, T, T]) or 1 (decode, mask [B, 1, 1, max_length], indices from `CacheState.step`). Returns fp32
+    logits [B, vocab] of the last position."""
+
+    def __init__(self, model, batch):
+        super().__init__(auto_prefix=False)
+        config = model.config
+        self.model = model
+        self.num_heads = config.num_heads
+        self.head_dim = config.hidden_size // config.num_heads
+        self.hidden_size = config.hidden_size
+        self.cache = KVCache(config.num_layers, batch, config.num_heads, config.seq_length, self.head_dim)
+        self.scale = ms.Tensor(1.0 / math.sqrt(self.head_dim), ms.float32)
+        self.scores_matmul = ops.BatchMatMul(transpose_b=True)
+        self.context_matmul = ops.BatchMatMul()
+        self.softmax = ops.Softmax(axis=-1)
+
+    def _heads(self, x, batch, length):
+        return ops.transpose(x.reshape(batch, length, self.num_heads, self.head_dim), (0, 2, 1, 3))
+
+    def forward(self, input_ids, positions, mask, indices, prefill):
+        backbone = self.model.backbone
+        batch, length = input_ids.shape
+        hidden = backbone.embed_tokens(input_ids) + ops.gather(backbone.embed_positions.weight, positions, 0)
+        for index, layer in enumerate(backbone.layers):
+            attention = layer.attention
+            qkv = attention.qkv_proj(layer.input_layernorm(hidden))
+            query, key, value = ops.split(qkv, self.hidden_size, axis=-1)
+            query = self._heads(query, batch, length) * self.scale
+            key, value = self._heads(key, batch, length), self._heads(value, batch, length)
+            if prefill:
+                keys, values = self.cache.write_prefill(index, key, value)
+            else:
+                keys, values = self.cache.write_step(index, key, value, indices)
+            probs = self.softmax(self.scores_matmul(query, keys) + mask)
+            context = ops.transpose(self.context_matmul(probs, values), (0, 2, 1, 3)).reshape(batch, length, -1)
+            hidden = hidden + attention.o_proj(context)
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        last = backbone.final_layernorm(hidden[:, -1:, :]).reshape(batch, self.hidden_size)
+        return ops.matmul(last, backbone.embed_tokens.weight.T)
