@@ -132,9 +132,13 @@ class GPT2LMHeadModel(CausalLMModel):
         return logits
 
     def incremental_session(self, batch_size, max_length=None):
-        """An `IncrementalSession` with a KV cache for `batch_size` rows of up to `seq_length` positions."""
-        return IncrementalSession(GPT2IncrementalCore(self, batch_size), batch_size, self.config.num_heads,
-                                  self.config.seq_length)
+        """The `IncrementalSession` (KV cache of `seq_length` positions) for `batch_size` rows; sessions are kept
+        per batch size so their compiled graphs are reused by later calls."""
+        sessions = self.__dict__.setdefault('_incremental_sessions', {})
+        if batch_size not in sessions:
+            sessions[batch_size] = IncrementalSession(GPT2IncrementalCore(self, batch_size), batch_size,
+                                                      self.config.num_heads, self.config.seq_length)
+        return sessions[batch_size]
 
 
 class GPT2IncrementalCore(nn.Cell):
@@ -156,6 +160,7 @@ class GPT2IncrementalCore(nn.Cell):
         self.scores_matmul = ops.BatchMatMul(transpose_b=True)
         self.context_matmul = ops.BatchMatMul()
         self.softmax = ops.Softmax(axis=-1)
+        self.head_matmul = ops.MatMul(transpose_b=True)
 
     def _heads(self, x, batch, length):
         return ops.transpose(x.reshape(batch, length, self.num_heads, self.head_dim), (0, 2, 1, 3))
@@ -179,4 +184,4 @@ class GPT2IncrementalCore(nn.Cell):
             hidden = hidden + attention.o_proj(context)
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         last = backbone.final_layernorm(hidden[:, -1:, :]).reshape(batch, self.hidden_size)
-        return ops.matmul(last, backbone.embed_tokens.weight.T)
+        return self.head_matmul(last, backbone.embed_tokens.weight)
