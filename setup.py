@@ -20,7 +20,7 @@ setup(
     python_requires='>=3.9',
     packages=find_packages(include=['mindformers', 'mindformers.*']) + ['mindformers.configs'],
     package_dir={'mindformers.configs': 'configs'},
-    package_data={'mindformers': ['assets/**/*', 'assets/*/*'], 'mindformers.configs': ['*/*.yaml', '*.yaml']},
+    package_data={'mindformers': ['assets/**/*', 'assets/*/*', 'modules/cpu_kernels/*.cc'], 'mindformers.configs': ['*/*.yaml', '*.yaml']},
     include_package_data=True,
     install_requires=requirements(),
     extras_require={'test': ['pytest', 'torch==2.13.0', 'transformers', 'matplotlib']},

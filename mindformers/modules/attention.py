@@ -4,7 +4,15 @@ import math
 import numpy as np
 from mindspore import nn, ops, Tensor
 
+from mindformers.modules.cpu_kernels import FusedCausalSoftmax, use_fused
 from mindformers.modules.layers import Linear, Dropout, to_mstype, _dp_mp, _check_divisible
+
+
+def fused_causal_attention(softmax_compute_type, parallel_config=None):
+    """Whether attention with these settings runs its causal softmax in the fused CPU kernel (then callers pass
+    `mask=None` for the plain causal mask)."""
+    dp, mp = _dp_mp(parallel_config)
+    return dp == mp == 1 and use_fused(to_mstype(softmax_compute_type))
 
 
 class CausalMask(nn.Cell):
@@ -30,7 +38,8 @@ class CausalSelfAttention(nn.Cell):
     """softmax(q k^T / sqrt(head_dim) + mask) v over `num_heads` heads, then an output projection.
 
     `construct(x, mask)`: x [B, S, hidden_size]; mask additive, [B, num_heads, S, S] in `softmax_compute_type`
-    (see `CausalMask`) -> [B, S, hidden_size] in `compute_dtype`.
+    (see `CausalMask`) -> [B, S, hidden_size] in `compute_dtype`. `mask=None` means the plain causal mask applied
+    by the fused CPU kernel; allowed only when `fused_causal_attention(...)` is true for this layer's settings.
     `qkv_proj.weight` is [3 * num_heads * head_dim, hidden_size], rows ordered q | k | v with the heads contiguous
     inside each; `o_proj.weight` is [hidden_size, num_heads * head_dim]. Scores and softmax run in
     `softmax_compute_type`. `attention_dropout` acts on the probabilities, `out_dropout` on the projected output.
@@ -54,6 +63,8 @@ class CausalSelfAttention(nn.Cell):
         self.scale = Tensor(1.0 / math.sqrt(head_dim), self.compute_dtype)
         self.attention_dropout = Dropout(attention_dropout)
         self.out_dropout = Dropout(out_dropout)
+        self.causal_softmax = FusedCausalSoftmax() if fused_causal_attention(softmax_compute_type,
+                                                                             parallel_config) else None
 
         self.split_qkv = ops.Split(axis=-1, output_num=3).shard(((dp, mp),))
         self.to_heads = ops.Transpose().shard(((dp, 1, mp, 1),))
@@ -78,7 +89,10 @@ class CausalSelfAttention(nn.Cell):
         scores = self.scores_matmul(query, self._heads(key, batch, seq))  # [B, heads, S, S]
         if scores.dtype != self.softmax_dtype:
             scores = ops.cast(scores, self.softmax_dtype)
-        probs = self.softmax(self.add_mask(scores, mask))
+        if mask is None:  # the pure causal mask, applied inside the fused kernel
+            probs = self.causal_softmax(scores)
+        else:
+            probs = self.softmax(self.add_mask(scores, mask))
         if probs.dtype != self.compute_dtype:
             probs = ops.cast(probs, self.compute_dtype)
         context = self.context_matmul(self.attention_dropout(probs), self._heads(value, batch, seq))

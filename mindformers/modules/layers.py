@@ -11,6 +11,7 @@ from mindspore import nn, ops, Parameter
 from mindspore.common.initializer import initializer, Normal
 
 from mindformers.core.parallel_config import default_parallel_config
+from mindformers.modules.cpu_kernels import FusedGELU, FusedLayerNorm, use_fused
 
 _DTYPES = {'float32': ms.float32, 'float16': ms.float16, 'bfloat16': ms.bfloat16}
 
@@ -125,13 +126,17 @@ class LayerNorm(nn.Cell):
         self.compute_type = to_mstype(compute_type, 'layernorm_compute_type')
         self.weight = Parameter(initializer('ones', [hidden_size], param_dtype), name='weight')
         self.bias = Parameter(initializer('zeros', [hidden_size], param_dtype), name='bias')
-        self.norm = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=eps)
-        dp, _ = _dp_mp(parallel_config)
-        self.shard(((dp, 1, 1), (1,), (1,)))
+        dp, mp = _dp_mp(parallel_config)
+        if dp == mp == 1 and use_fused(self.compute_type):  # a sharded layout means Ascend/GPU: keep strategies
+            self.norm = FusedLayerNorm(eps)
+        else:
+            self.norm = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=eps)
+            self.shard(((dp, 1, 1), (1,), (1,)))
 
     def shard(self, strategy):
-        """Strategy for ((x), (weight), (bias))."""
-        self.norm.shard(strategy)
+        """Strategy for ((x), (weight), (bias)) (the fused CPU kernel has none: it never runs sharded)."""
+        if isinstance(self.norm, ops.Primitive):
+            self.norm.shard(strategy)
         return self
 
     def construct(self, x):
@@ -199,6 +204,7 @@ class TanhGELU(nn.Cell):
 
     def __init__(self):
         super().__init__()
+        self.fused = FusedGELU() if use_fused(ms.float32) else None
         self.a, self.b = 2 * math.sqrt(2 / math.pi), 2 * math.sqrt(2 / math.pi) * 0.044715
         self.square, self.mul_inner, self.mul_outer = ops.Mul(), ops.Mul(), ops.Mul()
         self.scale, self.shift = ops.Mul(), ops.Add()
@@ -215,6 +221,8 @@ class TanhGELU(nn.Cell):
         return self
 
     def construct(self, x):
+        if self.fused is not None and x.dtype == ms.float32:
+            return self.fused(x)
         slope = self.shift(self.scale(self.square(x, x), self.b), self.a)
         return self.mul_outer(x, self.sigmoid(self.mul_inner(x, slope)))
 

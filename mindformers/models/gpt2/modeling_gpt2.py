@@ -7,6 +7,7 @@ from mindspore import nn, ops
 from mindformers.models.base_model import CausalLMModel
 from mindformers.models.gpt2.gpt2_config import GPT2Config
 from mindformers.modules import CausalMask, CausalSelfAttention, Dropout, Embedding, LayerNorm, MLP
+from mindformers.modules.attention import fused_causal_attention
 from mindformers.modules.kv_cache import IncrementalSession, KVCache
 from mindformers.modules.layers import _dp_mp, to_mstype
 from mindformers.tools.register import MindFormerRegister, MindFormerModuleType
@@ -68,6 +69,7 @@ class GPT2Model(nn.Cell):
                                          config.param_init_type, parallel)
         self.embed_dropout = Dropout(config.embedding_dropout_prob)
         self.causal_mask = CausalMask(config.seq_length, config.softmax_compute_type)
+        self.fused_causal = fused_causal_attention(config.softmax_compute_type, parallel)
         self.num_heads = config.num_heads
         self.layers = nn.CellList([GPT2Block(config) for _ in range(config.num_layers)])
         self.final_layernorm = LayerNorm(config.hidden_size, config.layernorm_epsilon, config.param_init_type,
@@ -86,13 +88,15 @@ class GPT2Model(nn.Cell):
         batch, seq = input_ids.shape
         if seq > self.seq_length:
             raise ValueError(f"input_ids has {seq} tokens per row, more than seq_length {self.seq_length}")
-        mask = self.causal_mask(batch, self.num_heads, seq)
         if attention_mask is None:
+            # None = the plain causal mask, applied inside the fused CPU attention kernel
+            mask = None if self.fused_causal else self.causal_mask(batch, self.num_heads, seq)
             positions = self.embed_positions.weight
             if seq != self.seq_length:
                 positions = positions[:seq]
             hidden = self.add_positions(self.embed_tokens(input_ids), positions)
         else:  # padded rows: positions count from each row's first real token, padding is hidden as a key
+            mask = self.causal_mask(batch, self.num_heads, seq)
             valid = ops.cast(attention_mask, ms.int32)
             positions = ops.maximum(ops.cumsum(valid, 1) - 1, 0)
             hidden = self.embed_tokens(input_ids) + ops.gather(self.embed_positions.weight, positions, 0)

@@ -1,0 +1,138 @@
+"""Fused fp32 CPU kernels (tanh-GELU, LayerNorm) as MindSpore AOT custom ops, compiled from `fused.cc` on first use.
+
+MindSpore runs every small op as its own pass over memory; on CPU the train step's elementwise work (LayerNorm's
+backward above all) costs as much as its matrix products. These kernels do each of those in one pass.
+
+They are used only when the device is CPU, the data is fp32, `MINDFORMERS_CPU_KERNELS` is not `0`, and `g++` builds
+the library (once per machine and source version, cached under `$MINDFORMERS_CACHE/kernels`). Otherwise the callers
+fall back to plain MindSpore ops, after one warning saying why."""
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+
+import numpy as np
+import mindspore as ms
+from mindspore import nn, ops, Tensor
+
+from mindformers.tools.logger import logger
+from mindformers.tools.utils import cache_dir
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fused.cc')
+FLAGS = ['-O3', '-march=native', '-ffast-math', '-fopenmp', '-shared', '-fPIC', '-std=c++17']
+_STATE = {}
+
+
+def _cpu_signature():
+    try:
+        with open('/proc/cpuinfo', encoding='utf-8') as f:
+            lines = [line for line in f if line.startswith(('model name', 'flags'))][:2]
+    except OSError:
+        lines = []
+    return platform.machine() + ''.join(lines)
+
+
+def _build():
+    """Path of the compiled library, building it if needed; None (with a warning) when it cannot be built."""
+    if os.environ.get('MINDFORMERS_CPU_KERNELS', '1') == '0':
+        return None
+    compiler = shutil.which(os.environ.get('CXX', 'g++'))
+    if compiler is None:
+        logger.warning("fused CPU kernels disabled: no C++ compiler (g++) found; using plain MindSpore ops")
+        return None
+    with open(SOURCE, 'rb') as f:
+        source = f.read()
+    key = hashlib.sha256(source + ' '.join(FLAGS).encode() + _cpu_signature().encode()).hexdigest()[:16]
+    target = os.path.join(cache_dir('kernels'), f'fused_{key}.so')
+    if os.path.isfile(target):
+        return target
+    handle, tmp = tempfile.mkstemp(suffix='.so', dir=os.path.dirname(target))
+    os.close(handle)
+    try:
+        subprocess.run([compiler, *FLAGS, SOURCE, '-o', tmp], check=True, capture_output=True, text=True,
+                       timeout=300)
+        os.replace(tmp, target)  # atomic: concurrent builders each rename a complete file
+    except (OSError, subprocess.SubprocessError) as err:
+        detail = getattr(err, 'stderr', '') or str(err)
+        logger.warning("fused CPU kernels disabled: building %s failed (%s); using plain MindSpore ops", SOURCE,
+                       detail.strip().splitlines()[-1] if detail.strip() else type(err).__name__)
+        return None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return target
+
+
+def kernel_library():
+    """The compiled kernel library path for this process, or None when the fused kernels are not to be used."""
+    if 'library' not in _STATE:
+        _STATE['library'] = _build() if ms.get_context('device_target') == 'CPU' else None
+    return _STATE['library']
+
+
+def use_fused(dtype):
+    """Whether layers computing in `dtype` should use the fused kernels."""
+    return dtype == ms.float32 and kernel_library() is not None
+
+
+def _custom(name, out_shape, out_dtype):
+    return ops.Custom(f"{kernel_library()}:{name}", out_shape=out_shape, out_dtype=out_dtype, func_type='aot')
+
+
+def _rows(shape):
+    return [int(np.prod(shape[:-1]))]
+
+
+class FusedGELU(nn.Cell):
+    """tanh-GELU (= HF `gelu_new`), one pass forward and one backward; fp32, CPU (see `use_fused`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.forward = _custom('GeluForward', lambda x: x, lambda x: x)
+        self.backward = _custom('GeluBackward', lambda x, dy: x, lambda x, dy: x)
+
+    def construct(self, x):
+        return self.forward(x)
+
+    def bprop(self, x, out, dout):
+        return (self.backward(x, dout),)
+
+
+class FusedLayerNorm(nn.Cell):
+    """`construct(x [..., h], weight [h], bias [h]) -> (y, mean [rows], rstd [rows])` over the last axis, one pass
+    each way; fp32, CPU (see `use_fused`)."""
+
+    def __init__(self, eps):
+        super().__init__()
+        self.eps = Tensor(np.array([eps], np.float32))
+        self.forward = _custom('LayerNormForward', lambda x, w, b, e: (x, _rows(x), _rows(x)),
+                               lambda x, w, b, e: (x, x, x))
+        self.backward = _custom('LayerNormBackward', lambda x, dy, w, m, r: (x, w, w),
+                                lambda x, dy, w, m, r: (x, x, x))
+
+    def construct(self, x, weight, bias):
+        return self.forward(x, weight, bias, self.eps)
+
+    def bprop(self, x, weight, bias, out, dout):
+        _, mean, rstd = out
+        dx, dweight, dbias = self.backward(x, dout[0], weight, mean, rstd)
+        return dx, dweight, dbias
+
+
+class FusedCausalSoftmax(nn.Cell):
+    """softmax over the last axis of scores `[..., S, S]` with the causal mask applied inside (row q sees columns
+    0..q; the others get probability 0), one pass each way; fp32, CPU (see `use_fused`). Only for the pure causal
+    mask: padding or prefix masks need the general path."""
+
+    def __init__(self):
+        super().__init__()
+        self.forward = _custom('CausalSoftmaxForward', lambda x: x, lambda x: x)
+        self.backward = _custom('CausalSoftmaxBackward', lambda p, dp: p, lambda p, dp: p)
+
+    def construct(self, scores):
+        return self.forward(scores)
+
+    def bprop(self, scores, out, dout):
+        return (self.backward(out, dout),)

@@ -1,0 +1,132 @@
+"""Fused CPU kernels: same values and gradients as the plain-op layers, deterministic, and a clean fallback."""
+import os
+
+import numpy as np
+import pytest
+import mindspore as ms
+from mindspore import nn, ops, Parameter, Tensor
+
+import mindformers.modules.cpu_kernels as cpu_kernels
+from mindformers.modules.cpu_kernels import FusedCausalSoftmax, FusedGELU, FusedLayerNorm, kernel_library
+from mindformers.modules.layers import LayerNorm, TanhGELU
+
+
+@pytest.fixture(autouse=True, scope='module')
+def kernels_enabled():
+    """These tests exercise the kernels even when the rest of the suite runs with MINDFORMERS_CPU_KERNELS=0."""
+    saved_env, saved_state = os.environ.get('MINDFORMERS_CPU_KERNELS'), dict(cpu_kernels._STATE)
+    os.environ['MINDFORMERS_CPU_KERNELS'] = '1'
+    cpu_kernels._STATE.clear()
+    yield
+    cpu_kernels._STATE.clear()
+    cpu_kernels._STATE.update(saved_state)
+    if saved_env is None:
+        os.environ.pop('MINDFORMERS_CPU_KERNELS')
+    else:
+        os.environ['MINDFORMERS_CPU_KERNELS'] = saved_env
+
+
+class _Probe(nn.Cell):
+    """sum(f(x) * weights): a loss whose gradient reaches every element with a different weight."""
+
+    def __init__(self, fn, shape, weight=None, bias=None):
+        super().__init__()
+        self.fn = fn
+        self.probe = Tensor(np.random.default_rng(7).standard_normal(shape).astype(np.float32))
+        self.weight = Parameter(Tensor(weight), name='weight') if weight is not None else None
+        self.bias = Parameter(Tensor(bias), name='bias') if bias is not None else None
+
+    def construct(self, x):
+        y = self.fn(x) if self.weight is None else self.fn(x, self.weight, self.bias)[0]
+        return (y * self.probe).sum()
+
+
+def value_and_grads(cell, x):
+    params = cell.trainable_params()
+    value, grads = ms.value_and_grad(cell, 0, params if params else None)(x)
+    if params:
+        return value.asnumpy(), [grads[0].asnumpy()] + [g.asnumpy() for g in grads[1]]
+    return value.asnumpy(), [grads.asnumpy()]
+
+
+def test_library_builds_here():
+    assert kernel_library() is not None and kernel_library().endswith('.so')
+
+
+@pytest.mark.parametrize('shape', [(2, 37, 129), (5, 2048), (1, 1, 3)])
+def test_gelu_matches_plain_ops(shape):
+    x = Tensor(np.random.default_rng(0).standard_normal(shape).astype(np.float32) * 3)
+    fused = value_and_grads(_Probe(FusedGELU(), shape), x)
+    plain_gelu = TanhGELU()
+    plain_gelu.fused = None
+    plain = value_and_grads(_Probe(plain_gelu, shape), x)
+    np.testing.assert_allclose(fused[0], plain[0], rtol=1e-5)
+    np.testing.assert_allclose(fused[1][0], plain[1][0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('shape', [(3, 37, 129), (130, 64), (1, 7)])
+def test_layer_norm_matches_plain_ops(shape):
+    rng = np.random.default_rng(1)
+    x = Tensor((rng.standard_normal(shape) * 2 + 0.5).astype(np.float32))
+    weight = rng.standard_normal(shape[-1]).astype(np.float32)
+    bias = rng.standard_normal(shape[-1]).astype(np.float32)
+    plain_norm = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=1e-5)
+    fused = value_and_grads(_Probe(FusedLayerNorm(1e-5), shape, weight, bias), x)
+    plain = value_and_grads(_Probe(plain_norm, shape, weight, bias), x)
+    np.testing.assert_allclose(fused[0], plain[0], rtol=1e-5, atol=1e-4)
+    for ours, reference, name in zip(fused[1], plain[1], ('dx', 'dweight', 'dbias')):
+        scale = np.abs(reference).max()
+        assert np.abs(ours - reference).max() <= 1e-5 * scale + 1e-6, name
+
+
+class _MaskedSoftmax(nn.Cell):
+    def __init__(self, mask):
+        super().__init__()
+        self.mask = mask
+
+    def construct(self, scores):
+        return ops.softmax(scores + self.mask, axis=-1)
+
+
+@pytest.mark.parametrize('shape', [(2, 3, 17, 17), (1, 1, 128, 128), (1, 2, 1, 1)])
+def test_causal_softmax_matches_masked_softmax(shape):
+    scores = Tensor((np.random.default_rng(3).standard_normal(shape) * 4).astype(np.float32))
+    seq = shape[-1]
+    mask = Tensor(np.triu(np.full((seq, seq), -1e9, np.float32), 1))
+    fused = value_and_grads(_Probe(FusedCausalSoftmax(), shape), scores)
+    plain = value_and_grads(_Probe(_MaskedSoftmax(mask), shape), scores)
+    np.testing.assert_allclose(fused[0], plain[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(fused[1][0], plain[1][0], rtol=1e-4, atol=1e-6)
+    probs = FusedCausalSoftmax()(scores).asnumpy()
+    assert np.all(probs[..., np.triu_indices(seq, 1)[0], np.triu_indices(seq, 1)[1]] == 0)
+
+
+def test_fused_backward_is_bit_reproducible():
+    shape = (300, 96)
+    x = Tensor(np.random.default_rng(2).standard_normal(shape).astype(np.float32))
+    ones, zeros = np.ones(96, np.float32), np.zeros(96, np.float32)
+    runs = [value_and_grads(_Probe(FusedLayerNorm(1e-5), shape, ones, zeros), x) for _ in range(3)]
+    for run in runs[1:]:
+        for a, b in zip(run[1], runs[0][1]):
+            assert np.array_equal(a, b)
+
+
+def test_layers_pick_the_fused_path_only_when_allowed():
+    assert isinstance(LayerNorm(64).norm, FusedLayerNorm)
+    from mindformers.core.parallel_config import ParallelConfig
+    sharded = LayerNorm(64, parallel_config=ParallelConfig(data_parallel=2))
+    assert isinstance(sharded.norm, ops.Primitive)  # strategies are kept for Ascend/GPU layouts
+    assert isinstance(LayerNorm(64, compute_type='float16').norm, ops.Primitive)
+
+
+def test_build_failure_and_opt_out_fall_back(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv('MINDFORMERS_CACHE', str(tmp_path))
+    monkeypatch.setenv('CXX', 'no-such-compiler-here')
+    assert cpu_kernels._build() is None
+    assert 'no C++ compiler' in capsys.readouterr().err
+    monkeypatch.setenv('CXX', 'false')  # a "compiler" that fails
+    assert cpu_kernels._build() is None
+    assert 'building' in capsys.readouterr().err and not list(tmp_path.rglob('*.so'))
+    monkeypatch.delenv('CXX')
+    monkeypatch.setenv('MINDFORMERS_CPU_KERNELS', '0')
+    assert cpu_kernels._build() is None
