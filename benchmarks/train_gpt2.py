@@ -9,15 +9,14 @@ reported, so machine noise hits both sides alike. mindformers runs twice per rou
     python benchmarks/train_gpt2.py [--rounds 3] [--steps 12] [--json result.json]
 """
 import argparse
-import json
 import os
-import resource
 import shutil
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _harness import medians, peak_rss_mb, report, run_worker, write_json  # noqa: E402
 
 VOCAB, HIDDEN, LAYERS, HEADS, SEQ, BATCH = 8192, 512, 8, 8, 256, 8
 LR, BETAS, EPS, WEIGHT_DECAY = 1e-4, (0.9, 0.95), 1e-8, 0.1
@@ -27,10 +26,6 @@ def _batches(steps, seed=0):
     import numpy as np
     rng = np.random.default_rng(seed)
     return [rng.integers(0, VOCAB, size=(BATCH, SEQ + 1), dtype=np.int64) for _ in range(steps)]
-
-
-def _peak_rss_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_mindformers(steps, warmup, compile_cache=None):
@@ -87,9 +82,8 @@ def worker(name, steps, warmup, compile_cache=None):
     start = time.perf_counter()
     times = WORKERS[name](steps, warmup, compile_cache) if compile_cache else WORKERS[name](steps, warmup)
     measured = times[warmup:]
-    print(json.dumps({'variant': name, 'tokens_per_s': BATCH * SEQ * len(measured) / sum(measured),
-                      'first_step_s': times[0], 'setup_and_first_step_s': time.perf_counter() - start
-                      - sum(times[1:]), 'peak_rss_mb': _peak_rss_mb()}))
+    report({'tokens_per_s': BATCH * SEQ * len(measured) / sum(measured), 'first_step_s': times[0],
+            'setup_and_first_step_s': time.perf_counter() - start - sum(times[1:]), 'peak_rss_mb': peak_rss_mb()})
 
 
 def main():
@@ -116,17 +110,11 @@ def main():
                 if not os.path.isdir(warm_cache):
                     shutil.copytree(os.path.join(cache_root, 'cold0'), warm_cache)
                 extra = ['--compile_cache', warm_cache]
-            proc = subprocess.run([sys.executable, os.path.abspath(__file__), '--worker', name, '--steps',
-                                   str(args.steps), '--warmup', str(args.warmup), *extra], capture_output=True,
-                                  text=True)
-            lines = [line for line in proc.stdout.splitlines() if line.startswith('{')]
-            if proc.returncode or not lines:
-                sys.exit(f"{name} worker failed:\n{proc.stderr[-3000:]}")
-            results[name].append(json.loads(lines[-1]))
+            results[name].append(run_worker(os.path.abspath(__file__), name, '--steps', args.steps, '--warmup',
+                                            args.warmup, *extra))
             print(f"round {round_index + 1}/{args.rounds} {name}: {results[name][-1]['tokens_per_s']:.0f} tokens/s",
                   file=sys.stderr)
-    summary = {name: {key: statistics.median(r[key] for r in runs) for key in runs[0] if key != 'variant'}
-               for name, runs in results.items()}
+    summary = medians(results)
     shutil.rmtree(cache_root, ignore_errors=True)
     ours, ref = summary['mindformers'], summary['torch']
     figures = {'model': f'GPT-2 vocab {VOCAB}, hidden {HIDDEN}, {LAYERS} layers, {HEADS} heads, seq {SEQ}, '
@@ -142,9 +130,7 @@ def main():
         row = summary[name]
         print(f"{label:<34}{row['tokens_per_s']:>10.0f}{row['first_step_s']:>14.1f}{row['peak_rss_mb']:>13.0f}")
     print(f"ratio (ours / torch tokens/s): {figures['ratio']:.2f}   rss_ratio: {figures['rss_ratio']:.2f}")
-    if args.json:
-        with open(args.json, 'w', encoding='utf-8') as f:
-            json.dump(figures, f, indent=2)
+    write_json(args.json, figures)
 
 
 if __name__ == '__main__':

@@ -53,7 +53,7 @@ def test_library_builds_here():
     assert kernel_library() is not None and kernel_library().endswith('.so')
 
 
-@pytest.mark.parametrize('shape', [(2, 37, 129), (5, 2048), (1, 1, 3)])
+@pytest.mark.parametrize('shape', [(2, 37, 129), (5, 2048), (1, 1, 3), (4, 40000)])
 def test_gelu_matches_plain_ops(shape):
     x = Tensor(np.random.default_rng(0).standard_normal(shape).astype(np.float32) * 3)
     fused = value_and_grads(_Probe(FusedGELU(), shape), x)
@@ -64,7 +64,7 @@ def test_gelu_matches_plain_ops(shape):
     np.testing.assert_allclose(fused[1][0], plain[1][0], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize('shape', [(3, 37, 129), (130, 64), (1, 7)])
+@pytest.mark.parametrize('shape', [(3, 37, 129), (130, 64), (1, 7), (1000, 128)])
 def test_layer_norm_matches_plain_ops(shape):
     rng = np.random.default_rng(1)
     x = Tensor((rng.standard_normal(shape) * 2 + 0.5).astype(np.float32))
@@ -88,7 +88,7 @@ class _MaskedSoftmax(nn.Cell):
         return ops.softmax(scores + self.mask, axis=-1)
 
 
-@pytest.mark.parametrize('shape', [(2, 3, 17, 17), (1, 1, 128, 128), (1, 2, 1, 1)])
+@pytest.mark.parametrize('shape', [(2, 3, 17, 17), (2, 4, 128, 128), (1, 2, 1, 1)])
 def test_causal_softmax_matches_masked_softmax(shape):
     scores = Tensor((np.random.default_rng(3).standard_normal(shape) * 4).astype(np.float32))
     seq = shape[-1]
@@ -102,7 +102,7 @@ def test_causal_softmax_matches_masked_softmax(shape):
 
 
 def test_fused_backward_is_bit_reproducible():
-    shape = (300, 96)
+    shape = (3000, 96)  # large enough to run on several threads
     x = Tensor(np.random.default_rng(2).standard_normal(shape).astype(np.float32))
     ones, zeros = np.ones(96, np.float32), np.zeros(96, np.float32)
     runs = [value_and_grads(_Probe(FusedLayerNorm(1e-5), shape, ones, zeros), x) for _ in range(3)]
@@ -130,3 +130,43 @@ def test_build_failure_and_opt_out_fall_back(monkeypatch, tmp_path, capsys):
     monkeypatch.delenv('CXX')
     monkeypatch.setenv('MINDFORMERS_CPU_KERNELS', '0')
     assert cpu_kernels._build() is None
+
+
+@pytest.mark.parametrize('batch, heads, kv_heads', [(3, 4, 4), (2, 4, 2), (1, 64, 64)])
+def test_decode_attention_writes_the_cache_and_matches_plain_ops(batch, heads, kv_heads):
+    from mindformers.modules.kv_cache import KVCache
+    length, dim, position = 24, 16, 9
+    rng = np.random.default_rng(4)
+    query = rng.standard_normal((batch, heads, 1, dim)).astype(np.float32)
+    key, value = (rng.standard_normal((batch, kv_heads, 1, dim)).astype(np.float32) for _ in range(2))
+    history = rng.standard_normal((2, batch, kv_heads, length, dim)).astype(np.float32)
+    history[:, :, :, position:] = 0  # nothing written at or after the position yet
+    valid = np.zeros((batch, length), bool)
+    valid[:, :position + 1] = True
+    valid[0, :3] = False  # left padding in row 0
+    mask = np.where(valid, 0.0, -1e9).astype(np.float32)[:, None, None, :]
+    indices = np.zeros((batch, kv_heads, 1, 3), np.int32)
+    indices[..., 0] = np.arange(batch)[:, None, None]
+    indices[..., 1] = np.arange(kv_heads)[None, :, None]
+    indices[..., 2] = position
+    results = []
+    for fused in (True, False):
+        cache = KVCache(1, batch, kv_heads, length, dim)
+        assert cache.fused_attention is not None
+        if not fused:
+            cache.fused_attention = None
+        cache.keys[0].data.set_data(Tensor(history[0]))
+        cache.values[0].data.set_data(Tensor(history[1]))
+        out = cache.attend_step(0, *map(Tensor, (query, key, value, mask, indices))).asnumpy()
+        results.append((out, cache.keys[0].data.asnumpy(), cache.values[0].data.asnumpy()))
+    (out, keys, values), (plain_out, plain_keys, plain_values) = results
+    np.testing.assert_allclose(out, plain_out, rtol=1e-5, atol=1e-5)
+    assert np.array_equal(keys, plain_keys) and np.array_equal(values, plain_values)
+    np.testing.assert_array_equal(keys[:, :, position], key[:, :, 0])
+    group = heads // kv_heads
+    keys_q = np.repeat(keys, group, axis=1)[..., :position + 1, :]
+    values_q = np.repeat(values, group, axis=1)[..., :position + 1, :]
+    scores = query @ keys_q.transpose(0, 1, 3, 2) + mask[..., :position + 1]
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    np.testing.assert_allclose(out, probs @ values_q, rtol=1e-5, atol=1e-5)

@@ -4,10 +4,14 @@ Layout per layer: key and value caches `[batch, kv_heads, max_length, head_dim]`
 a prefill writes positions `[0, P)` at once; each decode step writes one position (the same for every row, since
 prompts are left-padded to a common length) with `ScatterNdUpdate`. Attention in a decode step reads the whole cache
 under an additive mask that hides positions not written yet and each row's left padding. All shapes are static:
-one compiled graph per prefill bucket and one for the decode step."""
+one compiled graph per prefill bucket and one for the decode step. On CPU in fp32 a decode step's cache write and
+attention run in one fused kernel (`FusedDecodeAttention`) that writes the cache in place and reads only the
+positions written so far."""
 import numpy as np
 import mindspore as ms
 from mindspore import nn, ops, Parameter, Tensor
+
+from mindformers.modules.cpu_kernels import FusedDecodeAttention, use_fused
 
 NEG_INF = -1e9
 PREFILL_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
@@ -23,6 +27,10 @@ class KVCache(nn.Cell):
         self.keys = nn.CellList([_Buffer(shape, dtype, f'key_cache_{i}') for i in range(num_layers)])
         self.values = nn.CellList([_Buffer(shape, dtype, f'value_cache_{i}') for i in range(num_layers)])
         self.scatter = ops.ScatterNdUpdate()
+        self.fused_attention = FusedDecodeAttention() if use_fused(dtype) else None
+        self.scores_matmul = ops.BatchMatMul(transpose_b=True)
+        self.context_matmul = ops.BatchMatMul()
+        self.softmax = ops.Softmax(axis=-1)
 
     def write_prefill(self, layer, key, value):
         """Store `[B, kv_heads, P, D]` keys and values at positions [0, P); returns the inputs (for use in attention)."""
@@ -43,6 +51,21 @@ class KVCache(nn.Cell):
         keys = ops.depend(keys, self.scatter(keys, indices, key))
         values = ops.depend(values, self.scatter(values, indices, value))
         return keys, values
+
+
+    def attend_step(self, layer, query, key, value, mask, indices):
+        """A decode step's attention: store `key`/`value` `[B, kv_heads, 1, D]` at the position in `indices` (see
+        `write_step`) and return softmax(query keys^T + mask) values, `[B, heads, 1, D]`, for `query`
+        `[B, heads, 1, D]` already scaled by 1/sqrt(D); heads must be a multiple of kv_heads (grouped queries)."""
+        if self.fused_attention is not None:
+            return self.fused_attention(query, key, value, self.keys[layer].data, self.values[layer].data, mask,
+                                        indices)
+        keys, values = self.write_step(layer, key, value, indices)
+        group = query.shape[1] // keys.shape[1]
+        if group > 1:
+            keys, values = ops.repeat_interleave(keys, group, 1), ops.repeat_interleave(values, group, 1)
+        probs = self.softmax(self.scores_matmul(query, keys) + mask)
+        return self.context_matmul(probs, values)
 
 
 class _Buffer(nn.Cell):

@@ -172,7 +172,8 @@ class GPT2IncrementalCore(nn.Cell):
     def forward(self, input_ids, positions, mask, indices, prefill):
         backbone = self.model.backbone
         batch, length = input_ids.shape
-        hidden = backbone.embed_tokens(input_ids) + ops.gather(backbone.embed_positions.weight, positions, 0)
+        table = backbone.embed_tokens.weight.reshape(self.model.vocab_size, self.hidden_size)
+        hidden = ops.gather(table, input_ids, 0) + ops.gather(backbone.embed_positions.weight, positions, 0)
         for index, layer in enumerate(backbone.layers):
             attention = layer.attention
             qkv = attention.qkv_proj(layer.input_layernorm(hidden))
@@ -181,11 +182,11 @@ class GPT2IncrementalCore(nn.Cell):
             key, value = self._heads(key, batch, length), self._heads(value, batch, length)
             if prefill:
                 keys, values = self.cache.write_prefill(index, key, value)
+                context = self.context_matmul(self.softmax(self.scores_matmul(query, keys) + mask), values)
             else:
-                keys, values = self.cache.write_step(index, key, value, indices)
-            probs = self.softmax(self.scores_matmul(query, keys) + mask)
-            context = ops.transpose(self.context_matmul(probs, values), (0, 2, 1, 3)).reshape(batch, length, -1)
+                context = self.cache.attend_step(index, query, key, value, mask, indices)
+            context = ops.transpose(context, (0, 2, 1, 3)).reshape(batch, length, -1)
             hidden = hidden + attention.o_proj(context)
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         last = backbone.final_layernorm(hidden[:, -1:, :]).reshape(batch, self.hidden_size)
-        return self.head_matmul(last, backbone.embed_tokens.weight)
+        return self.head_matmul(last, table)

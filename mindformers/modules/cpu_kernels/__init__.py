@@ -1,4 +1,5 @@
-"""Fused fp32 CPU kernels (tanh-GELU, LayerNorm) as MindSpore AOT custom ops, compiled from `fused.cc` on first use.
+"""Fused fp32 CPU kernels (tanh-GELU, LayerNorm, causal softmax, decode attention) as MindSpore AOT custom ops,
+compiled from `fused.cc` on first use.
 
 MindSpore runs every small op as its own pass over memory; on CPU the train step's elementwise work (LayerNorm's
 backward above all) costs as much as its matrix products. These kernels do each of those in one pass.
@@ -21,7 +22,7 @@ from mindformers.tools.logger import logger
 from mindformers.tools.utils import cache_dir
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fused.cc')
-FLAGS = ['-O3', '-march=native', '-ffast-math', '-fopenmp', '-shared', '-fPIC', '-std=c++17']
+FLAGS = ['-O3', '-march=native', '-ffast-math', '-fopenmp-simd', '-pthread', '-shared', '-fPIC', '-std=c++17']
 _STATE = {}
 
 
@@ -136,3 +137,19 @@ class FusedCausalSoftmax(nn.Cell):
 
     def bprop(self, scores, out, dout):
         return (self.backward(out, dout),)
+
+
+class FusedDecodeAttention(nn.Cell):
+    """One decode step of attention over an in-place KV cache; fp32, CPU (see `use_fused`).
+
+    `construct(query [B, Hq, 1, D] scaled, key [B, Hkv, 1, D], value [B, Hkv, 1, D], key_cache [B, Hkv, L, D],
+    value_cache [B, Hkv, L, D], mask [B, 1, 1, L] additive, indices [B, Hkv, 1, 3] int32) -> context [B, Hq, 1, D]`.
+    Writes key/value into the cache Parameters at position `indices[..., 2]` (the same for every row) and attends
+    over positions up to it only. Inference only (no backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.attend = _custom('DecodeAttention', lambda q, k, v, kc, vc, m, i: q, lambda q, k, v, kc, vc, m, i: q)
+
+    def construct(self, query, key, value, key_cache, value_cache, mask, indices):
+        return self.attend(query, key, value, key_cache, value_cache, mask, indices)
