@@ -170,3 +170,28 @@ def test_decode_attention_writes_the_cache_and_matches_plain_ops(batch, heads, k
     probs = np.exp(scores - scores.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
     np.testing.assert_allclose(out, probs @ values_q, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('shape', [(7, 5), (2048, 1536), (3, 4, 300)])
+def test_column_sum_matches_numpy_and_bias_gradient(shape):
+    from mindformers.modules.cpu_kernels import FusedColumnSum
+    from mindformers.modules.layers import Linear
+    dy = np.random.default_rng(5).standard_normal(shape).astype(np.float32)
+    total = FusedColumnSum()(Tensor(dy)).asnumpy()
+    np.testing.assert_allclose(total, dy.reshape(-1, shape[-1]).sum(0, dtype=np.float64), rtol=1e-4, atol=1e-4)
+    linear = Linear(shape[-1], 3)
+    assert isinstance(linear.bias_add.column_sum, FusedColumnSum)
+    plain = Linear(shape[-1], 3)
+    plain.bias_add.column_sum = ops.ReduceSum()
+    x = Tensor(dy)
+    grads = [ms.grad(layer, None, layer.bias)(x).asnumpy() for layer in (linear, plain)]
+    np.testing.assert_allclose(grads[0], grads[1], rtol=1e-5, atol=1e-4)
+
+
+def test_sharded_linear_keeps_the_plain_column_sum():
+    from mindformers.core.parallel_config import ParallelConfig
+    from mindformers.modules.cpu_kernels import FusedColumnSum
+    from mindformers.modules.layers import Linear
+    assert isinstance(Linear(8, 8, split='column').bias_add.column_sum, FusedColumnSum)
+    sharded = Linear(8, 8, split='column', parallel_config=ParallelConfig(model_parallel=2))
+    assert not isinstance(sharded.bias_add.column_sum, FusedColumnSum)

@@ -11,7 +11,7 @@ from mindspore import nn, ops, Parameter
 from mindspore.common.initializer import initializer, Normal
 
 from mindformers.core.parallel_config import default_parallel_config
-from mindformers.modules.cpu_kernels import FusedGELU, FusedLayerNorm, use_fused
+from mindformers.modules.cpu_kernels import FusedColumnSum, FusedGELU, FusedLayerNorm, use_fused
 
 _DTYPES = {'float32': ms.float32, 'float16': ms.float16, 'bfloat16': ms.bfloat16}
 
@@ -36,23 +36,29 @@ def _check_divisible(size, parts, what):
 
 
 class _BiasAdd(nn.Cell):
-    """x [N, C] + bias [C] with the BiasAdd kernel forward and a plain column sum backward (on CPU both are several
-    times faster than a broadcasting Add or BiasAdd's own gradient kernel)."""
+    """x [N, C] + bias [C] with the BiasAdd kernel forward and a column sum backward (on CPU both are several times
+    faster than a broadcasting Add or BiasAdd's own gradient kernel); the column sum is the fused CPU kernel when
+    `fused`, unless `shard` is given a real split (sharded layouts are for Ascend/GPU)."""
 
-    def __init__(self):
+    def __init__(self, fused=False):
         super().__init__()
         self.bias_add = ops.BiasAdd()
-        self.column_sum = ops.ReduceSum()
+        self.column_sum = FusedColumnSum() if fused else ops.ReduceSum()
 
     def shard(self, strategy):
+        if any(cuts != 1 for layout in strategy for cuts in layout):
+            self.column_sum = ops.ReduceSum()
         self.bias_add.shard(strategy)
-        self.column_sum.shard((strategy[0],))
+        if not isinstance(self.column_sum, FusedColumnSum):
+            self.column_sum.shard((strategy[0],))
         return self
 
     def construct(self, x, bias):
         return self.bias_add(x, bias)
 
     def bprop(self, x, bias, out, dout):
+        if isinstance(self.column_sum, FusedColumnSum):
+            return dout, self.column_sum(dout)
         return dout, self.column_sum(dout, 0)
 
 
@@ -74,8 +80,8 @@ class Linear(nn.Cell):
                                 name='weight')
         self.bias = Parameter(initializer('zeros', [out_features], param_dtype), name='bias') if has_bias else None
         self.matmul = ops.MatMul(transpose_b=True)
-        self.bias_add = _BiasAdd()
         dp, mp = _dp_mp(parallel_config)
+        self.bias_add = _BiasAdd(fused=dp == mp == 1 and use_fused(self.compute_dtype))
         if split == 'column':
             _check_divisible(out_features, mp, 'Linear out_features for a column split')
             self.shard(((dp, 1), (mp, 1)), ((dp, mp), (mp,)))

@@ -153,3 +153,15 @@ class FusedDecodeAttention(nn.Cell):
 
     def construct(self, query, key, value, key_cache, value_cache, mask, indices):
         return self.attend(query, key, value, key_cache, value_cache, mask, indices)
+
+
+class FusedColumnSum(nn.Cell):
+    """`construct(x [..., C]) -> [C]`, the sum over all leading axes (a bias gradient); fp32, CPU (see `use_fused`).
+    Deterministic: every column adds its rows in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.sum = _custom('ColumnSum', lambda x: x[-1:], lambda x: x)
+
+    def construct(self, x):
+        return self.sum(x)

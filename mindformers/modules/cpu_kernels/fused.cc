@@ -304,3 +304,25 @@ extern "C" int DecodeAttention(int nparam, void **params, int *ndims, int64_t **
   });
   return 0;
 }
+
+// Column sums (the gradient of a bias add). Input: dy [rows, C]. Output: [C].
+// Each thread owns a range of columns and adds the rows in order, so the result does not depend on threading.
+extern "C" int ColumnSum(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                         void *stream, void *extra) {
+  const float *dy = static_cast<const float *>(params[0]);
+  float *out = static_cast<float *>(params[1]);
+  const int64_t cols = shapes[0][ndims[0] - 1];
+  const int64_t rows = Numel(ndims[0], shapes[0]) / cols;
+  constexpr int64_t kColumnBlock = 256;
+  const int64_t col_blocks = (cols + kColumnBlock - 1) / kColumnBlock;
+  ParallelFor(col_blocks, rows * kColumnBlock, [&](int64_t begin, int64_t end) {
+    const int64_t first = begin * kColumnBlock, last = std::min(cols, end * kColumnBlock);
+    std::memset(out + first, 0, (last - first) * sizeof(float));
+    for (int64_t r = 0; r < rows; r++) {
+      const float *row = dy + r * cols;
+#pragma omp simd
+      for (int64_t j = first; j < last; j++) out[j] += row[j];
+    }
+  });
+  return 0;
+}
