@@ -13,7 +13,8 @@ from mindformers.dataset import CausalLanguageModelDataset
 from mindformers.models import (BaseConfig, BaseModel, CausalLMModel, BaseTokenizer, BaseProcessor, GPT2Config,
                                 GPT2Model, GPT2LMHeadModel, GPT2Tokenizer, GPT2TokenizerFast, GPT2Processor)
 from mindformers.models.auto import AutoConfig, AutoModel, AutoTokenizer
-from mindformers.generation import GeneratorMixin
+from mindformers.generation import (GeneratorMixin, GenerationConfig, BaseStreamer, TextStreamer,
+                                    TextIteratorStreamer)
 from mindformers.wrapper import MFTrainOneStepCell
 from mindformers.trainer import Trainer, TrainingArguments
 

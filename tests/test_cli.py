@@ -89,12 +89,14 @@ def test_train_then_predict_end_to_end(tmp_path):
     meta = (out / 'checkpoint' / 'rank_0' / 'meta.json').read_text()
     assert '"last_ckpt_file"' in meta
     code, stdout, stderr = run_cli('--config', TINY, '--run_mode', 'predict', '--predict_data', 'ROMEO:',
-                                   '--load_checkpoint', str(out / 'checkpoint'), '--output_dir', str(out),
-                                   '--model.model_config.num_layers', '1', '--model.model_config.max_decode_length',
-                                   '24')
+                                   'JULIET:', 'To be', '--predict_batch_size', '2', '--load_checkpoint',
+                                   str(out / 'checkpoint'), '--output_dir', str(out), '--model.model_config.num_layers',
+                                   '1', '--model.model_config.max_decode_length', '24')
     assert code == 0, stderr
-    text = stdout.split('\n' + '-' * 40)[0]  # each result is followed by a rule; it may hold newlines
-    assert text.startswith('ROMEO:') and len(text) > len('ROMEO:')
+    texts = stdout.split('\n' + '-' * 40 + '\n')  # each result is followed by a rule; it may hold newlines
+    assert len(texts) == 4 and texts[-1] == ''
+    for text, prompt in zip(texts, ('ROMEO:', 'JULIET:', 'To be')):
+        assert text.startswith(prompt) and len(text) > len(prompt)
 
 
 def test_corrupt_checkpoint_is_named_and_left_alone(tmp_path):

@@ -7,6 +7,7 @@ import pytest
 import mindspore as ms
 import mindspore.dataset as ds
 
+from mindformers.generation import TextIteratorStreamer
 from mindformers import (Trainer, TrainingArguments, AutoConfig, AutoModel, GPT2Config, GPT2LMHeadModel,
                          MindFormerConfig)
 
@@ -91,6 +92,11 @@ def test_yaml_train_evaluate_predict_and_finetune(tmp_path):
     assert result["PPL"] < 512  # better than uniform over the vocabulary
     outputs = trainer.predict(input_data=['ROMEO:', 'To be'], max_new_tokens=8)
     assert len(outputs) == 2 and outputs[0]['text_generation_text'][0].startswith('ROMEO:')
+    # one left-padded batch gives what each prompt gives alone (greedy), and a streamer sees the same text
+    assert outputs == [trainer.predict(input_data=p, max_new_tokens=8)[0] for p in ['ROMEO:', 'To be']]
+    streamer = TextIteratorStreamer(trainer._get_tokenizer(), skip_special_tokens=True)
+    trainer.predict(input_data='ROMEO:', max_new_tokens=8, streamer=streamer)
+    assert ''.join(streamer) == outputs[0]['text_generation_text'][0]
 
     # finetune from the saved checkpoint in a new Trainer: the first loss equals the trained model's eval-ish level
     tuned = Trainer(args=config)

@@ -1,94 +1,186 @@
-"""A first, plain text generator: greedy or top-k/top-p sampling by full recomputation on a static shape.
+"""GeneratorMixin.generate(): greedy, sampling and beam search over any causal LM of the suite.
 
-Every step runs the model on `[batch, seq_length]` (prompts right-padded), so one compiled graph serves the whole
-generation. The KV-cache engine replaces this in the generation issue; the call signature stays."""
+The model side is two calls (see `models/base_model.CausalLMModel`): eval-mode `model(input_ids, attention_mask)`
+-> logits [B, S, V] with HF padding semantics, and, for `use_past`, `model.incremental_session(rows)` (a KV-cache
+session with prefill / decode / reorder). Everything here is host-side NumPy on [rows, vocab] arrays."""
 import numpy as np
 import mindspore as ms
 
+from mindformers.generation.beam_search import beam_search
+from mindformers.generation.generation_config import GenerationConfig
+from mindformers.generation.logits_process import process, sample, warp
+from mindformers.modules.kv_cache import prefill_bucket
+
+
+class _CachedStepper:
+    """Decoding with the model's KV cache: one prefill, then one compiled single-token step per token."""
+
+    def __init__(self, model, prompt, mask, max_new_tokens):
+        self.session = model.incremental_session(prompt.shape[0])
+        self.prompt, self.mask = prompt, mask
+        capacity = int(model.config.seq_length)
+        # the prompt is padded to a compiled bucket; use a tighter one when the bucket leaves too little room
+        bucket = prefill_bucket(prompt.shape[1], capacity)
+        self.bucket = bucket if bucket + max_new_tokens <= capacity else capacity - max_new_tokens
+
+    def start(self):
+        return self.session.prefill(self.prompt, self.mask, bucket=self.bucket)
+
+    def step(self, tokens, rows=None):
+        if rows is not None and not np.array_equal(rows, np.arange(len(rows))):
+            self.session.reorder(rows)
+        return self.session.decode(tokens)
+
+
+class _RecomputeStepper:
+    """Decoding by full recomputation on one static shape: a [rows, seq_length] window holding the tokens
+    right-aligned (left padding masked), shifted left by one per new token."""
+
+    def __init__(self, model, prompt, mask, max_new_tokens):
+        rows, length = prompt.shape
+        self.model, width = model, int(model.config.seq_length)
+        self.ids = np.zeros((rows, width), np.int32)
+        self.mask = np.zeros((rows, width), np.int32)
+        self.ids[:, width - length:], self.mask[:, width - length:] = prompt, mask
+
+    def _logits(self):
+        logits = self.model(ms.Tensor(self.ids), ms.Tensor(self.mask))
+        return (logits[0] if isinstance(logits, tuple) else logits)[:, -1].asnumpy()
+
+    def start(self):
+        return self._logits()
+
+    def step(self, tokens, rows=None):
+        if rows is not None:
+            self.ids, self.mask = self.ids[rows], self.mask[rows]
+        self.ids = np.concatenate([self.ids[:, 1:], np.asarray(tokens, np.int32)[:, None]], axis=1)
+        self.mask = np.concatenate([self.mask[:, 1:], np.ones((len(tokens), 1), np.int32)], axis=1)
+        return self._logits()
+
+
+class _BeamStepper:
+    """A stepper over B * num_beams rows, each prompt repeated num_beams times."""
+
+    def __init__(self, stepper_cls, model, prompt, mask, max_new_tokens, beams):
+        self.inner = stepper_cls(model, np.repeat(prompt, beams, axis=0), np.repeat(mask, beams, axis=0),
+                                 max_new_tokens)
+
+    def start(self):
+        return self.inner.start()
+
+    def step(self, tokens, rows):
+        return self.inner.step(tokens, rows)
+
+
+def _as_prompts(input_ids):
+    """A list of int lists from a list of lists (ragged allowed), one flat list, or a 1-/2-D array or Tensor."""
+    if hasattr(input_ids, 'asnumpy'):
+        input_ids = input_ids.asnumpy()
+    rows = input_ids.tolist() if hasattr(input_ids, 'tolist') else list(input_ids)
+    if rows and not isinstance(rows[0], (list, tuple)):
+        rows = [rows]
+    prompts = [[int(t) for t in row] for row in rows]
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate() needs at least one non-empty prompt in input_ids")
+    return prompts
+
 
 class GeneratorMixin:
-    """Adds `generate()` to a causal LM whose `construct(input_ids)` returns logits `[B, S, V]` in eval mode."""
+    """Adds `generate()` to a causal LM (see the module docstring for what the model must provide)."""
 
-    def generate(self, input_ids, max_length=None, max_new_tokens=None, do_sample=None, top_k=None, top_p=None,
-                 temperature=1.0, eos_token_id=None, pad_token_id=None, seed=None, streamer=None, **kwargs):
-        """Continue each prompt. `input_ids`: a list of token-id lists (ragged) or a 2-D array.
+    def generate(self, input_ids, generation_config=None, streamer=None, seed=None, **kwargs):
+        """Continue each prompt.
 
-        Returns a list of int lists, each the prompt followed by its new tokens (stopping after EOS)."""
-        if kwargs:
-            raise TypeError(f"generate() got unsupported argument(s): {', '.join(sorted(kwargs))}")
-        config = self.config
-        seq_length = int(config.seq_length)
-        prompts = [list(map(int, row)) for row in (input_ids.tolist() if hasattr(input_ids, 'tolist') else input_ids)]
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise ValueError("generate() needs at least one non-empty prompt")
-        longest = max(len(p) for p in prompts)
-        if longest > seq_length:
-            raise ValueError(f"prompt of {longest} tokens is longer than the model's seq_length {seq_length}")
-        if max_new_tokens is not None:
-            if int(max_new_tokens) < 1:
-                raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-            max_length = longest + int(max_new_tokens)
-        max_length = int(max_length if max_length is not None else getattr(config, 'max_decode_length', seq_length))
-        max_length = min(max_length, seq_length)
-        do_sample = getattr(config, 'do_sample', False) if do_sample is None else do_sample
-        top_k = int(getattr(config, 'top_k', 0) if top_k is None else top_k)
-        top_p = float(getattr(config, 'top_p', 1.0) if top_p is None else top_p)
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        eos = getattr(config, 'eos_token_id', None) if eos_token_id is None else eos_token_id
-        eos_ids = set(eos if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos]))
-        pad = int(getattr(config, 'pad_token_id', 0) if pad_token_id is None else pad_token_id)
-        rng = np.random.default_rng(seed)
+        input_ids: a list of token-id lists (ragged: they are left-padded), one list, or a 2-D array / Tensor.
+        generation_config: a GenerationConfig (default: from the model config); `kwargs` override its fields.
+        streamer: gets `put(prompt ids [1, P])`, then `put(token [1])` per new token, then `end()` (batch 1, no beams).
+        seed: makes sampling reproducible, independent of any global random state.
+        Returns a list (one per prompt) of int lists: the prompt followed by its new tokens, up to and including
+        the first EOS."""
+        config = copy_config(generation_config or GenerationConfig.from_model_config(self.config)).update(**kwargs)
+        config.validate()
+        if config.pad_token_id is None:
+            config.pad_token_id = config.eos_token_ids[0] if config.eos_token_ids else 0
+        prompts = _as_prompts(input_ids)
+        width = max(len(p) for p in prompts)
+        max_new_tokens = self._new_token_budget(config, width)
+        if streamer is not None and (len(prompts) > 1 or config.num_beams > 1):
+            raise ValueError("a streamer needs a single prompt and num_beams=1 "
+                             f"(got {len(prompts)} prompts, num_beams={config.num_beams})")
 
+        prompt = np.full((len(prompts), width), config.pad_token_id, np.int64)
+        mask = np.zeros((len(prompts), width), np.int32)
+        for row, tokens in enumerate(prompts):
+            prompt[row, width - len(tokens):] = tokens
+            mask[row, width - len(tokens):] = 1
+        stepper_cls = _CachedStepper if config.use_past else _RecomputeStepper
         was_training = self.training
         self.set_train(False)
-        batch = len(prompts)
-        tokens = np.full((batch, seq_length), pad, dtype=np.int32)
-        lengths = np.array([len(p) for p in prompts])
-        for i, p in enumerate(prompts):
-            tokens[i, :len(p)] = p
-        finished = np.zeros(batch, dtype=bool)
-        outputs = [list(p) for p in prompts]
         try:
-            while not finished.all() and lengths[~finished].min() < max_length:
-                logits = self(ms.Tensor(tokens))
-                logits = (logits[0] if isinstance(logits, tuple) else logits).asnumpy()
-                for i in np.nonzero(~finished)[0]:
-                    if lengths[i] >= max_length:
-                        finished[i] = True
-                        continue
-                    token = _choose(logits[i, lengths[i] - 1].astype(np.float64), do_sample, top_k, top_p,
-                                    temperature, rng)
-                    tokens[i, lengths[i]] = token
-                    lengths[i] += 1
-                    outputs[i].append(token)
-                    if token in eos_ids:
-                        finished[i] = True
-                if streamer is not None:
-                    streamer.put(np.array([[o[-1]] for o in outputs]))
+            if config.num_beams > 1:
+                stepper = _BeamStepper(stepper_cls, self, prompt, mask, max_new_tokens, config.num_beams)
+                rows = beam_search(stepper, prompt, config, max_new_tokens)
+                return [list(map(int, row[width - len(p):])) for row, p in zip(rows, prompts)]
+            stepper = stepper_cls(self, prompt, mask, max_new_tokens)
+            new = _decode(stepper, prompt, config, max_new_tokens, np.random.default_rng(seed), streamer)
         finally:
             self.set_train(was_training)
             if streamer is not None:
                 streamer.end()
-        return outputs
+        return [p + row for p, row in zip(prompts, new)]
+
+    def _new_token_budget(self, config, width):
+        """How many tokens to generate after a prompt padded to `width`, checked against seq_length."""
+        seq_length = int(self.config.seq_length)
+        if width >= seq_length:
+            raise ValueError(f"prompt of {width} tokens leaves no room to generate: the model's seq_length is "
+                             f"{seq_length}; shorten the prompt or use a model with a longer seq_length")
+        if config.max_new_tokens is not None:
+            budget = int(config.max_new_tokens)
+            if width + budget > seq_length:
+                raise ValueError(f"max_new_tokens={budget} after a prompt of {width} tokens exceeds the model's "
+                                 f"seq_length {seq_length}; use at most max_new_tokens={seq_length - width}")
+            return budget
+        max_length = int(config.max_length)
+        if max_length > seq_length:
+            if config.is_explicit('max_length'):
+                raise ValueError(f"max_length={max_length} exceeds the model's seq_length {seq_length}")
+            max_length = seq_length  # a model-config default larger than the model: cap it, as MindFormers does
+        if max_length <= width:
+            raise ValueError(f"max_length={max_length} leaves no room after a prompt of {width} tokens; "
+                             f"raise max_length or set max_new_tokens")
+        return max_length - width
 
 
-def _choose(logits, do_sample, top_k, top_p, temperature, rng):
-    if not do_sample:
-        return int(np.argmax(logits))
-    logits = logits / temperature
-    if 0 < top_k < logits.shape[-1]:
-        kth = np.partition(logits, -top_k)[-top_k]
-        logits = np.where(logits < kth, -np.inf, logits)
-    probs = np.exp(logits - logits.max())
-    probs /= probs.sum()
-    if top_p < 1.0:
-        order = np.argsort(-probs)
-        cumulative = np.cumsum(probs[order])
-        keep = order[:int(np.searchsorted(cumulative, top_p) + 1)]
-        mask = np.zeros_like(probs)
-        mask[keep] = probs[keep]
-        probs = mask / mask.sum()
-    return int(rng.choice(len(probs), p=probs))
+def copy_config(config):
+    """A copy of `config` that generate() may change."""
+    clone = GenerationConfig(**config.to_dict())
+    clone._explicit = set(config._explicit)
+    return clone
+
+
+def _decode(stepper, prompt, config, max_new_tokens, rng, streamer):
+    """Greedy or sampled decoding; returns the new tokens of each row (through its first EOS)."""
+    rows = prompt.shape[0]
+    eos_ids = np.array(config.eos_token_ids, np.int64)
+    sequences = prompt
+    done = np.zeros(rows, bool)
+    lengths = np.full(rows, max_new_tokens)
+    if streamer is not None:
+        streamer.put(prompt.copy())
+    logits = stepper.start()
+    for step in range(max_new_tokens):
+        scores = process(logits.astype(np.float32), sequences, step, config)
+        tokens = sample(warp(scores, config), rng) if config.do_sample else scores.argmax(axis=-1)
+        tokens = np.where(done, config.pad_token_id, tokens).astype(np.int64)
+        sequences = np.concatenate([sequences, tokens[:, None]], axis=1)
+        if streamer is not None:
+            streamer.put(tokens.copy())
+        ended = ~done & np.isin(tokens, eos_ids)
+        lengths[ended] = step + 1
+        done |= ended
+        if done.all() or step + 1 == max_new_tokens:
+            break
+        logits = stepper.step(tokens)
+    new = sequences[:, prompt.shape[1]:]
+    return [list(map(int, new[row, :lengths[row]])) for row in range(rows)]

@@ -177,13 +177,15 @@ class IncrementalSession:
         for cell in (self._prefill, self._decode):
             cell.set_train(False)
 
-    def prefill(self, input_ids, attention_mask=None):
+    def prefill(self, input_ids, attention_mask=None, bucket=None):
+        """`bucket`: the padded prompt length to compile for (default `prefill_bucket(P)`); callers that need
+        more room for new tokens pass a smaller one (>= P)."""
         input_ids = np.asarray(input_ids, np.int32)
         if input_ids.ndim != 2 or input_ids.shape[0] != self.batch:
             raise ValueError(f"prefill expects input_ids [{self.batch}, P], got shape {input_ids.shape}")
         if attention_mask is None:
             attention_mask = np.ones_like(input_ids)
-        bucket = prefill_bucket(input_ids.shape[1], self.max_length)
+        bucket = prefill_bucket(input_ids.shape[1], self.max_length) if bucket is None else int(bucket)
         positions, mask, extra = self.state.start(np.asarray(attention_mask), bucket)
         padded = np.concatenate([np.zeros((self.batch, extra), np.int32), input_ids], axis=1)
         logits = self._prefill(*to_tensors(padded, positions, mask))

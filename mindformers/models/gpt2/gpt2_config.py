@@ -27,7 +27,8 @@ class GPT2Config(BaseConfig):
         eos_token_id, pad_token_id, bos_token_id, unk_token_id (50256 each), ignore_token_id (-100): targets equal
         to ignore_token_id, and to pad_token_id when it differs from eos_token_id, are left out of the loss.
     Generation defaults: batch_size (1), max_decode_length (1024), top_k (5), top_p (1.0), do_sample (False),
-        repetition_penalty (1.0), use_past (False), use_flash_attention (False; no CPU kernel, must stay False).
+        repetition_penalty (1.0), use_past (False: generate() decodes with the KV cache when True),
+        use_flash_attention (False; no CPU kernel, must stay False).
     Run: parallel_config (mapping or ParallelConfig, with its recompute settings), checkpoint_name_or_path
         (weights loaded at model construction; '' for random init).
     Unknown keywords are kept as attributes."""
@@ -99,8 +100,6 @@ class GPT2Config(BaseConfig):
             raise ValueError(f"GPT2Config.hidden_act: {err}") from None
         if self.post_layernorm_residual:
             raise ValueError("GPT2Config.post_layernorm_residual=True is not supported (GPT-2 is pre-LayerNorm)")
-        if self.use_past:
-            raise ValueError("GPT2Config.use_past=True (KV cache) is not supported yet; set use_past: False")
         if self.use_flash_attention:
             raise ValueError("GPT2Config.use_flash_attention=True is not supported (no flash-attention kernel on "
                              "this backend); set use_flash_attention: False")
