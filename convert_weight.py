@@ -4,7 +4,7 @@
     python convert_weight.py --model gpt2 --input_path <HF dir or file> --output_path gpt2.ckpt [--dtype fp16]
     python convert_weight.py --model gpt2 --reversed --input_path gpt2.ckpt --output_path <HF dir | x.safetensors>
 
-A family joins by one line in CONVERTERS: its module provides
+A family joins by one line in `mindformers.models.convert_utils.HF_FAMILIES`; its conversion module provides
 `convert_pt_to_ms(input_path, output_path, dtype=None, config=None)` (HF -> ours) and
 `convert_ms_to_pt(input_path, output_path, dtype=None, config=None)` (ours -> HF), each returning
 {tensor name: shape} of what it wrote, writing atomically, and raising ValueError (ConversionError,
@@ -16,9 +16,10 @@ import math
 import os
 import sys
 
-CONVERTERS = {
-    'gpt2': 'mindformers.models.gpt2.convert_gpt2',
-}
+os.environ.setdefault('GLOG_v', '3')  # before MindSpore loads: its warnings would break the one-line error contract
+from mindformers.models.convert_utils import HF_FAMILIES  # noqa: E402
+
+CONVERTERS = {family: module for family, (module, _) in HF_FAMILIES.items()}
 DTYPES = ('fp32', 'fp16', 'bf16')
 
 
@@ -80,5 +81,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    os.environ.setdefault('GLOG_v', '3')  # MindSpore's own warnings would break the one-line error contract
     sys.exit(main())

@@ -12,10 +12,11 @@ from mindformers.core import (init_context, ContextConfig, ParallelContextConfig
 from mindformers.dataset import CausalLanguageModelDataset
 from mindformers.models import (BaseConfig, BaseModel, CausalLMModel, BaseTokenizer, BaseProcessor, GPT2Config,
                                 GPT2Model, GPT2LMHeadModel, GPT2Tokenizer, GPT2TokenizerFast, GPT2Processor)
-from mindformers.models.auto import AutoConfig, AutoModel, AutoTokenizer
+from mindformers.models.auto import AutoConfig, AutoModel, AutoProcessor, AutoTokenizer
 from mindformers.generation import (GeneratorMixin, GenerationConfig, BaseStreamer, TextStreamer,
                                     TextIteratorStreamer)
 from mindformers.wrapper import MFTrainOneStepCell
 from mindformers.trainer import Trainer, TrainingArguments
+from mindformers.pipeline import pipeline, TextGenerationPipeline
 
 __all__ = [name for name in dir() if not name.startswith('_')]

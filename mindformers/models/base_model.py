@@ -69,6 +69,27 @@ class BaseModel(nn.Cell, GeneratorMixin):
                             f"with convert_weight.py first")
         raise CheckpointError(f"checkpoint {path} does not fit {type(self).__name__}: {'; '.join(problems)}")
 
+    def save_pretrained(self, save_directory, checkpoint_format='safetensors'):
+        """Write `config.json` and the weights (`model.safetensors` or `model.ckpt`, atomically) to
+        `save_directory`; `AutoModel.from_pretrained(save_directory)` loads them back."""
+        from mindformers.tools.checkpoint import save_checkpoint_atomic
+        if checkpoint_format not in ('safetensors', 'ckpt'):
+            raise ValueError(f"checkpoint_format must be 'safetensors' or 'ckpt', got {checkpoint_format!r}")
+        os.makedirs(save_directory, exist_ok=True)
+        stale = [f for f in os.listdir(save_directory) if f.endswith(('.ckpt', '.safetensors'))
+                 and f != f'model.{checkpoint_format}']
+        if stale:
+            raise ValueError(f"{save_directory} already holds other weights ({', '.join(stale)}); save into an "
+                             f"empty directory")
+        save_checkpoint_atomic(self, os.path.join(save_directory, f'model.{checkpoint_format}'))
+        source = self.config.checkpoint_name_or_path
+        self.config.checkpoint_name_or_path = ''  # the saved config must not point at the old weights
+        try:
+            self.config.save_pretrained(save_directory)
+        finally:
+            self.config.checkpoint_name_or_path = source
+        return save_directory
+
     def num_parameters(self, trainable_only=False):
         """Number of scalar parameters (each shared parameter counted once)."""
         params = self.trainable_params() if trainable_only else self.get_parameters()

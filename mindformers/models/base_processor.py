@@ -3,8 +3,12 @@ import json
 import os
 
 from mindformers.tools.build import build_tokenizer
+from mindformers.tools.register import MindFormerRegister, MindFormerModuleType
+
+PROCESSOR_CONFIG_FILE = 'processor_config.json'
 
 
+@MindFormerRegister.register(MindFormerModuleType.PROCESSOR)
 class BaseProcessor:
     """Holds a tokenizer (an object, or a config mapping with `type`) and pads/truncates to `max_length`.
 
@@ -27,9 +31,22 @@ class BaseProcessor:
         return {'text': encoded['input_ids']}
 
     def save_pretrained(self, save_directory):
-        """Save the tokenizer files and `processor_config.json`."""
+        """Save the tokenizer files and `processor_config.json` (class name and settings)."""
         os.makedirs(save_directory, exist_ok=True)
         self.tokenizer.save_pretrained(save_directory)
-        with open(os.path.join(save_directory, 'processor_config.json'), 'w', encoding='utf-8') as f:
+        with open(os.path.join(save_directory, PROCESSOR_CONFIG_FILE), 'w', encoding='utf-8') as f:
             json.dump({'type': type(self).__name__, 'max_length': self.max_length, 'padding': self.padding,
                        'return_tensors': self.return_tensors}, f, indent=2)
+
+    @classmethod
+    def from_pretrained(cls, directory, **kwargs):
+        """Load what `save_pretrained` wrote; `kwargs` override the saved settings."""
+        from mindformers.models.auto import AutoTokenizer
+        path = os.path.join(directory, PROCESSOR_CONFIG_FILE)
+        if not os.path.isfile(path):
+            raise ValueError(f"{directory} has no {PROCESSOR_CONFIG_FILE} (expected a processor save_pretrained "
+                             f"directory)")
+        with open(path, encoding='utf-8') as f:
+            settings = {k: v for k, v in json.load(f).items() if k != 'type'}
+        settings.update(kwargs)
+        return cls(tokenizer=AutoTokenizer.from_pretrained(directory), **settings)

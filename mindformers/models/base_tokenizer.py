@@ -329,7 +329,8 @@ class BaseTokenizer:
         if class_name is not None and class_name != cls.__name__:
             logger.warning("%s names tokenizer class %s; loading it as %s", config_path, class_name, cls.__name__)
         for arg, file_name in cls.vocab_files_names.items():
-            config[arg] = os.path.join(path, file_name)
+            if os.path.isfile(os.path.join(path, file_name)):
+                config[arg] = os.path.join(path, file_name)
         accepted = _init_arguments(cls)
         ignored = sorted(k for k in config if k not in accepted)
         if ignored:

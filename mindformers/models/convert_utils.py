@@ -59,6 +59,12 @@ def _read_index(path):
     return out
 
 
+# HuggingFace `model_type` -> (conversion module, our tokenizer class). A conversion module provides
+# `config_from_hf(config_json_mapping)` and `convert_hf_to_ms(state_dict, config)`; a family joins with one line.
+HF_FAMILIES = {
+    'gpt2': ('mindformers.models.gpt2.convert_gpt2', 'GPT2Tokenizer'),
+}
+
 _HF_FILES = ('model.safetensors', 'model.safetensors.index.json', 'pytorch_model.bin', 'pytorch_model.bin.index.json')
 
 

@@ -1,4 +1,4 @@
 """Auto classes."""
-from .auto_class import AutoConfig, AutoModel, AutoTokenizer, register_auto
+from .auto_class import AutoConfig, AutoModel, AutoProcessor, AutoTokenizer, register_auto
 
-__all__ = ['AutoConfig', 'AutoModel', 'AutoTokenizer', 'register_auto']
+__all__ = ['AutoConfig', 'AutoModel', 'AutoProcessor', 'AutoTokenizer', 'register_auto']

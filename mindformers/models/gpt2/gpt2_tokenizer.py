@@ -1,4 +1,6 @@
-"""GPT2Tokenizer: GPT-2's byte-level BPE, run by the `tokenizers` library from `vocab.json` + `merges.txt`."""
+"""GPT2Tokenizer: GPT-2's byte-level BPE, run by the `tokenizers` library from `vocab.json` + `merges.txt` (or the
+BPE inside a HuggingFace `tokenizer.json`)."""
+import json
 import os
 import shutil
 
@@ -22,24 +24,37 @@ class GPT2Tokenizer(BaseTokenizer):
     Args:
         vocab_file, merges_file: GPT-2 `vocab.json` and `merges.txt`; paths may be relative to the working
             directory, the package (`assets/gpt2_tiny/vocab.json`) or the repository.
+        tokenizer_file: instead of those two, a HuggingFace `tokenizer.json` holding a BPE model (what
+            transformers writes for GPT-2); its vocabulary and merges are used.
         unk_token, bos_token, eos_token, pad_token: special tokens (all `<|endoftext|>` by default).
         add_prefix_space: add a space before the text, so its first word tokenizes like any other.
         add_bos_token: put `bos_token` before every sequence when `add_special_tokens=True`.
         **kwargs: BaseTokenizer options (add_eos_token, padding_side, truncation_side, model_max_length, ...).
     """
-    vocab_files_names = {'vocab_file': 'vocab.json', 'merges_file': 'merges.txt'}
+    vocab_files_names = {'vocab_file': 'vocab.json', 'merges_file': 'merges.txt', 'tokenizer_file': 'tokenizer.json'}
 
-    def __init__(self, vocab_file, merges_file, unk_token=ENDOFTEXT, bos_token=ENDOFTEXT, eos_token=ENDOFTEXT,
-                 pad_token=ENDOFTEXT, add_prefix_space=False, add_bos_token=False, **kwargs):
+    def __init__(self, vocab_file=None, merges_file=None, unk_token=ENDOFTEXT, bos_token=ENDOFTEXT,
+                 eos_token=ENDOFTEXT, pad_token=ENDOFTEXT, add_prefix_space=False, add_bos_token=False,
+                 tokenizer_file=None, **kwargs):
         super().__init__(bos_token=bos_token, eos_token=eos_token, unk_token=unk_token, pad_token=pad_token,
                          add_bos_token=add_bos_token, **kwargs)
-        self.vocab_file = _existing_file(vocab_file, 'vocab_file', "GPT-2's vocab.json")
-        self.merges_file = _existing_file(merges_file, 'merges_file', "GPT-2's merges.txt")
-        try:
-            bpe = models.BPE.from_file(self.vocab_file, self.merges_file)
-        except Exception as err:  # the Rust side raises a bare Exception for unreadable files
-            raise ValueError(f"GPT2Tokenizer: cannot read the BPE files vocab_file={self.vocab_file!r} and "
-                             f"merges_file={self.merges_file!r}: {err}") from err
+        if vocab_file is None and merges_file is None and tokenizer_file is not None:
+            self.vocab_file = self.merges_file = None
+            self.vocab, self.merges = _bpe_from_tokenizer_json(
+                _existing_file(tokenizer_file, 'tokenizer_file', "a HuggingFace tokenizer.json"))
+            bpe = models.BPE(self.vocab, self.merges)
+        else:
+            if vocab_file is None and merges_file is None:
+                raise ValueError("GPT2Tokenizer needs vocab_file and merges_file (GPT-2's vocab.json and "
+                                 "merges.txt) or tokenizer_file (a HuggingFace tokenizer.json)")
+            self.vocab_file = _existing_file(vocab_file, 'vocab_file', "GPT-2's vocab.json")
+            self.merges_file = _existing_file(merges_file, 'merges_file', "GPT-2's merges.txt")
+            self.vocab = self.merges = None
+            try:
+                bpe = models.BPE.from_file(self.vocab_file, self.merges_file)
+            except Exception as err:  # the Rust side raises a bare Exception for unreadable files
+                raise ValueError(f"GPT2Tokenizer: cannot read the BPE files vocab_file={self.vocab_file!r} and "
+                                 f"merges_file={self.merges_file!r}: {err}") from err
         self._tokenizer = Tokenizer(bpe)
         self._tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space)
         self._tokenizer.decoder = decoders.ByteLevel()
@@ -76,18 +91,33 @@ class GPT2Tokenizer(BaseTokenizer):
         return self._tokenizer.id_to_token(index)
 
     def save_vocabulary(self, save_directory):
-        """Copy vocab.json and merges.txt into `save_directory`; returns their paths."""
-        paths = []
-        for source, name in ((self.vocab_file, 'vocab.json'), (self.merges_file, 'merges.txt')):
-            target = os.path.join(save_directory, name)
+        """Write vocab.json and merges.txt into `save_directory`; returns their paths."""
+        vocab_path, merges_path = (os.path.join(save_directory, n) for n in ('vocab.json', 'merges.txt'))
+        if self.vocab_file is None:
+            with open(vocab_path, 'w', encoding='utf-8') as f:
+                json.dump(self.vocab, f, ensure_ascii=False)
+            with open(merges_path, 'w', encoding='utf-8') as f:
+                f.write('#version: 0.2\n' + ''.join(f"{a} {b}\n" for a, b in self.merges))
+            return vocab_path, merges_path
+        for source, target in ((self.vocab_file, vocab_path), (self.merges_file, merges_path)):
             if not (os.path.exists(target) and os.path.samefile(source, target)):
                 shutil.copyfile(source, target)
-            paths.append(target)
-        return tuple(paths)
+        return vocab_path, merges_path
 
 
 GPT2TokenizerFast = GPT2Tokenizer
 MindFormerRegister.register_cls(GPT2Tokenizer, MindFormerModuleType.TOKENIZER, alias='GPT2TokenizerFast')
+
+
+def _bpe_from_tokenizer_json(path):
+    """(vocab {token: id}, merges [(a, b)]) of the BPE model in a HuggingFace tokenizer.json."""
+    with open(path, encoding='utf-8') as f:
+        model = json.load(f).get('model') or {}
+    if model.get('type') != 'BPE' or 'vocab' not in model or 'merges' not in model:
+        raise ValueError(f"GPT2Tokenizer: {path} does not hold a BPE model with vocab and merges "
+                         f"(model type {model.get('type')!r})")
+    merges = [tuple(m.split(' ', 1)) if isinstance(m, str) else tuple(m) for m in model['merges']]
+    return model['vocab'], merges
 
 
 def _existing_file(path, arg, what):

@@ -1,0 +1,126 @@
+"""AutoClass round trips (save_pretrained -> from_pretrained gives identical logits and ids) and HuggingFace
+directories loaded with conversion on the fly."""
+import json
+
+import numpy as np
+import pytest
+import mindspore as ms
+import torch
+from transformers import AutoTokenizer as HFAutoTokenizer, GPT2Config as HFConfig, GPT2LMHeadModel as HFModel
+from transformers import GPT2TokenizerFast as HFTokenizer
+
+from mindformers import (AutoConfig, AutoModel, AutoProcessor, AutoTokenizer, BaseProcessor, GPT2Config,
+                         GPT2LMHeadModel, GPT2Processor, GPT2Tokenizer)
+from mindformers.tools.utils import resolve_path
+
+VOCAB = resolve_path('assets/gpt2_tiny/vocab.json')
+MERGES = resolve_path('assets/gpt2_tiny/merges.txt')
+IDS = np.array([[5, 17, 300, 2, 9, 44]], np.int32)
+
+
+def logits(model):
+    model.set_train(False)
+    return model(ms.Tensor(IDS)).asnumpy()
+
+
+@pytest.fixture(scope='module')
+def small():
+    return GPT2LMHeadModel(GPT2Config(vocab_size=512, hidden_size=32, num_layers=2, num_heads=2, seq_length=32,
+                                      top_k=3))
+
+
+@pytest.mark.parametrize('checkpoint_format', ['safetensors', 'ckpt'])
+def test_model_save_then_load_gives_identical_logits(small, tmp_path, checkpoint_format):
+    small.save_pretrained(tmp_path, checkpoint_format=checkpoint_format)
+    assert (tmp_path / f'model.{checkpoint_format}').is_file()
+    saved = json.loads((tmp_path / 'config.json').read_text())
+    assert saved['type'] == 'GPT2Config' and saved['checkpoint_name_or_path'] == ''
+    loaded = AutoModel.from_pretrained(tmp_path)
+    assert isinstance(loaded, GPT2LMHeadModel) and loaded.config.top_k == 3
+    np.testing.assert_array_equal(logits(loaded), logits(small))
+    assert AutoConfig.from_pretrained(tmp_path, top_k=1).top_k == 1
+
+
+def test_save_refuses_a_directory_with_other_weights(small, tmp_path):
+    (tmp_path / 'other.ckpt').write_bytes(b'x')
+    with pytest.raises(ValueError, match='other.ckpt'):
+        small.save_pretrained(tmp_path)
+
+
+def test_tokenizer_and_processor_round_trip(tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained('gpt2_tiny')
+    processor = GPT2Processor(tokenizer=tokenizer, max_length=16)
+    processor.save_pretrained(tmp_path)
+    loaded = AutoProcessor.from_pretrained(tmp_path)
+    assert isinstance(loaded, GPT2Processor) and loaded.max_length == 16
+    text = ['To be, or not to be', 'ROMEO:']
+    np.testing.assert_array_equal(loaded(text)['text'].asnumpy(), processor(text)['text'].asnumpy())
+    assert AutoTokenizer.from_pretrained(tmp_path).encode(text[0]) == tokenizer.encode(text[0])
+
+
+def test_processor_from_a_registered_name():
+    processor = AutoProcessor.from_pretrained('gpt2_tiny')
+    assert isinstance(processor, BaseProcessor)
+    assert processor('ROMEO:')['text'].shape[0] == 1
+
+
+@pytest.fixture(scope='module')
+def hf_dir(tmp_path_factory):
+    """A HuggingFace GPT-2 directory as transformers writes it: config.json, model.safetensors, tokenizer files."""
+    directory = tmp_path_factory.mktemp('hf_gpt2')
+    torch.manual_seed(0)
+    hf = HFModel(HFConfig(vocab_size=512, n_embd=32, n_layer=2, n_head=2, n_positions=32)).eval()
+    hf.save_pretrained(directory)
+    HFTokenizer(VOCAB, MERGES).save_pretrained(directory)  # (keyword file arguments are ignored by transformers 5)
+    return directory, hf
+
+
+def test_huggingface_directory_loads_with_conversion(hf_dir):
+    directory, hf = hf_dir
+    model = AutoModel.from_pretrained(directory)
+    with torch.no_grad():
+        expected = hf(torch.tensor(IDS, dtype=torch.long)).logits.numpy()
+    np.testing.assert_allclose(logits(model), expected, atol=1e-4)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    reference = HFAutoTokenizer.from_pretrained(directory)
+    text = 'First Citizen: we are accounted poor citizens'
+    assert len(tokenizer.encode(text)) > 5 and tokenizer.encode(text) == reference.encode(text)
+    assert isinstance(AutoProcessor.from_pretrained(directory).tokenizer, GPT2Tokenizer)
+
+
+def test_tokenizer_from_tokenizer_json_saves_plain_files(hf_dir, tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir[0])  # transformers 5 writes tokenizer.json only
+    tokenizer.save_pretrained(tmp_path)
+    assert (tmp_path / 'vocab.json').is_file() and (tmp_path / 'merges.txt').is_file()
+    text = 'Speak, speak. You are all resolved rather to die than to famish?'
+    assert AutoTokenizer.from_pretrained(tmp_path).encode(text) == tokenizer.encode(text)
+    assert GPT2Tokenizer(vocab_file=VOCAB, merges_file=MERGES).encode(text) == tokenizer.encode(text)
+
+
+def test_huggingface_pytorch_bin_directory(hf_dir, tmp_path):
+    _, hf = hf_dir
+    hf.save_pretrained(tmp_path, safe_serialization=False) if _accepts_bin(hf) else _write_bin(hf, tmp_path)
+    np.testing.assert_allclose(logits(AutoModel.from_pretrained(tmp_path)),
+                               logits(AutoModel.from_pretrained(hf_dir[0])), atol=1e-6)
+
+
+def _accepts_bin(hf):
+    import inspect
+    return 'safe_serialization' in inspect.signature(hf.save_pretrained).parameters
+
+
+def _write_bin(hf, directory):
+    hf.config.save_pretrained(directory)
+    torch.save(hf.state_dict(), directory / 'pytorch_model.bin')
+
+
+def test_bad_directories_are_named(tmp_path, hf_dir):
+    with pytest.raises(ValueError, match='has no config.json'):
+        AutoModel.from_pretrained(tmp_path)
+    (tmp_path / 'config.json').write_text(json.dumps({'model_type': 'bert'}))
+    with pytest.raises(ValueError, match="model_type 'bert'.*supported HuggingFace model types: gpt2"):
+        AutoModel.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match='cannot tell which tokenizer'):
+        AutoTokenizer.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match='unknown model name'):
+        AutoModel.from_pretrained('gpt2_tiniest')
