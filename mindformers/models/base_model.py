@@ -20,7 +20,8 @@ class BaseModel(nn.Cell, GeneratorMixin):
     """A model cell built from a config (`self.config`).
 
     Subclasses build their layers, then call `self.load_checkpoint(config)` at the end of `__init__` so that
-    `config.checkpoint_name_or_path` (a `.ckpt`/`.safetensors` file, or a checkpoint directory) is loaded."""
+    `config.checkpoint_name_or_path` (a `.ckpt`/`.safetensors` file, a checkpoint directory, or a model name with
+    published weights, downloaded once into the cache) is loaded."""
 
     def __init__(self, config, **kwargs):
         super().__init__(**kwargs)
@@ -31,16 +32,19 @@ class BaseModel(nn.Cell, GeneratorMixin):
 
         Strict: every model parameter must be present with the model's shape, and no parameter-like entry under the
         model's own top-level names may be left over (optimizer states such as `adam_m.*` are ignored). All
-        problems are reported in one CheckpointError. Weights are never downloaded."""
+        problems are reported in one CheckpointError."""
         config = config or self.config
         given = getattr(config, 'checkpoint_name_or_path', '') or ''
         if not given:
             return None
         path = resolve_path(os.fspath(given))
         if not os.path.exists(path):
-            raise CheckpointError(f"checkpoint_name_or_path {given!r} is not an existing file or directory "
-                                  f"(downloading weights by name is not supported; convert them with "
-                                  f"convert_weight.py and give the path)")
+            from mindformers.tools.model_book import checkpoint_for
+            path = checkpoint_for(os.fspath(given))
+            if path is None:
+                raise CheckpointError(f"checkpoint_name_or_path {given!r} is neither an existing file or directory "
+                                      f"nor a model name with published weights; convert weights with "
+                                      f"convert_weight.py and give the path")
         path = resolve_checkpoint(path)
         param_dict = load_checkpoint_file(path)
         self.check_checkpoint(param_dict, path)

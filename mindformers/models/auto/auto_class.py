@@ -9,7 +9,7 @@ import numpy as np
 
 from mindformers.models.convert_utils import HF_FAMILIES, load_hf_weights
 from mindformers.tools.build import build_model_config, build_model, build_processor, build_tokenizer
-from mindformers.tools.model_book import find_config
+from mindformers.tools.model_book import CHECKPOINTS, find_config
 from mindformers.tools.register import MindFormerConfig, MindFormerRegister, MindFormerModuleType
 
 CONFIG_FILE = 'config.json'
@@ -85,6 +85,9 @@ class AutoModel:
             run_config = _run_config(name_or_path)
             if kwargs:
                 run_config.model.model_config.merge_from_dict(kwargs)
+            model_config = run_config.model.model_config
+            if not model_config.get('checkpoint_name_or_path') and name_or_path in CHECKPOINTS:
+                model_config.checkpoint_name_or_path = name_or_path  # published weights: fetched and loaded
             return build_model(run_config.model)
         directory = os.fspath(name_or_path)
         data = _read_config_json(directory)
