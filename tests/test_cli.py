@@ -88,10 +88,13 @@ def test_train_then_predict_end_to_end(tmp_path):
     assert 'training finished' in log and 'fell by' in log
     meta = (out / 'checkpoint' / 'rank_0' / 'meta.json').read_text()
     assert '"last_ckpt_file"' in meta
+    # the same settings as the training run (as in the README): predict must not reuse the training run's
+    # compiled graphs from the compile cache
     code, stdout, stderr = run_cli('--config', TINY, '--run_mode', 'predict', '--predict_data', 'ROMEO:',
                                    'JULIET:', 'To be', '--predict_batch_size', '2', '--load_checkpoint',
-                                   str(out / 'checkpoint'), '--output_dir', str(out), '--model.model_config.num_layers',
-                                   '1', '--model.model_config.max_decode_length', '24')
+                                   str(out / 'checkpoint'), '--output_dir', str(out), '--epochs', '1',
+                                   '--train_dataset.data_loader.max_samples', '64', '--model.model_config.num_layers',
+                                   '1')
     assert code == 0, stderr
     texts = stdout.split('\n' + '-' * 40 + '\n')  # each result is followed by a rule; it may hold newlines
     assert len(texts) == 4 and texts[-1] == ''

@@ -119,14 +119,21 @@ class Trainer:
             mp_comm_recompute=mp_comm_recompute, recompute_slice_activation=recompute_slice_activation)
 
     # ----------------------------------------------------------------- building
-    def _setup(self):
+    def _setup(self, compile_cache=True):
+        """Context, seeds and logs. MindSpore's compile cache matches cached graphs to new ones by the order they are
+        compiled in, so it is used only for training (one fixed sequence of graphs per config); evaluation and
+        generation (graphs per prompt-length bucket) turn it off, also after training in the same process."""
         config = self.config
         if 'ids' not in _CONTEXT_DONE:
             parallel = dict(config.get('parallel') or {})
             context = dict(config.get('context') or {})
-            if context.get('enable_compile_cache') and not context.get('compile_cache_path'):
+            if not compile_cache:
+                context['enable_compile_cache'] = False
+            elif context.get('enable_compile_cache') and not context.get('compile_cache_path'):
                 context['compile_cache_path'] = _compile_cache_path(config)
             _CONTEXT_DONE['ids'] = init_context(bool(config.get('use_parallel', False)), context, parallel)
+        if not compile_cache and ms.get_context('enable_compile_cache'):
+            ms.set_context(enable_compile_cache=False)
         self.rank_id, self.device_num = _CONTEXT_DONE['ids']
         ms.set_seed(int(config.seed))
         np.random.seed(int(config.seed))
@@ -367,7 +374,7 @@ class Trainer:
         """Perplexity on the eval dataset: returns {'loss': mean token loss, 'PPL': exp(loss)}."""
         if kwargs:
             raise TypeError(f"unknown argument(s): {', '.join(sorted(kwargs))}")
-        self._setup()
+        self._setup(compile_cache=False)
         network = self._get_network()
         checkpoint = self._checkpoint_arg(eval_checkpoint)
         if checkpoint:
@@ -392,7 +399,7 @@ class Trainer:
     def predict(self, predict_checkpoint=None, input_data=None, batch_size=None, **generate_kwargs):
         """Continue each prompt of `input_data` (a str or list of str). Returns
         `[{'text_generation_text': [text]}, ...]`, one entry per prompt, each text including its prompt."""
-        self._setup()
+        self._setup(compile_cache=False)
         network = self._get_network()
         checkpoint = self._checkpoint_arg(predict_checkpoint)
         if checkpoint:
