@@ -195,3 +195,28 @@ def test_sharded_linear_keeps_the_plain_column_sum():
     assert isinstance(Linear(8, 8, split='column').bias_add.column_sum, FusedColumnSum)
     sharded = Linear(8, 8, split='column', parallel_config=ParallelConfig(model_parallel=2))
     assert not isinstance(sharded.bias_add.column_sum, FusedColumnSum)
+
+
+def test_packed_decode_attention_equals_the_unpacked_kernel():
+    from mindformers.modules.cpu_kernels import FusedDecodeAttention, FusedDecodeAttentionPacked
+    batch, heads, kv_heads, length, dim, position = 3, 4, 2, 20, 8, 6
+    rng = np.random.default_rng(8)
+    qkv = rng.standard_normal((batch, (heads + 2 * kv_heads) * dim)).astype(np.float32)
+    history = rng.standard_normal((2, batch, kv_heads, length, dim)).astype(np.float32)
+    mask = np.zeros((batch, 1, 1, length), np.float32)
+    mask[1, ..., :2] = -1e9
+    indices = np.zeros((batch, kv_heads, 1, 3), np.int32)
+    indices[..., 2] = position
+    scale = 0.125
+    query = qkv[:, :heads * dim].reshape(batch, heads, 1, dim) * scale
+    key = qkv[:, heads * dim:(heads + kv_heads) * dim].reshape(batch, kv_heads, 1, dim)
+    value = qkv[:, (heads + kv_heads) * dim:].reshape(batch, kv_heads, 1, dim)
+    caches = [[ms.Parameter(Tensor(h.copy()), name=f'c{i}{j}') for j, h in enumerate(history)] for i in range(2)]
+    packed = FusedDecodeAttentionPacked()(Tensor(qkv), *caches[0], Tensor(mask), Tensor(indices),
+                                          Tensor(np.array([scale], np.float32))).asnumpy()
+    plain = FusedDecodeAttention()(*map(Tensor, (query, key, value)), *caches[1], Tensor(mask),
+                                   Tensor(indices)).asnumpy()
+    np.testing.assert_allclose(packed, plain.reshape(batch, heads * dim), rtol=1e-5, atol=1e-6)
+    for ours, theirs in zip(caches[0], caches[1]):
+        np.testing.assert_array_equal(ours.asnumpy(), theirs.asnumpy())
+    np.testing.assert_array_equal(caches[0][0].asnumpy()[:, :, position], key[:, :, 0])

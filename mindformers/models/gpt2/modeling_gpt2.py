@@ -8,6 +8,7 @@ from mindformers.models.base_model import CausalLMModel
 from mindformers.models.gpt2.gpt2_config import GPT2Config
 from mindformers.modules import CausalMask, CausalSelfAttention, Dropout, Embedding, LayerNorm, MLP
 from mindformers.modules.attention import fused_causal_attention
+from mindformers.modules.cpu_kernels import FusedDecodeAttentionPacked, use_fused
 from mindformers.modules.kv_cache import IncrementalSession, KVCache
 from mindformers.modules.layers import _dp_mp, to_mstype
 from mindformers.tools.register import MindFormerRegister, MindFormerModuleType
@@ -165,11 +166,19 @@ class GPT2IncrementalCore(nn.Cell):
         self.context_matmul = ops.BatchMatMul()
         self.softmax = ops.Softmax(axis=-1)
         self.head_matmul = ops.MatMul(transpose_b=True)
+        # decode steps take q, k, v straight from the packed projection into one fused CPU kernel (fp32)
+        self.fused_decode = (use_fused(to_mstype(config.compute_dtype))
+                             and _dp_mp(config.parallel_config) == (1, 1))
+        if self.fused_decode:
+            self.attend = FusedDecodeAttentionPacked()
+            self.scale_vector = ms.Tensor([1.0 / math.sqrt(self.head_dim)], ms.float32)
 
     def _heads(self, x, batch, length):
         return ops.transpose(x.reshape(batch, length, self.num_heads, self.head_dim), (0, 2, 1, 3))
 
     def forward(self, input_ids, positions, mask, indices, prefill):
+        if self.fused_decode and not prefill:
+            return self._fused_decode_step(input_ids, positions, mask, indices)
         backbone = self.model.backbone
         batch, length = input_ids.shape
         table = backbone.embed_tokens.weight.reshape(self.model.vocab_size, self.hidden_size)
@@ -190,3 +199,20 @@ class GPT2IncrementalCore(nn.Cell):
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         last = backbone.final_layernorm(hidden[:, -1:, :]).reshape(batch, self.hidden_size)
         return self.head_matmul(last, table)
+
+    def _fused_decode_step(self, input_ids, positions, mask, indices):
+        """The decode step (same contract as `forward`) with the fused packed-attention kernel; rows are
+        [B, hidden]."""
+        backbone = self.model.backbone
+        batch = input_ids.shape[0]
+        table = backbone.embed_tokens.weight.reshape(self.model.vocab_size, self.hidden_size)
+        hidden = ops.gather(table, input_ids, 0) + ops.gather(backbone.embed_positions.weight, positions, 0)
+        hidden = hidden.reshape(batch, self.hidden_size)
+        for index, layer in enumerate(backbone.layers):
+            attention = layer.attention
+            qkv = attention.qkv_proj(layer.input_layernorm(hidden))
+            context = self.attend(qkv, self.cache.keys[index].data, self.cache.values[index].data, mask, indices,
+                                  self.scale_vector)
+            hidden = hidden + attention.o_proj(context)
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        return self.head_matmul(backbone.final_layernorm(hidden), table)

@@ -165,3 +165,17 @@ class FusedColumnSum(nn.Cell):
 
     def construct(self, x):
         return self.sum(x)
+
+
+class FusedDecodeAttentionPacked(nn.Cell):
+    """`FusedDecodeAttention` on a packed projection: `construct(qkv [B, (Hq + 2 Hkv) D] (q | k | v, heads
+    contiguous, unscaled), key_cache, value_cache, mask, indices, scale [1]) -> context [B, Hq D]`."""
+
+    def __init__(self):
+        super().__init__()
+        self.attend = _custom('DecodeAttentionPacked',
+                              lambda qkv, kc, vc, m, i, s: [qkv[0], qkv[1] - 2 * kc[1] * kc[3]],
+                              lambda qkv, kc, vc, m, i, s: qkv)
+
+    def construct(self, qkv, key_cache, value_cache, mask, indices, scale):
+        return self.attend(qkv, key_cache, value_cache, mask, indices, scale)

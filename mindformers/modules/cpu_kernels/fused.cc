@@ -1,16 +1,19 @@
 // Fused fp32 CPU kernels for MindSpore's ops.Custom(func_type="aot").
 // Signature of every entry point: params = inputs then outputs; shapes[i] has ndims[i] dims.
-// Rows are the product of all but the last dimension; large inputs are split over rows between short-lived threads
-// (one per usable core). Not OpenMP: its idle threads spin after every parallel region and starve MindSpore's own
-// thread pool, which made small ops (decode steps) several times slower. Column sums (dweight, dbias) are
+// Rows are the product of all but the last dimension; large inputs are split over rows between a small pool of
+// threads (one per usable core) that sleep between jobs. Not OpenMP: its idle threads spin after every parallel
+// region and starve MindSpore's own thread pool, which made small ops (decode steps) several times slower. Column sums (dweight, dbias) are
 // accumulated per fixed block of rows and the blocks are added in order, so results do not depend on the number of
 // threads or their timing.
 #include <sched.h>
 
 #include <algorithm>
 #include <cmath>
+#include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#include <functional>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -33,24 +36,81 @@ int UsableCores() {
   return cores;
 }
 
+// A persistent pool of (cores - 1) worker threads that sleep on a condition variable between jobs (no spinning, so
+// they never compete with MindSpore's own threads). One job at a time; a caller that finds the pool busy (kernels
+// launched concurrently by MindSpore) runs its job alone.
+class Pool {
+ public:
+  static Pool &Get() {
+    static Pool *pool = new Pool(UsableCores() - 1);  // never destroyed: workers live as long as the process
+    return *pool;
+  }
+
+  int Workers() const { return static_cast<int>(workers_.size()); }
+
+  // Runs task(t) for t in [0, tasks): t = 0 on the caller, the rest on workers. False when the pool is busy.
+  bool TryRun(int64_t tasks, const std::function<void(int64_t)> &task) {
+    std::unique_lock<std::mutex> running(run_, std::try_to_lock);
+    if (!running.owns_lock()) return false;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      task_ = &task;
+      tasks_ = tasks;
+      pending_ = tasks - 1;
+      generation_++;
+    }
+    wake_.notify_all();
+    task(0);
+    std::unique_lock<std::mutex> lock(mutex_);
+    done_.wait(lock, [this] { return pending_ == 0; });
+    return true;
+  }
+
+ private:
+  explicit Pool(int workers) {
+    for (int i = 1; i <= workers; i++) workers_.emplace_back([this, i] { Work(i); });
+  }
+
+  void Work(int64_t index) {
+    uint64_t seen = 0;
+    while (true) {
+      std::unique_lock<std::mutex> lock(mutex_);
+      wake_.wait(lock, [&] { return generation_ != seen; });
+      seen = generation_;
+      if (index >= tasks_) continue;
+      const std::function<void(int64_t)> *task = task_;
+      lock.unlock();
+      (*task)(index);
+      lock.lock();
+      if (--pending_ == 0) done_.notify_one();
+    }
+  }
+
+  std::vector<std::thread> workers_;
+  std::mutex run_, mutex_;
+  std::condition_variable wake_, done_;
+  const std::function<void(int64_t)> *task_ = nullptr;
+  int64_t tasks_ = 0, pending_ = 0;
+  uint64_t generation_ = 0;
+};
+
 // Runs fn(begin, end) over [0, n) in contiguous chunks, one per core; inline when the work (n * cost elements)
-// is too small to pay for starting threads.
+// is too small to pay for waking workers, or when the pool is busy.
 template <typename Fn>
 void ParallelFor(int64_t n, int64_t cost, Fn fn) {
-  constexpr int64_t kMinWorkPerThread = 1 << 15;
-  const int64_t threads = std::min<int64_t>({UsableCores(), n, std::max<int64_t>(1, n * cost / kMinWorkPerThread)});
+  constexpr int64_t kMinWorkPerThread = 1 << 14;
+  const int64_t threads =
+      std::min<int64_t>({Pool::Get().Workers() + 1, n, std::max<int64_t>(1, n * cost / kMinWorkPerThread)});
   if (threads <= 1) {
     fn(int64_t{0}, n);
     return;
   }
-  std::vector<std::thread> workers;
   const int64_t chunk = (n + threads - 1) / threads;
-  for (int64_t t = 1; t < threads; t++) {
+  const std::function<void(int64_t)> task = [&](int64_t t) {
     const int64_t begin = std::min(n, t * chunk), end = std::min(n, (t + 1) * chunk);
-    workers.emplace_back([=] { fn(begin, end); });
-  }
-  fn(int64_t{0}, std::min(n, chunk));
-  for (auto &worker : workers) worker.join();
+    if (begin < end) fn(begin, end);
+  };
+  if (!Pool::Get().TryRun(threads, task)) fn(int64_t{0}, n);
 }
 
 int64_t Numel(int ndim, const int64_t *shape) {
@@ -244,37 +304,29 @@ extern "C" int CausalSoftmaxBackward(int nparam, void **params, int *ndims, int6
   return 0;
 }
 
-// One decode step of attention with an in-place KV cache.
-// Inputs: query [B, Hq, 1, D] (already scaled), key and value [B, Hkv, 1, D], key_cache and value_cache
-// [B, Hkv, L, D], mask [B, 1, 1, L] additive, indices [B, Hkv, 1, 3] int32 whose last entry is the write position P
-// (the same for every row). Output: context [B, Hq, 1, D].
-// Writes key/value at position P of the caches (their memory is the caches' Parameters: an intended side effect),
-// then attends over positions 0..P only; query head h reads kv head h / (Hq / Hkv).
-extern "C" int DecodeAttention(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
-                               void *stream, void *extra) {
-  const float *q = static_cast<const float *>(params[0]);
-  const float *k = static_cast<const float *>(params[1]);
-  const float *v = static_cast<const float *>(params[2]);
-  float *key_cache = static_cast<float *>(params[3]);
-  float *value_cache = static_cast<float *>(params[4]);
-  const float *mask = static_cast<const float *>(params[5]);
-  const int32_t *indices = static_cast<const int32_t *>(params[6]);
-  float *out = static_cast<float *>(params[7]);
-  const int64_t batch = shapes[0][0], q_heads = shapes[0][1], dim = shapes[0][3];
-  const int64_t kv_heads = shapes[3][1], length = shapes[3][2];
-  const int64_t group = q_heads / kv_heads;
-  const int64_t position = indices[2];
-  if (position < 0 || position >= length || group * kv_heads != q_heads) return 1;
-  for (int64_t row = 0; row < batch * kv_heads; row++) {
-    std::memcpy(key_cache + (row * length + position) * dim, k + row * dim, dim * sizeof(float));
-    std::memcpy(value_cache + (row * length + position) * dim, v + row * dim, dim * sizeof(float));
+namespace {
+// One decode step of attention over an in-place KV cache, for `batch` rows of `q_heads` query heads and `kv_heads`
+// cached heads of `dim` values. query(b, h), key(b, g), value(b, g) point at the new vectors (query already
+// scaled); context(b, h) at the output. Caches are [batch, kv_heads, length, dim]; mask [batch, length] additive.
+// Writes key/value at `position`, then attends over positions 0..position only; query head h reads kv head
+// h / (q_heads / kv_heads).
+template <typename Query, typename Key, typename Value, typename Context>
+void DecodeAttend(int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t dim, int64_t length, int64_t position,
+                  float *key_cache, float *value_cache, const float *mask, Query query, Key key, Value value,
+                  Context context) {
+  for (int64_t b = 0; b < batch; b++) {
+    for (int64_t g = 0; g < kv_heads; g++) {
+      const int64_t slot = ((b * kv_heads + g) * length + position) * dim;
+      std::memcpy(key_cache + slot, key(b, g), dim * sizeof(float));
+      std::memcpy(value_cache + slot, value(b, g), dim * sizeof(float));
+    }
   }
-  const int64_t span = position + 1;
+  const int64_t span = position + 1, group = q_heads / kv_heads;
   ParallelFor(batch * q_heads, 2 * span * dim, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(span);
     for (int64_t row = begin; row < end; row++) {
-      const int64_t b = row / q_heads, kv_row = b * kv_heads + (row % q_heads) / group;
-      const float *qr = q + row * dim;
+      const int64_t b = row / q_heads, h = row % q_heads, kv_row = b * kv_heads + h / group;
+      const float *qr = query(b, h);
       const float *keys = key_cache + kv_row * length * dim;
       const float *values = value_cache + kv_row * length * dim;
       const float *mr = mask + b * length;
@@ -292,7 +344,7 @@ extern "C" int DecodeAttention(int nparam, void **params, int *ndims, int64_t **
         scores[j] = std::exp(scores[j] - mx);
         sum += scores[j];
       }
-      float *orow = out + row * dim;
+      float *orow = context(b, h);
       std::memset(orow, 0, dim * sizeof(float));
       for (int64_t j = 0; j < span; j++) {
         const float p = scores[j] / sum;
@@ -302,6 +354,55 @@ extern "C" int DecodeAttention(int nparam, void **params, int *ndims, int64_t **
       }
     }
   });
+}
+}  // namespace
+
+// Inputs: query [B, Hq, 1, D] (already scaled), key and value [B, Hkv, 1, D], key_cache and value_cache
+// [B, Hkv, L, D], mask [B, 1, 1, L] additive, indices [B, Hkv, 1, 3] int32 whose last entry is the write position P
+// (the same for every row). Output: context [B, Hq, 1, D]. The caches' memory is their Parameters': writing into
+// it is the intended side effect.
+extern "C" int DecodeAttention(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                               void *stream, void *extra) {
+  const float *q = static_cast<const float *>(params[0]);
+  const float *k = static_cast<const float *>(params[1]);
+  const float *v = static_cast<const float *>(params[2]);
+  float *out = static_cast<float *>(params[7]);
+  const int64_t batch = shapes[0][0], q_heads = shapes[0][1], dim = shapes[0][3];
+  const int64_t kv_heads = shapes[3][1], length = shapes[3][2];
+  const int64_t position = static_cast<const int32_t *>(params[6])[2];
+  if (position < 0 || position >= length || q_heads % kv_heads) return 1;
+  DecodeAttend(batch, q_heads, kv_heads, dim, length, position, static_cast<float *>(params[3]),
+               static_cast<float *>(params[4]), static_cast<const float *>(params[5]),
+               [&](int64_t b, int64_t h) { return q + (b * q_heads + h) * dim; },
+               [&](int64_t b, int64_t g) { return k + (b * kv_heads + g) * dim; },
+               [&](int64_t b, int64_t g) { return v + (b * kv_heads + g) * dim; },
+               [&](int64_t b, int64_t h) { return out + (b * q_heads + h) * dim; });
+  return 0;
+}
+
+// The same on a packed projection: qkv [B, (Hq + 2 Hkv) D] laid out q | k | v with heads contiguous (unscaled),
+// key_cache, value_cache, mask, indices as above, scale [1]. Output: context [B, Hq D] (heads merged).
+extern "C" int DecodeAttentionPacked(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                     void *stream, void *extra) {
+  const float *qkv = static_cast<const float *>(params[0]);
+  float *out = static_cast<float *>(params[6]);
+  const int64_t batch = shapes[0][0], width = shapes[0][1];
+  const int64_t kv_heads = shapes[1][1], length = shapes[1][2], dim = shapes[1][3];
+  const int64_t q_heads = width / dim - 2 * kv_heads;
+  const int64_t position = static_cast<const int32_t *>(params[4])[2];
+  const float scale = *static_cast<const float *>(params[5]);
+  if (position < 0 || position >= length || q_heads <= 0 || q_heads % kv_heads) return 1;
+  std::vector<float> query(batch * q_heads * dim);
+  for (int64_t b = 0; b < batch; b++) {
+    for (int64_t i = 0; i < q_heads * dim; i++) query[b * q_heads * dim + i] = qkv[b * width + i] * scale;
+  }
+  const float *keys = qkv + q_heads * dim, *values = keys + kv_heads * dim;
+  DecodeAttend(batch, q_heads, kv_heads, dim, length, position, static_cast<float *>(params[1]),
+               static_cast<float *>(params[2]), static_cast<const float *>(params[3]),
+               [&](int64_t b, int64_t h) { return query.data() + (b * q_heads + h) * dim; },
+               [&](int64_t b, int64_t g) { return keys + b * width + g * dim; },
+               [&](int64_t b, int64_t g) { return values + b * width + g * dim; },
+               [&](int64_t b, int64_t h) { return out + (b * q_heads + h) * dim; });
   return 0;
 }
 
