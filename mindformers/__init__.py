@@ -17,6 +17,6 @@ from mindformers.generation import (GeneratorMixin, GenerationConfig, BaseStream
                                     TextIteratorStreamer)
 from mindformers.wrapper import MFTrainOneStepCell
 from mindformers.trainer import Trainer, TrainingArguments
-from mindformers.pipeline import pipeline, TextGenerationPipeline
+from mindformers.pipeline import pipeline, BasePipeline, TextGenerationPipeline
 
 __all__ = [name for name in dir() if not name.startswith('_')]

@@ -11,6 +11,7 @@ from transformers import GPT2TokenizerFast as HFTokenizer
 
 from mindformers import (AutoConfig, AutoModel, AutoProcessor, AutoTokenizer, BaseProcessor, GPT2Config,
                          GPT2LMHeadModel, GPT2Processor, GPT2Tokenizer)
+from mindformers.tools.model_book import find_config
 from mindformers.tools.utils import resolve_path
 
 VOCAB = resolve_path('assets/gpt2_tiny/vocab.json')
@@ -29,6 +30,18 @@ def small():
                                       top_k=3))
 
 
+def test_config_save_then_load(small, tmp_path):
+    path = small.config.save_pretrained(tmp_path)
+    assert json.loads(open(path).read())['type'] == 'GPT2Config'
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(loaded, GPT2Config) and loaded.to_dict() == small.config.to_dict()
+    assert GPT2Config.from_pretrained(tmp_path, num_layers=1).num_layers == 1
+    assert isinstance(AutoModel.from_config(loaded), GPT2LMHeadModel)
+    assert AutoConfig.from_pretrained('gpt2_tiny', seq_length=64).seq_length == 64
+    assert AutoConfig.from_pretrained(find_config('gpt2_tiny')).to_dict() == \
+        AutoConfig.from_pretrained('gpt2_tiny').to_dict()
+
+
 @pytest.mark.parametrize('checkpoint_format', ['safetensors', 'ckpt'])
 def test_model_save_then_load_gives_identical_logits(small, tmp_path, checkpoint_format):
     small.save_pretrained(tmp_path, checkpoint_format=checkpoint_format)
@@ -39,6 +52,15 @@ def test_model_save_then_load_gives_identical_logits(small, tmp_path, checkpoint
     assert isinstance(loaded, GPT2LMHeadModel) and loaded.config.top_k == 3
     np.testing.assert_array_equal(logits(loaded), logits(small))
     assert AutoConfig.from_pretrained(tmp_path, top_k=1).top_k == 1
+    np.testing.assert_array_equal(logits(GPT2LMHeadModel.from_pretrained(tmp_path)), logits(small))
+
+
+def test_registered_name_and_yaml_build_the_same_model():
+    small = dict(hidden_size=32, num_layers=1, num_heads=2, seq_length=16)
+    model = AutoModel.from_pretrained('gpt2_tiny', **small)
+    assert isinstance(model, GPT2LMHeadModel) and model.config.seq_length == 16
+    assert GPT2LMHeadModel.from_pretrained(find_config('gpt2_tiny'), **small).config.to_dict() == \
+        model.config.to_dict()
 
 
 def test_save_refuses_a_directory_with_other_weights(small, tmp_path):
@@ -86,6 +108,8 @@ def test_huggingface_directory_loads_with_conversion(hf_dir):
     text = 'First Citizen: we are accounted poor citizens'
     assert len(tokenizer.encode(text)) > 5 and tokenizer.encode(text) == reference.encode(text)
     assert isinstance(AutoProcessor.from_pretrained(directory).tokenizer, GPT2Tokenizer)
+    assert AutoConfig.from_pretrained(directory).seq_length == 32
+    np.testing.assert_allclose(logits(GPT2LMHeadModel.from_pretrained(directory)), expected, atol=1e-4)
 
 
 def test_tokenizer_from_tokenizer_json_saves_plain_files(hf_dir, tmp_path):
@@ -114,9 +138,27 @@ def _write_bin(hf, directory):
     torch.save(hf.state_dict(), directory / 'pytorch_model.bin')
 
 
-def test_bad_directories_are_named(tmp_path, hf_dir):
+def test_bad_directories_are_named(tmp_path, hf_dir, small):
     with pytest.raises(ValueError, match='has no config.json'):
         AutoModel.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"the path does not exist"):
+        AutoModel.from_pretrained(tmp_path / 'absent')
+    (tmp_path / 'config.json').write_text('{"type": "GPT9Config"}')
+    with pytest.raises(ValueError, match=r"unknown config type 'GPT9Config'.*config.json"):
+        AutoConfig.from_pretrained(tmp_path)
+    (tmp_path / 'config.json').write_text('{"n_layer": 2}')
+    with pytest.raises(ValueError, match="neither 'type'.*nor 'model_type'"):
+        AutoConfig.from_pretrained(tmp_path)
+    small.config.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=f"{tmp_path} has config.json but no weights"):
+        AutoModel.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match='there is no tokenizer_config.json'):
+        AutoTokenizer.from_pretrained(tmp_path)
+    (tmp_path / 'config.json').write_text((hf_dir[0] / 'config.json').read_text())
+    with pytest.raises(ValueError, match=f"no HF weights in directory {tmp_path}"):
+        AutoModel.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=f"{tmp_path} has no GPT2Tokenizer files"):
+        AutoTokenizer.from_pretrained(tmp_path)
     (tmp_path / 'config.json').write_text(json.dumps({'model_type': 'bert'}))
     with pytest.raises(ValueError, match="model_type 'bert'.*supported HuggingFace model types: gpt2"):
         AutoModel.from_pretrained(tmp_path)

@@ -36,13 +36,24 @@ class BaseConfig:
         return f"{type(self).__name__}({json.dumps(self.to_dict(), ensure_ascii=False, default=str)})"
 
     def save_pretrained(self, save_directory):
-        """Write `config.json` into `save_directory`."""
+        """Write `config.json` (`to_dict()`, atomically) into `save_directory`; returns its path."""
         os.makedirs(save_directory, exist_ok=True)
         path = os.path.join(save_directory, 'config.json')
-        tmp = path + '.tmp'
+        tmp = f"{path}.tmp.{os.getpid()}"
         with open(tmp, 'w', encoding='utf-8') as f:
             json.dump(self.to_dict(), f, indent=2, ensure_ascii=False, default=str)
         os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, **kwargs):
+        """The config of a registered name, run YAML or directory (see AutoConfig.from_pretrained); on a subclass
+        the source must hold that class's config."""
+        from mindformers.models.auto import AutoConfig
+        config = AutoConfig.from_pretrained(name_or_path, **kwargs)
+        if not isinstance(config, cls):
+            raise ValueError(f"{name_or_path} holds a {type(config).__name__}, not a {cls.__name__}")
+        return config
 
     @classmethod
     def from_dict(cls, mapping):

@@ -94,6 +94,15 @@ class BaseModel(nn.Cell, GeneratorMixin):
             self.config.checkpoint_name_or_path = source
         return save_directory
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_dir, **kwargs):
+        """This class built with weights from what `AutoModel.from_pretrained` accepts (a registered name, a run
+        YAML, a save_pretrained or HuggingFace directory); `kwargs` override config fields. On BaseModel itself
+        the class comes from the source, as with AutoModel."""
+        from mindformers.models.auto.auto_class import load_model
+        return load_model(pretrained_model_name_or_dir, None if cls in (BaseModel, CausalLMModel) else cls,
+                          **kwargs)
+
     def num_parameters(self, trainable_only=False):
         """Number of scalar parameters (each shared parameter counted once)."""
         params = self.trainable_params() if trainable_only else self.get_parameters()

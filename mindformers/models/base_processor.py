@@ -31,22 +31,30 @@ class BaseProcessor:
         return {'text': encoded['input_ids']}
 
     def save_pretrained(self, save_directory):
-        """Save the tokenizer files and `processor_config.json` (class name and settings)."""
+        """Save the tokenizer files and `processor_config.json` (class name and settings, written atomically);
+        returns `save_directory`."""
+        from mindformers.tools.checkpoint import write_json_atomic
+        if self.tokenizer is None:
+            raise ValueError(f"{type(self).__name__} has no tokenizer to save")
         os.makedirs(save_directory, exist_ok=True)
         self.tokenizer.save_pretrained(save_directory)
-        with open(os.path.join(save_directory, PROCESSOR_CONFIG_FILE), 'w', encoding='utf-8') as f:
-            json.dump({'type': type(self).__name__, 'max_length': self.max_length, 'padding': self.padding,
-                       'return_tensors': self.return_tensors}, f, indent=2)
+        write_json_atomic(os.path.join(save_directory, PROCESSOR_CONFIG_FILE),
+                          {'type': type(self).__name__, 'max_length': self.max_length, 'padding': self.padding,
+                           'return_tensors': self.return_tensors})
+        return save_directory
 
     @classmethod
-    def from_pretrained(cls, directory, **kwargs):
-        """Load what `save_pretrained` wrote; `kwargs` override the saved settings."""
-        from mindformers.models.auto import AutoTokenizer
-        path = os.path.join(directory, PROCESSOR_CONFIG_FILE)
+    def from_pretrained(cls, name_or_path, **kwargs):
+        """Load what `save_pretrained` wrote (a directory), or the processor of a registered name or run YAML;
+        `kwargs` override the saved settings."""
+        from mindformers.models.auto import AutoProcessor, AutoTokenizer
+        if not os.path.isdir(str(name_or_path)):
+            return AutoProcessor.from_pretrained(name_or_path, **kwargs)
+        path = os.path.join(name_or_path, PROCESSOR_CONFIG_FILE)
         if not os.path.isfile(path):
-            raise ValueError(f"{directory} has no {PROCESSOR_CONFIG_FILE} (expected a processor save_pretrained "
+            raise ValueError(f"{name_or_path} has no {PROCESSOR_CONFIG_FILE} (expected a processor save_pretrained "
                              f"directory)")
         with open(path, encoding='utf-8') as f:
             settings = {k: v for k, v in json.load(f).items() if k != 'type'}
         settings.update(kwargs)
-        return cls(tokenizer=AutoTokenizer.from_pretrained(directory), **settings)
+        return cls(tokenizer=AutoTokenizer.from_pretrained(name_or_path), **settings)

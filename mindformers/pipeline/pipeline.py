@@ -1,40 +1,63 @@
 """pipeline(): a ready-to-call task pipeline from a registered model name, a directory, a YAML or a model object."""
 import os
 
+from mindformers.pipeline.base_pipeline import positive_int
 from mindformers.tools.register import MindFormerRegister, MindFormerModuleType
 
 BUILD_TIME = ('batch_size', 'use_past', 'seq_length')
 
 
+def _task_class(task):
+    if isinstance(task, str) and MindFormerRegister.is_exist(MindFormerModuleType.PIPELINE, task):
+        return MindFormerRegister.get_cls(MindFormerModuleType.PIPELINE, task)
+    names = MindFormerRegister.names(MindFormerModuleType.PIPELINE)
+    known = [n for n in names if not n[0].isupper()] or names  # task aliases, not class names
+    raise ValueError(f"unknown pipeline task {task!r} (known tasks: {', '.join(known)})")
+
+
+def _build_options(kwargs):
+    """Pop and check the build-time options."""
+    given = {k: kwargs.pop(k, None) for k in BUILD_TIME}
+    build = {k: v for k, v in given.items() if v is not None}
+    for name in ('batch_size', 'seq_length'):
+        if name in build:
+            positive_int(build[name], name)
+    if 'use_past' in build and not isinstance(build['use_past'], bool):
+        raise ValueError(f"use_past must be True or False, got {build['use_past']!r}")
+    return build
+
+
 def pipeline(task='text_generation', model=None, tokenizer=None, **kwargs):
-    """Build the pipeline registered for `task`.
+    """Build the pipeline registered for `task` ('text_generation', or a user pipeline's registered name).
 
     `model`: a registered name (e.g. 'gpt2_tiny'), a directory from `save_pretrained` or HuggingFace, a run YAML,
-    or a model instance. `tokenizer`: an instance; by default loaded like the model (name, directory or YAML).
-    `batch_size`, `use_past` and `seq_length` configure the model when it is built (for an instance, `use_past` is
-    set on its config and `seq_length` must match); every other keyword is a default generate option."""
+    or a model instance. `tokenizer`: an instance, or a name/directory/YAML to load it from; by default it is
+    loaded like the model. `batch_size`, `use_past` and `seq_length` configure the model when it is built (for an
+    instance, `use_past` and `batch_size` are set on its config and `seq_length` must match it); every other
+    keyword is a default option of the pipeline's call (for text generation: generate options)."""
     from mindformers.models.auto import AutoModel, AutoTokenizer
-    if task is None or not MindFormerRegister.is_exist(MindFormerModuleType.PIPELINE, task):
-        known = [n for n in MindFormerRegister.names(MindFormerModuleType.PIPELINE) if not n[0].isupper()]
-        raise ValueError(f"unknown pipeline task {task!r} (known tasks: {', '.join(known)})")
+    pipeline_cls = _task_class(task)
     if model is None:
         raise ValueError("pipeline() needs model= (a registered name such as 'gpt2_tiny', a directory, a YAML "
                          "path or a model instance)")
-    build = {k: kwargs.pop(k) for k in BUILD_TIME if k in kwargs}
+    build = _build_options(kwargs)
     if isinstance(model, (str, os.PathLike)):
         source = os.fspath(model)
         model = AutoModel.from_pretrained(source, **build)
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(source)
     else:
-        seq_length = build.get('seq_length')
-        if seq_length is not None and int(seq_length) != int(model.config.seq_length):
-            raise ValueError(f"pipeline(seq_length={seq_length}) does not match the given model's seq_length "
-                             f"{model.config.seq_length}; build the model with that seq_length instead")
-        if 'use_past' in build:
-            model.config.use_past = bool(build['use_past'])
-        if 'batch_size' in build:
-            model.config.batch_size = int(build['batch_size'])
+        config = getattr(model, 'config', None)
+        if config is None:
+            raise TypeError(f"pipeline(model=...) takes a model name, a directory, a YAML path or a model with a "
+                            f"`config`, got {type(model).__name__}")
+        if 'seq_length' in build and build['seq_length'] != int(config.seq_length):
+            raise ValueError(f"pipeline(seq_length={build['seq_length']}) does not match the given model's "
+                             f"seq_length {config.seq_length}; build the model with that seq_length instead")
+        for name in ('use_past', 'batch_size'):
+            if name in build:
+                setattr(config, name, build[name])
+    if isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = AutoTokenizer.from_pretrained(os.fspath(tokenizer))
     model.set_train(False)
-    pipeline_cls = MindFormerRegister.get_cls(MindFormerModuleType.PIPELINE, task)
     return pipeline_cls(model=model, tokenizer=tokenizer, **kwargs)

@@ -1,19 +1,48 @@
 """AutoConfig, AutoModel, AutoTokenizer, AutoProcessor: objects from a registered model name, a run YAML, a directory
 written by `save_pretrained`, or a HuggingFace model directory (families in `convert_utils.HF_FAMILIES`, converted on
-load). Our directories are told apart by the `type` key in their config.json; HF ones carry `model_type`."""
+load).
+
+The two kinds of directory are told apart by their `config.json`: ours names a registered config class under `type`
+(see `BaseConfig.to_dict`), a HuggingFace one carries `model_type` and no `type`."""
 import importlib
 import json
 import os
 
 import numpy as np
 
+from mindformers.models.base_processor import PROCESSOR_CONFIG_FILE, BaseProcessor
 from mindformers.models.convert_utils import HF_FAMILIES, load_hf_weights
 from mindformers.tools.build import build_model_config, build_model, build_processor, build_tokenizer
 from mindformers.tools.model_book import CHECKPOINTS, find_config
 from mindformers.tools.register import MindFormerConfig, MindFormerRegister, MindFormerModuleType
 
 CONFIG_FILE = 'config.json'
-PROCESSOR_CONFIG_FILE = 'processor_config.json'
+WEIGHT_SUFFIXES = ('.safetensors', '.ckpt')
+
+# config class -> the registered model class AutoModel builds from it; a family adds one line (or `register_auto`)
+_ARCH_FOR_CONFIG = {'GPT2Config': 'GPT2LMHeadModel'}
+
+
+def register_auto(config_name, model_name):
+    """Tell AutoModel.from_config which registered model class a config class builds."""
+    _ARCH_FOR_CONFIG[config_name] = model_name
+
+
+def _source_kind(name_or_path, caller):
+    """'dir', 'yaml' or 'name' for a `from_pretrained` argument; anything else is a clear error."""
+    source = os.fspath(name_or_path) if isinstance(name_or_path, os.PathLike) else name_or_path
+    if not isinstance(source, str) or not source:
+        raise TypeError(f"{caller}.from_pretrained expects a registered model name, a directory or a YAML path, "
+                        f"got {name_or_path!r}")
+    if os.path.isdir(source):
+        return 'dir'
+    if source.endswith(('.yaml', '.yml')):
+        return 'yaml'
+    if os.path.exists(source) or os.sep in source or '/' in source:
+        what = 'is a file, not a directory or a YAML file' if os.path.exists(source) else 'does not exist'
+        raise ValueError(f"{caller}.from_pretrained({source!r}): the path {what} (expected a registered model "
+                         f"name, a directory written by save_pretrained or HuggingFace, or a run YAML)")
+    return 'name'
 
 
 def _run_config(name_or_path):
@@ -24,15 +53,26 @@ def _run_config(name_or_path):
 
 
 def _read_config_json(directory):
+    """(mapping, 'ours' | 'hf') for `directory/config.json`, or an error naming the directory and what is wrong."""
     path = os.path.join(directory, CONFIG_FILE)
     if not os.path.isfile(path):
         raise ValueError(f"{directory} has no {CONFIG_FILE}: expected a directory written by save_pretrained or a "
                          f"HuggingFace model directory")
-    with open(path, encoding='utf-8') as f:
-        data = json.load(f)
+    try:
+        with open(path, encoding='utf-8') as f:
+            data = json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object")
-    return data
+        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    if 'type' in data:
+        if not MindFormerRegister.is_exist(MindFormerModuleType.CONFIG, data['type']):
+            MindFormerRegister.get_cls(MindFormerModuleType.CONFIG, data['type'], where=f"{path}: type")
+        return data, 'ours'
+    if 'model_type' in data:
+        return data, 'hf'
+    raise ValueError(f"{path} has neither 'type' (a config saved by save_pretrained) nor 'model_type' (a "
+                     f"HuggingFace config)")
 
 
 def _hf_family(directory, data):
@@ -44,25 +84,21 @@ def _hf_family(directory, data):
     return importlib.import_module(HF_FAMILIES[model_type][0])
 
 
-def _is_ours(data):
-    return 'type' in data
-
-
 class AutoConfig:
     """`AutoConfig.from_pretrained(name | yaml | directory, **overrides)` -> the model config object."""
 
     @classmethod
     def from_pretrained(cls, name_or_path, **kwargs):
-        if os.path.isdir(str(name_or_path)):
-            data = _read_config_json(name_or_path)
-            config = build_model_config(data) if _is_ours(data) else \
-                _hf_family(name_or_path, data).config_from_hf(data)
-            for key, value in kwargs.items():
-                setattr(config, key, value)
-            return config
-        section = dict(_run_config(name_or_path).model.model_config)
-        section.update(kwargs)
-        return build_model_config(section)
+        if _source_kind(name_or_path, cls.__name__) != 'dir':
+            section = dict(_run_config(name_or_path).model.model_config)
+            section.update(kwargs)
+            return build_model_config(section)
+        directory = os.fspath(name_or_path)
+        data, kind = _read_config_json(directory)
+        if kind == 'ours':
+            return build_model_config({**data, **kwargs})
+        config = _hf_family(directory, data).config_from_hf(data)
+        return type(config).from_dict({**config.to_dict(), **kwargs}) if kwargs else config
 
 
 class AutoModel:
@@ -70,40 +106,67 @@ class AutoModel:
 
     @classmethod
     def from_config(cls, config, **kwargs):
-        """Build the model class registered for this config type (`GPT2Config` -> `GPT2LMHeadModel`)."""
-        if isinstance(config, (str, os.PathLike)):
-            config = AutoConfig.from_pretrained(os.fspath(config), **kwargs)
-        arch = _ARCH_FOR_CONFIG.get(type(config).__name__)
-        if arch is None:
-            raise ValueError(f"no model class is known for {type(config).__name__}; "
-                             f"known: {', '.join(sorted(_ARCH_FOR_CONFIG))}")
-        return MindFormerRegister.get_cls(MindFormerModuleType.MODELS, arch)(config)
+        """A model with fresh weights (or `config.checkpoint_name_or_path`'s) for `config` (a config object, or
+        anything AutoConfig.from_pretrained takes plus overrides): the class registered for the config type."""
+        if not hasattr(config, 'to_dict'):
+            config = AutoConfig.from_pretrained(config, **kwargs)
+        return _model_class(config)(config)
 
     @classmethod
     def from_pretrained(cls, name_or_path, **kwargs):
-        if not os.path.isdir(str(name_or_path)):
-            run_config = _run_config(name_or_path)
-            if kwargs:
-                run_config.model.model_config.merge_from_dict(kwargs)
-            model_config = run_config.model.model_config
-            if not model_config.get('checkpoint_name_or_path') and name_or_path in CHECKPOINTS:
-                model_config.checkpoint_name_or_path = name_or_path  # published weights: fetched and loaded
+        """A model with its weights: a registered name (its YAML; published weights fetched into the cache), a run
+        YAML (its `checkpoint_name_or_path`), our directory (config.json + one .safetensors/.ckpt) or a HuggingFace
+        directory (config.json + model.safetensors / pytorch_model.bin, converted). `kwargs` override config
+        fields (e.g. seq_length, use_past)."""
+        return load_model(name_or_path, None, **kwargs)
+
+
+def _model_class(config):
+    arch = _ARCH_FOR_CONFIG.get(type(config).__name__)
+    if arch is None:
+        raise ValueError(f"no model class is known for {type(config).__name__}; "
+                         f"known: {', '.join(sorted(_ARCH_FOR_CONFIG))} (see register_auto)")
+    return MindFormerRegister.get_cls(MindFormerModuleType.MODELS, arch)
+
+
+def load_model(name_or_path, model_class=None, **kwargs):
+    """What AutoModel.from_pretrained does; `model_class` (e.g. from `GPT2LMHeadModel.from_pretrained`) replaces
+    the class the source names."""
+    caller = model_class.__name__ if model_class else 'AutoModel'
+    if _source_kind(name_or_path, caller) != 'dir':
+        run_config = _run_config(name_or_path)
+        if kwargs:
+            run_config.model.model_config.merge_from_dict(kwargs)
+        model_config = run_config.model.model_config
+        if not model_config.get('checkpoint_name_or_path') and name_or_path in CHECKPOINTS:
+            model_config.checkpoint_name_or_path = name_or_path  # published weights: fetched and loaded
+        if model_class is None:
             return build_model(run_config.model)
-        directory = os.fspath(name_or_path)
-        data = _read_config_json(directory)
-        config = AutoConfig.from_pretrained(directory, **kwargs)
-        if _is_ours(data):
-            weights = sorted(f for f in os.listdir(directory) if f.endswith(('.ckpt', '.safetensors')))
-            if len(weights) > 1:
-                raise ValueError(f"{directory} holds several weight files ({', '.join(weights)}); keep one")
-            if weights and not config.checkpoint_name_or_path:
-                config.checkpoint_name_or_path = os.path.join(directory, weights[0])
-            return cls.from_config(config)
-        config.checkpoint_name_or_path = ''
-        model = cls.from_config(config)
-        converted = _hf_family(directory, data).convert_hf_to_ms(load_hf_weights(directory), config)
-        _load_arrays(model, converted, directory)
-        return model
+        return model_class(build_model_config(model_config))
+    directory = os.fspath(name_or_path)
+    data, kind = _read_config_json(directory)
+    config = AutoConfig.from_pretrained(directory, **kwargs)
+    model_class = model_class or _model_class(config)
+    if kind == 'ours':
+        if not config.checkpoint_name_or_path:
+            config.checkpoint_name_or_path = _our_weights(directory)
+        return model_class(config)
+    config.checkpoint_name_or_path = ''
+    model = model_class(config)
+    converted = _hf_family(directory, data).convert_hf_to_ms(load_hf_weights(directory), config)
+    _load_arrays(model, converted, directory)
+    return model
+
+
+def _our_weights(directory):
+    """The one weight file of a save_pretrained directory."""
+    weights = sorted(f for f in os.listdir(directory) if f.endswith(WEIGHT_SUFFIXES) and not f.startswith('.'))
+    if not weights:
+        raise ValueError(f"{directory} has {CONFIG_FILE} but no weights (model.safetensors or model.ckpt); for "
+                         f"fresh weights use AutoModel.from_config(AutoConfig.from_pretrained({directory!r}))")
+    if len(weights) > 1:
+        raise ValueError(f"{directory} holds several weight files ({', '.join(weights)}); keep one")
+    return os.path.join(directory, weights[0])
 
 
 def _load_arrays(model, arrays, source):
@@ -118,12 +181,14 @@ def _load_arrays(model, arrays, source):
 
 
 class AutoTokenizer:
-    """`AutoTokenizer.from_pretrained(name | yaml | directory)`; a directory may be ours or HuggingFace's."""
+    """`AutoTokenizer.from_pretrained(name | yaml | directory, **overrides)`; a directory holds our
+    `tokenizer_config.json` (written by save_pretrained), or is a HuggingFace model directory whose config.json
+    `model_type` has a converter (vocab.json + merges.txt or tokenizer.json for GPT-2)."""
 
     @classmethod
     def from_pretrained(cls, name_or_path, **kwargs):
         from mindformers.models.base_tokenizer import TOKENIZER_CONFIG_FILE
-        if not os.path.isdir(str(name_or_path)):
+        if _source_kind(name_or_path, cls.__name__) != 'dir':
             section = dict(_run_config(name_or_path).processor.tokenizer)
             section.update(kwargs)
             return build_tokenizer(section, where='processor.tokenizer')
@@ -134,40 +199,35 @@ class AutoTokenizer:
             with open(config_path, encoding='utf-8') as f:
                 class_name = json.load(f).get('tokenizer_class')
         if class_name is None or not MindFormerRegister.is_exist(MindFormerModuleType.TOKENIZER, class_name):
-            data = _read_config_json(directory) if os.path.isfile(os.path.join(directory, CONFIG_FILE)) else {}
+            data = _read_config_json(directory)[0] if os.path.isfile(os.path.join(directory, CONFIG_FILE)) else {}
             if data.get('model_type') not in HF_FAMILIES:
-                raise ValueError(f"{directory}: cannot tell which tokenizer to load (tokenizer_class "
-                                 f"{class_name!r} in {TOKENIZER_CONFIG_FILE} is not registered, and config.json "
-                                 f"names no supported model_type)")
+                found = (f"tokenizer_class {class_name!r} in {TOKENIZER_CONFIG_FILE} is not a registered tokenizer"
+                         if os.path.isfile(config_path) else f"there is no {TOKENIZER_CONFIG_FILE}")
+                raise ValueError(f"{directory}: cannot tell which tokenizer to load ({found}, and {CONFIG_FILE} "
+                                 f"names no supported HuggingFace model_type: {', '.join(sorted(HF_FAMILIES))})")
             class_name = HF_FAMILIES[data['model_type']][1]
         tok_cls = MindFormerRegister.get_cls(MindFormerModuleType.TOKENIZER, class_name)
+        files = getattr(tok_cls, 'vocab_files_names', {}).values()
+        if files and not any(os.path.isfile(os.path.join(directory, f)) for f in files):
+            raise ValueError(f"{directory} has no {tok_cls.__name__} files (looked for {', '.join(files)})")
         return tok_cls.from_pretrained(directory, **kwargs)
 
 
 class AutoProcessor:
-    """`AutoProcessor.from_pretrained(name | yaml | directory)`: the processor (tokenizer + input settings)."""
+    """`AutoProcessor.from_pretrained(name | yaml | directory, **overrides)`: the processor (tokenizer + input
+    settings). A directory without `processor_config.json` gives a BaseProcessor around its tokenizer."""
 
     @classmethod
     def from_pretrained(cls, name_or_path, **kwargs):
-        from mindformers.models.base_processor import BaseProcessor
-        if os.path.isdir(str(name_or_path)):
-            path = os.path.join(name_or_path, PROCESSOR_CONFIG_FILE)
-            if not os.path.isfile(path):
-                tokenizer = AutoTokenizer.from_pretrained(name_or_path)  # a tokenizer-only directory
-                return BaseProcessor(tokenizer=tokenizer, **kwargs)
-            with open(path, encoding='utf-8') as f:
-                class_name = json.load(f).get('type', 'BaseProcessor')
-            proc_cls = MindFormerRegister.get_cls(MindFormerModuleType.PROCESSOR, class_name, where=path)
-            return proc_cls.from_pretrained(name_or_path, **kwargs)
-        section = dict(_run_config(name_or_path).processor)
-        section.update(kwargs)
-        section.setdefault('type', 'BaseProcessor')
-        return build_processor(section, where='processor')
-
-
-_ARCH_FOR_CONFIG = {'GPT2Config': 'GPT2LMHeadModel'}
-
-
-def register_auto(config_name, model_name):
-    """Tell AutoModel.from_config which registered model class a config class builds."""
-    _ARCH_FOR_CONFIG[config_name] = model_name
+        if _source_kind(name_or_path, cls.__name__) != 'dir':
+            section = dict(_run_config(name_or_path).processor)
+            section.update(kwargs)
+            section.setdefault('type', 'BaseProcessor')
+            return build_processor(section, where='processor')
+        path = os.path.join(name_or_path, PROCESSOR_CONFIG_FILE)
+        if not os.path.isfile(path):
+            return BaseProcessor(tokenizer=AutoTokenizer.from_pretrained(name_or_path), **kwargs)
+        with open(path, encoding='utf-8') as f:
+            class_name = json.load(f).get('type', 'BaseProcessor')
+        proc_cls = MindFormerRegister.get_cls(MindFormerModuleType.PROCESSOR, class_name, where=path)
+        return proc_cls.from_pretrained(name_or_path, **kwargs)
