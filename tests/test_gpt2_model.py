@@ -266,8 +266,8 @@ def test_shard_strategies(vocab_emb_dp):
     assert _strategy(mlp.fc_out.matmul) == row
     assert _strategy(attention.qkv_proj.bias_add.bias_add) == ((dp, mp), (mp,))
     assert _strategy(attention.o_proj.bias_add.bias_add) == ((dp, 1), (1,))
-    assert _strategy(attention.scores_matmul) == ((dp, mp, 1, 1), (dp, mp, 1, 1))
-    assert _strategy(attention.softmax) == ((dp, mp, 1, 1),)
+    assert _strategy(attention.core.scores_matmul) == ((dp, mp, 1, 1), (dp, mp, 1, 1))
+    assert _strategy(attention.core.softmax) == ((dp, mp, 1, 1),)
     assert _strategy(block.input_layernorm.norm) == ((dp, 1, 1), (1,), (1,))
     embedding = ((1, 1), (dp, 1)) if vocab_emb_dp else ((mp, 1), (dp, 1))  # (table, ids)
     assert _strategy(net.backbone.embed_tokens.gather) == embedding

@@ -134,6 +134,22 @@ class CausalLMModel(BaseModel):
     def logits(self, input_ids, attention_mask=None):
         raise NotImplementedError(f"{type(self).__name__} must implement logits(input_ids, attention_mask=None)")
 
+    def incremental_core(self, batch_size):
+        """The family's KV-cache forward for `batch_size` rows: a cell with `cache` (a `KVCache` of seq_length
+        positions) and `forward(input_ids, positions, mask, indices, prefill)` (see `modules.kv_cache`)."""
+        raise NotImplementedError(f"{type(self).__name__} has no KV-cache decoding (use_past=False decodes "
+                                  f"without it)")
+
+    def incremental_session(self, batch_size):
+        """The `IncrementalSession` for `batch_size` rows; kept per batch size so later calls reuse its compiled
+        graphs."""
+        from mindformers.modules.kv_cache import IncrementalSession
+        sessions = self.__dict__.setdefault('_incremental_sessions', {})
+        if batch_size not in sessions:
+            core = self.incremental_core(batch_size)
+            sessions[batch_size] = IncrementalSession(core, batch_size, core.cache.kv_heads, core.cache.max_length)
+        return sessions[batch_size]
+
     def next_token_loss(self, input_ids, attention_mask=None, labels=None):
         """(mean loss fp32 scalar, number of target tokens that count fp32 scalar) for `input_ids [B, S+1]`."""
         targets = input_ids[:, 1:] if labels is None else self._align(labels, input_ids, 'labels')

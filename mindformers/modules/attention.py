@@ -1,4 +1,4 @@
-"""Multi-head causal self-attention with a fused q|k|v projection."""
+"""Attention: the shared scaled-dot-product core, GPT-2's fused-qkv attention, and grouped-query attention with RoPE."""
 import math
 
 import numpy as np
@@ -34,8 +34,55 @@ class CausalMask(nn.Cell):
         return ops.broadcast_to(mask, (batch, heads, seq, seq))
 
 
+class DotProductAttention(nn.Cell):
+    """softmax(q k^T + mask) v per head, the core every attention layer shares.
+
+    `construct(query, key, value, mask)`: query [B, H, S, D] already scaled; key, value [B, Hkv, S, D] with H a
+    multiple of Hkv (query head h reads key/value head h // (H / Hkv), as HF's `repeat_kv`); mask additive
+    [B, H, S, S] in `softmax_compute_type`, or None for the plain causal mask (only when `self.causal_softmax`,
+    the fused CPU kernel, exists) -> context [B, H, S, D] in `compute_dtype`. `dropout` acts on the
+    probabilities."""
+
+    def __init__(self, dropout=0.0, compute_dtype='float32', softmax_compute_type='float32', parallel_config=None):
+        super().__init__()
+        self.compute_dtype = to_mstype(compute_dtype, 'compute_dtype')
+        self.softmax_dtype = to_mstype(softmax_compute_type, 'softmax_compute_type')
+        self.causal_softmax = FusedCausalSoftmax() if fused_causal_attention(softmax_compute_type,
+                                                                             parallel_config) else None
+        self.dropout = Dropout(dropout)
+        dp, mp = _dp_mp(parallel_config)
+        self.scores_matmul = ops.BatchMatMul(transpose_b=True).shard(((dp, mp, 1, 1), (dp, mp, 1, 1)))
+        self.add_mask = ops.Add().shard(((dp, mp, 1, 1), (dp, mp, 1, 1)))
+        self.softmax = ops.Softmax(axis=-1).shard(((dp, mp, 1, 1),))
+        self.context_matmul = ops.BatchMatMul().shard(((dp, mp, 1, 1), (dp, mp, 1, 1)))
+        self.dropout.shard(((dp, mp, 1, 1),))
+
+    @staticmethod
+    def repeat_kv(x, heads):
+        """[B, Hkv, S, D] -> [B, heads, S, D], each key/value head repeated for its group of query heads."""
+        batch, kv_heads, seq, dim = x.shape
+        if kv_heads == heads:
+            return x
+        group = heads // kv_heads
+        x = ops.broadcast_to(x.reshape(batch, kv_heads, 1, seq, dim), (batch, kv_heads, group, seq, dim))
+        return x.reshape(batch, heads, seq, dim)
+
+    def construct(self, query, key, value, mask):
+        heads = query.shape[1]
+        scores = self.scores_matmul(query, self.repeat_kv(key, heads))  # [B, H, S, S]
+        if scores.dtype != self.softmax_dtype:
+            scores = ops.cast(scores, self.softmax_dtype)
+        if mask is None:  # the pure causal mask, applied inside the fused kernel
+            probs = self.causal_softmax(scores)
+        else:
+            probs = self.softmax(self.add_mask(scores, mask))
+        if probs.dtype != self.compute_dtype:
+            probs = ops.cast(probs, self.compute_dtype)
+        return self.context_matmul(self.dropout(probs), self.repeat_kv(value, heads))
+
+
 class CausalSelfAttention(nn.Cell):
-    """softmax(q k^T / sqrt(head_dim) + mask) v over `num_heads` heads, then an output projection.
+    """Multi-head causal self-attention with a fused q|k|v projection (GPT-2).
 
     `construct(x, mask)`: x [B, S, hidden_size]; mask additive, [B, num_heads, S, S] in `softmax_compute_type`
     (see `CausalMask`) -> [B, S, hidden_size] in `compute_dtype`. `mask=None` means the plain causal mask applied
@@ -52,7 +99,6 @@ class CausalSelfAttention(nn.Cell):
         head_dim = head_dim or hidden_size // num_heads
         self.num_heads, self.head_dim = num_heads, head_dim
         self.compute_dtype = to_mstype(compute_dtype, 'compute_dtype')
-        self.softmax_dtype = to_mstype(softmax_compute_type, 'softmax_compute_type')
         dp, mp = _dp_mp(parallel_config)
         _check_divisible(num_heads, mp, 'num_heads')
         self.inner_size = inner = num_heads * head_dim
@@ -61,20 +107,13 @@ class CausalSelfAttention(nn.Cell):
         self.o_proj = Linear(inner, hidden_size, has_bias=out_bias, init_std=out_init_std or init_std, split='row',
                              **common)
         self.scale = Tensor(1.0 / math.sqrt(head_dim), self.compute_dtype)
-        self.attention_dropout = Dropout(attention_dropout)
+        self.core = DotProductAttention(attention_dropout, compute_dtype, softmax_compute_type, parallel_config)
         self.out_dropout = Dropout(out_dropout)
-        self.causal_softmax = FusedCausalSoftmax() if fused_causal_attention(softmax_compute_type,
-                                                                             parallel_config) else None
 
         self.split_qkv = ops.Split(axis=-1, output_num=3).shard(((dp, mp),))
         self.to_heads = ops.Transpose().shard(((dp, 1, mp, 1),))
         self.from_heads = ops.Transpose().shard(((dp, mp, 1, 1),))
         self.mul_scale = ops.Mul().shard(((dp, mp, 1, 1), ()))
-        self.scores_matmul = ops.BatchMatMul(transpose_b=True).shard(((dp, mp, 1, 1), (dp, mp, 1, 1)))
-        self.add_mask = ops.Add().shard(((dp, mp, 1, 1), (dp, mp, 1, 1)))
-        self.softmax = ops.Softmax(axis=-1).shard(((dp, mp, 1, 1),))
-        self.context_matmul = ops.BatchMatMul().shard(((dp, mp, 1, 1), (dp, mp, 1, 1)))
-        self.attention_dropout.shard(((dp, mp, 1, 1),))
         self.out_dropout.shard(((dp, 1, 1),))
 
     def _heads(self, x, batch, seq):
@@ -86,15 +125,59 @@ class CausalSelfAttention(nn.Cell):
         # split along the features of the 2-D projection: far cheaper on CPU than indexing a stacked q/k/v tensor
         query, key, value = self.split_qkv(self.qkv_proj(x.reshape(batch * seq, hidden)))
         query = self.mul_scale(self._heads(query, batch, seq), self.scale)
-        scores = self.scores_matmul(query, self._heads(key, batch, seq))  # [B, heads, S, S]
-        if scores.dtype != self.softmax_dtype:
-            scores = ops.cast(scores, self.softmax_dtype)
-        if mask is None:  # the pure causal mask, applied inside the fused kernel
-            probs = self.causal_softmax(scores)
-        else:
-            probs = self.softmax(self.add_mask(scores, mask))
-        if probs.dtype != self.compute_dtype:
-            probs = ops.cast(probs, self.compute_dtype)
-        context = self.context_matmul(self.attention_dropout(probs), self._heads(value, batch, seq))
+        context = self.core(query, self._heads(key, batch, seq), self._heads(value, batch, seq), mask)
         context = self.from_heads(context, (0, 2, 1, 3)).reshape(batch * seq, self.inner_size)
         return self.out_dropout(self.o_proj(context).reshape(batch, seq, -1))
+
+
+class GroupedQueryAttention(nn.Cell):
+    """Causal self-attention with separate q/k/v projections, `num_kv_heads` key/value heads (grouped-query
+    attention when fewer than `num_heads`; one is multi-query) and rotary positions (LLaMA, GLM2).
+
+    `construct(x, mask, cos, sin)`: x [B, S, hidden_size]; mask as for `DotProductAttention` ([B, num_heads, S, S]
+    additive or None); cos, sin [B or 1, S, 1, head_dim] from `RotaryEmbedding` -> [B, S, hidden_size].
+    `q_proj.weight` [num_heads * head_dim, hidden_size], `k_proj`/`v_proj` [num_kv_heads * head_dim, hidden_size]
+    (biases when `qkv_bias`), `o_proj.weight` [hidden_size, num_heads * head_dim] (bias when `out_bias`).
+    `project(x)` -> (query scaled by 1/sqrt(head_dim), key, value) as [B, S, heads, head_dim] before rotary: the
+    KV-cache decoder reuses it."""
+
+    def __init__(self, hidden_size, num_heads, num_kv_heads=None, head_dim=None, qkv_bias=False, out_bias=False,
+                 rotary=None, attention_dropout=0.0, init_std=0.02, param_init_type='float32',
+                 compute_dtype='float32', softmax_compute_type='float32', parallel_config=None):
+        super().__init__()
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads or num_heads
+        self.head_dim = head_dim or hidden_size // num_heads
+        if num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+        dp, mp = _dp_mp(parallel_config)
+        _check_divisible(num_heads, mp, 'num_heads')
+        _check_divisible(self.num_kv_heads, mp, 'num_kv_heads')
+        common = dict(param_init_type=param_init_type, compute_dtype=compute_dtype, parallel_config=parallel_config,
+                      init_std=init_std)
+        inner, kv_inner = num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.q_proj = Linear(hidden_size, inner, has_bias=qkv_bias, split='column', **common)
+        self.k_proj = Linear(hidden_size, kv_inner, has_bias=qkv_bias, split='column', **common)
+        self.v_proj = Linear(hidden_size, kv_inner, has_bias=qkv_bias, split='column', **common)
+        self.o_proj = Linear(inner, hidden_size, has_bias=out_bias, split='row', **common)
+        self.rotary = rotary
+        self.scale = Tensor(1.0 / math.sqrt(self.head_dim), to_mstype(compute_dtype, 'compute_dtype'))
+        self.core = DotProductAttention(attention_dropout, compute_dtype, softmax_compute_type, parallel_config)
+        self.to_heads = ops.Transpose().shard(((dp, 1, mp, 1),))
+        self.from_heads = ops.Transpose().shard(((dp, mp, 1, 1),))
+
+    def project(self, x):
+        batch, seq, hidden = x.shape
+        flat = x.reshape(batch * seq, hidden)
+        query = (self.q_proj(flat) * self.scale).reshape(batch, seq, self.num_heads, self.head_dim)
+        key = self.k_proj(flat).reshape(batch, seq, self.num_kv_heads, self.head_dim)
+        value = self.v_proj(flat).reshape(batch, seq, self.num_kv_heads, self.head_dim)
+        return query, key, value
+
+    def construct(self, x, mask, cos, sin):
+        batch, seq, _ = x.shape
+        query, key, value = self.project(x)
+        query, key = self.rotary.apply(query, cos, sin), self.rotary.apply(key, cos, sin)
+        heads = lambda t: self.to_heads(t, (0, 2, 1, 3))
+        context = self.core(heads(query), heads(key), heads(value), mask)
+        context = self.from_heads(context, (0, 2, 1, 3)).reshape(batch * seq, self.num_heads * self.head_dim)
+        return self.o_proj(context).reshape(batch, seq, -1)

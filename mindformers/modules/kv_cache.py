@@ -23,7 +23,7 @@ class KVCache(nn.Cell):
     def __init__(self, num_layers, batch, kv_heads, max_length, head_dim, dtype=ms.float32):
         super().__init__()
         shape = (batch, kv_heads, max_length, head_dim)
-        self.max_length = max_length
+        self.kv_heads, self.max_length = kv_heads, max_length
         self.keys = nn.CellList([_Buffer(shape, dtype, f'key_cache_{i}') for i in range(num_layers)])
         self.values = nn.CellList([_Buffer(shape, dtype, f'value_cache_{i}') for i in range(num_layers)])
         self.scatter = ops.ScatterNdUpdate()

@@ -30,6 +30,29 @@ def _dp_mp(parallel_config):
     return config.data_parallel, config.model_parallel
 
 
+def _recompute_layer(recompute, layer_id, num_layers, pipeline_stages):
+    """Whether layer `layer_id` is recomputed: `recompute` is a bool, or per pipeline stage the number of layers
+    (counted from the stage's first) to recompute."""
+    if isinstance(recompute, bool):
+        return recompute
+    if isinstance(recompute, (list, tuple)):
+        per_stage = math.ceil(num_layers / pipeline_stages)
+        stage, index = divmod(layer_id, per_stage)
+        return stage < len(recompute) and index < int(recompute[stage])
+    raise ValueError(f"recompute must be a bool or a list of per-stage layer counts, got {recompute!r}")
+
+
+def place_layers(layers, parallel_config):
+    """Mark the transformer `layers` (a CellList) for recomputation and assign them to pipeline stages (an even
+    split) as `parallel_config` and its recompute settings ask."""
+    recompute, stages = parallel_config.recompute.recompute, parallel_config.pipeline_stage
+    for layer_id, layer in enumerate(layers):
+        if _recompute_layer(recompute, layer_id, len(layers), stages):
+            layer.recompute()
+        if stages > 1:
+            layer.pipeline_stage = layer_id * stages // len(layers)
+
+
 def _check_divisible(size, parts, what):
     if size % parts:
         raise ValueError(f"{what} ({size}) must be divisible by model_parallel ({parts})")

@@ -1,5 +1,5 @@
-"""Position-wise feed-forward network."""
-from mindspore import nn
+"""Position-wise feed-forward networks: GELU MLP (GPT-2) and SwiGLU (LLaMA, GLM2)."""
+from mindspore import nn, ops
 
 from mindformers.modules.layers import Linear, Dropout, get_activation, _dp_mp
 
@@ -23,3 +23,30 @@ class MLP(nn.Cell):
 
     def construct(self, x):
         return self.dropout(self.fc_out(self.act(self.fc_in(x))))
+
+
+class GatedMLP(nn.Cell):
+    """SwiGLU feed-forward: down_proj(silu(gate_proj(x)) * up_proj(x)), no biases (LLaMA, GLM2).
+
+    x [B, S, hidden_size] -> [B, S, hidden_size]. `gate_proj`/`up_proj` weights [ffn_hidden_size, hidden_size] are
+    column-split, `down_proj` [hidden_size, ffn_hidden_size] row-split under model parallel."""
+
+    def __init__(self, hidden_size, ffn_hidden_size, has_bias=False, init_std=0.02, param_init_type='float32',
+                 compute_dtype='float32', parallel_config=None):
+        super().__init__()
+        common = dict(has_bias=has_bias, init_std=init_std, param_init_type=param_init_type,
+                      compute_dtype=compute_dtype, parallel_config=parallel_config)
+        self.gate_proj = Linear(hidden_size, ffn_hidden_size, split='column', **common)
+        self.up_proj = Linear(hidden_size, ffn_hidden_size, split='column', **common)
+        self.down_proj = Linear(ffn_hidden_size, hidden_size, split='row', **common)
+        dp, mp = _dp_mp(parallel_config)
+        self.sigmoid = ops.Sigmoid().shard(((dp, mp),))
+        self.mul_gate = ops.Mul().shard(((dp, mp), (dp, mp)))
+        self.mul = ops.Mul().shard(((dp, mp), (dp, mp)))
+
+    def construct(self, x):
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        gate = self.gate_proj(flat)
+        hidden = self.mul(self.mul_gate(gate, self.sigmoid(gate)), self.up_proj(flat))  # silu(gate) * up
+        return self.down_proj(hidden).reshape(shape)

@@ -20,7 +20,8 @@ CONFIG_FILE = 'config.json'
 WEIGHT_SUFFIXES = ('.safetensors', '.ckpt')
 
 # config class -> the registered model class AutoModel builds from it; a family adds one line (or `register_auto`)
-_ARCH_FOR_CONFIG = {'GPT2Config': 'GPT2LMHeadModel'}
+_ARCH_FOR_CONFIG = {'GPT2Config': 'GPT2LMHeadModel', 'LlamaConfig': 'LlamaForCausalLM',
+                    'ChatGLM2Config': 'ChatGLM2ForConditionalGeneration'}
 
 
 def register_auto(config_name, model_name):

@@ -9,8 +9,8 @@ from mindformers.models.gpt2.gpt2_config import GPT2Config
 from mindformers.modules import CausalMask, CausalSelfAttention, Dropout, Embedding, LayerNorm, MLP
 from mindformers.modules.attention import fused_causal_attention
 from mindformers.modules.cpu_kernels import FusedDecodeAttentionPacked, use_fused
-from mindformers.modules.kv_cache import IncrementalSession, KVCache
-from mindformers.modules.layers import _dp_mp, to_mstype
+from mindformers.modules.kv_cache import KVCache
+from mindformers.modules.layers import _dp_mp, place_layers, to_mstype
 from mindformers.tools.register import MindFormerRegister, MindFormerModuleType
 
 
@@ -41,18 +41,6 @@ class GPT2Block(nn.Cell):
         return self.add(x, self.mlp(self.post_attention_layernorm(x)))
 
 
-def _recompute_layer(recompute, layer_id, num_layers, pipeline_stages):
-    """Whether layer `layer_id` is recomputed: `recompute` is a bool, or per pipeline stage the number of layers
-    (counted from the stage's first) to recompute."""
-    if isinstance(recompute, bool):
-        return recompute
-    if isinstance(recompute, (list, tuple)):
-        per_stage = math.ceil(num_layers / pipeline_stages)
-        stage, index = divmod(layer_id, per_stage)
-        return stage < len(recompute) and index < int(recompute[stage])
-    raise ValueError(f"recompute must be a bool or a list of per-stage layer counts, got {recompute!r}")
-
-
 @MindFormerRegister.register(MindFormerModuleType.MODELS)
 class GPT2Model(nn.Cell):
     """The GPT-2 backbone: input_ids [B, S] int32 (S <= seq_length) -> final hidden states [B, S, H].
@@ -75,12 +63,7 @@ class GPT2Model(nn.Cell):
         self.layers = nn.CellList([GPT2Block(config) for _ in range(config.num_layers)])
         self.final_layernorm = LayerNorm(config.hidden_size, config.layernorm_epsilon, config.param_init_type,
                                          config.layernorm_compute_type, parallel)
-        recompute, stages = parallel.recompute.recompute, parallel.pipeline_stage
-        for layer_id, layer in enumerate(self.layers):
-            if _recompute_layer(recompute, layer_id, config.num_layers, stages):
-                layer.recompute()
-            if stages > 1:
-                layer.pipeline_stage = layer_id * stages // config.num_layers
+        place_layers(self.layers, parallel)
         dp, _ = _dp_mp(parallel)
         self.add_positions = ops.Add().shard(((dp, 1, 1), (1, 1)))
         self.embed_dropout.shard(((dp, 1, 1),))
@@ -136,14 +119,8 @@ class GPT2LMHeadModel(CausalLMModel):
             logits = ops.cast(logits, ms.float32)
         return logits
 
-    def incremental_session(self, batch_size, max_length=None):
-        """The `IncrementalSession` (KV cache of `seq_length` positions) for `batch_size` rows; sessions are kept
-        per batch size so their compiled graphs are reused by later calls."""
-        sessions = self.__dict__.setdefault('_incremental_sessions', {})
-        if batch_size not in sessions:
-            sessions[batch_size] = IncrementalSession(GPT2IncrementalCore(self, batch_size), batch_size,
-                                                      self.config.num_heads, self.config.seq_length)
-        return sessions[batch_size]
+    def incremental_core(self, batch_size):
+        return GPT2IncrementalCore(self, batch_size)
 
 
 class GPT2IncrementalCore(nn.Cell):
