@@ -119,7 +119,7 @@ def test_training_loss_and_gradients_match_huggingface(pair):
         assert np.abs(grad.asnumpy() - expected).max() <= 1e-4 * scale, name
 
 
-def test_cached_greedy_matches_huggingface_on_a_left_padded_batch(pair):
+def test_greedy_with_and_without_cache_matches_huggingface_on_a_left_padded_batch(pair):
     hf_model, ours = pair
     prompts = [_ids(1, 9, seed=5)[0].tolist(), _ids(1, 4, seed=6)[0].tolist()]
     width = max(map(len, prompts))
@@ -134,6 +134,9 @@ def test_cached_greedy_matches_huggingface_on_a_left_padded_batch(pair):
         assert list(outputs[row][len(prompt):]) == expected[row].tolist()
     session = ours.incremental_session(2)
     assert len(session._decode.compile_cache) == 1  # pylint: disable=protected-access
+    recomputed = ours.generate(prompts, max_new_tokens=32, use_past=False, do_sample=False, eos_token_id=[],
+                               pad_token_id=0)
+    assert [list(row) for row in recomputed] == [list(row) for row in outputs]
 
 
 def test_position_interpolation_matches_huggingface_linear_rope_scaling():
