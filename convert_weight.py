@@ -3,8 +3,15 @@
 
     python convert_weight.py --model gpt2 --input_path <HF dir or file> --output_path gpt2.ckpt [--dtype fp16]
     python convert_weight.py --model gpt2 --reversed --input_path gpt2.ckpt --output_path <HF dir | x.safetensors>
+    python convert_weight.py --model llama --input_path <HF dir | Meta dir> --output_path llama.ckpt
+    python convert_weight.py --model glm2 --input_path <HF glm or chatglm dir> --output_path glm2.ckpt
+    python convert_weight.py --model llama --reversed --input_path llama.ckpt --output_path <HF dir> [--config C]
 
-A family joins by one line in `mindformers.models.convert_utils.HF_FAMILIES`; its conversion module provides
+A Meta dir holds params.json and consolidated.NN.pth shards; glm2 reads HF GlmForCausalLM and original ChatGLM2
+directories and writes GlmForCausalLM ones. --config (config.json or run YAML) is needed with --reversed when no
+config.json lies beside the checkpoint.
+
+A family joins by one line in `mindformers.models.convert_utils.FAMILY_MODULES`; its conversion module provides
 `convert_pt_to_ms(input_path, output_path, dtype=None, config=None)` (HF -> ours) and
 `convert_ms_to_pt(input_path, output_path, dtype=None, config=None)` (ours -> HF), each returning
 {tensor name: shape} of what it wrote, writing atomically, and raising ValueError (ConversionError,
@@ -17,9 +24,9 @@ import os
 import sys
 
 os.environ.setdefault('GLOG_v', '3')  # before MindSpore loads: its warnings would break the one-line error contract
-from mindformers.models.convert_utils import HF_FAMILIES  # noqa: E402
+from mindformers.models.convert_utils import FAMILY_MODULES  # noqa: E402
 
-CONVERTERS = {family: module for family, (module, _) in HF_FAMILIES.items()}
+CONVERTERS = dict(FAMILY_MODULES)
 DTYPES = ('fp32', 'fp16', 'bf16')
 
 

@@ -198,3 +198,23 @@ def test_llama_config_errors_name_the_field(kwargs, message):
 def test_glm2_config_errors_name_the_field(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ChatGLM2Config(**{**dict(num_layers=1, hidden_size=64, kv_channels=16, num_attention_heads=4), **kwargs})
+
+
+def test_glm2_chat_and_stream_chat_agree():
+    import os
+    from mindformers.models.glm2 import ChatGLM2Tokenizer
+    tokenizer = ChatGLM2Tokenizer(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                               'mindformers', 'assets', 'glm2_tiny', 'tokenizer.model'))
+    ms.set_seed(0)
+    model = ChatGLM2ForConditionalGeneration(ChatGLM2Config(
+        padded_vocab_size=len(tokenizer), hidden_size=HIDDEN, ffn_hidden_size=FFN, num_layers=1,
+        num_attention_heads=4, kv_channels=16, seq_length=128, use_past=True))
+    model.set_train(False)
+    history = [('你好', 'Good day.')]
+    response, new_history = model.chat(tokenizer, 'What news?', history, max_new_tokens=8, eos_token_id=[])
+    assert new_history == history + [('What news?', response)] and response
+    streamed = list(model.stream_chat(tokenizer, 'What news?', history, max_new_tokens=8, eos_token_id=[]))
+    assert streamed[-1] == (response, new_history)  # pieces arrive as words form; the last holds the answer
+    assert all(response.startswith(partial) for partial, _ in streamed)
+    prompt = tokenizer.build_prompt('What news?', history)
+    assert prompt == '[Round 1]\n\n问：你好\n\n答：Good day.\n\n[Round 2]\n\n问：What news?\n\n答：'

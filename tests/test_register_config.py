@@ -136,3 +136,13 @@ def test_config_deepcopy_and_save_round_trip(tmp_path):
     path = str(tmp_path / 'out.yaml')
     config.save(path)
     assert MindFormerConfig(path) == config
+
+
+def test_a_mapping_of_another_type_replaces_instead_of_merging():
+    from mindformers.tools.register import deep_merge
+    base = {'loader': {'type': 'TextCorpusDataset', 'files': ['a.txt'], 'split': 'train', 'shuffle': True}}
+    assert deep_merge(base, {'loader': {'type': 'MindDataset', 'dataset_dir': 'd'}}) == \
+        {'loader': {'type': 'MindDataset', 'dataset_dir': 'd'}}
+    assert deep_merge(base, {'loader': {'type': 'TextCorpusDataset', 'split': 'eval'}})['loader'] == \
+        {'type': 'TextCorpusDataset', 'files': ['a.txt'], 'split': 'eval', 'shuffle': True}
+    assert deep_merge(base, {'loader': {'shuffle': False}})['loader']['files'] == ['a.txt']

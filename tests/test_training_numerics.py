@@ -4,8 +4,7 @@ import os
 
 import numpy as np
 import pytest
-import mindspore as ms
-from mindspore import nn, ops, Parameter, Tensor
+from mindspore import nn, Parameter, Tensor
 
 from mindformers import MindFormerConfig, Trainer
 from mindformers.core.optim import AdamWeightDecay

@@ -3,6 +3,8 @@ from .base_dataset import BaseDataset, seeded_sampler, sampler_seed
 from .dataloader import TextCorpusDataset, find_mindrecord_files
 from .causal_language_model_dataset import (CausalLanguageModelDataset, check_dataset_columns,
                                             get_dataset_columns_and_lengths)
+from .instruction_dataset import InstructionDataset
 
-__all__ = ['BaseDataset', 'CausalLanguageModelDataset', 'TextCorpusDataset', 'check_dataset_columns',
-           'find_mindrecord_files', 'get_dataset_columns_and_lengths', 'sampler_seed', 'seeded_sampler']
+__all__ = ['BaseDataset', 'CausalLanguageModelDataset', 'InstructionDataset', 'TextCorpusDataset',
+           'check_dataset_columns', 'find_mindrecord_files', 'get_dataset_columns_and_lengths', 'sampler_seed',
+           'seeded_sampler']

@@ -1,10 +1,20 @@
-"""Weight-file helpers shared by the per-family converters (`models/<family>/convert_<family>.py`).
+"""What the per-family weight converters (`models/<family>/convert_<family>.py`) share.
 
-Reading: HuggingFace checkpoints (safetensors, sharded `*.index.json`, `.bin` through `torch.load(weights_only=True)`;
-bfloat16 widened to float32) and mindformers checkpoints. Writing: mindformers `.ckpt`/`.safetensors` and
-HuggingFace safetensors files or directories, always atomically (temporary name, then rename)."""
+Files. Reading: HuggingFace checkpoints (safetensors, sharded `*.index.json`, `.bin`/`.pth` through
+`torch.load(weights_only=True)`; bfloat16 widened to float32) and mindformers checkpoints. Writing: mindformers
+`.ckpt`/`.safetensors` and HuggingFace safetensors files or directories, always atomically (temporary name, then
+rename).
+
+Names. A `NameTable` of `Rule`s maps a foreign format's tensor names onto ours ('{i}' stands for the layer index);
+a rule may transpose, stack several of our tensors along dim 0 (split and joined by the model's own shapes) or
+reorder rows. A `FamilyConverter` holds a family's tables and config mapping and runs the conversion both ways,
+checking the result against the shapes of the model built (without initialising it) from the config: every missing,
+unexpected and mis-shaped tensor is named, in the input's own naming, in one ConversionError."""
+import copy
+import importlib
 import json
 import os
+import re
 import shutil
 import tempfile
 
@@ -59,10 +69,22 @@ def _read_index(path):
     return out
 
 
-# HuggingFace `model_type` -> (conversion module, our tokenizer class). A conversion module provides
-# `config_from_hf(config_json_mapping)` and `convert_hf_to_ms(state_dict, config)`; a family joins with one line.
+# The conversion module of each family (`convert_weight.py --model <family>`); each defines a `FamilyConverter`
+# (below) and exposes its entry points at module level.
+FAMILY_MODULES = {
+    'gpt2': 'mindformers.models.gpt2.convert_gpt2',
+    'llama': 'mindformers.models.llama.convert_llama',
+    'glm2': 'mindformers.models.glm2.convert_glm2',
+}
+
+# HuggingFace `model_type` -> (conversion module, our tokenizer class), for AutoModel / AutoTokenizer on a HF
+# directory. A conversion module provides `config_from_hf(config_json_mapping)` and
+# `convert_hf_to_ms(state_dict, config)`; a model type joins with one line.
 HF_FAMILIES = {
-    'gpt2': ('mindformers.models.gpt2.convert_gpt2', 'GPT2Tokenizer'),
+    'gpt2': (FAMILY_MODULES['gpt2'], 'GPT2Tokenizer'),
+    'llama': (FAMILY_MODULES['llama'], 'LlamaTokenizer'),
+    'glm': (FAMILY_MODULES['glm2'], 'ChatGLM2Tokenizer'),
+    'chatglm': (FAMILY_MODULES['glm2'], 'ChatGLM2Tokenizer'),
 }
 
 _HF_FILES = ('model.safetensors', 'model.safetensors.index.json', 'pytorch_model.bin', 'pytorch_model.bin.index.json')
@@ -186,3 +208,363 @@ def save_hf_directory(weights, hf_config, directory, dtype=None):
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
     return directory
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# name tables
+
+_LAYER_INDEX = re.compile(r'\.(\d+)\.')
+
+
+def _template(name):
+    """(name with its first layer index replaced by '{i}', that index or None)."""
+    match = _LAYER_INDEX.search(name)
+    if match is None:
+        return name, None
+    return f"{name[:match.start()]}.{{i}}.{name[match.end():]}", match.group(1)
+
+
+def _fill(template, index):
+    return template if index is None else template.replace('{i}', index)
+
+
+def transpose(value):
+    return np.ascontiguousarray(np.asarray(value).T)
+
+
+class Rule:
+    """One tensor of a foreign format: `theirs` holds `ours` (a name, or a tuple of names stacked along dim 0 in that
+    order; pieces are split by the model's shapes). `transposed`: theirs is ours transposed. `to_ours(value, config)`
+    / `to_theirs(value, config)`: shape-preserving reorderings applied after renaming / before renaming back."""
+
+    def __init__(self, theirs, ours, transposed=False, to_ours=None, to_theirs=None):
+        self.theirs = theirs
+        self.ours = (ours,) if isinstance(ours, str) else tuple(ours)
+        self.transposed = transposed
+        self.to_ours = to_ours
+        self.to_theirs = to_theirs
+
+    def layout(self, shape):
+        """A shape of ours as the foreign format lays it out."""
+        return tuple(shape)[::-1] if self.transposed else tuple(shape)
+
+
+class Problems:
+    """Missing, unexpected and mis-shaped tensors, named as the input names them."""
+
+    def __init__(self):
+        self.missing, self.unexpected, self.mismatched = set(), set(), []
+
+    def message(self):
+        def listing(items):
+            return f"{', '.join(items[:12])}{' ...' if len(items) > 12 else ''}"
+        return '; '.join(f"{label} {listing(items)}" for label, items in (
+            ('missing', sorted(self.missing)), ('unexpected', sorted(self.unexpected)),
+            ('wrong shape', self.mismatched)) if items)
+
+
+class NameTable:
+    """Rules between one foreign naming and ours. Where several rules name the same tensor the first one is used
+    for writing; `skip` (a regular expression) matches foreign entries that are not weights (e.g. RoPE buffers)."""
+
+    def __init__(self, rules, skip=None):
+        self.rules = [rule if isinstance(rule, Rule) else Rule(*rule) for rule in rules]
+        self.skip = re.compile(skip) if skip else None
+        self._theirs, self._ours = {}, {}
+        for rule in self.rules:
+            self._theirs.setdefault(rule.theirs, rule)
+            for part, ours in enumerate(rule.ours):
+                self._ours.setdefault(ours, (rule, part))
+
+    def rule_of(self, name):
+        """(rule, layer index) of a foreign name, or None."""
+        key, index = _template(name)
+        rule = self._theirs.get(key)
+        return None if rule is None else (rule, index)
+
+    def ours_of(self, name):
+        """Our names held by the foreign tensor `name`, or None."""
+        found = self.rule_of(name)
+        return None if found is None else tuple(_fill(ours, found[1]) for ours in found[0].ours)
+
+    def theirs_of(self, name):
+        """The foreign name holding our tensor `name`, or None."""
+        key, index = _template(name)
+        found = self._ours.get(key)
+        return None if found is None else _fill(found[0].theirs, index)
+
+    def known(self, names):
+        """How many of `names` this naming knows (skipped entries included)."""
+        return sum(1 for name in names if self.rule_of(name) or (self.skip and self.skip.search(name)))
+
+    def to_ours(self, state_dict, expected, config):
+        """Foreign tensors -> (ours: name -> array, Problems), checked against `expected` (our name -> shape)."""
+        tensors, origin, problems, covered = {}, {}, Problems(), set()
+        for name, value in state_dict.items():
+            if self.skip and self.skip.search(name):
+                continue
+            found = self.rule_of(name)
+            if found is None:
+                problems.unexpected.add(name)
+                continue
+            rule, index = found
+            targets = [_fill(ours, index) for ours in rule.ours]
+            value = transpose(value) if rule.transposed else np.asarray(value)
+            if len(targets) > 1:
+                shapes = [expected.get(target) for target in targets]
+                if None in shapes:
+                    problems.unexpected.add(name)
+                    continue
+                stacked = (sum(shape[0] for shape in shapes),) + tuple(shapes[0][1:])
+                if value.shape != stacked:
+                    problems.mismatched.append(f"{name} {rule.layout(value.shape)} (expected {rule.layout(stacked)})")
+                    covered.update(targets)
+                    continue
+                pieces = np.split(value, np.cumsum([shape[0] for shape in shapes])[:-1])
+            else:
+                pieces = [value]
+            for target, piece in zip(targets, pieces):
+                tensors[target], origin[target] = piece, (name, rule)
+        for target, value in tensors.items():
+            name, rule = origin[target]
+            if target not in expected:
+                problems.unexpected.add(name)
+            elif value.shape != expected[target]:
+                problems.mismatched.append(f"{name} {rule.layout(value.shape)} "
+                                           f"(expected {rule.layout(expected[target])})")
+            elif rule.to_ours:
+                tensors[target] = rule.to_ours(value, config)
+        problems.missing.update(self.theirs_of(target) or target for target in expected
+                                if target not in tensors and target not in covered)
+        return tensors, problems
+
+    def to_theirs(self, tensors, config):
+        """Our tensors (complete and well-shaped) -> the foreign naming."""
+        grouped = {}
+        for name, value in tensors.items():
+            key, index = _template(name)
+            if key not in self._ours:
+                raise ConversionError(f"{name} has no counterpart in the target format")
+            rule, part = self._ours[key]
+            value = rule.to_theirs(value, config) if rule.to_theirs else np.asarray(value)
+            grouped.setdefault(_fill(rule.theirs, index), (rule, {}))[1][part] = value
+        out = {}
+        for name, (rule, parts) in grouped.items():
+            value = parts[0] if len(rule.ours) == 1 else np.concatenate([parts[i] for i in range(len(rule.ours))])
+            out[name] = transpose(value) if rule.transposed else value
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# one family's conversion
+
+
+def hf_rope_parameters(hf_config, default_theta=10000.0):
+    """The RoPE settings of a HF config.json mapping as transformers 5 spells them (`rope_parameters`: rope_type,
+    rope_theta, factor, partial_rotary_factor, ...), also read from the 4.x spelling (top-level `rope_theta` /
+    `partial_rotary_factor`, `rope_scaling` with `type` or `rope_type`). rope_type defaults to 'default'."""
+    rope = {key: hf_config[key] for key in ('rope_theta', 'partial_rotary_factor') if hf_config.get(key) is not None}
+    for section in (hf_config.get('rope_scaling'), hf_config.get('rope_parameters')):
+        if isinstance(section, dict):
+            rope.update(section)
+    if 'type' in rope:
+        rope.setdefault('rope_type', rope.pop('type'))
+    rope.setdefault('rope_type', 'default')
+    rope.setdefault('rope_theta', default_theta)
+    return rope
+
+
+def read_json(path):
+    """The JSON object in `path`, or a ConversionError saying what is wrong with the file."""
+    with open(path, encoding='utf-8') as f:
+        text = f.read()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConversionError(f"{path} is not valid JSON ({err})") from None
+    if isinstance(data, dict):
+        return data
+    raise ConversionError(f"{path} does not hold a JSON object")
+
+
+class FamilyConverter:
+    """HuggingFace (or another foreign format) <-> mindformers weights for one model family.
+
+    A family sets `family` (its name in messages), `config_class`, `model_class` ('module:Class', imported when the
+    model's shapes are needed), `hf_model_types` (the `model_type`s of the HF configs it reads, the first one
+    assumed when a config.json has none), `input_tables` (the namings it reads; each input is read with the one
+    that knows most of its names) and `output_table` (the HF naming it writes), and implements `config_from_hf`
+    and `config_to_hf`. Hooks with defaults: `prepare_hf`, `read_input`, `config_beside`, `infer_config`."""
+
+    family = ''
+    config_class = None
+    model_class = ''
+    hf_model_types = ()
+    input_tables = ()
+    output_table = None
+    summary = ('vocab_size', 'hidden_size', 'num_layers', 'seq_length')
+
+    # -- hooks ------------------------------------------------------------------------------------------------
+
+    def config_from_hf(self, hf_config):
+        """Our config from a HF `config.json` mapping."""
+        raise NotImplementedError
+
+    def config_to_hf(self, config, dtype='float32'):
+        """The HF `config.json` mapping of our config; `dtype` names the stored tensors."""
+        raise NotImplementedError
+
+    def prepare_hf(self, state_dict, config):  # pylint: disable=unused-argument
+        """Family checks or fixes on the foreign tensors before renaming; returns the state dict to convert."""
+        return state_dict
+
+    def read_input(self, input_path):
+        """Foreign tensors (name -> array) of `input_path`."""
+        return load_hf_weights(input_path)
+
+    def config_beside(self, input_path, weights=None):  # pylint: disable=unused-argument
+        """Our config from the `config.json` in (or beside) `input_path` (whose tensors `weights` were read from it),
+        or None when there is none."""
+        directory = input_path if os.path.isdir(input_path) else os.path.dirname(os.path.abspath(input_path))
+        path = os.path.join(directory, 'config.json')
+        return self.load_config(path) if os.path.isfile(path) else None
+
+    def infer_config(self, weights, ms_names=False):  # pylint: disable=unused-argument
+        """Our config sized from the tensors alone (HF names, or ours with `ms_names`)."""
+        raise ConversionError(f"the {self.family} architecture (e.g. the number of attention heads) cannot be told "
+                              f"from the weights alone and no config.json was found beside them; give the model's "
+                              f"config (convert_weight.py --config <config.json | run YAML>)")
+
+    def is_ours(self, data):
+        """Whether a config.json mapping was written by our config class (else it is a HF one)."""
+        return 'type' in data
+
+    # -- machinery --------------------------------------------------------------------------------------------
+
+    def model_shapes(self, config):
+        """Our parameter names and shapes for `config`, read off a model built without initialising its weights."""
+        from mindspore.nn.utils import no_init_parameters
+        module, name = self.model_class.split(':')
+        config = copy.copy(config)
+        config.checkpoint_name_or_path = ''
+        with no_init_parameters():
+            model = getattr(importlib.import_module(module), name)(config)
+        return {p.name: tuple(p.shape) for p in model.get_parameters()}
+
+    def raise_if(self, config, problems):
+        message = problems.message()
+        if message:
+            sizes = ', '.join(f"{name} {getattr(config, name)}" for name in self.summary)
+            raise ConversionError(f"{self.family} weights do not fit the model ({sizes}): {message}")
+
+    def convert_hf_to_ms(self, state_dict, config):
+        """Foreign tensors (name -> array, in any naming of `input_tables`) -> our parameters (name -> array)."""
+        expected = self.model_shapes(config)
+        state_dict = self.prepare_hf(state_dict, config)
+        table = max(self.input_tables, key=lambda t: t.known(state_dict))  # the first one on a tie
+        tensors, problems = table.to_ours(state_dict, expected, config)
+        self.raise_if(config, problems)
+        return tensors
+
+    def convert_ms_to_hf(self, state_dict, config):
+        """Our parameters (name -> array) -> HF tensors in `output_table`'s naming. Entries outside the model's
+        top-level names (optimizer states such as `adam_m.*`, `global_step`) are ignored."""
+        expected = self.model_shapes(config)
+        roots = {name.split('.', 1)[0] for name in expected}
+        ours = {name: np.asarray(value) for name, value in state_dict.items() if name.split('.', 1)[0] in roots}
+        problems = Problems()
+        problems.missing.update(name for name in expected if name not in ours)
+        problems.unexpected.update(name for name in ours if name not in expected)
+        problems.mismatched.extend(f"{name} {value.shape} (expected {expected[name]})" for name, value in ours.items()
+                                   if name in expected and value.shape != expected[name])
+        self.raise_if(config, problems)
+        return self.output_table.to_theirs(ours, config)
+
+    def _config_from_json(self, path):
+        data = read_json(path)
+        if self.is_ours(data):
+            kind = data.get('type', self.config_class.__name__)
+            if kind != self.config_class.__name__:
+                raise ConversionError(f"{path} describes a {kind}, not a {self.config_class.__name__}")
+            return self.config_class.from_dict({k: v for k, v in data.items() if k != 'checkpoint_name_or_path'})
+        model_type = data.get('model_type', self.hf_model_types[0])
+        if model_type not in self.hf_model_types:
+            raise ConversionError(f"{path} describes a {model_type!r} model, not {self.family}")
+        return self.config_from_hf(data)
+
+    def _config_from_yaml(self, path):
+        from mindformers.tools.register.config import load_yaml_with_bases
+        section = (load_yaml_with_bases(path).get('model') or {}).get('model_config')
+        name = self.config_class.__name__
+        if not isinstance(section, dict):
+            raise ConversionError(f"{path} has no model.model_config section")
+        if section.get('type', name) != name:
+            raise ConversionError(f"{path}: model.model_config.type is {section['type']!r}, not {name}")
+        return self.config_class(**{k: v for k, v in section.items() if k not in ('type', 'checkpoint_name_or_path')})
+
+    def load_config(self, config):
+        """`config` as our config: one already, or the path of a `.yaml` run config or a `.json` model config
+        (ours, or HuggingFace's)."""
+        if isinstance(config, self.config_class):
+            return config
+        path = os.fspath(config)
+        if not os.path.isfile(path):
+            raise ConversionError(f"config file not found: {path}")
+        try:
+            return self._config_from_yaml(path) if path.endswith(('.yaml', '.yml')) else self._config_from_json(path)
+        except (TypeError, ValueError) as err:
+            if isinstance(err, ConversionError):
+                raise
+            raise ConversionError(f"config {path}: {err}") from None
+
+    def convert_pt_to_ms(self, input_path, output_path, dtype=None, config=None):
+        """Convert foreign weights (a HF directory or file, or what `read_input` accepts) into a MindSpore checkpoint
+        file at `output_path`. The architecture comes from `config` (our config or a config file), else the config
+        beside the weights, else the tensor shapes. Returns {our tensor name: shape} of what was written."""
+        check_dtype(dtype)
+        if os.path.isdir(output_path):
+            raise ConversionError(f"output path {output_path} is a directory; give a checkpoint file "
+                                  f"(.ckpt or .safetensors)")
+        weights = self.read_input(input_path)
+        if config is not None:
+            config = self.load_config(config)
+        else:
+            config = self.config_beside(input_path, weights) or self.infer_config(weights)
+        converted = self.convert_hf_to_ms(weights, config)
+        save_ms_weights(converted, output_path, dtype)
+        return {name: tuple(value.shape) for name, value in converted.items()}
+
+    def convert_ms_to_pt(self, input_path, output_path, dtype=None, config=None):
+        """Convert a mindformers checkpoint (`.ckpt`/`.safetensors`, or a checkpoint directory) to HF format.
+
+        `output_path` ending in `.safetensors` gets that file; any other path becomes a HF model directory
+        (`config.json` + `model.safetensors`) that transformers' `from_pretrained` loads. The architecture comes
+        from `config` (our config or a config file), else a `config.json` beside the checkpoint, else the tensor
+        shapes where the family can tell them. Returns {HF tensor name: shape}."""
+        check_dtype(dtype)
+        to_file = output_path.endswith('.safetensors')
+        if not to_file:
+            refuse_non_empty(os.path.abspath(output_path))
+        weights = load_ms_weights(input_path)
+        config = self.load_config(config) if config is not None else self.config_beside(input_path)
+        if config is None:
+            config = self.infer_config(weights, ms_names=True)
+            if not to_file:
+                self.guessed(config)
+        converted = self.convert_ms_to_hf(weights, config)
+        if to_file:
+            save_hf_weights(converted, output_path, dtype)
+        else:
+            floating = [v.dtype for v in converted.values() if np.issubdtype(v.dtype, np.floating)]
+            stored = DTYPES[dtype] if dtype else str(floating[0] if floating else np.dtype('float32'))
+            save_hf_directory(converted, self.config_to_hf(config, stored), output_path, dtype)
+        return {name: tuple(value.shape) for name, value in converted.items()}
+
+    def guessed(self, config):
+        """Called when a HF config.json is written from a config `infer_config` guessed."""
+
+    def entry_points(self):
+        """The module-level functions of a family module: convert_hf_to_ms, convert_ms_to_hf, convert_pt_to_ms,
+        convert_ms_to_pt, load_config, config_from_hf, config_to_hf."""
+        return (self.convert_hf_to_ms, self.convert_ms_to_hf, self.convert_pt_to_ms, self.convert_ms_to_pt,
+                self.load_config, self.config_from_hf, self.config_to_hf)

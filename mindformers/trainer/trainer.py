@@ -1,6 +1,7 @@
 """Trainer: builds everything a run config names and runs train, finetune, evaluate and predict."""
 import copy
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -37,8 +38,8 @@ class _EvalLossCell(nn.Cell):
         super().__init__(auto_prefix=False)
         self.network = network
 
-    def construct(self, input_ids, *args):
-        mean, count = self.network.next_token_loss(input_ids)
+    def construct(self, input_ids, attention_mask=None, labels=None):
+        mean, count = self.network.next_token_loss(input_ids, attention_mask, labels)
         return mean * count, count
 
 
@@ -272,6 +273,7 @@ class Trainer:
         _call(callbacks, 'on_train_begin', run_context)
         # a user's dataset object cannot start at an epoch: its earlier epochs are read and dropped instead
         replay_epochs = start_epoch if self.train_dataset is not None else 0
+        arg_columns = _column_arguments(network, dataset.get_col_names())
         iterator = dataset.create_tuple_iterator(num_epochs=epochs - start_epoch + replay_epochs, output_numpy=False)
         for _ in range(replay_epochs):
             for _ in iterator:
@@ -286,6 +288,7 @@ class Trainer:
                 if batch_index >= steps_per_epoch * accumulation:
                     continue  # drop a partial accumulation window at the epoch end
                 batch = [t if t.dtype != ms.int64 else t.astype(ms.int32) for t in batch]
+                batch = batch if arg_columns is None else [None if i is None else batch[i] for i in arg_columns]
                 if not state.tokens_per_step:
                     state.tokens_per_step = int(batch[0].shape[0]) * max(int(batch[0].shape[-1]) - 1, 1) * \
                         accumulation * self.device_num
@@ -388,9 +391,10 @@ class Trainer:
         cell = _EvalLossCell(network)
         network.set_train(False)
         metric = PerplexityMetric()
+        arg_columns = _column_arguments(cell, dataset.get_col_names()) or [0]
         for batch in dataset.create_tuple_iterator(num_epochs=1, output_numpy=False):
-            input_ids = batch[0] if batch[0].dtype == ms.int32 else batch[0].astype(ms.int32)
-            loss_sum, count = cell(input_ids)
+            batch = [t if t.dtype == ms.int32 else t.astype(ms.int32) for t in batch]
+            loss_sum, count = cell(*[None if i is None else batch[i] for i in arg_columns])
             metric.update(float(loss_sum.asnumpy()), float(count.asnumpy()))
         result = metric.eval()
         result['tokens'] = int(metric.total_tokens)
@@ -430,6 +434,18 @@ def _compile_cache_path(config):
     described = json.dumps({k: config.get(k) for k in keys} | {'mindspore': ms.__version__}, sort_keys=True,
                            default=str)
     return cache_dir('compile_cache', hashlib.sha256(described.encode()).hexdigest()[:16])
+
+
+def _column_arguments(network, columns):
+    """Which dataset column feeds each argument of `network.construct` when the columns are named after its
+    arguments: a list of column indexes, None where an argument keeps its default (attention_mask for an
+    (input_ids, labels) dataset: MindFormers feeds columns positionally, but our models take labels third).
+    None when some column is named otherwise: the columns are then passed in their order."""
+    params = list(inspect.signature(network.construct).parameters)
+    columns = list(columns)
+    if not columns or any(c not in params for c in columns):
+        return None
+    return [columns.index(p) if p in columns else None for p in params[:max(map(params.index, columns)) + 1]]
 
 
 def _call(callbacks, event, run_context):

@@ -81,7 +81,7 @@ def _hf_family(directory, data):
     model_type = data.get('model_type')
     if model_type not in HF_FAMILIES:
         raise ValueError(f"{os.path.join(directory, CONFIG_FILE)} has model_type {model_type!r}, which has no "
-                         f"converter (supported HuggingFace model types: {', '.join(sorted(HF_FAMILIES))})")
+                         f"converter (supported HuggingFace model types: {', '.join(HF_FAMILIES)})")
     return importlib.import_module(HF_FAMILIES[model_type][0])
 
 
@@ -198,20 +198,30 @@ class AutoTokenizer:
         config_path = os.path.join(directory, TOKENIZER_CONFIG_FILE)
         if os.path.isfile(config_path):
             with open(config_path, encoding='utf-8') as f:
-                class_name = json.load(f).get('tokenizer_class')
+                saved = json.load(f)
+            class_name = saved.get('tokenizer_class')
+            kwargs = {**_added_token_contents(saved), **kwargs}
         if class_name is None or not MindFormerRegister.is_exist(MindFormerModuleType.TOKENIZER, class_name):
             data = _read_config_json(directory)[0] if os.path.isfile(os.path.join(directory, CONFIG_FILE)) else {}
             if data.get('model_type') not in HF_FAMILIES:
                 found = (f"tokenizer_class {class_name!r} in {TOKENIZER_CONFIG_FILE} is not a registered tokenizer"
                          if os.path.isfile(config_path) else f"there is no {TOKENIZER_CONFIG_FILE}")
                 raise ValueError(f"{directory}: cannot tell which tokenizer to load ({found}, and {CONFIG_FILE} "
-                                 f"names no supported HuggingFace model_type: {', '.join(sorted(HF_FAMILIES))})")
+                                 f"names no supported HuggingFace model_type: {', '.join(HF_FAMILIES)})")
             class_name = HF_FAMILIES[data['model_type']][1]
         tok_cls = MindFormerRegister.get_cls(MindFormerModuleType.TOKENIZER, class_name)
         files = getattr(tok_cls, 'vocab_files_names', {}).values()
         if files and not any(os.path.isfile(os.path.join(directory, f)) for f in files):
             raise ValueError(f"{directory} has no {tok_cls.__name__} files (looked for {', '.join(files)})")
         return tok_cls.from_pretrained(directory, **kwargs)
+
+
+def _added_token_contents(saved):
+    """Special tokens that older HuggingFace tokenizer_config.json files (e.g. LLaMA-2's) store as AddedToken
+    objects ({"__type": "AddedToken", "content": "<s>", ...}), as their strings."""
+    return {key: value['content'] for key, value in saved.items()
+            if key in ('unk_token', 'bos_token', 'eos_token', 'pad_token') and isinstance(value, dict)
+            and isinstance(value.get('content'), str)}
 
 
 class AutoProcessor:

@@ -22,10 +22,15 @@ def _to_config(value, path):
 
 
 def deep_merge(base, override):
-    """Return `base` updated by `override`: nested mappings merge, everything else is replaced."""
+    """Return `base` updated by `override`: nested mappings merge, everything else is replaced. A mapping whose
+    `type` differs from the base mapping's names another class, so it replaces the base one instead of merging
+    (a MindDataset data_loader over a TextCorpusDataset one keeps none of its keys)."""
     merged = dict(base)
     for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+        previous = merged.get(key)
+        retyped = isinstance(value, dict) and isinstance(previous, dict) and 'type' in value and \
+            value['type'] != previous.get('type', value['type'])
+        if isinstance(value, dict) and isinstance(previous, dict) and not retyped:
             merged[key] = deep_merge(merged[key], value)
         else:
             merged[key] = value

@@ -1,0 +1,54 @@
+"""InstructionDataset: prompt-masked (input_ids, labels) samples for supervised finetuning."""
+import mindspore as ms
+from mindspore.dataset.transforms import TypeCast
+
+from mindformers.dataset.causal_language_model_dataset import CausalLanguageModelDataset, check_dataset_columns
+from mindformers.tools.logger import logger
+from mindformers.tools.register import MindFormerRegister, MindFormerModuleType
+
+COLUMNS = ('input_ids', 'labels')
+
+
+@MindFormerRegister.register(MindFormerModuleType.DATASET)
+class InstructionDataset(CausalLanguageModelDataset):
+    """Batches of the samples `instruction_to_mindrecord` writes: int32 `input_ids` and `labels`, each
+    [batch_size, seq_length + 1], labels -100 on prompts and padding (the model shifts them like input_ids).
+
+    `dataset_config` takes the keys of `CausalLanguageModelDataset` (data_loader: {type: MindDataset, dataset_dir |
+    dataset_files, shuffle} or a registered loader, batch_size, drop_remainder, repeat, num_parallel_workers, seed,
+    rank_id / device_num, seq_length, start_epoch: same sampler, sharding and checks) but no eod_reset /
+    output_columns; `input_columns` defaults to [input_ids, labels] and must name labels. The Trainer feeds the
+    columns to `construct(input_ids, attention_mask=None, labels=None)` by name.
+    """
+    KNOWN_KEYS = CausalLanguageModelDataset.KNOWN_KEYS - {'eod_reset', 'output_columns'}
+
+    def __new__(cls, dataset_config=None):
+        config = dict(dataset_config or {})
+        cls._check_keys(config)
+        columns = list(config.get('input_columns') or COLUMNS)
+        if 'labels' not in columns:
+            raise ValueError(f"InstructionDataset: input_columns {columns} must include 'labels' (without them "
+                             f"every token is trained: use CausalLanguageModelDataset for such data)")
+        batch_size, repeat, workers = (cls._positive_int(config, key) for key in
+                                       ('batch_size', 'repeat', 'num_parallel_workers'))
+        dataset, where = cls._build_loader(config, workers)
+        try:
+            lengths = check_dataset_columns(dataset, columns, config.get('seq_length'), where=where)
+        except ValueError as err:
+            raise ValueError(f"{err} (write instruction data with python -m "
+                             f"mindformers.tools.dataset_preprocess.instruction_to_mindrecord)") from None
+        if lengths['labels'] != lengths[columns[0]]:
+            raise ValueError(f"{where}: column 'labels' holds {lengths['labels']} entries per sample, "
+                             f"{columns[0]!r} {lengths[columns[0]]}: they must match")
+        samples = dataset.get_dataset_size()
+        drop_remainder = bool(config.get('drop_remainder', True))
+        if drop_remainder and samples < batch_size:
+            raise ValueError(f"{where}: {samples} sample(s) for this shard, fewer than batch_size {batch_size} with "
+                             f"drop_remainder: no batch would be produced")
+        dataset = dataset.project(columns)
+        for column in columns:  # TypeCast takes one column at a time
+            dataset = dataset.map(operations=TypeCast(ms.int32), input_columns=[column], num_parallel_workers=workers)
+        dataset = dataset.batch(batch_size, drop_remainder=drop_remainder, num_parallel_workers=workers)
+        logger.info("%s: %d instruction samples, batch_size %d -> %d batches per epoch", where, samples, batch_size,
+                    dataset.get_dataset_size())
+        return dataset.repeat(repeat) if repeat > 1 else dataset

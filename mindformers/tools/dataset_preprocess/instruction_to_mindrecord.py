@@ -1,0 +1,576 @@
+"""Instruction and conversation data -> prompt-masked samples -> MindRecord, for supervised finetuning.
+
+    python -m mindformers.tools.dataset_preprocess.instruction_to_mindrecord --input alpaca_data.json \
+        --format alpaca --template alpaca --tokenizer GPT2Tokenizer --vocab_file vocab.json \
+        --merges_file merges.txt --seq_length 1024 --output_file data/sft.mindrecord
+
+Inputs (`--input`: files, directories or globs of .json/.jsonl): a JSON array of records, or one JSON object per
+line. `--format alpaca`: records `{"instruction", "input" (optional), "output"}`. `--format conversation`:
+records `{"conversations": [{"from": "human"|"gpt"|"system", "value": ...}, ...]}` (FastChat / MindFormers
+alpaca_converter) or `{"messages" | "conversations": [{"role": "user"|"assistant"|"system", "content": ...}]}`;
+user and assistant messages alternate, starting with the user and ending with the assistant.
+
+A template (`TEMPLATES`, add one with `register_template`) turns a conversation into prompt and answer parts; the
+parts are tokenized (consecutive texts together, as the model will see them) and every answer token, with the EOS
+the template puts after it, is trained while prompts and padding get the label -100. Output: int32 columns
+`input_ids` and `labels`, each of shape [seq_length + 1] (the model reads tokens [:-1] and, like input_ids,
+shifts labels itself to predict [1:]), written atomically. Read it with `InstructionDataset`
+(`train_dataset_task.type: InstructionDataset` in a run YAML). Longer samples are cut at the end (`--truncate`,
+default; a sample left without any trained token is dropped) or dropped (`--drop_long`).
+"""
+import argparse
+import importlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from typing import NamedTuple
+
+import numpy as np
+
+from mindformers.models.chat_templates import alpaca_prompt, glm2_chat_prompt, llama2_chat_turns
+from mindformers.tools.dataset_preprocess.text_to_mindrecord import (MAX_SPLITS, PreprocessError, _Progress,
+                                                                     _decode, existing_outputs, expand_inputs,
+                                                                     load_tokenizer, mindrecord_files)
+
+PROG = 'instruction_to_mindrecord'
+IGNORE_INDEX = -100
+COLUMNS = ('input_ids', 'labels')
+FORMATS = ('alpaca', 'conversation')
+ROLES = {'human': 'user', 'user': 'user', 'gpt': 'assistant', 'assistant': 'assistant', 'chatgpt': 'assistant',
+         'bot': 'assistant', 'model': 'assistant', 'system': 'system'}
+_WHITESPACE = ' \t\r\n'
+
+
+class Conversation(NamedTuple):
+    """One training example: an optional system text and the (query, answer) turns, a query being
+    (instruction, input) — conversation messages have an empty input."""
+    system: str
+    turns: list
+
+
+# ----------------------------------------------------------------------------- reading
+def _first_char(path):
+    with open(path, 'rb') as f:
+        head = f.read(1 << 16)
+    head = head[3:] if head.startswith(b'\xef\xbb\xbf') else head
+    head = head.lstrip(_WHITESPACE.encode())
+    return head[:1].decode('latin-1')
+
+
+def _array_records(path, on_bytes=None):
+    """(index, line, record) of a file holding one JSON array, parsed record by record to know each one's line."""
+    with open(path, 'rb') as f:
+        raw = f.read()
+    text = _decode(raw, path)
+    ratio, reported = len(raw) / max(len(text), 1), 0
+    decoder = json.JSONDecoder()
+
+    def skip(pos):
+        while pos < len(text) and text[pos] in _WHITESPACE:
+            pos += 1
+        return pos
+
+    def fail(pos, what):
+        line = text.count('\n', 0, pos) + 1
+        raise PreprocessError(f"{path}:{line}: {what} (column {pos - text.rfind(chr(10), 0, pos)})")
+
+    pos, line, last, index = skip(skip(0) + 1), 1, 0, 0  # just past the opening '['
+    closed = pos < len(text) and text[pos] == ']'
+    while not closed:
+        line += text.count('\n', last, pos)
+        last = pos
+        try:
+            record, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as err:
+            raise PreprocessError(f"{path}:{err.lineno}: record {index}: bad JSON: {err.msg} "
+                                  f"(column {err.colno})") from None
+        if on_bytes:
+            on_bytes(int((end - pos) * ratio))
+            reported += int((end - pos) * ratio)
+        yield index, line, record
+        pos = skip(end)
+        closed = pos < len(text) and text[pos] == ']'
+        if not closed:
+            if pos >= len(text) or text[pos] != ',':
+                fail(pos, f"expected ',' or ']' after record {index}")
+            pos, index = skip(pos + 1), index + 1
+    if skip(pos + 1) < len(text):
+        fail(skip(pos + 1), "unexpected text after the JSON array")
+    if on_bytes:
+        on_bytes(max(len(raw) - reported, 0))
+
+
+def _json_line(line, where):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as err:
+        raise PreprocessError(f"{where}: bad JSON line: {err.msg} (column {err.colno}; expected a JSON array of "
+                              f"records, or one JSON object per line)") from None
+
+
+def _line_records(path, on_bytes=None):
+    """(index, line, record) of a JSON-lines file; blank lines are skipped."""
+    index = 0
+    with open(path, 'rb') as f:
+        for lineno, raw in enumerate(f, 1):
+            if on_bytes:
+                on_bytes(len(raw))
+            line = _decode(raw, path, lineno)
+            if line.strip():
+                yield index, lineno, _json_line(line, f"{path}:{lineno}: record {index}")
+                index += 1
+
+
+def iter_records(files, on_bytes=None):
+    """Yield (where, record) for every record of `files`: each file is one JSON array of records, or one JSON
+    object per line. `where` ("file:line: record i") names the record in error messages."""
+    for path in files:
+        first = _first_char(path)
+        if not first:
+            raise PreprocessError(f"{path}: empty file (expected a JSON array of records, or one JSON object per "
+                                  f"line)")
+        records = _array_records(path, on_bytes) if first == '[' else _line_records(path, on_bytes)
+        for index, line, record in records:
+            yield f"{path}:{line}: record {index}", record
+
+
+def _text(value, where, key, what=None):
+    if not isinstance(value, str):
+        raise PreprocessError(f"{where}: {key!r} is {type(value).__name__}, expected a string")
+    if what and not value.strip():
+        raise PreprocessError(f"{where}: {what} ({key!r} is blank)")
+    return value
+
+
+def _require(record, key, where, hint=''):
+    if not isinstance(record, dict):
+        raise PreprocessError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    if key not in record:
+        fields = ', '.join(map(repr, record)) or 'none'
+        raise PreprocessError(f"{where}: missing key {key!r} (keys: {fields}){hint}")
+    return record[key]
+
+
+def parse_alpaca(record, where):
+    """Conversation of an Alpaca record {instruction, input (optional), output}."""
+    hint = '; is this --format conversation?' if isinstance(record, dict) and (
+        'conversations' in record or 'messages' in record) else ''
+    instruction = _text(_require(record, 'instruction', where, hint), where, 'instruction', 'empty instruction')
+    output = _text(_require(record, 'output', where, hint), where, 'output', 'empty answer: nothing to train on')
+    input_text = record.get('input')
+    input_text = '' if input_text is None else _text(input_text, where, 'input')
+    return Conversation('', [((instruction, input_text), output)])
+
+
+def parse_conversation(record, where):
+    """Conversation of a {conversations|messages: [{from, value} | {role, content}, ...]} record."""
+    key = 'messages' if isinstance(record, dict) and 'messages' in record and 'conversations' not in record \
+        else 'conversations'
+    hint = '; is this --format alpaca?' if isinstance(record, dict) and 'instruction' in record else ''
+    messages = _require(record, key, where, hint)
+    if not isinstance(messages, list):
+        raise PreprocessError(f"{where}: {key!r} is {type(messages).__name__}, expected a list of messages")
+    system, turns, query = '', [], None
+    for i, message in enumerate(messages):
+        at = f"{key}[{i}]"
+        role_key, text_key = ('role', 'content') if isinstance(message, dict) and 'role' in message \
+            else ('from', 'value')
+        speaker = _require(message, role_key, f"{where}: {at}")
+        role = ROLES.get(speaker.lower()) if isinstance(speaker, str) else None
+        if role is None:
+            raise PreprocessError(f"{where}: {at}.{role_key} is {speaker!r}, expected one of "
+                                  f"{', '.join(map(repr, ROLES))}")
+        what = {'user': 'empty user message', 'assistant': 'empty answer: nothing to train on'}.get(role)
+        value = _text(_require(message, text_key, f"{where}: {at}"), where, f"{at}.{text_key}", what)
+        expected = 'user' if query is None else 'assistant'
+        if role == 'system' and i == 0:
+            system = value
+        elif role != expected:
+            raise PreprocessError(f"{where}: {at}.{role_key} is {speaker!r}, expected a{'n' * (expected[0] == 'a')} "
+                                  f"{expected} message (user and assistant turns alternate, the system message "
+                                  f"only comes first)")
+        elif role == 'user':
+            query = (value, '')
+        else:
+            turns.append((query, value))
+            query = None
+    if query is not None or not turns:
+        raise PreprocessError(f"{where}: {key!r} " + ('ends with a user message: its answer is missing'
+                                                       if query is not None else 'has no user/assistant turn'))
+    return Conversation(system, turns)
+
+
+PARSERS = {'alpaca': parse_alpaca, 'conversation': parse_conversation}
+
+
+# ----------------------------------------------------------------------------- templates
+class Specials(NamedTuple):
+    """The tokenizer's special ids a template may use: `bos` ([bos_token_id] or []), `eos` (an id), `prefix` (what
+    the tokenizer puts before every text with add_special_tokens=True, e.g. GLM2's [gMASK] sop)."""
+    bos: list
+    eos: int
+    prefix: list
+
+
+TEMPLATES = {}
+
+
+def register_template(name):
+    """Decorator making `fn(conversation, specials) -> parts` the template `name`. A part is `(text, trained)` or
+    `(list of token ids, trained)`; consecutive texts are tokenized as one text (see `encode_parts`)."""
+    def register(fn):
+        TEMPLATES[name] = fn
+        return fn
+    return register
+
+
+def user_text(query):
+    """A query (instruction, input) as one user message: the input, if any, follows the instruction."""
+    instruction, input_text = query
+    return f"{instruction}\n\n{input_text}" if input_text else instruction
+
+
+def _system_first(conversation):
+    """Turns with the system text (if any) put before the first user message, for formats without a system slot."""
+    turns = [(user_text(query), answer) for query, answer in conversation.turns]
+    if conversation.system:
+        turns[0] = (f"{conversation.system}\n\n{turns[0][0]}", turns[0][1])
+    return turns
+
+
+@register_template('alpaca')
+def alpaca_template(conversation, specials):
+    """BOS, then per turn the Alpaca prompt (masked), the answer and EOS."""
+    parts = [(specials.bos, False)]
+    for index, ((instruction, input_text), answer) in enumerate(conversation.turns):
+        prompt = alpaca_prompt(instruction, input_text)
+        if index == 0 and conversation.system:
+            prompt = f"{conversation.system}\n\n{prompt}"
+        parts += [(prompt, False), (answer, True), ([specials.eos], True)]
+    return parts
+
+
+@register_template('llama2_chat')
+def llama2_chat_template(conversation, specials):
+    """Per turn: BOS, `[INST] user [/INST]` (masked), ` answer ` and EOS — each turn tokenized on its own."""
+    turns = [(user_text(query), answer) for query, answer in conversation.turns]
+    texts = llama2_chat_turns('', turns, conversation.system)[:-1]
+    parts = []
+    for index, text in enumerate(texts):
+        prompt = llama2_chat_turns(turns[index][0], turns[:index], conversation.system)[-1]
+        parts += [(specials.bos, False), (prompt, False), (_after(text, prompt), True), ([specials.eos], True)]
+    return parts
+
+
+@register_template('glm2')
+def glm2_template(conversation, specials):
+    """The tokenizer's prefix ([gMASK] sop), the `[Round N]` prompts (masked) with every answer trained, EOS."""
+    turns = _system_first(conversation)
+    parts, done = [(specials.prefix, False)], ''
+    for index, (query, answer) in enumerate(turns):
+        prompt = glm2_chat_prompt(query, turns[:index])
+        parts += [(_after(prompt, done), False), (answer, True)]
+        done = prompt + answer
+    return parts + [([specials.eos], True)]
+
+
+def _after(text, start):
+    if not text.startswith(start):
+        raise AssertionError(f"template text {text[:60]!r}... does not continue {start[:60]!r}...")
+    return text[len(start):]
+
+
+# ----------------------------------------------------------------------------- tokenizing
+def tokenizer_specials(tokenizer):
+    """`Specials` of a tokenizer, found with `encode(text, add_special_tokens=...)` and its special token ids."""
+    name = type(tokenizer).__name__
+    eos = getattr(tokenizer, 'eos_token_id', None)
+    if eos is None:
+        raise PreprocessError(f"{name} has no eos_token_id: every answer ends with EOS")
+    bos = getattr(tokenizer, 'bos_token_id', None)
+    probe = 'Hello'
+    plain = list(tokenizer.encode(probe, add_special_tokens=False))
+    full = list(tokenizer.encode(probe, add_special_tokens=True))
+    starts = [i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain]
+    if not plain or not starts:
+        raise PreprocessError(f"{name}: cannot tell which special tokens encode() adds ({probe!r} -> {plain} "
+                              f"without and {full} with them)")
+    return Specials([] if bos is None else [int(bos)], int(eos), [int(i) for i in full[:starts[0]]])
+
+
+def _common_prefix(a, b):
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def _encode_texts(tokenizer, texts, ids, trained):
+    """Tokenize the concatenation of `texts` [(text, trained)] once; each token belongs to the text where it
+    starts (a token spanning two texts belongs to the second): part k ends where the tokens of texts[:k+1]
+    alone stop matching the whole."""
+    whole = ''.join(text for text, _ in texts)
+    tokens = list(tokenizer.encode(whole, add_special_tokens=False))
+    start = chars = 0
+    for k, (text, flag) in enumerate(texts):
+        chars += len(text)
+        end = len(tokens) if k == len(texts) - 1 else max(start, _common_prefix(
+            tokenizer.encode(whole[:chars], add_special_tokens=False), tokens))
+        ids += tokens[start:end]
+        trained += [flag] * (end - start)
+        start = end
+
+
+def encode_parts(tokenizer, parts):
+    """(token ids, trained flags) of template parts: ids are taken as they are, runs of consecutive texts are
+    tokenized together (`add_special_tokens=False`) and split where each text's tokens end."""
+    ids, trained, texts = [], [], []
+    for piece, flag in list(parts) + [([], False)]:
+        if isinstance(piece, str):
+            if texts and texts[-1][1] == flag:
+                texts[-1] = (texts[-1][0] + piece, flag)
+            elif piece:
+                texts.append((piece, flag))
+            continue
+        if texts:
+            _encode_texts(tokenizer, texts, ids, trained)
+            texts = []
+        ids += [int(i) for i in piece]
+        trained += [bool(flag)] * len(piece)
+    return ids, trained
+
+
+def encode_conversation(conversation, template, tokenizer, specials=None):
+    """(token ids, trained flags) of one Conversation under template `template` (a name in TEMPLATES)."""
+    if template not in TEMPLATES:
+        raise PreprocessError(f"unknown template {template!r}; known: {', '.join(sorted(TEMPLATES))}")
+    specials = tokenizer_specials(tokenizer) if specials is None else specials
+    return encode_parts(tokenizer, TEMPLATES[template](conversation, specials))
+
+
+def pack_sample(ids, trained, seq_length, pad_id, drop_long=False):
+    """(status, input_ids, labels) for one encoded sample: int32 arrays of seq_length + 1, labels -100 where not
+    trained and on padding. status: 'ok', 'truncated' (cut at the end), 'too_long' (dropped by `drop_long`) or
+    'answer_cut' (no trained token left after cutting); the arrays are None for the dropped ones."""
+    width = int(seq_length) + 1
+    status = 'ok'
+    if len(ids) > width:
+        if drop_long:
+            return 'too_long', None, None
+        ids, trained, status = ids[:width], trained[:width], 'truncated'
+    if not any(trained[1:]):  # labels[0] is never a target
+        return 'answer_cut', None, None
+    input_ids = np.full(width, pad_id, dtype=np.int32)
+    labels = np.full(width, IGNORE_INDEX, dtype=np.int32)
+    input_ids[:len(ids)] = ids
+    labels[:len(ids)] = np.where(trained, input_ids[:len(ids)], IGNORE_INDEX)
+    return status, input_ids, labels
+
+
+def iter_sft_samples(records, template, tokenizer, seq_length, fmt='alpaca', pad_id=None, drop_long=False,
+                     stats=None, block_samples=1024):
+    """Parse (where, record) pairs as `fmt`, encode them with `template` and yield blocks
+    {'input_ids': int32 [n, seq_length + 1], 'labels': ...}. `stats` (a dict, if given) is kept up to date:
+    records, samples, truncated, too_long, answer_cut, tokens (without padding), trained_tokens, longest,
+    seq_length. Raises PreprocessError naming the record at fault, or when no sample is left."""
+    seq_length = int(seq_length)
+    if seq_length < 1:
+        raise PreprocessError(f"seq_length must be >= 1, got {seq_length}")
+    if fmt not in PARSERS:
+        raise PreprocessError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
+    if template not in TEMPLATES:
+        raise PreprocessError(f"unknown template {template!r}; known: {', '.join(sorted(TEMPLATES))}")
+    specials = tokenizer_specials(tokenizer)
+    if pad_id is None:
+        pad_id = getattr(tokenizer, 'pad_token_id', None)
+    pad_id = specials.eos if pad_id is None else int(pad_id)
+    stats = {} if stats is None else stats
+    stats.update(records=0, samples=0, truncated=0, too_long=0, answer_cut=0, tokens=0, trained_tokens=0,
+                 longest=0, seq_length=seq_length)
+    block = {column: [] for column in COLUMNS}
+    for where, record in records:
+        conversation = PARSERS[fmt](record, where)
+        ids, trained = encode_conversation(conversation, template, tokenizer, specials)
+        stats['records'] += 1
+        stats['longest'] = max(stats['longest'], len(ids))
+        status, input_ids, labels = pack_sample(ids, trained, seq_length, pad_id, drop_long)
+        if input_ids is None:
+            stats[status] += 1
+            continue
+        stats['truncated'] += status == 'truncated'
+        stats['samples'] += 1
+        stats['tokens'] += min(len(ids), seq_length + 1)
+        stats['trained_tokens'] += int((labels[1:] != IGNORE_INDEX).sum())
+        block['input_ids'].append(input_ids)
+        block['labels'].append(labels)
+        if len(block['labels']) >= block_samples:
+            yield {column: np.stack(rows) for column, rows in block.items()}
+            block = {column: [] for column in COLUMNS}
+    if block['labels']:
+        yield {column: np.stack(rows) for column, rows in block.items()}
+    if stats['samples'] == 0:
+        raise PreprocessError(f"no samples: {stats['records']} record(s) read, {stats['too_long']} longer than "
+                              f"seq_length + 1 = {seq_length + 1} tokens dropped, {stats['answer_cut']} with no "
+                              f"answer token left after truncation (longest: {stats['longest']} tokens)")
+
+
+# ----------------------------------------------------------------------------- writing
+def write_sft_mindrecord(output_file, blocks, seq_length, num_splits=1, overwrite=False):
+    """Write blocks {'input_ids', 'labels'} of int32 [n, seq_length + 1] to MindRecord; returns the data files.
+
+    Atomic like `text_to_mindrecord.write_mindrecord`: written into a hidden temporary directory beside
+    `output_file`, moved into place (indexes first) only after the commit succeeded; nothing is left on error.
+    Existing outputs raise FileExistsError unless `overwrite`."""
+    from mindspore.mindrecord import FileWriter
+    output_file = os.path.abspath(output_file)
+    if existing_outputs(output_file, num_splits) and not overwrite:
+        raise FileExistsError(f"{existing_outputs(output_file, num_splits)[0]} already exists")
+    parent, name = os.path.split(output_file)
+    os.makedirs(parent, exist_ok=True)
+    shape = [int(seq_length) + 1]
+    staging = tempfile.mkdtemp(prefix=f'.{name}.tmp-', dir=parent)
+    try:
+        writer = FileWriter(os.path.join(staging, name), shard_num=num_splits, overwrite=False)
+        writer.add_schema({column: {'type': 'int32', 'shape': shape} for column in COLUMNS},
+                          'instruction samples with prompt-masked labels')
+        for block in blocks:
+            arrays = [np.asarray(block[column], dtype=np.int32) for column in COLUMNS]
+            if any(a.ndim != 2 or a.shape != (len(arrays[0]), shape[0]) for a in arrays):
+                raise ValueError(f"sample block of shapes {[a.shape for a in arrays]} does not match [n, {shape[0]}]")
+            writer.write_raw_data([dict(zip(COLUMNS, row)) for row in zip(*arrays)])
+        writer.commit()
+        data_names = [os.path.basename(f) for f in mindrecord_files(output_file, num_splits)]
+        for moved in [n + '.db' for n in data_names] + data_names:  # the data files last
+            os.replace(os.path.join(staging, moved), os.path.join(parent, moved))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return mindrecord_files(output_file, num_splits)
+
+
+# ----------------------------------------------------------------------------- CLI
+def build_tokenizer_arg(name, vocab_file=None, merges_file=None, tokenizer_dir=None):
+    """A registered tokenizer class (built from its files or `tokenizer_dir`, as in text_to_mindrecord) or a
+    model name (`gpt2_tiny`, `llama2_7b`, ...: the tokenizer of its YAML, with `vocab_file`/`merges_file`
+    overriding the files named there)."""
+    importlib.import_module('mindformers')  # registers the tokenizers
+    from mindformers.tools.model_book import list_models
+    from mindformers.tools.register import MindFormerRegister, MindFormerModuleType
+    if MindFormerRegister.is_exist(MindFormerModuleType.TOKENIZER, name) or name not in list_models():
+        return load_tokenizer(name, vocab_file, merges_file, tokenizer_dir)
+    from mindformers.models.auto.auto_class import AutoTokenizer
+    files = {key: value for key, value in (('vocab_file', vocab_file), ('merges_file', merges_file)) if value}
+    try:
+        return AutoTokenizer.from_pretrained(tokenizer_dir or name, **files)
+    except (TypeError, ValueError, OSError) as err:
+        raise PreprocessError(f"--tokenizer {name}: cannot build the tokenizer of this model: {err} (give its "
+                              f"files with --vocab_file / --merges_file or --tokenizer_dir)") from None
+
+
+ARGUMENTS = (  # (flags, argparse options) of the CLI
+    ('--input', dict(nargs='+', required=True, help='.json/.jsonl files, directories or glob patterns: a JSON '
+                                                    'array of records or one JSON object per line')),
+    ('--format', dict(required=True, choices=FORMATS, help='alpaca: {instruction, input, output}; conversation: '
+                      '{conversations: [{from, value}]} or {messages: [{role, content}]}')),
+    ('--template', dict(required=True, choices=sorted(TEMPLATES), help='prompt format of the model')),
+    ('--tokenizer', dict(required=True, help='registered tokenizer type (GPT2Tokenizer, ...) or model name '
+                                             '(gpt2_tiny, ...)')),
+    ('--vocab_file', dict(help='tokenizer vocabulary (vocab.json, tokenizer.model, ...)')),
+    ('--merges_file', dict(help='BPE merges (merges.txt)')),
+    ('--tokenizer_dir', dict(help="directory for the tokenizer's from_pretrained")),
+    ('--seq_length', dict(type=int, required=True, help="the model's seq_length; samples hold seq_length + 1")),
+    ('--output_file', dict(required=True, help='output path ending in .mindrecord')),
+    ('--pad_id', dict(type=int, help="input_ids padding (default: the tokenizer's pad, else EOS); label -100")),
+    ('--num_splits', dict(type=int, default=1, help='number of MindRecord files (default 1)')),
+    ('--overwrite', dict(action='store_true', help='replace existing output files')),
+    ('--quiet', dict(action='store_true', help='no progress bar')),
+)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        prog=f'python -m mindformers.tools.dataset_preprocess.{PROG}',
+        description='Tokenize instruction or conversation data with a prompt template and write MindRecord '
+                    'samples of seq_length + 1 tokens (int32 columns input_ids and labels; prompts and padding '
+                    'have label -100).')
+    for flag, options in ARGUMENTS:
+        parser.add_argument(flag, **options)
+    long_samples = parser.add_mutually_exclusive_group()
+    long_samples.add_argument('--truncate', dest='drop_long', action='store_false',
+                              help='cut long samples at the end (default); one left without answer tokens is '
+                                   'dropped')
+    long_samples.add_argument('--drop_long', dest='drop_long', action='store_true',
+                              help='drop samples longer than seq_length + 1 tokens')
+    parser.set_defaults(drop_long=False)
+    return parser.parse_args(argv)
+
+
+def _check_args(args):
+    """Raise PreprocessError for the first bad option, before anything is read."""
+    existing = existing_outputs(os.path.abspath(args.output_file), args.num_splits) or ['']
+    checks = ((args.seq_length < 1, f"--seq_length must be >= 1, got {args.seq_length}"),
+              (not 1 <= args.num_splits <= MAX_SPLITS,
+               f"--num_splits must be in [1, {MAX_SPLITS}], got {args.num_splits}"),
+              (not args.output_file.endswith('.mindrecord'),
+               f"--output_file must end with .mindrecord, got {args.output_file}"),
+              (existing[0] and not args.overwrite,
+               f"output already exists: {existing[0]} (pass --overwrite to replace it)"))
+    for bad, message in checks:
+        if bad:
+            raise PreprocessError(message)
+
+
+def run(args):
+    """Run the conversion described by parsed `args`; returns (data files, stats)."""
+    _check_args(args)
+    files = expand_inputs(args.input)
+    for path in files:
+        if not path.lower().endswith(('.json', '.jsonl')):
+            raise PreprocessError(f"{path}: expected a .json or .jsonl file")
+    tokenizer = build_tokenizer_arg(args.tokenizer, args.vocab_file, args.merges_file, args.tokenizer_dir)
+    stats, progress = {}, _Progress(sum(map(os.path.getsize, files)), enabled=not args.quiet)
+    try:
+        blocks = iter_sft_samples(iter_records(files, progress.update), args.template, tokenizer, args.seq_length,
+                                  args.format, args.pad_id, args.drop_long, stats)
+        return write_sft_mindrecord(args.output_file, blocks, args.seq_length, args.num_splits,
+                                    args.overwrite), stats
+    finally:
+        progress.close()
+
+
+def summary(stats):
+    """The statistics of a conversion as indented lines."""
+    seq, samples = stats['seq_length'], stats['samples']
+    dropped = stats['too_long'] + stats['answer_cut']
+    share = stats['trained_tokens'] / stats['tokens'] if stats['tokens'] else 0.0
+    return (f"  records    {stats['records']}\n"
+            f"  samples    {samples} of {seq + 1} tokens (seq_length {seq} + 1)\n"
+            f"  dropped    {dropped} ({stats['too_long']} too long with --drop_long, {stats['answer_cut']} with no "
+            f"answer token left after truncation)\n"
+            f"  truncated  {stats['truncated']}\n"
+            f"  tokens     {stats['tokens']} (+ {samples * (seq + 1) - stats['tokens']} padding), longest sample "
+            f"{stats['longest']}\n"
+            f"  trained    {stats['trained_tokens']} tokens = {share:.1%} of the tokens (answers and their EOS)")
+
+
+def main(argv=None):
+    """Command line entry point: 0 when the output is written; 2, with one `error:` line on stderr, for bad input
+    (nothing is written then)."""
+    args = parse_args(argv)
+    started = time.monotonic()
+    try:
+        outputs, stats = run(args)
+        files = outputs[0] + (f" ... ({len(outputs)} files)" if len(outputs) > 1 else '')
+        print(f"{PROG}: wrote {files} in {time.monotonic() - started:.1f} s (template {args.template})\n"
+              f"{summary(stats)}")
+        return 0
+    except (PreprocessError, OSError) as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == '__main__':
+    sys.exit(main())
