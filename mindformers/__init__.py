@@ -14,6 +14,7 @@ from mindformers.models import (BaseConfig, BaseModel, CausalLMModel, BaseTokeni
                                 GPT2Model, GPT2LMHeadModel, GPT2Tokenizer, GPT2TokenizerFast, GPT2Processor)
 from mindformers.models.llama import *  # noqa: F401,F403  (LlamaConfig, LlamaForCausalLM, LlamaTokenizer, ...)
 from mindformers.models.glm2 import *  # noqa: F401,F403  (ChatGLM2Config, ChatGLM2ForConditionalGeneration, ...)
+from mindformers.models.pangualpha import *  # noqa: F401,F403  (PanguAlphaConfig, PanguAlphaHeadModel, ...)
 from mindformers.models.auto import AutoConfig, AutoModel, AutoProcessor, AutoTokenizer
 from mindformers.generation import (GeneratorMixin, GenerationConfig, BaseStreamer, TextStreamer,
                                     TextIteratorStreamer)

@@ -218,3 +218,28 @@ def test_glm2_chat_and_stream_chat_agree():
     assert all(response.startswith(partial) for partial, _ in streamed)
     prompt = tokenizer.build_prompt('What news?', history)
     assert prompt == '[Round 1]\n\n问：你好\n\n答：Good day.\n\n[Round 2]\n\n问：What news?\n\n答：'
+
+
+@pytest.mark.parametrize('family', ['llama', 'gpt2'])
+def test_float16_padded_forward_is_finite_and_cache_matches_recompute(family):
+    """The Ascend precision on CPU: padded masks stay finite in float16 and KV-cache decoding keeps its dtypes."""
+    from mindformers.models.gpt2 import GPT2Config, GPT2LMHeadModel
+    ms.set_seed(0)
+    half = dict(compute_dtype='float16', softmax_compute_type='float16')
+    if family == 'llama':
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN,
+                                             num_layers=LAYERS, num_heads=4, n_kv_heads=2, seq_length=SEQ,
+                                             rotary_dtype='float16', **half))
+    else:
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, hidden_size=HIDDEN, num_layers=LAYERS, num_heads=4,
+                                           seq_length=SEQ, eos_token_id=0, pad_token_id=0, bos_token_id=0, **half))
+    model.set_train(False)
+    ids = _ids(2, 10, seed=9)
+    mask = np.ones_like(ids)
+    mask[1, :4] = 0
+    logits = model(ms.Tensor(ids, ms.int32), ms.Tensor(mask, ms.int32)).asnumpy()
+    assert np.isfinite(logits[mask.astype(bool)]).all()
+    prompts = [ids[0].tolist(), ids[1, 4:].tolist()]
+    cached = model.generate(prompts, max_new_tokens=6, use_past=True, eos_token_id=[], do_sample=False)
+    full = model.generate(prompts, max_new_tokens=6, use_past=False, eos_token_id=[], do_sample=False)
+    assert [list(r) for r in cached] == [list(r) for r in full]

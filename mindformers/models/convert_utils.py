@@ -75,6 +75,8 @@ FAMILY_MODULES = {
     'gpt2': 'mindformers.models.gpt2.convert_gpt2',
     'llama': 'mindformers.models.llama.convert_llama',
     'glm2': 'mindformers.models.glm2.convert_glm2',
+    'pangualpha': 'mindformers.models.pangualpha.convert_pangualpha',
+    'pengcheng_mind': 'research.pengcheng_mind.convert_pengcheng_mind',
 }
 
 # HuggingFace `model_type` -> (conversion module, our tokenizer class), for AutoModel / AutoTokenizer on a HF
@@ -85,6 +87,7 @@ HF_FAMILIES = {
     'llama': (FAMILY_MODULES['llama'], 'LlamaTokenizer'),
     'glm': (FAMILY_MODULES['glm2'], 'ChatGLM2Tokenizer'),
     'chatglm': (FAMILY_MODULES['glm2'], 'ChatGLM2Tokenizer'),
+    'gpt_pangu': (FAMILY_MODULES['pangualpha'], 'PanguAlphaTokenizer'),
 }
 
 _HF_FILES = ('model.safetensors', 'model.safetensors.index.json', 'pytorch_model.bin', 'pytorch_model.bin.index.json')

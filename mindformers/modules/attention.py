@@ -2,10 +2,14 @@
 import math
 
 import numpy as np
+import mindspore as ms
 from mindspore import nn, ops, Tensor
 
 from mindformers.modules.cpu_kernels import FusedCausalSoftmax, use_fused
 from mindformers.modules.layers import Linear, Dropout, to_mstype, _dp_mp, _check_divisible
+
+
+NEG_INF = -1e9
 
 
 def fused_causal_attention(softmax_compute_type, parallel_config=None):
@@ -25,13 +29,27 @@ class CausalMask(nn.Cell):
         super().__init__()
         self.max_seq_length = max_seq_length
         upper = np.triu(np.ones((max_seq_length, max_seq_length), dtype=bool), k=1)
-        self.mask = Tensor(np.where(upper, np.float32(-1e9), np.float32(0)), to_mstype(dtype))
+        dtype = to_mstype(dtype)
+        self.mask = Tensor(np.where(upper, np.float32(NEG_INF if dtype != ms.float16 else -6e4), np.float32(0)), dtype)
 
     def construct(self, batch, heads, seq):
         if seq > self.max_seq_length:
             raise ValueError(f"sequence length {seq} exceeds max_seq_length {self.max_seq_length}")
         mask = self.mask if seq == self.max_seq_length else self.mask[:seq, :seq]
         return ops.broadcast_to(mask, (batch, heads, seq, seq))
+
+    def with_padding(self, attention_mask, heads):
+        """For a padded batch (`attention_mask` [B, S], 1 = token, 0 = padding, e.g. left padding): (the causal
+        mask that also hides padded keys, [B, heads, S, S]; positions [B, S] int32 counting from each row's first
+        real token). Built in float32; in float16 clamped to -6e4 (-1e9 would be -inf there, and 0 * -inf NaN)."""
+        batch, seq = attention_mask.shape
+        valid = ops.cast(attention_mask, ms.int32)
+        positions = ops.maximum(ops.cumsum(valid, 1) - 1, 0)
+        mask = self.construct(batch, heads, seq)
+        padding = ops.cast(1 - valid, ms.float32).reshape(batch, 1, 1, seq) * NEG_INF
+        if mask.dtype == ms.float32:
+            return mask + padding, positions
+        return ops.cast(ops.maximum(ops.cast(mask, ms.float32) + padding, -6e4), mask.dtype), positions
 
 
 class DotProductAttention(nn.Cell):

@@ -64,8 +64,11 @@ class KVCache(nn.Cell):
         group = query.shape[1] // keys.shape[1]
         if group > 1:
             keys, values = ops.repeat_interleave(keys, group, 1), ops.repeat_interleave(values, group, 1)
-        probs = self.softmax(self.scores_matmul(query, keys) + mask)
-        return self.context_matmul(probs, values)
+        scores = self.scores_matmul(query, keys)
+        if scores.dtype != ms.float32:  # half precision: the softmax runs in float32 (the mask holds -1e9)
+            scores = ops.cast(scores, ms.float32)
+        probs = self.softmax(scores + mask)
+        return self.context_matmul(ops.cast(probs, values.dtype), values)
 
 
 class _Buffer(nn.Cell):

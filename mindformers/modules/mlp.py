@@ -1,4 +1,4 @@
-"""Position-wise feed-forward networks: GELU MLP (GPT-2) and SwiGLU (LLaMA, GLM2)."""
+"""Position-wise feed-forward networks: GELU MLP (GPT-2) and SwiGLU (LLaMA, GLM2, PengCheng.Mind)."""
 from mindspore import nn, ops
 
 from mindformers.modules.layers import Linear, Dropout, get_activation, _dp_mp
@@ -26,7 +26,8 @@ class MLP(nn.Cell):
 
 
 class GatedMLP(nn.Cell):
-    """SwiGLU feed-forward: down_proj(silu(gate_proj(x)) * up_proj(x)), no biases (LLaMA, GLM2).
+    """SwiGLU feed-forward: down_proj(silu(gate_proj(x)) * up_proj(x)); biases on all three projections when
+    `has_bias` (PengCheng.Mind), none by default (LLaMA, GLM2).
 
     x [B, S, hidden_size] -> [B, S, hidden_size]. `gate_proj`/`up_proj` weights [ffn_hidden_size, hidden_size] are
     column-split, `down_proj` [hidden_size, ffn_hidden_size] row-split under model parallel."""

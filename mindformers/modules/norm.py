@@ -1,8 +1,10 @@
-"""RMSNorm (LLaMA, GLM2)."""
+"""RMSNorm (LLaMA, GLM2), and `build_norm` choosing it or LayerNorm by name (decoders whose norm is configurable)."""
 from mindspore import nn, ops, Parameter
 from mindspore.common.initializer import initializer
 
-from mindformers.modules.layers import to_mstype, _dp_mp
+from mindformers.modules.layers import LayerNorm, to_mstype, _dp_mp
+
+NORM_TYPES = ('rmsnorm', 'layernorm')
 
 
 class RMSNorm(nn.Cell):
@@ -32,3 +34,13 @@ class RMSNorm(nn.Cell):
             y = ops.cast(y, dtype)
         weight = self.weight if self.weight.dtype == dtype else ops.cast(self.weight, dtype)
         return self.mul_weight(y, weight)
+
+
+def build_norm(norm_type, hidden_size, eps, param_init_type='float32', compute_type='float32', parallel_config=None):
+    """`RMSNorm` (parameter `weight`) for norm_type 'rmsnorm', `LayerNorm` (`weight` = gamma, `bias` = beta) for
+    'layernorm'; other values raise ValueError."""
+    norms = {'rmsnorm': RMSNorm, 'layernorm': LayerNorm}
+    if norm_type not in norms:
+        raise ValueError(f"norm_type must be one of {', '.join(NORM_TYPES)}, got {norm_type!r}")
+    return norms[norm_type](hidden_size, eps=eps, param_init_type=param_init_type, compute_type=compute_type,
+                            parallel_config=parallel_config)

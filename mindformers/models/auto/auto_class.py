@@ -21,7 +21,8 @@ WEIGHT_SUFFIXES = ('.safetensors', '.ckpt')
 
 # config class -> the registered model class AutoModel builds from it; a family adds one line (or `register_auto`)
 _ARCH_FOR_CONFIG = {'GPT2Config': 'GPT2LMHeadModel', 'LlamaConfig': 'LlamaForCausalLM',
-                    'ChatGLM2Config': 'ChatGLM2ForConditionalGeneration'}
+                    'ChatGLM2Config': 'ChatGLM2ForConditionalGeneration',
+                    'PanguAlphaConfig': 'PanguAlphaHeadModel'}
 
 
 def register_auto(config_name, model_name):

@@ -80,12 +80,8 @@ class GPT2Model(nn.Cell):
                 positions = positions[:seq]
             hidden = self.add_positions(self.embed_tokens(input_ids), positions)
         else:  # padded rows: positions count from each row's first real token, padding is hidden as a key
-            mask = self.causal_mask(batch, self.num_heads, seq)
-            valid = ops.cast(attention_mask, ms.int32)
-            positions = ops.maximum(ops.cumsum(valid, 1) - 1, 0)
+            mask, positions = self.causal_mask.with_padding(attention_mask, self.num_heads)
             hidden = self.embed_tokens(input_ids) + ops.gather(self.embed_positions.weight, positions, 0)
-            padding = ops.cast(1 - valid, mask.dtype).reshape(batch, 1, 1, seq) * -1e9
-            mask = mask + padding
         if hidden.dtype != self.compute_dtype:
             hidden = ops.cast(hidden, self.compute_dtype)
         hidden = self.embed_dropout(hidden)
@@ -137,11 +133,9 @@ class GPT2IncrementalCore(nn.Cell):
         self.num_heads = config.num_heads
         self.head_dim = config.hidden_size // config.num_heads
         self.hidden_size = config.hidden_size
-        self.cache = KVCache(config.num_layers, batch, config.num_heads, config.seq_length, self.head_dim)
+        self.cache = KVCache(config.num_layers, batch, config.num_heads, config.seq_length, self.head_dim,
+                             to_mstype(config.compute_dtype))
         self.scale = ms.Tensor(1.0 / math.sqrt(self.head_dim), ms.float32)
-        self.scores_matmul = ops.BatchMatMul(transpose_b=True)
-        self.context_matmul = ops.BatchMatMul()
-        self.softmax = ops.Softmax(axis=-1)
         self.head_matmul = ops.MatMul(transpose_b=True)
         # decode steps take q, k, v straight from the packed projection into one fused CPU kernel (fp32)
         self.fused_decode = (use_fused(to_mstype(config.compute_dtype))
@@ -160,6 +154,8 @@ class GPT2IncrementalCore(nn.Cell):
         batch, length = input_ids.shape
         table = backbone.embed_tokens.weight.reshape(self.model.vocab_size, self.hidden_size)
         hidden = ops.gather(table, input_ids, 0) + ops.gather(backbone.embed_positions.weight, positions, 0)
+        if hidden.dtype != backbone.compute_dtype:
+            hidden = ops.cast(hidden, backbone.compute_dtype)
         for index, layer in enumerate(backbone.layers):
             attention = layer.attention
             qkv = attention.qkv_proj(layer.input_layernorm(hidden))
@@ -168,14 +164,15 @@ class GPT2IncrementalCore(nn.Cell):
             key, value = self._heads(key, batch, length), self._heads(value, batch, length)
             if prefill:
                 keys, values = self.cache.write_prefill(index, key, value)
-                context = self.context_matmul(self.softmax(self.scores_matmul(query, keys) + mask), values)
+                context = attention.core(query, keys, values, mask)
             else:
                 context = self.cache.attend_step(index, query, key, value, mask, indices)
             context = ops.transpose(context, (0, 2, 1, 3)).reshape(batch, length, -1)
             hidden = hidden + attention.o_proj(context)
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         last = backbone.final_layernorm(hidden[:, -1:, :]).reshape(batch, self.hidden_size)
-        return self.head_matmul(last, table)
+        logits = self.head_matmul(last, table if table.dtype == last.dtype else ops.cast(table, last.dtype))
+        return logits if logits.dtype == ms.float32 else ops.cast(logits, ms.float32)
 
     def _fused_decode_step(self, input_ids, positions, mask, indices):
         """The decode step (same contract as `forward`) with the fused packed-attention kernel; rows are

@@ -4,6 +4,8 @@ from mindformers.modules.layers import to_mstype
 from mindformers.tools.register import MindFormerRegister, MindFormerModuleType
 
 EXTEND_METHODS = ('None', 'PI', 'NTK')
+# decoder switches with LLaMA's values; a config without one of these attributes (ChatGLM2Config) gets these
+DECODER_DEFAULTS = {'norm_type': 'rmsnorm', 'out_bias': False, 'mlp_bias': False, 'tied_head': False}
 
 
 def llama_ffn_size(hidden_size, multiple_of=256, ffn_dim_multiplier=None):
@@ -38,6 +40,10 @@ class LlamaConfig(BaseConfig):
         qkv_has_bias (False), head_dim (None = hidden_size / num_heads), rotary_dim (None = head_dim: RoPE on the
             first rotary_dim lanes of each head), rotary_interleaved (False: HF's rotate-half pairs (i, i + d/2);
             True: Meta/GLM pairs (2i, 2i + 1)): settings other families built on this decoder use.
+    Decoder switches LLaMA keeps fixed (class attributes other families' configs override): norm_type 'rmsnorm'
+        ('layernorm': LayerNorm with bias), out_bias False (o_proj bias), mlp_bias False (SwiGLU biases), tied_head
+        False (True: logits against the token embedding, no lm_head; `tie_word_embeddings` from a HF config does
+        not set it: our LLaMA then copies the embedding into its own lm_head).
     Precision ('float32' | 'float16' | 'bfloat16'): param_init_type, compute_dtype, layernorm_compute_type,
         softmax_compute_type, rotary_dtype (all 'float32' by default; MindFormers ships float16 for Ascend).
     Tokens: bos_token_id (1), eos_token_id (2), pad_token_id (0), ignore_token_id (-100).
@@ -126,6 +132,9 @@ class LlamaConfig(BaseConfig):
     @property
     def attention_bias(self):
         return self.qkv_has_bias
+
+    norm_type, out_bias, mlp_bias, tied_head = (DECODER_DEFAULTS[key] for key in
+                                                ('norm_type', 'out_bias', 'mlp_bias', 'tied_head'))
 
     def validate(self):
         """Raise ValueError naming the first inconsistent field."""

@@ -1,38 +1,49 @@
 """LLaMA / LLaMA-2: pre-RMSNorm blocks of rotary grouped-query attention and a SwiGLU MLP, untied LM head.
 
 The decoder reads its sizes through the properties `LlamaConfig` defines (kv_heads, head_size, rotary_size,
-rotary_interleaved, ffn_size, norm_eps, rope_theta, attention_bias), so other families with this topology and
-their own config names (ChatGLM2) build on it. Parameter names match HF `LlamaForCausalLM`."""
+rotary_interleaved, ffn_size, norm_eps, rope_theta, attention_bias; and, with LLaMA's values as defaults, norm_type
+'rmsnorm' | 'layernorm', out_bias on o_proj, mlp_bias on the SwiGLU projections, tied_head: logits from the token
+embedding table, no `lm_head`), so other families with this topology and their own config names (ChatGLM2,
+PengCheng.Mind) build on it. Parameter names match HF `LlamaForCausalLM`."""
 import mindspore as ms
 from mindspore import nn, ops
 
 from mindformers.models.base_model import CausalLMModel
-from mindformers.models.llama.llama_config import LlamaConfig
-from mindformers.modules import CausalMask, Embedding, GatedMLP, GroupedQueryAttention, Linear, RMSNorm
+from mindformers.models.llama.llama_config import DECODER_DEFAULTS, LlamaConfig
+from mindformers.modules import CausalMask, Embedding, GatedMLP, GroupedQueryAttention, Linear
 from mindformers.modules.attention import fused_causal_attention
 from mindformers.modules.kv_cache import KVCache
 from mindformers.modules.layers import _dp_mp, place_layers, to_mstype
+from mindformers.modules.norm import build_norm
 from mindformers.modules.rotary import RotaryEmbedding
 from mindformers.tools.register import MindFormerRegister, MindFormerModuleType
 
 
+def decoder_option(config, name):
+    """A decoder switch of `config` (norm_type, out_bias, mlp_bias, tied_head), LLaMA's value when it has none."""
+    return getattr(config, name, DECODER_DEFAULTS[name])
+
+
 class LlamaDecoderLayer(nn.Cell):
-    """x + self_attn(RMSNorm(x)), then + mlp(RMSNorm(.)): x [B, S, H], mask and rotary tables as for
-    `GroupedQueryAttention` -> [B, S, H]."""
+    """x + self_attn(norm(x)), then + mlp(norm(.)) (norm: RMSNorm, or LayerNorm by `config.norm_type`): x [B, S, H],
+    mask and rotary tables as for `GroupedQueryAttention` -> [B, S, H]."""
 
     def __init__(self, config, rotary):
         super().__init__()
         hidden, parallel = config.hidden_size, config.parallel_config
         norm_args = dict(eps=config.norm_eps, param_init_type=config.param_init_type,
                          compute_type=config.layernorm_compute_type, parallel_config=parallel)
+        norm_type = decoder_option(config, 'norm_type')
         common = dict(init_std=config.initializer_range, param_init_type=config.param_init_type,
                       compute_dtype=config.compute_dtype, parallel_config=parallel)
-        self.input_layernorm = RMSNorm(hidden, **norm_args)
+        self.input_layernorm = build_norm(norm_type, hidden, **norm_args)
         self.self_attn = GroupedQueryAttention(hidden, config.num_heads, config.kv_heads, config.head_size,
-                                               qkv_bias=config.attention_bias, rotary=rotary,
-                                               softmax_compute_type=config.softmax_compute_type, **common)
-        self.post_attention_layernorm = RMSNorm(hidden, **norm_args)
-        self.mlp = GatedMLP(hidden, config.ffn_size, **common)
+                                               qkv_bias=config.attention_bias,
+                                               out_bias=bool(decoder_option(config, 'out_bias')),
+                                               rotary=rotary, softmax_compute_type=config.softmax_compute_type,
+                                               **common)
+        self.post_attention_layernorm = build_norm(norm_type, hidden, **norm_args)
+        self.mlp = GatedMLP(hidden, config.ffn_size, has_bias=bool(decoder_option(config, 'mlp_bias')), **common)
         dp, _ = _dp_mp(parallel)
         self.add = ops.Add().shard(((dp, 1, 1), (dp, 1, 1)))
 
@@ -43,7 +54,7 @@ class LlamaDecoderLayer(nn.Cell):
 
 @MindFormerRegister.register(MindFormerModuleType.MODELS)
 class LlamaModel(nn.Cell):
-    """The decoder: input_ids [B, S] int32 (S <= seq_length) -> final hidden states [B, S, H] after the last RMSNorm.
+    """The decoder: input_ids [B, S] int32 (S <= seq_length) -> final hidden states [B, S, H] after the last norm.
     `attention_mask` [B, S] (1 = token, 0 = padding) is optional: padded keys are hidden and positions count from
     each row's first real token (left-padded generation batches)."""
 
@@ -60,8 +71,8 @@ class LlamaModel(nn.Cell):
         self.causal_mask = CausalMask(config.seq_length, config.softmax_compute_type)
         self.fused_causal = fused_causal_attention(config.softmax_compute_type, parallel)
         self.layers = nn.CellList([LlamaDecoderLayer(config, self.rotary) for _ in range(config.num_layers)])
-        self.norm = RMSNorm(config.hidden_size, config.norm_eps, config.param_init_type,
-                            config.layernorm_compute_type, parallel)
+        self.norm = build_norm(decoder_option(config, 'norm_type'), config.hidden_size, config.norm_eps,
+                               config.param_init_type, config.layernorm_compute_type, parallel)
         place_layers(self.layers, parallel)
 
     def construct(self, input_ids, attention_mask=None):
@@ -75,10 +86,8 @@ class LlamaModel(nn.Cell):
             mask = None if self.fused_causal else self.causal_mask(batch, self.num_heads, seq)
             cos, sin = self.rotary.static_tables(seq)
         else:
-            mask = self.causal_mask(batch, self.num_heads, seq)
-            valid = ops.cast(attention_mask, ms.int32)
-            cos, sin = self.rotary.tables(ops.maximum(ops.cumsum(valid, 1) - 1, 0))
-            mask = mask + ops.cast(1 - valid, mask.dtype).reshape(batch, 1, 1, seq) * -1e9
+            mask, positions = self.causal_mask.with_padding(attention_mask, self.num_heads)
+            cos, sin = self.rotary.tables(positions)
         for layer in self.layers:
             hidden = layer(hidden, mask, cos, sin)
         return self.norm(hidden)
@@ -86,7 +95,8 @@ class LlamaModel(nn.Cell):
 
 @MindFormerRegister.register(MindFormerModuleType.MODELS)
 class LlamaForCausalLM(CausalLMModel):
-    """LLaMA with its own output head `lm_head` [vocab, hidden]. Training and inference contracts: `CausalLMModel`;
+    """LLaMA with its own output head `lm_head` [vocab, hidden] (none when `config.tied_head`: the logits are then
+    taken against `model.embed_tokens.weight`). Training and inference contracts: `CausalLMModel`;
     `generate(..., use_past=True)` decodes with a KV cache (`LlamaIncrementalCore`)."""
 
     def __init__(self, config: LlamaConfig):
@@ -94,17 +104,33 @@ class LlamaForCausalLM(CausalLMModel):
         config.validate()
         self.model = LlamaModel(config)
         parallel = config.parallel_config
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, has_bias=False,
-                              init_std=config.initializer_range, param_init_type=config.param_init_type,
-                              compute_dtype=config.compute_dtype, parallel_config=parallel,
-                              split=None if parallel.vocab_emb_dp else 'column')
+        self.tied_head = bool(decoder_option(config, 'tied_head'))
+        if self.tied_head:
+            dp, mp = _dp_mp(parallel)
+            self.head_matmul = ops.MatMul(transpose_b=True).shard(
+                ((dp, 1), (1, 1)) if parallel.vocab_emb_dp else ((dp, 1), (mp, 1)))
+        else:
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, has_bias=False,
+                                  init_std=config.initializer_range, param_init_type=config.param_init_type,
+                                  compute_dtype=config.compute_dtype, parallel_config=parallel,
+                                  split=None if parallel.vocab_emb_dp else 'column')
         self.load_checkpoint(config)
+
+    def head(self, hidden):
+        """Final hidden states [N, hidden] -> fp32 logits [N, vocab_size]."""
+        if self.tied_head:
+            weight = self.model.embed_tokens.weight
+            if weight.dtype != hidden.dtype:
+                weight = ops.cast(weight, hidden.dtype)
+            logits = self.head_matmul(hidden, weight)
+        else:
+            logits = self.lm_head(hidden)
+        return logits if logits.dtype == ms.float32 else ops.cast(logits, ms.float32)
 
     def logits(self, input_ids, attention_mask=None):
         """[B, S] (and optionally a padding mask [B, S]) -> fp32 logits [B * S, vocab_size]."""
         hidden = self.model(input_ids, attention_mask)
-        logits = self.lm_head(hidden.reshape(-1, hidden.shape[-1]))
-        return logits if logits.dtype == ms.float32 else ops.cast(logits, ms.float32)
+        return self.head(hidden.reshape(-1, hidden.shape[-1]))
 
     def incremental_core(self, batch_size):
         return LlamaIncrementalCore(self, batch_size)
@@ -145,5 +171,4 @@ class LlamaIncrementalCore(nn.Cell):
             hidden = hidden + attention.o_proj(context)
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         last = decoder.norm(hidden[:, -1:, :]).reshape(batch, self.hidden_size)
-        logits = self.model.lm_head(last)
-        return logits if logits.dtype == ms.float32 else ops.cast(logits, ms.float32)
+        return self.model.head(last)

@@ -132,3 +132,30 @@ def _ensure_builtins_registered():
                 continue
             # our own registrations take precedence over MindSpore's names
             MindFormerRegister.registry.setdefault(module_type, {}).setdefault(name, obj)
+    import_research()
+
+
+def import_research():
+    """Import the model families kept under `research/` beside the package (PengCheng.Mind), as
+    `research.<family>`, so their classes register themselves. Runs with the first registry lookup; a family whose
+    import fails raises (a broken research package is a bug, not an unknown name)."""
+    import importlib
+    import importlib.machinery
+    import importlib.util
+    import os
+    import sys
+    from mindformers.tools.utils import REPO_DIR
+    root = os.path.join(REPO_DIR, 'research')
+    families = sorted(name for name in (os.listdir(root) if os.path.isdir(root) else ())
+                      if os.path.isfile(os.path.join(root, name, '__init__.py')))
+    if not families:
+        return
+    if 'research' not in sys.modules:
+        spec = importlib.util.find_spec('research')
+        if spec is None or root not in list(spec.submodule_search_locations or ()):
+            # not importable from here (the repository root is not on sys.path): a package of that one folder
+            spec = importlib.machinery.ModuleSpec('research', None, is_package=True)
+            spec.submodule_search_locations = [root]
+            sys.modules['research'] = importlib.util.module_from_spec(spec)
+    for name in families:
+        importlib.import_module(f'research.{name}')

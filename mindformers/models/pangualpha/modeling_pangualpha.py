@@ -1,0 +1,205 @@
+"""PanGu-alpha: learned positions, num_layers - 1 pre-LayerNorm blocks (separate q/k/v attention, fast_gelu MLP),
+the final LayerNorm, then the query layer whose attention query comes from a learned top-query embedding of the
+positions; output head tied to the word embedding.
+
+Parameter names: `backbone.embed_tokens`, `backbone.embed_positions`, `backbone.embed_top_query`,
+`backbone.layers.{i}.{input_layernorm, attention.{q,k,v,o}_proj, post_attention_layernorm, mlp.fc_in, mlp.fc_out}`,
+`backbone.final_layernorm`, `backbone.top_query_layer.*` (the same parts as a block); all Linear weights are
+[out, in]. `convert_pangualpha.py` maps the HF-port and the MindSpore PanGu names onto them."""
+import mindspore as ms
+from mindspore import nn, ops
+
+from mindformers.models.base_model import CausalLMModel
+from mindformers.models.pangualpha.pangualpha_config import PanguAlphaConfig
+from mindformers.modules import CausalMask, Dropout, Embedding, GroupedQueryAttention, LayerNorm, MLP
+from mindformers.modules.attention import fused_causal_attention
+from mindformers.modules.kv_cache import KVCache
+from mindformers.modules.layers import _dp_mp, place_layers, to_mstype
+from mindformers.tools.register import MindFormerRegister, MindFormerModuleType
+
+
+class PanguAttention(GroupedQueryAttention):
+    """Multi-head attention with separate q/k/v projections (biases) and an output projection with bias, no rotary
+    positions; the query may come from its own input (the query layer's top-query embedding).
+
+    `construct(x, mask, query_input)`: keys and values from x [B, S, hidden]; queries from `query_input`
+    [B, S, hidden] (pass x itself for self-attention); mask as for `DotProductAttention` -> [B, S, hidden]."""
+
+    def __init__(self, hidden_size, num_heads, attention_dropout=0.0, init_std=0.02, param_init_type='float32',
+                 compute_dtype='float32', softmax_compute_type='float32', parallel_config=None):
+        super().__init__(hidden_size, num_heads, qkv_bias=True, out_bias=True, attention_dropout=attention_dropout,
+                         init_std=init_std, param_init_type=param_init_type, compute_dtype=compute_dtype,
+                         softmax_compute_type=softmax_compute_type, parallel_config=parallel_config)
+
+    def heads(self, x, projection):
+        """[B, S, hidden] through `projection` -> [B, heads, S, head_dim]."""
+        batch, seq, hidden = x.shape
+        y = projection(x.reshape(batch * seq, hidden)).reshape(batch, seq, self.num_heads, self.head_dim)
+        return self.to_heads(y, (0, 2, 1, 3))
+
+    def construct(self, x, mask, query_input):
+        batch, seq, _ = x.shape
+        query = self.heads(query_input, self.q_proj) * self.scale
+        context = self.core(query, self.heads(x, self.k_proj), self.heads(x, self.v_proj), mask)
+        context = self.from_heads(context, (0, 2, 1, 3)).reshape(batch * seq, self.num_heads * self.head_dim)
+        return self.o_proj(context).reshape(batch, seq, -1)
+
+
+class PanguBlock(nn.Cell):
+    """x + attention(LN(x), mask), then + mlp(LN(.)): x [B, S, H] -> [B, S, H]. With `query` [B, S, H] (the query
+    layer) the attention queries come from it instead of LN(x)."""
+
+    def __init__(self, config):
+        super().__init__()
+        hidden, parallel = config.hidden_size, config.parallel_config
+        norm_args = dict(eps=config.layernorm_epsilon, param_init_type=config.param_init_type,
+                         compute_type=config.layernorm_compute_type, parallel_config=parallel)
+        common = dict(init_std=config.initializer_range, param_init_type=config.param_init_type,
+                      compute_dtype=config.compute_dtype, parallel_config=parallel)
+        self.input_layernorm = LayerNorm(hidden, **norm_args)
+        self.attention = PanguAttention(hidden, config.num_heads, attention_dropout=config.attention_dropout_rate,
+                                        softmax_compute_type=config.softmax_compute_type, **common)
+        self.attention_dropout = Dropout(config.hidden_dropout_rate)
+        self.post_attention_layernorm = LayerNorm(hidden, **norm_args)
+        self.mlp = MLP(hidden, config.ffn_size, hidden_act=config.hidden_act, dropout=config.hidden_dropout_rate,
+                       **common)
+        dp, _ = _dp_mp(parallel)
+        self.attention_dropout.shard(((dp, 1, 1),))
+        self.add = ops.Add().shard(((dp, 1, 1), (dp, 1, 1)))
+
+    def construct(self, x, mask, query=None):
+        normed = self.input_layernorm(x)
+        attended = self.attention(normed, mask, normed if query is None else query)
+        x = self.add(x, self.attention_dropout(attended))
+        return self.add(x, self.mlp(self.post_attention_layernorm(x)))
+
+
+@MindFormerRegister.register(MindFormerModuleType.MODELS)
+class PanguAlphaModel(nn.Cell):
+    """The PanGu-alpha backbone: input_ids [B, S] int32 (S <= seq_length) -> hidden states [B, S, H] after the query
+    layer (no norm follows it). `attention_mask` [B, S] (1 = token, 0 = padding, e.g. left padding for generation) is
+    optional: padded keys are hidden and positions count from each row's first real token."""
+
+    def __init__(self, config):
+        super().__init__()
+        config.validate()
+        parallel = config.parallel_config
+        self.seq_length, self.num_heads = config.seq_length, config.num_heads
+        self.compute_dtype = to_mstype(config.compute_dtype)
+        embedding = lambda rows: Embedding(rows, config.hidden_size, config.initializer_range,
+                                           config.param_init_type, parallel)
+        self.embed_tokens = embedding(config.vocab_size)
+        self.embed_positions = embedding(config.seq_length)
+        self.embed_top_query = embedding(config.seq_length)
+        self.embed_dropout = Dropout(config.embedding_dropout_prob)
+        self.causal_mask = CausalMask(config.seq_length, config.softmax_compute_type)
+        self.fused_causal = fused_causal_attention(config.softmax_compute_type, parallel)
+        self.layers = nn.CellList([PanguBlock(config) for _ in range(config.num_layers - 1)])
+        self.final_layernorm = LayerNorm(config.hidden_size, config.layernorm_epsilon, config.param_init_type,
+                                         config.layernorm_compute_type, parallel)
+        self.top_query_layer = PanguBlock(config)
+        place_layers(self.layers, parallel)
+        if parallel.pipeline_stage > 1:
+            self.top_query_layer.pipeline_stage = parallel.pipeline_stage - 1
+        dp, _ = _dp_mp(parallel)
+        self.embed_dropout.shard(((dp, 1, 1),))
+
+    def construct(self, input_ids, attention_mask=None):
+        batch, seq = input_ids.shape
+        if seq > self.seq_length:
+            raise ValueError(f"input_ids has {seq} tokens per row, more than seq_length {self.seq_length}")
+        if attention_mask is None:
+            # None = the plain causal mask, applied inside the fused CPU attention kernel
+            mask = None if self.fused_causal else self.causal_mask(batch, self.num_heads, seq)
+            positions = ops.broadcast_to(ops.arange(seq, dtype=ms.int32).reshape(1, seq), (batch, seq))
+        else:  # padded rows: positions count from each row's first real token, padding is hidden as a key
+            mask, positions = self.causal_mask.with_padding(attention_mask, self.num_heads)
+        hidden = self.embed_tokens(input_ids) + self.embed_positions(positions)
+        query = self.embed_top_query(positions)
+        if hidden.dtype != self.compute_dtype:
+            hidden, query = ops.cast(hidden, self.compute_dtype), ops.cast(query, self.compute_dtype)
+        hidden = self.embed_dropout(hidden)
+        for layer in self.layers:
+            hidden = layer(hidden, mask)
+        return self.top_query_layer(self.final_layernorm(hidden), mask, query)
+
+
+@MindFormerRegister.register(MindFormerModuleType.MODELS)
+class PanguAlphaHeadModel(CausalLMModel):
+    """PanGu-alpha with its output head tied to the word embedding. Training and inference contracts:
+    `CausalLMModel`; `generate(..., use_past=True)` decodes with a KV cache (`PanguAlphaIncrementalCore`)."""
+
+    def __init__(self, config: PanguAlphaConfig):
+        super().__init__(config)
+        self.backbone = PanguAlphaModel(config)
+        dp, mp = _dp_mp(config.parallel_config)
+        # logits = hidden @ embed_tokens.weight^T; the vocabulary is split mp ways unless the embedding is replicated
+        self.head_matmul = ops.MatMul(transpose_b=True).shard(
+            ((dp, 1), (1, 1)) if config.parallel_config.vocab_emb_dp else ((dp, 1), (mp, 1)))
+        self.load_checkpoint(config)
+
+    def head(self, hidden):
+        """[N, H] -> fp32 logits [N, vocab_size] through the tied word embedding."""
+        weight = self.backbone.embed_tokens.weight
+        if weight.dtype != hidden.dtype:
+            weight = ops.cast(weight, hidden.dtype)
+        logits = self.head_matmul(hidden, weight)
+        return logits if logits.dtype == ms.float32 else ops.cast(logits, ms.float32)
+
+    def logits(self, input_ids, attention_mask=None):
+        """[B, S] (and optionally a padding mask [B, S]) -> fp32 logits [B * S, vocab_size]."""
+        hidden = self.backbone(input_ids, attention_mask)
+        return self.head(hidden.reshape(-1, hidden.shape[-1]))
+
+    def incremental_core(self, batch_size):
+        return PanguAlphaIncrementalCore(self, batch_size)
+
+
+class PanguAlphaIncrementalCore(nn.Cell):
+    """PanguAlphaHeadModel's weights plus a KV cache of seq_length positions for every layer, the query layer's
+    (keys and values of the final-LayerNorm output) last: the prefill / decode forward of `modules.kv_cache`.
+    `forward(input_ids [B, T], positions [B, T], mask, indices, prefill)` -> fp32 logits [B, vocab] of the last
+    position (T is the prompt bucket in prefill, 1 in decode)."""
+
+    def __init__(self, model, batch):
+        super().__init__(auto_prefix=False)
+        config = model.config
+        self.model = model
+        self.hidden_size = config.hidden_size
+        self.cache = KVCache(config.num_layers, batch, config.num_heads, config.seq_length,
+                             config.hidden_size // config.num_heads, to_mstype(config.compute_dtype))
+        # the additive masks arrive in float32; half-precision scores need them in their own dtype (prefill adds
+        # them after the softmax cast, a decode step to the compute-dtype scores), clamped to stay finite
+        self.prefill_mask_dtype = to_mstype(config.softmax_compute_type)
+        self.decode_mask_dtype = to_mstype(config.compute_dtype)
+
+    def _layer(self, index, layer, hidden, query, mask, indices, prefill):
+        """One block (or the query layer, given its `query` input) on [B, T, H] with the cache of layer `index`."""
+        attention = layer.attention
+        batch, length, _ = hidden.shape
+        normed = layer.input_layernorm(hidden)
+        query = attention.heads(normed if query is None else query, attention.q_proj) * attention.scale
+        key, value = attention.heads(normed, attention.k_proj), attention.heads(normed, attention.v_proj)
+        if prefill:
+            keys, values = self.cache.write_prefill(index, key, value)
+            context = attention.core(query, keys, values, mask)
+        else:
+            context = self.cache.attend_step(index, query, key, value, mask, indices)
+        context = ops.transpose(context, (0, 2, 1, 3)).reshape(batch, length, -1)
+        hidden = hidden + attention.o_proj(context)
+        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+    def forward(self, input_ids, positions, mask, indices, prefill):
+        backbone = self.model.backbone
+        mask_dtype = self.prefill_mask_dtype if prefill else self.decode_mask_dtype
+        if mask_dtype != ms.float32:
+            mask = ops.cast(ops.maximum(mask, -6e4), mask_dtype)
+        hidden = backbone.embed_tokens(input_ids) + backbone.embed_positions(positions)
+        query = backbone.embed_top_query(positions)
+        if hidden.dtype != backbone.compute_dtype:
+            hidden, query = ops.cast(hidden, backbone.compute_dtype), ops.cast(query, backbone.compute_dtype)
+        for index, layer in enumerate(backbone.layers):
+            hidden = self._layer(index, layer, hidden, None, mask, indices, prefill)
+        hidden = backbone.final_layernorm(hidden)
+        hidden = self._layer(len(backbone.layers), backbone.top_query_layer, hidden, query, mask, indices, prefill)
+        return self.model.head(hidden[:, -1, :])

@@ -1,0 +1,135 @@
+"""PanguAlphaConfig: the hyper-parameters of a PanGu-alpha model (MindFormers r1.0 field names)."""
+from mindformers.models.base_config import BaseConfig
+from mindformers.modules.layers import to_mstype, get_activation
+from mindformers.tools.register import MindFormerRegister, MindFormerModuleType
+
+
+@MindFormerRegister.register(MindFormerModuleType.CONFIG)
+class PanguAlphaConfig(BaseConfig):
+    """PanGu-alpha configuration.
+
+    Architecture:
+        vocab_size (40000): rows of the word embedding (and of the tied output head).
+        hidden_size (2560), num_heads (32): width and attention heads; hidden_size must be divisible by num_heads.
+        num_layers (32): transformer layers INCLUDING the final query layer, so num_layers - 1 ordinary pre-LN blocks
+            are built, then the final LayerNorm, then the query layer (at least 2).
+        ffn_hidden_size (None): feed-forward width; None means expand_ratio * hidden_size.
+        expand_ratio (4): used when ffn_hidden_size is None.
+        seq_length (1024): the longest input the model accepts, and the rows of the learned position and top-query
+            embeddings. Training batches carry seq_length + 1 tokens (inputs and shifted targets).
+        hidden_act ('fast_gelu'): feed-forward activation; 'fast_gelu' is x * sigmoid(1.702 x) (= HF 'quick_gelu').
+        layernorm_epsilon (1e-5), initializer_range (0.02): LayerNorm epsilon and init std.
+        embedding_dropout_prob, hidden_dropout_rate, attention_dropout_rate (0.1 each): dropout after the
+            embeddings, on each residual branch, and on the attention probabilities.
+        post_layernorm_residual (False), offset (0), use_moe (False), eod_reset (False): MindFormers fields; only
+            the pre-LN dense model without EOD-reset masks is built.
+    Precision ('float32' | 'float16' | 'bfloat16'):
+        param_init_type ('float32'), compute_dtype ('float32'; MindFormers uses float16 on Ascend),
+        layernorm_compute_type ('float32'), softmax_compute_type ('float32'; MindFormers float16).
+    Tokens:
+        eos_token_id (9, `<eot>`: where generation stops), pad_token_id (6, `<eod>`), eod_token_id (6),
+        bos_token_id (9), ignore_token_id (-100): targets equal to ignore_token_id, and to pad_token_id (it differs
+        from eos_token_id), are left out of the loss.
+    Generation defaults: batch_size (1), max_decode_length (1024), top_k (5), top_p (1.0), do_sample (False),
+        repetition_penalty (1.0), use_past (False: generate() decodes with the KV cache when True),
+        use_flash_attention (False; no CPU kernel, must stay False).
+    Run: parallel_config (mapping or ParallelConfig, with its recompute settings), checkpoint_name_or_path
+        (weights loaded at model construction; '' for random init).
+    Unknown keywords are kept as attributes."""
+
+    model_type = 'pangualpha'
+
+    def __init__(self, batch_size=1, seq_length=1024, vocab_size=40000, hidden_size=2560, num_layers=32,
+                 num_heads=32, ffn_hidden_size=None, expand_ratio=4, embedding_dropout_prob=0.1,
+                 hidden_dropout_rate=0.1, attention_dropout_rate=0.1, hidden_act='fast_gelu', layernorm_epsilon=1e-5,
+                 initializer_range=0.02, compute_dtype='float32', layernorm_compute_type='float32',
+                 softmax_compute_type='float32', param_init_type='float32', eos_token_id=9, pad_token_id=6,
+                 eod_token_id=6, bos_token_id=9, ignore_token_id=-100, use_past=False, use_flash_attention=False,
+                 post_layernorm_residual=False, offset=0, use_moe=False, eod_reset=False, top_k=5, top_p=1.0,
+                 do_sample=False, repetition_penalty=1.0, max_decode_length=1024, parallel_config=None,
+                 checkpoint_name_or_path='', **kwargs):
+        super().__init__(parallel_config=parallel_config, checkpoint_name_or_path=checkpoint_name_or_path, **kwargs)
+        self.batch_size = batch_size
+        self.seq_length = seq_length
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.num_heads = num_heads
+        self.ffn_hidden_size = ffn_hidden_size
+        self.expand_ratio = expand_ratio
+        self.embedding_dropout_prob = embedding_dropout_prob
+        self.hidden_dropout_rate = hidden_dropout_rate
+        self.attention_dropout_rate = attention_dropout_rate
+        self.hidden_act = hidden_act
+        self.layernorm_epsilon = layernorm_epsilon
+        self.initializer_range = initializer_range
+        self.compute_dtype = compute_dtype
+        self.layernorm_compute_type = layernorm_compute_type
+        self.softmax_compute_type = softmax_compute_type
+        self.param_init_type = param_init_type
+        self.eos_token_id = eos_token_id
+        self.pad_token_id = pad_token_id
+        self.eod_token_id = eod_token_id
+        self.bos_token_id = bos_token_id
+        self.ignore_token_id = ignore_token_id
+        self.use_past = use_past
+        self.use_flash_attention = use_flash_attention
+        self.post_layernorm_residual = post_layernorm_residual
+        self.offset = offset
+        self.use_moe = use_moe
+        self.eod_reset = eod_reset
+        self.top_k = top_k
+        self.top_p = top_p
+        self.do_sample = do_sample
+        self.repetition_penalty = repetition_penalty
+        self.max_decode_length = max_decode_length
+        self.validate()
+
+    @property
+    def ffn_size(self):
+        """The feed-forward width: ffn_hidden_size, or expand_ratio * hidden_size."""
+        return self.ffn_hidden_size or self.expand_ratio * self.hidden_size
+
+    def validate(self):
+        """Raise ValueError naming the first inconsistent field."""
+        for name in ('seq_length', 'vocab_size', 'hidden_size', 'num_layers', 'num_heads', 'expand_ratio'):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"PanguAlphaConfig.{name} must be a positive integer, got {value!r}")
+        if self.ffn_hidden_size is not None and (isinstance(self.ffn_hidden_size, bool)
+                                                 or not isinstance(self.ffn_hidden_size, int)
+                                                 or self.ffn_hidden_size < 1):
+            raise ValueError(f"PanguAlphaConfig.ffn_hidden_size must be a positive integer or None, got "
+                             f"{self.ffn_hidden_size!r}")
+        if self.num_layers < 2:
+            raise ValueError(f"PanguAlphaConfig.num_layers ({self.num_layers}) must be at least 2: it counts the "
+                             f"blocks and the final query layer")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"PanguAlphaConfig.hidden_size ({self.hidden_size}) must be divisible by num_heads "
+                             f"({self.num_heads})")
+        for name in ('embedding_dropout_prob', 'hidden_dropout_rate', 'attention_dropout_rate'):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0 <= value < 1:
+                raise ValueError(f"PanguAlphaConfig.{name} must be in [0, 1), got {value!r}")
+        for name in ('compute_dtype', 'layernorm_compute_type', 'softmax_compute_type', 'param_init_type'):
+            to_mstype(getattr(self, name), f"PanguAlphaConfig.{name}")
+        try:
+            get_activation(self.hidden_act)
+        except ValueError as err:
+            raise ValueError(f"PanguAlphaConfig.hidden_act: {err}") from None
+        for name, why in (('post_layernorm_residual', 'PanGu-alpha is pre-LayerNorm'),
+                          ('use_moe', 'only the dense model is built'),
+                          ('eod_reset', 'EOD-reset attention masks are not built'),
+                          ('use_flash_attention', 'no flash-attention kernel on this backend')):
+            if getattr(self, name):
+                raise ValueError(f"PanguAlphaConfig.{name}=True is not supported ({why}); set {name}: False")
+        parallel = self.parallel_config
+        if parallel.model_parallel > 1:
+            for name in ('num_heads', 'hidden_size'):
+                if getattr(self, name) % parallel.model_parallel:
+                    raise ValueError(f"PanguAlphaConfig.{name} ({getattr(self, name)}) must be divisible by "
+                                     f"parallel_config.model_parallel ({parallel.model_parallel})")
+            if not parallel.vocab_emb_dp and self.vocab_size % parallel.model_parallel:
+                raise ValueError(f"PanguAlphaConfig.vocab_size ({self.vocab_size}) must be divisible by "
+                                 f"parallel_config.model_parallel ({parallel.model_parallel}) unless "
+                                 f"parallel_config.vocab_emb_dp is True")
