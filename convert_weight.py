@@ -60,6 +60,9 @@ def convert(model, input_path, output_path, dtype=None, reversed_=False, config=
         raise _BadInput(f"unknown --model {model!r} (known: {', '.join(sorted(CONVERTERS))})")
     if not os.path.exists(input_path):
         raise _BadInput(f"--input_path {input_path} does not exist")
+    if CONVERTERS[model].startswith('research.'):
+        from mindformers.tools.register.register import import_research
+        import_research()  # makes `research.<family>` importable wherever the package lives
     module = importlib.import_module(CONVERTERS[model])
     function = module.convert_ms_to_pt if reversed_ else module.convert_pt_to_ms
     kwargs = {'config': config} if config else {}

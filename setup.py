@@ -18,9 +18,12 @@ setup(
     long_description=open(os.path.join(HERE, 'README.md'), encoding='utf-8').read(),
     long_description_content_type='text/markdown',
     python_requires='>=3.9',
-    packages=find_packages(include=['mindformers', 'mindformers.*']) + ['mindformers.configs'],
-    package_dir={'mindformers.configs': 'configs'},
-    package_data={'mindformers': ['assets/**/*', 'assets/*/*', 'modules/cpu_kernels/*.cc'], 'mindformers.configs': ['*/*.yaml', '*.yaml']},
+    # configs/ and research/ (families registered like models/, e.g. PengCheng.Mind) install inside the package
+    packages=find_packages(include=['mindformers', 'mindformers.*']) + ['mindformers.configs'] +
+    ['mindformers.research.' + name for name in find_packages('research')],
+    package_dir={'mindformers.configs': 'configs', 'mindformers.research': 'research'},
+    package_data={'mindformers': ['assets/**/*', 'assets/*/*', 'modules/cpu_kernels/*.cc'], 'mindformers.configs': ['*/*.yaml', '*.yaml'],
+                  **{'mindformers.research.' + name: ['*.yaml', '*.md'] for name in find_packages('research')}},
     include_package_data=True,
     install_requires=requirements(),
     extras_require={'test': ['pytest', 'torch==2.13.0', 'transformers', 'matplotlib']},

@@ -144,8 +144,10 @@ def import_research():
     import importlib.util
     import os
     import sys
-    from mindformers.tools.utils import REPO_DIR
-    root = os.path.join(REPO_DIR, 'research')
+    from mindformers.tools.utils import PACKAGE_DIR, REPO_DIR
+    root = os.path.join(REPO_DIR, 'research')  # a checkout; an installed wheel has it as mindformers/research
+    if not os.path.isdir(root):
+        root = os.path.join(PACKAGE_DIR, 'research')
     families = sorted(name for name in (os.listdir(root) if os.path.isdir(root) else ())
                       if os.path.isfile(os.path.join(root, name, '__init__.py')))
     if not families:
