@@ -71,6 +71,19 @@ class KVCache(nn.Cell):
         return self.context_matmul(ops.cast(probs, values.dtype), values)
 
 
+    def attend(self, layer, query, key, value, mask, indices, prefill, core):
+        """Layer `layer`'s attention in a prefill (store positions [0, T) and attend with `core`, a
+        `DotProductAttention`) or a decode step (`attend_step`): query [B, heads, T, D] scaled, key/value
+        [B, kv_heads, T, D] -> context [B, T, heads * D] (heads merged)."""
+        if prefill:
+            keys, values = self.write_prefill(layer, key, value)
+            context = core(query, keys, values, mask)
+        else:
+            context = self.attend_step(layer, query, key, value, mask, indices)
+        batch, heads, length, dim = context.shape
+        return ops.transpose(context, (0, 2, 1, 3)).reshape(batch, length, heads * dim)
+
+
 class _Buffer(nn.Cell):
     def __init__(self, shape, dtype, name):
         super().__init__()

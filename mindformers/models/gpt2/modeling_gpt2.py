@@ -162,12 +162,7 @@ class GPT2IncrementalCore(nn.Cell):
             query, key, value = ops.split(qkv, self.hidden_size, axis=-1)
             query = self._heads(query, batch, length) * self.scale
             key, value = self._heads(key, batch, length), self._heads(value, batch, length)
-            if prefill:
-                keys, values = self.cache.write_prefill(index, key, value)
-                context = attention.core(query, keys, values, mask)
-            else:
-                context = self.cache.attend_step(index, query, key, value, mask, indices)
-            context = ops.transpose(context, (0, 2, 1, 3)).reshape(batch, length, -1)
+            context = self.cache.attend(index, query, key, value, mask, indices, prefill, attention.core)
             hidden = hidden + attention.o_proj(context)
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         last = backbone.final_layernorm(hidden[:, -1:, :]).reshape(batch, self.hidden_size)

@@ -151,7 +151,7 @@ class LlamaIncrementalCore(nn.Cell):
 
     def forward(self, input_ids, positions, mask, indices, prefill):
         decoder = self.model.model
-        batch, length = input_ids.shape
+        batch = input_ids.shape[0]
         hidden = decoder.embed_tokens(input_ids)
         if hidden.dtype != decoder.compute_dtype:
             hidden = ops.cast(hidden, decoder.compute_dtype)
@@ -162,12 +162,7 @@ class LlamaIncrementalCore(nn.Cell):
             query = ops.transpose(decoder.rotary.apply(query, cos, sin), (0, 2, 1, 3))
             key = ops.transpose(decoder.rotary.apply(key, cos, sin), (0, 2, 1, 3))
             value = ops.transpose(value, (0, 2, 1, 3))
-            if prefill:
-                keys, values = self.cache.write_prefill(index, key, value)
-                context = attention.core(query, keys, values, mask)
-            else:
-                context = self.cache.attend_step(index, query, key, value, mask, indices)
-            context = ops.transpose(context, (0, 2, 1, 3)).reshape(batch, length, -1)
+            context = self.cache.attend(index, query, key, value, mask, indices, prefill, attention.core)
             hidden = hidden + attention.o_proj(context)
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         last = decoder.norm(hidden[:, -1:, :]).reshape(batch, self.hidden_size)

@@ -176,16 +176,10 @@ class PanguAlphaIncrementalCore(nn.Cell):
     def _layer(self, index, layer, hidden, query, mask, indices, prefill):
         """One block (or the query layer, given its `query` input) on [B, T, H] with the cache of layer `index`."""
         attention = layer.attention
-        batch, length, _ = hidden.shape
         normed = layer.input_layernorm(hidden)
         query = attention.heads(normed if query is None else query, attention.q_proj) * attention.scale
         key, value = attention.heads(normed, attention.k_proj), attention.heads(normed, attention.v_proj)
-        if prefill:
-            keys, values = self.cache.write_prefill(index, key, value)
-            context = attention.core(query, keys, values, mask)
-        else:
-            context = self.cache.attend_step(index, query, key, value, mask, indices)
-        context = ops.transpose(context, (0, 2, 1, 3)).reshape(batch, length, -1)
+        context = self.cache.attend(index, query, key, value, mask, indices, prefill, attention.core)
         hidden = hidden + attention.o_proj(context)
         return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
