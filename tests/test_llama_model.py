@@ -183,6 +183,8 @@ def test_published_sizes_resolve_from_their_yaml():
     (dict(extend_method='YaRN'), 'extend_method'),
     (dict(hidden_size=65, num_heads=4), 'divisible by num_heads'),
     (dict(use_flash_attention=True), 'use_flash_attention'),
+    (dict(n_kv_heads=2, parallel_config={'model_parallel': 4}), r'n_kv_heads \(2\) must be divisible by parallel_config'),
+    (dict(parallel_config={'model_parallel': 2, 'vocab_emb_dp': False}, vocab_size=127), 'vocab_size .127. must be'),
 ])
 def test_llama_config_errors_name_the_field(kwargs, message):
     base = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_layers=1, num_heads=4)

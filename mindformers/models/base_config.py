@@ -55,6 +55,52 @@ class BaseConfig:
             raise ValueError(f"{name_or_path} holds a {type(config).__name__}, not a {cls.__name__}")
         return config
 
+    # checks shared by the families' `validate`; each raises ValueError naming `<ConfigClass>.<field>`
+    def check_positive_ints(self, *names, optional=False):
+        """Each field is an int >= 1 (or None when `optional`)."""
+        for name in names:
+            value = getattr(self, name)
+            if optional and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{type(self).__name__}.{name} must be a positive integer"
+                                 f"{' or None' if optional else ''}, got {value!r}")
+
+    def check_probabilities(self, *names):
+        """Each field (a dropout rate) lies in [0, 1)."""
+        for name in names:
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0 <= value < 1:
+                raise ValueError(f"{type(self).__name__}.{name} must be in [0, 1), got {value!r}")
+
+    def check_dtypes(self, *names):
+        """Each field names a supported dtype ('float32' | 'float16' | 'bfloat16')."""
+        from mindformers.modules.layers import to_mstype
+        for name in names:
+            to_mstype(getattr(self, name), f"{type(self).__name__}.{name}")
+
+    def check_fixed(self, expected):
+        """`expected` maps a field to (the only supported value, why): anything else is refused."""
+        for name, (value, why) in expected.items():
+            if bool(getattr(self, name)) != value:
+                raise ValueError(f"{type(self).__name__}.{name}={getattr(self, name)!r} is not supported ({why}); "
+                                 f"set {name}: {value}")
+
+    def check_model_parallel(self, sizes):
+        """Under model parallel, each (name, size) of `sizes` and the vocabulary (unless vocab_emb_dp) split evenly."""
+        parallel = self.parallel_config
+        mp = parallel.model_parallel
+        if mp <= 1:
+            return
+        owner = type(self).__name__
+        for name, value in sizes:
+            if value % mp:
+                raise ValueError(f"{owner}.{name} ({value}) must be divisible by parallel_config.model_parallel "
+                                 f"({mp})")
+        if not parallel.vocab_emb_dp and self.vocab_size % mp:
+            raise ValueError(f"{owner}.vocab_size ({self.vocab_size}) must be divisible by parallel_config."
+                             f"model_parallel ({mp}) unless parallel_config.vocab_emb_dp is True")
+
     @classmethod
     def from_dict(cls, mapping):
         args = {k: v for k, v in dict(mapping).items() if k != 'type'}

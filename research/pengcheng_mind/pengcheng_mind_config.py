@@ -1,7 +1,5 @@
 """PengChengMindConfig: the hyper-parameters of PengCheng.Mind 7B / mPengC.mind (PanGu-α / MindFormers field names)."""
 from mindformers.models.base_config import BaseConfig
-from mindformers.models.llama.llama_config import _positive_int
-from mindformers.modules.layers import to_mstype
 from mindformers.tools.register import MindFormerRegister, MindFormerModuleType
 
 
@@ -80,30 +78,15 @@ class PengChengMindConfig(BaseConfig):
     def validate(self):
         """Raise ValueError naming the first inconsistent or unsupported field."""
         owner = type(self).__name__
-        for name in ('seq_length', 'vocab_size', 'hidden_size', 'num_layers', 'num_heads'):
-            _positive_int(owner, name, getattr(self, name))
-        if self.ffn_hidden_size is not None:
-            _positive_int(owner, 'ffn_hidden_size', self.ffn_hidden_size)
+        self.check_positive_ints('seq_length', 'vocab_size', 'hidden_size', 'num_layers', 'num_heads')
+        self.check_positive_ints('ffn_hidden_size', optional=True)
         if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 2:
             raise ValueError(f"{owner}.hidden_size ({self.hidden_size}) must be num_heads ({self.num_heads}) times "
                              f"an even head size (RoPE rotates pairs)")
         if not isinstance(self.rope_theta, (int, float)) or isinstance(self.rope_theta, bool) or self.rope_theta <= 0:
             raise ValueError(f"{owner}.rope_theta must be a positive number, got {self.rope_theta!r}")
-        fixed = {'use_rope': True, 'use_flash_attention': False}
-        for name, value in fixed.items():
-            if bool(getattr(self, name)) != value:
-                raise ValueError(f"{owner}.{name}={getattr(self, name)!r} is not supported (PengCheng.Mind uses "
-                                 f"{value})")
-        for name in ('compute_dtype', 'layernorm_compute_type', 'softmax_compute_type', 'rotary_dtype',
-                     'param_init_type'):
-            to_mstype(getattr(self, name), f"{owner}.{name}")
-        parallel = self.parallel_config
-        mp = parallel.model_parallel
-        if mp > 1:
-            for name, value in (('num_heads', self.num_heads), ('ffn_hidden_size', self.ffn_size)):
-                if value % mp:
-                    raise ValueError(f"{owner}.{name} ({value}) must be divisible by parallel_config.model_parallel "
-                                     f"({mp})")
-            if not parallel.vocab_emb_dp and self.vocab_size % mp:
-                raise ValueError(f"{owner}.vocab_size ({self.vocab_size}) must be divisible by parallel_config."
-                                 f"model_parallel ({mp}) unless vocab_emb_dp is True")
+        self.check_fixed({'use_rope': (True, 'PengCheng.Mind uses True'),
+                          'use_flash_attention': (False, 'PengCheng.Mind uses False')})
+        self.check_dtypes('compute_dtype', 'layernorm_compute_type', 'softmax_compute_type', 'rotary_dtype',
+                          'param_init_type')
+        self.check_model_parallel([('num_heads', self.num_heads), ('ffn_hidden_size', self.ffn_size)])

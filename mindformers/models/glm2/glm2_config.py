@@ -1,7 +1,5 @@
 """ChatGLM2Config: the hyper-parameters of ChatGLM2-6B (MindFormers r1.0 / THUDM field names)."""
 from mindformers.models.base_config import BaseConfig
-from mindformers.models.llama.llama_config import _positive_int
-from mindformers.modules.layers import to_mstype
 from mindformers.tools.register import MindFormerRegister, MindFormerModuleType
 
 
@@ -89,9 +87,8 @@ class ChatGLM2Config(BaseConfig):
     def validate(self):
         """Raise ValueError naming the first inconsistent or unsupported field."""
         owner = type(self).__name__
-        for name in ('seq_length', 'padded_vocab_size', 'hidden_size', 'num_layers', 'num_attention_heads',
-                     'kv_channels', 'ffn_hidden_size', 'multi_query_group_num'):
-            _positive_int(owner, name, getattr(self, name))
+        self.check_positive_ints('seq_length', 'padded_vocab_size', 'hidden_size', 'num_layers', 'num_attention_heads',
+                                 'kv_channels', 'ffn_hidden_size', 'multi_query_group_num')
         if self.num_heads % self.kv_heads:
             raise ValueError(f"{owner}: num_attention_heads ({self.num_heads}) must be a multiple of "
                              f"multi_query_group_num ({self.kv_heads})")
@@ -100,16 +97,8 @@ class ChatGLM2Config(BaseConfig):
                              f"of it in pairs)")
         fixed = {'rmsnorm': True, 'add_bias_linear': False, 'apply_residual_connection_post_layernorm': False,
                  'post_layer_norm': True, 'use_flash_attention': False}
-        for name, value in fixed.items():
-            if bool(getattr(self, name)) != value:
-                raise ValueError(f"{owner}.{name}={getattr(self, name)!r} is not supported (ChatGLM2 uses {value})")
-        for name in ('compute_dtype', 'layernorm_compute_type', 'softmax_compute_type', 'rotary_dtype',
-                     'param_init_type'):
-            to_mstype(getattr(self, name), f"{owner}.{name}")
-        mp = self.parallel_config.model_parallel
-        if mp > 1:
-            for name, value in (('num_attention_heads', self.num_heads), ('multi_query_group_num', self.kv_heads),
-                                ('ffn_hidden_size', self.ffn_hidden_size)):
-                if value % mp:
-                    raise ValueError(f"{owner}.{name} ({value}) must be divisible by parallel_config.model_parallel "
-                                     f"({mp})")
+        self.check_fixed({name: (value, f'ChatGLM2 uses {value}') for name, value in fixed.items()})
+        self.check_dtypes('compute_dtype', 'layernorm_compute_type', 'softmax_compute_type', 'rotary_dtype',
+                          'param_init_type')
+        self.check_model_parallel([('num_attention_heads', self.num_heads), ('multi_query_group_num', self.kv_heads),
+                                   ('ffn_hidden_size', self.ffn_hidden_size)])

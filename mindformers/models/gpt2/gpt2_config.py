@@ -1,6 +1,6 @@
 """GPT2Config: the hyper-parameters of a GPT-2 model (MindFormers r1.0 field names)."""
 from mindformers.models.base_config import BaseConfig
-from mindformers.modules.layers import to_mstype, get_activation
+from mindformers.modules.layers import get_activation
 from mindformers.tools.register import MindFormerRegister, MindFormerModuleType
 
 
@@ -81,35 +81,16 @@ class GPT2Config(BaseConfig):
 
     def validate(self):
         """Raise ValueError naming the first inconsistent field."""
-        for name in ('seq_length', 'vocab_size', 'hidden_size', 'num_layers', 'num_heads', 'expand_ratio'):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"GPT2Config.{name} must be a positive integer, got {value!r}")
+        self.check_positive_ints('seq_length', 'vocab_size', 'hidden_size', 'num_layers', 'num_heads', 'expand_ratio')
         if self.hidden_size % self.num_heads:
             raise ValueError(f"GPT2Config.hidden_size ({self.hidden_size}) must be divisible by num_heads "
                              f"({self.num_heads})")
-        for name in ('embedding_dropout_prob', 'hidden_dropout_rate', 'attention_dropout_rate'):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not 0 <= value < 1:
-                raise ValueError(f"GPT2Config.{name} must be in [0, 1), got {value!r}")
-        for name in ('compute_dtype', 'layernorm_compute_type', 'softmax_compute_type', 'param_init_type'):
-            to_mstype(getattr(self, name), f"GPT2Config.{name}")
+        self.check_probabilities('embedding_dropout_prob', 'hidden_dropout_rate', 'attention_dropout_rate')
+        self.check_dtypes('compute_dtype', 'layernorm_compute_type', 'softmax_compute_type', 'param_init_type')
         try:
             get_activation(self.hidden_act)
         except ValueError as err:
             raise ValueError(f"GPT2Config.hidden_act: {err}") from None
-        if self.post_layernorm_residual:
-            raise ValueError("GPT2Config.post_layernorm_residual=True is not supported (GPT-2 is pre-LayerNorm)")
-        if self.use_flash_attention:
-            raise ValueError("GPT2Config.use_flash_attention=True is not supported (no flash-attention kernel on "
-                             "this backend); set use_flash_attention: False")
-        parallel = self.parallel_config
-        if parallel.model_parallel > 1:
-            for name in ('num_heads', 'hidden_size'):
-                if getattr(self, name) % parallel.model_parallel:
-                    raise ValueError(f"GPT2Config.{name} ({getattr(self, name)}) must be divisible by "
-                                     f"parallel_config.model_parallel ({parallel.model_parallel})")
-            if not parallel.vocab_emb_dp and self.vocab_size % parallel.model_parallel:
-                raise ValueError(f"GPT2Config.vocab_size ({self.vocab_size}) must be divisible by "
-                                 f"parallel_config.model_parallel ({parallel.model_parallel}) unless "
-                                 f"parallel_config.vocab_emb_dp is True")
+        self.check_fixed({'post_layernorm_residual': (False, 'GPT-2 is pre-LayerNorm'),
+                          'use_flash_attention': (False, 'no flash-attention kernel on this backend')})
+        self.check_model_parallel([('num_heads', self.num_heads), ('hidden_size', self.hidden_size)])

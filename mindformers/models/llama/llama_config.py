@@ -1,6 +1,5 @@
 """LlamaConfig: the hyper-parameters of a LLaMA / LLaMA-2 model (MindFormers r1.0 field names)."""
 from mindformers.models.base_config import BaseConfig
-from mindformers.modules.layers import to_mstype
 from mindformers.tools.register import MindFormerRegister, MindFormerModuleType
 
 EXTEND_METHODS = ('None', 'PI', 'NTK')
@@ -16,10 +15,6 @@ def llama_ffn_size(hidden_size, multiple_of=256, ffn_dim_multiplier=None):
         size = int(ffn_dim_multiplier * size)
     return multiple_of * ((size + multiple_of - 1) // multiple_of)
 
-
-def _positive_int(owner, name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{owner}.{name} must be a positive integer, got {value!r}")
 
 
 @MindFormerRegister.register(MindFormerModuleType.CONFIG)
@@ -139,11 +134,9 @@ class LlamaConfig(BaseConfig):
     def validate(self):
         """Raise ValueError naming the first inconsistent field."""
         owner = type(self).__name__
-        for name in ('seq_length', 'vocab_size', 'hidden_size', 'num_layers', 'num_heads', 'multiple_of'):
-            _positive_int(owner, name, getattr(self, name))
-        for name in ('n_kv_heads', 'intermediate_size', 'head_dim', 'rotary_dim', 'max_position_embedding'):
-            if getattr(self, name) is not None:
-                _positive_int(owner, name, getattr(self, name))
+        self.check_positive_ints('seq_length', 'vocab_size', 'hidden_size', 'num_layers', 'num_heads', 'multiple_of')
+        self.check_positive_ints('n_kv_heads', 'intermediate_size', 'head_dim', 'rotary_dim', 'max_position_embedding',
+                                 optional=True)
         if self.head_dim is None and self.hidden_size % self.num_heads:
             raise ValueError(f"{owner}.hidden_size ({self.hidden_size}) must be divisible by num_heads "
                              f"({self.num_heads})")
@@ -158,19 +151,8 @@ class LlamaConfig(BaseConfig):
                              f"{self.extend_method!r}")
         if not isinstance(self.scaling_factor, (int, float)) or self.scaling_factor <= 0:
             raise ValueError(f"{owner}.scaling_factor must be a positive number, got {self.scaling_factor!r}")
-        for name in ('compute_dtype', 'layernorm_compute_type', 'softmax_compute_type', 'rotary_dtype',
-                     'param_init_type'):
-            to_mstype(getattr(self, name), f"{owner}.{name}")
-        if self.use_flash_attention:
-            raise ValueError(f"{owner}.use_flash_attention=True is not supported (no flash-attention kernel on this "
-                             f"backend); set use_flash_attention: False")
-        parallel = self.parallel_config
-        if parallel.model_parallel > 1:
-            for name, value in (('num_heads', self.num_heads), ('n_kv_heads', self.kv_heads),
-                                ('intermediate size', self.ffn_size)):
-                if value % parallel.model_parallel:
-                    raise ValueError(f"{owner}: {name} ({value}) must be divisible by parallel_config."
-                                     f"model_parallel ({parallel.model_parallel})")
-            if not parallel.vocab_emb_dp and self.vocab_size % parallel.model_parallel:
-                raise ValueError(f"{owner}.vocab_size ({self.vocab_size}) must be divisible by parallel_config."
-                                 f"model_parallel ({parallel.model_parallel}) unless vocab_emb_dp is True")
+        self.check_dtypes('compute_dtype', 'layernorm_compute_type', 'softmax_compute_type', 'rotary_dtype',
+                          'param_init_type')
+        self.check_fixed({'use_flash_attention': (False, 'no flash-attention kernel on this backend')})
+        self.check_model_parallel([('num_heads', self.num_heads), ('n_kv_heads', self.kv_heads),
+                                   ('intermediate_size', self.ffn_size)])

@@ -1,6 +1,6 @@
 """PanguAlphaConfig: the hyper-parameters of a PanGu-alpha model (MindFormers r1.0 field names)."""
 from mindformers.models.base_config import BaseConfig
-from mindformers.modules.layers import to_mstype, get_activation
+from mindformers.modules.layers import get_activation
 from mindformers.tools.register import MindFormerRegister, MindFormerModuleType
 
 
@@ -92,44 +92,22 @@ class PanguAlphaConfig(BaseConfig):
 
     def validate(self):
         """Raise ValueError naming the first inconsistent field."""
-        for name in ('seq_length', 'vocab_size', 'hidden_size', 'num_layers', 'num_heads', 'expand_ratio'):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"PanguAlphaConfig.{name} must be a positive integer, got {value!r}")
-        if self.ffn_hidden_size is not None and (isinstance(self.ffn_hidden_size, bool)
-                                                 or not isinstance(self.ffn_hidden_size, int)
-                                                 or self.ffn_hidden_size < 1):
-            raise ValueError(f"PanguAlphaConfig.ffn_hidden_size must be a positive integer or None, got "
-                             f"{self.ffn_hidden_size!r}")
+        self.check_positive_ints('seq_length', 'vocab_size', 'hidden_size', 'num_layers', 'num_heads', 'expand_ratio')
+        self.check_positive_ints('ffn_hidden_size', optional=True)
         if self.num_layers < 2:
             raise ValueError(f"PanguAlphaConfig.num_layers ({self.num_layers}) must be at least 2: it counts the "
                              f"blocks and the final query layer")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"PanguAlphaConfig.hidden_size ({self.hidden_size}) must be divisible by num_heads "
                              f"({self.num_heads})")
-        for name in ('embedding_dropout_prob', 'hidden_dropout_rate', 'attention_dropout_rate'):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not 0 <= value < 1:
-                raise ValueError(f"PanguAlphaConfig.{name} must be in [0, 1), got {value!r}")
-        for name in ('compute_dtype', 'layernorm_compute_type', 'softmax_compute_type', 'param_init_type'):
-            to_mstype(getattr(self, name), f"PanguAlphaConfig.{name}")
+        self.check_probabilities('embedding_dropout_prob', 'hidden_dropout_rate', 'attention_dropout_rate')
+        self.check_dtypes('compute_dtype', 'layernorm_compute_type', 'softmax_compute_type', 'param_init_type')
         try:
             get_activation(self.hidden_act)
         except ValueError as err:
             raise ValueError(f"PanguAlphaConfig.hidden_act: {err}") from None
-        for name, why in (('post_layernorm_residual', 'PanGu-alpha is pre-LayerNorm'),
-                          ('use_moe', 'only the dense model is built'),
-                          ('eod_reset', 'EOD-reset attention masks are not built'),
-                          ('use_flash_attention', 'no flash-attention kernel on this backend')):
-            if getattr(self, name):
-                raise ValueError(f"PanguAlphaConfig.{name}=True is not supported ({why}); set {name}: False")
-        parallel = self.parallel_config
-        if parallel.model_parallel > 1:
-            for name in ('num_heads', 'hidden_size'):
-                if getattr(self, name) % parallel.model_parallel:
-                    raise ValueError(f"PanguAlphaConfig.{name} ({getattr(self, name)}) must be divisible by "
-                                     f"parallel_config.model_parallel ({parallel.model_parallel})")
-            if not parallel.vocab_emb_dp and self.vocab_size % parallel.model_parallel:
-                raise ValueError(f"PanguAlphaConfig.vocab_size ({self.vocab_size}) must be divisible by "
-                                 f"parallel_config.model_parallel ({parallel.model_parallel}) unless "
-                                 f"parallel_config.vocab_emb_dp is True")
+        self.check_fixed({'post_layernorm_residual': (False, 'PanGu-alpha is pre-LayerNorm'),
+                          'use_moe': (False, 'only the dense model is built'),
+                          'eod_reset': (False, 'EOD-reset attention masks are not built'),
+                          'use_flash_attention': (False, 'no flash-attention kernel on this backend')})
+        self.check_model_parallel([('num_heads', self.num_heads), ('hidden_size', self.hidden_size)])
