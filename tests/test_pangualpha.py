@@ -298,27 +298,6 @@ def test_tiny_vocab_reproducible(tmp_path):
         assert f.read() == g.read()
 
 
-# ------------------------------------------------------------------ tiny config from the CLI
-
-def test_tiny_yaml_trains_and_predicts_from_the_cli(tmp_path):
-    config = os.path.join(REPO, 'configs', 'pangualpha', 'run_pangualpha_tiny.yaml')
-
-    def run(*args):
-        proc = subprocess.run([sys.executable, os.path.join(REPO, 'run_mindformer.py'), '--config', config,
-                               '--output_dir', tmp_path, *map(str, args)], cwd=REPO, capture_output=True,
-                              text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        return proc.stdout
-
-    run('--run_mode', 'train', '--epochs', 1, '--train_dataset.data_loader.max_samples', 32)
-    log = (tmp_path / 'log' / 'rank_0' / 'mindformer.log').read_text()
-    assert 'training finished' in log and 'loss' in log
-    stdout = run('--run_mode', 'predict', '--load_checkpoint', tmp_path / 'checkpoint', '--predict_data', 'ROMEO:',
-                 '你好', '--predict_batch_size', 2, '--model.model_config.max_decode_length', 24)
-    texts = stdout.split('\n' + '-' * 40 + '\n')
-    assert len(texts) == 3 and texts[0].startswith('ROMEO:') and texts[1].startswith('你好'), stdout
-
-
 def test_half_precision_padded_batch_and_cache_stay_finite(model):
     """float16 compute and softmax (MindFormers' Ascend settings): padded rows and the cache give the float32
     answers to half precision (no -inf / NaN from the -1e9 masks)."""
