@@ -5,6 +5,7 @@
     python convert_weight.py --model gpt2 --reversed --input_path gpt2.ckpt --output_path <HF dir | x.safetensors>
     python convert_weight.py --model llama --input_path <HF dir | Meta dir> --output_path llama.ckpt
     python convert_weight.py --model glm2 --input_path <HF glm or chatglm dir> --output_path glm2.ckpt
+    python convert_weight.py --model glm --input_path <HF chatglm-6b dir | MindFormers glm .ckpt> --output_path glm.ckpt
     python convert_weight.py --model pangualpha --input_path <HF gpt_pangu dir or MindSpore release> --output_path p.ckpt
     python convert_weight.py --model llama --reversed --input_path llama.ckpt --output_path <HF dir> [--config C]
 

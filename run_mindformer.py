@@ -4,6 +4,7 @@
 Flags override the YAML; `--options a.b=1 c=[1,2]` and free `--a.b.c value` set any dotted key.
 Exit codes: 0 success, 2 bad flag or value, 1 any other error (one line on stderr)."""
 import argparse
+import json
 import os
 import sys
 
@@ -34,6 +35,12 @@ def build_parser():
     parser.add_argument('--predict_data', nargs='+', help='prompt(s) for predict; "\\n" is unescaped')
     parser.add_argument('--predict_batch_size', type=int, help='prompts per generate call')
     parser.add_argument('--load_checkpoint', help='weights to load: a file, or a directory (newest checkpoint)')
+    parser.add_argument('--auto_trans_ckpt', type=_bool,
+                        help='reshard --load_checkpoint (rank_N/ directories) into this run\'s layout before loading')
+    parser.add_argument('--src_strategy_path_or_dir',
+                        help='strategy file (or directory of per-stage files) --load_checkpoint was saved with')
+    parser.add_argument('--only_save_strategy', type=_bool,
+                        help="write this run's parallel strategy files under <output_dir>/strategy/ and exit")
     parser.add_argument('--output_dir', help='where logs and checkpoints go (default ./output)')
     parser.add_argument('--seed', type=int)
     parser.add_argument('--use_parallel', type=_bool, help='True under msrun for data parallel')
@@ -104,7 +111,8 @@ def build_config(args, overrides):
         raise KeyError(f"override {err.args[0]}") from None
     flag_map = {'output_dir': 'output_dir', 'seed': 'seed', 'use_parallel': 'use_parallel',
                 'load_checkpoint': 'load_checkpoint', 'run_mode': 'run_mode', 'do_eval': 'do_eval',
-                'resume_training': 'resume_training',
+                'resume_training': 'resume_training', 'auto_trans_ckpt': 'auto_trans_ckpt',
+                'src_strategy_path_or_dir': 'src_strategy_path_or_dir', 'only_save_strategy': 'only_save_strategy',
                 'device_target': 'context.device_target', 'device_id': 'context.device_id', 'mode': 'context.mode',
                 'epochs': 'runner_config.epochs', 'gradient_accumulation_steps':
                 'runner_config.gradient_accumulation_steps',
@@ -119,8 +127,10 @@ def build_config(args, overrides):
                                 'train_dataset.batch_size': args.batch_size})
     for key in ('train_dataset', 'eval_dataset'):
         loader = (config.get(key) or {}).get('data_loader') or {}
-        if getattr(args, f'{key}_dir') is not None and loader.get('type') not in (None, 'MindDataset'):
-            # a directory of MindRecord replaces the YAML's own loader (e.g. the bundled text corpus)
+        if getattr(args, f'{key}_dir') is not None and loader.get('type') not in (None, 'MindDataset',
+                                                                               'ADGenDataLoader'):
+            # a directory of MindRecord replaces the YAML's own loader (e.g. the bundled text corpus); loaders that
+            # read raw files named by dataset_dir (ADGenDataLoader's JSON) keep theirs
             config[key]['data_loader'] = {'type': 'MindDataset', 'dataset_dir': getattr(args, f'{key}_dir'),
                                           'shuffle': loader.get('shuffle', key == 'train_dataset')}
     if args.predict_data is not None:
@@ -161,11 +171,13 @@ def main(argv=None):
         elif mode == 'finetune':
             trainer.finetune()
         elif mode == 'eval':
-            trainer.evaluate()
+            result = trainer.evaluate()
+            if result is not None:  # None: only_save_strategy
+                print(json.dumps(result, ensure_ascii=False))
         else:
             results = trainer.predict(batch_size=args.predict_batch_size,
                                       **dict(config.get('generation') or {}))
-            for result in results:
+            for result in results or []:  # None: only_save_strategy
                 print(result['text_generation_text'][0])
                 print('-' * 40)
     except KeyboardInterrupt:

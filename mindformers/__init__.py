@@ -8,13 +8,15 @@ from mindformers.tools.build import (build_module, build_trainer, build_pipeline
                                      build_tools)
 from mindformers.core import (init_context, ContextConfig, ParallelContextConfig, ParallelConfig, RecomputeConfig,
                               build_parallel_config, build_lr, build_optim, CrossEntropyLoss, PerplexityMetric,
-                              MFLossMonitor, CheckpointMonitor, CheckpointMointor, AdamWeightDecay, ClipGradNorm)
-from mindformers.dataset import CausalLanguageModelDataset
+                              ADGENMetric, MFLossMonitor, CheckpointMonitor, CheckpointMointor, AdamWeightDecay,
+                              ClipGradNorm)
+from mindformers.dataset import CausalLanguageModelDataset, KeyWordGenDataset, ADGenDataLoader
 from mindformers.models import (BaseConfig, BaseModel, CausalLMModel, BaseTokenizer, BaseProcessor, GPT2Config,
                                 GPT2Model, GPT2LMHeadModel, GPT2Tokenizer, GPT2TokenizerFast, GPT2Processor)
 from mindformers.models.llama import *  # noqa: F401,F403  (LlamaConfig, LlamaForCausalLM, LlamaTokenizer, ...)
 from mindformers.models.glm2 import *  # noqa: F401,F403  (ChatGLM2Config, ChatGLM2ForConditionalGeneration, ...)
 from mindformers.models.pangualpha import *  # noqa: F401,F403  (PanguAlphaConfig, PanguAlphaHeadModel, ...)
+from mindformers.models.glm import *  # noqa: F401,F403  (GLMConfig, GLMForPreTraining, GLMChatModel, ...)
 from mindformers.models.auto import AutoConfig, AutoModel, AutoProcessor, AutoTokenizer
 from mindformers.generation import (GeneratorMixin, GenerationConfig, BaseStreamer, TextStreamer,
                                     TextIteratorStreamer)

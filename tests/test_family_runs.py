@@ -1,6 +1,8 @@
-"""LLaMA and ChatGLM2 tiny configs end to end, from the CLI and through Trainer: a HuggingFace checkpoint is
-converted, finetuned on instruction data, evaluated (perplexity) and continued with the KV cache; the tiny configs
-also train from scratch."""
+"""LLaMA, ChatGLM2 and GLM (ChatGLM-6B) tiny configs end to end, from the CLI and through Trainer: a HuggingFace
+checkpoint is converted, finetuned on instruction data (GLM: the bundled ADGEN sample), evaluated (perplexity) and
+continued with the KV cache; the tiny configs also train from scratch. GLM has no transformers model: its random
+weights are written in the HF release's layout and its greedy continuation is checked against the NumPy reference
+of tests/test_glm_model.py."""
 import os
 import subprocess
 import sys
@@ -18,6 +20,7 @@ ASSETS = os.path.join(REPO, 'mindformers', 'assets')
 FAMILIES = {
     'llama': dict(template='alpaca', format='alpaca', data='alpaca_sample.json'),
     'glm2': dict(template='glm2', format='conversation', data='conversation_sample.json'),
+    'glm': dict(data=os.path.join(ASSETS, 'adgen', 'train.json')),  # ADGEN JSON, read by the finetune YAML as is
 }
 
 
@@ -34,6 +37,37 @@ def _hf_model(family):
         rope_parameters={'rope_type': 'default', 'rope_theta': 10000.0, 'partial_rotary_factor': 0.5}))
 
 
+def _glm_weights():
+    """Random GLM weights of the tiny config's sizes, HF release names; the padding rows of the output head
+    (ids 1008..1023, beyond the tiny tokenizer) are zero, as a trained model never predicts them."""
+    from test_glm_model import random_weights
+    weights = random_weights(seed=2)
+    weights['lm_head.weight'][1008:] = 0.0
+    return weights
+
+
+def _glm_checkpoint(work):
+    """The GLM weights written as the HF release lays them out, converted by convert_weight.py."""
+    from test_convert_glm import RELEASE_CONFIG, write_release
+    write_release(work / 'hf', _glm_weights(), dict(RELEASE_CONFIG, max_sequence_length=128))
+    checkpoint = work / 'glm.ckpt'
+    _run('convert_weight.py', '--model', 'glm', '--input_path', work / 'hf', '--output_path', checkpoint)
+    return checkpoint
+
+
+def _greedy(family, reference, ids, steps):
+    """The reference's greedy continuation of `ids`: the HF model's, or for GLM the NumPy reference's (alpha
+    sqrt(2 * num_layers) as in the tiny YAML)."""
+    if family != 'glm':
+        return reference.generate(torch.tensor([ids]), max_new_tokens=steps, do_sample=False, pad_token_id=0,
+                                  eos_token_id=None)[0].tolist()
+    from test_glm_model import LAYERS, reference_logits
+    ids = list(ids)
+    for _ in range(steps):
+        ids.append(int(reference_logits(reference, np.array([ids]), alpha=np.sqrt(2 * LAYERS))[0, -1].argmax()))
+    return ids
+
+
 def _run(module_or_script, *args):
     command = [sys.executable, *(['-m', module_or_script] if '.' in module_or_script and
                                  not module_or_script.endswith('.py') else [os.path.join(REPO, module_or_script)]),
@@ -45,9 +79,12 @@ def _run(module_or_script, *args):
 
 @pytest.fixture(scope='module', params=sorted(FAMILIES))
 def prepared(request, tmp_path_factory):
-    """(family, converted checkpoint, instruction MindRecord directory, HF reference model, work directory)."""
+    """(family, converted checkpoint, instruction data (MindRecord directory; GLM: ADGEN JSON), reference (HF model;
+    GLM: its weights for the NumPy reference), work directory)."""
     family, spec = request.param, FAMILIES[request.param]
     work = tmp_path_factory.mktemp(family)
+    if family == 'glm':
+        return family, _glm_checkpoint(work), spec['data'], _glm_weights(), work
     hf_model = _hf_model(family).eval()
     hf_model.save_pretrained(work / 'hf')
     checkpoint = work / f'{family}.ckpt'
@@ -101,8 +138,7 @@ def test_trainer_finetunes_evaluates_and_predicts_like_the_hf_model(prepared):
     prompt = 'ROMEO:'
     tokenizer = trainer._get_tokenizer()  # pylint: disable=protected-access
     ids = tokenizer.encode(prompt)
-    expected = hf_model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, pad_token_id=0,
-                                 eos_token_id=None)[0].tolist()
+    expected = _greedy(family, hf_model, ids, 12)
     result = trainer.predict(predict_checkpoint=str(checkpoint), input_data=prompt, max_new_tokens=12,
                              eos_token_id=[], do_sample=False)
     assert result[0]['text_generation_text'][0] == tokenizer.decode(expected, skip_special_tokens=True)

@@ -269,9 +269,9 @@ def test_shard_strategies(vocab_emb_dp):
     assert _strategy(attention.core.scores_matmul) == ((dp, mp, 1, 1), (dp, mp, 1, 1))
     assert _strategy(attention.core.softmax) == ((dp, mp, 1, 1),)
     assert _strategy(block.input_layernorm.norm) == ((dp, 1, 1), (1,), (1,))
-    embedding = ((1, 1), (dp, 1)) if vocab_emb_dp else ((mp, 1), (dp, 1))  # (table, ids)
+    embedding = ((1, 1), (dp, 1)) if vocab_emb_dp else ((mp, 1), (1, 1))  # (table, ids)
     assert _strategy(net.backbone.embed_tokens.gather) == embedding
-    assert _strategy(net.head_matmul) == (((dp, 1), (1, 1)) if vocab_emb_dp else ((dp, 1), (mp, 1)))
+    assert _strategy(net.lm_head.matmul) == (((dp, 1), (1, 1)) if vocab_emb_dp else ((dp, 1), (mp, 1)))
 
 
 def test_recompute_marks_blocks_and_keeps_loss_and_gradients(model, checkpoint):

@@ -5,5 +5,5 @@ from .lr import build_lr
 from .optim import build_optim, AdamWeightDecay
 from .clip_grad import ClipGradNorm
 from .loss import CrossEntropyLoss
-from .metric import PerplexityMetric
+from .metric import PerplexityMetric, ADGENMetric
 from .callback import MFLossMonitor, CheckpointMonitor, CheckpointMointor, TrainState

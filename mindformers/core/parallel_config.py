@@ -1,4 +1,6 @@
-"""Parallel and recompute settings that every layer receives (MindFormers' `parallel_config` / `recompute_config`)."""
+"""Parallel and recompute settings that every layer receives (MindFormers' `parallel_config` / `recompute_config`),
+their validation against a job and a model, and the assignment of transformer layers to pipeline stages."""
+import copy
 from dataclasses import dataclass, field, fields, asdict
 
 
@@ -33,6 +35,44 @@ class ParallelConfig:
     def to_dict(self):
         return asdict(self)
 
+    def validate(self, device_num, model_config=None, global_batch_size=None):
+        """Raise ValueError (one message naming the key and the numbers) unless this layout fits the job.
+
+        `device_num`: the devices of the job (the process group size under `use_parallel`, else 1); it must equal
+        data_parallel x model_parallel x pipeline_stage, and micro_batch_num must be at least pipeline_stage.
+        `model_config` (optional): its family checks run with this parallel config (`validate()`: heads, key/value
+        heads and, unless vocab_emb_dp, the vocabulary divisible by model_parallel), and its layers must fill every
+        pipeline stage (`num_layers` >= pipeline_stage, `offset` see `stage_layer_counts`).
+        `global_batch_size` (optional): the samples one step feeds all data-parallel ranks together; it must split
+        into data_parallel (x micro_batch_num under pipeline parallel) equal parts. MindFormers' (and our)
+        `runner_config.batch_size` is per data-parallel rank, so a batch derived from it always does."""
+        for name in ('data_parallel', 'model_parallel', 'pipeline_stage', 'micro_batch_num',
+                     'micro_batch_interleave_num'):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"parallel_config.{name} must be a positive integer, got {value!r}")
+        dp, mp, pp = self.data_parallel, self.model_parallel, self.pipeline_stage
+        if dp * mp * pp != device_num:
+            raise ValueError(f"parallel_config: data_parallel ({dp}) x model_parallel ({mp}) x pipeline_stage ({pp}) "
+                             f"= {dp * mp * pp} devices, but the job has {device_num} (the process group size "
+                             f"under use_parallel, else 1); make the product equal {device_num}")
+        if self.micro_batch_num < pp:
+            raise ValueError(f"parallel_config.micro_batch_num ({self.micro_batch_num}) must be at least "
+                             f"parallel_config.pipeline_stage ({pp}) to keep every stage busy")
+        if model_config is not None:
+            checked = copy.copy(model_config)
+            checked.parallel_config = self
+            if hasattr(checked, 'validate'):
+                checked.validate()
+            stage_layer_counts(model_config.num_layers, pp, getattr(model_config, 'offset', 0))
+        if global_batch_size is not None:
+            parts = dp * (self.micro_batch_num if pp > 1 else 1)
+            if global_batch_size % parts:
+                what = (f"data_parallel ({dp}) x micro_batch_num ({self.micro_batch_num}) = {parts}" if pp > 1
+                        else f"parallel_config.data_parallel ({dp})")
+                raise ValueError(f"the global batch ({global_batch_size} samples) must be divisible by {what}")
+        return self
+
 
 def _from_mapping(cls, mapping, where):
     known = {f.name for f in fields(cls)}
@@ -60,6 +100,51 @@ def build_parallel_config(parallel_config=None, recompute_config=None):
     if result.pipeline_stage > 1:
         result.vocab_emb_dp = False
     return result
+
+
+def stage_layer_counts(num_layers, pipeline_stage, offset=0):
+    """How many of `num_layers` consecutive transformer layers each of the `pipeline_stage` stages holds.
+
+    By default an even split (stage s holds the layers i with i * stages // num_layers == s: earlier stages take the
+    remainder). `offset` is MindFormers' `model_config.offset`: a list with one entry per stage adds offset[s]
+    layers to stage s (the entries must sum to 0); an int k moves k layers from the first stage to the last (k < 0
+    the other way). Raises ValueError naming the numbers when a stage would hold no layer."""
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+        raise ValueError(f"model_config.num_layers must be a positive integer, got {num_layers!r}")
+    if num_layers < pipeline_stage:
+        raise ValueError(f"model_config.num_layers ({num_layers}) must be at least parallel_config.pipeline_stage "
+                         f"({pipeline_stage}): every pipeline stage needs a layer")
+    even = [0] * pipeline_stage
+    for layer in range(num_layers):
+        even[layer * pipeline_stage // num_layers] += 1
+    if isinstance(offset, bool) or not isinstance(offset, (int, list, tuple)):
+        raise ValueError(f"model_config.offset must be an int or a list of ints (one per pipeline stage), "
+                         f"got {offset!r}")
+    if isinstance(offset, int):
+        shift = [0] * pipeline_stage
+        shift[0] -= offset
+        shift[-1] += offset
+    else:
+        shift = list(offset)
+        if len(shift) != pipeline_stage or any(isinstance(v, bool) or not isinstance(v, int) for v in shift):
+            raise ValueError(f"model_config.offset {shift} must hold one int per pipeline stage "
+                             f"(parallel_config.pipeline_stage is {pipeline_stage})")
+        if sum(shift):
+            raise ValueError(f"model_config.offset {shift} must sum to 0 (it moves layers between stages), "
+                             f"but sums to {sum(shift)}")
+    counts = [base + extra for base, extra in zip(even, shift)]
+    for stage, count in enumerate(counts):
+        if count < 1:
+            raise ValueError(f"model_config.offset {offset!r} leaves pipeline stage {stage} with {count} layers "
+                             f"(the even split of {num_layers} layers over {pipeline_stage} stages is {even}); "
+                             f"every stage needs at least one layer")
+    return counts
+
+
+def layer_stages(num_layers, pipeline_stage, offset=0):
+    """The pipeline stage of each of `num_layers` consecutive layers (see `stage_layer_counts`)."""
+    counts = stage_layer_counts(num_layers, pipeline_stage, offset)
+    return [stage for stage, count in enumerate(counts) for _ in range(count)]
 
 
 default_parallel_config = ParallelConfig()

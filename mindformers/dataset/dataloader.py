@@ -60,17 +60,32 @@ def find_mindrecord_files(dataset_dir=None, dataset_files=None, where='data_load
     return files
 
 
-_CORPUS_FILES = {}  # cache key -> (tokenizer kept alive so its id stays unique, MindRecord file of the samples)
+_TEMPORARY_FILES = {}  # cache key -> (tokenizer kept alive so its id stays unique, MindRecord file of the samples)
+
+
+def temporary_mindrecord(paths, tokenizer, options, write):
+    """A temporary MindRecord file (removed at exit) of samples made from the files `paths` with `tokenizer`:
+    `write(directory)` writes it and returns the data file. The same request (same files, unchanged, same tokenizer
+    object, equal `options` tuple) reuses the file, e.g. for repeated evaluation."""
+    key = (tuple((p, os.path.getmtime(p), os.path.getsize(p)) for p in paths), id(tokenizer)) + tuple(options)
+    cached = _TEMPORARY_FILES.get(key)
+    if cached and os.path.isfile(cached[1]):
+        return cached[1]
+    tmp_dir = tempfile.mkdtemp(prefix='mindformers_data_')
+    atexit.register(shutil.rmtree, tmp_dir, ignore_errors=True)
+    data_file = write(tmp_dir)
+    _TEMPORARY_FILES[key] = (tokenizer, data_file)
+    return data_file
 
 
 def _corpus_file(paths, tokenizer, seq_length, text_key, split_lines, split, eval_fraction, max_samples):
-    """Tokenize, split and store the samples in a temporary MindRecord file (removed at exit); the same request
-    (same files, unchanged, same tokenizer object and options) reuses the file, e.g. for repeated evaluation."""
-    key = (tuple((p, os.path.getmtime(p), os.path.getsize(p)) for p in paths), id(tokenizer), int(seq_length),
-           text_key, bool(split_lines), split, float(eval_fraction), max_samples)
-    cached = _CORPUS_FILES.get(key)
-    if cached and os.path.isfile(cached[1]):
-        return cached[1]
+    """Tokenize, split and store the samples in a temporary MindRecord file (see `temporary_mindrecord`)."""
+    options = (int(seq_length), text_key, bool(split_lines), split, float(eval_fraction), max_samples)
+    return temporary_mindrecord(paths, tokenizer, options, lambda directory: _write_corpus(
+        directory, paths, tokenizer, seq_length, text_key, split_lines, split, eval_fraction, max_samples))
+
+
+def _write_corpus(directory, paths, tokenizer, seq_length, text_key, split_lines, split, eval_fraction, max_samples):
     samples, stats = build_lm_samples(iter_documents(paths, text_key, split_lines), tokenizer, seq_length)
     if split != 'all':
         if len(samples) < 2:
@@ -82,10 +97,7 @@ def _corpus_file(paths, tokenizer, seq_length, text_key, split_lines, split, eva
         samples = samples[:int(max_samples)]
     logger.info("TextCorpusDataset: %d documents, %d tokens -> %d samples of %d tokens; split %r: %d samples",
                 stats['documents'], stats['tokens'], stats['samples'], seq_length + 1, split, len(samples))
-    tmp_dir = tempfile.mkdtemp(prefix='mindformers_text_corpus_')
-    atexit.register(shutil.rmtree, tmp_dir, ignore_errors=True)
-    data_file, = write_mindrecord(os.path.join(tmp_dir, 'corpus.mindrecord'), [samples], seq_length)
-    _CORPUS_FILES[key] = (tokenizer, data_file)
+    data_file, = write_mindrecord(os.path.join(directory, 'corpus.mindrecord'), [samples], seq_length)
     return data_file
 
 

@@ -21,13 +21,14 @@ class InstructionDataset(CausalLanguageModelDataset):
     columns to `construct(input_ids, attention_mask=None, labels=None)` by name.
     """
     KNOWN_KEYS = CausalLanguageModelDataset.KNOWN_KEYS - {'eod_reset', 'output_columns'}
+    DATA_HINT = "write instruction data with python -m mindformers.tools.dataset_preprocess.instruction_to_mindrecord"
 
     def __new__(cls, dataset_config=None):
         config = dict(dataset_config or {})
         cls._check_keys(config)
         columns = list(config.get('input_columns') or COLUMNS)
         if 'labels' not in columns:
-            raise ValueError(f"InstructionDataset: input_columns {columns} must include 'labels' (without them "
+            raise ValueError(f"{cls.__name__}: input_columns {columns} must include 'labels' (without them "
                              f"every token is trained: use CausalLanguageModelDataset for such data)")
         batch_size, repeat, workers = (cls._positive_int(config, key) for key in
                                        ('batch_size', 'repeat', 'num_parallel_workers'))
@@ -35,8 +36,7 @@ class InstructionDataset(CausalLanguageModelDataset):
         try:
             lengths = check_dataset_columns(dataset, columns, config.get('seq_length'), where=where)
         except ValueError as err:
-            raise ValueError(f"{err} (write instruction data with python -m "
-                             f"mindformers.tools.dataset_preprocess.instruction_to_mindrecord)") from None
+            raise ValueError(f"{err} ({cls.DATA_HINT})") from None
         if lengths['labels'] != lengths[columns[0]]:
             raise ValueError(f"{where}: column 'labels' holds {lengths['labels']} entries per sample, "
                              f"{columns[0]!r} {lengths[columns[0]]}: they must match")

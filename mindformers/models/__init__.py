@@ -7,4 +7,5 @@ from .gpt2 import GPT2Config, GPT2Model, GPT2LMHeadModel, GPT2Tokenizer, GPT2Tok
 from . import llama, glm2
 from .llama import *  # noqa: F401,F403
 from .glm2 import *  # noqa: F401,F403
+from .glm import *  # noqa: F401,F403
 from .pangualpha import *  # noqa: F401,F403

@@ -150,8 +150,8 @@ class CausalLMModel(BaseModel):
             sessions[batch_size] = IncrementalSession(core, batch_size, core.cache.kv_heads, core.cache.max_length)
         return sessions[batch_size]
 
-    def next_token_loss(self, input_ids, attention_mask=None, labels=None):
-        """(mean loss fp32 scalar, number of target tokens that count fp32 scalar) for `input_ids [B, S+1]`."""
+    def loss_targets(self, input_ids, attention_mask=None, labels=None):
+        """(targets [B * S], weights [B * S] fp32: 1 where the target counts, else 0) for `input_ids [B, S+1]`."""
         targets = input_ids[:, 1:] if labels is None else self._align(labels, input_ids, 'labels')
         targets = targets.reshape(-1)
         mask = ops.cast(targets != self.ignore_token_id, ms.float32)
@@ -160,6 +160,11 @@ class CausalLMModel(BaseModel):
         if attention_mask is not None:
             aligned = self._align(attention_mask, input_ids, 'attention_mask')
             mask = ops.mul(mask, ops.cast(aligned, ms.float32).reshape(-1))
+        return targets, mask
+
+    def next_token_loss(self, input_ids, attention_mask=None, labels=None):
+        """(mean loss fp32 scalar, number of target tokens that count fp32 scalar) for `input_ids [B, S+1]`."""
+        targets, mask = self.loss_targets(input_ids, attention_mask, labels)
         return self.loss(self.logits(input_ids[:, :-1]), targets, mask), mask.sum()
 
     def construct(self, input_ids, attention_mask=None, labels=None):

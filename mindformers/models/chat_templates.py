@@ -35,6 +35,17 @@ def llama2_chat_turns(query, history=(), system=None):
     return texts
 
 
+def glm_chat_prompt(query, history=()):
+    """ChatGLM-6B's (v1) chat prompt: the bare query without history; else `[Round i]` blocks numbered from 0 for
+    the past turns (`history` = [(question, answer), ...]), then the query's block ending at `答：`."""
+    if not history:
+        return query
+    prompt = ''
+    for index, (question, answer) in enumerate(history):
+        prompt += f"[Round {index}]\n问：{question}\n答：{answer}\n"
+    return prompt + f"[Round {len(history)}]\n问：{query}\n答："
+
+
 def glm2_chat_prompt(query, history=()):
     """ChatGLM2's `[Round N]` prompt: past turns (`history` = [(question, answer), ...]), then the query."""
     prompt = ''

@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 
+import numpy as np
 import sentencepiece as spm
 
 from mindformers.models.base_tokenizer import BaseTokenizer, clean_up_tokenization
@@ -34,6 +35,8 @@ class SentencePieceTokenizer(BaseTokenizer):
         mode: 'sentencepiece' or 'metaspace' (see the module docstring).
         add_prefix_space: in 'metaspace' mode, put '▁' before the text (and strip one space when decoding).
         extra_tokens: tokens the model has after the SentencePiece pieces, part of `vocab_size`.
+        padded_vocab_size: the model's vocabulary size when its embedding has more rows than this tokenizer has
+            ids (None = no padding); `decode` drops the padding ids, which stand for no text.
         **kwargs: BaseTokenizer options (special tokens, add_bos_token, padding_side, ...).
 
     Special tokens in the text (those of `split_tokens()`, by default all special tokens) are never split: the
@@ -41,7 +44,8 @@ class SentencePieceTokenizer(BaseTokenizer):
     """
     vocab_files_names = {'vocab_file': 'tokenizer.model'}
 
-    def __init__(self, vocab_file=None, mode='sentencepiece', add_prefix_space=True, extra_tokens=(), **kwargs):
+    def __init__(self, vocab_file=None, mode='sentencepiece', add_prefix_space=True, extra_tokens=(),
+                 padded_vocab_size=None, **kwargs):
         name = type(self).__name__
         if mode not in MODES:
             raise ValueError(f"{name}: mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -56,7 +60,13 @@ class SentencePieceTokenizer(BaseTokenizer):
         for key, token in named + [('additional special token', t) for t in self.additional_special_tokens]:
             if token is not None and self._token_to_id(token) is None:  # this tokenizer cannot add tokens
                 raise ValueError(f"{name}: {key} {token!r} is not a piece of {self.vocab_file}")
-        self.init_kwargs.update(vocab_file=self.vocab_file)
+        size = self.sp_size + len(self.extra_tokens)
+        if padded_vocab_size is not None and (isinstance(padded_vocab_size, bool) or
+                                              not isinstance(padded_vocab_size, int) or padded_vocab_size < size):
+            raise ValueError(f"{name}: padded_vocab_size must be an integer of at least the {size} ids of "
+                             f"{self.vocab_file}, got {padded_vocab_size!r}")
+        self.padded_vocab_size = padded_vocab_size
+        self.init_kwargs.update(vocab_file=self.vocab_file, padded_vocab_size=padded_vocab_size)
 
     # ------------------------------------------------------------------ encode
     def split_tokens(self):
@@ -103,6 +113,11 @@ class SentencePieceTokenizer(BaseTokenizer):
     def decode(self, token_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False):
         """Text of one sequence of ids. In 'sentencepiece' mode the text between special tokens is decoded run by
         run, also when they are skipped, so each run loses its own dummy-prefix space as it was encoded."""
+        if self.padded_vocab_size:
+            array = np.asarray(token_ids.asnumpy() if hasattr(token_ids, 'asnumpy') else token_ids)
+            if array.ndim == 1 and np.issubdtype(array.dtype, np.integer):
+                size = self.sp_size + len(self.extra_tokens)
+                token_ids = array[(array < size) | (array >= self.padded_vocab_size)]
         if self.mode == 'metaspace' or not skip_special_tokens:
             return super().decode(token_ids, skip_special_tokens, clean_up_tokenization_spaces)
         text = self._decode_runs(self._check_ids(token_ids), keep_special=False)

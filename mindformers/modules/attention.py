@@ -59,12 +59,16 @@ class DotProductAttention(nn.Cell):
     multiple of Hkv (query head h reads key/value head h // (H / Hkv), as HF's `repeat_kv`); mask additive
     [B, H, S, S] in `softmax_compute_type`, or None for the plain causal mask (only when `self.causal_softmax`,
     the fused CPU kernel, exists) -> context [B, H, S, D] in `compute_dtype`. `dropout` acts on the
-    probabilities."""
+    probabilities. `score_scale` (a number, default none) multiplies the scores after their cast to the softmax
+    dtype, before the mask: ChatGLM-6B divides its queries by an extra per-layer factor in half precision and
+    multiplies the float32 scores back by it."""
 
-    def __init__(self, dropout=0.0, compute_dtype='float32', softmax_compute_type='float32', parallel_config=None):
+    def __init__(self, dropout=0.0, compute_dtype='float32', softmax_compute_type='float32', parallel_config=None,
+                 score_scale=None):
         super().__init__()
         self.compute_dtype = to_mstype(compute_dtype, 'compute_dtype')
         self.softmax_dtype = to_mstype(softmax_compute_type, 'softmax_compute_type')
+        self.score_scale = None if score_scale is None else Tensor(score_scale, self.softmax_dtype)
         self.causal_softmax = FusedCausalSoftmax() if fused_causal_attention(softmax_compute_type,
                                                                              parallel_config) else None
         self.dropout = Dropout(dropout)
@@ -73,6 +77,7 @@ class DotProductAttention(nn.Cell):
         self.add_mask = ops.Add().shard(((dp, mp, 1, 1), (dp, mp, 1, 1)))
         self.softmax = ops.Softmax(axis=-1).shard(((dp, mp, 1, 1),))
         self.context_matmul = ops.BatchMatMul().shard(((dp, mp, 1, 1), (dp, mp, 1, 1)))
+        self.mul_scale = ops.Mul().shard(((dp, mp, 1, 1), ()))
         self.dropout.shard(((dp, mp, 1, 1),))
 
     @staticmethod
@@ -90,6 +95,8 @@ class DotProductAttention(nn.Cell):
         scores = self.scores_matmul(query, self.repeat_kv(key, heads))  # [B, H, S, S]
         if scores.dtype != self.softmax_dtype:
             scores = ops.cast(scores, self.softmax_dtype)
+        if self.score_scale is not None:
+            scores = self.mul_scale(scores, self.score_scale)
         if mask is None:  # the pure causal mask, applied inside the fused kernel
             probs = self.causal_softmax(scores)
         else:
@@ -128,7 +135,8 @@ class CausalSelfAttention(nn.Cell):
         self.core = DotProductAttention(attention_dropout, compute_dtype, softmax_compute_type, parallel_config)
         self.out_dropout = Dropout(out_dropout)
 
-        self.split_qkv = ops.Split(axis=-1, output_num=3).shard(((dp, mp),))
+        # MindSpore cannot split a Split along its own axis: the q|k|v columns are gathered before the split
+        self.split_qkv = ops.Split(axis=-1, output_num=3).shard(((dp, 1),))
         self.to_heads = ops.Transpose().shard(((dp, 1, mp, 1),))
         self.from_heads = ops.Transpose().shard(((dp, mp, 1, 1),))
         self.mul_scale = ops.Mul().shard(((dp, mp, 1, 1), ()))
@@ -180,13 +188,14 @@ class GroupedQueryAttention(nn.Cell):
         self.rotary = rotary
         self.scale = Tensor(1.0 / math.sqrt(self.head_dim), to_mstype(compute_dtype, 'compute_dtype'))
         self.core = DotProductAttention(attention_dropout, compute_dtype, softmax_compute_type, parallel_config)
+        self.mul_scale = ops.Mul().shard(((dp, mp), ()))
         self.to_heads = ops.Transpose().shard(((dp, 1, mp, 1),))
         self.from_heads = ops.Transpose().shard(((dp, mp, 1, 1),))
 
     def project(self, x):
         batch, seq, hidden = x.shape
         flat = x.reshape(batch * seq, hidden)
-        query = (self.q_proj(flat) * self.scale).reshape(batch, seq, self.num_heads, self.head_dim)
+        query = self.mul_scale(self.q_proj(flat), self.scale).reshape(batch, seq, self.num_heads, self.head_dim)
         key = self.k_proj(flat).reshape(batch, seq, self.num_kv_heads, self.head_dim)
         value = self.v_proj(flat).reshape(batch, seq, self.num_kv_heads, self.head_dim)
         return query, key, value

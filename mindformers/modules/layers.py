@@ -3,14 +3,19 @@
 Every layer takes a `parallel_config` (`ParallelConfig`; dp = data_parallel, mp = model_parallel) and declares the
 shard strategies of its primitives in `__init__`. Strategies only matter under semi-auto-parallel (Ascend/GPU); on
 one device MindSpore ignores them. Inputs are laid out as [..., features] with the leading axes batch-like (split dp
-ways)."""
+ways).
+
+A cell owning (or using) parameters says which primitive input consumes each in `parameter_inputs`:
+{parameter path relative to the cell: (primitive path relative to the cell, input index)}. The layout of every
+parameter (`mindformers.core.parallel_layout`) is read from the strategy of that input, so it follows the strategies
+declared here."""
 import math
 
 import mindspore as ms
 from mindspore import nn, ops, Parameter
 from mindspore.common.initializer import initializer, Normal
 
-from mindformers.core.parallel_config import default_parallel_config
+from mindformers.core.parallel_config import default_parallel_config, layer_stages
 from mindformers.modules.cpu_kernels import FusedColumnSum, FusedGELU, FusedLayerNorm, use_fused
 
 _DTYPES = {'float32': ms.float32, 'float16': ms.float16, 'bfloat16': ms.bfloat16}
@@ -30,27 +35,29 @@ def _dp_mp(parallel_config):
     return config.data_parallel, config.model_parallel
 
 
-def _recompute_layer(recompute, layer_id, num_layers, pipeline_stages):
-    """Whether layer `layer_id` is recomputed: `recompute` is a bool, or per pipeline stage the number of layers
-    (counted from the stage's first) to recompute."""
-    if isinstance(recompute, bool):
-        return recompute
-    if isinstance(recompute, (list, tuple)):
-        per_stage = math.ceil(num_layers / pipeline_stages)
-        stage, index = divmod(layer_id, per_stage)
-        return stage < len(recompute) and index < int(recompute[stage])
-    raise ValueError(f"recompute must be a bool or a list of per-stage layer counts, got {recompute!r}")
-
-
-def place_layers(layers, parallel_config):
-    """Mark the transformer `layers` (a CellList) for recomputation and assign them to pipeline stages (an even
-    split) as `parallel_config` and its recompute settings ask."""
+def place_layers(layers, parallel_config, offset=0):
+    """Assign the transformer `layers` (cells, in order) to pipeline stages (`layer_stages`: an even split shifted
+    by `offset`, MindFormers' model_config.offset) and mark them for recomputation as `parallel_config.recompute`
+    asks: a bool for every layer, or per pipeline stage the number of layers (counted from the stage's first) to
+    recompute."""
     recompute, stages = parallel_config.recompute.recompute, parallel_config.pipeline_stage
-    for layer_id, layer in enumerate(layers):
-        if _recompute_layer(recompute, layer_id, len(layers), stages):
+    if not isinstance(recompute, (bool, list, tuple)):
+        raise ValueError(f"recompute must be a bool or a list of per-stage layer counts, got {recompute!r}")
+    assigned = layer_stages(len(layers), stages, offset)
+    for index, (layer, stage) in enumerate(zip(layers, assigned)):
+        in_stage = index - assigned.index(stage)
+        if recompute is True or (not isinstance(recompute, bool) and stage < len(recompute)
+                                 and in_stage < int(recompute[stage])):
             layer.recompute()
         if stages > 1:
-            layer.pipeline_stage = layer_id * stages // len(layers)
+            layer.pipeline_stage = stage
+
+
+def place_last(parallel_config, *cells):
+    """Put `cells` (the final norm, the output head, the loss) on the last pipeline stage."""
+    if parallel_config.pipeline_stage > 1:
+        for cell in cells:
+            cell.pipeline_stage = parallel_config.pipeline_stage - 1
 
 
 def _check_divisible(size, parts, what):
@@ -92,6 +99,8 @@ class Linear(nn.Cell):
     `split` picks the model-parallel layout: 'column' splits the output features (weight rows) mp ways, 'row'
     splits the input features (weight columns) and is meant to follow a column-split layer; None replicates.
     `init_std`: standard deviation of the normal weight init (bias starts at zero)."""
+
+    parameter_inputs = {'weight': ('matmul', 1), 'bias': ('bias_add.bias_add', 1)}
 
     def __init__(self, in_features, out_features, has_bias=True, init_std=0.02, param_init_type='float32',
                  compute_dtype='float32', parallel_config=None, split=None):
@@ -148,6 +157,8 @@ class LayerNorm(nn.Cell):
 
     x: [B, S, hidden] -> same shape and dtype as x."""
 
+    parameter_inputs = {'weight': ('norm', 1), 'bias': ('norm', 2)}
+
     def __init__(self, hidden_size, eps=1e-5, param_init_type='float32', compute_type='float32',
                  parallel_config=None):
         super().__init__()
@@ -184,10 +195,14 @@ class LayerNorm(nn.Cell):
 class Embedding(nn.Cell):
     """Lookup table `weight` [vocab_size, hidden_size]: ids [...] int32 -> [..., hidden_size].
 
-    With `parallel_config.vocab_emb_dp` the table is replicated and the ids are split dp ways; otherwise the table
-    rows (the vocabulary) are split mp ways."""
+    With `parallel_config.vocab_emb_dp` (or `replicated`, for position tables) the table is replicated and the ids
+    are split dp ways; otherwise the table rows (the vocabulary) are split mp ways and the ids are not split, as in
+    MindFormers' VocabEmbedding."""
 
-    def __init__(self, vocab_size, hidden_size, init_std=0.02, param_init_type='float32', parallel_config=None):
+    parameter_inputs = {'weight': ('gather', 0)}
+
+    def __init__(self, vocab_size, hidden_size, init_std=0.02, param_init_type='float32', parallel_config=None,
+                 replicated=False):
         super().__init__()
         self.vocab_size, self.hidden_size = vocab_size, hidden_size
         param_dtype = to_mstype(param_init_type, 'param_init_type')
@@ -195,14 +210,33 @@ class Embedding(nn.Cell):
                                 name='weight')
         self.gather = ops.Gather()
         dp, mp = _dp_mp(parallel_config)
-        if (parallel_config or default_parallel_config).vocab_emb_dp:
+        if replicated or (parallel_config or default_parallel_config).vocab_emb_dp:
             self.gather.shard(((1, 1), (dp, 1)))
         else:
             _check_divisible(vocab_size, mp, 'vocab_size of a vocabulary-parallel embedding')
-            self.gather.shard(((mp, 1), (dp, 1)))
+            self.gather.shard(((mp, 1), (1, 1)))
 
     def construct(self, input_ids):
         return self.gather(self.weight, input_ids, 0)
+
+
+class TiedLMHead(nn.Cell):
+    """The output head of a model whose logits are taken against its token embedding table (it owns no weight):
+    `construct(hidden [N, H], table [vocab, H])` -> fp32 logits [N, vocab]. The vocabulary is split mp ways unless
+    `parallel_config.vocab_emb_dp`, as the `Embedding` that owns the table. The model that ties the two says so in
+    its `parameter_inputs` (the table feeds `matmul` input 1)."""
+
+    def __init__(self, parallel_config=None):
+        super().__init__()
+        dp, mp = _dp_mp(parallel_config)
+        vocab_split = 1 if (parallel_config or default_parallel_config).vocab_emb_dp else mp
+        self.matmul = ops.MatMul(transpose_b=True).shard(((dp, 1), (vocab_split, 1)))
+
+    def construct(self, hidden, table):
+        if table.dtype != hidden.dtype:
+            table = ops.cast(table, hidden.dtype)
+        logits = self.matmul(hidden, table)
+        return logits if logits.dtype == ms.float32 else ops.cast(logits, ms.float32)
 
 
 class Dropout(nn.Cell):

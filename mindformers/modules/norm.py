@@ -12,6 +12,8 @@ class RMSNorm(nn.Cell):
     before the weight multiplies (as HF's LlamaRMSNorm). `weight` [hidden_size] starts at one.
     x: [..., hidden_size] -> same shape and dtype."""
 
+    parameter_inputs = {'weight': ('mul_weight', 1)}
+
     def __init__(self, hidden_size, eps=1e-6, param_init_type='float32', compute_type='float32',
                  parallel_config=None):
         super().__init__()
@@ -22,6 +24,7 @@ class RMSNorm(nn.Cell):
         dp, _ = _dp_mp(parallel_config)
         self.square = ops.Square().shard(((dp, 1, 1),))
         self.mean = ops.ReduceMean(keep_dims=True).shard(((dp, 1, 1),))
+        self.add_eps = ops.Add().shard(((dp, 1, 1), ()))
         self.rsqrt = ops.Rsqrt().shard(((dp, 1, 1),))
         self.mul = ops.Mul().shard(((dp, 1, 1), (dp, 1, 1)))
         self.mul_weight = ops.Mul().shard(((dp, 1, 1), (1,)))
@@ -29,7 +32,7 @@ class RMSNorm(nn.Cell):
     def construct(self, x):
         dtype = x.dtype
         y = x if dtype == self.compute_type else ops.cast(x, self.compute_type)
-        y = self.mul(y, self.rsqrt(self.mean(self.square(y), -1) + self.eps))
+        y = self.mul(y, self.rsqrt(self.add_eps(self.mean(self.square(y), -1), self.eps)))
         if y.dtype != dtype:
             y = ops.cast(y, dtype)
         weight = self.weight if self.weight.dtype == dtype else ops.cast(self.weight, dtype)

@@ -20,6 +20,15 @@ byte-identical file wherever it runs. The bundled tiny models were made with:
 `--character_coverage` is the share of the corpus' characters that get a piece of their own; the rarer ones are
 spelled with byte pieces. A small vocabulary needs it below 1 (the tiny models: 0.998 gives the ~60 most common
 Chinese characters).
+
+`--layout chatglm` lays the model out as ChatGLM-6B's `ice_text.model`: `<pad>` at id 3, then `<n>`, `<|tab|>` and
+`<|blank_2|>`..`<|blank_80|>` as user-defined pieces (4..84), the byte pieces, the trained pieces, and after the
+`--vocab_size` pieces the eight GLM special tokens `[MASK] [gMASK] [sMASK] <unused_0> <sop> <eop> <ENC> <dBLOCK>`
+as control pieces; the file is `ice_text.model`. The bundled `assets/glm_tiny/ice_text.model` (1000 + 8 pieces) is
+
+    python -m mindformers.tools.train_sentencepiece --layout chatglm --vocab_size 1000 --character_coverage 0.9995 \\
+        --input mindformers/assets/corpus/tiny_shakespeare.txt mindformers/assets/corpus/tiny_chinese.txt \\
+        --output_dir mindformers/assets/glm_tiny
 """
 import argparse
 import io
@@ -32,11 +41,28 @@ MODEL_FILE = 'tokenizer.model'
 NUM_META_PIECES = 3  # <unk>, <s>, </s>
 NUM_BYTE_PIECES = 256
 MODEL_TYPES = ('bpe', 'unigram')
+LAYOUTS = ('llama', 'chatglm')
 
 
-def train_sentencepiece(files, vocab_size, model_type='bpe', character_coverage=0.9995):
+def layout_options(layout):
+    """train_sentencepiece keyword arguments and the file name of a `--layout`."""
+    if layout == 'llama':
+        return {}, MODEL_FILE
+    if layout == 'chatglm':
+        from mindformers.models.glm.chatglm_6b_tokenizer import GLM_SPECIAL_TOKENS, whitespace_tokens
+        return dict(pad_id=3, user_defined_symbols=whitespace_tokens(),
+                    control_pieces=GLM_SPECIAL_TOKENS), 'ice_text.model'
+    raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+
+
+def train_sentencepiece(files, vocab_size, model_type='bpe', character_coverage=0.9995, pad_id=-1,
+                        user_defined_symbols=(), control_pieces=()):
     """Train on the UTF-8 text `files` (one sentence per line, blank lines skipped); returns the serialized model
-    (the bytes of a `tokenizer.model`)."""
+    (the bytes of a `tokenizer.model`).
+
+    `pad_id` (-1: none) places a `<pad>` piece; `user_defined_symbols` are pieces matched whole in any text,
+    placed right after the special pieces; `control_pieces` are appended after the `vocab_size` trained pieces
+    (ids vocab_size, vocab_size + 1, ...) as control pieces, which SentencePiece never produces from text."""
     files = [os.fspath(f) for f in files]
     if not files:
         raise ValueError("train_sentencepiece needs at least one input file")
@@ -45,9 +71,10 @@ def train_sentencepiece(files, vocab_size, model_type='bpe', character_coverage=
             raise FileNotFoundError(f"SentencePiece training input {path!r} does not exist")
     if model_type not in MODEL_TYPES:
         raise ValueError(f"model_type must be one of {', '.join(MODEL_TYPES)}, got {model_type!r}")
-    smallest = NUM_META_PIECES + NUM_BYTE_PIECES + 1
+    reserved = NUM_META_PIECES + (pad_id >= 0) + len(user_defined_symbols)
+    smallest = reserved + NUM_BYTE_PIECES + 1
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < smallest:
-        raise ValueError(f"vocab_size must be an int >= {smallest} ({NUM_META_PIECES} special pieces + "
+        raise ValueError(f"vocab_size must be an int >= {smallest} ({reserved} special pieces + "
                          f"{NUM_BYTE_PIECES} byte pieces + at least one more), got {vocab_size!r}")
     if not 0.98 <= character_coverage <= 1:  # SentencePiece's own limits
         raise ValueError(f"character_coverage must be in [0.98, 1], got {character_coverage!r}")
@@ -57,12 +84,25 @@ def train_sentencepiece(files, vocab_size, model_type='bpe', character_coverage=
             sentence_iterator=_lines(files), model_writer=model, vocab_size=vocab_size, model_type=model_type,
             character_coverage=character_coverage, byte_fallback=True, split_digits=True,
             allow_whitespace_only_pieces=True, normalization_rule_name='identity', remove_extra_whitespaces=False,
-            add_dummy_prefix=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1,
-            max_sentence_length=1 << 16, minloglevel=2)
+            add_dummy_prefix=True, unk_id=0, bos_id=1, eos_id=2, pad_id=pad_id,
+            user_defined_symbols=list(user_defined_symbols), num_threads=1, max_sentence_length=1 << 16,
+            minloglevel=2)
     except RuntimeError as err:
         raise ValueError(f"SentencePiece training on {', '.join(files)} failed (vocab_size={vocab_size}, "
                          f"character_coverage={character_coverage}): {err}") from None
-    return model.getvalue()
+    if not control_pieces:
+        return model.getvalue()
+    from sentencepiece import sentencepiece_model_pb2
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(model.getvalue())
+    known = {piece.piece for piece in proto.pieces}
+    for piece in control_pieces:
+        if piece in known:
+            raise ValueError(f"control piece {piece!r} is already a piece of the trained model")
+        proto.pieces.append(sentencepiece_model_pb2.ModelProto.SentencePiece(
+            piece=piece, score=0.0, type=sentencepiece_model_pb2.ModelProto.SentencePiece.CONTROL))
+        known.add(piece)
+    return proto.SerializeToString()
 
 
 def save_model(model, output_dir, name=MODEL_FILE):
@@ -90,18 +130,24 @@ def main(argv=None):
                                                  "<unk> 0, <s> 1, </s> 2), deterministically.")
     parser.add_argument('--input', nargs='+', required=True, help="one or more UTF-8 text files")
     parser.add_argument('--vocab_size', type=int, required=True, help="number of pieces, special and byte included")
-    parser.add_argument('--output_dir', required=True, help=f"directory for {MODEL_FILE}")
+    parser.add_argument('--output_dir', required=True, help=f"directory for {MODEL_FILE} (ice_text.model with "
+                                                            f"--layout chatglm)")
+    parser.add_argument('--layout', choices=LAYOUTS, default='llama',
+                        help="llama (default) or chatglm: ChatGLM-6B's pad, whitespace and special pieces "
+                             "(--vocab_size counts the trained pieces, the 8 specials come after)")
     parser.add_argument('--model_type', choices=MODEL_TYPES, default='bpe', help="default bpe (as LLaMA)")
     parser.add_argument('--character_coverage', type=float, default=0.9995,
                         help="share of characters given their own piece, 0.98 to 1 (default 0.9995)")
     args = parser.parse_args(argv)
     try:
-        model = train_sentencepiece(args.input, args.vocab_size, args.model_type, args.character_coverage)
-        path = save_model(model, args.output_dir)
+        options, file_name = layout_options(args.layout)
+        model = train_sentencepiece(args.input, args.vocab_size, args.model_type, args.character_coverage,
+                                    **options)
+        path = save_model(model, args.output_dir, file_name)
     except (OSError, ValueError) as err:
         print(f"train_sentencepiece: error: {err}", file=sys.stderr)
         return 2
-    print(f"wrote {path} ({args.vocab_size} pieces)")
+    print(f"wrote {path} ({args.vocab_size + len(options.get('control_pieces', ()))} pieces)")
     return 0
 
 

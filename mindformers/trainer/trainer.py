@@ -1,5 +1,7 @@
 """Trainer: builds everything a run config names and runs train, finetune, evaluate and predict."""
 import copy
+import dataclasses
+import functools
 import hashlib
 import inspect
 import json
@@ -13,13 +15,16 @@ from mindspore.nn.learning_rate_schedule import LearningRateSchedule
 from mindspore.train.callback import RunContext
 
 from mindformers.core.callback import TrainState, append_metrics
-from mindformers.core.context import init_context
+from mindformers.core.context import init_context, sum_over_ranks
 from mindformers.core.lr import build_lr
 from mindformers.core.metric import PerplexityMetric
 from mindformers.core.optim import build_optim
 from mindformers.core.parallel_config import build_parallel_config
-from mindformers.tools.build import build_model, build_callback, build_wrapper, build_dataset, build_tokenizer
+from mindformers.core.parallel_layout import parameter_layouts, write_strategy_files
+from mindformers.tools.build import (build_model, build_model_config, build_callback, build_wrapper, build_dataset,
+                                     build_metric, build_tokenizer)
 from mindformers.tools.checkpoint import CheckpointError, load_checkpoint_file, load_into_network, resolve_checkpoint
+from mindformers.tools.transform_ckpt import transform_for_run, write_run_strategy
 from mindformers.tools.logger import logger, setup_file_logging
 from mindformers.tools.model_book import find_config
 from mindformers.tools.utils import cache_dir
@@ -28,6 +33,7 @@ from mindformers.trainer.resume import find_resume_checkpoint, restore_train_sta
 from mindformers.trainer.training_args import TrainingArguments
 
 SUPPORTED_TASKS = {'text_generation': 'gpt2'}
+_TOKENIZING_LOADERS = ('TextCorpusDataset', 'ADGenDataLoader')  # data loaders that get processor.tokenizer
 _CONTEXT_DONE = {}
 
 
@@ -143,24 +149,73 @@ class Trainer:
     def _parallel_config(self):
         return build_parallel_config(self.config.get('parallel_config'), self.config.get('recompute_config'))
 
+    def _model_section(self):
+        if 'model' not in self.config:
+            raise KeyError("the run config has no 'model' section (model.model_config and model.arch)")
+        section = self.config.model
+        for key in ('model_config', 'arch'):
+            if key not in section:
+                raise KeyError(f"model section lacks '{key}' (expected model.model_config.type and model.arch.type)")
+        return section
+
+    def _model_config(self, parallel):
+        """The config object of the run config's model, laid out by `parallel`."""
+        model_config = self._model_section().model_config
+        if isinstance(model_config, dict) or not hasattr(model_config, 'to_dict'):
+            return build_model_config(model_config, {'parallel_config': parallel})
+        model_config.parallel_config = parallel
+        return model_config
+
+    def _validate_parallel(self, parallel, model_config):
+        """Check `parallel` against this job and the model before the model is built (`ParallelConfig.validate`).
+        In data-parallel mode MindSpore replicates the whole model on every rank, so an all-1 parallel_config there
+        stands for data_parallel = the device count."""
+        checked = parallel
+        if (self.device_num > 1 and ms.get_auto_parallel_context('parallel_mode') == 'data_parallel'
+                and (parallel.data_parallel, parallel.model_parallel, parallel.pipeline_stage) == (1, 1, 1)):
+            checked = dataclasses.replace(parallel, data_parallel=self.device_num)
+        checked.validate(self.device_num, model_config if hasattr(model_config, 'num_layers') else None)
+
     def _get_network(self):
         if self.model is not None:
             config = getattr(self.model, 'config', None)
             if config is not None and (self.config.get('parallel_config') or self.config.get('recompute_config')):
                 config.parallel_config = self._parallel_config()
+            self._validate_parallel(getattr(config, 'parallel_config', None) or self._parallel_config(), config)
             return self.model
-        if 'model' not in self.config:
-            raise KeyError("the run config has no 'model' section (model.model_config and model.arch)")
-        self.model = build_model(self.config.model, default_args={'parallel_config': self._parallel_config()})
+        parallel = self._parallel_config()
+        model_config = self._model_config(parallel)
+        self._validate_parallel(parallel, model_config)
+        self.model = build_model({'model_config': model_config, 'arch': self._model_section().arch})
         logger.info("built %s with %.2fM parameters", type(self.model).__name__,
                     sum(int(np.prod(p.shape)) for p in self.model.get_parameters()) / 1e6)
         return self.model
 
     def _load_weights(self, network, checkpoint):
-        path = resolve_checkpoint(os.fspath(checkpoint), self.rank_id)
+        checkpoint = os.fspath(checkpoint)
+        if str(self.config.get('auto_trans_ckpt', False)).strip().lower() == 'true':
+            checkpoint = self._reshard_checkpoint(network, checkpoint)
+        path = resolve_checkpoint(checkpoint, self.rank_id)
         load_into_network(network, load_checkpoint_file(path), path)
         logger.info("loaded weights from %s", path)
         return path
+
+    def _reshard_checkpoint(self, network, checkpoint):
+        """auto_trans_ckpt: reshard `checkpoint` (laid out by `src_strategy_path_or_dir`) into this run's layout under
+        `<output_dir>/transformed_checkpoint/`; returns what this rank loads. The layout is the complete one unless
+        the run is semi-auto-parallel, where it is derived from the model and `parallel_config`."""
+        dst_strategy = None
+        if ms.get_auto_parallel_context('parallel_mode') in ('semi_auto_parallel', 'auto_parallel'):
+            dst_strategy = write_run_strategy(network, self._parallel_config(), os.path.join(
+                self.config.output_dir, 'strategy', f'run_layout_rank_{self.rank_id}'))
+        return transform_for_run(checkpoint, self.config.get('src_strategy_path_or_dir'), self.config.output_dir,
+                                 self.rank_id, self.device_num, dst_strategy,
+                                 {p.name: tuple(p.shape) for p in network.get_parameters()})
+
+    def _set_auto_trans_ckpt(self, value):
+        """A method's `auto_trans_ckpt=` argument overrides the config's (None keeps it)."""
+        if value is not None:
+            self.config['auto_trans_ckpt'] = value
 
     def _checkpoint_arg(self, value):
         """True → newest checkpoint under output_dir; a str → that path; False/None → load_checkpoint of the YAML."""
@@ -189,25 +244,30 @@ class Trainer:
         dataset_config.setdefault('seed', int(self.config.seed))
         dataset_config['seq_length'] = int(network.config.seq_length)
         dataset_config['rank_id'], dataset_config['device_num'] = self.rank_id, self.device_num
+        if key == 'eval_dataset':  # every rank reads all batches and evaluates its own stride (see _evaluate)
+            dataset_config['rank_id'], dataset_config['device_num'] = 0, 1
         if key == 'train_dataset':  # runner_config.batch_size wins, as in MindFormers
             dataset_config['batch_size'] = self.config.runner_config.get('batch_size') or \
                 dataset_config.get('batch_size', 1)
             dataset_config['start_epoch'] = start_epoch
-        tokenizer_needed = (dataset_config.get('data_loader') or {}).get('type') == 'TextCorpusDataset'
-        if tokenizer_needed and 'tokenizer' not in dataset_config['data_loader']:
+        tokenizer_needed = (dataset_config.get('data_loader') or {}).get('type') in _TOKENIZING_LOADERS
+        if tokenizer_needed and 'tokenizer' not in dataset_config['data_loader'] and 'tokenizer' not in dataset_config:
             dataset_config['data_loader']['tokenizer'] = self._get_tokenizer()
         return build_dataset({'type': section.get('type', 'CausalLanguageModelDataset'),
                               'dataset_config': dataset_config}, where=f'{key}_task')
 
     # ----------------------------------------------------------------- train
-    def train(self, train_checkpoint=False, resume_training=None, do_eval=None, **kwargs):
+    def train(self, train_checkpoint=False, resume_training=None, auto_trans_ckpt=None, do_eval=None, **kwargs):
         """Train from scratch, or from `train_checkpoint` weights (True = newest under output_dir). Returns the
-        final TrainState (losses, summary, last_checkpoint)."""
+        final TrainState (losses, summary, last_checkpoint). `auto_trans_ckpt`: reshard the weights first (see
+        `_reshard_checkpoint`)."""
+        self._set_auto_trans_ckpt(auto_trans_ckpt)
         return self._train(self._checkpoint_arg(train_checkpoint), resume_training, do_eval, kwargs)
 
-    def finetune(self, finetune_checkpoint=False, resume_training=None, do_eval=None, **kwargs):
+    def finetune(self, finetune_checkpoint=False, resume_training=None, auto_trans_ckpt=None, do_eval=None, **kwargs):
         """Train starting from pretrained weights: `finetune_checkpoint` (path, directory, or True for the newest
         under output_dir), else `load_checkpoint` / `model.model_config.checkpoint_name_or_path` of the YAML."""
+        self._set_auto_trans_ckpt(auto_trans_ckpt)
         checkpoint = self._checkpoint_arg(finetune_checkpoint)
         if checkpoint is None:
             model_cfg = (self.config.get('model') or {}).get('model_config') or {}
@@ -221,6 +281,8 @@ class Trainer:
         if kwargs:
             raise TypeError(f"unknown argument(s): {', '.join(sorted(kwargs))}")
         self._setup()
+        if self._only_save_strategy(training=True):
+            return None
         config = self.config
         network = self._get_network()
         resume = self._resume_location(resume_training, checkpoint)
@@ -324,6 +386,51 @@ class Trainer:
             return os.path.join(self.config.output_dir, 'checkpoint')
         return os.fspath(value)
 
+    def _only_save_strategy(self, training):
+        """With `only_save_strategy: True`: write this run's strategy files under `<output_dir>/strategy/`, build
+        and run nothing else, and return True. On Ascend/GPU (semi- or auto-parallel) the network, or its train step
+        when `training`, is compiled and MindSpore saves `ckpt_strategy_rank_{rank}.ckpt`. MindSpore cannot compile
+        semi-auto-parallel on CPU (not even in its dry-run mode), so there the layout `parallel_config` gives the
+        model is derived from its layers' shard declarations and written as MindSpore JSON strategy files, one per
+        pipeline stage (`mindformers.core.parallel_layout`)."""
+        if str(self.config.get('only_save_strategy', False)).strip().lower() != 'true':
+            return False
+        directory = os.path.join(self.config.output_dir, 'strategy')
+        parallel = self._parallel_config()
+        if ms.get_context('device_target') == 'CPU':
+            model_config = self._model_config(parallel)
+            parallel.validate(parallel.data_parallel * parallel.model_parallel * parallel.pipeline_stage, model_config)
+            model_class = MindFormerRegister.get_cls(MindFormerModuleType.MODELS,
+                                                     self._model_section().arch.get('type'), where='model.arch.type')
+            if self.rank_id == 0:
+                paths = write_strategy_files(parameter_layouts(model_config, parallel, model_class=model_class),
+                                             directory)
+                logger.info("only_save_strategy: MindSpore cannot compile semi-auto-parallel on CPU; wrote the "
+                            "strategy files derived from the layers' shard declarations instead: %s", ', '.join(paths))
+            return True
+        mode = ms.get_auto_parallel_context('parallel_mode')
+        if mode not in ('semi_auto_parallel', 'auto_parallel'):
+            raise ValueError(f"only_save_strategy: a strategy exists under semi- or auto-parallel only, but "
+                             f"parallel_mode is {mode}; set use_parallel: True and parallel.parallel_mode: 1")
+        path = os.path.join(directory, f'ckpt_strategy_rank_{self.rank_id}.ckpt')
+        ms.set_auto_parallel_context(strategy_ckpt_config={'save_file': path, 'only_trainable_params': False})
+        if parallel.pipeline_stage > 1:
+            ms.set_auto_parallel_context(pipeline_stages=parallel.pipeline_stage)
+        network = self._get_network()
+        # full_batch: every rank is fed the global batch of one step (runner_config.batch_size is per dp rank)
+        batch = int(self.config.runner_config.get('batch_size') or 1) * parallel.data_parallel * \
+            (parallel.micro_batch_num if parallel.pipeline_stage > 1 else 1)
+        seq = int(network.config.seq_length)
+        if training:
+            steps = network if parallel.pipeline_stage == 1 else nn.PipelineCell(network, parallel.micro_batch_num)
+            cell, _ = self._build_train_cell(steps, 1, 1)
+            cell.compile(Tensor(np.zeros((batch, seq + 1), np.int32)))
+        else:
+            network.set_train(False)
+            network.compile(Tensor(np.zeros((batch, seq), np.int32)))
+        logger.info("only_save_strategy: compiled under %s; MindSpore saved %s", mode, path)
+        return True
+
     def _build_train_cell(self, network, total_steps, accumulation):
         config = self.config
         if self.optimizers is not None:
@@ -366,44 +473,115 @@ class Trainer:
     def _eval_during_training(self, network, train_cell, state):
         result = self._evaluate(network)
         state.eval_results = result
-        logger.info("eval at step %d: loss %.4f, PPL %.3f over %d tokens", state.cur_step_num, result['loss'],
-                    result['PPL'], result['tokens'])
+        logger.info("eval at step %d: %s", state.cur_step_num, _describe(result))
         append_metrics(state, {'step': state.cur_step_num, 'epoch': state.cur_epoch_num,
-                               'eval_loss': result['loss'], 'eval_PPL': result['PPL'], 'eval_tokens': result['tokens']})
+                               **{f'eval_{key}': value for key, value in result.items()}})
         train_cell.set_train(True)
 
     # ----------------------------------------------------------------- evaluate / predict
-    def evaluate(self, eval_checkpoint=False, **kwargs):
-        """Perplexity on the eval dataset: returns {'loss': mean token loss, 'PPL': exp(loss)}."""
-        if kwargs:
-            raise TypeError(f"unknown argument(s): {', '.join(sorted(kwargs))}")
+    def evaluate(self, eval_checkpoint=False, auto_trans_ckpt=None, **generate_kwargs):
+        """Evaluate on the eval dataset with the config's `metric`: perplexity by default, returning
+        {'loss': mean token loss, 'PPL': exp(loss), 'tokens'}; a generation-based metric (ADGENMetric) generates a
+        continuation of each prompt and returns the metric's scores and 'samples' (see `_evaluate_by_generation`;
+        `generate_kwargs` such as max_new_tokens override the config's `generation` section there)."""
+        if generate_kwargs and not getattr(self._metric(), 'generation_based', False):
+            raise TypeError(f"unknown argument(s): {', '.join(sorted(generate_kwargs))} (generation options only "
+                            f"apply to a generation-based metric, e.g. metric: {{type: ADGENMetric}})")
+        self._set_auto_trans_ckpt(auto_trans_ckpt)
         self._setup(compile_cache=False)
+        if self._only_save_strategy(training=False):
+            return None
         network = self._get_network()
         checkpoint = self._checkpoint_arg(eval_checkpoint)
         if checkpoint:
             self._load_weights(network, checkpoint)
-        result = self._evaluate(network)
-        logger.info("eval: loss %.4f, PPL %.3f over %d tokens", result['loss'], result['PPL'], result['tokens'])
+        result = self._evaluate(network, generate_kwargs)
+        logger.info("eval: %s", _describe(result))
         return result
 
-    def _evaluate(self, network):
+    def _metric(self):
+        """The metric the config's `metric` section names (a registered METRIC), or None."""
+        section = self.config.get('metric')
+        if not section or not section.get('type'):
+            return None
+        return build_metric(dict(section), where='metric')
+
+    def _evaluate(self, network, generate_kwargs=None):
+        """Perplexity over the eval data, or the config's generation-based metric (`_evaluate_by_generation`).
+        Under data parallel the result is global, the same on every rank: a config-built eval dataset is read whole
+        by every rank, which evaluates batches rank_id, rank_id + device_num, ... (so the batches are exactly a
+        single process's); a given dataset is evaluated as each rank has it. Loss sums and token counts are then
+        added over the ranks."""
+        metric = self._metric()
+        if getattr(metric, 'generation_based', False):
+            return self._evaluate_by_generation(network, metric, generate_kwargs or {})
         dataset = self._build_dataset('eval_dataset', self.eval_dataset, network)
+        stride = self.device_num if self.eval_dataset is None else 1
         cell = _EvalLossCell(network)
         network.set_train(False)
         metric = PerplexityMetric()
         arg_columns = _column_arguments(cell, dataset.get_col_names()) or [0]
-        for batch in dataset.create_tuple_iterator(num_epochs=1, output_numpy=False):
+        for index, batch in enumerate(dataset.create_tuple_iterator(num_epochs=1, output_numpy=False)):
+            if index % stride != self.rank_id % stride:
+                continue
             batch = [t if t.dtype == ms.int32 else t.astype(ms.int32) for t in batch]
             loss_sum, count = cell(*[None if i is None else batch[i] for i in arg_columns])
             metric.update(float(loss_sum.asnumpy()), float(count.asnumpy()))
+        if self.device_num > 1:
+            metric.total_loss, metric.total_tokens = sum_over_ranks([metric.total_loss, metric.total_tokens])
         result = metric.eval()
         result['tokens'] = int(metric.total_tokens)
         return result
 
-    def predict(self, predict_checkpoint=None, input_data=None, batch_size=None, **generate_kwargs):
+    def _evaluate_by_generation(self, network, metric, generate_kwargs):
+        """Scores of a generation-based metric: each eval batch's `input_ids` (left-padded prompts) are continued
+        with `network.generate` (greedy unless the config's `generation` section or `generate_kwargs` say
+        otherwise; max_new_tokens defaults to the eval dataset's max_target_length), the prompts are cut off, and
+        the decoded continuations and `labels` (reference ids, -100 after them) go to `metric.update(preds, refs)`.
+        Returns `metric.eval()` and 'samples'. Under data parallel the metric's `totals` and `count` are added over
+        the ranks."""
+        dataset = self._build_dataset('eval_dataset', self.eval_dataset, network)
+        missing = [c for c in ('input_ids', 'labels') if c not in dataset.get_col_names()]
+        if missing:
+            raise ValueError(f"metric {type(metric).__name__} generates from the eval data's input_ids and scores "
+                             f"against its labels, but the eval dataset has no {missing} (columns: "
+                             f"{dataset.get_col_names()}); use e.g. KeyWordGenDataset with phase: eval")
+        stride = self.device_num if self.eval_dataset is None else 1
+        tokenizer = self._get_tokenizer()
+        pad = tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
+        options = {'do_sample': False, **dict(self.config.get('generation') or {}), **generate_kwargs}
+        eval_config = self.config.get('eval_dataset') or (self.config.get('eval_dataset_task') or {}).get(
+            'dataset_config') or {}
+        max_target = eval_config.get('max_target_length') or (eval_config.get('data_loader') or {}).get(
+            'max_target_length')
+        if max_target and 'max_new_tokens' not in options and 'max_length' not in options:
+            options['max_new_tokens'] = int(max_target)
+        metric.clear()
+        for index, batch in enumerate(dataset.create_dict_iterator(num_epochs=1, output_numpy=True)):
+            if index % stride != self.rank_id % stride:
+                continue
+            prompts = [_without_left_padding(row, pad) for row in batch['input_ids']]
+            outputs = network.generate(prompts, **options)
+            preds = [tokenizer.decode(out[len(prompt):], skip_special_tokens=True)
+                     for prompt, out in zip(prompts, outputs)]
+            refs = [tokenizer.decode(row[row >= 0], skip_special_tokens=True) for row in batch['labels']]
+            metric.update(preds, refs)
+        if self.device_num > 1:
+            keys = list(metric.totals)
+            summed = sum_over_ranks([metric.totals[key] for key in keys] + [metric.count])
+            metric.totals, metric.count = dict(zip(keys, summed[:-1])), int(summed[-1])
+        result = metric.eval()
+        result['samples'] = int(metric.count)
+        return result
+
+    def predict(self, predict_checkpoint=None, auto_trans_ckpt=None, input_data=None, batch_size=None,
+                **generate_kwargs):
         """Continue each prompt of `input_data` (a str or list of str). Returns
         `[{'text_generation_text': [text]}, ...]`, one entry per prompt, each text including its prompt."""
+        self._set_auto_trans_ckpt(auto_trans_ckpt)
         self._setup(compile_cache=False)
+        if self._only_save_strategy(training=False):
+            return None
         network = self._get_network()
         checkpoint = self._checkpoint_arg(predict_checkpoint)
         if checkpoint:
@@ -428,12 +606,46 @@ class Trainer:
 def _compile_cache_path(config):
     """A compile-cache directory per (model, wrapper, optimizer, batch, parallel layout, MindSpore version): MindSpore
     keeps one cached graph per directory and checks only the source files it came from, so runs that differ in
-    shapes or settings must not share one."""
+    shapes or settings must not share one. The digest of mindformers' own sources is part of the key: MindSpore
+    2.10 reused a cached train step after `wrapper/train_one_step.py` had changed."""
     keys = ('model', 'runner_config', 'runner_wrapper', 'optimizer', 'lr_schedule', 'parallel_config',
             'recompute_config', 'use_parallel', 'parallel')
-    described = json.dumps({k: config.get(k) for k in keys} | {'mindspore': ms.__version__}, sort_keys=True,
-                           default=str)
+    described = json.dumps({k: config.get(k) for k in keys} | {'mindspore': ms.__version__,
+                                                                'sources': _source_digest()},
+                           sort_keys=True, default=str)
     return cache_dir('compile_cache', hashlib.sha256(described.encode()).hexdigest()[:16])
+
+
+@functools.lru_cache(maxsize=1)
+def _source_digest():
+    """SHA-256 over the Python sources of the mindformers package."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    digest = hashlib.sha256()
+    for folder, dirs, names in os.walk(root):
+        dirs.sort()
+        for name in sorted(n for n in names if n.endswith('.py')):
+            digest.update(os.path.relpath(os.path.join(folder, name), root).encode())
+            with open(os.path.join(folder, name), 'rb') as f:
+                digest.update(f.read())
+    return digest.hexdigest()
+
+
+def _describe(result):
+    """One log line for an evaluation result."""
+    if 'PPL' in result:
+        return f"loss {result['loss']:.4f}, PPL {result['PPL']:.3f} over {result['tokens']} tokens"
+    scores = ', '.join(f"{key} {value:.4f}" for key, value in result.items() if key != 'samples')
+    return f"{scores} over {result.get('samples')} samples"
+
+
+def _without_left_padding(row, pad):
+    """The ids of a left-padded prompt row without its leading `pad` ids."""
+    start = 0
+    while start < len(row) and row[start] == pad:
+        start += 1
+    if start == len(row):
+        raise ValueError("an eval sample's input_ids are all padding: there is no prompt to continue")
+    return [int(i) for i in row[start:]]
 
 
 def _column_arguments(network, columns):

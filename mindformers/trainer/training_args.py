@@ -18,7 +18,8 @@ class TrainingArguments:
     adam_beta1/2, adam_epsilon → optimizer.*; max_grad_norm → runner_wrapper.max_grad_norm; lr_scheduler_type,
     warmup_steps, warmup_ratio → lr_schedule.*; save_strategy 'no' drops the checkpoint callback; save_steps →
     save_checkpoint_steps; save_total_limit → keep_checkpoint_max; resume_from_checkpoint → load_checkpoint;
-    do_eval, eval_step_interval, eval_epoch_interval → top level; logging_steps → MFLossMonitor.per_print_times."""
+    auto_trans_ckpt, src_strategy_path_or_dir, do_eval, eval_step_interval, eval_epoch_interval → top level;
+    logging_steps → MFLossMonitor.per_print_times."""
     output_dir: str = None
     use_parallel: bool = None
     seed: int = None
@@ -43,6 +44,8 @@ class TrainingArguments:
     save_total_limit: int = None
     resume_from_checkpoint: str = None
     resume_training: bool = None
+    auto_trans_ckpt: bool = None
+    src_strategy_path_or_dir: str = None
     do_eval: bool = None
     eval_step_interval: int = None
     eval_epoch_interval: int = None
@@ -68,7 +71,7 @@ class TrainingArguments:
         set_fields = {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
         put = config.merge_from_dict
         for key in ('output_dir', 'seed', 'use_parallel', 'do_eval', 'eval_step_interval', 'eval_epoch_interval',
-                    'resume_training'):
+                    'resume_training', 'auto_trans_ckpt', 'src_strategy_path_or_dir'):
             if key in set_fields:
                 put({key: set_fields[key]})
         if 'data_seed' in set_fields:

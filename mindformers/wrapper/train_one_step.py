@@ -59,7 +59,8 @@ class MFTrainOneStepCell(nn.Cell):
     With `gradient_accumulation_steps = k > 1`, call `accumulate(*micro_batch)` for the first k-1 micro batches and
     this cell for the k-th: the update uses the mean of the k micro-batch gradients (the same update as one batch k
     times larger when the loss is a per-token mean over equally-sized micro batches). Under data parallel the
-    gradients are averaged across ranks before clipping. `grad_norm` is the global norm before clipping.
+    gradients are averaged across ranks before clipping and the returned loss is the mean of the ranks' losses.
+    `grad_norm` is the global norm before clipping.
 
     `scale_sense` (for fp16): None (no scaling), a number (a fixed loss scale), or a loss-scale manager cell such as
     MindSpore's `DynamicLossScaleUpdateCell(loss_scale_value, scale_factor, scale_window)`. The loss is multiplied by
@@ -101,9 +102,11 @@ class MFTrainOneStepCell(nn.Cell):
             self.accu_scale = Tensor(1.0 / self.accumulation_steps, ms.float32)
         self.grad_reducer = ops.identity
         self.all_reduce = None
+        self.device_num = 1
         parallel_mode = _get_parallel_mode()
         if parallel_mode in (ParallelMode.DATA_PARALLEL, ParallelMode.HYBRID_PARALLEL):
-            self.grad_reducer = nn.DistributedGradReducer(self.weights, _get_gradients_mean(), _get_device_num())
+            self.device_num = _get_device_num()
+            self.grad_reducer = nn.DistributedGradReducer(self.weights, _get_gradients_mean(), self.device_num)
             self.all_reduce = ops.AllReduce()
 
     def construct(self, *inputs):
@@ -116,6 +119,8 @@ class MFTrainOneStepCell(nn.Cell):
             scale = self.scale_sense
             loss = loss / scale
             grads = self.hyper_map(ops.partial(_UNSCALE, ops.reciprocal(scale)), grads)
+        if self.all_reduce is not None:
+            loss = self.all_reduce(loss) / self.device_num  # the mean over ranks, not this rank's own loss
         clipped, grad_norm = self.clip(grads)
         if self.use_clip_grad:
             grads = clipped

@@ -1,7 +1,5 @@
 """PengChengMindTokenizer: the SentencePiece BPE PengCheng.Mind predicts with (Baichuan2's `tokenizer.model`,
 125696 pieces), no BOS added."""
-import numpy as np
-
 from mindformers.models.base_processor import BaseProcessor
 from mindformers.models.sentencepiece_tokenizer import SentencePieceTokenizer
 from mindformers.tools.register import MindFormerRegister, MindFormerModuleType
@@ -30,22 +28,8 @@ class PengChengMindTokenizer(SentencePieceTokenizer):
                  add_bos_token=False, add_eos_token=False, padded_vocab_size=None, padding_side='left', **kwargs):
         super().__init__(vocab_file, mode='sentencepiece', unk_token=unk_token, bos_token=bos_token,
                          eos_token=eos_token, pad_token=pad_token, add_bos_token=add_bos_token,
-                         add_eos_token=add_eos_token, padding_side=padding_side, **kwargs)
-        if padded_vocab_size is not None and (isinstance(padded_vocab_size, bool) or
-                                              not isinstance(padded_vocab_size, int) or
-                                              padded_vocab_size < self.sp_size):
-            raise ValueError(f"PengChengMindTokenizer: padded_vocab_size must be an integer of at least the "
-                             f"{self.sp_size} pieces of {self.vocab_file}, got {padded_vocab_size!r}")
-        self.padded_vocab_size = padded_vocab_size
-        self.init_kwargs.update(padded_vocab_size=padded_vocab_size)
-
-    def decode(self, token_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False):
-        """Text of one sequence of ids; padding ids (`padded_vocab_size`) are dropped."""
-        if self.padded_vocab_size:
-            array = np.asarray(token_ids.asnumpy() if hasattr(token_ids, 'asnumpy') else token_ids)
-            if array.ndim == 1 and np.issubdtype(array.dtype, np.integer):
-                token_ids = array[(array < self.sp_size) | (array >= self.padded_vocab_size)]
-        return super().decode(token_ids, skip_special_tokens, clean_up_tokenization_spaces)
+                         add_eos_token=add_eos_token, padded_vocab_size=padded_vocab_size,
+                         padding_side=padding_side, **kwargs)
 
 
 @MindFormerRegister.register(MindFormerModuleType.PROCESSOR)

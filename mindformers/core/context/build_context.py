@@ -4,6 +4,8 @@ import os
 from dataclasses import dataclass, field, fields
 
 import mindspore as ms
+import numpy as np
+from mindspore import ops
 
 from mindformers.tools.logger import logger
 
@@ -78,6 +80,8 @@ _PARALLEL_MODES = {0: 'data_parallel', 1: 'semi_auto_parallel', 2: 'auto_paralle
                    'stand_alone': 'stand_alone', 'data_parallel': 'data_parallel',
                    'semi_auto_parallel': 'semi_auto_parallel', 'auto_parallel': 'auto_parallel',
                    'hybrid_parallel': 'hybrid_parallel'}
+# set by msrun (dynamic cluster), by run_distribute.sh (HCCL rank table) and by mpirun
+_LAUNCHER_ENV = ('MS_ROLE', 'RANK_TABLE_FILE', 'OMPI_COMM_WORLD_SIZE')
 
 
 def init_context(use_parallel=False, context_config=None, parallel_config=None):
@@ -113,6 +117,11 @@ def init_context(use_parallel=False, context_config=None, parallel_config=None):
         ms.set_context(jit_config=dict(context_config.jit_config))
 
     if not use_parallel:
+        workers = os.environ.get('MS_WORKER_NUM', '1')
+        if os.environ.get('MS_ROLE') == 'MS_WORKER' and workers.isdigit() and int(workers) > 1:
+            raise RuntimeError(f"this process is one of {workers} msrun workers but use_parallel is False: each would "
+                               f"train alone on all the data and write the same rank_0 files; pass --use_parallel "
+                               f"True (or set use_parallel: True in the YAML)")
         return 0, 1
 
     mode_name = _PARALLEL_MODES.get(parallel_config.parallel_mode)
@@ -122,6 +131,11 @@ def init_context(use_parallel=False, context_config=None, parallel_config=None):
     if target == 'CPU' and mode_name in ('semi_auto_parallel', 'auto_parallel'):
         raise RuntimeError(f"parallel.parallel_mode {mode_name} needs Ascend or GPU (MindSpore supports it only with "
                            f"hccl/nccl); on CPU use parallel_mode 0 (data_parallel) under msrun")
+    if not any(os.environ.get(name) for name in _LAUNCHER_ENV):
+        raise RuntimeError("use_parallel is True but this process was not started by a distributed launcher (none "
+                           f"of {', '.join(_LAUNCHER_ENV)} is set): start it with scripts/msrun_launcher.sh (or "
+                           "msrun), or with scripts/run_distribute.sh and a rank table on Ascend; for one process "
+                           "set use_parallel: False")
     from mindspore import communication
     communication.init()
     rank_id = communication.get_rank()
@@ -141,3 +155,14 @@ def init_context(use_parallel=False, context_config=None, parallel_config=None):
     ms.set_auto_parallel_context(**auto_kwargs)
     logger.info("distributed: rank %d of %d, parallel_mode %s", rank_id, device_num, mode_name)
     return rank_id, device_num
+
+
+def sum_over_ranks(values):
+    """Element-wise sum of a list of floats over all ranks of the process group, as float64 NumPy (every rank
+    gets the same result). Collectives carry no float64, so each value travels as a float32 (high, low) pair and
+    the sum keeps float64 precision, e.g. token counts beyond 2**24."""
+    values = np.asarray(values, np.float64).reshape(-1)
+    high = values.astype(np.float32)
+    low = (values - high).astype(np.float32)
+    gathered = ops.AllGather()(ms.Tensor(np.stack([high, low])[None]))  # [ranks, 2, n]
+    return gathered.asnumpy().astype(np.float64).sum(axis=(0, 1))

@@ -1,4 +1,5 @@
 """Metrics."""
 from .perplexity import PerplexityMetric
+from .adgen import ADGENMetric
 
-__all__ = ['PerplexityMetric']
+__all__ = ['PerplexityMetric', 'ADGENMetric']

@@ -11,7 +11,7 @@ import os
 import numpy as np
 
 from mindformers.models.base_processor import PROCESSOR_CONFIG_FILE, BaseProcessor
-from mindformers.models.convert_utils import HF_FAMILIES, load_hf_weights
+from mindformers.models.convert_utils import HF_FAMILIES, HF_VARIANTS, hf_family, load_hf_weights
 from mindformers.tools.build import build_model_config, build_model, build_processor, build_tokenizer
 from mindformers.tools.model_book import CHECKPOINTS, find_config
 from mindformers.tools.register import MindFormerConfig, MindFormerRegister, MindFormerModuleType
@@ -22,7 +22,7 @@ WEIGHT_SUFFIXES = ('.safetensors', '.ckpt')
 # config class -> the registered model class AutoModel builds from it; a family adds one line (or `register_auto`)
 _ARCH_FOR_CONFIG = {'GPT2Config': 'GPT2LMHeadModel', 'LlamaConfig': 'LlamaForCausalLM',
                     'ChatGLM2Config': 'ChatGLM2ForConditionalGeneration',
-                    'PanguAlphaConfig': 'PanguAlphaHeadModel'}
+                    'PanguAlphaConfig': 'PanguAlphaHeadModel', 'GLMConfig': 'GLMForPreTraining'}
 
 
 def register_auto(config_name, model_name):
@@ -83,7 +83,7 @@ def _hf_family(directory, data):
     if model_type not in HF_FAMILIES:
         raise ValueError(f"{os.path.join(directory, CONFIG_FILE)} has model_type {model_type!r}, which has no "
                          f"converter (supported HuggingFace model types: {', '.join(HF_FAMILIES)})")
-    return importlib.import_module(HF_FAMILIES[model_type][0])
+    return importlib.import_module(hf_family(data)[0])
 
 
 class AutoConfig:
@@ -202,6 +202,9 @@ class AutoTokenizer:
                 saved = json.load(f)
             class_name = saved.get('tokenizer_class')
             kwargs = {**_added_token_contents(saved), **kwargs}
+        shared = _shared_hf_model_type(directory)
+        if shared:  # e.g. ChatGLM-6B and ChatGLM2-6B both name their tokenizer 'ChatGLMTokenizer'
+            class_name = hf_family(shared)[1]
         if class_name is None or not MindFormerRegister.is_exist(MindFormerModuleType.TOKENIZER, class_name):
             data = _read_config_json(directory)[0] if os.path.isfile(os.path.join(directory, CONFIG_FILE)) else {}
             if data.get('model_type') not in HF_FAMILIES:
@@ -209,12 +212,25 @@ class AutoTokenizer:
                          if os.path.isfile(config_path) else f"there is no {TOKENIZER_CONFIG_FILE}")
                 raise ValueError(f"{directory}: cannot tell which tokenizer to load ({found}, and {CONFIG_FILE} "
                                  f"names no supported HuggingFace model_type: {', '.join(HF_FAMILIES)})")
-            class_name = HF_FAMILIES[data['model_type']][1]
+            class_name = hf_family(data)[1]
         tok_cls = MindFormerRegister.get_cls(MindFormerModuleType.TOKENIZER, class_name)
         files = getattr(tok_cls, 'vocab_files_names', {}).values()
         if files and not any(os.path.isfile(os.path.join(directory, f)) for f in files):
             raise ValueError(f"{directory} has no {tok_cls.__name__} files (looked for {', '.join(files)})")
         return tok_cls.from_pretrained(directory, **kwargs)
+
+
+def _shared_hf_model_type(directory):
+    """The config.json mapping of a HuggingFace directory whose model_type several families share (see
+    `convert_utils.HF_VARIANTS`), else None."""
+    try:
+        with open(os.path.join(directory, CONFIG_FILE), encoding='utf-8') as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if isinstance(data, dict) and 'type' not in data and data.get('model_type') in HF_VARIANTS:
+        return data
+    return None
 
 
 def _added_token_contents(saved):

@@ -10,7 +10,7 @@ from mindformers.modules import CausalMask, CausalSelfAttention, Dropout, Embedd
 from mindformers.modules.attention import fused_causal_attention
 from mindformers.modules.cpu_kernels import FusedDecodeAttentionPacked, use_fused
 from mindformers.modules.kv_cache import KVCache
-from mindformers.modules.layers import _dp_mp, place_layers, to_mstype
+from mindformers.modules.layers import TiedLMHead, _dp_mp, place_last, place_layers, to_mstype
 from mindformers.tools.register import MindFormerRegister, MindFormerModuleType
 
 
@@ -46,6 +46,9 @@ class GPT2Model(nn.Cell):
     """The GPT-2 backbone: input_ids [B, S] int32 (S <= seq_length) -> final hidden states [B, S, H].
     `attention_mask` [B, S] (1 = token, 0 = padding, e.g. left padding for generation) is optional."""
 
+    # without padding the position table is added whole (a replicated table, like its own lookup's)
+    parameter_inputs = {'embed_positions.weight': ('add_positions', 1)}
+
     def __init__(self, config):
         super().__init__()
         config.validate()
@@ -55,7 +58,7 @@ class GPT2Model(nn.Cell):
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, config.initializer_range,
                                       config.param_init_type, parallel)
         self.embed_positions = Embedding(config.seq_length, config.hidden_size, config.initializer_range,
-                                         config.param_init_type, parallel)
+                                         config.param_init_type, parallel, replicated=True)
         self.embed_dropout = Dropout(config.embedding_dropout_prob)
         self.causal_mask = CausalMask(config.seq_length, config.softmax_compute_type)
         self.fused_causal = fused_causal_attention(config.softmax_compute_type, parallel)
@@ -63,7 +66,8 @@ class GPT2Model(nn.Cell):
         self.layers = nn.CellList([GPT2Block(config) for _ in range(config.num_layers)])
         self.final_layernorm = LayerNorm(config.hidden_size, config.layernorm_epsilon, config.param_init_type,
                                          config.layernorm_compute_type, parallel)
-        place_layers(self.layers, parallel)
+        place_layers(self.layers, parallel, config.offset)
+        place_last(parallel, self.final_layernorm)
         dp, _ = _dp_mp(parallel)
         self.add_positions = ops.Add().shard(((dp, 1, 1), (1, 1)))
         self.embed_dropout.shard(((dp, 1, 1),))
@@ -81,7 +85,7 @@ class GPT2Model(nn.Cell):
             hidden = self.add_positions(self.embed_tokens(input_ids), positions)
         else:  # padded rows: positions count from each row's first real token, padding is hidden as a key
             mask, positions = self.causal_mask.with_padding(attention_mask, self.num_heads)
-            hidden = self.embed_tokens(input_ids) + ops.gather(self.embed_positions.weight, positions, 0)
+            hidden = self.embed_tokens(input_ids) + self.embed_positions(positions)
         if hidden.dtype != self.compute_dtype:
             hidden = ops.cast(hidden, self.compute_dtype)
         hidden = self.embed_dropout(hidden)
@@ -94,26 +98,19 @@ class GPT2Model(nn.Cell):
 class GPT2LMHeadModel(CausalLMModel):
     """GPT-2 with its output head tied to the token embedding. Training and inference contracts: `CausalLMModel`."""
 
+    parameter_inputs = {'backbone.embed_tokens.weight': ('lm_head.matmul', 1)}
+
     def __init__(self, config: GPT2Config):
         super().__init__(config)
         self.backbone = GPT2Model(config)
-        dp, mp = _dp_mp(config.parallel_config)
-        # logits = hidden @ embed_tokens.weight^T; the vocabulary is split mp ways unless the embedding is replicated
-        self.head_matmul = ops.MatMul(transpose_b=True).shard(
-            ((dp, 1), (1, 1)) if config.parallel_config.vocab_emb_dp else ((dp, 1), (mp, 1)))
+        self.lm_head = TiedLMHead(config.parallel_config)
+        place_last(config.parallel_config, self.lm_head, self.loss)
         self.load_checkpoint(config)
 
     def logits(self, input_ids, attention_mask=None):
         """[B, S] (and optionally a padding mask [B, S]) -> fp32 logits [B * S, vocab_size]."""
         hidden = self.backbone(input_ids, attention_mask)
-        hidden = hidden.reshape(-1, hidden.shape[-1])
-        weight = self.backbone.embed_tokens.weight
-        if weight.dtype != hidden.dtype:
-            weight = ops.cast(weight, hidden.dtype)
-        logits = self.head_matmul(hidden, weight)
-        if logits.dtype != ms.float32:
-            logits = ops.cast(logits, ms.float32)
-        return logits
+        return self.lm_head(hidden.reshape(-1, hidden.shape[-1]), self.backbone.embed_tokens.weight)
 
     def incremental_core(self, batch_size):
         return GPT2IncrementalCore(self, batch_size)

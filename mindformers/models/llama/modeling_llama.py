@@ -3,7 +3,7 @@
 The decoder reads its sizes through the properties `LlamaConfig` defines (kv_heads, head_size, rotary_size,
 rotary_interleaved, ffn_size, norm_eps, rope_theta, attention_bias; and, with LLaMA's values as defaults, norm_type
 'rmsnorm' | 'layernorm', out_bias on o_proj, mlp_bias on the SwiGLU projections, tied_head: logits from the token
-embedding table, no `lm_head`), so other families with this topology and their own config names (ChatGLM2,
+embedding table, no `lm_head.weight`), so other families with this topology and their own config names (ChatGLM2,
 PengCheng.Mind) build on it. Parameter names match HF `LlamaForCausalLM`."""
 import mindspore as ms
 from mindspore import nn, ops
@@ -13,7 +13,7 @@ from mindformers.models.llama.llama_config import DECODER_DEFAULTS, LlamaConfig
 from mindformers.modules import CausalMask, Embedding, GatedMLP, GroupedQueryAttention, Linear
 from mindformers.modules.attention import fused_causal_attention
 from mindformers.modules.kv_cache import KVCache
-from mindformers.modules.layers import _dp_mp, place_layers, to_mstype
+from mindformers.modules.layers import TiedLMHead, _dp_mp, place_last, place_layers, to_mstype
 from mindformers.modules.norm import build_norm
 from mindformers.modules.rotary import RotaryEmbedding
 from mindformers.tools.register import MindFormerRegister, MindFormerModuleType
@@ -73,7 +73,8 @@ class LlamaModel(nn.Cell):
         self.layers = nn.CellList([LlamaDecoderLayer(config, self.rotary) for _ in range(config.num_layers)])
         self.norm = build_norm(decoder_option(config, 'norm_type'), config.hidden_size, config.norm_eps,
                                config.param_init_type, config.layernorm_compute_type, parallel)
-        place_layers(self.layers, parallel)
+        place_layers(self.layers, parallel, getattr(config, 'offset', 0))
+        place_last(parallel, self.norm)
 
     def construct(self, input_ids, attention_mask=None):
         batch, seq = input_ids.shape
@@ -95,9 +96,9 @@ class LlamaModel(nn.Cell):
 
 @MindFormerRegister.register(MindFormerModuleType.MODELS)
 class LlamaForCausalLM(CausalLMModel):
-    """LLaMA with its own output head `lm_head` [vocab, hidden] (none when `config.tied_head`: the logits are then
-    taken against `model.embed_tokens.weight`). Training and inference contracts: `CausalLMModel`;
-    `generate(..., use_past=True)` decodes with a KV cache (`LlamaIncrementalCore`)."""
+    """LLaMA with its own output head `lm_head` [vocab, hidden] (with `config.tied_head` a `TiedLMHead` without a
+    weight: the logits are then taken against `model.embed_tokens.weight`). Training and inference contracts:
+    `CausalLMModel`; `generate(..., use_past=True)` decodes with a KV cache (`LlamaIncrementalCore`)."""
 
     def __init__(self, config: LlamaConfig):
         super().__init__(config)
@@ -106,25 +107,21 @@ class LlamaForCausalLM(CausalLMModel):
         parallel = config.parallel_config
         self.tied_head = bool(decoder_option(config, 'tied_head'))
         if self.tied_head:
-            dp, mp = _dp_mp(parallel)
-            self.head_matmul = ops.MatMul(transpose_b=True).shard(
-                ((dp, 1), (1, 1)) if parallel.vocab_emb_dp else ((dp, 1), (mp, 1)))
+            self.lm_head = TiedLMHead(parallel)
+            self.parameter_inputs = {'model.embed_tokens.weight': ('lm_head.matmul', 1)}
         else:
             self.lm_head = Linear(config.hidden_size, config.vocab_size, has_bias=False,
                                   init_std=config.initializer_range, param_init_type=config.param_init_type,
                                   compute_dtype=config.compute_dtype, parallel_config=parallel,
                                   split=None if parallel.vocab_emb_dp else 'column')
+        place_last(parallel, self.lm_head, self.loss)
         self.load_checkpoint(config)
 
     def head(self, hidden):
         """Final hidden states [N, hidden] -> fp32 logits [N, vocab_size]."""
         if self.tied_head:
-            weight = self.model.embed_tokens.weight
-            if weight.dtype != hidden.dtype:
-                weight = ops.cast(weight, hidden.dtype)
-            logits = self.head_matmul(hidden, weight)
-        else:
-            logits = self.lm_head(hidden)
+            return self.lm_head(hidden, self.model.embed_tokens.weight)
+        logits = self.lm_head(hidden)
         return logits if logits.dtype == ms.float32 else ops.cast(logits, ms.float32)
 
     def logits(self, input_ids, attention_mask=None):

@@ -14,7 +14,7 @@ from mindformers.models.pangualpha.pangualpha_config import PanguAlphaConfig
 from mindformers.modules import CausalMask, Dropout, Embedding, GroupedQueryAttention, LayerNorm, MLP
 from mindformers.modules.attention import fused_causal_attention
 from mindformers.modules.kv_cache import KVCache
-from mindformers.modules.layers import _dp_mp, place_layers, to_mstype
+from mindformers.modules.layers import TiedLMHead, _dp_mp, place_last, place_layers, to_mstype
 from mindformers.tools.register import MindFormerRegister, MindFormerModuleType
 
 
@@ -30,6 +30,8 @@ class PanguAttention(GroupedQueryAttention):
         super().__init__(hidden_size, num_heads, qkv_bias=True, out_bias=True, attention_dropout=attention_dropout,
                          init_std=init_std, param_init_type=param_init_type, compute_dtype=compute_dtype,
                          softmax_compute_type=softmax_compute_type, parallel_config=parallel_config)
+        dp, mp = _dp_mp(parallel_config)
+        self.scale_heads = ops.Mul().shard(((dp, mp, 1, 1), ()))
 
     def heads(self, x, projection):
         """[B, S, hidden] through `projection` -> [B, heads, S, head_dim]."""
@@ -39,7 +41,7 @@ class PanguAttention(GroupedQueryAttention):
 
     def construct(self, x, mask, query_input):
         batch, seq, _ = x.shape
-        query = self.heads(query_input, self.q_proj) * self.scale
+        query = self.scale_heads(self.heads(query_input, self.q_proj), self.scale)
         context = self.core(query, self.heads(x, self.k_proj), self.heads(x, self.v_proj), mask)
         context = self.from_heads(context, (0, 2, 1, 3)).reshape(batch * seq, self.num_heads * self.head_dim)
         return self.o_proj(context).reshape(batch, seq, -1)
@@ -86,11 +88,12 @@ class PanguAlphaModel(nn.Cell):
         parallel = config.parallel_config
         self.seq_length, self.num_heads = config.seq_length, config.num_heads
         self.compute_dtype = to_mstype(config.compute_dtype)
-        embedding = lambda rows: Embedding(rows, config.hidden_size, config.initializer_range,
-                                           config.param_init_type, parallel)
-        self.embed_tokens = embedding(config.vocab_size)
-        self.embed_positions = embedding(config.seq_length)
-        self.embed_top_query = embedding(config.seq_length)
+        embedding = lambda rows, replicated: Embedding(rows, config.hidden_size, config.initializer_range,
+                                                       config.param_init_type, parallel, replicated=replicated)
+        self.embed_tokens = embedding(config.vocab_size, False)
+        # the position tables are replicated (data parallel), as in MindFormers' PanGu-alpha
+        self.embed_positions = embedding(config.seq_length, True)
+        self.embed_top_query = embedding(config.seq_length, True)
         self.embed_dropout = Dropout(config.embedding_dropout_prob)
         self.causal_mask = CausalMask(config.seq_length, config.softmax_compute_type)
         self.fused_causal = fused_causal_attention(config.softmax_compute_type, parallel)
@@ -98,9 +101,9 @@ class PanguAlphaModel(nn.Cell):
         self.final_layernorm = LayerNorm(config.hidden_size, config.layernorm_epsilon, config.param_init_type,
                                          config.layernorm_compute_type, parallel)
         self.top_query_layer = PanguBlock(config)
-        place_layers(self.layers, parallel)
-        if parallel.pipeline_stage > 1:
-            self.top_query_layer.pipeline_stage = parallel.pipeline_stage - 1
+        # the query layer counts as the last of num_layers layers when they are spread over pipeline stages
+        place_layers(list(self.layers) + [self.top_query_layer], parallel, config.offset)
+        place_last(parallel, self.final_layernorm)
         dp, _ = _dp_mp(parallel)
         self.embed_dropout.shard(((dp, 1, 1),))
 
@@ -129,22 +132,18 @@ class PanguAlphaHeadModel(CausalLMModel):
     """PanGu-alpha with its output head tied to the word embedding. Training and inference contracts:
     `CausalLMModel`; `generate(..., use_past=True)` decodes with a KV cache (`PanguAlphaIncrementalCore`)."""
 
+    parameter_inputs = {'backbone.embed_tokens.weight': ('lm_head.matmul', 1)}
+
     def __init__(self, config: PanguAlphaConfig):
         super().__init__(config)
         self.backbone = PanguAlphaModel(config)
-        dp, mp = _dp_mp(config.parallel_config)
-        # logits = hidden @ embed_tokens.weight^T; the vocabulary is split mp ways unless the embedding is replicated
-        self.head_matmul = ops.MatMul(transpose_b=True).shard(
-            ((dp, 1), (1, 1)) if config.parallel_config.vocab_emb_dp else ((dp, 1), (mp, 1)))
+        self.lm_head = TiedLMHead(config.parallel_config)
+        place_last(config.parallel_config, self.lm_head, self.loss)
         self.load_checkpoint(config)
 
     def head(self, hidden):
         """[N, H] -> fp32 logits [N, vocab_size] through the tied word embedding."""
-        weight = self.backbone.embed_tokens.weight
-        if weight.dtype != hidden.dtype:
-            weight = ops.cast(weight, hidden.dtype)
-        logits = self.head_matmul(hidden, weight)
-        return logits if logits.dtype == ms.float32 else ops.cast(logits, ms.float32)
+        return self.lm_head(hidden, self.backbone.embed_tokens.weight)
 
     def logits(self, input_ids, attention_mask=None):
         """[B, S] (and optionally a padding mask [B, S]) -> fp32 logits [B * S, vocab_size]."""

@@ -1,0 +1,152 @@
+"""Write the parallel strategy files of a model under a (data, model, pipeline) parallel layout, on any machine.
+
+    python -m mindformers.tools.export_strategy --config configs/llama/run_llama_7b.yaml \\
+        --data_parallel 2 --model_parallel 2 --pipeline_stage 2 --output_dir strategy/
+
+writes one MindSpore JSON strategy file per pipeline stage, `strategy/ckpt_strategy_rank_{r}.json` (r = the stage's
+first rank), for the model's parameters and their optimizer state, and prints a summary per stage. The layout comes
+from the shard strategies the model's layers declare (`mindformers.core.parallel_layout`); nothing is compiled and
+no weight is allocated. Unset flags keep the YAML's `parallel_config` (micro_batch_num at least pipeline_stage).
+`--options model.model_config.offset=[1,-1]` sets any dotted key of the YAML first.
+Exit codes: 0 written, 2 a bad flag or a layout that does not fit the model (the message says which), 1 other errors.
+"""
+import argparse
+import glob
+import os
+import sys
+
+_BYTES = {'float32': 4, 'float16': 2, 'bfloat16': 2, 'float64': 8, 'int32': 4, 'int64': 8}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        sys.stderr.write(f"export_strategy: error: {message}\n")
+        sys.exit(2)
+
+
+def _positive(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def build_parser():
+    parser = _Parser(prog='python -m mindformers.tools.export_strategy', description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--config', required=True, help='run YAML (or a registered model name)')
+    parser.add_argument('--output_dir', required=True, help='directory for the strategy files (no other .json)')
+    parser.add_argument('--data_parallel', type=_positive)
+    parser.add_argument('--model_parallel', type=_positive)
+    parser.add_argument('--pipeline_stage', type=_positive)
+    parser.add_argument('--micro_batch_num', type=_positive)
+    parser.add_argument('--optimizer_shard', action=argparse.BooleanOptionalAction,
+                        help='the parallel optimizer splits parameters and their state over data-parallel copies')
+    parser.add_argument('--vocab_emb_dp', action=argparse.BooleanOptionalAction,
+                        help='replicate the embedding and head (--no-vocab_emb_dp: split their vocabulary; always '
+                             'split under pipeline parallel)')
+    parser.add_argument('--options', nargs='+', default=[], metavar='KEY=VALUE', help='dotted YAML overrides')
+    return parser
+
+
+def _run_config(args):
+    from mindformers.tools.model_book import find_config, list_models
+    from mindformers.tools.register import MindFormerConfig, parse_value
+    path = args.config
+    if not os.path.isfile(path):
+        if path not in list_models():
+            raise FileNotFoundError(f"--config {path}: no such file, and not a registered model name")
+        path = find_config(path)
+    config = MindFormerConfig(path)
+    for item in args.options:
+        if '=' not in item:
+            raise ValueError(f"--options expects KEY=VALUE, got {item!r}")
+        key, value = item.split('=', 1)
+        config.merge_from_dict({key: parse_value(value)}, strict=True)
+    return config
+
+
+def _parallel_config(config, args):
+    from mindformers.core.parallel_config import build_parallel_config
+    mapping = dict(config.get('parallel_config') or {})
+    for key in ('data_parallel', 'model_parallel', 'pipeline_stage', 'micro_batch_num', 'optimizer_shard',
+                'vocab_emb_dp'):
+        if getattr(args, key) is not None:
+            mapping[key] = getattr(args, key)
+    if args.micro_batch_num is None:
+        mapping['micro_batch_num'] = max(int(mapping.get('micro_batch_num', 1)), int(mapping.get('pipeline_stage', 1)))
+    return build_parallel_config(mapping)
+
+
+def _check_output_dir(directory):
+    others = sorted(glob.glob(os.path.join(directory, '*.json')))
+    if others:
+        names = ', '.join(os.path.basename(p) for p in others[:5])
+        raise FileExistsError(f"--output_dir {directory} already holds .json files ({names}); MindSpore merges every "
+                              f".json of a strategy directory, so give an empty or new directory")
+
+
+def summarize(layouts, parallel, paths):
+    """One line per pipeline stage: ranks, parameter and optimizer-state counts, full and per-rank sizes."""
+    stage_devices = parallel.data_parallel * parallel.model_parallel
+    lines = []
+    for stage, path in enumerate(paths):
+        held = [layout for layout in layouts.values() if stage in layout.stages]
+        states = sum(1 for layout in held if layout.state_of)
+        full = sum(_nbytes(layout.shape, layout.dtype) for layout in held)
+        per_rank = sum(_nbytes(layout.slice_shape(), layout.dtype) for layout in held)
+        first = stage * stage_devices
+        lines.append(f"stage {stage} (ranks {first}-{first + stage_devices - 1}): {len(held) - states} parameters "
+                     f"+ {states} optimizer states, {full / 2 ** 20:.2f} MiB in full, {per_rank / 2 ** 20:.2f} MiB "
+                     f"per rank -> {path}")
+    return lines
+
+
+def _nbytes(shape, dtype):
+    count = 1
+    for size in shape:
+        count *= size
+    return count * _BYTES.get(dtype, 4)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        config = _run_config(args)
+        parallel = _parallel_config(config, args)
+        from mindformers.tools.build import build_model_config
+        from mindformers.tools.register import MindFormerRegister, MindFormerModuleType
+        model = config.get('model') or {}
+        if 'model_config' not in model or 'arch' not in model:
+            raise ValueError(f"{args.config}: no model.model_config and model.arch sections")
+        model_config = build_model_config(model['model_config'], {'parallel_config': parallel})
+        model_class = MindFormerRegister.get_cls(MindFormerModuleType.MODELS, model['arch'].get('type'),
+                                                 where='model.arch.type')
+        devices = parallel.data_parallel * parallel.model_parallel * parallel.pipeline_stage
+        parallel.validate(devices, model_config)
+    except (ValueError, KeyError, TypeError, FileNotFoundError) as err:
+        sys.stderr.write(f"export_strategy: error: {err}\n")
+        return 2
+    try:
+        from mindformers.core.parallel_layout import parameter_layouts, write_strategy_files
+        _check_output_dir(args.output_dir)
+        threshold = ((config.get('parallel') or {}).get('parallel_optimizer_config') or {}).get(
+            'parallel_optimizer_threshold', 64)
+        layouts = parameter_layouts(model_config, parallel, model_class=model_class, opt_shard_threshold_kb=threshold)
+        paths = write_strategy_files(layouts, args.output_dir)
+    except (ValueError, OSError) as err:
+        sys.stderr.write(f"export_strategy: error: {err}\n")
+        return 1
+    print(f"{model_class.__name__}: data_parallel {parallel.data_parallel} x model_parallel "
+          f"{parallel.model_parallel} x pipeline_stage {parallel.pipeline_stage} = {devices} devices"
+          f"{', optimizer shard' if parallel.optimizer_shard else ''}")
+    for line in summarize(layouts, parallel, paths):
+        print(line)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""Join the HCCL rank tables of several servers into one for a multi-node launch.
+
+    python -m mindformers.tools.merge_hccl hccl_8p_01234567_10.0.0.1.json hccl_8p_01234567_10.0.0.2.json
+        [--output_dir .]
+
+Servers keep the order of the arguments (the first file's devices become ranks 0..n-1, the next file's follow);
+rank ids are renumbered, server_count is the number of servers. A server id or device IP that appears twice is an
+error. Writes `<output_dir>/hccl_<servers>s_<ranks>p.json` and prints its path; give the same file to every node.
+"""
+import argparse
+import sys
+
+from mindformers.tools.hccl_tools import RankTableError, check_rank_table, load_rank_table, write_rank_table
+
+
+def merge_rank_tables(tables):
+    """One validated rank table from `tables` (list of (name, table)), ranks renumbered in server order."""
+    servers = []
+    owner = {}
+    for name, table in tables:
+        for server in table['server_list']:
+            server_id = str(server['server_id'])
+            if server_id in owner:
+                raise RankTableError(f"server {server_id} is in both {owner[server_id]} and {name}; each server's "
+                                     f"table must be given once")
+            owner[server_id] = name
+            servers.append(server)
+    merged_servers, rank = [], 0
+    for server in servers:
+        devices = []
+        for device in sorted(server['device'], key=lambda d: int(d['rank_id'])):
+            devices.append({'device_id': str(device['device_id']), 'device_ip': device['device_ip'],
+                            'rank_id': str(rank)})
+            rank += 1
+        merged_servers.append({'server_id': str(server['server_id']), 'device': devices,
+                               'host_nic_ip': server.get('host_nic_ip', 'reserve')})
+    merged = {'version': '1.0', 'server_count': str(len(merged_servers)), 'server_list': merged_servers,
+              'status': 'completed'}
+    check_rank_table(merged, where='merged rank table')
+    return merged
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog='merge_hccl', description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('files', nargs='+', metavar='RANK_TABLE', help='rank tables of the servers, in order')
+    parser.add_argument('--output_dir', default='.', help='where to write the merged table (default: current '
+                                                          'directory)')
+    args = parser.parse_args(argv)
+    if len(args.files) < 2:
+        parser.error("give the rank tables of at least two servers")
+    try:
+        tables = [(path, load_rank_table(path)[0]) for path in args.files]
+        merged = merge_rank_tables(tables)
+        ranks = sum(len(s['device']) for s in merged['server_list'])
+        path = write_rank_table(merged, args.output_dir, f"hccl_{merged['server_count']}s_{ranks}p.json")
+    except (RankTableError, OSError) as err:
+        sys.stderr.write(f"merge_hccl: error: {err}\n")
+        return 1
+    print(path)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
