@@ -15,7 +15,7 @@ import sentencepiece as spm
 import transformers
 from transformers.models.llama import modeling_llama as hf_llama
 
-from mindformers.models.auto import AutoConfig, AutoTokenizer
+from mindformers.models.auto import AutoConfig, AutoModel, AutoTokenizer
 from mindformers.models.convert_utils import ConversionError
 from mindformers.tools.build import build_model_config
 from research.pengcheng_mind import PengChengMindConfig, PengChengMindForCausalLM, PengChengMindTokenizer
@@ -228,6 +228,7 @@ def test_registered_names_and_configs():
     assert isinstance(tiny, PengChengMindConfig)
     assert (tiny.vocab_size, tiny.hidden_size, tiny.num_layers, tiny.num_heads, tiny.seq_length) == \
         (512, 192, 4, 4, 128)
+    assert type(AutoModel.from_config(tiny)) is PengChengMindForCausalLM
     assert type(AutoTokenizer.from_pretrained('pengcheng_mind_tiny')).__name__ == 'PengChengMindTokenizer'
     sys.path.insert(0, REPO)
     from run_mindformer import build_config, parse_args  # pylint: disable=import-outside-toplevel

@@ -35,13 +35,14 @@ def shuffled_dataset():
     return ds.NumpySlicesDataset({'input_ids': rows}, shuffle=True).batch(4, drop_remainder=True)
 
 
-def user_dataset_run(tmp_path, stop=None, resume=None, epochs=2):
+def user_dataset_run(tmp_path, stop=None, resume=None, epochs=2, accumulation=1):
     ms.set_seed(0)
     model = GPT2LMHeadModel(GPT2Config(seq_length=SEQ, vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=2,
                                        hidden_dropout_rate=0.0, attention_dropout_rate=0.0,
                                        embedding_dropout_prob=0.0, eos_token_id=1, pad_token_id=0))
     args = TrainingArguments(output_dir=str(tmp_path), batch_size=4, num_train_epochs=epochs, learning_rate=5e-3,
-                             warmup_steps=3, save_steps=5, save_total_limit=10, logging_steps=100)
+                             warmup_steps=3, save_steps=5, save_total_limit=10, logging_steps=100,
+                             gradient_accumulation_steps=accumulation)
     trainer = Trainer(task='text_generation', model=model, args=args, train_dataset=shuffled_dataset(),
                       callbacks=[StopAt(stop)] if stop else None)
     return trainer.train(resume_training=resume)
@@ -70,6 +71,19 @@ def yaml_config(tmp_path, epochs=2):
                       {'type': 'CheckpointMonitor', 'prefix': 'tiny', 'save_checkpoint_steps': 4,
                        'keep_checkpoint_max': 2}]})
     return config
+
+
+def test_resume_with_gradient_accumulation_and_no_buffers_saved(tmp_path):
+    """Accumulation buffers are zero at every step boundary, so checkpoints leave them out and resume still
+    continues exactly (12 batches of 4 per epoch = 6 steps of 2 micro batches)."""
+    reference = user_dataset_run(tmp_path / 'ref', accumulation=2).losses
+    assert len(reference) == 12
+    user_dataset_run(tmp_path / 'run', stop=5, accumulation=2)
+    saved = ms.load_checkpoint(str(find_resume_checkpoint(tmp_path / 'run' / 'checkpoint').path))
+    assert any(n.startswith('adam_m.') for n in saved)
+    assert not any(n.startswith('accu_grads.') for n in saved)
+    resumed = user_dataset_run(tmp_path / 'run', resume=True, accumulation=2)
+    np.testing.assert_allclose(resumed.losses, reference[5:], rtol=0, atol=1e-6)
 
 
 def test_resume_from_yaml_dataset_and_cli_style_path(tmp_path):

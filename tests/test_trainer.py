@@ -72,6 +72,8 @@ def test_gradient_accumulation_matches_larger_batch(tmp_path):
         losses[name] = state.losses
         weights[name] = {p.name: p.asnumpy() for p in model.trainable_params()}
     assert len(losses['big']) == len(losses['accumulated']) == 4
+    # the logged loss of an accumulated step is the mean over its micro batches: the big batch's loss
+    np.testing.assert_allclose(losses['accumulated'], losses['big'], rtol=1e-5)
     for key, value in weights['big'].items():
         np.testing.assert_allclose(weights['accumulated'][key], value, atol=2e-5, rtol=1e-4)
 

@@ -18,18 +18,13 @@ from mindformers.core.parallel_layout import parameter_layouts, write_strategy_f
 from mindformers.tools import transform_ckpt as tc
 from mindformers.tools.checkpoint import (CheckpointError, load_checkpoint_file, record_checkpoint, resolve_checkpoint,
                                           save_checkpoint_atomic)
+from mindformers.tools.model_book import list_models
 from mindformers.tools.register import MindFormerConfig
 from mindformers.tools.transform_ckpt import TransformError, transform_checkpoint, transform_for_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAMILY_YAMLS = {
-    'gpt2': 'configs/gpt2/run_gpt2_tiny.yaml',
-    'llama': 'configs/llama/run_llama_tiny.yaml',
-    'glm2': 'configs/glm2/run_glm2_tiny.yaml',
-    'pangualpha': 'configs/pangualpha/run_pangualpha_tiny.yaml',
-    'pengcheng_mind': 'research/pengcheng_mind/run_pengcheng_mind_tiny.yaml',
-    'glm': 'configs/glm/run_glm_tiny.yaml',
-}
+# every family's tiny config: {'gpt2': '.../run_gpt2_tiny.yaml', ...}
+FAMILY_YAMLS = {name[:-len('_tiny')]: path for name, path in list_models().items() if name.endswith('_tiny')}
 # (data_parallel, model_parallel, pipeline_stage, optimizer_shard)
 LAYOUTS = {'dp2_mp2': (2, 2, 1, False), 'mp4': (1, 4, 1, False), 'mp2_pp2': (1, 2, 2, False),
            'dp2_pp2': (2, 1, 2, False), 'dp2_mp2_optshard': (2, 2, 1, True)}
@@ -536,7 +531,7 @@ def trained_gpt2(tmp_path_factory):
 
 
 def gpt2_config(overrides, **more):
-    config = MindFormerConfig(os.path.join(REPO, FAMILY_YAMLS['gpt2']))
+    config = MindFormerConfig(FAMILY_YAMLS['gpt2'])
     config.merge_from_dict({**overrides, **more})
     return config
 

@@ -239,6 +239,16 @@ class TiedLMHead(nn.Cell):
         return logits if logits.dtype == ms.float32 else ops.cast(logits, ms.float32)
 
 
+def output_head(config, parallel_config=None):
+    """An untied output head: Linear hidden_size -> vocab_size without bias, from a model config's
+    `initializer_range`, `param_init_type` and `compute_dtype`; its vocabulary split mp ways unless
+    `parallel_config.vocab_emb_dp`."""
+    parallel = parallel_config or default_parallel_config
+    return Linear(config.hidden_size, config.vocab_size, has_bias=False, init_std=config.initializer_range,
+                  param_init_type=config.param_init_type, compute_dtype=config.compute_dtype,
+                  parallel_config=parallel, split=None if parallel.vocab_emb_dp else 'column')
+
+
 class Dropout(nn.Cell):
     """Inverted dropout with drop probability `p`; the identity when `p == 0` or outside training."""
 

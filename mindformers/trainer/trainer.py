@@ -344,6 +344,7 @@ class Trainer:
             state.cur_epoch_num = epoch
             state.step_in_epoch = skip_batches // accumulation if epoch == start_epoch + 1 else 0
             _call(callbacks, 'on_train_epoch_begin', run_context)
+            micro_losses = []  # of the accumulation window's first micro batches
             for batch_index, batch in enumerate(iterator):
                 if batch_index < skip_batches and epoch == start_epoch + 1:
                     continue  # done before the checkpoint we resumed from
@@ -355,10 +356,11 @@ class Trainer:
                     state.tokens_per_step = int(batch[0].shape[0]) * max(int(batch[0].shape[-1]) - 1, 1) * \
                         accumulation * self.device_num
                 if (batch_index + 1) % accumulation:
-                    train_cell.accumulate(*batch)
+                    micro_losses.append(train_cell.accumulate(*batch))
                     continue
                 loss, grad_norm = train_cell(*batch)
-                self._record_step(state, loss, grad_norm, optimizer)
+                self._record_step(state, [*micro_losses, loss], grad_norm, optimizer)
+                micro_losses = []
                 _call(callbacks, 'on_train_step_end', run_context)
                 if eval_every_steps and state.cur_step_num % eval_every_steps == 0:
                     self._eval_during_training(network, train_cell, state)
@@ -457,10 +459,11 @@ class Trainer:
         return (steps, epochs) if steps or epochs else (0, 1)
 
     @staticmethod
-    def _record_step(state, loss, grad_norm, optimizer):
+    def _record_step(state, losses, grad_norm, optimizer):
+        """Count an optimizer step; its loss is the mean of its micro batches' `losses` (Tensors)."""
         state.cur_step_num += 1
         state.step_in_epoch += 1
-        state.loss = float(loss.asnumpy())
+        state.loss = float(np.mean([float(loss.asnumpy()) for loss in losses]))
         state.grad_norm = float(grad_norm.asnumpy())
         lr = optimizer.learning_rate
         if isinstance(lr, LearningRateSchedule):

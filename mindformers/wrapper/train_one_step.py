@@ -149,7 +149,8 @@ class MFTrainOneStepCell(nn.Cell):
 
 
 class _AccumulateStep(nn.Cell):
-    """Compiled forward + backward that adds gradients into the owner's `accu_grads` and returns the loss."""
+    """Compiled forward + backward that adds gradients into the owner's `accu_grads` and returns the loss (under
+    data parallel, its mean over the ranks)."""
 
     def __init__(self, owner):
         super().__init__(auto_prefix=False)
@@ -157,6 +158,7 @@ class _AccumulateStep(nn.Cell):
         self.accu_grads = owner.accu_grads
         self.use_loss_scale = owner.use_loss_scale
         self.scale_sense = owner.scale_sense if owner.use_loss_scale else None
+        self.all_reduce, self.device_num = owner.all_reduce, owner.device_num
         self.hyper_map = ops.HyperMap()
 
     def construct(self, *inputs):
@@ -164,4 +166,6 @@ class _AccumulateStep(nn.Cell):
         loss = ops.depend(loss, self.hyper_map(_ACCUMULATE, self.accu_grads, grads))
         if self.use_loss_scale:
             loss = loss / self.scale_sense
+        if self.all_reduce is not None:
+            loss = self.all_reduce(loss) / self.device_num
         return loss

@@ -199,7 +199,9 @@ class CheckpointMonitor(Callback):
         name = f"{self.prefix}_rank_{state.rank_id}-{state.cur_epoch_num}_{state.step_in_epoch}." \
                f"{self.checkpoint_format}"
         path = os.path.join(directory, name)
-        save_checkpoint_atomic(state.train_network, path,
+        # gradient-accumulation buffers are zero at every step boundary: not state worth saving
+        state_params = [p for p in state.train_network.get_parameters() if not p.name.startswith('accu_grads.')]
+        save_checkpoint_atomic(state_params, path,
                                append_dict={'epoch_num': state.cur_epoch_num, 'step_num': state.step_in_epoch})
         record_checkpoint(directory, name, state.cur_epoch_num, state.step_in_epoch, state.cur_step_num,
                           self.keep_checkpoint_max)

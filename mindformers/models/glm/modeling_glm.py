@@ -29,7 +29,7 @@ from mindformers.models.glm.glm_config import GLMConfig
 from mindformers.modules import Dropout, Embedding, LayerNorm, Linear, MLP
 from mindformers.modules.attention import DotProductAttention
 from mindformers.modules.kv_cache import KVCache
-from mindformers.modules.layers import _dp_mp, place_last, place_layers, to_mstype
+from mindformers.modules.layers import _dp_mp, output_head, place_last, place_layers, to_mstype
 from mindformers.modules.rotary import Rotary2DEmbedding
 from mindformers.tools.register import MindFormerRegister, MindFormerModuleType
 
@@ -229,10 +229,7 @@ class GLMForPreTraining(CausalLMModel):
         config.validate()
         parallel = config.parallel_config
         self.transformer = GLMModel(config)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, has_bias=False,
-                              init_std=config.initializer_range, param_init_type=config.param_init_type,
-                              compute_dtype=config.compute_dtype, parallel_config=parallel,
-                              split=None if parallel.vocab_emb_dp else 'column')
+        self.lm_head = output_head(config, parallel)
         place_last(parallel, self.lm_head, self.loss)
         self.load_checkpoint(config)
 

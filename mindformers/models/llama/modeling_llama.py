@@ -10,10 +10,10 @@ from mindspore import nn, ops
 
 from mindformers.models.base_model import CausalLMModel
 from mindformers.models.llama.llama_config import DECODER_DEFAULTS, LlamaConfig
-from mindformers.modules import CausalMask, Embedding, GatedMLP, GroupedQueryAttention, Linear
+from mindformers.modules import CausalMask, Embedding, GatedMLP, GroupedQueryAttention
 from mindformers.modules.attention import fused_causal_attention
 from mindformers.modules.kv_cache import KVCache
-from mindformers.modules.layers import TiedLMHead, _dp_mp, place_last, place_layers, to_mstype
+from mindformers.modules.layers import TiedLMHead, _dp_mp, output_head, place_last, place_layers, to_mstype
 from mindformers.modules.norm import build_norm
 from mindformers.modules.rotary import RotaryEmbedding
 from mindformers.tools.register import MindFormerRegister, MindFormerModuleType
@@ -110,10 +110,7 @@ class LlamaForCausalLM(CausalLMModel):
             self.lm_head = TiedLMHead(parallel)
             self.parameter_inputs = {'model.embed_tokens.weight': ('lm_head.matmul', 1)}
         else:
-            self.lm_head = Linear(config.hidden_size, config.vocab_size, has_bias=False,
-                                  init_std=config.initializer_range, param_init_type=config.param_init_type,
-                                  compute_dtype=config.compute_dtype, parallel_config=parallel,
-                                  split=None if parallel.vocab_emb_dp else 'column')
+            self.lm_head = output_head(config, parallel)
         place_last(parallel, self.lm_head, self.loss)
         self.load_checkpoint(config)
 
