@@ -586,29 +586,22 @@ def test_a_resharded_training_checkpoint_resumes_like_the_original(tmp_path, tra
     assert len(losses['original']) == 2 and losses['resharded'] == losses['original']
 
 
-def test_semi_auto_parallel_target_layout_is_derived_from_the_model(tmp_path, trained_gpt2, monkeypatch):
-    """Under semi-auto-parallel (not compilable on CPU, so the parallel mode is faked here) the destination
-    strategy is derived from the model for its parallel_config, and each rank gets its own slice."""
+def test_semi_auto_parallel_loads_the_complete_layout_for_mindspore_to_slice(tmp_path, trained_gpt2, monkeypatch):
+    """Under semi-auto-parallel (not compilable on CPU, so the parallel mode is faked here) every rank loads the
+    complete weights before compiling, which MindSpore then cuts to the rank's slice; ranks other than 0 wait for
+    rank 0's transform."""
     overrides, checkpoint = trained_gpt2
-    trainer = Trainer(args=gpt2_config(overrides, output_dir=str(tmp_path / 'run')))
+    model = Trainer(args=gpt2_config(overrides))._get_network()  # pylint: disable=protected-access
+    dp2mp2, _ = model_strategy(model, 'dp2_mp2', tmp_path / 'strategy')
+    transform_checkpoint(checkpoint, tmp_path / 'sliced', None, dp2mp2)
+    trainer = Trainer(args=gpt2_config(overrides, output_dir=str(tmp_path / 'run'), src_strategy_path_or_dir=dp2mp2))
     trainer.set_parallel_config(data_parallel=2, model_parallel=2)
-    trainer.rank_id, trainer.device_num = 3, 4
+    trainer.rank_id, trainer.device_num = 0, 4
     network = trainer._get_network()  # pylint: disable=protected-access
     monkeypatch.setattr(ms, 'get_auto_parallel_context', lambda key: 'semi_auto_parallel')
-    (tmp_path / 'run' / 'transformed_checkpoint').mkdir(parents=True)
-    (tmp_path / 'run' / 'transformed_checkpoint' / '.checkpoint.succeed').write_text('{"key": "stale"}')
     with pytest.raises(TransformError, match='rank 3 waited 0 s for rank 0'):
-        tc.transform_for_run(checkpoint, None, tmp_path / 'run', 3, 4, str(tmp_path / 'run' / 'strategy' / 'x'),
-                             timeout=0.1, poll=0.05)
-    trainer.rank_id = 0
-    loaded = trainer._reshard_checkpoint(network, str(checkpoint))  # pylint: disable=protected-access
-    assert loaded == str(tmp_path / 'run' / 'transformed_checkpoint' / 'checkpoint' / 'rank_0')
-    strategy_dir = tmp_path / 'run' / 'strategy' / 'run_layout_rank_0'
-    assert os.listdir(strategy_dir) == ['ckpt_strategy_rank_0.json']
-    layouts = parameter_layouts(network)
-    data = arrays(resolve_checkpoint(str(checkpoint)))
-    for rank in range(4):
-        held = arrays(resolve_checkpoint(str(tmp_path / 'run' / 'transformed_checkpoint' / 'checkpoint' /
-                                             f'rank_{rank}')))
-        for name in ('backbone.embed_tokens.weight', 'backbone.layers.1.attention.o_proj.weight'):
-            np.testing.assert_array_equal(held[name], layouts[name].slice_of(data[name], rank))
+        tc.transform_for_run(tmp_path / 'sliced', dp2mp2, tmp_path / 'run', 3, 4, timeout=0.1, poll=0.05)
+    loaded = trainer._reshard_checkpoint(network, str(tmp_path / 'sliced'))  # pylint: disable=protected-access
+    assert loaded == str(tmp_path / 'run' / 'transformed_checkpoint' / 'sliced' / 'rank_0')
+    assert os.listdir(os.path.dirname(loaded)) == ['rank_0']
+    assert_identical(arrays(resolve_checkpoint(loaded)), arrays(resolve_checkpoint(str(checkpoint))))

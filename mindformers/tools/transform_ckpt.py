@@ -616,21 +616,6 @@ def transform_for_run(checkpoint, src_strategy, output_dir, rank_id=0, device_nu
     return os.path.join(dst, f'rank_{load_rank}')
 
 
-def write_run_strategy(model, parallel_config, directory):
-    """Write the strategy files of `model` under `parallel_config` (derived from the model's shard layout, as
-    `export_strategy` does) into `directory`, replacing what was there; returns the directory."""
-    try:
-        from mindformers.core.parallel_layout import parameter_layouts, write_strategy_files
-    except ImportError as err:
-        raise TransformError(f"auto_trans_ckpt under semi-auto-parallel needs the layout of this run, and "
-                             f"mindformers.core.parallel_layout is unavailable ({err}); transform offline with "
-                             f"transform_ckpt.py instead") from None
-    if os.path.isdir(directory):
-        shutil.rmtree(directory)  # stale stage files of another layout would be merged in
-    write_strategy_files(parameter_layouts(model, parallel_config), directory, per_stage=True)
-    return directory
-
-
 def _flag_key(path):
     try:
         with open(path, encoding='utf-8') as f:

@@ -24,7 +24,7 @@ from mindformers.core.parallel_layout import parameter_layouts, write_strategy_f
 from mindformers.tools.build import (build_model, build_model_config, build_callback, build_wrapper, build_dataset,
                                      build_metric, build_tokenizer)
 from mindformers.tools.checkpoint import CheckpointError, load_checkpoint_file, load_into_network, resolve_checkpoint
-from mindformers.tools.transform_ckpt import transform_for_run, write_run_strategy
+from mindformers.tools.transform_ckpt import transform_for_run
 from mindformers.tools.logger import logger, setup_file_logging
 from mindformers.tools.model_book import find_config
 from mindformers.tools.utils import cache_dir
@@ -201,15 +201,13 @@ class Trainer:
         return path
 
     def _reshard_checkpoint(self, network, checkpoint):
-        """auto_trans_ckpt: reshard `checkpoint` (laid out by `src_strategy_path_or_dir`) into this run's layout under
-        `<output_dir>/transformed_checkpoint/`; returns what this rank loads. The layout is the complete one unless
-        the run is semi-auto-parallel, where it is derived from the model and `parallel_config`."""
-        dst_strategy = None
-        if ms.get_auto_parallel_context('parallel_mode') in ('semi_auto_parallel', 'auto_parallel'):
-            dst_strategy = write_run_strategy(network, self._parallel_config(), os.path.join(
-                self.config.output_dir, 'strategy', f'run_layout_rank_{self.rank_id}'))
+        """auto_trans_ckpt: reshard `checkpoint` (laid out by `src_strategy_path_or_dir`) into the complete layout
+        under `<output_dir>/transformed_checkpoint/` (rank 0 transforms, the others wait); returns what this rank
+        loads. Under semi-auto-parallel every rank loads the complete weights before the network is compiled, and
+        MindSpore cuts each parameter to this rank's slice when it compiles (`_slice_parameter` in
+        `mindspore/parallel/_utils.py` slices a parameter that is not yet sliced by its layout)."""
         return transform_for_run(checkpoint, self.config.get('src_strategy_path_or_dir'), self.config.output_dir,
-                                 self.rank_id, self.device_num, dst_strategy,
+                                 self.rank_id, self.device_num, None,
                                  {p.name: tuple(p.shape) for p in network.get_parameters()})
 
     def _set_auto_trans_ckpt(self, value):
