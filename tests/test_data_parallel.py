@@ -154,6 +154,7 @@ def test_eval_is_aggregated_over_ranks(runs):
     for rank in (0, 1):
         log = _tail(os.path.join(log_dir, f'worker_{rank}.log'), 10 ** 6)
         assert f'loaded weights from {runs["out"]}/checkpoint/rank_{rank}/' in log
+        assert f'mindformers[rank {rank}] - INFO - eval: loss' in log  # console lines name their rank
         assert expected in log and 'over 320 tokens' in log, log[-2000:]
 
 

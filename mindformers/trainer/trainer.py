@@ -144,7 +144,7 @@ class Trainer:
         self.rank_id, self.device_num = _CONTEXT_DONE['ids']
         ms.set_seed(int(config.seed))
         np.random.seed(int(config.seed))
-        setup_file_logging(config.output_dir, self.rank_id)
+        setup_file_logging(config.output_dir, self.rank_id, self.device_num)
 
     def _parallel_config(self):
         return build_parallel_config(self.config.get('parallel_config'), self.config.get('recompute_config'))
