@@ -27,14 +27,10 @@ import sys
 
 os.environ.setdefault('GLOG_v', '3')  # before MindSpore loads: its warnings would break the one-line error contract
 from mindformers.models.convert_utils import FAMILY_MODULES  # noqa: E402
+from mindformers.tools.utils import OneLineArgumentParser  # noqa: E402
 
 CONVERTERS = dict(FAMILY_MODULES)
 DTYPES = ('fp32', 'fp16', 'bf16')
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise _BadInput(message)
 
 
 class _BadInput(Exception):
@@ -42,7 +38,8 @@ class _BadInput(Exception):
 
 
 def build_parser():
-    parser = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineArgumentParser(prog='convert_weight.py', description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--model', required=True, help=f"model family ({', '.join(sorted(CONVERTERS))})")
     parser.add_argument('--input_path', required=True,
                         help='HF directory or weight file; with --reversed a mindformers checkpoint')
@@ -77,6 +74,9 @@ def _one_line(err):
 def main(argv=None):
     try:
         args = build_parser().parse_args(argv)
+    except SystemExit as stop:  # a bad flag (its line is written) or --help
+        return stop.code
+    try:
         written = convert(args.model, args.input_path, args.output_path, args.dtype, args.reversed, args.config)
     except (_BadInput, ValueError, OSError) as err:
         sys.stderr.write(f"convert_weight.py: error: {_one_line(err)}\n")

@@ -12,6 +12,9 @@ RUN_MODES = ('train', 'finetune', 'eval', 'predict')
 
 
 class _Parser(argparse.ArgumentParser):
+    """mindformers.tools.utils.OneLineArgumentParser's contract, kept here so that flags are checked before the
+    package (and MindSpore, seconds to load) is imported."""
+
     def error(self, message):
         sys.stderr.write(f"run_mindformer.py: error: {message}\n")
         sys.exit(2)

@@ -15,13 +15,9 @@ import glob
 import os
 import sys
 
+from mindformers.tools.utils import OneLineArgumentParser
+
 _BYTES = {'float32': 4, 'float16': 2, 'bfloat16': 2, 'float64': 8, 'int32': 4, 'int64': 8}
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        sys.stderr.write(f"export_strategy: error: {message}\n")
-        sys.exit(2)
 
 
 def _positive(text):
@@ -35,8 +31,8 @@ def _positive(text):
 
 
 def build_parser():
-    parser = _Parser(prog='python -m mindformers.tools.export_strategy', description=__doc__,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineArgumentParser(prog='python -m mindformers.tools.export_strategy', name='export_strategy',
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--config', required=True, help='run YAML (or a registered model name)')
     parser.add_argument('--output_dir', required=True, help='directory for the strategy files (no other .json)')
     parser.add_argument('--data_parallel', type=_positive)

@@ -26,6 +26,8 @@ import re
 import socket
 import sys
 
+from mindformers.tools.utils import OneLineArgumentParser
+
 DEFAULT_HCCN_CONF = '/etc/hccn.conf'
 _RANGE = re.compile(r'^\s*\[\s*(\d+)\s*,\s*(\d+)\s*[)\]]\s*$')
 
@@ -204,14 +206,8 @@ def _default_server_ip():
         return None
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        sys.stderr.write(f"{self.prog}: error: {message}\n")
-        sys.exit(2)
-
-
 def build_parser():
-    parser = _Parser(prog='hccl_tools', description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineArgumentParser(prog='hccl_tools', description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--device_num', default='[0,8)', help='device range "[start,end)" (default "[0,8)")')
     parser.add_argument('--visible_devices', help='comma-separated device ids the range indexes '
                                                   '(default 0,1,...,device_num_per_node-1)')

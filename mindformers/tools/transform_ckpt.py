@@ -39,6 +39,7 @@ from mindformers.tools.checkpoint import (CheckpointError, META_FILE, load_check
                                           record_checkpoint, resolve_checkpoint, save_checkpoint_atomic,
                                           verify_checkpoint, write_json_atomic)
 from mindformers.tools.logger import logger  # noqa: E402
+from mindformers.tools.utils import OneLineArgumentParser  # noqa: E402
 
 CHECKPOINT_SUFFIXES = ('.ckpt', '.safetensors')
 _PROCESS_START = time.time()
@@ -643,18 +644,9 @@ def _wait_for_rank0(succeed, failed, key, dst, rank_id, timeout, poll):
 
 
 # ----------------------------------------------------------------------------------------------- CLI
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise _BadFlag(message)
-
-
-class _BadFlag(Exception):
-    pass
-
-
 def build_parser():
-    parser = _Parser(prog='transform_ckpt.py', description=__doc__,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineArgumentParser(prog='transform_ckpt.py', description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--src_ckpt_strategy', default=None,
                         help='strategy of the source: a file, a directory of per-stage files, or None (complete)')
     parser.add_argument('--dst_ckpt_strategy', default=None,
@@ -669,9 +661,12 @@ def build_parser():
 def main(argv=None):
     try:
         args = build_parser().parse_args(argv)
+    except SystemExit as stop:  # a bad flag (its line is written) or --help
+        return stop.code
+    try:
         summary = transform_checkpoint(args.src_ckpt_dir, args.dst_ckpt_dir, args.src_ckpt_strategy,
                                        args.dst_ckpt_strategy, args.prefix)
-    except (_BadFlag, CheckpointError) as err:
+    except CheckpointError as err:
         sys.stderr.write(f"transform_ckpt.py: error: {_first_line(err)}\n")
         return 2
     except Exception as err:  # pylint: disable=broad-except

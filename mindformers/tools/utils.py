@@ -1,5 +1,8 @@
-"""Small shared helpers: path resolution against the installed package."""
+"""Small shared helpers: path resolution against the installed package, the cache directory, and the argument
+parser of the command-line tools."""
+import argparse
 import os
+import sys
 
 PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPO_DIR = os.path.dirname(PACKAGE_DIR)
@@ -23,3 +26,16 @@ def cache_dir(*parts):
     path = os.path.join(root, *parts)
     os.makedirs(path, exist_ok=True)
     return path
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse for the command-line tools: a usage error is one line on stderr, `<name>: error: <message>` (`name`
+    defaults to `prog`; argparse's own prints the whole usage first), and exit status 2."""
+
+    def __init__(self, *args, name=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.name = name or self.prog
+
+    def error(self, message):
+        sys.stderr.write(f"{self.name}: error: {message}\n")
+        sys.exit(2)
