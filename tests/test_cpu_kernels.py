@@ -41,6 +41,17 @@ class _Probe(nn.Cell):
         return (y * self.probe).sum()
 
 
+class _ProbeAll(nn.Cell):
+    """sum(fn(*inputs) * probe), differentiable in every input."""
+
+    def __init__(self, fn, probe):
+        super().__init__()
+        self.fn, self.probe = fn, Tensor(probe)
+
+    def construct(self, *inputs):
+        return (self.fn(*inputs) * self.probe).sum()
+
+
 def value_and_grads(cell, x):
     params = cell.trainable_params()
     value, grads = ms.value_and_grad(cell, 0, params if params else None)(x)
@@ -220,3 +231,49 @@ def test_packed_decode_attention_equals_the_unpacked_kernel():
     for ours, theirs in zip(caches[0], caches[1]):
         np.testing.assert_array_equal(ours.asnumpy(), theirs.asnumpy())
     np.testing.assert_array_equal(caches[0][0].asnumpy()[:, :, position], key[:, :, 0])
+
+
+@pytest.mark.parametrize('rows, in_features, out_features', [(1, 512, 1536), (3, 37, 130), (16, 40, 259), (1, 1, 1)])
+def test_linear_few_rows_matches_numpy_both_ways(rows, in_features, out_features):
+    from mindformers.modules.cpu_kernels import (FusedBiasLinearFewRows, FusedLinearFewRows,
+                                                 FusedResidualLinearFewRows)
+    rng = np.random.default_rng(9)
+    shapes = ((rows, in_features), (out_features, in_features), (out_features,), (rows, out_features))
+    x, weight, bias, residual = (rng.standard_normal(s).astype(np.float32) for s in shapes)
+    probe = rng.standard_normal((rows, out_features))
+    exact = x.astype(np.float64) @ weight.T.astype(np.float64)
+    grads = [probe @ weight, probe.T @ x, probe.sum(0), probe]  # of sum(output * probe) w.r.t. each input
+    tol = dict(rtol=1e-5, atol=1e-5 * np.sqrt(max(in_features, rows)))
+    for kernel, inputs, expected in ((FusedLinearFewRows(), (x, weight), exact),
+                                     (FusedBiasLinearFewRows(), (x, weight, bias), exact + bias),
+                                     (FusedResidualLinearFewRows(), (x, weight, bias, residual),
+                                      exact + bias + residual)):
+        tensors = [Tensor(a) for a in inputs]
+        np.testing.assert_allclose(kernel(*tensors).asnumpy(), expected, **tol)
+        got = ms.grad(_ProbeAll(kernel, probe.astype(np.float32)), tuple(range(len(inputs))))(*tensors)
+        for g, want in zip(got, grads):
+            np.testing.assert_allclose(g.asnumpy(), want, **tol)
+
+
+@pytest.mark.parametrize('rows', [2, 17])
+def test_linear_and_mlp_take_the_few_rows_kernel_with_the_same_values(rows):
+    """Up to FEW_ROWS rows go through the few-rows kernel, more through MatMul; both give the plain NumPy values,
+    `add_to` equals residual + layer, and gradients flow either way."""
+    from mindformers.modules.layers import Linear
+    from mindformers.modules.mlp import MLP
+    rng = np.random.default_rng(10)
+    x, residual = (rng.standard_normal((rows, 24)).astype(np.float32) for _ in range(2))
+    linear, mlp = Linear(24, 24), MLP(24, 48)
+    assert linear.few_rows is not None and linear.few_rows_residual is not None
+    for layer in (linear, mlp.fc_in, mlp.fc_out):
+        layer.bias.set_data(Tensor(rng.standard_normal(layer.out_features).astype(np.float32)))
+    weight, bias = linear.weight.asnumpy(), linear.bias.asnumpy()
+    expected = x @ weight.T + bias
+    np.testing.assert_allclose(linear(Tensor(x)).asnumpy(), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(linear.add_to(Tensor(residual), Tensor(x)).asnumpy(), expected + residual,
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(mlp.add_to(Tensor(residual), Tensor(x)).asnumpy(),
+                               mlp(Tensor(x)).asnumpy() + residual, rtol=1e-5, atol=1e-5)
+    ones = np.ones((rows, 24), np.float32)
+    weight_grad = ms.grad(_ProbeAll(linear, ones), None, linear.weight)(Tensor(x)).asnumpy()
+    np.testing.assert_allclose(weight_grad, np.tile(x.sum(0), (24, 1)), rtol=1e-5, atol=1e-5)

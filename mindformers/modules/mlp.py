@@ -31,6 +31,14 @@ class MLP(nn.Cell):
         fc_in, fc_out = getattr(self, self.names[0]), getattr(self, self.names[1])
         return self.dropout(fc_out(self.act(fc_in(x))))
 
+    def add_to(self, residual, x):
+        """`residual + self(x)` for 2-D x and residual [M, hidden_size], at inference with the output projection
+        and the residual in one kernel where `Linear.add_to` can."""
+        if self.training:
+            return residual + self(x)
+        fc_in, fc_out = getattr(self, self.names[0]), getattr(self, self.names[1])
+        return fc_out.add_to(residual, self.act(fc_in(x)))
+
 
 class GatedMLP(nn.Cell):
     """SwiGLU feed-forward: down_proj(silu(gate_proj(x)) * up_proj(x)); biases on all three projections when

@@ -133,7 +133,6 @@ class GPT2IncrementalCore(nn.Cell):
         self.cache = KVCache(config.num_layers, batch, config.num_heads, config.seq_length, self.head_dim,
                              to_mstype(config.compute_dtype))
         self.scale = ms.Tensor(1.0 / math.sqrt(self.head_dim), ms.float32)
-        self.head_matmul = ops.MatMul(transpose_b=True)
         # decode steps take q, k, v straight from the packed projection into one fused CPU kernel (fp32)
         self.fused_decode = (use_fused(to_mstype(config.compute_dtype))
                              and _dp_mp(config.parallel_config) == (1, 1))
@@ -163,8 +162,7 @@ class GPT2IncrementalCore(nn.Cell):
             hidden = hidden + attention.o_proj(context)
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         last = backbone.final_layernorm(hidden[:, -1:, :]).reshape(batch, self.hidden_size)
-        logits = self.head_matmul(last, table if table.dtype == last.dtype else ops.cast(table, last.dtype))
-        return logits if logits.dtype == ms.float32 else ops.cast(logits, ms.float32)
+        return self.model.lm_head(last, table)
 
     def _fused_decode_step(self, input_ids, positions, mask, indices):
         """The decode step (same contract as `forward`) with the fused packed-attention kernel; rows are
@@ -179,6 +177,6 @@ class GPT2IncrementalCore(nn.Cell):
             qkv = attention.qkv_proj(layer.input_layernorm(hidden))
             context = self.attend(qkv, self.cache.keys[index].data, self.cache.values[index].data, mask, indices,
                                   self.scale_vector)
-            hidden = hidden + attention.o_proj(context)
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        return self.head_matmul(backbone.final_layernorm(hidden), table)
+            hidden = attention.o_proj.add_to(hidden, context)
+            hidden = layer.mlp.add_to(hidden, layer.post_attention_layernorm(hidden))
+        return self.model.lm_head(backbone.final_layernorm(hidden), table)

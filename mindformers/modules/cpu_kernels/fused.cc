@@ -1,13 +1,16 @@
 // Fused fp32 CPU kernels for MindSpore's ops.Custom(func_type="aot").
 // Signature of every entry point: params = inputs then outputs; shapes[i] has ndims[i] dims.
 // Rows are the product of all but the last dimension; large inputs are split over rows between a small pool of
-// threads (one per usable core) that sleep between jobs. Not OpenMP: its idle threads spin after every parallel
-// region and starve MindSpore's own thread pool, which made small ops (decode steps) several times slower. Column sums (dweight, dbias) are
+// threads (one per usable core) that poll briefly, then sleep between jobs. Not OpenMP: its idle threads spin for
+// milliseconds after every parallel region and starve MindSpore's own thread pool, which made small ops (decode
+// steps) several times slower. Column sums (dweight, dbias) are
 // accumulated per fixed block of rows and the blocks are added in order, so results do not depend on the number of
 // threads or their timing.
 #include <sched.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <condition_variable>
 #include <cstdint>
@@ -36,9 +39,10 @@ int UsableCores() {
   return cores;
 }
 
-// A persistent pool of (cores - 1) worker threads that sleep on a condition variable between jobs (no spinning, so
-// they never compete with MindSpore's own threads). One job at a time; a caller that finds the pool busy (kernels
-// launched concurrently by MindSpore) runs its job alone.
+// A persistent pool of (cores - 1) worker threads. After a job a worker polls for the next one for a short while
+// (kernels of one graph step follow each other within microseconds, and waking a sleeping thread costs tens of them),
+// then sleeps on a condition variable, so idle workers never compete with MindSpore's own threads for long.
+// One job at a time; a caller that finds the pool busy (kernels launched concurrently by MindSpore) runs its job alone.
 class Pool {
  public:
   static Pool &Get() {
@@ -53,45 +57,62 @@ class Pool {
     std::unique_lock<std::mutex> running(run_, std::try_to_lock);
     if (!running.owns_lock()) return false;
     {
-      std::lock_guard<std::mutex> lock(mutex_);
+      std::lock_guard<std::mutex> lock(mutex_);  // workers read a job's fields and its generation under it
       task_ = &task;
       tasks_ = tasks;
-      pending_ = tasks - 1;
-      generation_++;
+      pending_.store(std::min<int64_t>(tasks - 1, Workers()), std::memory_order_relaxed);
+      generation_.fetch_add(1, std::memory_order_release);
     }
-    wake_.notify_all();
+    if (sleeping_.load(std::memory_order_acquire) > 0) wake_.notify_all();
     task(0);
-    std::unique_lock<std::mutex> lock(mutex_);
-    done_.wait(lock, [this] { return pending_ == 0; });
+    while (pending_.load(std::memory_order_acquire) != 0) Relax();
     return true;
   }
 
  private:
+  static constexpr int kPollMicros = 50;
+
   explicit Pool(int workers) {
     for (int i = 1; i <= workers; i++) workers_.emplace_back([this, i] { Work(i); });
+  }
+
+  static void Relax() {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
   }
 
   void Work(int64_t index) {
     uint64_t seen = 0;
     while (true) {
+      const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(kPollMicros);
+      for (int polls = 1; generation_.load(std::memory_order_relaxed) == seen; polls++) {
+        if (polls % 64 == 0 && std::chrono::steady_clock::now() > until) break;
+        Relax();
+      }
       std::unique_lock<std::mutex> lock(mutex_);
-      wake_.wait(lock, [&] { return generation_ != seen; });
-      seen = generation_;
+      if (generation_.load(std::memory_order_relaxed) == seen) {
+        sleeping_.fetch_add(1, std::memory_order_release);
+        wake_.wait(lock, [&] { return generation_.load(std::memory_order_relaxed) != seen; });
+        sleeping_.fetch_sub(1, std::memory_order_relaxed);
+      }
+      seen = generation_.load(std::memory_order_relaxed);
       if (index >= tasks_) continue;
       const std::function<void(int64_t)> *task = task_;
       lock.unlock();
       (*task)(index);
-      lock.lock();
-      if (--pending_ == 0) done_.notify_one();
+      pending_.fetch_sub(1, std::memory_order_release);
     }
   }
 
   std::vector<std::thread> workers_;
   std::mutex run_, mutex_;
-  std::condition_variable wake_, done_;
+  std::condition_variable wake_;
   const std::function<void(int64_t)> *task_ = nullptr;
-  int64_t tasks_ = 0, pending_ = 0;
-  uint64_t generation_ = 0;
+  int64_t tasks_ = 0;
+  std::atomic<int64_t> pending_{0};
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<int> sleeping_{0};
 };
 
 // Runs fn(begin, end) over [0, n) in contiguous chunks, one per core; inline when the work (n * cost elements)
@@ -426,4 +447,79 @@ extern "C" int ColumnSum(int nparam, void **params, int *ndims, int64_t **shapes
     }
   });
   return 0;
+}
+
+namespace {
+// y[m, first:last] = x[m] . w[n] (+ bias[n]) for every row m of x [m_rows, k_dim] and n in [first, last), w
+// [n_dim, k_dim]. Four weight rows at a time, each read once for all rows of x (decode has few rows, so the
+// weights' memory traffic is the cost).
+void LinearRows(const float *x, const float *w, const float *bias, const float *residual, float *y, int64_t m_rows,
+                int64_t k_dim, int64_t n_dim, int64_t first, int64_t last) {
+  int64_t n = first;
+  for (; n + 4 <= last; n += 4) {
+    const float *w0 = w + n * k_dim, *w1 = w0 + k_dim, *w2 = w1 + k_dim, *w3 = w2 + k_dim;
+    for (int64_t m = 0; m < m_rows; m++) {
+      const float *xr = x + m * k_dim;
+      float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+      for (int64_t k = 0; k < k_dim; k++) {
+        a0 += xr[k] * w0[k];
+        a1 += xr[k] * w1[k];
+        a2 += xr[k] * w2[k];
+        a3 += xr[k] * w3[k];
+      }
+      float *yr = y + m * n_dim + n;
+      yr[0] = a0;
+      yr[1] = a1;
+      yr[2] = a2;
+      yr[3] = a3;
+      if (bias) for (int j = 0; j < 4; j++) yr[j] += bias[n + j];
+      if (residual) for (int j = 0; j < 4; j++) yr[j] += residual[m * n_dim + n + j];
+    }
+  }
+  for (; n < last; n++) {
+    const float *wr = w + n * k_dim;
+    for (int64_t m = 0; m < m_rows; m++) {
+      const float *xr = x + m * k_dim;
+      float a = 0.f;
+#pragma omp simd reduction(+ : a)
+      for (int64_t k = 0; k < k_dim; k++) a += xr[k] * wr[k];
+      y[m * n_dim + n] = a + (bias ? bias[n] : 0.f) + (residual ? residual[m * n_dim + n] : 0.f);
+    }
+  }
+}
+}  // namespace
+
+namespace {
+int LinearFewRows(const float *x, const float *w, const float *bias, const float *residual, float *y, int *ndims,
+                  int64_t **shapes) {
+  const int64_t k_dim = shapes[0][ndims[0] - 1], m_rows = Numel(ndims[0], shapes[0]) / k_dim;
+  const int64_t n_dim = shapes[1][0];
+  if (shapes[1][1] != k_dim) return 1;
+  constexpr int64_t kFeatureBlock = 64;
+  const int64_t blocks = (n_dim + kFeatureBlock - 1) / kFeatureBlock;
+  ParallelFor(blocks, kFeatureBlock * k_dim * m_rows, [&](int64_t begin, int64_t end) {
+    LinearRows(x, w, bias, residual, y, m_rows, k_dim, n_dim, begin * kFeatureBlock,
+               std::min(n_dim, end * kFeatureBlock));
+  });
+  return 0;
+}
+}  // namespace
+
+// A linear layer on few rows (decode steps), split over the pool by blocks of output features.
+// Inputs: x [M, K], weight [N, K], and optionally bias [N]. Output: y [M, N] = x weight^T (+ bias).
+extern "C" int LinearFewRows(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                             void *stream, void *extra) {
+  const float *bias = nparam == 4 ? static_cast<const float *>(params[2]) : nullptr;
+  return LinearFewRows(static_cast<const float *>(params[0]), static_cast<const float *>(params[1]), bias, nullptr,
+                       static_cast<float *>(params[nparam - 1]), ndims, shapes);
+}
+
+// The same plus a residual: inputs x [M, K], weight [N, K], bias [N], residual [M, N]; output
+// y = residual + x weight^T + bias.
+extern "C" int LinearFewRowsResidual(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                     void *stream, void *extra) {
+  return LinearFewRows(static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
+                       static_cast<const float *>(params[2]), static_cast<const float *>(params[3]),
+                       static_cast<float *>(params[4]), ndims, shapes);
 }
