@@ -1,8 +1,10 @@
-"""Fused fp32 CPU kernels (tanh-GELU, LayerNorm, causal softmax, decode attention) as MindSpore AOT custom ops,
-compiled from `fused.cc` on first use.
+"""Fused fp32 CPU kernels (tanh-GELU, LayerNorm, causal softmax, decode attention, linear layers on few rows) as
+MindSpore AOT custom ops, compiled from `fused.cc` on first use.
 
 MindSpore runs every small op as its own pass over memory; on CPU the train step's elementwise work (LayerNorm's
-backward above all) costs as much as its matrix products. These kernels do each of those in one pass.
+backward above all) costs as much as its matrix products. These kernels do each of those in one pass. Decode steps
+multiply one row (or a few) by every weight matrix, where MindSpore's MatMul reads the weights at half the speed the
+cores allow; the few-rows linear kernel reads each weight row once for all rows, on every core.
 
 They are used only when the device is CPU, the data is fp32, `MINDFORMERS_CPU_KERNELS` is not `0`, and `g++` builds
 the library (once per machine and source version, cached under `$MINDFORMERS_CACHE/kernels`). Otherwise the callers
