@@ -277,3 +277,66 @@ def test_linear_and_mlp_take_the_few_rows_kernel_with_the_same_values(rows):
     ones = np.ones((rows, 24), np.float32)
     weight_grad = ms.grad(_ProbeAll(linear, ones), None, linear.weight)(Tensor(x)).asnumpy()
     np.testing.assert_allclose(weight_grad, np.tile(x.sum(0), (24, 1)), rtol=1e-5, atol=1e-5)
+
+
+def test_split_and_merge_heads_match_numpy_both_ways():
+    from mindformers.modules.cpu_kernels import FusedMergeHeads, FusedSplitHeads
+    batch, seq, heads, dim = 2, 5, 3, 4
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((batch, seq, 3 * heads * dim)).astype(np.float32)
+    scales = np.array([0.5, 1.0, 2.0], np.float32)
+    per_head = x.reshape(batch, seq, 3, heads, dim).transpose(2, 0, 3, 1, 4)  # [3, B, H, S, D]
+    outputs = FusedSplitHeads(3, heads, scales)(Tensor(x))
+    for got, part, scale in zip(outputs, per_head, scales):
+        np.testing.assert_allclose(got.asnumpy(), part * scale, rtol=1e-6)
+    probes = rng.standard_normal((3, batch, heads, seq, dim)).astype(np.float32)
+
+    class SplitLoss(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.split, self.probes = FusedSplitHeads(3, heads, scales), Tensor(probes)
+
+        def construct(self, rows):
+            q, k, v = self.split(rows)
+            return (q * self.probes[0]).sum() + (k * self.probes[1]).sum() + (v * self.probes[2]).sum()
+
+    expected = (probes * scales[:, None, None, None, None]).transpose(1, 3, 0, 2, 4).reshape(x.shape)
+    np.testing.assert_allclose(ms.grad(SplitLoss())(Tensor(x)).asnumpy(), expected, rtol=1e-6)
+    context = probes[0]
+    merged = FusedMergeHeads(heads)(Tensor(context)).asnumpy()
+    np.testing.assert_array_equal(merged, context.transpose(0, 2, 1, 3).reshape(batch, seq, heads * dim))
+    probe = rng.standard_normal(merged.shape).astype(np.float32)
+    grad = ms.grad(_ProbeAll(FusedMergeHeads(heads), probe))(Tensor(context)).asnumpy()
+    np.testing.assert_array_equal(grad, probe.reshape(batch, seq, heads, dim).transpose(0, 2, 1, 3))
+
+
+def test_causal_self_attention_with_and_without_the_heads_kernels():
+    from mindformers.modules.attention import CausalSelfAttention
+    rng = np.random.default_rng(12)
+    fused, plain = CausalSelfAttention(32, 4), CausalSelfAttention(32, 4)
+    assert fused.fused_heads and fused.fused_split
+    recomputed = CausalSelfAttention(32, 4)
+    recomputed.recompute()  # keeps the merge kernel, splits with plain ops (see CausalSelfAttention._recompute)
+    assert recomputed.fused_heads and not recomputed.fused_split
+    plain.fused_heads = False
+    for ours, theirs in zip(fused.get_parameters(), plain.get_parameters()):
+        theirs.set_data(Tensor(rng.standard_normal(ours.shape).astype(np.float32) * 0.3))
+        ours.set_data(theirs.data)
+    x = Tensor(rng.standard_normal((2, 6, 32)).astype(np.float32))
+    probe = rng.standard_normal((2, 6, 32)).astype(np.float32)
+    results = []
+    for layer in (fused, plain):
+        out = layer(x, None).asnumpy()
+        grads = ms.grad(_AttentionProbe(layer, probe), 0, layer.trainable_params())(x)
+        results.append([out, grads[0].asnumpy()] + [g.asnumpy() for g in grads[1]])
+    for a, b in zip(*results):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+class _AttentionProbe(nn.Cell):
+    def __init__(self, attention, probe):
+        super().__init__()
+        self.attention, self.probe = attention, Tensor(probe)
+
+    def construct(self, x):
+        return (self.attention(x, None) * self.probe).sum()

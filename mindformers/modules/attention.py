@@ -5,7 +5,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import nn, ops, Tensor
 
-from mindformers.modules.cpu_kernels import FusedCausalSoftmax, use_fused
+from mindformers.modules.cpu_kernels import FusedCausalSoftmax, FusedMergeHeads, FusedSplitHeads, use_fused
 from mindformers.modules.layers import Linear, Dropout, to_mstype, _dp_mp, _check_divisible
 
 
@@ -141,6 +141,17 @@ class CausalSelfAttention(nn.Cell):
         self.from_heads = ops.Transpose().shard(((dp, mp, 1, 1),))
         self.mul_scale = ops.Mul().shard(((dp, mp, 1, 1), ()))
         self.out_dropout.shard(((dp, 1, 1),))
+        # on CPU (fp32, unsharded) the split into heads and the merge back are one kernel pass each
+        self.fused_heads = self.fused_split = dp == mp == 1 and use_fused(self.compute_dtype)
+        if self.fused_heads:
+            self.split_heads = FusedSplitHeads(3, num_heads, scales=(1.0 / math.sqrt(head_dim), 1.0, 1.0))
+            self.merge_heads = FusedMergeHeads(num_heads)
+
+    def _recompute(self, *args, **kwargs):
+        # MindSpore 2.10 builds a cyclic graph for the split kernel (a custom op with three outputs and a bprop)
+        # inside a recomputed cell, so a recomputed layer splits with Split and Transpose
+        self.fused_split = False
+        super()._recompute(*args, **kwargs)
 
     def _heads(self, x, batch, seq):
         """[B * S, heads * head_dim] -> [B, heads, S, head_dim]."""
@@ -148,6 +159,16 @@ class CausalSelfAttention(nn.Cell):
 
     def construct(self, x, mask):
         batch, seq, hidden = x.shape
+        if self.fused_heads:
+            qkv = self.qkv_proj(x.reshape(batch * seq, hidden)).reshape(batch, seq, 3 * self.inner_size)
+            if self.fused_split:
+                query, key, value = self.split_heads(qkv)
+            else:
+                query, key, value = self.split_qkv(qkv.reshape(batch * seq, 3 * self.inner_size))
+                query = self.mul_scale(self._heads(query, batch, seq), self.scale)
+                key, value = self._heads(key, batch, seq), self._heads(value, batch, seq)
+            context = self.merge_heads(self.core(query, key, value, mask)).reshape(batch * seq, self.inner_size)
+            return self.out_dropout(self.o_proj(context).reshape(batch, seq, -1))
         # split along the features of the 2-D projection: far cheaper on CPU than indexing a stacked q/k/v tensor
         query, key, value = self.split_qkv(self.qkv_proj(x.reshape(batch * seq, hidden)))
         query = self.mul_scale(self._heads(query, batch, seq), self.scale)

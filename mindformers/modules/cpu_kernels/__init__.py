@@ -239,3 +239,53 @@ class FusedResidualLinearFewRows(_FewRows):
 
     def bprop(self, x, weight, bias, residual, out, dout):
         return self._grads(x, weight, dout) + (dout.sum(0), dout)
+
+
+def _heads_shape(rows_shape, groups, heads):
+    batch, seq, width = rows_shape
+    return [batch, heads, seq, width // (groups * heads)]
+
+
+class FusedSplitHeads(nn.Cell):
+    """`construct(x [B, S, groups * heads * D]) -> groups tensors [B, heads, S, D]` (a tuple; one tensor when groups
+    is 1), group g multiplied by `scales[g]` (default 1): a packed projection split into per-head layouts in one
+    pass (MindSpore's Split plus a Transpose per group cost about four passes on CPU). fp32, CPU (see `use_fused`);
+    the backward is the inverse kernel."""
+
+    def __init__(self, groups, heads, scales=None):
+        super().__init__()
+        self.groups = groups
+        self.scales = Tensor(np.ones(groups, np.float32) if scales is None else np.asarray(scales, np.float32))
+        if groups == 1:
+            shape, dtype = (lambda x, s: _heads_shape(x, 1, heads)), (lambda x, s: x)
+        else:
+            shape = lambda x, s: tuple(_heads_shape(x, groups, heads) for _ in range(groups))
+            dtype = lambda x, s: tuple(x for _ in range(groups))
+        self.split = _custom('RowsToHeads', shape, dtype)
+        self.merge = _custom('HeadsToRows', lambda *a: [a[0][0], a[0][2], groups * heads * a[0][3]],
+                             lambda *a: a[0])
+
+    def construct(self, x):
+        return self.split(x, self.scales)
+
+    def bprop(self, x, out, dout):
+        if self.groups == 1:
+            return (self.merge(dout, self.scales),)
+        return (self.merge(*dout, self.scales),)
+
+
+class FusedMergeHeads(nn.Cell):
+    """`construct(x [B, heads, S, D]) -> [B, S, heads * D]`, the heads' outputs back in rows, one pass each way;
+    fp32, CPU (see `use_fused`)."""
+
+    def __init__(self, heads):
+        super().__init__()
+        self.one = Tensor(np.ones(1, np.float32))
+        self.merge = _custom('HeadsToRows', lambda x, s: [x[0], x[2], x[1] * x[3]], lambda x, s: x)
+        self.split = _custom('RowsToHeads', lambda x, s: _heads_shape(x, 1, heads), lambda x, s: x)
+
+    def construct(self, x):
+        return self.merge(x, self.one)
+
+    def bprop(self, x, out, dout):
+        return (self.split(dout, self.one),)

@@ -523,3 +523,58 @@ extern "C" int LinearFewRowsResidual(int nparam, void **params, int *ndims, int6
                        static_cast<const float *>(params[2]), static_cast<const float *>(params[3]),
                        static_cast<float *>(params[4]), ndims, shapes);
 }
+
+// Rows to heads: x [B, S, G * H * D] (G groups of H heads, e.g. q | k | v) -> G outputs [B, H, S, D], output g
+// multiplied by scales[g]. Inputs: x, scales [G]; outputs: the G tensors.
+extern "C" int RowsToHeads(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                           void *stream, void *extra) {
+  const int64_t groups = nparam - 2;
+  const float *x = static_cast<const float *>(params[0]);
+  const float *scales = static_cast<const float *>(params[1]);
+  const int64_t batch = shapes[2][0], heads = shapes[2][1], seq = shapes[2][2], dim = shapes[2][3];
+  const int64_t width = groups * heads * dim;
+  if (shapes[0][0] != batch || shapes[0][1] != seq || shapes[0][2] != width) return 1;
+  ParallelFor(batch * seq, width, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; row++) {
+      const int64_t b = row / seq, s = row % seq;
+      for (int64_t g = 0; g < groups; g++) {
+        float *out = static_cast<float *>(params[2 + g]);
+        const float scale = scales[g];
+        for (int64_t h = 0; h < heads; h++) {
+          const float *src = x + row * width + (g * heads + h) * dim;
+          float *dst = out + ((b * heads + h) * seq + s) * dim;
+#pragma omp simd
+          for (int64_t d = 0; d < dim; d++) dst[d] = src[d] * scale;
+        }
+      }
+    }
+  });
+  return 0;
+}
+
+// Heads to rows, the inverse: G inputs [B, H, S, D] and scales [G] -> y [B, S, G * H * D], group g multiplied by
+// scales[g].
+extern "C" int HeadsToRows(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                           void *stream, void *extra) {
+  const int64_t groups = nparam - 2;
+  const float *scales = static_cast<const float *>(params[groups]);
+  float *y = static_cast<float *>(params[groups + 1]);
+  const int64_t batch = shapes[0][0], heads = shapes[0][1], seq = shapes[0][2], dim = shapes[0][3];
+  const int64_t width = groups * heads * dim;
+  ParallelFor(batch * seq, width, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; row++) {
+      const int64_t b = row / seq, s = row % seq;
+      for (int64_t g = 0; g < groups; g++) {
+        const float *in = static_cast<const float *>(params[g]);
+        const float scale = scales[g];
+        for (int64_t h = 0; h < heads; h++) {
+          const float *src = in + ((b * heads + h) * seq + s) * dim;
+          float *dst = y + row * width + (g * heads + h) * dim;
+#pragma omp simd
+          for (int64_t d = 0; d < dim; d++) dst[d] = src[d] * scale;
+        }
+      }
+    }
+  });
+  return 0;
+}
