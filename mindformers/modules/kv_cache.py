@@ -12,6 +12,7 @@ import mindspore as ms
 from mindspore import nn, ops, Parameter, Tensor
 
 from mindformers.modules.cpu_kernels import FusedDecodeAttention, use_fused
+from mindformers.modules.layers import to_mstype
 
 NEG_INF = -1e9
 PREFILL_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
@@ -82,6 +83,20 @@ class KVCache(nn.Cell):
             context = self.attend_step(layer, query, key, value, mask, indices)
         batch, heads, length, dim = context.shape
         return ops.transpose(context, (0, 2, 1, 3)).reshape(batch, length, heads * dim)
+
+
+class IncrementalCore(nn.Cell):
+    """Base of a family's incremental core (what `IncrementalSession` drives): the `model`, its `hidden_size`, and a
+    `KVCache` of `seq_length` positions per layer for `kv_heads` heads of `head_dim`, in the config's
+    `compute_dtype`. Subclasses define `forward(input_ids, positions, mask, indices, prefill)`."""
+
+    def __init__(self, model, batch, kv_heads, head_dim):
+        super().__init__(auto_prefix=False)
+        config = model.config
+        self.model = model
+        self.hidden_size = config.hidden_size
+        self.cache = KVCache(config.num_layers, batch, kv_heads, config.seq_length, head_dim,
+                             to_mstype(config.compute_dtype))
 
 
 class _Buffer(nn.Cell):

@@ -28,7 +28,7 @@ from mindformers.models.base_model import CausalLMModel
 from mindformers.models.glm.glm_config import GLMConfig
 from mindformers.modules import Dropout, Embedding, LayerNorm, Linear, MLP
 from mindformers.modules.attention import DotProductAttention
-from mindformers.modules.kv_cache import KVCache
+from mindformers.modules.kv_cache import IncrementalCore
 from mindformers.modules.layers import _dp_mp, output_head, place_last, place_layers, to_mstype
 from mindformers.modules.rotary import Rotary2DEmbedding
 from mindformers.tools.register import MindFormerRegister, MindFormerModuleType
@@ -266,7 +266,7 @@ class GLMChatModel(ChatMixin, GLMForPreTraining):
     `ChatGLMTokenizer.build_prompt` ("[Round i]\\n问：...\\n答：...\\n"), encoded with its `[gMASK] <sop>` ending."""
 
 
-class GLMIncrementalCore(nn.Cell):
+class GLMIncrementalCore(IncrementalCore):
     """GLMForPreTraining's weights plus a KV cache of seq_length positions (keys stored after the 2-D RoPE): the
     prefill / decode forward of `modules.kv_cache`. `forward(input_ids [B, T], positions [B, T], mask, indices,
     prefill)` -> fp32 logits [B, vocab] of the last position (T: the prompt bucket in prefill, 1 in decode).
@@ -278,12 +278,8 @@ class GLMIncrementalCore(nn.Cell):
     Beam search reorders rows within each prompt's beams, which share these positions, so they are not reordered."""
 
     def __init__(self, model, batch):
-        super().__init__(auto_prefix=False)
         config = model.config
-        self.model = model
-        self.hidden_size = config.hidden_size
-        self.cache = KVCache(config.num_layers, batch, config.num_heads, config.seq_length, config.head_size,
-                             to_mstype(config.compute_dtype))
+        super().__init__(model, batch, config.num_heads, config.head_size)
         self.context_length = Parameter(Tensor(np.zeros((batch, 1), np.int32)), name='glm_context_length',
                                         requires_grad=False)
         self.mask_position = Parameter(Tensor(np.zeros((batch, 1), np.int32)), name='glm_mask_position',

@@ -9,7 +9,7 @@ from mindformers.models.gpt2.gpt2_config import GPT2Config
 from mindformers.modules import CausalMask, CausalSelfAttention, Dropout, Embedding, LayerNorm, MLP
 from mindformers.modules.attention import fused_causal_attention
 from mindformers.modules.cpu_kernels import FusedDecodeAttentionPacked, use_fused
-from mindformers.modules.kv_cache import KVCache
+from mindformers.modules.kv_cache import IncrementalCore
 from mindformers.modules.layers import TiedLMHead, _dp_mp, place_last, place_layers, to_mstype
 from mindformers.tools.register import MindFormerRegister, MindFormerModuleType
 
@@ -116,7 +116,7 @@ class GPT2LMHeadModel(CausalLMModel):
         return GPT2IncrementalCore(self, batch_size)
 
 
-class GPT2IncrementalCore(nn.Cell):
+class GPT2IncrementalCore(IncrementalCore):
     """GPT2LMHeadModel's weights plus a KV cache: the prefill / decode forward of `modules.kv_cache`.
 
     `forward(input_ids [B, T], positions [B, T], mask, indices, prefill)`: T is the bucketed prompt length (prefill,
@@ -124,14 +124,10 @@ class GPT2IncrementalCore(nn.Cell):
     logits [B, vocab] of the last position."""
 
     def __init__(self, model, batch):
-        super().__init__(auto_prefix=False)
         config = model.config
-        self.model = model
+        super().__init__(model, batch, config.num_heads, config.hidden_size // config.num_heads)
         self.num_heads = config.num_heads
         self.head_dim = config.hidden_size // config.num_heads
-        self.hidden_size = config.hidden_size
-        self.cache = KVCache(config.num_layers, batch, config.num_heads, config.seq_length, self.head_dim,
-                             to_mstype(config.compute_dtype))
         self.scale = ms.Tensor(1.0 / math.sqrt(self.head_dim), ms.float32)
         # decode steps take q, k, v straight from the packed projection into one fused CPU kernel (fp32)
         self.fused_decode = (use_fused(to_mstype(config.compute_dtype))

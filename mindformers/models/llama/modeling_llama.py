@@ -12,7 +12,7 @@ from mindformers.models.base_model import CausalLMModel
 from mindformers.models.llama.llama_config import DECODER_DEFAULTS, LlamaConfig
 from mindformers.modules import CausalMask, Embedding, GatedMLP, GroupedQueryAttention
 from mindformers.modules.attention import fused_causal_attention
-from mindformers.modules.kv_cache import KVCache
+from mindformers.modules.kv_cache import IncrementalCore
 from mindformers.modules.layers import TiedLMHead, _dp_mp, output_head, place_last, place_layers, to_mstype
 from mindformers.modules.norm import build_norm
 from mindformers.modules.rotary import RotaryEmbedding
@@ -130,18 +130,13 @@ class LlamaForCausalLM(CausalLMModel):
         return LlamaIncrementalCore(self, batch_size)
 
 
-class LlamaIncrementalCore(nn.Cell):
+class LlamaIncrementalCore(IncrementalCore):
     """LlamaForCausalLM's weights plus a KV cache of seq_length positions (keys stored after RoPE): the prefill /
     decode forward of `modules.kv_cache`. `forward(input_ids [B, T], positions [B, T], mask, indices, prefill)`
     -> fp32 logits [B, vocab] of the last position (T is the prompt bucket in prefill, 1 in decode)."""
 
     def __init__(self, model, batch):
-        super().__init__(auto_prefix=False)
-        config = model.config
-        self.model = model
-        self.hidden_size = config.hidden_size
-        self.cache = KVCache(config.num_layers, batch, config.kv_heads, config.seq_length, config.head_size,
-                             to_mstype(config.compute_dtype))
+        super().__init__(model, batch, model.config.kv_heads, model.config.head_size)
 
     def forward(self, input_ids, positions, mask, indices, prefill):
         decoder = self.model.model

@@ -13,7 +13,7 @@ from mindformers.models.base_model import CausalLMModel
 from mindformers.models.pangualpha.pangualpha_config import PanguAlphaConfig
 from mindformers.modules import CausalMask, Dropout, Embedding, GroupedQueryAttention, LayerNorm, MLP
 from mindformers.modules.attention import fused_causal_attention
-from mindformers.modules.kv_cache import KVCache
+from mindformers.modules.kv_cache import IncrementalCore
 from mindformers.modules.layers import TiedLMHead, _dp_mp, place_last, place_layers, to_mstype
 from mindformers.tools.register import MindFormerRegister, MindFormerModuleType
 
@@ -154,19 +154,15 @@ class PanguAlphaHeadModel(CausalLMModel):
         return PanguAlphaIncrementalCore(self, batch_size)
 
 
-class PanguAlphaIncrementalCore(nn.Cell):
+class PanguAlphaIncrementalCore(IncrementalCore):
     """PanguAlphaHeadModel's weights plus a KV cache of seq_length positions for every layer, the query layer's
     (keys and values of the final-LayerNorm output) last: the prefill / decode forward of `modules.kv_cache`.
     `forward(input_ids [B, T], positions [B, T], mask, indices, prefill)` -> fp32 logits [B, vocab] of the last
     position (T is the prompt bucket in prefill, 1 in decode)."""
 
     def __init__(self, model, batch):
-        super().__init__(auto_prefix=False)
         config = model.config
-        self.model = model
-        self.hidden_size = config.hidden_size
-        self.cache = KVCache(config.num_layers, batch, config.num_heads, config.seq_length,
-                             config.hidden_size // config.num_heads, to_mstype(config.compute_dtype))
+        super().__init__(model, batch, config.num_heads, config.hidden_size // config.num_heads)
         # the additive masks arrive in float32; half-precision scores need them in their own dtype (prefill adds
         # them after the softmax cast, a decode step to the compute-dtype scores), clamped to stay finite
         self.prefill_mask_dtype = to_mstype(config.softmax_compute_type)
