@@ -159,21 +159,20 @@ class CausalSelfAttention(nn.Cell):
 
     def construct(self, x, mask):
         batch, seq, hidden = x.shape
+        qkv = self.qkv_proj(x.reshape(batch * seq, hidden))
+        if self.fused_split:
+            query, key, value = self.split_heads(qkv.reshape(batch, seq, 3 * self.inner_size))
+        else:
+            # split along the features of the 2-D projection: far cheaper on CPU than indexing a stacked q/k/v tensor
+            query, key, value = self.split_qkv(qkv)
+            query = self.mul_scale(self._heads(query, batch, seq), self.scale)
+            key, value = self._heads(key, batch, seq), self._heads(value, batch, seq)
+        context = self.core(query, key, value, mask)
         if self.fused_heads:
-            qkv = self.qkv_proj(x.reshape(batch * seq, hidden)).reshape(batch, seq, 3 * self.inner_size)
-            if self.fused_split:
-                query, key, value = self.split_heads(qkv)
-            else:
-                query, key, value = self.split_qkv(qkv.reshape(batch * seq, 3 * self.inner_size))
-                query = self.mul_scale(self._heads(query, batch, seq), self.scale)
-                key, value = self._heads(key, batch, seq), self._heads(value, batch, seq)
-            context = self.merge_heads(self.core(query, key, value, mask)).reshape(batch * seq, self.inner_size)
-            return self.out_dropout(self.o_proj(context).reshape(batch, seq, -1))
-        # split along the features of the 2-D projection: far cheaper on CPU than indexing a stacked q/k/v tensor
-        query, key, value = self.split_qkv(self.qkv_proj(x.reshape(batch * seq, hidden)))
-        query = self.mul_scale(self._heads(query, batch, seq), self.scale)
-        context = self.core(query, self._heads(key, batch, seq), self._heads(value, batch, seq), mask)
-        context = self.from_heads(context, (0, 2, 1, 3)).reshape(batch * seq, self.inner_size)
+            context = self.merge_heads(context)
+        else:
+            context = self.from_heads(context, (0, 2, 1, 3))
+        context = context.reshape(batch * seq, self.inner_size)
         return self.out_dropout(self.o_proj(context).reshape(batch, seq, -1))
 
 

@@ -247,21 +247,18 @@ def _heads_shape(rows_shape, groups, heads):
 
 
 class FusedSplitHeads(nn.Cell):
-    """`construct(x [B, S, groups * heads * D]) -> groups tensors [B, heads, S, D]` (a tuple; one tensor when groups
-    is 1), group g multiplied by `scales[g]` (default 1): a packed projection split into per-head layouts in one
-    pass (MindSpore's Split plus a Transpose per group cost about four passes on CPU). fp32, CPU (see `use_fused`);
-    the backward is the inverse kernel."""
+    """`construct(x [B, S, groups * heads * D]) -> a tuple of groups (>= 2) tensors [B, heads, S, D]`, group g
+    multiplied by `scales[g]` (default 1): a packed projection split into per-head layouts in one pass (MindSpore's
+    Split plus a Transpose per group cost about four passes on CPU). fp32, CPU (see `use_fused`); the backward is
+    the inverse kernel."""
 
     def __init__(self, groups, heads, scales=None):
         super().__init__()
-        self.groups = groups
+        if groups < 2:
+            raise ValueError(f"FusedSplitHeads needs at least 2 groups, got {groups}")
         self.scales = Tensor(np.ones(groups, np.float32) if scales is None else np.asarray(scales, np.float32))
-        if groups == 1:
-            shape, dtype = (lambda x, s: _heads_shape(x, 1, heads)), (lambda x, s: x)
-        else:
-            shape = lambda x, s: tuple(_heads_shape(x, groups, heads) for _ in range(groups))
-            dtype = lambda x, s: tuple(x for _ in range(groups))
-        self.split = _custom('RowsToHeads', shape, dtype)
+        self.split = _custom('RowsToHeads', lambda x, s: tuple(_heads_shape(x, groups, heads) for _ in range(groups)),
+                             lambda x, s: tuple(x for _ in range(groups)))
         self.merge = _custom('HeadsToRows', lambda *a: [a[0][0], a[0][2], groups * heads * a[0][3]],
                              lambda *a: a[0])
 
@@ -269,8 +266,6 @@ class FusedSplitHeads(nn.Cell):
         return self.split(x, self.scales)
 
     def bprop(self, x, out, dout):
-        if self.groups == 1:
-            return (self.merge(dout, self.scales),)
         return (self.merge(*dout, self.scales),)
 
 
