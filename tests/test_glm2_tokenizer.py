@@ -15,6 +15,7 @@ from mindformers.models.glm2.glm2_tokenizer import ChatGLM2Processor, ChatGLM2To
 from mindformers.tools import train_sentencepiece
 from mindformers.tools.register import MindFormerRegister, MindFormerModuleType
 from mindformers.tools.utils import resolve_path
+from tokenizer_checks import assert_left_padded
 
 CORPUS = [resolve_path('assets/corpus/tiny_shakespeare.txt'), resolve_path('assets/corpus/tiny_chinese.txt')]
 BUNDLED = resolve_path('assets/glm2_tiny/tokenizer.model')
@@ -103,12 +104,7 @@ def test_decode(tok):
 def test_left_padding_truncation_tensors(tok):
     assert tok.padding_side == 'left'
     texts = ["a", "你好，世界", "mixed 中文"]
-    out = tok(texts, padding=True)
-    longest = max(len(tok.encode(t)) for t in texts)
-    for text, ids, mask in zip(texts, out['input_ids'], out['attention_mask']):
-        real = tok.encode(text)
-        assert len(ids) == longest and ids == [0] * (longest - len(real)) + real
-        assert mask == [0] * (longest - len(real)) + [1] * len(real)
+    assert_left_padded(tok, texts, 0)
     out = tok(texts, padding='max_length', truncation=True, max_length=6, return_tensors='ms')
     assert out['input_ids'].shape == (3, 6) and str(out['input_ids'].dtype) == 'Int32'
     ids = out['input_ids'].asnumpy()

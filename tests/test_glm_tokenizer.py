@@ -17,6 +17,7 @@ from mindformers.models.glm.chatglm_6b_tokenizer import (ChatGLMTokenizer, GLMPr
 from mindformers.tools import train_sentencepiece
 from mindformers.tools.build import build_tokenizer
 from mindformers.tools.utils import resolve_path
+from tokenizer_checks import assert_left_padded
 
 CORPUS = [resolve_path('assets/corpus/tiny_shakespeare.txt'), resolve_path('assets/corpus/tiny_chinese.txt')]
 BUNDLED = resolve_path('assets/glm_tiny/ice_text.model')
@@ -135,12 +136,7 @@ def test_documented_exceptions(tok):
 def test_left_padding_and_truncation(tok):
     assert tok.padding_side == 'left'
     texts = ["a", "你好，世界", "mixed 中文\n"]
-    out = tok(texts, padding=True)
-    longest = max(len(tok.encode(t)) for t in texts)
-    for text, ids, mask in zip(texts, out['input_ids'], out['attention_mask']):
-        real = tok.encode(text)
-        assert ids == [PAD] * (longest - len(real)) + real
-        assert mask == [0] * (longest - len(real)) + [1] * len(real)
+    assert_left_padded(tok, texts, PAD)
     out = tok(texts, padding='max_length', truncation=True, max_length=5, return_tensors='np')['input_ids']
     assert out.shape == (3, 5)
     assert out[0].tolist() == [PAD] * (5 - len(tok.encode("a"))) + tok.encode("a")
