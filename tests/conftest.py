@@ -22,3 +22,16 @@ def pytest_configure(config):
 
 # compiled graphs and kernels go to a per-session cache, never the user's home
 os.environ.setdefault('MINDFORMERS_CACHE', os.path.join(__import__('tempfile').mkdtemp(prefix='mf-test-cache-')))
+
+
+@pytest.fixture(params=['kernels', 'plain'])
+def kernel_mode(request, monkeypatch):
+    """Runs a test twice: with the fused CPU kernels and with plain MindSpore ops (`MINDFORMERS_CPU_KERNELS=0`).
+    Build the cells under test inside the test, after this fixture has set the mode."""
+    import mindformers.modules.cpu_kernels as cpu_kernels
+    monkeypatch.setenv('MINDFORMERS_CPU_KERNELS', '1' if request.param == 'kernels' else '0')
+    saved = dict(cpu_kernels._STATE)
+    cpu_kernels._STATE.clear()
+    yield request.param
+    cpu_kernels._STATE.clear()
+    cpu_kernels._STATE.update(saved)

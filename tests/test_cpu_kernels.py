@@ -4,7 +4,7 @@ import os
 import numpy as np
 import pytest
 import mindspore as ms
-from mindspore import nn, ops, Parameter, Tensor
+from mindspore import nn, ops, Parameter, ParameterTuple, Tensor
 
 import mindformers.modules.cpu_kernels as cpu_kernels
 from mindformers.modules.cpu_kernels import FusedCausalSoftmax, FusedGELU, FusedLayerNorm, kernel_library
@@ -310,6 +310,149 @@ def test_split_and_merge_heads_match_numpy_both_ways():
     np.testing.assert_array_equal(grad, probe.reshape(batch, seq, heads, dim).transpose(0, 2, 1, 3))
 
 
+def test_split_heads_with_bias_matches_numpy_both_ways():
+    from mindformers.modules.cpu_kernels import FusedBiasSplitHeads
+    batch, seq, heads, dim = 2, 5, 3, 4
+    rng = np.random.default_rng(13)
+    x = rng.standard_normal((batch, seq, 3 * heads * dim)).astype(np.float32)
+    bias = rng.standard_normal(3 * heads * dim).astype(np.float32)
+    scales = np.array([0.5, 1.0, 2.0], np.float32)
+    probes = rng.standard_normal((3, batch, heads, seq, dim)).astype(np.float32)
+    per_head = (x + bias).reshape(batch, seq, 3, heads, dim).transpose(2, 0, 3, 1, 4)
+    for got, part, scale in zip(FusedBiasSplitHeads(3, heads, scales)(Tensor(x), Tensor(bias)), per_head, scales):
+        np.testing.assert_allclose(got.asnumpy(), part * scale, rtol=1e-6)
+
+    class SplitLoss(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.split, self.probes = FusedBiasSplitHeads(3, heads, scales), Tensor(probes)
+
+        def construct(self, rows, bias):
+            q, k, v = self.split(rows, bias)
+            return (q * self.probes[0]).sum() + (k * self.probes[1]).sum() + (v * self.probes[2]).sum()
+
+    dx, dbias = ms.grad(SplitLoss(), (0, 1))(Tensor(x), Tensor(bias))
+    expected = (probes * scales[:, None, None, None, None]).transpose(1, 3, 0, 2, 4).reshape(x.shape)
+    np.testing.assert_allclose(dx.asnumpy(), expected, rtol=1e-6)
+    np.testing.assert_allclose(dbias.asnumpy(), expected.sum((0, 1)), rtol=1e-5, atol=1e-6)
+
+
+def _gelu64(v):
+    """tanh-GELU and its derivative in float64."""
+    c = np.sqrt(2 / np.pi)
+    t = np.tanh(c * (v + 0.044715 * v ** 3))
+    return 0.5 * v * (1 + t), 0.5 * (1 + t) + 0.5 * v * (1 - t * t) * c * (1 + 3 * 0.044715 * v * v)
+
+
+@pytest.mark.parametrize('shape', [(3, 7, 40), (200, 2048), (1, 1)])
+def test_bias_gelu_matches_numpy_both_ways(shape):
+    from mindformers.modules.cpu_kernels import FusedBiasGELU
+    rng = np.random.default_rng(14)
+    x = (rng.standard_normal(shape) * 3).astype(np.float32)
+    bias = rng.standard_normal(shape[-1]).astype(np.float32)
+    probe = rng.standard_normal(shape)
+    value, slope = _gelu64(x.astype(np.float64) + bias)
+    np.testing.assert_allclose(FusedBiasGELU()(Tensor(x), Tensor(bias)).asnumpy(), value, rtol=1e-5, atol=1e-6)
+    dx, dbias = ms.grad(_ProbeAll(FusedBiasGELU(), probe.astype(np.float32)), (0, 1))(Tensor(x), Tensor(bias))
+    rows = int(np.prod(shape[:-1]))
+    # the fp32 slope loses about 1e-4 absolute to cancellation where x + bias is large
+    np.testing.assert_allclose(dx.asnumpy(), probe * slope, rtol=1e-4, atol=2e-4)
+    np.testing.assert_allclose(dbias.asnumpy(), (probe * slope).reshape(rows, -1).sum(0), rtol=1e-4,
+                               atol=2e-4 * np.sqrt(rows))
+
+
+@pytest.mark.parametrize('rows', [2, 17])
+def test_mlp_matches_numpy_with_the_bias_inside_the_gelu_kernel(rows):
+    """More than FEW_ROWS rows add fc_in's bias inside the GELU kernel, fewer use the few-rows kernel's bias."""
+    from mindformers.modules.mlp import MLP
+    rng = np.random.default_rng(15)
+    mlp = MLP(24, 48)
+    assert mlp.bias_in_act
+    for param in mlp.trainable_params():
+        param.set_data(Tensor(rng.standard_normal(param.shape).astype(np.float32) * 0.5))
+    w_in, b_in, w_out, b_out = (p.asnumpy().astype(np.float64) for p in
+                                (mlp.fc_in.weight, mlp.fc_in.bias, mlp.fc_out.weight, mlp.fc_out.bias))
+    x = rng.standard_normal((1, rows, 24)).astype(np.float32)
+    probe = rng.standard_normal((1, rows, 24))
+    hidden, slope = _gelu64(x[0].astype(np.float64) @ w_in.T + b_in)
+    np.testing.assert_allclose(mlp(Tensor(x)).asnumpy()[0], hidden @ w_out.T + b_out, rtol=1e-5, atol=1e-5)
+    dx, (dw_in, db_in, _, _) = ms.grad(_ProbeAll(mlp, probe.astype(np.float32)), 0, mlp.trainable_params())(
+        Tensor(x))
+    d_pre = (probe[0] @ w_out) * slope  # the gradient at fc_in's output
+    np.testing.assert_allclose(dx.asnumpy()[0], d_pre @ w_in, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(dw_in.asnumpy(), d_pre.T @ x[0], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(db_in.asnumpy(), d_pre.sum(0), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('rows, vocab', [(37, 1000), (4, 8192), (1, 1)])
+def test_token_log_probs_match_numpy_both_ways(rows, vocab):
+    from mindformers.modules.cpu_kernels import FusedTokenLogProbs
+    rng = np.random.default_rng(16)
+    logits = (rng.standard_normal((rows, vocab)) * 5).astype(np.float32)
+    logits[0] *= 1e3  # far from uniform: the max must be taken out before the exponentials
+    index = rng.integers(0, vocab, rows).astype(np.int32)
+    probe = rng.standard_normal(rows)
+    exact = logits.astype(np.float64)
+    lse = exact.max(1) + np.log(np.exp(exact - exact.max(1, keepdims=True)).sum(1))
+    picked, got_lse = FusedTokenLogProbs()(Tensor(logits), Tensor(index))
+    np.testing.assert_allclose(picked.asnumpy(), exact[np.arange(rows), index] - lse, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(got_lse.asnumpy(), lse, rtol=1e-6)
+
+    class Loss(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.fn, self.probe = FusedTokenLogProbs(), Tensor(probe.astype(np.float32))
+
+        def construct(self, x, i):
+            return (self.fn(x, i)[0] * self.probe).sum()
+
+    expected = -np.exp(exact - lse[:, None]) * probe[:, None]
+    expected[np.arange(rows), index] += probe
+    grad = ms.grad(Loss(), 0)(Tensor(logits), Tensor(index)).asnumpy()
+    np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_adamw_and_sum_of_squares_kernels_match_numpy():
+    """Tensors of several chunks (the kernels split work by 32768 elements) and of one, three updates."""
+    from mindformers.modules.cpu_kernels import FusedAdamW, FusedSumOfSquares
+    rng = np.random.default_rng(17)
+    shapes = [(300, 500), (7,), (70001,)]
+    decay = np.array([0.1, 0.0, 0.3], np.float32)
+    lr, step_size, eps, b1, b2 = 1e-2, 2e-2, 1e-7, 0.9, 0.95
+    hyper = Tensor(np.array([lr, step_size, eps, b1, b2, 1 - b1, 1 - b2], np.float32))
+    values = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+
+    class Update(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            state = lambda prefix, arrays: ParameterTuple(Parameter(Tensor(a), name=f'{prefix}{i}')
+                                                          for i, a in enumerate(arrays))
+            self.params = state('p', values)
+            self.moments1 = state('m', [np.zeros(s, np.float32) for s in shapes])
+            self.moments2 = state('v', [np.zeros(s, np.float32) for s in shapes])
+            self.update = FusedAdamW()
+
+        def construct(self, grads):
+            return self.update(hyper, Tensor(decay), self.params, self.moments1, self.moments2, grads)
+
+    p64 = [v.astype(np.float64) for v in values]
+    m64, v64 = [np.zeros(s) for s in shapes], [np.zeros(s) for s in shapes]
+    update, sums = Update(), FusedSumOfSquares()
+    for _ in range(3):
+        grads = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+        np.testing.assert_allclose(sums(ms.mutable(tuple(Tensor(g) for g in grads))).asnumpy(),
+                                   [np.sum(g.astype(np.float64) ** 2) for g in grads], rtol=1e-6)
+        assert update(ms.mutable(tuple(Tensor(g) for g in grads))).asnumpy().tolist() == [1.0]
+        for i, g in enumerate(grads):
+            m64[i] = b1 * m64[i] + (1 - b1) * g
+            v64[i] = b2 * v64[i] + (1 - b2) * g.astype(np.float64) ** 2
+            p64[i] = p64[i] * (1 - lr * decay[i]) - step_size * m64[i] / (np.sqrt(v64[i]) + eps)
+    for param, m, v, want_p, want_m, want_v in zip(update.params, update.moments1, update.moments2, p64, m64, v64):
+        np.testing.assert_allclose(m.asnumpy(), want_m, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(v.asnumpy(), want_v, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(param.asnumpy(), want_p, rtol=1e-5, atol=1e-5)
+
+
 def test_causal_self_attention_with_and_without_the_heads_kernels():
     from mindformers.modules.attention import CausalSelfAttention
     rng = np.random.default_rng(12)
@@ -318,7 +461,8 @@ def test_causal_self_attention_with_and_without_the_heads_kernels():
     recomputed = CausalSelfAttention(32, 4)
     recomputed.recompute()  # keeps the merge kernel, splits with plain ops (see CausalSelfAttention._recompute)
     assert recomputed.fused_heads and not recomputed.fused_split
-    plain.fused_heads = False
+    assert fused.bias_in_split  # the qkv bias is added by the split kernel
+    plain.fused_heads = plain.fused_split = False
     for ours, theirs in zip(fused.get_parameters(), plain.get_parameters()):
         theirs.set_data(Tensor(rng.standard_normal(ours.shape).astype(np.float32) * 0.3))
         ours.set_data(theirs.data)
@@ -330,7 +474,7 @@ def test_causal_self_attention_with_and_without_the_heads_kernels():
         grads = ms.grad(_AttentionProbe(layer, probe), 0, layer.trainable_params())(x)
         results.append([out, grads[0].asnumpy()] + [g.asnumpy() for g in grads[1]])
     for a, b in zip(*results):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
 class _AttentionProbe(nn.Cell):

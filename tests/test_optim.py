@@ -43,12 +43,13 @@ def run_both(opt, topt, ours, theirs, steps, sched=None, seed=1):
     return max(float(np.abs(p.asnumpy() - t.detach().numpy()).max()) for p, t in zip(ours, theirs))
 
 
-def test_matches_torch_adamw_with_schedule_and_decay():
+def test_matches_torch_adamw_with_schedule_and_decay(kernel_mode):
     ours, theirs = make_params()
     opt = AdamWeightDecay(ours, learning_rate=LinearWithWarmUpLR(1e-2, warmup_steps=2, total_steps=10),
                           beta1=0.8, beta2=0.95, eps=1e-6, weight_decay=0.1)
     topt = torch_adamw(theirs, 0.1, lr=1e-2, betas=(0.8, 0.95), eps=1e-6)
     sched = transformers.get_linear_schedule_with_warmup(topt, 2, 10)
+    assert (opt.fused_update is not None) == (kernel_mode == 'kernels')
     assert run_both(opt, topt, ours, theirs, steps=6, sched=sched) < 1e-6
     assert int(opt.global_step.asnumpy()[0]) == 6
     for param, m, v, tparam in zip(ours, opt.moments1, opt.moments2, theirs):
@@ -58,7 +59,7 @@ def test_matches_torch_adamw_with_schedule_and_decay():
         np.testing.assert_allclose(v.asnumpy(), state['exp_avg_sq'].numpy(), rtol=1e-6, atol=1e-7)
 
 
-def test_matches_torch_adamw_defaults_large_lr():
+def test_matches_torch_adamw_defaults_large_lr(kernel_mode):
     # a large fixed lr makes the bias corrections dominate the first updates
     ours, theirs = make_params(seed=3)
     opt = AdamWeightDecay(ours, learning_rate=0.1, weight_decay=0.05)
@@ -77,7 +78,7 @@ class _Regression(nn.Cell):
         return ((self.norm(self.dense(x)) - y) ** 2).mean()
 
 
-def test_inside_compiled_train_step_matches_torch():
+def test_inside_compiled_train_step_matches_torch(kernel_mode):
     """Gradients computed in the same graph as the update, like MFTrainOneStepCell."""
     net = _Regression()
     tnet = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3, eps=1e-7))
@@ -165,10 +166,11 @@ def test_registry_ours_win_and_mindspore_builtins_remain():
     assert isinstance(opt, nn.Momentum)
 
 
-def test_clip_grad_norm_matches_torch():
+def test_clip_grad_norm_matches_torch(kernel_mode):
     rng = np.random.default_rng(0)
     grads = [rng.standard_normal(s).astype(np.float32) * 3 for s in SHAPES]
     clip = ClipGradNorm(max_norm=2.0)
+    assert (clip.sum_of_squares is not None) == (kernel_mode == 'kernels')
     for scale in (1.0, 1e-2):  # clipped, then below the threshold (unchanged)
         scaled = [g * scale for g in grads]
         clipped, norm = clip(ms.mutable(tuple(Tensor(g) for g in scaled)))

@@ -5,7 +5,8 @@ import numpy as np
 import mindspore as ms
 from mindspore import nn, ops, Tensor
 
-from mindformers.modules.cpu_kernels import FusedCausalSoftmax, FusedMergeHeads, FusedSplitHeads, use_fused
+from mindformers.modules.cpu_kernels import (FusedBiasSplitHeads, FusedCausalSoftmax, FusedMergeHeads, FusedSplitHeads,
+                                             use_fused)
 from mindformers.modules.layers import Linear, Dropout, to_mstype, _dp_mp, _check_divisible
 
 
@@ -143,8 +144,11 @@ class CausalSelfAttention(nn.Cell):
         self.out_dropout.shard(((dp, 1, 1),))
         # on CPU (fp32, unsharded) the split into heads and the merge back are one kernel pass each
         self.fused_heads = self.fused_split = dp == mp == 1 and use_fused(self.compute_dtype)
+        self.bias_in_split = False
         if self.fused_heads:
-            self.split_heads = FusedSplitHeads(3, num_heads, scales=(1.0 / math.sqrt(head_dim), 1.0, 1.0))
+            scales = (1.0 / math.sqrt(head_dim), 1.0, 1.0)
+            self.bias_in_split = qkv_bias and self.qkv_proj.bias.dtype == ms.float32  # added by the split kernel
+            self.split_heads = (FusedBiasSplitHeads if self.bias_in_split else FusedSplitHeads)(3, num_heads, scales)
             self.merge_heads = FusedMergeHeads(num_heads)
 
     def _recompute(self, *args, **kwargs):
@@ -159,9 +163,14 @@ class CausalSelfAttention(nn.Cell):
 
     def construct(self, x, mask):
         batch, seq, hidden = x.shape
-        qkv = self.qkv_proj(x.reshape(batch * seq, hidden))
+        bias_in_split = self.fused_split and self.bias_in_split
+        qkv = self.qkv_proj(x.reshape(batch * seq, hidden), not bias_in_split)
         if self.fused_split:
-            query, key, value = self.split_heads(qkv.reshape(batch, seq, 3 * self.inner_size))
+            qkv = qkv.reshape(batch, seq, 3 * self.inner_size)
+            if bias_in_split:
+                query, key, value = self.split_heads(qkv, self.qkv_proj.bias)
+            else:
+                query, key, value = self.split_heads(qkv)
         else:
             # split along the features of the 2-D projection: far cheaper on CPU than indexing a stacked q/k/v tensor
             query, key, value = self.split_qkv(qkv)

@@ -16,7 +16,7 @@ from mindspore import nn, ops, Parameter
 from mindspore.common.initializer import initializer, Normal
 
 from mindformers.core.parallel_config import default_parallel_config, layer_stages
-from mindformers.modules.cpu_kernels import (FEW_ROWS, FusedBiasLinearFewRows, FusedColumnSum, FusedGELU,
+from mindformers.modules.cpu_kernels import (FEW_ROWS, FusedBiasGELU, FusedBiasLinearFewRows, FusedColumnSum, FusedGELU,
                                              FusedLayerNorm, FusedLinearFewRows, FusedResidualLinearFewRows,
                                              kernel_library, use_fused)
 
@@ -117,7 +117,7 @@ class Linear(nn.Cell):
         self.bias = Parameter(initializer('zeros', [out_features], param_dtype), name='bias') if has_bias else None
         self.matmul = ops.MatMul(transpose_b=True)
         dp, mp = _dp_mp(parallel_config)
-        fused = dp == mp == 1 and use_fused(self.compute_dtype)
+        self.fused = fused = dp == mp == 1 and use_fused(self.compute_dtype)
         self.bias_add = _BiasAdd(fused=fused)
         self.few_rows = (FusedBiasLinearFewRows() if has_bias else FusedLinearFewRows()) if fused else None
         self.few_rows_residual = FusedResidualLinearFewRows() if fused and has_bias else None
@@ -139,7 +139,8 @@ class Linear(nn.Cell):
             self.bias_add.shard(strategy_bias)
         return self
 
-    def construct(self, x):
+    def construct(self, x, add_bias=True):
+        """`add_bias=False` leaves the bias out (for a caller that adds it inside a fused kernel)."""
         shape = x.shape
         if len(shape) != 2:
             x = x.reshape(-1, shape[-1])
@@ -151,11 +152,11 @@ class Linear(nn.Cell):
         bias = self.bias
         if self.has_bias and bias.dtype != self.compute_dtype:
             bias = ops.cast(bias, self.compute_dtype)
-        if self.few_rows is not None and x.shape[0] <= FEW_ROWS:
+        if self.few_rows is not None and x.shape[0] <= FEW_ROWS and add_bias:
             y = self.few_rows(x, weight, bias) if self.has_bias else self.few_rows(x, weight)
         else:
             y = self.matmul(x, weight)
-            if self.has_bias:
+            if self.has_bias and add_bias:
                 y = self.bias_add(y, bias)
         if len(shape) != 2:
             y = y.reshape(shape[:-1] + (self.out_features,))
@@ -300,6 +301,7 @@ class TanhGELU(nn.Cell):
     def __init__(self):
         super().__init__()
         self.fused = FusedGELU() if use_fused(ms.float32) else None
+        self.fused_bias = FusedBiasGELU() if use_fused(ms.float32) else None  # gelu(x + bias) in one kernel
         self.a, self.b = 2 * math.sqrt(2 / math.pi), 2 * math.sqrt(2 / math.pi) * 0.044715
         self.square, self.mul_inner, self.mul_outer = ops.Mul(), ops.Mul(), ops.Mul()
         self.scale, self.shift = ops.Mul(), ops.Add()

@@ -1,6 +1,8 @@
 """Position-wise feed-forward networks: GELU MLP (GPT-2) and SwiGLU (LLaMA, GLM2, PengCheng.Mind)."""
+import mindspore as ms
 from mindspore import nn, ops
 
+from mindformers.modules.cpu_kernels import FEW_ROWS
 from mindformers.modules.layers import Linear, Dropout, get_activation, _dp_mp
 
 
@@ -26,10 +28,18 @@ class MLP(nn.Cell):
         dp, mp = _dp_mp(parallel_config)
         self.act = get_activation(hidden_act).shard(((dp, 1, mp),))
         self.dropout = Dropout(dropout).shard(((dp, 1, 1),))
+        # on CPU (fp32, unsharded) fc_in's bias is added inside the tanh-GELU kernel
+        fc_in = getattr(self, self.names[0])
+        self.bias_in_act = has_bias and fc_in.fused and fc_in.bias.dtype == ms.float32 and \
+            getattr(self.act, 'fused_bias', None) is not None
 
     def construct(self, x):
         fc_in, fc_out = getattr(self, self.names[0]), getattr(self, self.names[1])
-        return self.dropout(fc_out(self.act(fc_in(x))))
+        if self.bias_in_act and x.size > FEW_ROWS * x.shape[-1]:  # decode steps keep the few-rows kernel
+            hidden = self.act.fused_bias(fc_in(x, False), fc_in.bias)
+        else:
+            hidden = self.act(fc_in(x))
+        return self.dropout(fc_out(hidden))
 
     def add_to(self, residual, x):
         """`residual + self(x)` for 2-D x and residual [M, hidden_size], at inference with the output projection

@@ -103,6 +103,22 @@ class FusedGELU(nn.Cell):
         return (self.backward(x, dout),)
 
 
+class FusedBiasGELU(nn.Cell):
+    """`construct(x [..., C], bias [C]) -> gelu(x + bias)` (the tanh-GELU of `FusedGELU`), one pass each way; the
+    backward gives the bias gradient too. fp32, CPU (see `use_fused`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.forward = _custom('BiasGeluForward', lambda x, b: x, lambda x, b: x)
+        self.backward = _custom('BiasGeluBackward', lambda x, b, dy: (x, b), lambda x, b, dy: (x, b))
+
+    def construct(self, x, bias):
+        return self.forward(x, bias)
+
+    def bprop(self, x, bias, out, dout):
+        return self.backward(x, bias, dout)
+
+
 class FusedLayerNorm(nn.Cell):
     """`construct(x [..., h], weight [h], bias [h]) -> (y, mean [rows], rstd [rows])` over the last axis, one pass
     each way; fp32, CPU (see `use_fused`)."""
@@ -167,6 +183,53 @@ class FusedColumnSum(nn.Cell):
 
     def construct(self, x):
         return self.sum(x)
+
+
+class FusedTokenLogProbs(nn.Cell):
+    """`construct(logits [N, V], index [N] int32 in [0, V)) -> (log_softmax(logits)[r, index[r]] [N], logsumexp
+    [N])`: a token cross-entropy's core without materialising the [N, V] log-probabilities; one pass over the
+    logits each way. fp32, CPU (see `use_fused`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.forward = _custom('TokenLogProbsForward', lambda x, i: (i, i), lambda x, i: (x, x))
+        self.backward = _custom('TokenLogProbsBackward', lambda x, i, s, d: x, lambda x, i, s, d: x)
+
+    def construct(self, logits, index):
+        return self.forward(logits, index)
+
+    def bprop(self, logits, index, out, dout):
+        return self.backward(logits, index, out[1], dout[0]), ops.zeros_like(index)
+
+
+class FusedSumOfSquares(nn.Cell):
+    """`construct(tensors) -> [N]`: the sum of squares of each of N fp32 tensors, in one call (a global gradient
+    norm). Accumulated in float64 in a fixed order, so the result does not depend on threading; CPU (see
+    `use_fused`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.sums = _custom('SumOfSquares', lambda *shapes: [len(shapes)], lambda *dtypes: dtypes[0])
+
+    def construct(self, tensors):
+        return self.sums(*tensors)
+
+
+class FusedAdamW(nn.Cell):
+    """AdamW on N fp32 parameters in place, one pass over each element and one call for all of them:
+    m = b1 m + w1 g; v = b2 v + w2 g^2; p = p (1 - lr wd) - step_size m / (sqrt(v) + eps).
+
+    `construct(hyper [7] = (lr, step_size, eps, b1, b2, w1, w2), weight_decay [N], params, moments1, moments2,
+    grads) -> done [1]`, all fp32; params and moments are Parameters, updated in place. Depend on `done` to order the
+    update. One call consumes every gradient, so it runs after the whole backward pass has read the parameters.
+    CPU (see `use_fused`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.update = _custom('AdamWUpdate', lambda *shapes: [1], lambda *dtypes: dtypes[0])
+
+    def construct(self, hyper, weight_decay, params, moments1, moments2, grads):
+        return self.update(hyper, weight_decay, *params, *moments1, *moments2, *grads)
 
 
 class FusedDecodeAttentionPacked(nn.Cell):
@@ -257,8 +320,9 @@ class FusedSplitHeads(nn.Cell):
         if groups < 2:
             raise ValueError(f"FusedSplitHeads needs at least 2 groups, got {groups}")
         self.scales = Tensor(np.ones(groups, np.float32) if scales is None else np.asarray(scales, np.float32))
-        self.split = _custom('RowsToHeads', lambda x, s: tuple(_heads_shape(x, groups, heads) for _ in range(groups)),
-                             lambda x, s: tuple(x for _ in range(groups)))
+        self.split = _custom('RowsToHeads', lambda x, *rest: tuple(_heads_shape(x, groups, heads)
+                                                                     for _ in range(groups)),
+                             lambda x, *rest: tuple(x for _ in range(groups)))
         self.merge = _custom('HeadsToRows', lambda *a: [a[0][0], a[0][2], groups * heads * a[0][3]],
                              lambda *a: a[0])
 
@@ -267,6 +331,22 @@ class FusedSplitHeads(nn.Cell):
 
     def bprop(self, x, out, dout):
         return (self.merge(*dout, self.scales),)
+
+
+class FusedBiasSplitHeads(FusedSplitHeads):
+    """`FusedSplitHeads` with the projection's bias added in the same pass: `construct(x [B, S, groups * heads *
+    D], bias [groups * heads * D])`."""
+
+    def __init__(self, groups, heads, scales=None):
+        super().__init__(groups, heads, scales)
+        self.column_sum = FusedColumnSum()
+
+    def construct(self, x, bias):
+        return self.split(x, self.scales, bias)
+
+    def bprop(self, x, bias, out, dout):
+        dx = self.merge(*dout, self.scales)
+        return dx, self.column_sum(dx)
 
 
 class FusedMergeHeads(nn.Cell):

@@ -25,10 +25,35 @@ constexpr float kA = 1.5957691216057308f;   // 2 * sqrt(2 / pi)
 constexpr float kB = 0.0713548162726f;      // 2 * sqrt(2 / pi) * 0.044715
 constexpr int64_t kBlockRows = 64;
 
-// sigmoid(x (a + b x^2)); the exponent is clamped because -ffast-math assumes no infinities
-inline float GeluGate(float v) {
-  const float z = std::fmin(std::fmax(-v * (kA + kB * v * v), -80.f), 80.f);
-  return 1.f / (1.f + std::exp(z));
+// exp(x) within 2 ulp: 2^n * p(r) with n = round(x / ln 2), r = x - n ln 2 (ln 2 in two parts) and p a degree-6
+// Taylor polynomial; x is clamped to [-87, 88] (0 and infinity are out of reach, and -ffast-math assumes there are
+// none). Inline, so loops calling it vectorise without a call per vector into the vector libm.
+inline float Exp(float x) {
+  x = std::fmin(std::fmax(x, -87.f), 88.f);
+  const float n = std::nearbyint(x * 1.44269504f);
+  const float r = (x - n * 0.693145752f) - n * 1.42860677e-6f;
+  float p = 1.f / 720;
+  p = p * r + 1.f / 120;
+  p = p * r + 1.f / 24;
+  p = p * r + 1.f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  int32_t bits;
+  const int32_t e = (static_cast<int32_t>(n) + 127) << 23;
+  std::memcpy(&bits, &p, sizeof(bits));
+  bits += e - (127 << 23);
+  std::memcpy(&p, &bits, sizeof(p));
+  return p;
+}
+
+// sigmoid(x (a + b x^2))
+inline float GeluGate(float v) { return 1.f / (1.f + Exp(-v * (kA + kB * v * v))); }
+
+// d/dv of v * GeluGate(v)
+inline float GeluSlope(float v) {
+  const float s = GeluGate(v);
+  return s + v * s * (1.f - s) * (kA + 3.f * kB * v * v);
 }
 
 int UsableCores() {
@@ -167,11 +192,70 @@ extern "C" int GeluBackward(int nparam, void **params, int *ndims, int64_t **sha
   ParallelFor(n, 1, [=](int64_t begin, int64_t end) {
 #pragma omp simd
     for (int64_t i = begin; i < end; i++) {
-      const float v = x[i];
-      const float s = GeluGate(v);
-      dx[i] = dy[i] * (s + v * s * (1.f - s) * (kA + 3.f * kB * v * v));
+      dx[i] = dy[i] * GeluSlope(x[i]);
     }
   });
+  return 0;
+}
+
+// y = gelu(x + bias) for x [rows, C], bias [C]. Inputs: x, bias. Output: y.
+extern "C" int BiasGeluForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                               void *stream, void *extra) {
+  const float *x = static_cast<const float *>(params[0]);
+  const float *bias = static_cast<const float *>(params[1]);
+  float *y = static_cast<float *>(params[2]);
+  const int64_t cols = shapes[1][0];
+  const int64_t rows = Numel(ndims[0], shapes[0]) / cols;
+  ParallelFor(rows, cols, [=](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; r++) {
+      const float *xr = x + r * cols;
+      float *yr = y + r * cols;
+#pragma omp simd
+      for (int64_t j = 0; j < cols; j++) {
+        const float v = xr[j] + bias[j];
+        yr[j] = v * GeluGate(v);
+      }
+    }
+  });
+  return 0;
+}
+
+// Inputs: x [rows, C], bias [C], dy [rows, C]. Outputs: dx [rows, C] (the gradient of x, and of x + bias), dbias [C].
+extern "C" int BiasGeluBackward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                void *stream, void *extra) {
+  const float *x = static_cast<const float *>(params[0]);
+  const float *bias = static_cast<const float *>(params[1]);
+  const float *dy = static_cast<const float *>(params[2]);
+  float *dx = static_cast<float *>(params[3]);
+  float *db = static_cast<float *>(params[4]);
+  const int64_t cols = shapes[1][0];
+  const int64_t rows = Numel(ndims[0], shapes[0]) / cols;
+  const int64_t blocks = (rows + kBlockRows - 1) / kBlockRows;
+  std::vector<float> partial(blocks * cols, 0.f);
+  ParallelFor(blocks, kBlockRows * cols, [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; blk++) {
+      float *pb = partial.data() + blk * cols;
+      const int64_t last = std::min(rows, (blk + 1) * kBlockRows);
+      for (int64_t r = blk * kBlockRows; r < last; r++) {
+        const float *xr = x + r * cols;
+        const float *dyr = dy + r * cols;
+        float *dxr = dx + r * cols;
+#pragma omp simd
+        for (int64_t j = 0; j < cols; j++) {
+          const float v = xr[j] + bias[j];
+          const float g = dyr[j] * GeluSlope(v);
+          dxr[j] = g;
+          pb[j] += g;
+        }
+      }
+    }
+  });
+  std::memset(db, 0, cols * sizeof(float));
+  for (int64_t blk = 0; blk < blocks; blk++) {
+    const float *pb = partial.data() + blk * cols;
+#pragma omp simd
+    for (int64_t j = 0; j < cols; j++) db[j] += pb[j];
+  }
   return 0;
 }
 
@@ -287,7 +371,7 @@ extern "C" int CausalSoftmaxForward(int nparam, void **params, int *ndims, int64
       for (int64_t j = 1; j <= q; j++) mx = std::fmax(mx, xr[j]);
       float sum = 0.f;
       for (int64_t j = 0; j <= q; j++) {
-        const float e = std::exp(xr[j] - mx);
+        const float e = Exp(xr[j] - mx);
         pr[j] = e;
         sum += e;
       }
@@ -362,7 +446,7 @@ void DecodeAttend(int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t dim,
       }
       float sum = 0.f;
       for (int64_t j = 0; j < span; j++) {
-        scores[j] = std::exp(scores[j] - mx);
+        scores[j] = Exp(scores[j] - mx);
         sum += scores[j];
       }
       float *orow = context(b, h);
@@ -449,6 +533,132 @@ extern "C" int ColumnSum(int nparam, void **params, int *ndims, int64_t **shapes
   return 0;
 }
 
+// Log-probabilities of chosen classes. Inputs: logits [N, V], index [N] int32 (in [0, V)). Outputs:
+// picked [N] = logits[r, index[r]] - lse[r], lse [N] = log(sum_j exp(logits[r, j])).
+extern "C" int TokenLogProbsForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                    void *stream, void *extra) {
+  const float *logits = static_cast<const float *>(params[0]);
+  const int32_t *index = static_cast<const int32_t *>(params[1]);
+  float *picked = static_cast<float *>(params[2]);
+  float *lse = static_cast<float *>(params[3]);
+  const int64_t vocab = shapes[0][ndims[0] - 1];
+  const int64_t rows = Numel(ndims[0], shapes[0]) / vocab;
+  ParallelFor(rows, 2 * vocab, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; r++) {
+      const float *x = logits + r * vocab;
+      float mx = x[0];
+#pragma omp simd reduction(max : mx)
+      for (int64_t j = 0; j < vocab; j++) mx = std::fmax(mx, x[j]);
+      float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t j = 0; j < vocab; j++) sum += Exp(x[j] - mx);
+      lse[r] = mx + std::log(sum);
+      picked[r] = x[index[r]] - lse[r];
+    }
+  });
+  return 0;
+}
+
+// Inputs: logits [N, V], index [N] int32, lse [N], dpicked [N]. Output: dlogits [N, V] =
+// dpicked[r] * (onehot(index[r]) - softmax(logits[r])).
+extern "C" int TokenLogProbsBackward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                     void *stream, void *extra) {
+  const float *logits = static_cast<const float *>(params[0]);
+  const int32_t *index = static_cast<const int32_t *>(params[1]);
+  const float *lse = static_cast<const float *>(params[2]);
+  const float *dpicked = static_cast<const float *>(params[3]);
+  float *dlogits = static_cast<float *>(params[4]);
+  const int64_t vocab = shapes[0][ndims[0] - 1];
+  const int64_t rows = Numel(ndims[0], shapes[0]) / vocab;
+  ParallelFor(rows, 2 * vocab, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; r++) {
+      const float *x = logits + r * vocab;
+      float *dx = dlogits + r * vocab;
+      const float scale = -dpicked[r], shift = lse[r];
+#pragma omp simd
+      for (int64_t j = 0; j < vocab; j++) dx[j] = scale * Exp(x[j] - shift);
+      dx[index[r]] += dpicked[r];
+    }
+  });
+  return 0;
+}
+
+namespace {
+// A list of fp32 tensors (params[first + i], i < count) cut into chunks of at most kChunk elements, so that work on
+// tensors of very different sizes spreads evenly over the pool.
+struct Chunk {
+  int64_t tensor, begin, end;
+};
+
+std::vector<Chunk> Chunks(int64_t count, int first, int *ndims, int64_t **shapes) {
+  constexpr int64_t kChunk = 1 << 15;
+  std::vector<Chunk> chunks;
+  for (int64_t t = 0; t < count; t++) {
+    const int64_t n = Numel(ndims[first + t], shapes[first + t]);
+    for (int64_t begin = 0; begin < n; begin += kChunk) chunks.push_back({t, begin, std::min(n, begin + kChunk)});
+  }
+  return chunks;
+}
+}  // namespace
+
+// Sum of squares of each of N tensors. Inputs: N fp32 tensors. Output: [N]. Accumulated in double per chunk and the
+// chunks added in order, so the result does not depend on threading.
+extern "C" int SumOfSquares(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                            void *stream, void *extra) {
+  const int64_t count = nparam - 1;
+  float *out = static_cast<float *>(params[count]);
+  const std::vector<Chunk> chunks = Chunks(count, 0, ndims, shapes);
+  std::vector<double> partial(chunks.size());
+  ParallelFor(static_cast<int64_t>(chunks.size()), 1 << 15, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; c++) {
+      const float *x = static_cast<const float *>(params[chunks[c].tensor]);
+      double sum = 0.0;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t i = chunks[c].begin; i < chunks[c].end; i++) sum += static_cast<double>(x[i]) * x[i];
+      partial[c] = sum;
+    }
+  });
+  std::vector<double> totals(count, 0.0);
+  for (size_t c = 0; c < chunks.size(); c++) totals[chunks[c].tensor] += partial[c];
+  for (int64_t t = 0; t < count; t++) out[t] = static_cast<float>(totals[t]);
+  return 0;
+}
+
+// AdamW on N fp32 parameters in place, one pass over each element:
+//   m = b1 m + w1 g;  v = b2 v + w2 g^2;  p = p (1 - lr wd_i) - step_size m / (sqrt(v) + eps)
+// Inputs: hyper [7] = (lr, step_size, eps, b1, b2, w1, w2), weight_decay [N], then N params, N first moments, N
+// second moments, N gradients. Output: done [1] = 1 (for ordering only). The parameters' and moments' memory is their
+// Parameters': writing into it is the intended side effect.
+extern "C" int AdamWUpdate(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                           void *stream, void *extra) {
+  const int64_t count = (nparam - 3) / 4;
+  const float *hyper = static_cast<const float *>(params[0]);
+  const float *weight_decay = static_cast<const float *>(params[1]);
+  const float lr = hyper[0], step_size = hyper[1], eps = hyper[2];
+  const float b1 = hyper[3], b2 = hyper[4], w1 = hyper[5], w2 = hyper[6];
+  const std::vector<Chunk> chunks = Chunks(count, 2, ndims, shapes);
+  ParallelFor(static_cast<int64_t>(chunks.size()), 1 << 16, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; c++) {
+      const int64_t t = chunks[c].tensor;
+      float *p = static_cast<float *>(params[2 + t]);
+      float *m = static_cast<float *>(params[2 + count + t]);
+      float *v = static_cast<float *>(params[2 + 2 * count + t]);
+      const float *g = static_cast<const float *>(params[2 + 3 * count + t]);
+      const float decay = 1.f - lr * weight_decay[t];
+#pragma omp simd
+      for (int64_t i = chunks[c].begin; i < chunks[c].end; i++) {
+        const float mi = b1 * m[i] + w1 * g[i];
+        const float vi = b2 * v[i] + w2 * g[i] * g[i];
+        m[i] = mi;
+        v[i] = vi;
+        p[i] = p[i] * decay - step_size * mi / (std::sqrt(vi) + eps);
+      }
+    }
+  });
+  *static_cast<float *>(params[nparam - 1]) = 1.f;
+  return 0;
+}
+
 namespace {
 // y[m, first:last] = x[m] . w[n] (+ bias[n]) for every row m of x [m_rows, k_dim] and n in [first, last), w
 // [n_dim, k_dim]. Four weight rows at a time, each read once for all rows of x (decode has few rows, so the
@@ -525,26 +735,36 @@ extern "C" int LinearFewRowsResidual(int nparam, void **params, int *ndims, int6
 }
 
 // Rows to heads: x [B, S, G * H * D] (G groups of H heads, e.g. q | k | v) -> G outputs [B, H, S, D], output g
-// multiplied by scales[g]. Inputs: x, scales [G]; outputs: the G tensors.
+// multiplied by scales[g], after adding bias [G * H * D] when it is given. Inputs: x, scales [G], bias (optional);
+// outputs: the G tensors.
 extern "C" int RowsToHeads(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                            void *stream, void *extra) {
-  const int64_t groups = nparam - 2;
   const float *x = static_cast<const float *>(params[0]);
   const float *scales = static_cast<const float *>(params[1]);
-  const int64_t batch = shapes[2][0], heads = shapes[2][1], seq = shapes[2][2], dim = shapes[2][3];
+  const bool has_bias = ndims[2] == 1;  // the outputs are 4-D
+  const float *bias = has_bias ? static_cast<const float *>(params[2]) : nullptr;
+  const int first = has_bias ? 3 : 2;
+  const int64_t groups = nparam - first;
+  const int64_t batch = shapes[first][0], heads = shapes[first][1], seq = shapes[first][2], dim = shapes[first][3];
   const int64_t width = groups * heads * dim;
   if (shapes[0][0] != batch || shapes[0][1] != seq || shapes[0][2] != width) return 1;
   ParallelFor(batch * seq, width, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; row++) {
       const int64_t b = row / seq, s = row % seq;
       for (int64_t g = 0; g < groups; g++) {
-        float *out = static_cast<float *>(params[2 + g]);
+        float *out = static_cast<float *>(params[first + g]);
         const float scale = scales[g];
         for (int64_t h = 0; h < heads; h++) {
-          const float *src = x + row * width + (g * heads + h) * dim;
+          const int64_t column = (g * heads + h) * dim;
+          const float *src = x + row * width + column;
           float *dst = out + ((b * heads + h) * seq + s) * dim;
+          if (bias) {
 #pragma omp simd
-          for (int64_t d = 0; d < dim; d++) dst[d] = src[d] * scale;
+            for (int64_t d = 0; d < dim; d++) dst[d] = (src[d] + bias[column + d]) * scale;
+          } else {
+#pragma omp simd
+            for (int64_t d = 0; d < dim; d++) dst[d] = src[d] * scale;
+          }
         }
       }
     }
