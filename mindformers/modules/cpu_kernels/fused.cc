@@ -602,9 +602,10 @@ constexpr int64_t kLanes = 8, kTileRows = 4, kMaxVecs = 2;
 constexpr int64_t kLanes = 4, kTileRows = 4, kMaxVecs = 4;
 #endif
 constexpr int64_t kDepthBlock = 128;  // product depth per pass, so a tile's right-hand panel stays in L1
-constexpr int64_t kQueryBlock = 32;
+constexpr int64_t kQueryBlock = 64;
 
 typedef float Lanes __attribute__((vector_size(kLanes * sizeof(float))));
+typedef int32_t IntLanes __attribute__((vector_size(kLanes * sizeof(int32_t))));
 
 inline Lanes LoadLanes(const float *p) {
   Lanes v;
@@ -701,6 +702,42 @@ void Product(const float *a, int64_t a_row, int64_t a_col, const float *b, int64
   }
 }
 
+// exp(x) per lane for x in [-80, 0] (clamped to it): Cephes' expf polynomial on x - n ln 2, times 2^n.
+inline Lanes ExpLanes(Lanes x) {
+  const Lanes low = Lanes{} - 80.f, zero = Lanes{};
+  x = x < low ? low : x;
+  x = x > zero ? zero : x;
+  const IntLanes n = __builtin_convertvector(x * 1.44269504f - 0.5f, IntLanes);  // round(x / ln 2), as x <= 0
+  const Lanes nf = __builtin_convertvector(n, Lanes);
+  const Lanes r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
+  Lanes p = 1.9875691500e-4f * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const IntLanes two_n_bits = (n + 127) << 23;
+  Lanes two_n;
+  std::memcpy(&two_n, &two_n_bits, sizeof two_n);
+  return (p * r * r + r + 1.f) * two_n;
+}
+
+// x[j] = exp(x[j] - shift) for j < keys (where x[j] <= shift), 0 for keys <= j < end (a multiple of kLanes; x finite
+// there); returns the sum.
+float ExpRow(float *x, float shift, int64_t keys, int64_t end) {
+  IntLanes lane;
+  for (int i = 0; i < kLanes; i++) lane[i] = i;
+  Lanes total = {};
+  for (int64_t j = 0; j < end; j += kLanes) {
+    const Lanes e = ExpLanes(LoadLanes(x + j) - shift);
+    const Lanes kept = lane < static_cast<int32_t>(keys - j) ? e : Lanes{};
+    std::memcpy(x + j, &kept, sizeof kept);
+    total += kept;
+  }
+  float sum = 0.f;
+  for (int i = 0; i < kLanes; i++) sum += total[i];
+  return sum;
+}
+
 // One head's [seq, dim] matrices as the products need them: rows a multiple of kLanes (`rows`), row length `width` a
 // multiple of kLanes. When seq and dim are not, they live in zero-padded scratch. Buffers with a column per key (k^T,
 // v^T, score blocks) have rows of `stride` floats: an odd number of 64-byte lines, so that walking down a column
@@ -764,6 +801,12 @@ struct QueryBlock {
 
   // keys row i of the block sees (none for padding rows)
   int64_t Keys(int64_t i) const { return i < count ? first + i + 1 : 0; }
+
+  // past the keys whose scores Product(Causal::kColumnKeys) writes for row i, all that the other causal products
+  // may read of it: up to the last query of its row tile, in whole vectors
+  int64_t KeysEnd(int64_t i) const {
+    return std::min(cols, RoundUp(first + i / kTileRows * kTileRows + kTileRows, kLanes));
+  }
 };
 }  // namespace
 
@@ -801,17 +844,10 @@ extern "C" int CausalAttentionForward(int nparam, void **params, int *ndims, int
                 blk.tile_rows, head.width, blk.cols, false, Causal::kColumnKeys, first);
         for (int64_t i = 0; i < blk.tile_rows; i++) {  // unnormalised: the context rows are scaled instead
           float *row = probs.data() + i * head.stride;
-          const int64_t keys = blk.Keys(i), vector_end = RoundUp(keys, kLanes);
+          const int64_t keys = blk.Keys(i);
           float mx = -3.0e38f;  // not -INFINITY: -ffast-math assumes no infinities
           for (int64_t j = 0; j < keys; j++) mx = std::fmax(mx, row[j]);
-          float sum = 0.f;
-#pragma omp simd simdlen(kLanes) reduction(+ : sum)
-          for (int64_t j = 0; j < vector_end; j++) {  // whole vectors; exp clamped to where it has no slow path
-
-            row[j] = j < keys ? std::exp(std::fmin(std::fmax(row[j] - mx, -80.f), 0.f)) : 0.f;
-            sum += row[j];
-          }
-          std::fill(row + vector_end, row + blk.cols, 0.f);
+          const float sum = ExpRow(row, mx, keys, blk.KeysEnd(i));
           if (keys) {
             inv_sum[i] = 1.f / sum;
             lse[task * seq + first + i] = mx + std::log(sum);
@@ -876,18 +912,14 @@ extern "C" int CausalAttentionBackward(int nparam, void **params, int *ndims, in
                   blk.cols, false, Causal::kColumnKeys, first);
           for (int64_t i = 0; i < blk.tile_rows; i++) {
             float *p = probs.data() + i * stride, *ds = dscores.data() + i * stride;
-            const int64_t keys_seen = blk.Keys(i), vector_end = RoundUp(keys_seen, kLanes), row = h * seq + first + i;
+            const int64_t keys_seen = blk.Keys(i), keys_end = blk.KeysEnd(i), row = h * seq + first + i;
             const float *o = out + row * dim, *do_ = dout + row * dim;
             float dot = 0.f;
             for (int64_t d = 0; d < (keys_seen ? dim : 0); d++) dot += do_[d] * o[d];
             const float row_lse = keys_seen ? lse[row] : 0.f;
-#pragma omp simd simdlen(kLanes)
-            for (int64_t j = 0; j < vector_end; j++) {  // as in the forward
-              p[j] = j < keys_seen ? std::exp(std::fmin(std::fmax(p[j] - row_lse, -80.f), 0.f)) : 0.f;
-              ds[j] = p[j] * (ds[j] - dot);
-            }
-            std::fill(p + vector_end, p + blk.cols, 0.f);
-            std::fill(ds + vector_end, ds + blk.cols, 0.f);
+            ExpRow(p, row_lse, keys_seen, keys_end);
+#pragma omp simd
+            for (int64_t j = 0; j < keys_end; j++) ds[j] = p[j] * (ds[j] - dot);
           }
           Product(dscores.data(), stride, 1, keys, width, dquery + first * width, width, blk.tile_rows, blk.cols,
                   width, false, Causal::kDepthKeys, first);
