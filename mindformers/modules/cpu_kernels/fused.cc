@@ -582,10 +582,10 @@ extern "C" int HeadsToRows(int nparam, void **params, int *ndims, int64_t **shap
 
 // ---------------------------------------------------------------------------------------------------------------
 // Causal attention for training: softmax(q k^T, row i sees keys 0..i) v per head, forward and backward, without a
-// [S, S] matrix in memory. Blocks of kQueryBlock query rows take their scores against keys up to their last row only,
-// and the backward recomputes the probabilities from the forward's per-row logsumexp. One task per (batch, head) in
-// the forward and per (batch, kv head) in the backward, so every sum runs in a fixed order on one thread. All
-// products are one register-tiled kernel on row-major operands; heads whose length or dim are not multiples of
+// [S, S] matrix in memory: blocks of kQueryBlock query rows take their scores against the keys they see, and the
+// backward recomputes the probabilities from the forward's per-row logsumexp. All products are one register-tiled
+// kernel that skips the masked half tile by tile. One task per (batch, head) in the forward and per (batch, kv head)
+// in the backward, so every sum runs in a fixed order on one thread. Heads whose length or dim are not multiples of
 // kLanes are first copied into zero-padded scratch.
 // ---------------------------------------------------------------------------------------------------------------
 #if defined(__AVX512F__)
@@ -595,7 +595,7 @@ extern "C" int HeadsToRows(int nparam, void **params, int *ndims, int64_t **shap
 namespace {
 // A register tile is kTileRows x (kMaxVecs vectors of kLanes floats); kLanes is a multiple of kTileRows.
 #if defined(__AVX512F__)
-constexpr int64_t kLanes = 16, kTileRows = 8, kMaxVecs = 2;
+constexpr int64_t kLanes = 16, kTileRows = 8, kMaxVecs = 3;
 #elif defined(__AVX__)
 constexpr int64_t kLanes = 8, kTileRows = 4, kMaxVecs = 2;
 #else
@@ -913,10 +913,11 @@ extern "C" int CausalAttentionBackward(int nparam, void **params, int *ndims, in
           for (int64_t i = 0; i < blk.tile_rows; i++) {
             float *p = probs.data() + i * stride, *ds = dscores.data() + i * stride;
             const int64_t keys_seen = blk.Keys(i), keys_end = blk.KeysEnd(i), row = h * seq + first + i;
-            const float *o = out + row * dim, *do_ = dout + row * dim;
-            float dot = 0.f;
-            for (int64_t d = 0; d < (keys_seen ? dim : 0); d++) dot += do_[d] * o[d];
-            const float row_lse = keys_seen ? lse[row] : 0.f;
+            float dot = 0.f, row_lse = 0.f;  // stay 0 on padding rows, whose probabilities are all 0
+            if (keys_seen) {
+              for (int64_t d = 0; d < dim; d++) dot += dout[row * dim + d] * out[row * dim + d];
+              row_lse = lse[row];
+            }
             ExpRow(p, row_lse, keys_seen, keys_end);
 #pragma omp simd
             for (int64_t j = 0; j < keys_end; j++) ds[j] = p[j] * (ds[j] - dot);
