@@ -1,5 +1,5 @@
-"""Fused fp32 CPU kernels (tanh-GELU, LayerNorm, causal softmax, decode attention, linear layers on few rows) as
-MindSpore AOT custom ops, compiled from `fused.cc` on first use.
+"""Fused fp32 CPU kernels (tanh-GELU, LayerNorm, causal softmax, causal attention, decode attention, linear layers
+on few rows) as MindSpore AOT custom ops, compiled from `fused.cc` on first use.
 
 MindSpore runs every small op as its own pass over memory; on CPU the train step's elementwise work (LayerNorm's
 backward above all) costs as much as its matrix products. These kernels do each of those in one pass. Decode steps
