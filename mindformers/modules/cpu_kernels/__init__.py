@@ -298,11 +298,11 @@ class FusedCausalAttention(nn.Cell):
 
     def __init__(self):
         super().__init__()
-        backward = _custom('CausalAttentionBackward', lambda q, k, v, o, lse, do: (q, k, v),
-                           lambda q, k, v, o, lse, do: (q, k, v))
+        backward = _custom('CausalAttentionBackward', lambda q, k, v, lse, do: (q, k, v),
+                           lambda q, k, v, lse, do: (q, k, v))
 
         def bprop(query, key, value, out, dout):  # out = (context, lse); lse is not differentiated
-            return backward(query, key, value, out[0], out[1], dout[0])
+            return backward(query, key, value, out[1], dout[0])
 
         self.attend = _custom('CausalAttentionForward', lambda q, k, v: (q, q[:-1]), lambda q, k, v: (q, q), bprop)
 

@@ -866,21 +866,20 @@ extern "C" int CausalAttentionForward(int nparam, void **params, int *ndims, int
   return 0;
 }
 
-// Inputs: query, key, value, context, lse as in CausalAttentionForward, dcontext [B, H, S, D].
+// Inputs: query, key, value, lse as in CausalAttentionForward, dcontext [B, H, S, D].
 // Outputs: dquery [B, H, S, D], dkey and dvalue [B, Hkv, S, D] (summed over each kv head's query heads, in order).
-// With P the probabilities, dP = dcontext v^T and dS = P (dP - rowsum(dcontext * context)):
-// dquery = dS k, dkey = dS^T query, dvalue = P^T dcontext.
+// With P the probabilities, dP = dcontext v^T and dS = P (dP - rowsum(P * dP)) (rowsum(P * dP) is the usual
+// rowsum(dcontext * context), from the rows at hand): dquery = dS k, dkey = dS^T query, dvalue = P^T dcontext.
 extern "C" int CausalAttentionBackward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                                        void *stream, void *extra) {
   const float *q = static_cast<const float *>(params[0]);
   const float *k = static_cast<const float *>(params[1]);
   const float *v = static_cast<const float *>(params[2]);
-  const float *out = static_cast<const float *>(params[3]);
-  const float *lse = static_cast<const float *>(params[4]);
-  const float *dout = static_cast<const float *>(params[5]);
-  float *dq = static_cast<float *>(params[6]);
-  float *dk = static_cast<float *>(params[7]);
-  float *dv = static_cast<float *>(params[8]);
+  const float *lse = static_cast<const float *>(params[3]);
+  const float *dout = static_cast<const float *>(params[4]);
+  float *dq = static_cast<float *>(params[5]);
+  float *dk = static_cast<float *>(params[6]);
+  float *dv = static_cast<float *>(params[7]);
   const int64_t batch = shapes[0][0], heads = shapes[0][1], seq = shapes[0][2], dim = shapes[0][3];
   const int64_t kv_heads = shapes[1][1];
   if (heads % kv_heads || shapes[1][2] != seq || shapes[1][3] != dim) return 1;
@@ -913,12 +912,10 @@ extern "C" int CausalAttentionBackward(int nparam, void **params, int *ndims, in
           for (int64_t i = 0; i < blk.tile_rows; i++) {
             float *p = probs.data() + i * stride, *ds = dscores.data() + i * stride;
             const int64_t keys_seen = blk.Keys(i), keys_end = blk.KeysEnd(i), row = h * seq + first + i;
-            float dot = 0.f, row_lse = 0.f;  // stay 0 on padding rows, whose probabilities are all 0
-            if (keys_seen) {
-              for (int64_t d = 0; d < dim; d++) dot += dout[row * dim + d] * out[row * dim + d];
-              row_lse = lse[row];
-            }
-            ExpRow(p, row_lse, keys_seen, keys_end);
+            ExpRow(p, keys_seen ? lse[row] : 0.f, keys_seen, keys_end);
+            float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+            for (int64_t j = 0; j < keys_end; j++) dot += p[j] * ds[j];
 #pragma omp simd
             for (int64_t j = 0; j < keys_end; j++) ds[j] = p[j] * (ds[j] - dot);
           }
