@@ -5,8 +5,8 @@ import numpy as np
 import mindspore as ms
 from mindspore import nn, ops, Tensor
 
-from mindformers.modules.cpu_kernels import (FusedBiasSplitHeads, FusedCausalSoftmax, FusedMergeHeads, FusedSplitHeads,
-                                             use_fused)
+from mindformers.modules.cpu_kernels import (FusedBiasSplitHeads, FusedCausalAttention, FusedCausalSoftmax,
+                                             FusedMergeHeads, FusedSplitHeads, use_fused)
 from mindformers.modules.layers import Linear, Dropout, to_mstype, _dp_mp, _check_divisible
 
 
@@ -58,10 +58,10 @@ class DotProductAttention(nn.Cell):
 
     `construct(query, key, value, mask)`: query [B, H, S, D] already scaled; key, value [B, Hkv, S, D] with H a
     multiple of Hkv (query head h reads key/value head h // (H / Hkv), as HF's `repeat_kv`); mask additive
-    [B, H, S, S] in `softmax_compute_type`, or None for the plain causal mask (only when `self.causal_softmax`,
-    the fused CPU kernel, exists) -> context [B, H, S, D] in `compute_dtype`. `dropout` acts on the
-    probabilities. `score_scale` (a number, default none) multiplies the scores after their cast to the softmax
-    dtype, before the mask: ChatGLM-6B divides its queries by an extra per-layer factor in half precision and
+    [B, H, S, S] in `softmax_compute_type`, or None for the plain causal mask (only when a fused CPU kernel,
+    `self.causal_attention` or `self.causal_softmax`, exists) -> context [B, H, S, D] in `compute_dtype`. `dropout`
+    acts on the probabilities. `score_scale` (a number, default none) multiplies the scores after their cast to the
+    softmax dtype, before the mask: ChatGLM-6B divides its queries by an extra per-layer factor in half precision and
     multiplies the float32 scores back by it."""
 
     def __init__(self, dropout=0.0, compute_dtype='float32', softmax_compute_type='float32', parallel_config=None,
@@ -70,8 +70,12 @@ class DotProductAttention(nn.Cell):
         self.compute_dtype = to_mstype(compute_dtype, 'compute_dtype')
         self.softmax_dtype = to_mstype(softmax_compute_type, 'softmax_compute_type')
         self.score_scale = None if score_scale is None else Tensor(score_scale, self.softmax_dtype)
-        self.causal_softmax = FusedCausalSoftmax() if fused_causal_attention(softmax_compute_type,
-                                                                             parallel_config) else None
+        # mask=None (the plain causal mask) runs in fused kernels: all of attention, one kernel each way, when there
+        # is no dropout or score_scale to apply in between; otherwise the softmax
+        fused = fused_causal_attention(softmax_compute_type, parallel_config)
+        whole = fused and use_fused(self.compute_dtype) and dropout == 0 and score_scale is None
+        self.causal_attention = FusedCausalAttention() if whole else None
+        self.causal_softmax = FusedCausalSoftmax() if fused and not whole else None
         self.dropout = Dropout(dropout)
         dp, mp = _dp_mp(parallel_config)
         self.scores_matmul = ops.BatchMatMul(transpose_b=True).shard(((dp, mp, 1, 1), (dp, mp, 1, 1)))
@@ -92,6 +96,8 @@ class DotProductAttention(nn.Cell):
         return x.reshape(batch, heads, seq, dim)
 
     def construct(self, query, key, value, mask):
+        if mask is None and self.causal_attention is not None:
+            return self.causal_attention(query, key, value)
         heads = query.shape[1]
         scores = self.scores_matmul(query, self.repeat_kv(key, heads))  # [B, H, S, S]
         if scores.dtype != self.softmax_dtype:

@@ -1,5 +1,5 @@
-"""Fused fp32 CPU kernels (tanh-GELU, LayerNorm, causal softmax, decode attention, linear layers on few rows) as
-MindSpore AOT custom ops, compiled from `fused.cc` on first use.
+"""Fused fp32 CPU kernels (tanh-GELU, LayerNorm, causal softmax, causal attention, decode attention, linear layers
+on few rows) as MindSpore AOT custom ops, compiled from `fused.cc` on first use.
 
 MindSpore runs every small op as its own pass over memory; on CPU the train step's elementwise work (LayerNorm's
 backward above all) costs as much as its matrix products. These kernels do each of those in one pass. Decode steps
@@ -80,8 +80,9 @@ def use_fused(dtype):
     return dtype == ms.float32 and kernel_library() is not None
 
 
-def _custom(name, out_shape, out_dtype):
-    return ops.Custom(f"{kernel_library()}:{name}", out_shape=out_shape, out_dtype=out_dtype, func_type='aot')
+def _custom(name, out_shape, out_dtype, bprop=None):
+    return ops.Custom(f"{kernel_library()}:{name}", out_shape=out_shape, out_dtype=out_dtype, func_type='aot',
+                      bprop=bprop)
 
 
 def _rows(shape):
@@ -364,3 +365,26 @@ class FusedMergeHeads(nn.Cell):
 
     def bprop(self, x, out, dout):
         return (self.split(dout, self.one),)
+
+
+class FusedCausalAttention(nn.Cell):
+    """`construct(query [B, H, S, D] already scaled, key [B, Hkv, S, D], value [B, Hkv, S, D]) -> context
+    [B, H, S, D]`: softmax(q k^T) v per head with the causal mask (query row i sees keys 0..i), H a multiple of Hkv
+    (query head h reads key/value head h // (H / Hkv)). fp32, CPU (see `use_fused`); no dropout.
+
+    One kernel each way, skipping the masked half and never storing the [S, S] probabilities: the forward keeps each
+    query row's logsumexp [B, H, S] and the backward recomputes the probabilities from it. dkey and dvalue are summed
+    over each key/value head's query heads; results do not depend on threading."""
+
+    def __init__(self):
+        super().__init__()
+        backward = _custom('CausalAttentionBackward', lambda q, k, v, lse, do: (q, k, v),
+                           lambda q, k, v, lse, do: (q, k, v))
+
+        def bprop(query, key, value, out, dout):  # out = (context, lse); lse is not differentiated
+            return backward(query, key, value, out[1], dout[0])
+
+        self.attend = _custom('CausalAttentionForward', lambda q, k, v: (q, q[:-1]), lambda q, k, v: (q, q), bprop)
+
+    def construct(self, query, key, value):
+        return self.attend(query, key, value)[0]

@@ -798,3 +798,359 @@ extern "C" int HeadsToRows(int nparam, void **params, int *ndims, int64_t **shap
   });
   return 0;
 }
+
+
+// ---------------------------------------------------------------------------------------------------------------
+// Causal attention for training: softmax(q k^T, row i sees keys 0..i) v per head, forward and backward, without a
+// [S, S] matrix in memory: blocks of kQueryBlock query rows take their scores against the keys they see, and the
+// backward recomputes the probabilities from the forward's per-row logsumexp. All products are one register-tiled
+// kernel that skips the masked half tile by tile. One task per (batch, head) in the forward and per (batch, kv head)
+// in the backward, so every sum runs in a fixed order on one thread. Heads whose length or dim are not multiples of
+// kLanes are first copied into zero-padded scratch.
+// ---------------------------------------------------------------------------------------------------------------
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+// A register tile is kTileRows x (kMaxVecs vectors of kLanes floats); kLanes is a multiple of kTileRows.
+#if defined(__AVX512F__)
+constexpr int64_t kLanes = 16, kTileRows = 8, kMaxVecs = 3;
+#elif defined(__AVX__)
+constexpr int64_t kLanes = 8, kTileRows = 4, kMaxVecs = 2;
+#else
+constexpr int64_t kLanes = 4, kTileRows = 4, kMaxVecs = 4;
+#endif
+constexpr int64_t kDepthBlock = 128;  // product depth per pass, so a tile's right-hand panel stays in L1
+constexpr int64_t kQueryBlock = 64;
+
+typedef float Lanes __attribute__((vector_size(kLanes * sizeof(float))));
+typedef int32_t IntLanes __attribute__((vector_size(kLanes * sizeof(int32_t))));
+
+inline Lanes LoadLanes(const float *p) {
+  Lanes v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline int64_t RoundUp(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+#if defined(__AVX512F__)
+// dst[c * ld_dst + r] = src[r * ld_src + c] for r, c < 16, in registers.
+inline void Transpose16x16(const float *src, int64_t ld_src, float *dst, int64_t ld_dst) {
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_ps(src + i * ld_src);
+  for (int i = 0; i < 16; i += 2) {  // t[i], t[i + 1]: rows i and i + 1 interleaved
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int m = 0; m < 16; m += 4) {  // r[m + c]: 128-bit lane L holds column 4 L + c of rows m..m + 3
+    for (int h = 0; h < 2; h++) {
+      const __m512d lo = _mm512_castps_pd(t[m + h]), hi = _mm512_castps_pd(t[m + h + 2]);
+      r[m + 2 * h] = _mm512_castpd_ps(_mm512_unpacklo_pd(lo, hi));
+      r[m + 2 * h + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(lo, hi));
+    }
+  }
+  for (int c = 0; c < 4; c++) {  // column 4 L + c gathers lane L of r[c], r[4 + c], r[8 + c], r[12 + c]
+    const __m512 v0 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0x44), v1 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0xee);
+    const __m512 w0 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0x44);
+    const __m512 w1 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0xee);
+    _mm512_storeu_ps(dst + c * ld_dst, _mm512_shuffle_f32x4(v0, w0, 0x88));
+    _mm512_storeu_ps(dst + (4 + c) * ld_dst, _mm512_shuffle_f32x4(v0, w0, 0xdd));
+    _mm512_storeu_ps(dst + (8 + c) * ld_dst, _mm512_shuffle_f32x4(v1, w1, 0x88));
+    _mm512_storeu_ps(dst + (12 + c) * ld_dst, _mm512_shuffle_f32x4(v1, w1, 0xdd));
+  }
+}
+#endif
+
+// c[r, 0 : kVecs kLanes) = (c[r] when add) + sum_k a[r a_row + k a_col] b[k ldb + 0 : kVecs kLanes), r < kTileRows,
+// accumulated in registers.
+template <int64_t kVecs>
+void Tile(const float *a, int64_t a_row, int64_t a_col, const float *b, int64_t ldb, int64_t depth, float *c,
+          int64_t ldc, bool add) {
+  Lanes acc[kTileRows][kVecs];
+  for (int64_t r = 0; r < kTileRows; r++) {
+    for (int64_t v = 0; v < kVecs; v++) acc[r][v] = add ? LoadLanes(c + r * ldc + v * kLanes) : Lanes{};
+  }
+  for (int64_t k = 0; k < depth; k++) {
+    Lanes bk[kVecs];
+    for (int64_t v = 0; v < kVecs; v++) bk[v] = LoadLanes(b + k * ldb + v * kLanes);
+    for (int64_t r = 0; r < kTileRows; r++) {
+      const float ark = a[r * a_row + k * a_col];
+      for (int64_t v = 0; v < kVecs; v++) acc[r][v] += ark * bk[v];
+    }
+  }
+  for (int64_t r = 0; r < kTileRows; r++) {
+    for (int64_t v = 0; v < kVecs; v++) std::memcpy(c + r * ldc + v * kLanes, &acc[r][v], sizeof(Lanes));
+  }
+}
+
+// Tile<vecs> for 1 <= vecs <= kVecs.
+template <int64_t kVecs>
+void TileOf(int64_t vecs, const float *a, int64_t a_row, int64_t a_col, const float *b, int64_t ldb, int64_t depth,
+            float *c, int64_t ldc, bool add) {
+  if constexpr (kVecs > 1) {
+    if (vecs < kVecs) return TileOf<kVecs - 1>(vecs, a, a_row, a_col, b, ldb, depth, c, ldc, add);
+  }
+  Tile<kVecs>(a, a_row, a_col, b, ldb, depth, c, ldc, add);
+}
+
+// Where a product meets the causal mask of the query rows first..: kColumnKeys, c's columns are keys and its rows
+// the queries first + r; kDepthKeys, the depth index is the key and rows are the queries first + r; kRowKeys, rows
+// are keys and the depth index the queries first + k.
+enum class Causal { kColumnKeys, kDepthKeys, kRowKeys };
+
+// c [rows, cols] = (or += when add) a [rows, depth] b [depth, cols]: element (r, k) of a at a[r a_row + k a_col]
+// (so a may be a transposed view), b and c row-major with leading dimensions ldb, ldc; rows a multiple of kTileRows,
+// cols of kLanes. Tiles skip the work on (key > query) pairs as far as their shape allows: those entries of a must
+// be zero, and those of c may be left unwritten (kColumnKeys).
+void Product(const float *a, int64_t a_row, int64_t a_col, const float *b, int64_t ldb, float *c, int64_t ldc,
+             int64_t rows, int64_t depth, int64_t cols, bool add, Causal causal, int64_t first) {
+  for (int64_t k = 0; k < depth; k += kDepthBlock) {
+    for (int64_t j = 0; j < cols; j += kMaxVecs * kLanes) {
+      for (int64_t i = 0; i < rows; i += kTileRows) {
+        const int64_t queries_end = first + i + kTileRows;  // past the last query of a tile whose rows are queries
+        int64_t from = k, to = std::min(depth, k + kDepthBlock), cols_end = std::min(cols, j + kMaxVecs * kLanes);
+        if (causal == Causal::kColumnKeys) cols_end = std::min(cols_end, RoundUp(queries_end, kLanes));
+        if (causal == Causal::kDepthKeys) to = std::min(to, queries_end);
+        if (causal == Causal::kRowKeys) from = std::max(from, i - first);
+        if (cols_end <= j) continue;
+        TileOf<kMaxVecs>((cols_end - j) / kLanes, a + i * a_row + from * a_col, a_row, a_col, b + from * ldb + j, ldb,
+                         std::max<int64_t>(0, to - from), c + i * ldc + j, ldc, add || k > 0);
+      }
+    }
+  }
+}
+
+// exp(x) per lane for x in [-80, 0] (clamped to it): Cephes' expf polynomial on x - n ln 2, times 2^n.
+inline Lanes ExpLanes(Lanes x) {
+  const Lanes low = Lanes{} - 80.f, zero = Lanes{};
+  x = x < low ? low : x;
+  x = x > zero ? zero : x;
+  const IntLanes n = __builtin_convertvector(x * 1.44269504f - 0.5f, IntLanes);  // round(x / ln 2), as x <= 0
+  const Lanes nf = __builtin_convertvector(n, Lanes);
+  const Lanes r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
+  Lanes p = 1.9875691500e-4f * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const IntLanes two_n_bits = (n + 127) << 23;
+  Lanes two_n;
+  std::memcpy(&two_n, &two_n_bits, sizeof two_n);
+  return (p * r * r + r + 1.f) * two_n;
+}
+
+// x[j] = exp(x[j] - shift) for j < keys (where x[j] <= shift), 0 for keys <= j < end (a multiple of kLanes; x finite
+// there); returns the sum.
+float ExpRow(float *x, float shift, int64_t keys, int64_t end) {
+  IntLanes lane;
+  for (int i = 0; i < kLanes; i++) lane[i] = i;
+  Lanes total = {};
+  for (int64_t j = 0; j < end; j += kLanes) {
+    const Lanes e = ExpLanes(LoadLanes(x + j) - shift);
+    const Lanes kept = lane < static_cast<int32_t>(keys - j) ? e : Lanes{};
+    std::memcpy(x + j, &kept, sizeof kept);
+    total += kept;
+  }
+  float sum = 0.f;
+  for (int i = 0; i < kLanes; i++) sum += total[i];
+  return sum;
+}
+
+// One head's [seq, dim] matrices as the products need them: rows a multiple of kLanes (`rows`), row length `width` a
+// multiple of kLanes. When seq and dim are not, they live in zero-padded scratch. Buffers with a column per key (k^T,
+// v^T, score blocks) have rows of `stride` floats: an odd number of 64-byte lines, so that walking down a column
+// does not keep hitting the same L1 sets.
+struct HeadLayout {
+  int64_t seq, dim, rows, width, stride;
+  bool padded;
+
+  HeadLayout(int64_t seq, int64_t dim)
+      : seq(seq), dim(dim), rows(RoundUp(seq, kLanes)), width(RoundUp(dim, kLanes)),
+        stride(RoundUp(seq, 32) + 16), padded(rows != seq || width != dim) {}
+
+  int64_t Size() const { return rows * width; }
+
+  // src [seq, dim] as [rows, width]: src itself, or a padded copy in scratch.
+  const float *Rows(const float *src, float *scratch) const {
+    if (!padded) return src;
+    for (int64_t i = 0; i < rows; i++) {
+      float *row = scratch + i * width;
+      const int64_t copied = i < seq ? dim : 0;
+      if (copied) std::memcpy(row, src + i * dim, dim * sizeof(float));
+      std::memset(row + copied, 0, (width - copied) * sizeof(float));
+    }
+    return scratch;
+  }
+
+  // dst [width, stride] = src [seq, dim]^T, zero-padded.
+  void Transpose(const float *src, float *dst) const {
+    for (int64_t d = 0; d < width; d++) std::memset(dst + d * stride + seq, 0, (stride - seq) * sizeof(float));
+    std::memset(dst + dim * stride, 0, (width - dim) * stride * sizeof(float));
+    int64_t block_rows = 0, block_dims = 0;  // the part done in 16 x 16 blocks
+#if defined(__AVX512F__)
+    block_rows = seq / 16 * 16;
+    block_dims = dim / 16 * 16;
+    for (int64_t i = 0; i < block_rows; i += 16) {
+      for (int64_t d = 0; d < block_dims; d += 16) Transpose16x16(src + i * dim + d, dim, dst + d * stride + i, stride);
+    }
+#endif
+    for (int64_t i = 0; i < seq; i++) {
+      for (int64_t d = i < block_rows ? block_dims : 0; d < dim; d++) dst[d * stride + i] = src[i * dim + d];
+    }
+  }
+
+  // Where to write a [rows, width] result for dst [seq, dim]: dst itself, or scratch to `Unpack` from.
+  float *Output(float *dst, float *scratch) const { return padded ? scratch : dst; }
+
+  void Unpack(const float *scratch, float *dst) const {
+    if (!padded) return;
+    for (int64_t i = 0; i < seq; i++) std::memcpy(dst + i * dim, scratch + i * width, dim * sizeof(float));
+  }
+};
+
+// Query rows first..first + count; products run on tile_rows (count rounded up to kTileRows) against keys 0..cols
+// (the block's last row rounded up to kLanes).
+struct QueryBlock {
+  int64_t first, count, tile_rows, cols;
+
+  QueryBlock(const HeadLayout &head, int64_t first)
+      : first(first), count(std::min(kQueryBlock, head.seq - first)), tile_rows(RoundUp(count, kTileRows)),
+        cols(RoundUp(first + count, kLanes)) {}
+
+  // keys row i of the block sees (none for padding rows)
+  int64_t Keys(int64_t i) const { return i < count ? first + i + 1 : 0; }
+
+  // past the keys whose scores Product(Causal::kColumnKeys) writes for row i, all that the other causal products
+  // may read of it: up to the last query of its row tile, in whole vectors
+  int64_t KeysEnd(int64_t i) const {
+    return std::min(cols, RoundUp(first + i / kTileRows * kTileRows + kTileRows, kLanes));
+  }
+};
+}  // namespace
+
+// Inputs: query [B, H, S, D] (already scaled), key and value [B, Hkv, S, D] (query head h reads kv head
+// h / (H / Hkv)). Outputs: context [B, H, S, D], lse [B, H, S] (each query row's logsumexp of its scores, for the
+// backward).
+extern "C" int CausalAttentionForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                      void *stream, void *extra) {
+  const float *q = static_cast<const float *>(params[0]);
+  const float *k = static_cast<const float *>(params[1]);
+  const float *v = static_cast<const float *>(params[2]);
+  float *out = static_cast<float *>(params[3]);
+  float *lse = static_cast<float *>(params[4]);
+  const int64_t batch = shapes[0][0], heads = shapes[0][1], seq = shapes[0][2], dim = shapes[0][3];
+  const int64_t kv_heads = shapes[1][1];
+  if (heads % kv_heads || shapes[1][2] != seq || shapes[1][3] != dim) return 1;
+  const HeadLayout head(seq, dim);
+  const int64_t group = heads / kv_heads, size = seq * dim;
+  ParallelFor(batch * heads, seq * size, [&](int64_t begin, int64_t end) {
+    std::vector<float> query_pad(head.padded ? head.Size() : 0), values_pad(query_pad.size());
+    std::vector<float> keys_t(head.width * head.stride), probs(kQueryBlock * head.stride);
+    std::vector<float> context(kQueryBlock * head.width), inv_sum(kQueryBlock);
+    const float *values = nullptr;
+    for (int64_t task = begin, packed_kv = -1; task < end; task++) {
+      const int64_t kv = task / heads * kv_heads + task % heads / group;
+      if (kv != packed_kv) {
+        head.Transpose(k + kv * size, keys_t.data());
+        values = head.Rows(v + kv * size, values_pad.data());
+        packed_kv = kv;
+      }
+      const float *query = head.Rows(q + task * size, query_pad.data());
+      for (int64_t first = 0; first < seq; first += kQueryBlock) {
+        const QueryBlock blk(head, first);
+        Product(query + first * head.width, head.width, 1, keys_t.data(), head.stride, probs.data(), head.stride,
+                blk.tile_rows, head.width, blk.cols, false, Causal::kColumnKeys, first);
+        for (int64_t i = 0; i < blk.tile_rows; i++) {  // unnormalised: the context rows are scaled instead
+          float *row = probs.data() + i * head.stride;
+          const int64_t keys = blk.Keys(i);
+          float mx = -3.0e38f;  // not -INFINITY: -ffast-math assumes no infinities
+          for (int64_t j = 0; j < keys; j++) mx = std::fmax(mx, row[j]);
+          const float sum = ExpRow(row, mx, keys, blk.KeysEnd(i));
+          if (keys) {
+            inv_sum[i] = 1.f / sum;
+            lse[task * seq + first + i] = mx + std::log(sum);
+          }
+        }
+        Product(probs.data(), head.stride, 1, values, head.width, context.data(), head.width, blk.tile_rows,
+                blk.cols, head.width, false, Causal::kDepthKeys, first);
+        for (int64_t i = 0; i < blk.count; i++) {
+          float *dst = out + task * size + (first + i) * dim;
+#pragma omp simd
+          for (int64_t d = 0; d < dim; d++) dst[d] = context[i * head.width + d] * inv_sum[i];
+        }
+      }
+    }
+  });
+  return 0;
+}
+
+// Inputs: query, key, value, lse as in CausalAttentionForward, dcontext [B, H, S, D].
+// Outputs: dquery [B, H, S, D], dkey and dvalue [B, Hkv, S, D] (summed over each kv head's query heads, in order).
+// With P the probabilities, dP = dcontext v^T and dS = P (dP - rowsum(P * dP)) (rowsum(P * dP) is the usual
+// rowsum(dcontext * context), from the rows at hand): dquery = dS k, dkey = dS^T query, dvalue = P^T dcontext.
+extern "C" int CausalAttentionBackward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                       void *stream, void *extra) {
+  const float *q = static_cast<const float *>(params[0]);
+  const float *k = static_cast<const float *>(params[1]);
+  const float *v = static_cast<const float *>(params[2]);
+  const float *lse = static_cast<const float *>(params[3]);
+  const float *dout = static_cast<const float *>(params[4]);
+  float *dq = static_cast<float *>(params[5]);
+  float *dk = static_cast<float *>(params[6]);
+  float *dv = static_cast<float *>(params[7]);
+  const int64_t batch = shapes[0][0], heads = shapes[0][1], seq = shapes[0][2], dim = shapes[0][3];
+  const int64_t kv_heads = shapes[1][1];
+  if (heads % kv_heads || shapes[1][2] != seq || shapes[1][3] != dim) return 1;
+  const HeadLayout head(seq, dim);
+  const int64_t group = heads / kv_heads, size = seq * dim, width = head.width, stride = head.stride;
+  ParallelFor(batch * kv_heads, 2 * group * seq * size, [&](int64_t begin, int64_t end) {
+    const size_t pad = head.padded ? head.Size() : 0;
+    std::vector<float> query_pad(pad), dcontext_pad(pad), keys_pad(pad), dquery_pad(pad), dkeys_pad(pad),
+        dvalues_pad(pad), keys_t(width * stride), values_t(width * stride);
+    std::vector<float> probs(kQueryBlock * stride), dscores(kQueryBlock * stride);
+    for (int64_t kv = begin; kv < end; kv++) {
+      const float *keys = head.Rows(k + kv * size, keys_pad.data());
+      head.Transpose(k + kv * size, keys_t.data());
+      head.Transpose(v + kv * size, values_t.data());
+      float *dkeys = head.Output(dk + kv * size, dkeys_pad.data());
+      float *dvalues = head.Output(dv + kv * size, dvalues_pad.data());
+      std::fill(dkeys, dkeys + head.Size(), 0.f);
+      std::fill(dvalues, dvalues + head.Size(), 0.f);
+      for (int64_t h = kv / kv_heads * heads + kv % kv_heads * group, last = h + group; h < last; h++) {
+        const float *query = head.Rows(q + h * size, query_pad.data());
+        const float *dcontext = head.Rows(dout + h * size, dcontext_pad.data());
+        float *dquery = head.Output(dq + h * size, dquery_pad.data());
+        for (int64_t first = 0; first < seq; first += kQueryBlock) {
+          const QueryBlock blk(head, first);
+          const float *query_blk = query + first * width, *dcontext_blk = dcontext + first * width;
+          Product(query_blk, width, 1, keys_t.data(), stride, probs.data(), stride, blk.tile_rows, width, blk.cols,
+                  false, Causal::kColumnKeys, first);
+          Product(dcontext_blk, width, 1, values_t.data(), stride, dscores.data(), stride, blk.tile_rows, width,
+                  blk.cols, false, Causal::kColumnKeys, first);
+          for (int64_t i = 0; i < blk.tile_rows; i++) {
+            float *p = probs.data() + i * stride, *ds = dscores.data() + i * stride;
+            const int64_t keys_seen = blk.Keys(i), keys_end = blk.KeysEnd(i), row = h * seq + first + i;
+            ExpRow(p, keys_seen ? lse[row] : 0.f, keys_seen, keys_end);
+            float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+            for (int64_t j = 0; j < keys_end; j++) dot += p[j] * ds[j];
+#pragma omp simd
+            for (int64_t j = 0; j < keys_end; j++) ds[j] = p[j] * (ds[j] - dot);
+          }
+          Product(dscores.data(), stride, 1, keys, width, dquery + first * width, width, blk.tile_rows, blk.cols,
+                  width, false, Causal::kDepthKeys, first);
+          Product(probs.data(), 1, stride, dcontext_blk, width, dvalues, width, blk.cols, blk.tile_rows, width, true,
+                  Causal::kRowKeys, first);
+          Product(dscores.data(), 1, stride, query_blk, width, dkeys, width, blk.cols, blk.tile_rows, width, true,
+                  Causal::kRowKeys, first);
+        }
+        head.Unpack(dquery, dq + h * size);
+      }
+      head.Unpack(dkeys, dk + kv * size);
+      head.Unpack(dvalues, dv + kv * size);
+    }
+  });
+  return 0;
+}
