@@ -453,6 +453,47 @@ def test_adamw_and_sum_of_squares_kernels_match_numpy():
         np.testing.assert_allclose(param.asnumpy(), want_p, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('rows', [3, 40])
+def test_add_to_matches_numpy_both_ways(rows):
+    """Linear.add_to: few rows in the few-rows kernel, more after MatMul in the bias-and-residual kernel; both give
+    residual + x weight^T + bias and the same gradients."""
+    from mindformers.modules.layers import Linear
+    rng = np.random.default_rng(18)
+    linear = Linear(24, 20)
+    linear.bias.set_data(Tensor(rng.standard_normal(20).astype(np.float32)))
+    weight, bias = linear.weight.asnumpy().astype(np.float64), linear.bias.asnumpy()
+    x, residual = rng.standard_normal((rows, 24)).astype(np.float32), rng.standard_normal((rows, 20)).astype(np.float32)
+    probe = rng.standard_normal((rows, 20))
+    np.testing.assert_allclose(linear.add_to(Tensor(residual), Tensor(x)).asnumpy(), residual + x @ weight.T + bias,
+                               rtol=1e-5, atol=1e-5)
+
+    class Loss(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.linear, self.probe = linear, Tensor(probe.astype(np.float32))
+
+        def construct(self, residual, x):
+            return (self.linear.add_to(residual, x) * self.probe).sum()
+
+    (d_residual, dx), (dweight, dbias) = ms.grad(Loss(), (0, 1), linear.trainable_params())(Tensor(residual),
+                                                                                            Tensor(x))
+    for got, want in ((d_residual, probe), (dx, probe @ weight), (dweight, probe.T @ x), (dbias, probe.sum(0))):
+        np.testing.assert_allclose(got.asnumpy(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_mlp_add_to_keeps_dropout_in_training():
+    from mindformers.modules.mlp import MLP
+    rng = np.random.default_rng(19)
+    x, residual = (rng.standard_normal((2, 30, 16)).astype(np.float32) for _ in range(2))
+    plain, dropped = MLP(16, 32), MLP(16, 32, dropout=0.5)
+    for layer in (plain, dropped):
+        layer.set_train(True)
+    dropped_out = dropped.add_to(Tensor(residual), Tensor(x)).asnumpy()
+    assert 0.3 < np.mean(dropped_out == residual) < 0.7  # half the layer's outputs dropped, the residual kept
+    np.testing.assert_allclose(plain.add_to(Tensor(residual), Tensor(x)).asnumpy(),
+                               residual + plain(Tensor(x)).asnumpy(), rtol=1e-5, atol=1e-6)
+
+
 def test_causal_self_attention_with_and_without_the_heads_kernels():
     from mindformers.modules.attention import CausalSelfAttention
     rng = np.random.default_rng(12)

@@ -146,7 +146,10 @@ def _our_grads(model, ids, names):
 # our parameter -> (HF parameter, transposed)
 GRAD_CHECKS = {'backbone.layers.0.attention.qkv_proj.weight': ('transformer.h.0.attn.c_attn.weight', True),
                'backbone.layers.0.attention.qkv_proj.bias': ('transformer.h.0.attn.c_attn.bias', False),
+               'backbone.layers.0.attention.o_proj.bias': ('transformer.h.0.attn.c_proj.bias', False),
+               'backbone.layers.1.mlp.fc_in.bias': ('transformer.h.1.mlp.c_fc.bias', False),
                'backbone.layers.1.mlp.fc_out.weight': ('transformer.h.1.mlp.c_proj.weight', True),
+               'backbone.layers.1.mlp.fc_out.bias': ('transformer.h.1.mlp.c_proj.bias', False),
                'backbone.embed_tokens.weight': ('transformer.wte.weight', False),  # tied: embedding + head
                'backbone.embed_positions.weight': ('transformer.wpe.weight', False),
                'backbone.final_layernorm.weight': ('transformer.ln_f.weight', False)}

@@ -167,7 +167,8 @@ class CausalSelfAttention(nn.Cell):
         """[B * S, heads * head_dim] -> [B, heads, S, head_dim]."""
         return self.to_heads(x.reshape(batch, seq, self.num_heads, self.head_dim), (0, 2, 1, 3))
 
-    def construct(self, x, mask):
+    def _context(self, x, mask):
+        """The heads' outputs merged, [B * S, num_heads * head_dim], before o_proj."""
         batch, seq, hidden = x.shape
         bias_in_split = self.fused_split and self.bias_in_split
         qkv = self.qkv_proj(x.reshape(batch * seq, hidden), not bias_in_split)
@@ -187,8 +188,19 @@ class CausalSelfAttention(nn.Cell):
             context = self.merge_heads(context)
         else:
             context = self.from_heads(context, (0, 2, 1, 3))
-        context = context.reshape(batch * seq, self.inner_size)
-        return self.out_dropout(self.o_proj(context).reshape(batch, seq, -1))
+        return context.reshape(batch * seq, self.inner_size)
+
+    def construct(self, x, mask):
+        return self.out_dropout(self.o_proj(self._context(x, mask)).reshape(x.shape[0], x.shape[1], -1))
+
+    def add_to(self, residual, x, mask):
+        """`residual + self(x, mask)` for residual [B, S, hidden_size], with o_proj's bias and the residual added
+        in one kernel where `Linear.add_to` can (no dropout in effect)."""
+        if self.out_dropout.active:
+            return residual + self(x, mask)
+        batch, seq, hidden = residual.shape
+        return self.o_proj.add_to(residual.reshape(batch * seq, hidden), self._context(x, mask)).reshape(
+            batch, seq, hidden)
 
 
 class GroupedQueryAttention(nn.Cell):

@@ -16,7 +16,7 @@ from mindspore import nn, ops, Parameter
 from mindspore.common.initializer import initializer, Normal
 
 from mindformers.core.parallel_config import default_parallel_config, layer_stages
-from mindformers.modules.cpu_kernels import (FEW_ROWS, FusedBiasGELU, FusedBiasLinearFewRows, FusedColumnSum, FusedGELU,
+from mindformers.modules.cpu_kernels import (FEW_ROWS, FusedBiasGELU, FusedBiasLinearFewRows, FusedBiasResidualAdd, FusedColumnSum, FusedGELU,
                                              FusedLayerNorm, FusedLinearFewRows, FusedResidualLinearFewRows,
                                              kernel_library, use_fused)
 
@@ -121,6 +121,7 @@ class Linear(nn.Cell):
         self.bias_add = _BiasAdd(fused=fused)
         self.few_rows = (FusedBiasLinearFewRows() if has_bias else FusedLinearFewRows()) if fused else None
         self.few_rows_residual = FusedResidualLinearFewRows() if fused and has_bias else None
+        self.bias_residual = FusedBiasResidualAdd() if fused and has_bias else None
         if split == 'column':
             _check_divisible(out_features, mp, 'Linear out_features for a column split')
             self.shard(((dp, 1), (mp, 1)), ((dp, mp), (mp,)))
@@ -163,12 +164,14 @@ class Linear(nn.Cell):
         return y
 
     def add_to(self, residual, x):
-        """`residual + self(x)` for 2-D x [M, in_features] and residual [M, out_features]; one kernel when
-        `construct` would use the few-rows kernel and the layer has a bias (decode steps)."""
-        if self.few_rows_residual is not None and x.shape[0] <= FEW_ROWS and x.dtype == residual.dtype == \
-                self.weight.dtype == self.compute_dtype:
+        """`residual + self(x)` for 2-D x [M, in_features] and residual [M, out_features]. On CPU in fp32 without
+        sharding, with a bias, the bias and the residual are added in one kernel: with the product itself on few rows
+        (decode steps), after MatMul otherwise."""
+        if self.bias_residual is None or not x.dtype == residual.dtype == self.weight.dtype == self.compute_dtype:
+            return residual + self(x)
+        if x.shape[0] <= FEW_ROWS:
             return self.few_rows_residual(x, self.weight, self.bias, residual)
-        return residual + self(x)
+        return self.bias_residual(self.matmul(x, self.weight), self.bias, residual)
 
 
 class LayerNorm(nn.Cell):
@@ -286,8 +289,13 @@ class Dropout(nn.Cell):
         self.dropout.shard(strategy)
         return self
 
+    @property
+    def active(self):
+        """Whether `construct` drops anything (training with p > 0)."""
+        return self.training and self.p > 0
+
     def construct(self, x):
-        if not self.training or self.p == 0:
+        if not self.active:
             return x
         y, _ = self.dropout(x)
         return y

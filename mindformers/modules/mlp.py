@@ -33,21 +33,24 @@ class MLP(nn.Cell):
         self.bias_in_act = has_bias and fc_in.fused and fc_in.bias.dtype == ms.float32 and \
             getattr(self.act, 'fused_bias', None) is not None
 
-    def construct(self, x):
-        fc_in, fc_out = getattr(self, self.names[0]), getattr(self, self.names[1])
+    def _hidden(self, x):
+        """act(fc_in(x)), with fc_in's bias added inside the GELU kernel where `bias_in_act` allows."""
+        fc_in = getattr(self, self.names[0])
         if self.bias_in_act and x.size > FEW_ROWS * x.shape[-1]:  # decode steps keep the few-rows kernel
-            hidden = self.act.fused_bias(fc_in(x, False), fc_in.bias)
-        else:
-            hidden = self.act(fc_in(x))
-        return self.dropout(fc_out(hidden))
+            return self.act.fused_bias(fc_in(x, False), fc_in.bias)
+        return self.act(fc_in(x))
+
+    def construct(self, x):
+        return self.dropout(getattr(self, self.names[1])(self._hidden(x)))
 
     def add_to(self, residual, x):
-        """`residual + self(x)` for 2-D x and residual [M, hidden_size], at inference with the output projection
-        and the residual in one kernel where `Linear.add_to` can."""
-        if self.training:
+        """`residual + self(x)` for x and residual [..., hidden_size], with the output projection's bias and the
+        residual added in one kernel where `Linear.add_to` can (no dropout in effect)."""
+        if self.dropout.active:
             return residual + self(x)
-        fc_in, fc_out = getattr(self, self.names[0]), getattr(self, self.names[1])
-        return fc_out.add_to(residual, self.act(fc_in(x)))
+        hidden = self._hidden(x.reshape(-1, x.shape[-1]))
+        return getattr(self, self.names[1]).add_to(residual.reshape(hidden.shape[0], -1), hidden).reshape(
+            residual.shape)
 
 
 class GatedMLP(nn.Cell):

@@ -37,6 +37,9 @@ class GPT2Block(nn.Cell):
         self.add = ops.Add().shard(((dp, 1, 1), (dp, 1, 1)))
 
     def construct(self, x, mask):
+        if self.attention.o_proj.fused:  # CPU, unsharded: each output projection adds its bias and the residual
+            x = self.attention.add_to(x, self.input_layernorm(x), mask)
+            return self.mlp.add_to(x, self.post_attention_layernorm(x))
         x = self.add(x, self.attention(self.input_layernorm(x), mask))
         return self.add(x, self.mlp(self.post_attention_layernorm(x)))
 

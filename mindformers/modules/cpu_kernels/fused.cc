@@ -259,6 +259,25 @@ extern "C" int BiasGeluBackward(int nparam, void **params, int *ndims, int64_t *
   return 0;
 }
 
+// y = x + bias + residual for x, residual [rows, C] and bias [C] (a layer's output joining the residual stream).
+// Inputs: x, bias, residual. Output: y.
+extern "C" int BiasResidualAdd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                               void *stream, void *extra) {
+  const float *x = static_cast<const float *>(params[0]);
+  const float *bias = static_cast<const float *>(params[1]);
+  const float *residual = static_cast<const float *>(params[2]);
+  float *y = static_cast<float *>(params[3]);
+  const int64_t cols = shapes[1][0];
+  const int64_t rows = Numel(ndims[0], shapes[0]) / cols;
+  ParallelFor(rows, cols, [=](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; r++) {
+#pragma omp simd
+      for (int64_t j = 0; j < cols; j++) y[r * cols + j] = x[r * cols + j] + bias[j] + residual[r * cols + j];
+    }
+  });
+  return 0;
+}
+
 // LayerNorm over the last axis. Inputs: x [rows, h], weight [h], bias [h], eps [1].
 // Outputs: y [rows, h], mean [rows], rstd [rows].
 extern "C" int LayerNormForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
