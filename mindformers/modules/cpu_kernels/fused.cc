@@ -25,26 +25,27 @@ constexpr float kA = 1.5957691216057308f;   // 2 * sqrt(2 / pi)
 constexpr float kB = 0.0713548162726f;      // 2 * sqrt(2 / pi) * 0.044715
 constexpr int64_t kBlockRows = 64;
 
-// exp(x) within 2 ulp: 2^n * p(r) with n = round(x / ln 2), r = x - n ln 2 (ln 2 in two parts) and p a degree-6
-// Taylor polynomial; x is clamped to [-87, 88] (0 and infinity are out of reach, and -ffast-math assumes there are
-// none). Inline, so loops calling it vectorise without a call per vector into the vector libm.
+// e^r for |r| <= ln(2) / 2: Cephes' expf polynomial. T is float or a vector of floats.
+template <typename T>
+inline T ExpNearZero(T r) {
+  T p = 1.9875691500e-4f * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  return p * r * r + r + 1.f;
+}
+
+// exp(x) = 2^n e^r with n = round(x / ln 2) and r = x - n ln 2 (ln 2 in two parts); x is clamped to [-87, 88]
+// (-ffast-math assumes no infinities). Inline, so loops calling it vectorise without a call per vector into the
+// vector libm.
 inline float Exp(float x) {
   x = std::fmin(std::fmax(x, -87.f), 88.f);
   const float n = std::nearbyint(x * 1.44269504f);
-  const float r = (x - n * 0.693145752f) - n * 1.42860677e-6f;
-  float p = 1.f / 720;
-  p = p * r + 1.f / 120;
-  p = p * r + 1.f / 24;
-  p = p * r + 1.f / 6;
-  p = p * r + 0.5f;
-  p = p * r + 1.f;
-  p = p * r + 1.f;
-  int32_t bits;
-  const int32_t e = (static_cast<int32_t>(n) + 127) << 23;
-  std::memcpy(&bits, &p, sizeof(bits));
-  bits += e - (127 << 23);
-  std::memcpy(&p, &bits, sizeof(p));
-  return p;
+  const int32_t two_n_bits = (static_cast<int32_t>(n) + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &two_n_bits, sizeof two_n);
+  return ExpNearZero(x - n * 0.693359375f + n * 2.12194440e-4f) * two_n;
 }
 
 // sigmoid(x (a + b x^2))
@@ -941,23 +942,17 @@ void Product(const float *a, int64_t a_row, int64_t a_col, const float *b, int64
   }
 }
 
-// exp(x) per lane for x in [-80, 0] (clamped to it): Cephes' expf polynomial on x - n ln 2, times 2^n.
+// exp(x) per lane for x in [-80, 0] (clamped to it), as `Exp`.
 inline Lanes ExpLanes(Lanes x) {
   const Lanes low = Lanes{} - 80.f, zero = Lanes{};
   x = x < low ? low : x;
   x = x > zero ? zero : x;
   const IntLanes n = __builtin_convertvector(x * 1.44269504f - 0.5f, IntLanes);  // round(x / ln 2), as x <= 0
   const Lanes nf = __builtin_convertvector(n, Lanes);
-  const Lanes r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
-  Lanes p = 1.9875691500e-4f * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
   const IntLanes two_n_bits = (n + 127) << 23;
   Lanes two_n;
   std::memcpy(&two_n, &two_n_bits, sizeof two_n);
-  return (p * r * r + r + 1.f) * two_n;
+  return ExpNearZero(x - nf * 0.693359375f + nf * 2.12194440e-4f) * two_n;
 }
 
 // x[j] = exp(x[j] - shift) for j < keys (where x[j] <= shift), 0 for keys <= j < end (a multiple of kLanes; x finite
