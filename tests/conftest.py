@@ -1,4 +1,5 @@
 """Shared test setup: compiled mode on CPU, and helpers to find the repo."""
+import contextlib
 import os
 import sys
 
@@ -24,14 +25,35 @@ def pytest_configure(config):
 os.environ.setdefault('MINDFORMERS_CACHE', os.path.join(__import__('tempfile').mkdtemp(prefix='mf-test-cache-')))
 
 
-@pytest.fixture(params=['kernels', 'plain'])
-def kernel_mode(request, monkeypatch):
-    """Runs a test twice: with the fused CPU kernels and with plain MindSpore ops (`MINDFORMERS_CPU_KERNELS=0`).
-    Build the cells under test inside the test, after this fixture has set the mode."""
+@contextlib.contextmanager
+def cpu_kernels_set(enabled):
+    """`MINDFORMERS_CPU_KERNELS` set to 1 or 0 and the kernels' state reset inside the block; both restored after.
+    Cells built inside the block pick the fused kernels or plain ops accordingly."""
     import mindformers.modules.cpu_kernels as cpu_kernels
-    monkeypatch.setenv('MINDFORMERS_CPU_KERNELS', '1' if request.param == 'kernels' else '0')
-    saved = dict(cpu_kernels._STATE)
+    saved_env, saved_state = os.environ.get('MINDFORMERS_CPU_KERNELS'), dict(cpu_kernels._STATE)
+    os.environ['MINDFORMERS_CPU_KERNELS'] = '1' if enabled else '0'
     cpu_kernels._STATE.clear()
-    yield request.param
-    cpu_kernels._STATE.clear()
-    cpu_kernels._STATE.update(saved)
+    try:
+        yield
+    finally:
+        cpu_kernels._STATE.clear()
+        cpu_kernels._STATE.update(saved_state)
+        if saved_env is None:
+            os.environ.pop('MINDFORMERS_CPU_KERNELS')
+        else:
+            os.environ['MINDFORMERS_CPU_KERNELS'] = saved_env
+
+
+@pytest.fixture(scope='module')
+def cpu_kernels_on():
+    """For test modules that exercise the kernels even when the suite runs with MINDFORMERS_CPU_KERNELS=0."""
+    with cpu_kernels_set(True):
+        yield
+
+
+@pytest.fixture(params=['kernels', 'plain'])
+def kernel_mode(request):
+    """Runs a test twice: with the fused CPU kernels and with plain MindSpore ops. Build the cells under test inside
+    the test, after this fixture has set the mode."""
+    with cpu_kernels_set(request.param == 'kernels'):
+        yield request.param

@@ -1,6 +1,5 @@
 """The fused causal attention kernel: values and gradients against float64 NumPy, deterministic, and the attention
 layers give the same results with it as with plain ops."""
-import os
 
 import numpy as np
 import pytest
@@ -11,19 +10,8 @@ import mindformers.modules.cpu_kernels as cpu_kernels
 from mindformers.modules.cpu_kernels import FusedCausalAttention
 
 
-@pytest.fixture(autouse=True, scope='module')
-def kernels_enabled():
-    """These tests exercise the kernels even when the rest of the suite runs with MINDFORMERS_CPU_KERNELS=0."""
-    saved_env, saved_state = os.environ.get('MINDFORMERS_CPU_KERNELS'), dict(cpu_kernels._STATE)
-    os.environ['MINDFORMERS_CPU_KERNELS'] = '1'
-    cpu_kernels._STATE.clear()
-    yield
-    cpu_kernels._STATE.clear()
-    cpu_kernels._STATE.update(saved_state)
-    if saved_env is None:
-        os.environ.pop('MINDFORMERS_CPU_KERNELS')
-    else:
-        os.environ['MINDFORMERS_CPU_KERNELS'] = saved_env
+# the kernels run here even when the suite runs with MINDFORMERS_CPU_KERNELS=0
+pytestmark = pytest.mark.usefixtures('cpu_kernels_on')
 
 
 class _Probe(nn.Cell):

@@ -1,5 +1,4 @@
 """Fused CPU kernels: same values and gradients as the plain-op layers, deterministic, and a clean fallback."""
-import os
 
 import numpy as np
 import pytest
@@ -11,19 +10,8 @@ from mindformers.modules.cpu_kernels import FusedCausalSoftmax, FusedGELU, Fused
 from mindformers.modules.layers import LayerNorm, TanhGELU
 
 
-@pytest.fixture(autouse=True, scope='module')
-def kernels_enabled():
-    """These tests exercise the kernels even when the rest of the suite runs with MINDFORMERS_CPU_KERNELS=0."""
-    saved_env, saved_state = os.environ.get('MINDFORMERS_CPU_KERNELS'), dict(cpu_kernels._STATE)
-    os.environ['MINDFORMERS_CPU_KERNELS'] = '1'
-    cpu_kernels._STATE.clear()
-    yield
-    cpu_kernels._STATE.clear()
-    cpu_kernels._STATE.update(saved_state)
-    if saved_env is None:
-        os.environ.pop('MINDFORMERS_CPU_KERNELS')
-    else:
-        os.environ['MINDFORMERS_CPU_KERNELS'] = saved_env
+# the kernels run here even when the suite runs with MINDFORMERS_CPU_KERNELS=0
+pytestmark = pytest.mark.usefixtures('cpu_kernels_on')
 
 
 class _Probe(nn.Cell):
