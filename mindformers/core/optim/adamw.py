@@ -116,7 +116,9 @@ class AdamWeightDecay(nn.Optimizer):
     with a float learning rate also `learning_rate`.
 
     When every parameter is fp32, on CPU (see `cpu_kernels.use_fused`) and without optimizer sharding, one fused
-    kernel updates them all in a single pass. Otherwise fp32 parameters are updated by MindSpore's fused Adam kernel
+    kernel updates them all in a single pass, in place and unseen by MindSpore's side-effect tracking: a graph that
+    reads the parameters after the update must order the read with `ops.depend` on the returned value (see
+    docs/feature_cards/cpu_kernels.md). Otherwise fp32 parameters are updated by MindSpore's fused Adam kernel
     plus one multiply for the decay, other dtypes by plain ops in fp32 (about 6x slower)."""
 
     def __init__(self, params, learning_rate=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0):
