@@ -110,7 +110,6 @@ def test_dot_product_attention_fused_equals_masked_plain_path():
     from mindformers.modules.attention import CausalMask, DotProductAttention
     fused = DotProductAttention()
     assert isinstance(fused.causal_attention, FusedCausalAttention) and fused.causal_softmax is None
-    assert DotProductAttention(dropout=0.1).causal_attention is None  # dropout acts between softmax and context
     assert DotProductAttention(score_scale=2.0).causal_attention is None
     query, key, value, probe = random_inputs(2, 4, 2, 37, 16, seed=2)
     mask = CausalMask(37)(2, 4, 37)
@@ -118,6 +117,15 @@ def test_dot_product_attention_fused_equals_masked_plain_path():
     plain = _attention_results(DotProductAttention(), (query, key, value), probe, mask)
     for a, b in zip(ours, plain):
         assert_close(a, b)
+    # with dropout: the attention kernel outside training, the softmax kernel (dropout between softmax and context)
+    # in training
+    inputs = tuple(map(Tensor, (query, key, value)))
+    expected = fused(*inputs, None).asnumpy()
+    dropped, dropped_in_training = DotProductAttention(dropout=0.5), DotProductAttention(dropout=0.5)
+    assert dropped.causal_attention is not None and dropped.causal_softmax is not None
+    np.testing.assert_array_equal(dropped(*inputs, None).asnumpy(), expected)
+    dropped_in_training.set_train(True)
+    assert not np.allclose(dropped_in_training(*inputs, None).asnumpy(), expected, atol=1e-3)
 
 
 def test_causal_self_attention_with_and_without_the_attention_kernel():

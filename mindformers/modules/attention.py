@@ -70,12 +70,12 @@ class DotProductAttention(nn.Cell):
         self.compute_dtype = to_mstype(compute_dtype, 'compute_dtype')
         self.softmax_dtype = to_mstype(softmax_compute_type, 'softmax_compute_type')
         self.score_scale = None if score_scale is None else Tensor(score_scale, self.softmax_dtype)
-        # mask=None (the plain causal mask) runs in fused kernels: all of attention, one kernel each way, when there
-        # is no dropout or score_scale to apply in between; otherwise the softmax
+        # mask=None (the plain causal mask) runs in fused kernels: all of attention, one kernel each way, when no
+        # dropout (in training) or score_scale applies in between; otherwise the softmax
         fused = fused_causal_attention(softmax_compute_type, parallel_config)
-        whole = fused and use_fused(self.compute_dtype) and dropout == 0 and score_scale is None
+        whole = fused and use_fused(self.compute_dtype) and score_scale is None
         self.causal_attention = FusedCausalAttention() if whole else None
-        self.causal_softmax = FusedCausalSoftmax() if fused and not whole else None
+        self.causal_softmax = FusedCausalSoftmax() if fused and (dropout > 0 or not whole) else None
         self.dropout = Dropout(dropout)
         dp, mp = _dp_mp(parallel_config)
         self.scores_matmul = ops.BatchMatMul(transpose_b=True).shard(((dp, mp, 1, 1), (dp, mp, 1, 1)))
@@ -96,7 +96,7 @@ class DotProductAttention(nn.Cell):
         return x.reshape(batch, heads, seq, dim)
 
     def construct(self, query, key, value, mask):
-        if mask is None and self.causal_attention is not None:
+        if mask is None and self.causal_attention is not None and not self.dropout.active:
             return self.causal_attention(query, key, value)
         heads = query.shape[1]
         scores = self.scores_matmul(query, self.repeat_kv(key, heads))  # [B, H, S, S]
