@@ -8,21 +8,11 @@ from mindspore import nn, Tensor
 
 import mindformers.modules.cpu_kernels as cpu_kernels
 from mindformers.modules.cpu_kernels import FusedCausalAttention
+from kernel_checks import ProbeAll
 
 
 # the kernels run here even when the suite runs with MINDFORMERS_CPU_KERNELS=0
 pytestmark = pytest.mark.usefixtures('cpu_kernels_on')
-
-
-class _Probe(nn.Cell):
-    """sum(fn(*inputs) * probe): its gradient with respect to fn's output is `probe`."""
-
-    def __init__(self, fn, probe):
-        super().__init__()
-        self.fn, self.probe = fn, Tensor(probe)
-
-    def construct(self, *inputs):
-        return (self.fn(*inputs) * self.probe).sum()
 
 
 def reference(query, key, value, dcontext):
@@ -52,7 +42,7 @@ def run_kernel(query, key, value, probe):
     """(context, dquery, dkey, dvalue) from the fused kernel."""
     tensors = [Tensor(a) for a in (query, key, value)]
     context = FusedCausalAttention()(*tensors).asnumpy()
-    grads = ms.grad(_Probe(FusedCausalAttention(), probe), (0, 1, 2))(*tensors)
+    grads = ms.grad(ProbeAll(FusedCausalAttention(), probe), (0, 1, 2))(*tensors)
     return [context] + [g.asnumpy() for g in grads]
 
 

@@ -8,6 +8,7 @@ from mindspore import nn, ops, Parameter, ParameterTuple, Tensor
 import mindformers.modules.cpu_kernels as cpu_kernels
 from mindformers.modules.cpu_kernels import FusedCausalSoftmax, FusedGELU, FusedLayerNorm, kernel_library
 from mindformers.modules.layers import LayerNorm, TanhGELU
+from kernel_checks import ProbeAll
 
 
 # the kernels run here even when the suite runs with MINDFORMERS_CPU_KERNELS=0
@@ -27,17 +28,6 @@ class _Probe(nn.Cell):
     def construct(self, x):
         y = self.fn(x) if self.weight is None else self.fn(x, self.weight, self.bias)[0]
         return (y * self.probe).sum()
-
-
-class _ProbeAll(nn.Cell):
-    """sum(fn(*inputs) * probe), differentiable in every input."""
-
-    def __init__(self, fn, probe):
-        super().__init__()
-        self.fn, self.probe = fn, Tensor(probe)
-
-    def construct(self, *inputs):
-        return (self.fn(*inputs) * self.probe).sum()
 
 
 def value_and_grads(cell, x):
@@ -238,7 +228,7 @@ def test_linear_few_rows_matches_numpy_both_ways(rows, in_features, out_features
                                       exact + bias + residual)):
         tensors = [Tensor(a) for a in inputs]
         np.testing.assert_allclose(kernel(*tensors).asnumpy(), expected, **tol)
-        got = ms.grad(_ProbeAll(kernel, probe.astype(np.float32)), tuple(range(len(inputs))))(*tensors)
+        got = ms.grad(ProbeAll(kernel, probe.astype(np.float32)), tuple(range(len(inputs))))(*tensors)
         for g, want in zip(got, grads):
             np.testing.assert_allclose(g.asnumpy(), want, **tol)
 
@@ -263,7 +253,7 @@ def test_linear_and_mlp_take_the_few_rows_kernel_with_the_same_values(rows):
     np.testing.assert_allclose(mlp.add_to(Tensor(residual), Tensor(x)).asnumpy(),
                                mlp(Tensor(x)).asnumpy() + residual, rtol=1e-5, atol=1e-5)
     ones = np.ones((rows, 24), np.float32)
-    weight_grad = ms.grad(_ProbeAll(linear, ones), None, linear.weight)(Tensor(x)).asnumpy()
+    weight_grad = ms.grad(ProbeAll(linear, ones), None, linear.weight)(Tensor(x)).asnumpy()
     np.testing.assert_allclose(weight_grad, np.tile(x.sum(0), (24, 1)), rtol=1e-5, atol=1e-5)
 
 
@@ -294,7 +284,7 @@ def test_split_and_merge_heads_match_numpy_both_ways():
     merged = FusedMergeHeads(heads)(Tensor(context)).asnumpy()
     np.testing.assert_array_equal(merged, context.transpose(0, 2, 1, 3).reshape(batch, seq, heads * dim))
     probe = rng.standard_normal(merged.shape).astype(np.float32)
-    grad = ms.grad(_ProbeAll(FusedMergeHeads(heads), probe))(Tensor(context)).asnumpy()
+    grad = ms.grad(ProbeAll(FusedMergeHeads(heads), probe))(Tensor(context)).asnumpy()
     np.testing.assert_array_equal(grad, probe.reshape(batch, seq, heads, dim).transpose(0, 2, 1, 3))
 
 
@@ -341,7 +331,7 @@ def test_bias_gelu_matches_numpy_both_ways(shape):
     probe = rng.standard_normal(shape)
     value, slope = _gelu64(x.astype(np.float64) + bias)
     np.testing.assert_allclose(FusedBiasGELU()(Tensor(x), Tensor(bias)).asnumpy(), value, rtol=1e-5, atol=1e-6)
-    dx, dbias = ms.grad(_ProbeAll(FusedBiasGELU(), probe.astype(np.float32)), (0, 1))(Tensor(x), Tensor(bias))
+    dx, dbias = ms.grad(ProbeAll(FusedBiasGELU(), probe.astype(np.float32)), (0, 1))(Tensor(x), Tensor(bias))
     rows = int(np.prod(shape[:-1]))
     # the fp32 slope loses about 1e-4 absolute to cancellation where x + bias is large
     np.testing.assert_allclose(dx.asnumpy(), probe * slope, rtol=1e-4, atol=2e-4)
@@ -364,7 +354,7 @@ def test_mlp_matches_numpy_with_the_bias_inside_the_gelu_kernel(rows):
     probe = rng.standard_normal((1, rows, 24))
     hidden, slope = _gelu64(x[0].astype(np.float64) @ w_in.T + b_in)
     np.testing.assert_allclose(mlp(Tensor(x)).asnumpy()[0], hidden @ w_out.T + b_out, rtol=1e-5, atol=1e-5)
-    dx, (dw_in, db_in, _, _) = ms.grad(_ProbeAll(mlp, probe.astype(np.float32)), 0, mlp.trainable_params())(
+    dx, (dw_in, db_in, _, _) = ms.grad(ProbeAll(mlp, probe.astype(np.float32)), 0, mlp.trainable_params())(
         Tensor(x))
     d_pre = (probe[0] @ w_out) * slope  # the gradient at fc_in's output
     np.testing.assert_allclose(dx.asnumpy()[0], d_pre @ w_in, rtol=1e-4, atol=1e-5)

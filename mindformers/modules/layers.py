@@ -16,9 +16,9 @@ from mindspore import nn, ops, Parameter
 from mindspore.common.initializer import initializer, Normal
 
 from mindformers.core.parallel_config import default_parallel_config, layer_stages
-from mindformers.modules.cpu_kernels import (FEW_ROWS, FusedBiasGELU, FusedBiasLinearFewRows, FusedBiasResidualAdd, FusedColumnSum, FusedGELU,
-                                             FusedLayerNorm, FusedLinearFewRows, FusedResidualLinearFewRows,
-                                             kernel_library, use_fused)
+from mindformers.modules.cpu_kernels import (FEW_ROWS, FusedBiasGELU, FusedBiasLinearFewRows, FusedBiasResidualAdd,
+                                             FusedColumnSum, FusedGELU, FusedLayerNorm, FusedLinearFewRows,
+                                             FusedResidualLinearFewRows, kernel_library, use_fused)
 
 _DTYPES = {'float32': ms.float32, 'float16': ms.float16, 'bfloat16': ms.bfloat16}
 

@@ -128,9 +128,9 @@ class GPT2IncrementalCore(IncrementalCore):
 
     def __init__(self, model, batch):
         config = model.config
-        super().__init__(model, batch, config.num_heads, config.hidden_size // config.num_heads)
-        self.num_heads = config.num_heads
-        self.head_dim = config.hidden_size // config.num_heads
+        head_dim = config.hidden_size // config.num_heads
+        super().__init__(model, batch, config.num_heads, head_dim)
+        self.num_heads, self.head_dim = config.num_heads, head_dim
         self.scale = ms.Tensor(1.0 / math.sqrt(self.head_dim), ms.float32)
         # decode steps take q, k, v straight from the packed projection into one fused CPU kernel (fp32)
         self.fused_decode = (use_fused(to_mstype(config.compute_dtype))

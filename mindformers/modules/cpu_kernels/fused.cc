@@ -165,6 +165,17 @@ int64_t Numel(int ndim, const int64_t *shape) {
   for (int i = 0; i < ndim; i++) n *= shape[i];
   return n;
 }
+
+// out[j] = the sum over blocks of partial[block * cols + j], added in block order: per-block column sums filled by
+// any thread give the same result.
+void SumBlocks(const std::vector<float> &partial, int64_t cols, float *out) {
+  std::memset(out, 0, cols * sizeof(float));
+  for (size_t first = 0; first < partial.size(); first += cols) {
+    const float *block = partial.data() + first;
+#pragma omp simd
+    for (int64_t j = 0; j < cols; j++) out[j] += block[j];
+  }
+}
 }  // namespace
 
 // y = x * sigmoid(x * (a + b x^2))  (tanh-approximate GELU)
@@ -251,12 +262,7 @@ extern "C" int BiasGeluBackward(int nparam, void **params, int *ndims, int64_t *
       }
     }
   });
-  std::memset(db, 0, cols * sizeof(float));
-  for (int64_t blk = 0; blk < blocks; blk++) {
-    const float *pb = partial.data() + blk * cols;
-#pragma omp simd
-    for (int64_t j = 0; j < cols; j++) db[j] += pb[j];
-  }
+  SumBlocks(partial, cols, db);
   return 0;
 }
 
@@ -360,17 +366,8 @@ extern "C" int LayerNormBackward(int nparam, void **params, int *ndims, int64_t 
       }
     }
   });
-  std::memset(dw, 0, h * sizeof(float));
-  std::memset(db, 0, h * sizeof(float));
-  for (int64_t blk = 0; blk < blocks; blk++) {
-    const float *pw = partial_w.data() + blk * h;
-    const float *pb = partial_b.data() + blk * h;
-#pragma omp simd
-    for (int64_t j = 0; j < h; j++) {
-      dw[j] += pw[j];
-      db[j] += pb[j];
-    }
-  }
+  SumBlocks(partial_w, h, dw);
+  SumBlocks(partial_b, h, db);
   return 0;
 }
 
