@@ -45,6 +45,9 @@ def build_parser():
     parser.add_argument('--only_save_strategy', type=_bool,
                         help="write this run's parallel strategy files under <output_dir>/strategy/ and exit")
     parser.add_argument('--output_dir', help='where logs and checkpoints go (default ./output)')
+    parser.add_argument('--overwrite_output_dir', type=_bool,
+                        help="train anew into an output_dir holding an earlier run's checkpoints and metrics, "
+                             "deleting them (without it such a run is refused)")
     parser.add_argument('--seed', type=int)
     parser.add_argument('--use_parallel', type=_bool, help='True under msrun for data parallel')
     parser.add_argument('--device_target', choices=('CPU', 'GPU', 'Ascend'))
@@ -112,15 +115,13 @@ def build_config(args, overrides):
         config.merge_from_dict(overrides, strict=True)
     except KeyError as err:
         raise KeyError(f"override {err.args[0]}") from None
-    flag_map = {'output_dir': 'output_dir', 'seed': 'seed', 'use_parallel': 'use_parallel',
+    flag_map = {'output_dir': 'output_dir', 'overwrite_output_dir': 'overwrite_output_dir', 'seed': 'seed', 'use_parallel': 'use_parallel',
                 'load_checkpoint': 'load_checkpoint', 'run_mode': 'run_mode', 'do_eval': 'do_eval',
                 'resume_training': 'resume_training', 'auto_trans_ckpt': 'auto_trans_ckpt',
                 'src_strategy_path_or_dir': 'src_strategy_path_or_dir', 'only_save_strategy': 'only_save_strategy',
                 'device_target': 'context.device_target', 'device_id': 'context.device_id', 'mode': 'context.mode',
                 'epochs': 'runner_config.epochs', 'gradient_accumulation_steps':
-                'runner_config.gradient_accumulation_steps',
-                'train_dataset_dir': 'train_dataset.data_loader.dataset_dir',
-                'eval_dataset_dir': 'eval_dataset.data_loader.dataset_dir'}
+                'runner_config.gradient_accumulation_steps'}
     for flag, key in flag_map.items():
         value = getattr(args, flag)
         if value is not None:
@@ -129,13 +130,12 @@ def build_config(args, overrides):
         config.merge_from_dict({'runner_config.batch_size': args.batch_size,
                                 'train_dataset.batch_size': args.batch_size})
     for key in ('train_dataset', 'eval_dataset'):
-        loader = (config.get(key) or {}).get('data_loader') or {}
-        if getattr(args, f'{key}_dir') is not None and loader.get('type') not in (None, 'MindDataset',
-                                                                               'ADGenDataLoader'):
-            # a directory of MindRecord replaces the YAML's own loader (e.g. the bundled text corpus); loaders that
-            # read raw files named by dataset_dir (ADGenDataLoader's JSON) keep theirs
-            config[key]['data_loader'] = {'type': 'MindDataset', 'dataset_dir': getattr(args, f'{key}_dir'),
-                                          'shuffle': loader.get('shuffle', key == 'train_dataset')}
+        if getattr(args, f'{key}_dir') is not None:
+            from mindformers.trainer.trainer import use_dataset_dir
+            try:
+                use_dataset_dir(config, key, getattr(args, f'{key}_dir'))
+            except FileNotFoundError as err:
+                raise FileNotFoundError(f"--{key}_dir: {err}") from None
     if args.predict_data is not None:
         config['input_data'] = [p.replace('\\n', '\n') for p in args.predict_data]
     config.setdefault('run_mode', 'train')

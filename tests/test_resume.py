@@ -119,6 +119,7 @@ def test_resume_with_other_settings_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match='neither a checkpoint file nor a directory'):
         Trainer(args=yaml_config(tmp_path)).train(resume_training=str(tmp_path / 'nowhere'))
     finished = yaml_config(tmp_path, epochs=1)
+    finished['overwrite_output_dir'] = True
     Trainer(args=finished).train()
     with pytest.raises(ValueError, match='raise runner_config.epochs'):
         Trainer(args=yaml_config(tmp_path, epochs=1)).train(resume_training=True)

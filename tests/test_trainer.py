@@ -101,6 +101,7 @@ def test_yaml_train_evaluate_predict_and_finetune(tmp_path):
     assert ''.join(streamer) == outputs[0]['text_generation_text'][0]
 
     # finetune from the saved checkpoint in a new Trainer: the first loss equals the trained model's eval-ish level
+    config.output_dir = str(tmp_path / 'tuned')  # a new run: its own output_dir (the first one holds a run)
     tuned = Trainer(args=config)
     state2 = tuned.finetune(finetune_checkpoint=str(tmp_path / 'checkpoint'))
     assert state2.losses[0] < state.losses[0]

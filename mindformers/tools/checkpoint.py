@@ -60,9 +60,14 @@ def save_checkpoint_atomic(save_obj, path, append_dict=None):
             os.fsync(f.fileno())
         os.replace(tmp_file, path)
         _fsync_dir(directory)
+    except (RuntimeError, OSError) as err:  # e.g. a full disk; MindSpore's message names no file
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"could not write checkpoint {path} ({first}); is the disk full or the directory "
+                              f"read-only? Nothing was written: the previous checkpoints are intact") from None
     finally:
-        if os.path.exists(tmp_file):
-            os.remove(tmp_file)
+        for leftover in (tmp_file, f"{tmp_stem}.tmp"):  # MindSpore writes <stem>.tmp before naming it <stem>.<fmt>
+            if os.path.exists(leftover):
+                os.remove(leftover)
     return path
 
 
@@ -99,9 +104,18 @@ def load_checkpoint_file(path):
 
 def load_into_network(network, param_dict, path='<checkpoint>', strict=True):
     """Load `param_dict` into `network`. With `strict`, every network parameter must be present with the same
-    shape; extra entries (optimizer state, counters) are ignored. Errors name the parameters."""
+    shape, and every other entry must be training state of the network's parameters (`<state>.<parameter>`, e.g.
+    optimizer moments) or a scalar counter: a checkpoint of a larger model (more layers) is refused rather than
+    partly loaded. Errors name the parameters."""
     net_params = {p.name: p for p in network.get_parameters()}
     missing = [n for n in net_params if n not in param_dict]
+    unexpected = [n for n, v in param_dict.items() if n not in net_params and int(np.prod(v.shape)) > 1
+                  and n.split('.', 1)[-1] not in net_params]
+    if unexpected and strict:
+        raise CheckpointError(f"checkpoint {path} holds {len(unexpected)} parameter(s) the model does not have: "
+                              f"{', '.join(unexpected[:10])}{' ...' if len(unexpected) > 10 else ''}; it was saved "
+                              f"from another model configuration (e.g. more layers): use the model_config it was "
+                              f"trained with")
     mismatched = [f"{n}: checkpoint {tuple(param_dict[n].shape)} vs model {tuple(p.shape)}"
                   for n, p in net_params.items() if n in param_dict and tuple(param_dict[n].shape) != tuple(p.shape)]
     if mismatched:
@@ -211,11 +225,14 @@ def _epoch_step_key(filename):
         return -1, -1, filename
 
 
-def record_checkpoint(directory, filename, epoch, step, global_step, keep_max):
-    """After `filename` is complete on disk: add it to `meta.json` with its SHA-256, then delete the oldest files
-    beyond `keep_max` (their entries go first, so meta.json never lists a missing file)."""
+def record_checkpoint(directory, filename, epoch, step, global_step, keep_max, run=None):
+    """After `filename` is complete on disk: add it to `meta.json` with its SHA-256 (and `run`, a dict describing
+    the run's batch layout, when given), then delete the oldest files beyond `keep_max` (their entries go first, so
+    meta.json never lists a missing file)."""
     entry = {'file': filename, 'epoch': int(epoch), 'step': int(step), 'global_step': int(global_step),
              'sha256': file_sha256(os.path.join(directory, filename))}
+    if run:
+        entry['run'] = dict(run)
     kept = [e for e in meta_entries(directory)
             if e['file'] != filename and os.path.isfile(os.path.join(directory, e['file']))]
     kept.append(entry)

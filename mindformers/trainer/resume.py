@@ -10,16 +10,27 @@ from mindformers.tools.logger import logger
 
 # train-cell state that may legitimately be absent from a checkpoint (zero at every step boundary)
 _OPTIONAL_PREFIXES = ('accu_grads.',)
+# counters saved beside the train cell's parameters (CheckpointMonitor's append_dict)
+_COUNTERS = ('epoch_num', 'step_num')
+_START_HINT = ("Start the run without resume_training (--resume_training); it saves a checkpoint every "
+               "save_checkpoint_steps optimizer steps and at the end, and resume_training continues from the newest")
+_RUN_FIELDS = ('batch_size', 'gradient_accumulation_steps', 'device_num', 'steps_per_epoch')
 
 
 @dataclasses.dataclass
 class ResumePoint:
     """Where a run continues: the checkpoint file and the counters saved with it (epoch 1-based; `step_in_epoch`
-    optimizer steps of that epoch were done; `global_step` in all)."""
+    optimizer steps of that epoch were done; `global_step` in all). `run`: the batch_size, gradient_accumulation_steps,
+    device_num and steps_per_epoch of the run that saved it, when its meta.json recorded them."""
     path: str
     epoch: int
     step_in_epoch: int
     global_step: int
+    run: dict = None
+
+
+def _point(path, entry):
+    return ResumePoint(path, int(entry['epoch']), int(entry['step']), int(entry['global_step']), entry.get('run'))
 
 
 def find_resume_checkpoint(location, rank_id=0, device_num=1):
@@ -31,17 +42,18 @@ def find_resume_checkpoint(location, rank_id=0, device_num=1):
     if os.path.isfile(location):
         return _point_from_file(location)
     if not os.path.isdir(location):
-        raise CheckpointError(f"resume_training: {location} is neither a checkpoint file nor a directory")
+        raise CheckpointError(f"resume_training: nothing has been saved yet: {location} is neither a checkpoint "
+                              f"file nor a directory. {_START_HINT}")
     own_dir = os.path.join(location, f'rank_{rank_id}')
     if not os.path.isdir(own_dir):
         if device_num > 1 or not meta_entries(location):
-            raise CheckpointError(f"resume_training: no rank_{rank_id}/ directory with a {META_FILE} under "
-                                  f"{location}")
+            raise CheckpointError(f"resume_training: nothing has been saved yet under {location} (no "
+                                  f"rank_{rank_id}/ directory with a {META_FILE}). {_START_HINT}")
         own_dir, location = location, None
     own = meta_entries(own_dir)
     if not own:
-        raise CheckpointError(f"resume_training: {own_dir} has no {META_FILE} listing a complete checkpoint "
-                              f"(start without resume_training, or point it at a checkpoint file)")
+        raise CheckpointError(f"resume_training: nothing has been saved yet in {own_dir} (no {META_FILE} listing "
+                              f"a complete checkpoint). {_START_HINT}")
     others = {}
     if location is not None:
         for rank in range(device_num):
@@ -64,7 +76,7 @@ def find_resume_checkpoint(location, rank_id=0, device_num=1):
             logger.warning("%s; all ranks fall back to the previous common checkpoint", err)
             common = common[:common.index(entry)]
             continue
-        return ResumePoint(path, int(entry['epoch']), int(entry['step']), int(entry['global_step']))
+        return _point(path, entry)
     raise CheckpointError(f"resume_training: no checkpoint under {location} is intact on every rank")
 
 
@@ -73,7 +85,7 @@ def _point_from_file(path):
     for entry in meta_entries(directory):
         if entry['file'] == name:
             verify_checkpoint(path, entry.get('sha256'))
-            return ResumePoint(path, int(entry['epoch']), int(entry['step']), int(entry['global_step']))
+            return _point(path, entry)
     params = load_checkpoint_file(path)  # no meta.json entry: read the counters saved inside the file
     try:
         epoch, step = (int(params[key].asnumpy().reshape(-1)[0]) for key in ('epoch_num', 'step_num'))
@@ -90,10 +102,12 @@ def restore_train_state(train_cell, point):
     params = load_checkpoint_file(point.path)
     own = {p.name: p for p in train_cell.get_parameters()}
     missing = [n for n in own if n not in params and not n.startswith(_OPTIONAL_PREFIXES)]
+    unexpected = [n for n in params if n not in own and n not in _COUNTERS]
     mismatched = [f"{n} (checkpoint {tuple(params[n].shape)}, run {tuple(p.shape)})" for n, p in own.items()
                   if n in params and tuple(params[n].shape) != tuple(p.shape)]
-    if missing or mismatched:
+    if missing or unexpected or mismatched:
         detail = '; '.join(filter(None, [missing and f"missing {', '.join(missing[:8])}",
+                                         unexpected and f"not in this run {', '.join(unexpected[:8])}",
                                          mismatched and f"shape mismatch {', '.join(mismatched[:8])}"]))
         raise CheckpointError(f"resume_training: {point.path} does not fit this run ({detail}); resume with the "
                               f"model, optimizer and wrapper settings it was saved with")
@@ -101,3 +115,16 @@ def restore_train_state(train_cell, point):
     if point.global_step is None:
         point.global_step = int(train_cell.optimizer.global_step.asnumpy().reshape(-1)[0])
     return point
+
+
+def check_run_shape(point, run_shape):
+    """Refuse to resume `point` in a run whose batch_size, gradient_accumulation_steps, device count or steps per
+    epoch (`run_shape`) differ from the run that saved it (as its meta.json recorded): the data position and the
+    schedule would no longer be the ones it stopped at."""
+    saved = point.run or {}
+    changed = [f"{key} {saved[key]} (now {run_shape[key]})" for key in _RUN_FIELDS
+               if key in saved and key in run_shape and saved[key] != run_shape[key]]
+    if changed:
+        raise CheckpointError(f"resume_training: {point.path} was saved by a run with {', '.join(changed)}; resume "
+                              f"with the data and settings it was saved with, or start a new run (another "
+                              f"--output_dir, or load its weights with --load_checkpoint)")

@@ -29,7 +29,8 @@ from mindformers.tools.logger import logger, setup_file_logging
 from mindformers.tools.model_book import find_config
 from mindformers.tools.utils import cache_dir
 from mindformers.tools.register import MindFormerConfig, MindFormerRegister, MindFormerModuleType
-from mindformers.trainer.resume import find_resume_checkpoint, restore_train_state
+from mindformers.trainer.resume import check_run_shape, find_resume_checkpoint, restore_train_state
+from mindformers.trainer.run_dir import RunLock, checkpoint_dirs, clear_earlier_run, refuse_earlier_run
 from mindformers.trainer.training_args import TrainingArguments
 
 SUPPORTED_TASKS = {'text_generation': 'gpt2'}
@@ -103,7 +104,7 @@ class Trainer:
 
     def _dataset_arg(self, dataset, key):
         if isinstance(dataset, (str, os.PathLike)):
-            self.config.merge_from_dict({f'{key}.data_loader.dataset_dir': os.fspath(dataset)})
+            use_dataset_dir(self.config, key, os.fspath(dataset))
             return None
         return dataset
 
@@ -193,7 +194,7 @@ class Trainer:
 
     def _load_weights(self, network, checkpoint):
         checkpoint = os.fspath(checkpoint)
-        if str(self.config.get('auto_trans_ckpt', False)).strip().lower() == 'true':
+        if _is_true(self.config.get('auto_trans_ckpt', False)):
             checkpoint = self._reshard_checkpoint(network, checkpoint)
         path = resolve_checkpoint(checkpoint, self.rank_id)
         load_into_network(network, load_checkpoint_file(path), path)
@@ -278,16 +279,33 @@ class Trainer:
     def _train(self, checkpoint, resume_training, do_eval, kwargs):
         if kwargs:
             raise TypeError(f"unknown argument(s): {', '.join(sorted(kwargs))}")
+        if self.optimizers is None and not self.config.get('optimizer'):
+            raise ValueError("the run config has no 'optimizer' section: add one (e.g. optimizer: {type: AdamW, "
+                             "learning_rate: 1.e-4}) or pass optimizers= to Trainer")
         self._setup()
         if self._only_save_strategy(training=True):
             return None
         config = self.config
-        network = self._get_network()
         resume = self._resume_location(resume_training, checkpoint)
-        point = find_resume_checkpoint(resume, self.rank_id, self.device_num) if resume else None
-        if checkpoint and point is None:
-            self._load_weights(network, checkpoint)
+        overwrite = _is_true(config.get('overwrite_output_dir', False))
+        if resume and overwrite:
+            raise ValueError("overwrite_output_dir deletes the earlier run that resume_training continues: set only "
+                             "one of them")
+        ckpt_dirs = checkpoint_dirs(config, self.callbacks, self.rank_id)
+        with RunLock(config.output_dir, self.rank_id):
+            if not resume and not overwrite:
+                refuse_earlier_run(config.output_dir, self.rank_id, ckpt_dirs)
+            network = self._get_network()
+            point = find_resume_checkpoint(resume, self.rank_id, self.device_num) if resume else None
+            if checkpoint and point is None:
+                self._load_weights(network, checkpoint)
+            if overwrite:  # after the weights are read: they may come from the run being replaced
+                clear_earlier_run(config.output_dir, self.rank_id, ckpt_dirs)
+            return self._train_loop(network, point, do_eval)
 
+    def _train_loop(self, network, point, do_eval):
+        """Train `network` (from the ResumePoint `point`, or from its current weights when None)."""
+        config = self.config
         runner = config.runner_config
         epochs = int(runner.get('epochs', 1))
         accumulation = int(runner.get('gradient_accumulation_steps', 1) or 1)
@@ -298,6 +316,10 @@ class Trainer:
         if steps_per_epoch < 1:
             raise ValueError(f"the training dataset has {batches_per_epoch} batch(es) per epoch, fewer than "
                              f"gradient_accumulation_steps={accumulation}; use more data or a smaller batch_size")
+        run_shape = {'batch_size': int(dataset.get_batch_size()), 'gradient_accumulation_steps': accumulation,
+                     'device_num': self.device_num, 'steps_per_epoch': steps_per_epoch}
+        if point is not None:
+            check_run_shape(point, run_shape)
         if point is not None and point.step_in_epoch >= steps_per_epoch:  # saved at an epoch's end
             start_epoch, skip_batches = point.epoch, 0
             if self.train_dataset is None:
@@ -311,7 +333,7 @@ class Trainer:
         train_cell, optimizer = self._build_train_cell(network, total_steps, accumulation)
         state = TrainState(train_network=train_cell, network=network, optimizer=optimizer, rank_id=self.rank_id,
                            output_dir=config.output_dir, epoch_num=epochs, batch_num=steps_per_epoch,
-                           total_steps=total_steps, initial_step=0, tokens_per_step=0)
+                           total_steps=total_steps, initial_step=0, tokens_per_step=0, run_shape=run_shape)
         if point is not None:
             restore_train_state(train_cell, point)
             state.cur_step_num = state.initial_step = start_epoch * steps_per_epoch + skip_batches // accumulation
@@ -393,7 +415,7 @@ class Trainer:
         semi-auto-parallel on CPU (not even in its dry-run mode), so there the layout `parallel_config` gives the
         model is derived from its layers' shard declarations and written as MindSpore JSON strategy files, one per
         pipeline stage (`mindformers.core.parallel_layout`)."""
-        if str(self.config.get('only_save_strategy', False)).strip().lower() != 'true':
+        if not _is_true(self.config.get('only_save_strategy', False)):
             return False
         directory = os.path.join(self.config.output_dir, 'strategy')
         parallel = self._parallel_config()
@@ -604,6 +626,23 @@ class Trainer:
         return results
 
 
+def use_dataset_dir(config, key, path):
+    """Make the run config's `key` section ('train_dataset' or 'eval_dataset') read `path`: a MindRecord directory
+    or file replaces the YAML's own loader (e.g. the bundled text corpus); a loader that reads the raw files its
+    `dataset_dir` names (MindDataset, ADGenDataLoader's JSON) keeps its type and settings. Raises FileNotFoundError
+    naming `key` when `path` does not exist."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{key}: {path} does not exist (expected a MindRecord directory or file)")
+    section = config.get(key) or MindFormerConfig()
+    loader = dict(section.get('data_loader') or {})
+    if loader.get('type') in ('MindDataset', 'ADGenDataLoader'):
+        loader['dataset_dir'] = path
+    else:
+        loader = {'type': 'MindDataset', 'dataset_dir': path, 'shuffle': loader.get('shuffle', key == 'train_dataset')}
+    section['data_loader'] = loader
+    config[key] = section
+
+
 def _compile_cache_path(config):
     """A compile-cache directory per (model, wrapper, optimizer, batch, parallel layout, MindSpore version): MindSpore
     keeps one cached graph per directory and checks only the source files it came from, so runs that differ in
@@ -629,6 +668,11 @@ def _source_digest():
             with open(os.path.join(folder, name), 'rb') as f:
                 digest.update(f.read())
     return digest.hexdigest()
+
+
+def _is_true(value):
+    """A config switch: True, or the text 'true' in any case (CLI values arrive as text)."""
+    return str(value).strip().lower() == 'true'
 
 
 def _describe(result):

@@ -11,7 +11,7 @@ _SAVE_STRATEGIES = ('no', 'steps')
 class TrainingArguments:
     """Training options (all default None = keep the YAML's value, except `warmup_steps`).
 
-    Mapping onto the YAML: output_dir, seed, use_parallel → top level; data_seed → train_dataset.seed;
+    Mapping onto the YAML: output_dir, overwrite_output_dir, seed, use_parallel → top level; data_seed → train_dataset.seed;
     batch_size / per_device_train_batch_size → runner_config.batch_size and train_dataset.batch_size;
     per_device_eval_batch_size → eval_dataset.batch_size; num_train_epochs → runner_config.epochs;
     gradient_accumulation_steps → runner_config.gradient_accumulation_steps; optim, learning_rate, weight_decay,
@@ -21,6 +21,7 @@ class TrainingArguments:
     auto_trans_ckpt, src_strategy_path_or_dir, do_eval, eval_step_interval, eval_epoch_interval → top level;
     logging_steps → MFLossMonitor.per_print_times."""
     output_dir: str = None
+    overwrite_output_dir: bool = None
     use_parallel: bool = None
     seed: int = None
     data_seed: int = None
@@ -70,7 +71,7 @@ class TrainingArguments:
         """Write every set field into `config` (a full run config) and return it."""
         set_fields = {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
         put = config.merge_from_dict
-        for key in ('output_dir', 'seed', 'use_parallel', 'do_eval', 'eval_step_interval', 'eval_epoch_interval',
+        for key in ('output_dir', 'overwrite_output_dir', 'seed', 'use_parallel', 'do_eval', 'eval_step_interval', 'eval_epoch_interval',
                     'resume_training', 'auto_trans_ckpt', 'src_strategy_path_or_dir'):
             if key in set_fields:
                 put({key: set_fields[key]})

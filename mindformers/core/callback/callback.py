@@ -204,7 +204,7 @@ class CheckpointMonitor(Callback):
         save_checkpoint_atomic(state_params, path,
                                append_dict={'epoch_num': state.cur_epoch_num, 'step_num': state.step_in_epoch})
         record_checkpoint(directory, name, state.cur_epoch_num, state.step_in_epoch, state.cur_step_num,
-                          self.keep_checkpoint_max)
+                          self.keep_checkpoint_max, run=state.get('run_shape'))
         self.last_saved_step, self.last_path = state.cur_step_num, path
         state.last_checkpoint = path
         logger.info("saved checkpoint %s", path)
