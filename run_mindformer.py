@@ -3,10 +3,13 @@
 
 Flags override the YAML; `--options a.b=1 c=[1,2]` and free `--a.b.c value` set any dotted key.
 Exit codes: 0 success, 2 bad flag or value, 1 any other error (one line on stderr)."""
+import _thread
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 
 RUN_MODES = ('train', 'finetune', 'eval', 'predict')
 
@@ -151,6 +154,25 @@ def _fail(err, code):
 _ERRORS = (ValueError, KeyError, TypeError, FileNotFoundError, NotImplementedError, RuntimeError, OSError)
 
 
+def _route_ctrl_c():
+    """Deliver Ctrl-C as KeyboardInterrupt in the main thread. MindSpore's graph executor installs a C-level SIGINT
+    handler on every graph run that turns SIGINT into SIGTERM (the process dies with status 143, skipping every
+    cleanup). Blocking SIGINT before MindSpore starts its threads (they inherit the mask) and waiting for it in one
+    thread keeps that handler from ever running; a second Ctrl-C ends the process at once."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+
+    def wait():
+        signal.sigwait({signal.SIGINT})
+        _thread.interrupt_main()  # raised when the main thread next runs Python code, e.g. after the current step
+        signal.sigwait({signal.SIGINT})
+        sys.stderr.write("run_mindformer.py: interrupted\n")
+        os._exit(130)
+
+    threading.Thread(target=wait, name='ctrl-c', daemon=True).start()
+
+
 def main(argv=None):
     args, overrides = parse_args(argv)
     try:
@@ -184,7 +206,8 @@ def main(argv=None):
                 print(result['text_generation_text'][0])
                 print('-' * 40)
     except KeyboardInterrupt:
-        sys.stderr.write("run_mindformer.py: interrupted\n")
+        sys.stderr.write("run_mindformer.py: interrupted (a training run continues from its newest checkpoint with "
+                         "--resume_training)\n")
         return 130
     except _ERRORS as err:
         return _fail(err, 1)
@@ -192,4 +215,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
+    _route_ctrl_c()
     sys.exit(main())

@@ -1,5 +1,6 @@
 """run_mindformer.py: flags, overrides, and one clear line plus a non-zero exit for bad input."""
 import os
+import signal
 import subprocess
 import sys
 
@@ -138,3 +139,22 @@ def test_resume_training_flag_continues_from_the_newest_checkpoint(tmp_path):
     assert 'resuming from' in stderr and 'gpt2_tiny_rank_0-1_4.ckpt' in stderr and 'step 8/8' in stderr
     code, _, stderr = run_cli(*common, '--epochs', '2', '--resume_training', str(tmp_path / 'missing'))
     assert code == 1 and 'missing' in error_lines(stderr)[0]
+
+
+def test_ctrl_c_during_training_exits_130_with_one_line(tmp_path):
+    """Ctrl-C reaches the whole foreground process group as SIGINT; MindSpore's own handler would turn it into
+    SIGTERM (status 143)."""
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, 'run_mindformer.py'), '--config', TINY, '--run_mode',
+                             'train', '--output_dir', str(tmp_path), '--model.model_config.num_layers', '1'],
+                            cwd=REPO, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        for line in proc.stderr:
+            if 'optimizer steps' in line:  # the loop starts: the first step compiles and runs graphs
+                break
+        os.killpg(proc.pid, signal.SIGINT)
+        rest = proc.stderr.read()
+        assert proc.wait(timeout=300) == 130, rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert 'run_mindformer.py: interrupted' in rest and 'training finished' not in rest
