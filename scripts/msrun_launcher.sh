@@ -17,8 +17,9 @@ Usage:
   MASTER_PORT       scheduler port, 1024..65535, the same on every node (default 8118)
   NODE_RANK         index of this node, 0 .. nodes-1 (default 0)
   LOG_DIR           where msrun writes scheduler.log and worker_<rank>.log (default output/msrun_log)
-  JOIN              True: wait for the workers and return their result; False: return once they are started
-                    (default False)
+  JOIN              True: wait for the workers, then print how each ended (naming the worker_<rank>.log of one
+                    that failed) and exit 0 only when every worker finished; False: return once they are
+                    started (default False)
   CLUSTER_TIME_OUT  seconds to wait for all nodes to join; negative waits forever (default 7200)
 
 Optional arguments are positional: to set one, give all before it.
@@ -125,6 +126,9 @@ for ((i = 1; i < ${#COMMAND[@]}; i++)); do
   fi
 done
 
+if [ "$JOIN" == True ]; then  # each worker records how it ended beside its log (msrun_worker.py)
+  COMMAND=("$REPO_DIR/mindformers/tools/msrun_worker.py" "$LOG_DIR" "${COMMAND[@]}")
+fi
 MSRUN=(msrun --worker_num="$WORKER_NUM" --local_worker_num="$LOCAL_WORKER" --master_addr="$MASTER_ADDR"
        --master_port="$MASTER_PORT" --node_rank="$NODE_RANK" --log_dir="$LOG_DIR" --join="$JOIN"
        --cluster_time_out="$CLUSTER_TIME_OUT" "${COMMAND[@]}")
@@ -137,4 +141,12 @@ fi
 command -v msrun > /dev/null || fail "msrun is not on PATH (it comes with MindSpore >= 2.3: pip install mindspore)"
 echo "msrun_launcher.sh: $WORKER_NUM worker(s), $LOCAL_WORKER on this node (node $NODE_RANK of $NODE_NUM)," \
      "scheduler $MASTER_ADDR:$MASTER_PORT; logs in $LOG_DIR/worker_<rank>.log" >&2
-exec "${MSRUN[@]}"
+if [ "$JOIN" != True ]; then
+  exec "${MSRUN[@]}"
+fi
+# with JOIN: msrun's verdict can blame the wrong worker, or report a failure after every worker finished; each
+# worker's log says how it ended, and the summary names the log of the one that ended abnormally
+START=$(date +%s)
+"${MSRUN[@]}"
+STATUS=$?
+"$PYTHON" "$REPO_DIR/mindformers/tools/msrun_summary.py" "$LOG_DIR" "$STATUS" "$((START - 1))"

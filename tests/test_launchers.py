@@ -257,6 +257,7 @@ def test_msrun_launcher_defaults_and_command_splitting(tmp_path):
     assert shlex.split(result.stdout) == [
         'msrun', '--worker_num=16', '--local_worker_num=8', '--master_addr=192.168.1.1', '--master_port=9000',
         '--node_rank=1', '--log_dir=logs', '--join=True', '--cluster_time_out=-1',
+        os.path.join(REPO, 'mindformers', 'tools', 'msrun_worker.py'), 'logs',  # records each worker's exit
         os.path.join(REPO, 'run_mindformer.py'), '--config', 'gpt2_tiny']
 
 
