@@ -115,18 +115,18 @@ def test_refuses_to_overwrite_unless_asked(tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == ['in.txt', 'out.mindrecord', 'out.mindrecord.db']
 
 
-@pytest.mark.parametrize('case, needle', [
-    ('missing', 'input not found'),
-    ('bad_json', 'bad.jsonl:3: bad JSON line'),
-    ('no_key', "bad.jsonl:1: no field 'text' (fields: 'body')"),
-    ('too_little', 'too little text'),
-    ('empty_dir', 'no .txt, .jsonl or .json files in directory'),
-    ('bad_suffix', '--output_file must end with .mindrecord'),
-    ('bad_tokenizer', "unknown tokenizer type 'NoSuchTokenizer'"),
-    ('zero_seq', '--seq_length must be >= 1'),
-    ('not_utf8', 'latin1.txt: not valid UTF-8 (byte offset 3)'),
+@pytest.mark.parametrize('case, needle, exit_code', [  # 2: the command line is wrong; 1: the data is
+    ('missing', 'input not found', 2),
+    ('bad_json', 'bad.jsonl:3: bad JSON line', 1),
+    ('no_key', "bad.jsonl:1: no field 'text' (fields: 'body')", 1),
+    ('too_little', 'too little text', 1),
+    ('empty_dir', 'no .txt, .jsonl or .json files in directory', 2),
+    ('bad_suffix', '--output_file must end with .mindrecord', 2),
+    ('bad_tokenizer', "unknown tokenizer type 'NoSuchTokenizer'", 2),
+    ('zero_seq', '--seq_length must be >= 1', 2),
+    ('not_utf8', 'latin1.txt: not valid UTF-8 (byte offset 3)', 1),
 ])
-def test_bad_input_is_one_line_exit_2_and_no_files(tmp_path, capsys, case, needle):
+def test_bad_input_is_one_line_with_its_exit_code_and_no_files(tmp_path, capsys, case, needle, exit_code):
     data = tmp_path / 'data'
     data.mkdir()
     good = data / 'good.txt'
@@ -158,7 +158,7 @@ def test_bad_input_is_one_line_exit_2_and_no_files(tmp_path, capsys, case, needl
     args = ['--input', *inputs, *tokenizer, '--seq_length', '31', '--output_file', str(out_dir / out_name),
             '--quiet', *extra]
     code, out, err = run_main(args, capsys)
-    assert code == 2, (out, err)
+    assert code == exit_code, (out, err)
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith('text_to_mindrecord: error:') and needle in lines[0], err
     assert not out_dir.exists() or os.listdir(out_dir) == []
