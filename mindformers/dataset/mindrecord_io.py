@@ -18,6 +18,7 @@ from urllib.parse import quote
 
 import numpy as np
 
+from mindformers.dataset.preprocess import IGNORE_INDEX
 from mindformers.tools.logger import logger
 
 MAX_SPLITS = 1000  # MindRecord's limit on files per dataset
@@ -154,7 +155,7 @@ def _write_errors(output_file):
         except OSError:
             free = f"cannot tell the free space in {parent}"
         raise WriteError(f"writing {output_file} failed: {_failure_reason(err)} (is the disk full? {free}); "
-                         f"nothing was written") from None
+                         f"nothing was written, an existing output is unchanged") from None
 
 
 def write_columns(output_file, blocks, widths, description, num_splits=1, overwrite=False):
@@ -276,11 +277,11 @@ def check_mindrecord_files(files, where='data'):
         _check_file(path, header(path), where)
 
 
-def find_bad_row(files, widths, vocab_size=None, ignore_index=None):
+def find_bad_row(files, widths, token_columns=(), vocab_size=None):
     """(file, row, problem) of the first row of `files` (in file order) whose column `c` (of `widths`) does not
-    hold `widths[c]` values, or holds a token id outside [0, vocab_size) (`vocab_size` None: only negative ids;
-    `ignore_index`: a label value also allowed in a 'labels' column); None when every row is fine. Reads every row
-    up to the bad one: for explaining a failure, not for checking up front."""
+    hold `widths[c]` values, or whose `token_columns` hold an id outside [0, vocab_size) (`vocab_size` None: only
+    negative ids; a 'labels' column may also hold IGNORE_INDEX); None when every row is fine. Reads every row up
+    to the bad one: for explaining a failure, not for checking up front."""
     from mindspore.mindrecord import FileReader
     for path in files:
         reader = FileReader([path], num_consumer=1, columns=list(widths))
@@ -289,15 +290,25 @@ def find_bad_row(files, widths, vocab_size=None, ignore_index=None):
                 for column, width in widths.items():
                     values = np.asarray(sample[column]).reshape(-1)
                     if len(values) != width:
-                        return path, row, (f"column {column!r} holds {len(values)} values, the other rows "
-                                           f"{width}")
-                    if column == 'labels' and ignore_index is not None:
-                        values = values[values != ignore_index]
-                    if values.size and values.min() < 0:
-                        return path, row, f"column {column!r} holds the negative token id {values.min()}"
-                    if values.size and vocab_size and values.max() >= vocab_size:
-                        return path, row, (f"column {column!r} holds the token id {values.max()}, outside the "
-                                           f"model's vocabulary (vocab_size {vocab_size})")
+                        return path, row, f"column {column!r} holds {len(values)} values, the other rows {width}"
+                    problem = token_problem(values, column, vocab_size) if column in token_columns else None
+                    if problem:
+                        return path, row, problem
         finally:
             reader.close()
+    return None
+
+
+def token_problem(values, column, vocab_size=None):
+    """What is wrong with the token ids `values` of `column` (negative, or >= `vocab_size` when given; a 'labels'
+    column may also hold IGNORE_INDEX), or None."""
+    values = np.asarray(values).reshape(-1)
+    if column == 'labels':
+        values = values[values != IGNORE_INDEX]
+    if not values.size:
+        return None
+    if values.min() < 0:
+        return f"column {column!r} holds the negative token id {values.min()}"
+    if vocab_size and values.max() >= vocab_size:
+        return f"column {column!r} holds the token id {values.max()}, outside the model's vocab_size {vocab_size}"
     return None

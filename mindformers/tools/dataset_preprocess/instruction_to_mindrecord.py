@@ -18,7 +18,6 @@ shifts labels itself to predict [1:]), written atomically. Read it with `Instruc
 (`train_dataset_task.type: InstructionDataset` in a run YAML). Longer samples are cut at the end (`--truncate`,
 default; a sample left without any trained token is dropped) or dropped (`--drop_long`).
 """
-import argparse
 import importlib
 import os
 import sys
@@ -33,7 +32,7 @@ from mindformers.dataset.preprocess import (IGNORE_INDEX, PreprocessError, Usage
 from mindformers.models.chat_templates import alpaca_prompt, glm2_chat_prompt, llama2_chat_turns
 from mindformers.tools.dataset_preprocess.text_to_mindrecord import (_Progress, check_output_args, cli_main,
                                                                      load_tokenizer)
-from mindformers.tools.utils import resolve_path
+from mindformers.tools.utils import OneLineArgumentParser, resolve_path
 
 PROG = 'instruction_to_mindrecord'
 COLUMNS = ('input_ids', 'labels')
@@ -344,8 +343,8 @@ ARGUMENTS = (  # (flags, argparse options) of the CLI
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        prog=f'python -m mindformers.tools.dataset_preprocess.{PROG}',
+    parser = OneLineArgumentParser(
+        prog=f'python -m mindformers.tools.dataset_preprocess.{PROG}', name=PROG,
         description='Tokenize instruction or conversation data with a prompt template and write MindRecord '
                     'samples of seq_length + 1 tokens (int32 columns input_ids and labels; prompts and padding '
                     'have label -100).')

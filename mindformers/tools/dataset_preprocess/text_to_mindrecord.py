@@ -10,7 +10,6 @@ dropped. Inputs: `.txt` files (one document per file, or per non-blank line with
 files (one JSON object per line, text under `--text_key`). Output: int32 column `input_ids` of shape
 [seq_length + 1], written atomically. `build_lm_samples` is the same pipeline in memory.
 """
-import argparse
 import os
 import sys
 import time
@@ -19,7 +18,7 @@ from mindformers.dataset.mindrecord_io import (MAX_SPLITS, DataError, WriteError
                                                mindrecord_files, recover_writes, write_mindrecord)
 from mindformers.dataset.preprocess import (PreprocessError, UsageError, build_lm_samples,  # noqa: F401
                                             expand_inputs, iter_documents, iter_lm_samples)
-from mindformers.tools.utils import resolve_path
+from mindformers.tools.utils import OneLineArgumentParser, resolve_path
 
 PROG = 'text_to_mindrecord'
 
@@ -131,8 +130,8 @@ def cli_main(run, args, report):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        prog=f'python -m mindformers.tools.dataset_preprocess.{PROG}',
+    parser = OneLineArgumentParser(
+        prog=f'python -m mindformers.tools.dataset_preprocess.{PROG}', name=PROG,
         description='Tokenize raw text into samples of seq_length + 1 tokens and write them to MindRecord '
                     '(int32 column input_ids).')
     parser.add_argument('--input', nargs='+', required=True,
