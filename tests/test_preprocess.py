@@ -126,6 +126,7 @@ def test_refuses_to_overwrite_unless_asked(tmp_path, capsys):
     ('bad_tokenizer', "unknown tokenizer type 'NoSuchTokenizer'", 2),
     ('zero_seq', '--seq_length must be >= 1', 2),
     ('not_utf8', 'latin1.txt: not valid UTF-8 (byte offset 3)', 1),
+    ('under_a_file', 'out/f is a file, not a directory', 2),
 ])
 def test_bad_input_is_one_line_with_its_exit_code_and_no_files(tmp_path, capsys, case, needle, exit_code):
     data = tmp_path / 'data'
@@ -156,13 +157,17 @@ def test_bad_input_is_one_line_with_its_exit_code_and_no_files(tmp_path, capsys,
     if case == 'bad_tokenizer':
         tokenizer[1] = 'NoSuchTokenizer'
     out_dir = tmp_path / 'out'
+    if case == 'under_a_file':
+        out_dir.mkdir()
+        (out_dir / 'f').write_text('in the way')
+        out_name = 'f/sub/out.mindrecord'
     args = ['--input', *inputs, *tokenizer, '--seq_length', '31', '--output_file', str(out_dir / out_name),
             '--quiet', *extra]
     code, out, err = run_main(args, capsys)
     assert code == exit_code, (out, err)
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith('text_to_mindrecord: error:') and needle in lines[0], err
-    assert not out_dir.exists() or os.listdir(out_dir) == []
+    assert not out_dir.exists() or os.listdir(out_dir) == (['f'] if case == 'under_a_file' else [])
 
 
 def test_tokenizer_dir_gives_the_same_samples(tmp_path, capsys):

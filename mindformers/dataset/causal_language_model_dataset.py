@@ -53,8 +53,8 @@ class _RowLength:
 
     def __call__(self, row):
         if row.shape[-1:] != (self.width,):
-            raise ValueError(f"{_BAD_DATA} column {self.column!r} holds rows of {row.shape[-1:]} and {self.width} "
-                             f"values")
+            raise ValueError(f"{_BAD_DATA} column {self.column!r} holds rows of {row.shape[-1] if row.ndim else 1} "
+                             f"and {self.width} values")
         return row
 
 

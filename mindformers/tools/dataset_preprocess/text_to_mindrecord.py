@@ -14,8 +14,8 @@ import os
 import sys
 import time
 
-from mindformers.dataset.mindrecord_io import (MAX_SPLITS, DataError, WriteError, existing_outputs,  # noqa: F401
-                                               mindrecord_files, recover_writes, write_mindrecord)
+from mindformers.dataset.mindrecord_io import (MAX_SPLITS, existing_outputs, mindrecord_files,  # noqa: F401
+                                               recover_writes, write_mindrecord)
 from mindformers.dataset.preprocess import (PreprocessError, UsageError, build_lm_samples,  # noqa: F401
                                             expand_inputs, iter_documents, iter_lm_samples)
 from mindformers.tools.utils import OneLineArgumentParser, resolve_path
@@ -79,7 +79,12 @@ def load_tokenizer(name, vocab_file=None, merges_file=None, tokenizer_dir=None):
         tokenizer_dir = resolve_path(tokenizer_dir)
         if not os.path.isdir(tokenizer_dir):
             raise UsageError(f"--tokenizer_dir not found: {tokenizer_dir}")
-        return cls.from_pretrained(tokenizer_dir)
+        try:
+            return cls.from_pretrained(tokenizer_dir)
+        except OSError as err:  # files missing: the directory cannot be used
+            raise UsageError(f"--tokenizer_dir {tokenizer_dir}: cannot load {name}: {err}") from None
+        except (TypeError, ValueError) as err:
+            raise PreprocessError(f"--tokenizer_dir {tokenizer_dir}: cannot load {name}: {err}") from None
     files = {key: resolve_path(value) for key, value in (('vocab_file', vocab_file), ('merges_file', merges_file))
              if value}
     if not files:
@@ -103,6 +108,11 @@ def check_output_args(args):
         raise UsageError(f"--num_splits must be in [1, {MAX_SPLITS}], got {args.num_splits}")
     if not args.output_file.endswith('.mindrecord'):
         raise UsageError(f"--output_file must end with .mindrecord, got {args.output_file}")
+    ancestor = os.path.dirname(os.path.abspath(args.output_file))
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise UsageError(f"--output_file {args.output_file}: {ancestor} is a file, not a directory")
     recover_writes(args.output_file)
     existing = existing_outputs(args.output_file)
     if existing and not args.overwrite:
@@ -122,7 +132,7 @@ def cli_main(run, args, report):
     except (UsageError, FileExistsError) as err:
         print(f"{args.prog}: error: {err}", file=sys.stderr)
         return 2
-    except (PreprocessError, DataError, OSError) as err:
+    except (PreprocessError, OSError) as err:
         print(f"{args.prog}: error: {err}", file=sys.stderr)
         return 1
     print(report(outputs, stats, time.monotonic() - started))
