@@ -7,7 +7,7 @@ import tempfile
 
 import mindspore.dataset as ds
 
-from mindformers.dataset.mindrecord_io import check_mindrecord_files, write_mindrecord
+from mindformers.dataset.mindrecord_io import check_mindrecord_files, pending_writes, write_mindrecord
 from mindformers.dataset.preprocess import build_lm_samples, expand_inputs, iter_documents
 from mindformers.tools.build import build_tokenizer
 from mindformers.tools.logger import logger
@@ -28,7 +28,8 @@ def _files_in_dir(directory, where):
         if not names:
             raise ValueError(f"{where}: directory {directory} is empty (expected *.mindrecord files)")
         shown = ', '.join(names[:8]) + (', ...' if len(names) > 8 else '')
-        raise ValueError(f"{where}: no MindRecord files (*.mindrecord) in {directory} (found: {shown})")
+        raise ValueError(f"{where}: no MindRecord files (*.mindrecord) in {directory} (found: {shown})"
+                         f"{pending_writes(directory)}")
     return found
 
 

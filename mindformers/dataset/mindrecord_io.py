@@ -19,6 +19,7 @@ from urllib.parse import quote
 import numpy as np
 
 from mindformers.dataset.preprocess import IGNORE_INDEX
+from mindformers.tools.checkpoint import _fsync_dir as fsync_path  # opens any path read-only and fsyncs it
 from mindformers.tools.logger import logger
 
 MAX_SPLITS = 1000  # MindRecord's limit on files per dataset
@@ -114,6 +115,7 @@ def _swap_in(staging, parent, name):
     new = os.path.join(staging, 'new')
     for entry in sorted(os.listdir(new), key=lambda e: (not e.endswith('.db'), _natural_key(e))):
         os.replace(os.path.join(new, entry), os.path.join(parent, entry))
+    fsync_path(parent)
 
 
 def recover_writes(output_file):
@@ -192,7 +194,11 @@ def write_columns(output_file, blocks, widths, description, num_splits=1, overwr
                 writer.write_raw_data([dict(zip(arrays, row)) for row in zip(*arrays.values())])
         with _write_errors(output_file):
             writer.commit()
+            new = os.path.join(staging, 'new')
+            for path in [os.path.join(new, entry) for entry in os.listdir(new)] + [new]:
+                fsync_path(path)  # what the swap publishes survives a power loss
             open(os.path.join(staging, _COMMITTED), 'wb').close()
+            fsync_path(staging)
         committed = True
         _swap_in(staging, parent, name)
     finally:
@@ -238,10 +244,12 @@ def _check_file(path, header, where):
                         f"indexed, {rows} in the file): they come from different writes; {_RECREATE}")
 
 
-def _pending_write(directory, name):
-    pending = [entry for entry in os.listdir(directory) if entry.startswith(f'.{name}.tmp-')]
-    return (f" (an interrupted write of it is pending in {os.path.join(directory, pending[0])}: the next "
-            f"preprocessing run writing {name} finishes it)") if pending else ''
+def pending_writes(directory):
+    """A note on the writes in `directory` that were complete but killed while being swapped in ('' if none)."""
+    pending = [entry for entry in sorted(os.listdir(directory)) if entry.startswith('.') and '.tmp-' in entry and
+               os.path.exists(os.path.join(directory, entry, _COMMITTED))]
+    return (f" (a write killed while replacing its output is pending in {os.path.join(directory, pending[0])}: "
+            f"the next preprocessing run writing that output finishes it)") if pending else ''
 
 
 def check_mindrecord_files(files, where='data'):
@@ -264,11 +272,11 @@ def check_mindrecord_files(files, where='data'):
             sibling_path = os.path.join(directory, sibling)
             if not os.path.isfile(sibling_path):
                 raise DataError(f"{where}: {path} is one of the files {_span(addresses)} written together, but "
-                                f"{sibling} is missing{_pending_write(directory, name)}; {_RECREATE}")
+                                f"{sibling} is missing{pending_writes(directory)}; {_RECREATE}")
             other = list(header(sibling_path)['shard_addresses'])
             if other != addresses:
                 raise DataError(f"{where}: {directory} holds files of two different writes of {name}: "
-                                f"{_span(addresses)} and {_span(other)}{_pending_write(directory, name)}; delete "
+                                f"{_span(addresses)} and {_span(other)}{pending_writes(directory)}; delete "
                                 f"the stale files or {_RECREATE}")
         seen = sets.setdefault((directory, name), addresses)
         if seen != addresses:
