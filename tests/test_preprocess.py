@@ -126,7 +126,7 @@ def test_refuses_to_overwrite_unless_asked(tmp_path, capsys):
     ('bad_tokenizer', "unknown tokenizer type 'NoSuchTokenizer'", 2),
     ('zero_seq', '--seq_length must be >= 1', 2),
     ('not_utf8', 'latin1.txt: not valid UTF-8 (byte offset 3)', 1),
-    ('under_a_file', 'out/f is a file, not a directory', 2),
+    ('under_a_file', 'out/f is not a writable directory', 2),
 ])
 def test_bad_input_is_one_line_with_its_exit_code_and_no_files(tmp_path, capsys, case, needle, exit_code):
     data = tmp_path / 'data'

@@ -39,10 +39,10 @@ def check_dataset_columns(dataset, input_columns, seq_length=None, where='datase
 
 
 _BAD_DATA = '[bad data]'  # starts the message of a check failing inside the pipeline (see _NamedErrors)
-_FIXES = {True: "token ids must lie in [0, vocab_size): re-create the data with the model's tokenizer, or set "
-                "model_config.vocab_size to the tokenizer's",
-          False: "every sample must hold seq_length + 1 tokens: re-create the data (python -m "
-                 "mindformers.tools.dataset_preprocess.text_to_mindrecord)"}  # by: is it about a token id?
+_TOKEN_FIX = ("token ids must lie in [0, vocab_size): re-create the data with the model's tokenizer, or set "
+              "model_config.vocab_size to the tokenizer's")
+_LENGTH_FIX = ("every sample must hold seq_length + 1 tokens: re-create the data (python -m "
+               "mindformers.tools.dataset_preprocess.text_to_mindrecord)")
 
 
 class _RowLength:
@@ -93,9 +93,12 @@ class _NamedErrors:
                 raise
             located = find_bad_row(self._files, self._widths, self._token_columns, self._vocab_size) \
                 if self._files else None
-            problem = located[2] if located else found.group(1) if found else 'rows of different lengths'
-            at = f" {located[0]} row {located[1]}:" if located else ''
-            raise DataError(f"{self._where}:{at} {problem}; {_FIXES['token id' in problem]}") from None
+            if located:
+                where, problem = f"{self._where}: {located[0]} row {located[1]}", located[2]
+            else:
+                where, problem = self._where, found.group(1) if found else 'rows of different lengths'
+            fix = _TOKEN_FIX if 'token id' in problem else _LENGTH_FIX
+            raise DataError(f"{where}: {problem}; {fix}") from None
 
     def __getattr__(self, name):
         return getattr(self._iterator, name)

@@ -111,8 +111,8 @@ def check_output_args(args):
     ancestor = os.path.dirname(os.path.abspath(args.output_file))
     while not os.path.exists(ancestor):
         ancestor = os.path.dirname(ancestor)
-    if not os.path.isdir(ancestor):
-        raise UsageError(f"--output_file {args.output_file}: {ancestor} is a file, not a directory")
+    if not os.path.isdir(ancestor) or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UsageError(f"--output_file {args.output_file}: {ancestor} is not a writable directory")
     recover_writes(args.output_file)
     existing = existing_outputs(args.output_file)
     if existing and not args.overwrite:
