@@ -10,6 +10,7 @@ from mindformers.dataset.causal_language_model_dataset import (CausalLanguageMod
                                                                get_dataset_columns_and_lengths)
 from mindformers.dataset.dataloader import TextCorpusDataset
 from mindformers.models.gpt2.gpt2_tokenizer import GPT2Tokenizer
+from mindformers.dataset.mindrecord_io import DataError, write_sft_mindrecord
 from mindformers.tools.build import build_dataset
 from mindformers.tools.dataset_preprocess.text_to_mindrecord import build_lm_samples, write_mindrecord
 
@@ -20,12 +21,14 @@ N = 20
 TOKENIZER = GPT2Tokenizer(vocab_file='assets/gpt2_tiny/vocab.json', merges_file='assets/gpt2_tiny/merges.txt')
 
 
+SAMPLES = np.repeat(np.arange(N, dtype=np.int32)[:, None], SEQ + 1, axis=1)  # sample i is filled with i
+
+
 @pytest.fixture(scope='module')
 def data_dir(tmp_path_factory):
-    """A directory with one MindRecord file of N samples; sample i is filled with the value i."""
+    """A directory with one MindRecord file of the N SAMPLES."""
     root = tmp_path_factory.mktemp('mindrecord')
-    samples = np.repeat(np.arange(N, dtype=np.int32)[:, None], SEQ + 1, axis=1)
-    write_mindrecord(str(root / 'train.mindrecord'), [samples], SEQ)
+    write_mindrecord(str(root / 'train.mindrecord'), [SAMPLES], SEQ)
     return str(root)
 
 
@@ -166,6 +169,18 @@ def write_columns(path, columns):
     ('too_small', '20 sample(s) for this shard, fewer than batch_size 32'),
     ('no_type', "data_loader needs a 'type'"),
     ('bad_loader', "unknown dataset_loader type 'MindDataSet'"),
+    # MindRecord files that are not whole: named, never read as they are
+    ('truncated', '{root}/cut/train.mindrecord is truncated ('),
+    ('truncated_header', '{root}/cut/train.mindrecord is not a MindRecord data file, or its header is truncated'),
+    ('foreign_index', 'index {root}/mixed/train.mindrecord.db does not belong to train.mindrecord (5 rows indexed, '
+                      '20 in the file)'),
+    ('damaged_index', 'index {root}/mixed/train.mindrecord.db is damaged'),
+    ('two_outputs', '{root}/mixed holds two different outputs named train.mindrecord: train.mindrecord and '
+                    'train.mindrecord0..train.mindrecord1 (2 files)'),
+    ('stale_shard', '{root}/mixed holds files of two different writes of train.mindrecord: '
+                    'train.mindrecord0..train.mindrecord2 (3 files) and train.mindrecord0..train.mindrecord1 (2 files)'),
+    ('missing_shard', '{root}/mixed/train.mindrecord0 is one of the files train.mindrecord0..train.mindrecord2 '
+                      '(3 files) written together, but train.mindrecord1 is missing'),
 ])
 def test_clear_errors(tmp_path, data_dir, case, needle):
     root = tmp_path
@@ -202,6 +217,91 @@ def test_clear_errors(tmp_path, data_dir, case, needle):
         cfg['data_loader'].pop('type')
     elif case == 'bad_loader':
         cfg = config(data_dir, data_loader={'type': 'MindDataSet'})
+    elif case.startswith('truncated'):
+        write_mindrecord(str(root / 'cut' / 'train.mindrecord'), [SAMPLES], SEQ)
+        path = root / 'cut' / 'train.mindrecord'
+        os.truncate(path, 100 if case == 'truncated_header' else os.path.getsize(path) - 10)
+        cfg = config(str(root / 'cut'))
+    elif case.endswith('index'):  # an index of another write (or none at all) beside the data
+        write_mindrecord(str(root / 'mixed' / 'train.mindrecord'), [SAMPLES], SEQ)
+        write_mindrecord(str(root / 'other' / 'train.mindrecord'), [SAMPLES[:5]], SEQ)
+        os.replace(root / 'other' / 'train.mindrecord.db', root / 'mixed' / 'train.mindrecord.db')
+        if case == 'damaged_index':
+            (root / 'mixed' / 'train.mindrecord.db').write_bytes(b'not sqlite' * 100)
+        cfg = config(str(root / 'mixed'))
+    elif case in ('two_outputs', 'stale_shard', 'missing_shard'):  # sets of one output name mixed up
+        (root / 'mixed').mkdir()
+        splits = {'two_outputs': (1, 2), 'stale_shard': (3, 2), 'missing_shard': (3,)}[case]
+        for index, num_splits in enumerate(splits):
+            write_mindrecord(str(root / f'w{index}' / 'train.mindrecord'), [SAMPLES], SEQ, num_splits=num_splits)
+            for name in os.listdir(root / f'w{index}'):
+                os.replace(root / f'w{index}' / name, root / 'mixed' / name)
+        if case == 'missing_shard':
+            os.remove(root / 'mixed' / 'train.mindrecord1')
+        cfg = config(str(root / 'mixed'))
     with pytest.raises(ValueError) as info:
         CausalLanguageModelDataset(cfg)
     assert needle.format(root=root) in str(info.value)
+
+
+def iterate(dataset):
+    for _ in dataset.create_tuple_iterator(num_epochs=1, output_numpy=True):
+        pass
+
+
+def test_token_ids_are_checked_against_the_vocabulary_as_rows_are_read(tmp_path):
+    rows = SAMPLES.copy()
+    rows[13, 4] = 700  # >= vocab_size 512
+    rows[17, 2] = -3
+    write_mindrecord(str(tmp_path / 'bad' / 'train.mindrecord'), [rows], SEQ)
+    write_mindrecord(str(tmp_path / 'good' / 'train.mindrecord'), [SAMPLES], SEQ)
+    bad = str(tmp_path / 'bad')
+    with pytest.raises(DataError) as info:
+        iterate(CausalLanguageModelDataset(config(bad, vocab_size=512, batch_size=4)))
+    assert (f"{bad}/train.mindrecord row 13: column 'input_ids' holds the token id 700, outside the model's "
+            f"vocab_size 512; token ids must lie in [0, vocab_size)") in str(info.value)
+    with pytest.raises(DataError, match=f"{bad}/train.mindrecord row 17: column 'input_ids' holds the negative "
+                                        f"token id -3"):  # without a vocab_size, negative ids are still refused
+        iterate(CausalLanguageModelDataset(config(bad, batch_size=4)))
+    iterate(CausalLanguageModelDataset(config(str(tmp_path / 'good'), vocab_size=N, batch_size=4)))  # ids 0..N-1
+
+
+def test_labels_may_hold_minus_100_but_no_other_negative_id(tmp_path):
+    ids = np.tile(np.arange(SEQ + 1, dtype=np.int32), (8, 1))
+    labels = np.where(np.arange(SEQ + 1) < 4, -100, ids).astype(np.int32)
+    write_sft_mindrecord(str(tmp_path / 'ok' / 'sft.mindrecord'), [{'input_ids': ids, 'labels': labels}], SEQ)
+    cfg = config(str(tmp_path / 'ok'), vocab_size=SEQ + 1, batch_size=2, input_columns=['input_ids', 'labels'])
+    batches = list(build_dataset({'type': 'InstructionDataset', 'dataset_config': cfg}).create_dict_iterator(
+        num_epochs=1, output_numpy=True))
+    assert len(batches) == 4 and (batches[0]['labels'][:, :4] == -100).all()
+    labels[6, 5] = -1
+    write_sft_mindrecord(str(tmp_path / 'bad' / 'sft.mindrecord'), [{'input_ids': ids, 'labels': labels}], SEQ)
+    with pytest.raises(DataError, match=r"sft.mindrecord row 6: column 'labels' holds the negative token id -1"):
+        iterate(build_dataset({'type': 'InstructionDataset',
+                               'dataset_config': dict(cfg, data_loader={'type': 'MindDataset',
+                                                                        'dataset_dir': str(tmp_path / 'bad')})}))
+
+
+def test_rows_of_different_lengths_are_named_by_file_and_row(tmp_path):
+    writer = FileWriter(str(tmp_path / 'ragged.mindrecord'))
+    writer.add_schema({'input_ids': {'type': 'int32', 'shape': [-1]}}, 'rows of any length')
+    writer.write_raw_data([{'input_ids': np.arange(SEQ + 1 - 2 * (i == 5), dtype=np.int32)} for i in range(12)])
+    writer.commit()
+    with pytest.raises(DataError) as info:
+        iterate(CausalLanguageModelDataset(config(str(tmp_path), batch_size=4, data_loader={'shuffle': False})))
+    assert (f"{tmp_path}/ragged.mindrecord row 5: column 'input_ids' holds 7 values, the other rows 9; every sample "
+            f"must hold seq_length + 1 tokens") in str(info.value)
+
+
+def test_trainer_gives_the_dataset_the_models_vocab_size(tmp_path):
+    from mindformers import MindFormerConfig, Trainer
+    rows = np.tile(np.arange(129, dtype=np.int32), (8, 1))  # run_gpt2_tiny: seq_length 128, vocab_size 512
+    rows[1:, 100] = 600  # every batch of 2 holds a bad row: the first step fails before anything compiles
+    write_mindrecord(str(tmp_path / 'data' / 'train.mindrecord'), [rows], 128)
+    cfg = MindFormerConfig(os.path.join(REPO, 'configs', 'gpt2', 'run_gpt2_tiny.yaml'))
+    cfg.merge_from_dict({'output_dir': str(tmp_path / 'out'), 'runner_config.batch_size': 2, 'callbacks': [],
+                         'model.model_config.num_layers': 1, 'model.model_config.hidden_size': 32})
+    cfg['train_dataset']['data_loader'] = {'type': 'MindDataset', 'dataset_dir': str(tmp_path / 'data')}
+    with pytest.raises(DataError, match=f"{tmp_path}/data/train.mindrecord row 1: column 'input_ids' holds the token "
+                                        f"id 600, outside the model's vocab_size 512"):
+        Trainer(args=cfg).train()

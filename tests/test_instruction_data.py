@@ -230,7 +230,7 @@ def test_bad_records_name_file_line_record_and_key(tmp_path, capsys, fmt, record
     data = tmp_path / 'data.json'
     data.write_text('[\n' + ',\n'.join(json.dumps(r) for r in (good, good, record)) + '\n]\n', encoding='utf-8')
     out = tmp_path / 'out.mindrecord'
-    assert convert(out, data=str(data), fmt=fmt, template='alpaca') == 2
+    assert convert(out, data=str(data), fmt=fmt, template='alpaca') == 1  # bad data: exit 1
     err = capsys.readouterr().err
     assert err.count('\n') == 1 and err.startswith('instruction_to_mindrecord: error: ')
     assert f"{data}:4: record 2: " in err and message in err, err
@@ -254,7 +254,7 @@ BAD_FILES = [
 def test_malformed_json_is_reported_with_its_line(tmp_path, capsys, text, message):
     data = tmp_path / 'data.jsonl'
     data.write_text(text, encoding='utf-8')
-    assert convert(tmp_path / 'out.mindrecord', data=str(data)) == 2
+    assert convert(tmp_path / 'out.mindrecord', data=str(data)) == 1
     err = capsys.readouterr().err
     assert f"error: {data}" in err and message in err, err
     assert os.listdir(tmp_path) == ['data.jsonl']
@@ -266,6 +266,9 @@ def test_malformed_json_is_reported_with_its_line(tmp_path, capsys, text, messag
     (['--tokenizer', 'NoSuchTokenizer'], "unknown tokenizer type 'NoSuchTokenizer'"),
     (['--input', os.path.join(ASSETS, 'corpus', 'tiny_shakespeare.txt')], 'expected a .json or .jsonl file'),
     (['--input', 'no/such/file.json'], 'input not found'),
+    (['--pad_id', '-1'], '--pad_id -1 is not a token id of GPT2Tokenizer (ids 0 .. 511)'),
+    (['--pad_id', '512'], '--pad_id 512 is not a token id of GPT2Tokenizer (ids 0 .. 511)'),
+    (['--bogus', 'x'], 'instruction_to_mindrecord: error: unrecognized arguments: --bogus x'),
 ])
 def test_bad_options_are_reported(tmp_path, capsys, args, message):
     argv = dict(zip(['--input', '--format', '--template', '--seq_length', '--output_file'] + TOKENIZER_ARGS[::2],
@@ -273,19 +276,25 @@ def test_bad_options_are_reported(tmp_path, capsys, args, message):
     argv.update(zip(args[::2], args[1::2]))
     if argv['--tokenizer'] != 'GPT2Tokenizer':
         del argv['--vocab_file'], argv['--merges_file']
-    assert main([item for pair in argv.items() for item in pair] + ['--quiet']) == 2
-    assert message in capsys.readouterr().err
+    try:
+        code = main([item for pair in argv.items() for item in pair] + ['--quiet'])
+    except SystemExit as stop:  # argparse's usage errors
+        code = stop.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count('\n') == 1, err
     assert not os.listdir(tmp_path)
 
 
-def test_cli_entry_point_exits_non_zero_on_bad_input(tmp_path):
+def test_cli_entry_point_exits_1_on_bad_data(tmp_path):
     data = tmp_path / 'data.json'
     data.write_text('[{"instruction": "x"}]', encoding='utf-8')
     result = subprocess.run([sys.executable, '-m', 'mindformers.tools.dataset_preprocess.instruction_to_mindrecord',
                              '--input', str(data), '--format', 'alpaca', '--template', 'alpaca', '--seq_length', '8',
                              '--output_file', str(tmp_path / 'o.mindrecord'), '--tokenizer', 'gpt2_tiny'],
                             capture_output=True, text=True, cwd=REPO, check=False)
-    assert result.returncode == 2 and f"{data}:1: record 0: missing key 'output'" in result.stderr
+    assert result.returncode == 1 and f"{data}:1: record 0: missing key 'output'" in result.stderr
+    assert 'Warning' not in result.stderr  # e.g. runpy's "found in sys.modules after import of package"
     assert not (tmp_path / 'o.mindrecord').exists()
 
 
@@ -299,7 +308,7 @@ def test_output_is_atomic_and_not_overwritten_by_default(tmp_path, capsys):
     bad = tmp_path / 'bad.json'
     records = json.load(open(ALPACA, encoding='utf-8')) * 200 + [{'instruction': 'x'}]
     bad.write_text(json.dumps(records, ensure_ascii=False), encoding='utf-8')
-    assert convert(out, '--overwrite', data=str(bad)) == 2
+    assert convert(out, '--overwrite', data=str(bad)) == 1
     assert f"{bad}:1: record 2400: missing key 'output'" in capsys.readouterr().err
     assert {p: (tmp_path / p).read_bytes() for p in before} == before
     assert sorted(os.listdir(tmp_path)) == ['bad.json', 'out.mindrecord', 'out.mindrecord.db']

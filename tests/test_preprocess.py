@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import mindspore.dataset as ds
 
+from mindformers.dataset import CausalLanguageModelDataset, find_mindrecord_files
 from mindformers.tools.dataset_preprocess import text_to_mindrecord as t2m
 from mindformers.tools.dataset_preprocess.text_to_mindrecord import build_lm_samples, main, write_mindrecord
 from mindformers.models.gpt2.gpt2_tokenizer import GPT2Tokenizer
@@ -115,18 +116,19 @@ def test_refuses_to_overwrite_unless_asked(tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == ['in.txt', 'out.mindrecord', 'out.mindrecord.db']
 
 
-@pytest.mark.parametrize('case, needle', [
-    ('missing', 'input not found'),
-    ('bad_json', 'bad.jsonl:3: bad JSON line'),
-    ('no_key', "bad.jsonl:1: no field 'text' (fields: 'body')"),
-    ('too_little', 'too little text'),
-    ('empty_dir', 'no .txt, .jsonl or .json files in directory'),
-    ('bad_suffix', '--output_file must end with .mindrecord'),
-    ('bad_tokenizer', "unknown tokenizer type 'NoSuchTokenizer'"),
-    ('zero_seq', '--seq_length must be >= 1'),
-    ('not_utf8', 'latin1.txt: not valid UTF-8 (byte offset 3)'),
+@pytest.mark.parametrize('case, needle, exit_code', [  # 2: the command line is wrong; 1: the data is
+    ('missing', 'input not found', 2),
+    ('bad_json', 'bad.jsonl:3: bad JSON line', 1),
+    ('no_key', "bad.jsonl:1: no field 'text' (fields: 'body')", 1),
+    ('too_little', 'too little text', 1),
+    ('empty_dir', 'no .txt, .jsonl or .json files in directory', 2),
+    ('bad_suffix', '--output_file must end with .mindrecord', 2),
+    ('bad_tokenizer', "unknown tokenizer type 'NoSuchTokenizer'", 2),
+    ('zero_seq', '--seq_length must be >= 1', 2),
+    ('not_utf8', 'latin1.txt: not valid UTF-8 (byte offset 3)', 1),
+    ('under_a_file', 'out/f is not a writable directory', 2),
 ])
-def test_bad_input_is_one_line_exit_2_and_no_files(tmp_path, capsys, case, needle):
+def test_bad_input_is_one_line_with_its_exit_code_and_no_files(tmp_path, capsys, case, needle, exit_code):
     data = tmp_path / 'data'
     data.mkdir()
     good = data / 'good.txt'
@@ -155,13 +157,17 @@ def test_bad_input_is_one_line_exit_2_and_no_files(tmp_path, capsys, case, needl
     if case == 'bad_tokenizer':
         tokenizer[1] = 'NoSuchTokenizer'
     out_dir = tmp_path / 'out'
+    if case == 'under_a_file':
+        out_dir.mkdir()
+        (out_dir / 'f').write_text('in the way')
+        out_name = 'f/sub/out.mindrecord'
     args = ['--input', *inputs, *tokenizer, '--seq_length', '31', '--output_file', str(out_dir / out_name),
             '--quiet', *extra]
     code, out, err = run_main(args, capsys)
-    assert code == 2, (out, err)
+    assert code == exit_code, (out, err)
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith('text_to_mindrecord: error:') and needle in lines[0], err
-    assert not out_dir.exists() or os.listdir(out_dir) == []
+    assert not out_dir.exists() or os.listdir(out_dir) == (['f'] if case == 'under_a_file' else [])
 
 
 def test_tokenizer_dir_gives_the_same_samples(tmp_path, capsys):
@@ -212,6 +218,7 @@ def test_module_entry_point_on_the_bundled_corpus(tmp_path):
     stats = summary_numbers(proc.stdout)
     assert stats['documents'] == 1 and stats['samples'] == stats['tokens'] // 129 > 100
     assert 'tokenizing' in proc.stderr  # the progress bar
+    assert 'Warning' not in proc.stderr  # e.g. runpy's "found in sys.modules after import of package"
     assert read_rows(str(out_file)).shape == (stats['samples'], 129)
 
     proc = run_module('--input', str(tmp_path / 'missing.txt'), *TOKENIZER_ARGS, '--seq_length', '8',
@@ -219,3 +226,153 @@ def test_module_entry_point_on_the_bundled_corpus(tmp_path):
     assert proc.returncode == 2
     assert f"text_to_mindrecord: error: input not found: {tmp_path / 'missing.txt'}" in proc.stderr
     assert sorted(os.listdir(tmp_path)) == ['shakespeare.mindrecord', 'shakespeare.mindrecord.db']
+
+
+# ----------------------------------------------------------------------------- replacing an output, crashes
+def test_overwrite_replaces_every_file_of_the_old_output_whatever_its_split_count(tmp_path, capsys):
+    (tmp_path / 'in.txt').write_text(shakespeare(), encoding='utf-8')
+    out_file = tmp_path / 'out' / 'train.mindrecord'
+    write_mindrecord(str(out_file) + '7', [np.zeros((2, 8), np.int32)], 7)  # an output of its own: kept
+
+    def convert(seq_length, num_splits, *extra):
+        return run_main(['--input', str(tmp_path / 'in.txt'), *TOKENIZER_ARGS, '--seq_length', str(seq_length),
+                         '--output_file', str(out_file), '--num_splits', str(num_splits), '--quiet', *extra],
+                        capsys)
+
+    assert convert(15, 3)[0] == 0
+    code, _, err = convert(31, 2)  # another split count is the same output: refused without --overwrite
+    assert code == 2 and f"output already exists: {out_file}0 (pass --overwrite" in err
+    for seq_length, num_splits, names in ((31, 2, ['train.mindrecord0', 'train.mindrecord1']),
+                                          (63, 1, ['train.mindrecord'])):
+        assert convert(seq_length, num_splits, '--overwrite')[0] == 0
+        assert sorted(os.listdir(out_file.parent)) == sorted(names + [n + '.db' for n in names] +
+                                                             ['train.mindrecord7', 'train.mindrecord7.db'])
+        dataset = CausalLanguageModelDataset({'data_loader': {'type': 'MindDataset', 'dataset_files': [
+            str(out_file.parent / n) for n in names]}, 'seq_length': seq_length})
+        assert dataset.get_dataset_size() == len(build_lm_samples([shakespeare()], TOKENIZER, seq_length)[0])
+
+
+class _Killed(BaseException):
+    """Stands for a SIGKILL: nothing after it runs, not even `except Exception`."""
+
+
+def test_a_crash_anywhere_in_the_swap_leaves_the_old_or_new_output_or_a_refused_one(tmp_path, monkeypatch):
+    """Killed after each rename of --overwrite (2 old files out, 1 old index, 3 new files in, ...): a reader sees
+    the complete old data, the complete new data, or an error naming the incomplete set, never a mix; the next
+    writer finishes the swap."""
+    from mindformers.dataset import mindrecord_io
+    old, new = np.full((6, 8), 1, np.int32), np.full((5, 8), 2, np.int32)
+    real_replace = os.replace
+    renames = 0
+    for kill_after in range(12):
+        out_dir = tmp_path / f'k{kill_after}'
+        out_file = str(out_dir / 'train.mindrecord')
+        write_mindrecord(out_file, [old], 7, num_splits=2)
+        calls = []
+
+        def replace(src, dst, _calls=calls, _kill_after=kill_after):
+            if len(_calls) == _kill_after:
+                raise _Killed()
+            _calls.append(dst)
+            real_replace(src, dst)
+
+        monkeypatch.setattr(mindrecord_io.os, 'replace', replace)
+        try:
+            write_mindrecord(out_file, [new], 7, num_splits=3, overwrite=True)
+            renames = len(calls)
+        except _Killed:
+            pass
+        monkeypatch.setattr(mindrecord_io.os, 'replace', real_replace)
+        try:
+            seen = read_rows(find_mindrecord_files(str(out_dir)))
+            assert np.array_equal(seen, old) or np.array_equal(seen, new), kill_after
+        except ValueError as err:  # an incomplete set or no data at all, named, with the swap that will finish
+            assert str(out_dir) in str(err) and 'a write killed while replacing its output is pending' in str(err)
+        monkeypatch.setattr(mindrecord_io, '_running', lambda pid: False)  # the killed writer is gone
+        mindrecord_io.recover_writes(out_file)
+        monkeypatch.undo()
+        np.testing.assert_array_equal(read_rows(find_mindrecord_files(str(out_dir))), new)
+        assert sorted(os.listdir(out_dir)) == sorted(f'train.mindrecord{i}{ext}' for i in range(3)
+                                                     for ext in ('', '.db')), kill_after
+    assert renames == 10  # 4 old files out, 6 new in: every crash point was tried
+
+
+SLOW_WRITER = """
+import sys, time
+from mindformers.tools.dataset_preprocess import text_to_mindrecord as t2m
+def stalled(*args, **kwargs):  # tokenizes, then stalls while the output is being written
+    yield from real(*args, **kwargs)
+    print('writing', flush=True)
+    time.sleep(300)
+real, t2m.iter_lm_samples = t2m.iter_lm_samples, stalled
+sys.exit(t2m.main(sys.argv[1:]))
+"""
+
+
+def test_a_killed_run_leaves_a_temporary_directory_that_the_next_run_removes(tmp_path, capsys):
+    from mindformers.dataset.mindrecord_io import recover_writes
+    (tmp_path / 'in.txt').write_text(shakespeare(), encoding='utf-8')
+    out_file = tmp_path / 'out' / 'train.mindrecord'
+    args = ['--input', str(tmp_path / 'in.txt'), *TOKENIZER_ARGS, '--seq_length', '15', '--output_file',
+            str(out_file), '--quiet']
+    writer = subprocess.Popen([sys.executable, '-c', SLOW_WRITER, *args], cwd=REPO, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert writer.stdout.readline() == 'writing\n'
+        leftovers = os.listdir(out_file.parent)
+        assert len(leftovers) == 1 and leftovers[0].startswith(f'.train.mindrecord.tmp-{writer.pid}-')
+        recover_writes(str(out_file))  # the writer still runs: its directory is left alone
+        assert os.listdir(out_file.parent) == leftovers
+    finally:
+        writer.kill()
+        writer.wait()
+        writer.stdout.close()
+    assert os.listdir(out_file.parent) == leftovers  # kill -9: nothing cleaned up
+    assert run_main(args, capsys)[0] == 0
+    assert sorted(os.listdir(out_file.parent)) == ['train.mindrecord', 'train.mindrecord.db']
+
+
+FULL_DISK_RUN = """
+import resource, runpy, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing us
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))  # no file may grow past 1 MB: a full disk
+sys.argv[0] = sys.argv[1]
+runpy.run_module(sys.argv.pop(1), run_name='__main__', alter_sys=True)
+"""
+
+
+@pytest.mark.parametrize('module', ['text_to_mindrecord', 'instruction_to_mindrecord'])
+def test_a_full_disk_is_one_line_exit_1_and_leaves_nothing(tmp_path, module):
+    out_dir = tmp_path / 'out'
+    out_dir.mkdir()
+    (out_dir / 'keep.txt').write_text('unrelated')
+    extra = ['--input', CORPUS] if module == 'text_to_mindrecord' else [
+        '--input', os.path.join(REPO, 'mindformers', 'assets', 'instruction', 'alpaca_sample.json'),
+        '--format', 'alpaca', '--template', 'alpaca']
+    proc = subprocess.run([sys.executable, '-c', FULL_DISK_RUN, f'mindformers.tools.dataset_preprocess.{module}',
+                           *extra, *TOKENIZER_ARGS, '--seq_length', '255', '--output_file',
+                           str(out_dir / 'train.mindrecord'), '--quiet'],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{module}: error: writing {out_dir / 'train.mindrecord'} "
+                                                   f"failed: ") and 'nothing was written' in lines[0], proc.stderr
+    assert os.listdir(out_dir) == ['keep.txt']
+
+
+class _OffVocabTokenizer(GPT2Tokenizer):
+    """Gives an id past its vocabulary for text holding 'BAD', as a tokenizer with a broken added token would."""
+
+    def encode(self, text, add_special_tokens=True, **kwargs):
+        ids = super().encode(text, add_special_tokens=add_special_tokens, **kwargs)
+        return ids + [len(self) + 5] if 'BAD' in text else ids
+
+
+def test_token_ids_outside_the_tokenizers_vocabulary_are_refused_naming_the_document(tmp_path, capsys):
+    data = tmp_path / 'docs.jsonl'
+    data.write_text('\n'.join(json.dumps({'text': t}) for t in ('fine text', 'more text', 'BAD text')) + '\n')
+    tokenizer = _OffVocabTokenizer(vocab_file=VOCAB, merges_file=MERGES)
+    with pytest.raises(t2m.PreprocessError, match=rf"{data}:3: token id {len(tokenizer) + 5} from "
+                                                  rf"_OffVocabTokenizer \(EOS included\) is outside the tokenizer's "
+                                                  rf"vocabulary of {len(tokenizer)} ids"):
+        build_lm_samples(t2m.iter_documents([str(data)], with_where=True), tokenizer, 3)

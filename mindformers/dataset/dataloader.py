@@ -7,9 +7,9 @@ import tempfile
 
 import mindspore.dataset as ds
 
+from mindformers.dataset.mindrecord_io import check_mindrecord_files, pending_writes, write_mindrecord
+from mindformers.dataset.preprocess import build_lm_samples, expand_inputs, iter_documents
 from mindformers.tools.build import build_tokenizer
-from mindformers.tools.dataset_preprocess.text_to_mindrecord import (build_lm_samples, expand_inputs, iter_documents,
-                                                                     write_mindrecord)
 from mindformers.tools.logger import logger
 from mindformers.tools.register import MindFormerRegister, MindFormerModuleType
 from mindformers.tools.utils import resolve_path
@@ -28,14 +28,16 @@ def _files_in_dir(directory, where):
         if not names:
             raise ValueError(f"{where}: directory {directory} is empty (expected *.mindrecord files)")
         shown = ', '.join(names[:8]) + (', ...' if len(names) > 8 else '')
-        raise ValueError(f"{where}: no MindRecord files (*.mindrecord) in {directory} (found: {shown})")
+        raise ValueError(f"{where}: no MindRecord files (*.mindrecord) in {directory} (found: {shown})"
+                         f"{pending_writes(directory)}")
     return found
 
 
 def find_mindrecord_files(dataset_dir=None, dataset_files=None, where='data_loader'):
     """MindRecord data files named by `dataset_files` (a path or list; directories are searched) or found in
     `dataset_dir` (a directory, or one file). Files named `*.mindrecord` or `*.mindrecord<N>` (splits) count;
-    each must have its `.db` index beside it. Raises ValueError naming the key and path at fault."""
+    each must have its `.db` index beside it, and be whole and of one write (`check_mindrecord_files`). Raises
+    ValueError naming the key and path at fault."""
     if dataset_files:
         items, key = ([dataset_files] if isinstance(dataset_files, (str, os.PathLike)) else list(dataset_files),
                       f'{where}.dataset_files')
@@ -57,6 +59,7 @@ def find_mindrecord_files(dataset_dir=None, dataset_files=None, where='data_load
         if not os.path.isfile(path + '.db'):
             raise ValueError(f"{key}: {path} has no index file {os.path.basename(path)}.db beside it "
                              f"(a MindRecord file is incomplete without it)")
+    check_mindrecord_files(files, key)
     return files
 
 
@@ -86,7 +89,8 @@ def _corpus_file(paths, tokenizer, seq_length, text_key, split_lines, split, eva
 
 
 def _write_corpus(directory, paths, tokenizer, seq_length, text_key, split_lines, split, eval_fraction, max_samples):
-    samples, stats = build_lm_samples(iter_documents(paths, text_key, split_lines), tokenizer, seq_length)
+    samples, stats = build_lm_samples(iter_documents(paths, text_key, split_lines, with_where=True), tokenizer,
+                                      seq_length)
     if split != 'all':
         if len(samples) < 2:
             raise ValueError(f"TextCorpusDataset: {len(samples)} sample(s) of {seq_length + 1} tokens from "

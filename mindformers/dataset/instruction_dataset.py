@@ -1,7 +1,4 @@
 """InstructionDataset: prompt-masked (input_ids, labels) samples for supervised finetuning."""
-import mindspore as ms
-from mindspore.dataset.transforms import TypeCast
-
 from mindformers.dataset.causal_language_model_dataset import CausalLanguageModelDataset, check_dataset_columns
 from mindformers.tools.logger import logger
 from mindformers.tools.register import MindFormerRegister, MindFormerModuleType
@@ -30,9 +27,8 @@ class InstructionDataset(CausalLanguageModelDataset):
         if 'labels' not in columns:
             raise ValueError(f"{cls.__name__}: input_columns {columns} must include 'labels' (without them "
                              f"every token is trained: use CausalLanguageModelDataset for such data)")
-        batch_size, repeat, workers = (cls._positive_int(config, key) for key in
-                                       ('batch_size', 'repeat', 'num_parallel_workers'))
-        dataset, where = cls._build_loader(config, workers)
+        batch_size, workers = (cls._positive_int(config, key) for key in ('batch_size', 'num_parallel_workers'))
+        dataset, where, files = cls._build_loader(config, workers)
         try:
             lengths = check_dataset_columns(dataset, columns, config.get('seq_length'), where=where)
         except ValueError as err:
@@ -41,14 +37,7 @@ class InstructionDataset(CausalLanguageModelDataset):
             raise ValueError(f"{where}: column 'labels' holds {lengths['labels']} entries per sample, "
                              f"{columns[0]!r} {lengths[columns[0]]}: they must match")
         samples = dataset.get_dataset_size()
-        drop_remainder = bool(config.get('drop_remainder', True))
-        if drop_remainder and samples < batch_size:
-            raise ValueError(f"{where}: {samples} sample(s) for this shard, fewer than batch_size {batch_size} with "
-                             f"drop_remainder: no batch would be produced")
-        dataset = dataset.project(columns)
-        for column in columns:  # TypeCast takes one column at a time
-            dataset = dataset.map(operations=TypeCast(ms.int32), input_columns=[column], num_parallel_workers=workers)
-        dataset = dataset.batch(batch_size, drop_remainder=drop_remainder, num_parallel_workers=workers)
+        dataset = cls._batched(dataset.project(columns), config, columns, lengths, where, files)
         logger.info("%s: %d instruction samples, batch_size %d -> %d batches per epoch", where, samples, batch_size,
                     dataset.get_dataset_size())
-        return dataset.repeat(repeat) if repeat > 1 else dataset
+        return dataset

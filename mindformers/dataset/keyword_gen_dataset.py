@@ -7,11 +7,9 @@ import numpy as np
 
 from mindformers.dataset.dataloader import temporary_mindrecord
 from mindformers.dataset.instruction_dataset import InstructionDataset
+from mindformers.dataset.mindrecord_io import write_sft_mindrecord
+from mindformers.dataset.preprocess import IGNORE_INDEX, _require, _text, expand_inputs, iter_records, pack_sample
 from mindformers.tools.build import build_tokenizer
-from mindformers.tools.dataset_preprocess.instruction_to_mindrecord import (IGNORE_INDEX, _require, _text,
-                                                                            iter_records, pack_sample,
-                                                                            write_sft_mindrecord)
-from mindformers.tools.dataset_preprocess.text_to_mindrecord import expand_inputs
 from mindformers.tools.logger import logger
 from mindformers.tools.register import MindFormerRegister, MindFormerModuleType
 

@@ -242,6 +242,7 @@ class Trainer:
         dataset_config = copy.deepcopy(dict(self.config.get(key) or section.get('dataset_config') or {}))
         dataset_config.setdefault('seed', int(self.config.seed))
         dataset_config['seq_length'] = int(network.config.seq_length)
+        dataset_config['vocab_size'] = int(network.config.vocab_size)
         dataset_config['rank_id'], dataset_config['device_num'] = self.rank_id, self.device_num
         if key == 'eval_dataset':  # every rank reads all batches and evaluates its own stride (see _evaluate)
             dataset_config['rank_id'], dataset_config['device_num'] = 0, 1

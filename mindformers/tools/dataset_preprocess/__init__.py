@@ -1,5 +1,6 @@
-"""Dataset preprocessing: raw text to MindRecord (`python -m mindformers.tools.dataset_preprocess.text_to_mindrecord`).
+"""Dataset preprocessing CLIs: `python -m mindformers.tools.dataset_preprocess.text_to_mindrecord` (raw text) and
+`... .instruction_to_mindrecord` (instruction / conversation data) write MindRecord.
 
-The reusable core (`build_lm_samples`, `iter_documents`, `write_mindrecord`) lives in `text_to_mindrecord`; it is not
-imported here so that running that module with `-m` does not import it twice.
+The library they run lives in `mindformers.dataset` (`preprocess`, `mindrecord_io`); nothing in the package imports
+these modules, so running one with `-m` does not import it twice.
 """

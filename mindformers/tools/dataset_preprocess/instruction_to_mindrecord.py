@@ -18,30 +18,27 @@ shifts labels itself to predict [1:]), written atomically. Read it with `Instruc
 (`train_dataset_task.type: InstructionDataset` in a run YAML). Longer samples are cut at the end (`--truncate`,
 default; a sample left without any trained token is dropped) or dropped (`--drop_long`).
 """
-import argparse
 import importlib
-import json
 import os
-import shutil
 import sys
-import tempfile
-import time
 from typing import NamedTuple
 
 import numpy as np
 
+from mindformers.dataset.mindrecord_io import write_sft_mindrecord
+from mindformers.dataset.preprocess import (IGNORE_INDEX, PreprocessError, UsageError,  # noqa: F401
+                                            _require, _text, check_token_ids, expand_inputs, iter_records,
+                                            pack_sample, tokenizer_vocab_size)
 from mindformers.models.chat_templates import alpaca_prompt, glm2_chat_prompt, llama2_chat_turns
-from mindformers.tools.dataset_preprocess.text_to_mindrecord import (MAX_SPLITS, PreprocessError, _Progress,
-                                                                     _decode, existing_outputs, expand_inputs,
-                                                                     load_tokenizer, mindrecord_files)
+from mindformers.tools.dataset_preprocess.text_to_mindrecord import (_Progress, check_output_args, cli_main,
+                                                                     load_tokenizer)
+from mindformers.tools.utils import OneLineArgumentParser, resolve_path
 
 PROG = 'instruction_to_mindrecord'
-IGNORE_INDEX = -100
 COLUMNS = ('input_ids', 'labels')
 FORMATS = ('alpaca', 'conversation')
 ROLES = {'human': 'user', 'user': 'user', 'gpt': 'assistant', 'assistant': 'assistant', 'chatgpt': 'assistant',
          'bot': 'assistant', 'model': 'assistant', 'system': 'system'}
-_WHITESPACE = ' \t\r\n'
 
 
 class Conversation(NamedTuple):
@@ -51,109 +48,7 @@ class Conversation(NamedTuple):
     turns: list
 
 
-# ----------------------------------------------------------------------------- reading
-def _first_char(path):
-    with open(path, 'rb') as f:
-        head = f.read(1 << 16)
-    head = head[3:] if head.startswith(b'\xef\xbb\xbf') else head
-    head = head.lstrip(_WHITESPACE.encode())
-    return head[:1].decode('latin-1')
-
-
-def _array_records(path, on_bytes=None):
-    """(index, line, record) of a file holding one JSON array, parsed record by record to know each one's line."""
-    with open(path, 'rb') as f:
-        raw = f.read()
-    text = _decode(raw, path)
-    ratio, reported = len(raw) / max(len(text), 1), 0
-    decoder = json.JSONDecoder()
-
-    def skip(pos):
-        while pos < len(text) and text[pos] in _WHITESPACE:
-            pos += 1
-        return pos
-
-    def fail(pos, what):
-        line = text.count('\n', 0, pos) + 1
-        raise PreprocessError(f"{path}:{line}: {what} (column {pos - text.rfind(chr(10), 0, pos)})")
-
-    pos, line, last, index = skip(skip(0) + 1), 1, 0, 0  # just past the opening '['
-    closed = pos < len(text) and text[pos] == ']'
-    while not closed:
-        line += text.count('\n', last, pos)
-        last = pos
-        try:
-            record, end = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as err:
-            raise PreprocessError(f"{path}:{err.lineno}: record {index}: bad JSON: {err.msg} "
-                                  f"(column {err.colno})") from None
-        if on_bytes:
-            on_bytes(int((end - pos) * ratio))
-            reported += int((end - pos) * ratio)
-        yield index, line, record
-        pos = skip(end)
-        closed = pos < len(text) and text[pos] == ']'
-        if not closed:
-            if pos >= len(text) or text[pos] != ',':
-                fail(pos, f"expected ',' or ']' after record {index}")
-            pos, index = skip(pos + 1), index + 1
-    if skip(pos + 1) < len(text):
-        fail(skip(pos + 1), "unexpected text after the JSON array")
-    if on_bytes:
-        on_bytes(max(len(raw) - reported, 0))
-
-
-def _json_line(line, where):
-    try:
-        return json.loads(line)
-    except json.JSONDecodeError as err:
-        raise PreprocessError(f"{where}: bad JSON line: {err.msg} (column {err.colno}; expected a JSON array of "
-                              f"records, or one JSON object per line)") from None
-
-
-def _line_records(path, on_bytes=None):
-    """(index, line, record) of a JSON-lines file; blank lines are skipped."""
-    index = 0
-    with open(path, 'rb') as f:
-        for lineno, raw in enumerate(f, 1):
-            if on_bytes:
-                on_bytes(len(raw))
-            line = _decode(raw, path, lineno)
-            if line.strip():
-                yield index, lineno, _json_line(line, f"{path}:{lineno}: record {index}")
-                index += 1
-
-
-def iter_records(files, on_bytes=None):
-    """Yield (where, record) for every record of `files`: each file is one JSON array of records, or one JSON
-    object per line. `where` ("file:line: record i") names the record in error messages."""
-    for path in files:
-        first = _first_char(path)
-        if not first:
-            raise PreprocessError(f"{path}: empty file (expected a JSON array of records, or one JSON object per "
-                                  f"line)")
-        records = _array_records(path, on_bytes) if first == '[' else _line_records(path, on_bytes)
-        for index, line, record in records:
-            yield f"{path}:{line}: record {index}", record
-
-
-def _text(value, where, key, what=None):
-    if not isinstance(value, str):
-        raise PreprocessError(f"{where}: {key!r} is {type(value).__name__}, expected a string")
-    if what and not value.strip():
-        raise PreprocessError(f"{where}: {what} ({key!r} is blank)")
-    return value
-
-
-def _require(record, key, where, hint=''):
-    if not isinstance(record, dict):
-        raise PreprocessError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    if key not in record:
-        fields = ', '.join(map(repr, record)) or 'none'
-        raise PreprocessError(f"{where}: missing key {key!r} (keys: {fields}){hint}")
-    return record[key]
-
-
+# ----------------------------------------------------------------------------- records
 def parse_alpaca(record, where):
     """Conversation of an Alpaca record {instruction, input (optional), output}."""
     hint = '; is this --format conversation?' if isinstance(record, dict) and (
@@ -352,25 +247,6 @@ def encode_conversation(conversation, template, tokenizer, specials=None):
     return encode_parts(tokenizer, TEMPLATES[template](conversation, specials))
 
 
-def pack_sample(ids, trained, seq_length, pad_id, drop_long=False):
-    """(status, input_ids, labels) for one encoded sample: int32 arrays of seq_length + 1, labels -100 where not
-    trained and on padding. status: 'ok', 'truncated' (cut at the end), 'too_long' (dropped by `drop_long`) or
-    'answer_cut' (no trained token left after cutting); the arrays are None for the dropped ones."""
-    width = int(seq_length) + 1
-    status = 'ok'
-    if len(ids) > width:
-        if drop_long:
-            return 'too_long', None, None
-        ids, trained, status = ids[:width], trained[:width], 'truncated'
-    if not any(trained[1:]):  # labels[0] is never a target
-        return 'answer_cut', None, None
-    input_ids = np.full(width, pad_id, dtype=np.int32)
-    labels = np.full(width, IGNORE_INDEX, dtype=np.int32)
-    input_ids[:len(ids)] = ids
-    labels[:len(ids)] = np.where(trained, input_ids[:len(ids)], IGNORE_INDEX)
-    return status, input_ids, labels
-
-
 def iter_sft_samples(records, template, tokenizer, seq_length, fmt='alpaca', pad_id=None, drop_long=False,
                      stats=None, block_samples=1024):
     """Parse (where, record) pairs as `fmt`, encode them with `template` and yield blocks
@@ -388,6 +264,10 @@ def iter_sft_samples(records, template, tokenizer, seq_length, fmt='alpaca', pad
     if pad_id is None:
         pad_id = getattr(tokenizer, 'pad_token_id', None)
     pad_id = specials.eos if pad_id is None else int(pad_id)
+    vocab_size = tokenizer_vocab_size(tokenizer)
+    if pad_id < 0 or (vocab_size is not None and pad_id >= vocab_size):
+        raise UsageError(f"--pad_id {pad_id} is not a token id of {type(tokenizer).__name__} (ids 0 .. "
+                         f"{'' if vocab_size is None else vocab_size - 1})")
     stats = {} if stats is None else stats
     stats.update(records=0, samples=0, truncated=0, too_long=0, answer_cut=0, tokens=0, trained_tokens=0,
                  longest=0, seq_length=seq_length)
@@ -395,6 +275,7 @@ def iter_sft_samples(records, template, tokenizer, seq_length, fmt='alpaca', pad
     for where, record in records:
         conversation = PARSERS[fmt](record, where)
         ids, trained = encode_conversation(conversation, template, tokenizer, specials)
+        check_token_ids(ids, vocab_size, where, f"{type(tokenizer).__name__} or the template")
         stats['records'] += 1
         stats['longest'] = max(stats['longest'], len(ids))
         status, input_ids, labels = pack_sample(ids, trained, seq_length, pad_id, drop_long)
@@ -418,39 +299,6 @@ def iter_sft_samples(records, template, tokenizer, seq_length, fmt='alpaca', pad
                               f"answer token left after truncation (longest: {stats['longest']} tokens)")
 
 
-# ----------------------------------------------------------------------------- writing
-def write_sft_mindrecord(output_file, blocks, seq_length, num_splits=1, overwrite=False):
-    """Write blocks {'input_ids', 'labels'} of int32 [n, seq_length + 1] to MindRecord; returns the data files.
-
-    Atomic like `text_to_mindrecord.write_mindrecord`: written into a hidden temporary directory beside
-    `output_file`, moved into place (indexes first) only after the commit succeeded; nothing is left on error.
-    Existing outputs raise FileExistsError unless `overwrite`."""
-    from mindspore.mindrecord import FileWriter
-    output_file = os.path.abspath(output_file)
-    if existing_outputs(output_file, num_splits) and not overwrite:
-        raise FileExistsError(f"{existing_outputs(output_file, num_splits)[0]} already exists")
-    parent, name = os.path.split(output_file)
-    os.makedirs(parent, exist_ok=True)
-    shape = [int(seq_length) + 1]
-    staging = tempfile.mkdtemp(prefix=f'.{name}.tmp-', dir=parent)
-    try:
-        writer = FileWriter(os.path.join(staging, name), shard_num=num_splits, overwrite=False)
-        writer.add_schema({column: {'type': 'int32', 'shape': shape} for column in COLUMNS},
-                          'instruction samples with prompt-masked labels')
-        for block in blocks:
-            arrays = [np.asarray(block[column], dtype=np.int32) for column in COLUMNS]
-            if any(a.ndim != 2 or a.shape != (len(arrays[0]), shape[0]) for a in arrays):
-                raise ValueError(f"sample block of shapes {[a.shape for a in arrays]} does not match [n, {shape[0]}]")
-            writer.write_raw_data([dict(zip(COLUMNS, row)) for row in zip(*arrays)])
-        writer.commit()
-        data_names = [os.path.basename(f) for f in mindrecord_files(output_file, num_splits)]
-        for moved in [n + '.db' for n in data_names] + data_names:  # the data files last
-            os.replace(os.path.join(staging, moved), os.path.join(parent, moved))
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return mindrecord_files(output_file, num_splits)
-
-
 # ----------------------------------------------------------------------------- CLI
 def build_tokenizer_arg(name, vocab_file=None, merges_file=None, tokenizer_dir=None):
     """A registered tokenizer class (built from its files or `tokenizer_dir`, as in text_to_mindrecord) or a
@@ -463,6 +311,9 @@ def build_tokenizer_arg(name, vocab_file=None, merges_file=None, tokenizer_dir=N
         return load_tokenizer(name, vocab_file, merges_file, tokenizer_dir)
     from mindformers.models.auto.auto_class import AutoTokenizer
     files = {key: value for key, value in (('vocab_file', vocab_file), ('merges_file', merges_file)) if value}
+    for key, path in files.items():
+        if not os.path.isfile(resolve_path(path)):
+            raise UsageError(f"--{key} not found: {resolve_path(path)}")
     try:
         return AutoTokenizer.from_pretrained(tokenizer_dir or name, **files)
     except (TypeError, ValueError, OSError) as err:
@@ -485,14 +336,15 @@ ARGUMENTS = (  # (flags, argparse options) of the CLI
     ('--output_file', dict(required=True, help='output path ending in .mindrecord')),
     ('--pad_id', dict(type=int, help="input_ids padding (default: the tokenizer's pad, else EOS); label -100")),
     ('--num_splits', dict(type=int, default=1, help='number of MindRecord files (default 1)')),
-    ('--overwrite', dict(action='store_true', help='replace existing output files')),
+    ('--overwrite', dict(action='store_true',
+                         help='replace the existing output (all its files, whatever their number)')),
     ('--quiet', dict(action='store_true', help='no progress bar')),
 )
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        prog=f'python -m mindformers.tools.dataset_preprocess.{PROG}',
+    parser = OneLineArgumentParser(
+        prog=f'python -m mindformers.tools.dataset_preprocess.{PROG}', name=PROG,
         description='Tokenize instruction or conversation data with a prompt template and write MindRecord '
                     'samples of seq_length + 1 tokens (int32 columns input_ids and labels; prompts and padding '
                     'have label -100).')
@@ -504,32 +356,17 @@ def parse_args(argv=None):
                                    'dropped')
     long_samples.add_argument('--drop_long', dest='drop_long', action='store_true',
                               help='drop samples longer than seq_length + 1 tokens')
-    parser.set_defaults(drop_long=False)
+    parser.set_defaults(drop_long=False, prog=PROG)
     return parser.parse_args(argv)
-
-
-def _check_args(args):
-    """Raise PreprocessError for the first bad option, before anything is read."""
-    existing = existing_outputs(os.path.abspath(args.output_file), args.num_splits) or ['']
-    checks = ((args.seq_length < 1, f"--seq_length must be >= 1, got {args.seq_length}"),
-              (not 1 <= args.num_splits <= MAX_SPLITS,
-               f"--num_splits must be in [1, {MAX_SPLITS}], got {args.num_splits}"),
-              (not args.output_file.endswith('.mindrecord'),
-               f"--output_file must end with .mindrecord, got {args.output_file}"),
-              (existing[0] and not args.overwrite,
-               f"output already exists: {existing[0]} (pass --overwrite to replace it)"))
-    for bad, message in checks:
-        if bad:
-            raise PreprocessError(message)
 
 
 def run(args):
     """Run the conversion described by parsed `args`; returns (data files, stats)."""
-    _check_args(args)
+    check_output_args(args)
     files = expand_inputs(args.input)
     for path in files:
         if not path.lower().endswith(('.json', '.jsonl')):
-            raise PreprocessError(f"{path}: expected a .json or .jsonl file")
+            raise UsageError(f"{path}: expected a .json or .jsonl file")
     tokenizer = build_tokenizer_arg(args.tokenizer, args.vocab_file, args.merges_file, args.tokenizer_dir)
     stats, progress = {}, _Progress(sum(map(os.path.getsize, files)), enabled=not args.quiet)
     try:
@@ -557,19 +394,13 @@ def summary(stats):
 
 
 def main(argv=None):
-    """Command line entry point: 0 when the output is written; 2, with one `error:` line on stderr, for bad input
-    (nothing is written then)."""
+    """Command line entry point; returns the exit code (see `text_to_mindrecord.cli_main`)."""
     args = parse_args(argv)
-    started = time.monotonic()
-    try:
-        outputs, stats = run(args)
+
+    def report(outputs, stats, seconds):
         files = outputs[0] + (f" ... ({len(outputs)} files)" if len(outputs) > 1 else '')
-        print(f"{PROG}: wrote {files} in {time.monotonic() - started:.1f} s (template {args.template})\n"
-              f"{summary(stats)}")
-        return 0
-    except (PreprocessError, OSError) as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 2
+        return f"{PROG}: wrote {files} in {seconds:.1f} s (template {args.template})\n{summary(stats)}"
+    return cli_main(run, args, report)
 
 
 if __name__ == '__main__':
