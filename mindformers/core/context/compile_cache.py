@@ -59,7 +59,8 @@ def enable_compile_cache(path, rank_id=0):
     lock = None
     if reason is None:
         os.makedirs(path, exist_ok=True)
-        lock = open(os.path.join(path, f'rank_{rank_id}.lock'), 'a', encoding='utf-8')  # pylint: disable=consider-using-with
+        # held until the cache is turned off  # pylint: disable=consider-using-with
+        lock = open(os.path.join(path, f'rank_{rank_id}.lock'), 'a', encoding='utf-8')
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -141,14 +142,13 @@ def training_cache_key(train_cell, dataset, config):
     cells = []
     for name, cell in train_cell.cells_and_names():
         cls = type(cell)
-        if not cls.__module__.startswith('mindspore.'):
+        path = f'{cls.__module__}.{cls.__qualname__}'
+        if path not in sources and not cls.__module__.startswith('mindspore.'):
             try:
-                source = inspect.getsourcefile(cls)
-                with open(source, 'rb') as f:
-                    sources[f'{cls.__module__}.{cls.__qualname__}'] = hashlib.sha256(f.read()).hexdigest()
+                sources[path] = _file_digest(inspect.getsourcefile(cls))
             except (OSError, TypeError):
-                return None, f"the source of {cls.__module__}.{cls.__qualname__} is not a readable file"
-        cells.append([name, f'{cls.__module__}.{cls.__qualname__}', _cell_settings(cell)])
+                return None, f"the source of {path} is not a readable file"
+        cells.append([name, path, _cell_settings(cell)])
     from mindspore.graph import api  # pylint: disable=import-outside-toplevel
     try:
         entry = [_file_digest(path) for path in api._get_compile_cache_dep_files()]  # pylint: disable=protected-access
@@ -159,14 +159,18 @@ def training_cache_key(train_cell, dataset, config):
         'dataset': [list(dataset.get_col_names()), [list(s) for s in dataset.output_shapes()],
                     [str(t) for t in dataset.output_types()]],
         'config': {k: config.get(k) for k in ('runner_config', 'runner_wrapper', 'optimizer', 'lr_schedule',
-                                              'parallel_config', 'recompute_config', 'use_parallel', 'parallel')},
+                                              'callbacks', 'parallel_config', 'recompute_config', 'use_parallel',
+                                              'parallel')},
         'jit': [ms.get_context('mode'), ms.get_context('jit_config'), ms.get_current_device().device_target,
                 ms.get_auto_parallel_context('parallel_mode'), ms.get_auto_parallel_context('device_num'),
                 sorted((k, v) for k, v in os.environ.items() if k.startswith('MS_DEV_'))],
         'cpu_kernels': os.environ.get('MINDFORMERS_CPU_KERNELS', '1'),
         'versions': [ms.__version__, platform.python_version()],
     }
-    text = json.dumps(described, sort_keys=True, default=_plain)
+    try:
+        text = json.dumps(described, sort_keys=True, default=_plain)
+    except (TypeError, ValueError) as error:  # e.g. a circular reference among a cell's settings
+        return None, f"the training graph's settings cannot be described ({error})"
     return hashlib.sha256(text.encode()).hexdigest()[:20], None
 
 
@@ -174,10 +178,11 @@ def _cell_settings(cell):
     """A cell's own (not its sub-cells') graph-shaping state as plain data."""
     settings = {key: value for key, value in vars(cell).items()
                 if not key.startswith('_') and not isinstance(value, (nn.Cell, Primitive)) and key != 'arguments_key'}
+    primitives, params = cell._primitives, cell._params  # pylint: disable=protected-access
     settings['_primitives'] = {key: [prim.name, sorted((k, str(v)) for k, v in prim.attrs.items())]
-                               for key, prim in cell._primitives.items() if prim is not None}  # pylint: disable=protected-access
+                               for key, prim in primitives.items() if prim is not None}
     settings['_params'] = {key: [list(p.shape), str(p.dtype), p.requires_grad]
-                           for key, p in cell._params.items() if p is not None}  # pylint: disable=protected-access
+                           for key, p in params.items() if p is not None}
     return settings
 
 
