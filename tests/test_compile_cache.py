@@ -140,6 +140,10 @@ def test_a_directory_in_use_or_left_incomplete_is_not_loaded(tmp_path, fresh_pro
     # MindSpore reads the path once per process: a second directory is not used
     assert compile_cache.enable_compile_cache(str(tmp_path / 'other')) is False
     assert said[-1].startswith(f"compile cache not used: this process already cached into {path}")
+    # MindSpore's own cache, switched on in the environment, is left alone
+    monkeypatch.setattr(compile_cache, '_STATE', {})
+    monkeypatch.setenv('MS_COMPILER_CACHE_ENABLE', '1')
+    assert compile_cache.enable_compile_cache(str(path)) is False and 'MS_COMPILER_CACHE_ENABLE is set' in said[-1]
 
 
 def test_init_context_uses_no_deprecated_setting(tmp_path):

@@ -50,10 +50,13 @@ def unusable_reason():
 
 def enable_compile_cache(path, rank_id=0):
     """Turn MindSpore's compile cache on with `path` for the graphs compiled from now on in this process; False
-    (and one info line saying why) when it cannot be used: see `unusable_reason`, the path already taken by a
-    running process, or an earlier cache in this process (MindSpore reads the path once)."""
+    (and one info line saying why) when it cannot be used: see `unusable_reason`, MindSpore's own cache switched on
+    in the environment, the path taken by a running process, or an earlier cache in this process (MindSpore reads
+    the path once)."""
     disable_compile_cache()
     reason = unusable_reason()
+    if reason is None and os.environ.get('MS_COMPILER_CACHE_ENABLE', '0') != '0':
+        reason = "MS_COMPILER_CACHE_ENABLE is set in the environment (MindSpore caches every graph itself)"
     if reason is None and _STATE.get('used'):
         reason = f"this process already cached into {_STATE['used']} (MindSpore reads the cache path once)"
     lock = None
