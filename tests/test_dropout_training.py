@@ -1,7 +1,8 @@
 """Two training steps of every family at its published dropout values (GPT-2 and PanGu-alpha 0.1 embedding,
 attention and residual dropout; GLM's release 0.0 and, since its config takes them, 0.1; LLaMA, GLM2 and
 PengCheng.Mind have none), with the fused CPU kernels on and off: the graph compiles, the loss is finite and the
-weights move. A dropout layer in training once broke the compile of the fused residual path."""
+weights move. A dropout layer in training once broke the compile of the fused residual path (`add_to` called the
+cell itself, which graph mode cannot), as did fp16 parameters computed in fp32 (`Linear.add_to`'s fallback)."""
 import numpy as np
 import pytest
 import mindspore as ms
@@ -11,6 +12,7 @@ from mindformers import (Trainer, TrainingArguments, GPT2Config, GPT2LMHeadModel
                          GLMConfig, GLMForPreTraining, ChatGLM2Config, ChatGLM2ForConditionalGeneration,
                          PanguAlphaConfig, PanguAlphaHeadModel)
 from research.pengcheng_mind import PengChengMindConfig, PengChengMindForCausalLM
+from conftest import cpu_kernels_set
 
 VOCAB, SEQ, HIDDEN = 128, 8, 32
 DROPOUT = dict(embedding_dropout_prob=0.1, hidden_dropout_rate=0.1, attention_dropout_rate=0.1)
@@ -29,6 +31,8 @@ FAMILIES = {
     'glm2': lambda: ChatGLM2ForConditionalGeneration(ChatGLM2Config(
         padded_vocab_size=VOCAB, num_attention_heads=4, multi_query_group_num=2, kv_channels=8, ffn_hidden_size=64,
         **SIZES)),
+    'gpt2_fp16_params': lambda: GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, num_heads=4, param_init_type='float16',
+                                                           **{key: 0.0 for key in DROPOUT}, **SIZES)),
     'pengcheng_mind': lambda: PengChengMindForCausalLM(PengChengMindConfig(vocab_size=VOCAB, num_heads=4,
                                                                            ffn_hidden_size=64, **SIZES)),
 }
@@ -54,7 +58,12 @@ def test_tutorial_gpt2_trains_with_default_dropout(tmp_path, kernel_mode):
     _two_steps(tmp_path, 'gpt2')
 
 
+def test_fp16_parameters_train_through_the_fused_residual_add(tmp_path):
+    with cpu_kernels_set(True):
+        _two_steps(tmp_path, 'gpt2_fp16_params')
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize('family', sorted(set(FAMILIES) - {'gpt2'}))
+@pytest.mark.parametrize('family', sorted(set(FAMILIES) - {'gpt2', 'gpt2_fp16_params'}))
 def test_family_trains_two_steps_with_published_dropout(tmp_path, kernel_mode, family):
     _two_steps(tmp_path, family)
