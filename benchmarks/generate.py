@@ -31,7 +31,8 @@ def generate_mindformers(batch):
     import mindspore as ms
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from mindformers import GPT2Config, GPT2LMHeadModel
-    ms.set_context(mode=0, device_target='CPU')
+    ms.set_context(mode=0)
+    ms.set_device('CPU')
     ms.set_seed(0)
     config = GPT2Config(vocab_size=VOCAB, hidden_size=HIDDEN, num_layers=LAYERS, num_heads=HEADS, seq_length=SEQ,
                         eos_token_id=VOCAB - 1, pad_token_id=VOCAB - 1, use_past=True)

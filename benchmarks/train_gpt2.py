@@ -33,8 +33,9 @@ def run_mindformers(steps, warmup, compile_cache=None):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from mindformers import GPT2Config, GPT2LMHeadModel, AdamWeightDecay, MFTrainOneStepCell
     if compile_cache:
-        ms.set_context(enable_compile_cache=True, compile_cache_path=compile_cache)
-    ms.set_context(mode=0, device_target='CPU')
+        os.environ.update(MS_COMPILER_CACHE_ENABLE='1', MS_COMPILER_CACHE_PATH=compile_cache)
+    ms.set_context(mode=0)
+    ms.set_device('CPU')
     ms.set_seed(0)
     config = GPT2Config(vocab_size=VOCAB, hidden_size=HIDDEN, num_layers=LAYERS, num_heads=HEADS, seq_length=SEQ,
                         hidden_dropout_rate=0.0, attention_dropout_rate=0.0, embedding_dropout_prob=0.0)

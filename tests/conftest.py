@@ -13,7 +13,9 @@ if REPO not in sys.path:
 @pytest.fixture(scope='session', autouse=True)
 def _cpu_graph_mode():
     import mindspore as ms
-    ms.set_context(mode=0, device_target='CPU')
+    ms.set_context(mode=0)
+    if ms.get_current_device().device_target != 'CPU':  # set_device: once, before anything runs
+        ms.set_device('CPU')
     yield
 
 

@@ -197,7 +197,7 @@ class CausalSelfAttention(nn.Cell):
         """`residual + self(x, mask)` for residual [B, S, hidden_size], with o_proj's bias and the residual added
         in one kernel where `Linear.add_to` can (no dropout in effect)."""
         if self.out_dropout.active:
-            return residual + self(x, mask)
+            return residual + self.construct(x, mask)
         batch, seq, hidden = residual.shape
         return self.o_proj.add_to(residual.reshape(batch * seq, hidden), self._context(x, mask)).reshape(
             batch, seq, hidden)

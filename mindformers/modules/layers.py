@@ -168,7 +168,7 @@ class Linear(nn.Cell):
         sharding, with a bias, the bias and the residual are added in one kernel: with the product itself on few rows
         (decode steps), after MatMul otherwise."""
         if self.bias_residual is None or not x.dtype == residual.dtype == self.weight.dtype == self.compute_dtype:
-            return residual + self(x)
+            return residual + self.construct(x)
         if x.shape[0] <= FEW_ROWS:
             return self.few_rows_residual(x, self.weight, self.bias, residual)
         return self.bias_residual(self.matmul(x, self.weight), self.bias, residual)

@@ -47,7 +47,7 @@ class MLP(nn.Cell):
         """`residual + self(x)` for x and residual [..., hidden_size], with the output projection's bias and the
         residual added in one kernel where `Linear.add_to` can (no dropout in effect)."""
         if self.dropout.active:
-            return residual + self(x)
+            return residual + self.construct(x)
         hidden = self._hidden(x.reshape(-1, x.shape[-1]))
         return getattr(self, self.names[1]).add_to(residual.reshape(hidden.shape[0], -1), hidden).reshape(
             residual.shape)

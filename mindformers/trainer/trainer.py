@@ -1,10 +1,7 @@
 """Trainer: builds everything a run config names and runs train, finetune, evaluate and predict."""
 import copy
 import dataclasses
-import functools
-import hashlib
 import inspect
-import json
 import math
 import os
 
@@ -16,6 +13,7 @@ from mindspore.train.callback import RunContext
 
 from mindformers.core.callback import TrainState, append_metrics
 from mindformers.core.context import init_context, sum_over_ranks
+from mindformers.core.context.compile_cache import TrainingCompileCache, disable_compile_cache
 from mindformers.core.lr import build_lr
 from mindformers.core.metric import PerplexityMetric
 from mindformers.core.optim import build_optim
@@ -27,7 +25,6 @@ from mindformers.tools.checkpoint import CheckpointError, load_checkpoint_file, 
 from mindformers.tools.transform_ckpt import transform_for_run
 from mindformers.tools.logger import logger, setup_file_logging
 from mindformers.tools.model_book import find_config
-from mindformers.tools.utils import cache_dir
 from mindformers.tools.register import MindFormerConfig, MindFormerRegister, MindFormerModuleType
 from mindformers.trainer.resume import check_run_shape, find_resume_checkpoint, restore_train_state
 from mindformers.trainer.run_dir import RunLock, checkpoint_dirs, clear_earlier_run, refuse_earlier_run
@@ -128,20 +125,15 @@ class Trainer:
 
     # ----------------------------------------------------------------- building
     def _setup(self, compile_cache=True):
-        """Context, seeds and logs. MindSpore's compile cache matches cached graphs to new ones by the order they are
-        compiled in, so it is used only for training (one fixed sequence of graphs per config); evaluation and
-        generation (graphs per prompt-length bucket) turn it off, also after training in the same process."""
+        """Context, seeds and logs. The compile cache is used only by training, from its start to the end of its first
+        step (`TrainingCompileCache`); evaluation and prediction (`compile_cache=False`) make sure it is off."""
         config = self.config
         if 'ids' not in _CONTEXT_DONE:
             parallel = dict(config.get('parallel') or {})
-            context = dict(config.get('context') or {})
-            if not compile_cache:
-                context['enable_compile_cache'] = False
-            elif context.get('enable_compile_cache') and not context.get('compile_cache_path'):
-                context['compile_cache_path'] = _compile_cache_path(config)
+            context = dict(config.get('context') or {}, enable_compile_cache=False)  # see TrainingCompileCache
             _CONTEXT_DONE['ids'] = init_context(bool(config.get('use_parallel', False)), context, parallel)
-        if not compile_cache and ms.get_context('enable_compile_cache'):
-            ms.set_context(enable_compile_cache=False)
+        if not compile_cache:
+            disable_compile_cache()
         self.rank_id, self.device_num = _CONTEXT_DONE['ids']
         ms.set_seed(int(config.seed))
         np.random.seed(int(config.seed))
@@ -347,7 +339,7 @@ class Trainer:
                         state.cur_step_num, total_steps)
         self.state = state
         callbacks = [build_callback(dict(cb), where='callbacks') for cb in config.get('callbacks') or []]
-        callbacks += self.callbacks
+        callbacks = [TrainingCompileCache(config, train_cell, dataset, self.rank_id), *callbacks, *self.callbacks]
         eval_every_steps, eval_every_epochs = self._eval_intervals(do_eval)
         logger.info("training: %d epoch(s) x %d step(s) = %d optimizer steps, %d batch(es) of %d per step",
                     epochs, steps_per_epoch, total_steps, accumulation, int(runner.get('batch_size', 0) or 0))
@@ -642,33 +634,6 @@ def use_dataset_dir(config, key, path):
         loader = {'type': 'MindDataset', 'dataset_dir': path, 'shuffle': loader.get('shuffle', key == 'train_dataset')}
     section['data_loader'] = loader
     config[key] = section
-
-
-def _compile_cache_path(config):
-    """A compile-cache directory per (model, wrapper, optimizer, batch, parallel layout, MindSpore version): MindSpore
-    keeps one cached graph per directory and checks only the source files it came from, so runs that differ in
-    shapes or settings must not share one. The digest of mindformers' own sources is part of the key: MindSpore
-    2.10 reused a cached train step after `wrapper/train_one_step.py` had changed."""
-    keys = ('model', 'runner_config', 'runner_wrapper', 'optimizer', 'lr_schedule', 'parallel_config',
-            'recompute_config', 'use_parallel', 'parallel')
-    described = json.dumps({k: config.get(k) for k in keys} | {'mindspore': ms.__version__,
-                                                                'sources': _source_digest()},
-                           sort_keys=True, default=str)
-    return cache_dir('compile_cache', hashlib.sha256(described.encode()).hexdigest()[:16])
-
-
-@functools.lru_cache(maxsize=1)
-def _source_digest():
-    """SHA-256 over the Python sources of the mindformers package."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    digest = hashlib.sha256()
-    for folder, dirs, names in os.walk(root):
-        dirs.sort()
-        for name in sorted(n for n in names if n.endswith('.py')):
-            digest.update(os.path.relpath(os.path.join(folder, name), root).encode())
-            with open(os.path.join(folder, name), 'rb') as f:
-                digest.update(f.read())
-    return digest.hexdigest()
 
 
 def _is_true(value):

@@ -47,7 +47,8 @@ class _FromDict:
 @dataclass
 class ContextConfig(_FromDict):
     """MindSpore context settings. `mode` 0 = GRAPH_MODE (compiled, default), 1 = PYNATIVE_MODE.
-    `device_target` None picks the best device present."""
+    `device_target` None picks the best device present. `enable_compile_cache` / `compile_cache_path` are applied by
+    each training, not process-wide (`mindformers.core.context.compile_cache.TrainingCompileCache`)."""
     mode: int = 0
     device_target: str = None
     device_id: int = None
@@ -99,20 +100,18 @@ def init_context(use_parallel=False, context_config=None, parallel_config=None):
     if context_config.mode not in (0, 1, 'GRAPH_MODE', 'PYNATIVE_MODE'):
         raise ValueError(f"context.mode must be 0 (GRAPH_MODE) or 1 (PYNATIVE_MODE), got {context_config.mode!r}")
     mode = {'GRAPH_MODE': 0, 'PYNATIVE_MODE': 1}.get(context_config.mode, context_config.mode)
-    kwargs = dict(mode=mode, device_target=target, max_call_depth=context_config.max_call_depth)
-    if context_config.save_graphs:
-        kwargs.update(save_graphs=True, save_graphs_path=context_config.save_graphs_path)
-    if context_config.max_device_memory and target != 'CPU':
-        kwargs['max_device_memory'] = context_config.max_device_memory
-    if context_config.device_id is not None or os.environ.get('DEVICE_ID'):
+    device_id = None
+    if (context_config.device_id is not None or os.environ.get('DEVICE_ID')) and target != 'CPU':
         device_id = context_config.device_id if context_config.device_id is not None else int(os.environ['DEVICE_ID'])
-        if target != 'CPU':
-            kwargs['device_id'] = device_id
-    if context_config.enable_compile_cache:
-        kwargs['enable_compile_cache'] = True
-        kwargs['compile_cache_path'] = context_config.compile_cache_path or './compile_cache'
-    kwargs.update(context_config.extra)
-    ms.set_context(**kwargs)
+    _set_device(target, device_id)
+    ms.set_context(mode=mode, **context_config.extra)
+    ms.set_recursion_limit(context_config.max_call_depth)
+    if context_config.save_graphs:
+        os.environ.update(MS_DEV_SAVE_GRAPHS=str(2 if context_config.save_graphs is True else
+                                                 int(context_config.save_graphs)),
+                          MS_DEV_SAVE_GRAPHS_PATH=context_config.save_graphs_path)
+    if context_config.max_device_memory and target != 'CPU':
+        ms.runtime.set_memory(max_size=context_config.max_device_memory)
     if context_config.jit_config:
         ms.set_context(jit_config=dict(context_config.jit_config))
 
@@ -155,6 +154,21 @@ def init_context(use_parallel=False, context_config=None, parallel_config=None):
     ms.set_auto_parallel_context(**auto_kwargs)
     logger.info("distributed: rank %d of %d, parallel_mode %s", rank_id, device_num, mode_name)
     return rank_id, device_num
+
+
+def _set_device(target, device_id):
+    """`mindspore.set_device`, which a process may call only before its first computation and then only with the same
+    values: nothing to do when the device in use is already the one asked for."""
+    current = ms.get_current_device()
+    if current.device_target == target and device_id in (None, current.device_id):
+        return
+    try:
+        ms.set_device(target, device_id)
+    except RuntimeError as error:
+        raise RuntimeError(f"device_target {target!r}{'' if device_id is None else f' (device_id {device_id})'} was "
+                           f"requested, but this process already computes on {current.device_target} "
+                           f"{current.device_id}; set the device before anything runs on MindSpore "
+                           f"({error})") from None
 
 
 def sum_over_ranks(values):
