@@ -137,7 +137,9 @@ def build_config(args, overrides):
             config[key]['data_loader'] = {'type': 'MindDataset', 'dataset_dir': getattr(args, f'{key}_dir'),
                                           'shuffle': loader.get('shuffle', key == 'train_dataset')}
     if args.predict_data is not None:
-        config['input_data'] = [p.replace('\\n', '\n') for p in args.predict_data]
+        from mindformers.models.base_tokenizer import check_unicode
+        config['input_data'] = [check_unicode(p.replace('\\n', '\n'), f"--predict_data prompt {i}")
+                                for i, p in enumerate(args.predict_data)]
     config.setdefault('run_mode', 'train')
     return config
 
