@@ -132,12 +132,19 @@ def load_hf_weights(path):
         raise ConversionError(f"input not found: {path}")
     if path.endswith('.index.json'):
         return _read_index(path)
-    if path.endswith('.safetensors'):
-        return _read_safetensors(path)
-    if path.endswith(('.bin', '.pt', '.pth')):
-        return _read_torch(path)
-    raise ConversionError(f"unsupported HF weight file {path} (expected .safetensors, .bin, .pt, .pth or "
-                          f"*.index.json)")
+    readers = {'.safetensors': _read_safetensors, '.bin': _read_torch, '.pt': _read_torch, '.pth': _read_torch}
+    reader = readers.get(os.path.splitext(path)[1])
+    if reader is None:
+        raise ConversionError(f"unsupported HF weight file {path} (expected .safetensors, .bin, .pt, .pth or "
+                              f"*.index.json)")
+    try:
+        return reader(path)
+    except (ConversionError, OSError, MemoryError):
+        raise
+    except Exception as err:  # safetensors' SafetensorError, torch's RuntimeError/UnpicklingError/EOFError
+        detail = ' '.join(str(err).split()) or type(err).__name__
+        raise ConversionError(f"HF weight file {path} is truncated or corrupt ({detail[:200]}); download or save "
+                              f"it again") from None
 
 
 def load_ms_weights(path):

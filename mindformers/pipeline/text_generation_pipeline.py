@@ -12,10 +12,10 @@ GENERATE_ARGUMENTS = ('generation_config', 'streamer', 'seed')
 @MindFormerRegister.register(MindFormerModuleType.PIPELINE)
 class TextGenerationPipeline(BasePipeline):
     """`pipe(text or [texts], **generate_kwargs)` -> `[{'text_generation_text': [prompt + continuation]}]`, one per
-    input (MindFormers' output form). Prompts are encoded by `tokenizer.encode_prompt` (its BOS, no EOS), run through `model.generate` in batches of
-    `batch_size` (ragged prompts are left-padded there) and decoded without special tokens. Options are
-    GenerationConfig fields (max_new_tokens, do_sample, top_k, ...) and generate's `streamer`, `seed`,
-    `generation_config`."""
+    input (MindFormers' output form). Prompts are encoded by `tokenizer.encode_prompt` (its BOS, no EOS), run
+    through `model.generate` in batches of `batch_size` (ragged prompts are left-padded there) and decoded without
+    special tokens. Options are GenerationConfig fields (max_new_tokens, do_sample, top_k, ...) and generate's
+    `streamer`, `seed`, `generation_config`."""
 
     def __init__(self, model, tokenizer=None, batch_size=None, **generate_kwargs):
         if tokenizer is None:
