@@ -20,9 +20,16 @@ import tempfile
 
 import numpy as np
 
+from mindformers.tools.utils import UsageError
+
 
 class ConversionError(ValueError):
     """Weights that do not fit the target model; the message names every offending tensor."""
+
+
+class ConfigNeededError(ConversionError, UsageError):
+    """The weights alone do not settle the architecture: the command line must name a config (convert_weight.py
+    exits 2)."""
 
 
 def _read_safetensors(path):
@@ -467,9 +474,9 @@ class FamilyConverter:
 
     def infer_config(self, weights, ms_names=False):  # pylint: disable=unused-argument
         """Our config sized from the tensors alone (HF names, or ours with `ms_names`)."""
-        raise ConversionError(f"the {self.family} architecture (e.g. the number of attention heads) cannot be told "
-                              f"from the weights alone and no config.json was found beside them; give the model's "
-                              f"config (convert_weight.py --config <config.json | run YAML>)")
+        raise ConfigNeededError(f"the {self.family} architecture (e.g. the number of attention heads) cannot be "
+                                f"told from the weights alone and no config.json was found beside them; give the "
+                                f"model's config (convert_weight.py --config <config.json | run YAML>)")
 
     def is_ours(self, data):
         """Whether a config.json mapping was written by our config class (else it is a HF one)."""
