@@ -11,30 +11,33 @@
 
 A Meta dir holds params.json and consolidated.NN.pth shards; glm2 reads HF GlmForCausalLM and original ChatGLM2
 directories and writes GlmForCausalLM ones. --config (config.json or run YAML) is needed with --reversed when no
-config.json lies beside the checkpoint.
+config.json lies beside the checkpoint. An existing --output_path (a file, or a non-empty HF directory) is replaced
+only with --overwrite: the new output is written beside it and then renamed over it, so a failed conversion leaves
+the old one untouched and no file of the old output remains.
 
 A family joins by one line in `mindformers.models.convert_utils.FAMILY_MODULES`; its conversion module provides
 `convert_pt_to_ms(input_path, output_path, dtype=None, config=None)` (HF -> ours) and
 `convert_ms_to_pt(input_path, output_path, dtype=None, config=None)` (ours -> HF), each returning
 {tensor name: shape} of what it wrote, writing atomically, and raising ValueError (ConversionError,
 CheckpointError) or OSError for bad input.
-Exit codes: 0 success, 2 bad flag or input (one line on stderr), 1 any other error (one line on stderr)."""
+Exit codes (one line on stderr for errors): 0 success; 2 the command line is wrong (an unknown flag or --model, a
+path that does not exist or cannot be used, an existing output without --overwrite); 1 the content of a file is
+wrong (weights that do not fit the model, a truncated or corrupt checkpoint, a bad config file) or the run failed
+(e.g. disk full)."""
 import argparse
 import importlib
 import math
 import os
+import shutil
 import sys
 
 os.environ.setdefault('GLOG_v', '3')  # before MindSpore loads: its warnings would break the one-line error contract
 from mindformers.models.convert_utils import FAMILY_MODULES  # noqa: E402
-from mindformers.tools.utils import OneLineArgumentParser  # noqa: E402
+from mindformers.tools.utils import (OneLineArgumentParser, UsageError, check_output_path,  # noqa: E402
+                                     replace_output, staging_path)
 
 CONVERTERS = dict(FAMILY_MODULES)
 DTYPES = ('fp32', 'fp16', 'bf16')
-
-
-class _BadInput(Exception):
-    pass
 
 
 def build_parser():
@@ -49,22 +52,41 @@ def build_parser():
     parser.add_argument('--reversed', action='store_true', help='convert mindformers -> HuggingFace')
     parser.add_argument('--config', help='model config (run YAML or config.json) when the weights alone do not '
                                          'settle the architecture, e.g. num_heads for --reversed')
+    parser.add_argument('--overwrite', action='store_true', help='replace an existing --output_path')
     return parser
 
 
-def convert(model, input_path, output_path, dtype=None, reversed_=False, config=None):
-    """Run the family converter; returns {tensor name: shape} of what was written."""
+def convert(model, input_path, output_path, dtype=None, reversed_=False, config=None, overwrite=False):
+    """Run the family converter; returns {tensor name: shape} of what was written. A command line that cannot work
+    raises UsageError before anything is read."""
     if model not in CONVERTERS:
-        raise _BadInput(f"unknown --model {model!r} (known: {', '.join(sorted(CONVERTERS))})")
+        raise UsageError(f"unknown --model {model!r} (known: {', '.join(sorted(CONVERTERS))})")
     if not os.path.exists(input_path):
-        raise _BadInput(f"--input_path {input_path} does not exist")
+        raise UsageError(f"--input_path {input_path} does not exist")
+    if config and not os.path.isfile(config):
+        raise UsageError(f"--config {config} is not a file")
+    # --reversed writes a HF directory unless the path names a checkpoint file
+    check_output_path(output_path, '--output_path', overwrite,
+                      directory=reversed_ and not output_path.endswith(('.safetensors', '.ckpt')))
     if CONVERTERS[model].startswith('research.'):
         from mindformers.tools.register.register import import_research
         import_research()  # makes `research.<family>` importable wherever the package lives
     module = importlib.import_module(CONVERTERS[model])
     function = module.convert_ms_to_pt if reversed_ else module.convert_pt_to_ms
     kwargs = {'config': config} if config else {}
-    return function(input_path, output_path, dtype=dtype, **kwargs)
+    replacing = os.path.exists(output_path) and not (os.path.isdir(output_path) and not os.listdir(output_path))
+    if not replacing:
+        return function(input_path, output_path, dtype=dtype, **kwargs)
+    staged = staging_path(output_path)
+    try:
+        written = function(input_path, staged, dtype=dtype, **kwargs)
+        replace_output(staged, output_path)
+    finally:
+        if os.path.isdir(staged):
+            shutil.rmtree(staged, ignore_errors=True)
+        elif os.path.exists(staged):
+            os.remove(staged)
+    return written
 
 
 def _one_line(err):
@@ -77,10 +99,14 @@ def main(argv=None):
     except SystemExit as stop:  # a bad flag (its line is written) or --help
         return stop.code
     try:
-        written = convert(args.model, args.input_path, args.output_path, args.dtype, args.reversed, args.config)
-    except (_BadInput, ValueError, OSError) as err:
+        written = convert(args.model, args.input_path, args.output_path, args.dtype, args.reversed, args.config,
+                          args.overwrite)
+    except UsageError as err:
         sys.stderr.write(f"convert_weight.py: error: {_one_line(err)}\n")
         return 2
+    except (ValueError, OSError) as err:  # ConversionError, CheckpointError: the files' content; OSError: disk
+        sys.stderr.write(f"convert_weight.py: error: {_one_line(err)}\n")
+        return 1
     except Exception as err:  # pylint: disable=broad-except
         sys.stderr.write(f"convert_weight.py: error: {type(err).__name__}: {_one_line(err)}\n")
         return 1

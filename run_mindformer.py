@@ -140,7 +140,9 @@ def build_config(args, overrides):
             except FileNotFoundError as err:
                 raise FileNotFoundError(f"--{key}_dir: {err}") from None
     if args.predict_data is not None:
-        config['input_data'] = [p.replace('\\n', '\n') for p in args.predict_data]
+        from mindformers.models.base_tokenizer import check_unicode
+        config['input_data'] = [check_unicode(p.replace('\\n', '\n'), f"--predict_data prompt {i}")
+                                for i, p in enumerate(args.predict_data)]
     config.setdefault('run_mode', 'train')
     return config
 

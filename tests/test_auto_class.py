@@ -118,7 +118,26 @@ def test_tokenizer_from_tokenizer_json_saves_plain_files(hf_dir, tmp_path):
     assert (tmp_path / 'vocab.json').is_file() and (tmp_path / 'merges.txt').is_file()
     text = 'Speak, speak. You are all resolved rather to die than to famish?'
     assert AutoTokenizer.from_pretrained(tmp_path).encode(text) == tokenizer.encode(text)
-    assert GPT2Tokenizer(vocab_file=VOCAB, merges_file=MERGES).encode(text) == tokenizer.encode(text)
+    # transformers' tokenizer_config.json sets no add_bos_token / add_eos_token: HF's ids, no special tokens added
+    assert GPT2Tokenizer(vocab_file=VOCAB, merges_file=MERGES, add_bos_token=False,
+                         add_eos_token=False).encode(text) == tokenizer.encode(text)
+
+
+def test_directory_with_only_vocabulary_files(tmp_path):
+    (tmp_path / 'gpt2').mkdir()
+    for name, path in (('vocab.json', VOCAB), ('merges.txt', MERGES)):
+        (tmp_path / 'gpt2' / name).write_bytes(open(path, 'rb').read())
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / 'gpt2')
+    assert type(tokenizer) is GPT2Tokenizer
+    assert tokenizer('ROMEO:') == GPT2Tokenizer(VOCAB, MERGES)('ROMEO:')
+    # a bare SentencePiece tokenizer.model is LLaMA's, ChatGLM2's or PengCheng.Mind's: refused, naming them
+    (tmp_path / 'sp').mkdir()
+    (tmp_path / 'sp' / 'tokenizer.model').write_bytes(open(resolve_path('assets/llama_tiny/tokenizer.model'),
+                                                           'rb').read())
+    with pytest.raises(ValueError, match=r"there is no tokenizer_config.json.*; tokenizer.model fits "
+                                         r"ChatGLM2Tokenizer, LlamaTokenizer, PengChengMindTokenizer: load it with "
+                                         r"the right class"):
+        AutoTokenizer.from_pretrained(tmp_path / 'sp')
 
 
 def test_huggingface_pytorch_bin_directory(hf_dir, tmp_path):

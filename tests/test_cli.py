@@ -72,6 +72,16 @@ def test_missing_checkpoint_is_one_clear_error(tmp_path):
     assert 'none.ckpt' in stderr and 'not found' in stderr
 
 
+def test_predict_data_that_is_not_utf8_exits_2_naming_the_prompt(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(REPO, 'run_mindformer.py'), '--config', TINY, '--run_mode',
+                           'predict', '--predict_data', 'ROMEO:', b'caf\xe9', '--output_dir', str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2
+    lines = error_lines(proc.stderr)
+    assert len(lines) == 1 and "--predict_data prompt 1 'caf\\udce9' is not valid text: character 3 is the lone " \
+                               "surrogate" in lines[0], proc.stderr
+
+
 def test_finetune_without_checkpoint_says_how_to_fix(tmp_path):
     code, _, stderr = run_cli('--config', TINY, '--run_mode', 'finetune', '--output_dir', str(tmp_path))
     assert code == 1

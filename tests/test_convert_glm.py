@@ -187,12 +187,12 @@ def test_bad_tensors_are_named_in_the_input_naming(naming, change, named):
         convert_hf_to_ms(state_dict, tiny_config(alpha=SQRT56))
 
 
-def test_cli_exit_2_with_one_line_naming_the_tensor(tmp_path):
+def test_cli_exit_1_with_one_line_naming_the_tensor(tmp_path):
     tensors = release_tensors()
     del tensors['transformer.layers.0.attention.dense.weight']
     bad = write_release(tmp_path / 'bad', tensors)
     line = one_error_line(cli_subprocess('--model', 'glm', '--input_path', bad, '--output_path',
-                                         tmp_path / 'out.ckpt'))
+                                         tmp_path / 'out.ckpt'), code=1)
     assert 'missing transformer.layers.0.attention.dense.weight' in line
     assert not os.path.exists(tmp_path / 'out.ckpt')
 

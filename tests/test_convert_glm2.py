@@ -210,7 +210,7 @@ def test_bad_tensors_are_named_in_the_input_naming(naming, change, named):
         convert_hf_to_ms(state_dict, _our_config())
 
 
-def test_cli_exit_2_with_one_line_naming_the_tensor(chatglm_dir, tmp_path):
+def test_cli_exit_1_with_one_line_naming_the_tensor(chatglm_dir, tmp_path):
     bad = tmp_path / 'bad'
     bad.mkdir()
     tensors = torch.load(chatglm_dir / 'pytorch_model.bin', weights_only=True)
@@ -218,7 +218,7 @@ def test_cli_exit_2_with_one_line_naming_the_tensor(chatglm_dir, tmp_path):
     torch.save(tensors, bad / 'pytorch_model.bin')
     (bad / 'config.json').write_text(json.dumps(CHATGLM_CONFIG))
     line = one_error_line(cli_subprocess('--model', 'glm2', '--input_path', bad, '--output_path',
-                                         tmp_path / 'out.ckpt'))
+                                         tmp_path / 'out.ckpt'), code=1)
     assert 'missing transformer.encoder.layers.0.self_attention.query_key_value.bias' in line
     assert not os.path.exists(tmp_path / 'out.ckpt')
 

@@ -335,14 +335,14 @@ def test_bad_meta_tensors_are_named_in_meta_names():
     assert 'rope.freqs' not in message
 
 
-def test_cli_exit_2_with_one_line_naming_the_tensor(tmp_path):
+def test_cli_exit_1_with_one_line_naming_the_tensor(tmp_path):
     bad = tmp_path / 'bad'
     hf_llama_model('gqa').save_pretrained(bad)
     tensors = load_file(str(bad / 'model.safetensors'))
     del tensors['model.norm.weight']
     save_file(tensors, str(bad / 'model.safetensors'), metadata={'format': 'pt'})
     line = one_error_line(cli_subprocess('--model', 'llama', '--input_path', bad, '--output_path',
-                                         tmp_path / 'out.ckpt'))
+                                         tmp_path / 'out.ckpt'), code=1)
     assert 'LLaMA weights do not fit the model' in line and 'missing model.norm.weight' in line
     assert not os.path.exists(tmp_path / 'out.ckpt')
 

@@ -20,10 +20,10 @@ def run(*args):
                           text=True, timeout=120, check=False)
 
 
-def error_line(result):
-    """The single stderr line of a failed run (exit 2)."""
+def error_line(result, code=2):
+    """The single stderr line of a failed run (exit 2: the command line is wrong; 1: a file's content is)."""
     lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2, result.stderr
+    assert result.returncode == code, result.stderr
     assert len(lines) == 1, result.stderr
     return lines[0]
 
@@ -108,7 +108,7 @@ def _write_hf(directory, tensors, hf_dir):
     ('unexpected', 'unexpected transformer.h.0.attn.rotary.weight'),
     ('shape', 'wrong shape transformer.wpe.weight (8, 32) (expected (16, 32))'),
 ])
-def test_bad_weights_exit_2_naming_the_tensor(hf_dir, tmp_path, change, named):
+def test_bad_weights_exit_1_naming_the_tensor(hf_dir, tmp_path, change, named):
     tensors = hf_tensors(hf_dir)
     if change == 'missing':
         del tensors['transformer.h.1.ln_2.bias']
@@ -118,18 +118,18 @@ def test_bad_weights_exit_2_naming_the_tensor(hf_dir, tmp_path, change, named):
         tensors['transformer.wpe.weight'] = tensors['transformer.wpe.weight'][:8].copy()
     _write_hf(tmp_path / 'bad', tensors, hf_dir)
     out = tmp_path / 'out' / 'gpt2.ckpt'
-    line = error_line(run('--model', 'gpt2', '--input_path', tmp_path / 'bad', '--output_path', out))
+    line = error_line(run('--model', 'gpt2', '--input_path', tmp_path / 'bad', '--output_path', out), code=1)
     assert named in line
     assert not os.path.exists(tmp_path / 'out') or not os.listdir(tmp_path / 'out')
 
 
-def test_reverse_of_incomplete_checkpoint_exits_2(ckpt, hf_dir, tmp_path):
+def test_reverse_of_incomplete_checkpoint_exits_1(ckpt, hf_dir, tmp_path):
     import mindspore as ms
     params = ms.load_checkpoint(str(ckpt))
     del params['backbone.layers.0.mlp.fc_in.bias']
     ms.save_checkpoint([{'name': n, 'data': p} for n, p in params.items()], str(tmp_path / 'partial.ckpt'))
     line = error_line(run('--model', 'gpt2', '--reversed', '--input_path', tmp_path / 'partial.ckpt',
-                          '--output_path', tmp_path / 'hf_out', '--config', hf_dir / 'config.json'))
+                          '--output_path', tmp_path / 'hf_out', '--config', hf_dir / 'config.json'), code=1)
     assert 'missing backbone.layers.0.mlp.fc_in.bias' in line
     assert not os.path.exists(tmp_path / 'hf_out')
     assert sorted(os.listdir(tmp_path)) == ['partial.ckpt']
@@ -148,9 +148,75 @@ def test_usage_errors_exit_2_with_one_line(hf_dir, ckpt, tmp_path):
     (tmp_path / 'full' / 'keep.txt').write_text('mine')
     line = error_line(run('--model', 'gpt2', '--reversed', '--input_path', ckpt, '--output_path',
                           tmp_path / 'full'))
-    assert 'not empty' in line and str(tmp_path / 'full') in line
+    assert f"--output_path {tmp_path / 'full'} already exists; pass --overwrite to replace it" in line
     assert os.listdir(tmp_path / 'full') == ['keep.txt']
     assert sorted(os.listdir(tmp_path)) == ['full']
+    (tmp_path / 'a_file').write_text('mine')
+    line = error_line(run('--model', 'gpt2', '--input_path', hf_dir, '--output_path', tmp_path / 'a_file' / 'x.ckpt'))
+    assert line == f"convert_weight.py: error: --output_path {tmp_path / 'a_file' / 'x.ckpt'}: {tmp_path / 'a_file'} " \
+                   f"is a file, not a directory"
+    line = error_line(run('--model', 'gpt2', '--input_path', hf_dir, '--output_path', tmp_path / 'full'))
+    assert f"--output_path {tmp_path / 'full'} is a directory; give a file path" in line
+    line = error_line(run('--model', 'gpt2', '--input_path', hf_dir, '--output_path', tmp_path / 'x.ckpt',
+                          '--config', tmp_path / 'no_config.json'))
+    assert 'no_config.json is not a file' in line
+    assert sorted(os.listdir(tmp_path)) == ['a_file', 'full']
+
+
+def _truncate(path):
+    data = open(path, 'rb').read()
+    with open(path, 'wb') as f:
+        f.write(data[:len(data) // 2])
+
+
+def test_truncated_safetensors_are_named_and_exit_1(hf_dir, ckpt, tmp_path):
+    (tmp_path / 'hf').mkdir()
+    for name in ('config.json', 'model.safetensors'):
+        (tmp_path / 'hf' / name).write_bytes((hf_dir / name).read_bytes())
+    _truncate(tmp_path / 'hf' / 'model.safetensors')
+    line = error_line(run('--model', 'gpt2', '--input_path', tmp_path / 'hf', '--output_path', tmp_path / 'o.ckpt'),
+                      code=1)
+    assert f"HF weight file {tmp_path / 'hf' / 'model.safetensors'} is truncated or corrupt" in line
+    ours = tmp_path / 'ours.safetensors'
+    assert run('--model', 'gpt2', '--input_path', hf_dir, '--output_path', ours).returncode == 0
+    _truncate(ours)
+    line = error_line(run('--model', 'gpt2', '--reversed', '--input_path', ours, '--output_path', tmp_path / 'back',
+                          '--config', hf_dir / 'config.json'), code=1)
+    assert f"checkpoint {ours} is truncated or corrupt" in line
+    assert sorted(os.listdir(tmp_path)) == ['hf', 'ours.safetensors']
+    # the same files through the Python loaders
+    from mindformers import AutoModel
+    from mindformers.tools.checkpoint import CheckpointError, load_checkpoint_file
+    with pytest.raises(CheckpointError, match=f"checkpoint {ours} is truncated or corrupt"):
+        load_checkpoint_file(str(ours))
+    with pytest.raises(ValueError, match=f"HF weight file {tmp_path / 'hf' / 'model.safetensors'} is truncated"):
+        AutoModel.from_pretrained(tmp_path / 'hf')
+
+
+def test_existing_output_needs_overwrite_and_is_replaced_whole(hf_dir, ckpt, tmp_path):
+    out = tmp_path / 'gpt2.ckpt'
+    out.write_bytes(b'old model')
+    os.chmod(out, 0o444)
+    line = error_line(run('--model', 'gpt2', '--input_path', hf_dir, '--output_path', out))
+    assert line == f"convert_weight.py: error: --output_path {out} already exists; pass --overwrite to replace it"
+    assert out.read_bytes() == b'old model'
+    result = run('--model', 'gpt2', '--input_path', hf_dir, '--output_path', out, '--overwrite')
+    assert result.returncode == 0, result.stderr
+    assert out.read_bytes() == ckpt.read_bytes()
+    (tmp_path / 'hf_out').mkdir()
+    (tmp_path / 'hf_out' / 'stale.bin').write_bytes(b'old')
+    result = run('--model', 'gpt2', '--reversed', '--input_path', ckpt, '--output_path', tmp_path / 'hf_out',
+                 '--config', hf_dir / 'config.json', '--overwrite')
+    assert result.returncode == 0, result.stderr
+    assert sorted(os.listdir(tmp_path / 'hf_out')) == ['config.json', 'model.safetensors']
+    # a failed --overwrite leaves the old output as it was, and nothing beside it
+    bad = tmp_path / 'bad.ckpt'
+    bad.write_bytes(b'\x00garbage' * 10)
+    line = error_line(run('--model', 'gpt2', '--reversed', '--input_path', bad, '--output_path', tmp_path / 'hf_out',
+                          '--config', hf_dir / 'config.json', '--overwrite'), code=1)
+    assert 'bad.ckpt is truncated or corrupt' in line
+    assert sorted(os.listdir(tmp_path / 'hf_out')) == ['config.json', 'model.safetensors']
+    assert sorted(os.listdir(tmp_path)) == ['bad.ckpt', 'gpt2.ckpt', 'hf_out']
 
 
 def test_config_from_run_yaml_sets_heads():

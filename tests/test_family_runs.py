@@ -137,7 +137,7 @@ def test_trainer_finetunes_evaluates_and_predicts_like_the_hf_model(prepared):
     # before finetuning: the converted weights continue a prompt exactly as the HF model does (greedy, cached)
     prompt = 'ROMEO:'
     tokenizer = trainer._get_tokenizer()  # pylint: disable=protected-access
-    ids = tokenizer.encode(prompt)
+    ids = tokenizer.encode_prompt(prompt)  # what predict continues: BOS as the tokenizer adds it, no EOS
     expected = _greedy(family, hf_model, ids, 12)
     result = trainer.predict(predict_checkpoint=str(checkpoint), input_data=prompt, max_new_tokens=12,
                              eos_token_id=[], do_sample=False)

@@ -172,3 +172,15 @@ def test_bad_inputs_are_refused(models):
         ours.generate([[1, 2], []])
     with pytest.raises(ValueError, match='single prompt'):
         ours.generate(prompts([3, 4]), streamer=object(), max_new_tokens=2)
+
+
+@pytest.mark.parametrize('rows, index, token, position', [
+    ([[9, 10], [11, -1, 12]], 1, -1, 1),
+    ([[9, VOCAB]], 0, VOCAB, 1),
+    (np.array([[9, 10, 12], [13, 14, 70000]]), 1, 70000, 2),
+])
+def test_token_ids_outside_the_vocabulary_are_refused(models, rows, index, token, position):
+    _, ours = models
+    with pytest.raises(ValueError, match=rf"generate\(\): prompt {index} of input_ids has token id {token} at "
+                                         rf"position {position}, outside the model's vocabulary \[0, {VOCAB}\)"):
+        ours.generate(rows, max_new_tokens=2, use_past=True)

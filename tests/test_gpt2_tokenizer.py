@@ -20,6 +20,7 @@ TINY_VOCAB = 'assets/gpt2_tiny/vocab.json'
 TINY_MERGES = 'assets/gpt2_tiny/merges.txt'
 CORPUS = resolve_path('assets/corpus/tiny_shakespeare.txt')
 EOT = '<|endoftext|>'
+HF_LIKE = dict(add_bos_token=False, add_eos_token=False)  # HF GPT2TokenizerFast's behaviour, one flag away
 
 MIXED = [
     "First Citizen:\nBefore we proceed any further, hear me speak.",
@@ -59,12 +60,13 @@ def files(request, trained_dir):
 
 @pytest.fixture(scope='module')
 def tiny():
-    return GPT2Tokenizer(TINY_VOCAB, TINY_MERGES)
+    """The bundled tiny vocabulary without MindFormers' BOS/EOS (HF's ids)."""
+    return GPT2Tokenizer(TINY_VOCAB, TINY_MERGES, **HF_LIKE)
 
 
 @pytest.mark.parametrize('options', [{}, {'add_prefix_space': True}, {'add_bos_token': True}])
 def test_ids_match_hf_gpt2_tokenizer_fast(files, options):
-    ours = GPT2Tokenizer(*files, **options)
+    ours = GPT2Tokenizer(*files, **{**HF_LIKE, **options})
     ref = transformers.GPT2TokenizerFast(*files, **options)
     for text in MIXED:
         assert ours.encode(text) == ref(text)['input_ids'], repr(text)
@@ -76,7 +78,7 @@ def test_ids_match_hf_gpt2_tokenizer_fast(files, options):
 
 
 def test_decode_round_trips_every_text(files):
-    ours = GPT2Tokenizer(*files)
+    ours = GPT2Tokenizer(*files, **HF_LIKE)
     ref = transformers.GPT2TokenizerFast(*files)
     for text in MIXED:
         ids = ours.encode(text)
@@ -101,7 +103,7 @@ def test_bundled_assets_resolve_from_any_working_directory(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     tok = GPT2Tokenizer(TINY_VOCAB, TINY_MERGES)
     assert tok.vocab_size == len(tok) == 512
-    assert tok.decode(tok.encode("O Romeo, Romeo!")) == "O Romeo, Romeo!"
+    assert tok.decode(tok.encode("O Romeo, Romeo!"), skip_special_tokens=True) == "O Romeo, Romeo!"
 
 
 def test_batch_padding_right_and_left_matches_hf(tiny):
@@ -109,10 +111,11 @@ def test_batch_padding_right_and_left_matches_hf(tiny):
     lengths = [len(tiny.encode(t)) for t in texts]
     ref = transformers.GPT2TokenizerFast(resolve_path(TINY_VOCAB), resolve_path(TINY_MERGES), pad_token=EOT)
     for side in ('right', 'left'):
-        tok = GPT2Tokenizer(TINY_VOCAB, TINY_MERGES, padding_side=side)
+        tok = GPT2Tokenizer(TINY_VOCAB, TINY_MERGES, padding_side=side, **HF_LIKE)
         ref.padding_side = side
         out = tok(texts, padding=True)
         assert isinstance(out, BatchEncoding) and out.input_ids is out['input_ids']
+        assert out.pop('token_type_ids') == [[0] * max(lengths)] * len(texts)
         assert out == dict(ref(texts, padding=True))
         longest = max(lengths)
         for ids, mask, n in zip(out['input_ids'], out['attention_mask'], lengths):
@@ -122,7 +125,7 @@ def test_batch_padding_right_and_left_matches_hf(tiny):
             assert mask == ([1] * n + [0] * (longest - n) if side == 'right' else [0] * (longest - n) + [1] * n)
     assert tiny("only one", padding=True)['input_ids'] == tiny.encode("only one")
     with pytest.raises(ValueError, match='has no pad_token'):
-        GPT2Tokenizer(TINY_VOCAB, TINY_MERGES, pad_token=None)(texts, padding=True)
+        GPT2Tokenizer(TINY_VOCAB, TINY_MERGES, pad_token=None, **HF_LIKE)(texts, padding=True)
     assert tiny(texts)['input_ids'] == [tiny.encode(t) for t in texts]
 
 
@@ -132,12 +135,12 @@ def test_truncation_and_max_length(tiny):
     assert len(ids) > 8
     assert tiny(text, truncation=True, max_length=8)['input_ids'] == ids[:8]
     assert tiny.encode(text, truncation=True, max_length=8) == ids[:8]
-    left = GPT2Tokenizer(TINY_VOCAB, TINY_MERGES, truncation_side='left')
+    left = GPT2Tokenizer(TINY_VOCAB, TINY_MERGES, truncation_side='left', **HF_LIKE)
     assert left(text, truncation=True, max_length=8)['input_ids'] == ids[-8:]
     out = tiny([text, "short"], padding='max_length', truncation=True, max_length=8)
     assert out['input_ids'] == [ids[:8], tiny.encode("short") + [0] * (8 - len(tiny.encode("short")))]
     assert [sum(m) for m in out['attention_mask']] == [8, len(tiny.encode("short"))]
-    with_bos = GPT2Tokenizer(TINY_VOCAB, TINY_MERGES, add_bos_token=True)
+    with_bos = GPT2Tokenizer(TINY_VOCAB, TINY_MERGES, add_bos_token=True, add_eos_token=False)
     assert with_bos(text, truncation=True, max_length=5)['input_ids'] == [0] + ids[:4]
     assert tiny(text, max_length=8)['input_ids'] == ids  # max_length alone does not truncate
     with pytest.raises(ValueError, match='needs max_length'):
@@ -148,7 +151,7 @@ def test_truncation_and_max_length(tiny):
         both(text, truncation=True, max_length=1)
     with pytest.raises(ValueError, match='max_length must be a positive int'):
         tiny(text, truncation=True, max_length=-3)
-    bounded = GPT2Tokenizer(TINY_VOCAB, TINY_MERGES, model_max_length=6)
+    bounded = GPT2Tokenizer(TINY_VOCAB, TINY_MERGES, model_max_length=6, **HF_LIKE)
     assert bounded(text, truncation=True)['input_ids'] == ids[:6]
     assert bounded("a", padding='max_length')['input_ids'] == tiny.encode("a") + [0] * 5
 
@@ -247,9 +250,9 @@ def test_special_tokens_conversions_and_bad_ids(tiny):
         tiny.decode([[1, 2], [3, 4]])
     with pytest.raises(TypeError, match=r'text\[1\] must be a string'):
         tiny(["ok", 3])
-    with pytest.raises(AttributeError, match='no .token_type_ids'):
-        tiny("x").token_type_ids
-    extra = GPT2Tokenizer(TINY_VOCAB, TINY_MERGES, pad_token='<pad>')
+    with pytest.raises(AttributeError, match=r"no 'labels' \(keys: input_ids, token_type_ids, attention_mask\)"):
+        tiny("x").labels
+    extra = GPT2Tokenizer(TINY_VOCAB, TINY_MERGES, pad_token='<pad>', **HF_LIKE)
     assert extra.pad_token_id == 512 and len(extra) == 513 and extra.vocab_size == 512
     assert extra(["a b c", "a"], padding=True)['input_ids'][1][-1] == 512
     assert extra.encode("x<pad>y")[1] == 512
@@ -281,5 +284,61 @@ def test_train_tokenizer_runs_as_module(tmp_path):
            '--output_dir', str(tmp_path / 'out')]
     done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    tok = GPT2Tokenizer(str(tmp_path / 'out' / 'vocab.json'), str(tmp_path / 'out' / 'merges.txt'))
+    tok = GPT2Tokenizer(str(tmp_path / 'out' / 'vocab.json'), str(tmp_path / 'out' / 'merges.txt'), **HF_LIKE)
     assert len(tok) == 320 and tok.decode(tok.encode(MIXED[3])) == MIXED[3]
+
+
+@pytest.fixture(scope='module')
+def gpt2_ids_dir(tmp_path_factory):
+    """vocab.json + merges.txt with GPT-2's ids for the tokens of "hello!" ('!' 0, 'hello' 31373,
+    '<|endoftext|>' 50256), padded to GPT-2's 50257 entries."""
+    directory = tmp_path_factory.mktemp('gpt2_ids')
+    vocab = {'!': 0, 'e': 68, 'h': 71, 'l': 75, 'o': 78, 'he': 258, 'll': 297, 'hell': 12758, 'hello': 31373,
+             EOT: 50256}
+    used = set(vocab.values())
+    vocab.update({f'<unused{i}>': i for i in range(50257) if i not in used})
+    (directory / 'vocab.json').write_text(json.dumps(vocab), encoding='utf-8')
+    (directory / 'merges.txt').write_text('#version: 0.2\nh e\nl l\nhe ll\nhell o\n', encoding='utf-8')
+    return directory
+
+
+def test_mindformers_defaults_bos_eos_and_token_type_ids(gpt2_ids_dir):
+    import mindspore as ms
+    from mindformers import AutoTokenizer, GPT2Processor
+    documented = {'input_ids': [50256, 31373, 0, 50256], 'token_type_ids': [0, 0, 0, 0],
+                  'attention_mask': [1, 1, 1, 1]}
+    tok = GPT2Tokenizer.from_pretrained(gpt2_ids_dir)
+    assert tok("hello!") == documented and list(tok("hello!")) == list(documented)
+    auto = AutoTokenizer.from_pretrained(gpt2_ids_dir)  # only vocab.json + merges.txt there
+    assert type(auto) is GPT2Tokenizer and auto("hello!") == documented
+    batch = tok(["hello!", "hello"], padding=True, return_tensors='np')
+    assert batch['input_ids'].tolist() == [[50256, 31373, 0, 50256], [50256, 31373, 50256, 50256]]
+    assert batch['token_type_ids'].tolist() == [[0] * 4] * 2 and batch['attention_mask'].tolist()[1] == [1, 1, 1, 0]
+    text = GPT2Processor(tok)("hello!")['text']
+    assert isinstance(text, ms.Tensor) and text.shape == (1, 128)
+    assert text.asnumpy()[0].tolist() == [50256, 31373, 0, 50256] + [50256] * 124
+    # HF's ids one flag away; prompts for generation keep the BOS but never get the EOS
+    hf = transformers.GPT2TokenizerFast(str(gpt2_ids_dir / 'vocab.json'), str(gpt2_ids_dir / 'merges.txt'))
+    plain = GPT2Tokenizer.from_pretrained(gpt2_ids_dir, **HF_LIKE)
+    assert plain("hello!")['input_ids'] == hf("hello!")['input_ids'] == [31373, 0]
+    assert tok.encode_prompt("hello!") == [50256, 31373, 0] and plain.encode_prompt("hello!") == [31373, 0]
+    assert tok.encode("hello!", add_special_tokens=False) == [31373, 0]
+
+
+def test_huggingface_tokenizer_config_keeps_hf_ids(gpt2_ids_dir, tmp_path):
+    from mindformers import AutoTokenizer
+    hf = transformers.GPT2TokenizerFast(str(gpt2_ids_dir / 'vocab.json'), str(gpt2_ids_dir / 'merges.txt'))
+    hf.save_pretrained(tmp_path)  # transformers' tokenizer_config.json sets neither add_bos_token nor add_eos_token
+    for loaded in (GPT2Tokenizer.from_pretrained(tmp_path), AutoTokenizer.from_pretrained(tmp_path)):
+        assert loaded("hello!")['input_ids'] == hf("hello!")['input_ids'] == [31373, 0]
+    GPT2Tokenizer.from_pretrained(gpt2_ids_dir).save_pretrained(tmp_path / 'ours')  # ours records both flags
+    assert AutoTokenizer.from_pretrained(tmp_path / 'ours')("hello!")['input_ids'] == [50256, 31373, 0, 50256]
+
+
+def test_lone_surrogates_are_refused_by_name(tiny):
+    for call in (tiny, tiny.encode, tiny.tokenize, tiny.encode_prompt):
+        with pytest.raises(ValueError, match=r"GPT2Tokenizer: text 'ab\\udcff' is not valid text: character 2 is "
+                                             r"the lone surrogate '\\udcff'"):
+            call('ab\udcff')
+    with pytest.raises(ValueError, match=r"text\[1\] '\\ud800' is not valid text"):
+        tiny(['fine', '\ud800'])

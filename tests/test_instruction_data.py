@@ -107,8 +107,9 @@ def test_two_turn_conversation_trains_every_answer(tmp_path):
 
 
 def test_glm2_template_uses_the_tokenizers_prefix_and_round_prompts():
-    # a tokenizer that adds BOS on encode(add_special_tokens=True) stands in for GLM2's [gMASK] sop prefix
-    tokenizer = GPT2Tokenizer(vocab_file=VOCAB, merges_file=MERGES, add_bos_token=True)
+    # a tokenizer that adds BOS on encode(add_special_tokens=True) (GPT-2's default, as MindFormers) stands in for
+    # GLM2's [gMASK] sop prefix
+    tokenizer = GPT2Tokenizer(vocab_file=VOCAB, merges_file=MERGES)
     conversation = parse_conversation(json.load(open(CONVERSATION, encoding='utf-8'))[0], 'conv')
     ids, trained = encode_conversation(conversation, 'glm2', tokenizer)
     a1 = 'Try "The Old Man and the Sea" by Ernest Hemingway.'
@@ -118,8 +119,9 @@ def test_glm2_template_uses_the_tokenizers_prefix_and_round_prompts():
               (enc("\n\n[Round 2]\n\n问：Is it long?\n\n答："), False), (enc(a2), True), ([EOS], True)]
     assert ids == [i for piece, _ in pieces for i in piece]
     assert trained == [flag for piece, flag in pieces for _ in piece]
-    # without special tokens on encode (plain GPT-2) there is no prefix
-    assert encode_conversation(conversation, 'glm2', TOKENIZER)[0] == ids[1:]
+    # without special tokens on encode (HF's GPT-2) there is no prefix
+    plain = GPT2Tokenizer(vocab_file=VOCAB, merges_file=MERGES, add_bos_token=False, add_eos_token=False)
+    assert encode_conversation(conversation, 'glm2', plain)[0] == ids[1:]
 
 
 def test_texts_are_tokenized_together_and_split_where_the_prompt_tokens_end():

@@ -237,7 +237,19 @@ def test_export_strategy_writes_per_stage_files_and_a_summary(tmp_path, capsys):
     assert 'backbone.top_query_layer.attention.q_proj.weight' in stage1  # the query layer is on the last stage
     assert 'backbone.embed_tokens.weight' in stage1 and 'adam_m.backbone.embed_tokens.weight' in stage1  # tied
     code = export_strategy.main(['--config', FAMILIES['pangualpha'], '--output_dir', str(out)])
-    assert code == 1 and 'already holds .json files' in capsys.readouterr().err
+    assert code == 2 and 'already holds .json files' in capsys.readouterr().err
+    assert sorted(os.listdir(out)) == ['ckpt_strategy_rank_0.json', 'ckpt_strategy_rank_4.json']
+    # --overwrite: the one-stage layout replaces both files; stage 1's file of the old layout does not stay behind
+    code = export_strategy.main(['--config', FAMILIES['pangualpha'], '--output_dir', str(out), '--overwrite'])
+    assert code == 0 and sorted(os.listdir(out)) == ['ckpt_strategy_rank_0.json']
+    capsys.readouterr()
+    (tmp_path / 'broken.yaml').write_text('model: [unclosed\n')
+    assert export_strategy.main(['--config', str(tmp_path / 'broken.yaml'), '--output_dir', str(tmp_path / 'x')]) == 1
+    assert 'broken.yaml' in capsys.readouterr().err
+    assert export_strategy.main(['--config', FAMILIES['gpt2'], '--output_dir', str(tmp_path / 'broken.yaml' / 'x')]) \
+        == 2
+    assert capsys.readouterr().err == (f"export_strategy: error: --output_dir {tmp_path / 'broken.yaml' / 'x'}: "
+                                       f"{tmp_path / 'broken.yaml'} is a file, not a directory\n")
 
 
 def test_export_strategy_exits_2_on_a_bad_combination(tmp_path):

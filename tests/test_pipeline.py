@@ -35,7 +35,8 @@ def test_lists_are_batched_and_match_single_calls(pipe):
 
 
 def test_call_time_options_override_build_time_ones(pipe):
-    ids = pipe.tokenizer.encode('ROMEO:')
+    ids = pipe.tokenizer.encode_prompt('ROMEO:')
+    assert ids[0] == pipe.tokenizer.bos_token_id and ids[1:] == pipe.tokenizer.encode('ROMEO:', False)  # no EOS
 
     def expected(**options):
         out = pipe.model.generate([ids], **options)[0]
@@ -128,8 +129,18 @@ def test_errors():
     pipe = pipeline('text_generation', model=model, tokenizer=tokenizer, max_new_tokens=2)
     with pytest.raises(TypeError, match='string or a list of strings, got 1'):
         pipe(['ROMEO:', 1])
+    assert pipe('') and pipe.tokenizer.encode_prompt('') == [pipe.tokenizer.bos_token_id]  # GPT-2's BOS alone
+    plain = pipeline('text_generation', model=model, max_new_tokens=2,
+                     tokenizer=AutoTokenizer.from_pretrained('gpt2_tiny', add_bos_token=False, add_eos_token=False))
     with pytest.raises(ValueError, match="prompt '' encodes to no tokens"):
-        pipe(['ROMEO:', ''])
+        plain(['ROMEO:', ''])
+    with pytest.raises(ValueError, match=r"prompt 'ab\\udcff' is not valid text: character 2 is the lone surrogate"):
+        pipe(['ROMEO:', 'ab\udcff'])
+    wider = pipeline('text_generation', model=model, max_new_tokens=2,
+                     tokenizer=AutoTokenizer.from_pretrained('gpt2_tiny', pad_token='<pad>'))  # id 512: no row
+    with pytest.raises(ValueError, match=r"prompt 'a<pad>' \(tokenizer GPT2Tokenizer\) has token id 512 at position "
+                                         r"2, outside the model's vocabulary \[0, 512\)"):
+        wider('a<pad>')
     assert pipe([]) == []
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match=f'batch_size must be a positive integer, got {bad}'):

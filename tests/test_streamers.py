@@ -11,7 +11,8 @@ from mindformers.generation import TextIteratorStreamer, TextStreamer
 
 @pytest.fixture(scope='module')
 def setup():
-    tokenizer = GPT2Tokenizer(vocab_file='assets/gpt2_tiny/vocab.json', merges_file='assets/gpt2_tiny/merges.txt')
+    tokenizer = GPT2Tokenizer(vocab_file='assets/gpt2_tiny/vocab.json', merges_file='assets/gpt2_tiny/merges.txt',
+                              add_bos_token=False, add_eos_token=False)  # prompts as the text, no BOS/EOS around
     config = GPT2Config(vocab_size=len(tokenizer), hidden_size=32, num_layers=1, num_heads=2, seq_length=64,
                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
     model = GPT2LMHeadModel(config)

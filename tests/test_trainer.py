@@ -124,3 +124,18 @@ def test_bad_trainer_arguments():
         Trainer(model='gpt5')
     with pytest.raises(ValueError, match='lr_scheduler_type'):
         TrainingArguments(lr_scheduler_type='exotic')
+
+
+def test_predict_names_a_prompt_that_is_not_text_or_not_the_models(tmp_path):
+    from mindformers import AutoTokenizer
+    config = MindFormerConfig(TINY_YAML)
+    config.merge_from_dict({'output_dir': str(tmp_path), 'model.model_config.num_layers': 1,
+                            'model.model_config.hidden_size': 64, 'model.model_config.seq_length': 64})
+    with pytest.raises(ValueError, match=r"prompt 1 'ab\\udcff' is not valid text: character 2 is the lone "
+                                         r"surrogate '\\udcff'"):
+        Trainer(args=config).predict(input_data=['ROMEO:', 'ab\udcff'])
+    trainer = Trainer(model=tiny_model(), args=TrainingArguments(output_dir=str(tmp_path / 'small')),
+                      tokenizer=AutoTokenizer.from_pretrained('gpt2_tiny'))  # 512 tokens for a 64-token model
+    with pytest.raises(ValueError, match=r"prompt 1 'the king' \(tokenizer GPT2Tokenizer\) has token id 84 at "
+                                         r"position 1, outside the model's vocabulary \[0, 64\)"):
+        trainer.predict(input_data=['ROMEO:', 'the king'])

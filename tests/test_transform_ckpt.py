@@ -605,3 +605,29 @@ def test_semi_auto_parallel_loads_the_complete_layout_for_mindspore_to_slice(tmp
     assert loaded == str(tmp_path / 'run' / 'transformed_checkpoint' / 'sliced' / 'rank_0')
     assert os.listdir(os.path.dirname(loaded)) == ['rank_0']
     assert_identical(arrays(resolve_checkpoint(loaded)), arrays(resolve_checkpoint(str(checkpoint))))
+
+def test_cli_overwrite_and_exit_codes(tmp_path, capsys):
+    data = small_checkpoint(tmp_path / 'full')
+    strategy = small_strategy(tmp_path / 'mp2.json')
+    (tmp_path / 'dst' / 'rank_7').mkdir(parents=True)
+    (tmp_path / 'dst' / 'rank_7' / 'old.ckpt').write_bytes(b'an older transform')
+    args = ['--src_ckpt_dir', str(tmp_path / 'full'), '--dst_ckpt_dir', str(tmp_path / 'dst'),
+            '--dst_ckpt_strategy', str(strategy)]
+    assert tc.main(args) == 2
+    assert capsys.readouterr().err == (f"transform_ckpt.py: error: --dst_ckpt_dir {tmp_path / 'dst'} is not empty; "
+                                       f"pass a new or empty directory (nothing there is overwritten), or "
+                                       f"--overwrite to replace it\n")
+    assert os.listdir(tmp_path / 'dst') == ['rank_7']
+    assert tc.main(args + ['--overwrite']) == 0
+    assert sorted(os.listdir(tmp_path / 'dst')) == ['rank_0', 'rank_1']  # nothing of the old output is left
+    assert sorted(os.listdir(tmp_path)) == ['dst', 'full', 'mp2.json']
+    np.testing.assert_array_equal(arrays(str(tmp_path / 'dst' / 'rank_1' / 'checkpoint_1.ckpt'))['b.weight'],
+                                  data['b.weight'][4:])
+    capsys.readouterr()
+    with open(tmp_path / 'full' / 'rank_0' / 'full.ckpt', 'r+b') as f:  # a corrupt source: its content, exit 1
+        f.seek(40)
+        f.write(b'\xff\xff\xff\xff')
+    assert tc.main(['--src_ckpt_dir', str(tmp_path / 'full'), '--dst_ckpt_dir', str(tmp_path / 'new')]) == 1
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and 'full.ckpt' in err and 'corrupt' in err
+    assert not (tmp_path / 'new').exists()

@@ -31,9 +31,9 @@ def keyword_gen_samples(records, tokenizer, phase, max_source_length, max_target
     """(input_ids, labels): int32 arrays [n, seq_length + 1] of the (where, record) pairs.
 
     The prompt is the content's tokens (at most `max_source_length`; with `version` 2 the content is first put in
-    the tokenizer's `build_prompt`) with the tokenizer's special tokens (`build_inputs_with_special_tokens`: GLM's
-    `[gMASK] <sop>` after it, GLM2's `[gMASK] sop` before it, LLaMA's BOS). The answer is the summary's tokens (at
-    most `max_target_length`).
+    the tokenizer's `build_prompt`) with the tokenizer's special tokens for a prompt (`build_prompt_inputs`: GLM's
+    `[gMASK] <sop>` after it, GLM2's `[gMASK] sop` before it, LLaMA's and GPT-2's BOS; never an EOS, which would end
+    the text before the answer). The answer is the summary's tokens (at most `max_target_length`).
       train: prompt + answer + EOS, padded on the right with the pad id; labels equal input_ids on the answer and
              its EOS, -100 elsewhere (the model shifts both, as for InstructionDataset).
       eval:  input_ids = the prompt, padded on the left; labels = the answer's tokens, then -100.
@@ -43,7 +43,7 @@ def keyword_gen_samples(records, tokenizer, phase, max_source_length, max_target
         raise ValueError(f"ADGenDataLoader: {type(tokenizer).__name__} has no eos_token_id to end the answers")
     pad = eos if pad is None else pad
     width = int(seq_length) + 1
-    n_special = tokenizer.num_special_tokens_to_add()
+    n_special = len(tokenizer.build_prompt_inputs([]))
     needed = n_special + max_source_length + (max_target_length + 1 if phase == 'train' else 0)
     if max(needed, max_target_length) > width:
         parts = (f"{n_special} special tokens + max_source_length {max_source_length}" +
@@ -60,7 +60,7 @@ def keyword_gen_samples(records, tokenizer, phase, max_source_length, max_target
         if version == 2:
             content = tokenizer.build_prompt(content)
         source = tokenizer.encode(content, add_special_tokens=False)[:max_source_length]
-        prompt = tokenizer.build_inputs_with_special_tokens(source)
+        prompt = tokenizer.build_prompt_inputs(source)
         answer = tokenizer.encode(summary, add_special_tokens=False)[:max_target_length]
         if phase == 'train':
             ids = prompt + answer + [eos]

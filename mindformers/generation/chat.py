@@ -1,7 +1,7 @@
 """ChatMixin: `chat` and `stream_chat` for the chat models (ChatGLM-6B, ChatGLM2-6B).
 
 The model provides `generate`; the tokenizer provides `build_prompt(query, history)` (the family's prompt text),
-`encode` (with the family's special tokens) and `decode`."""
+`encode_prompt` (with the family's special tokens, no closing EOS) and `decode`."""
 import threading
 
 from mindformers.generation.streamers import TextIteratorStreamer
@@ -12,7 +12,7 @@ class ChatMixin:
 
     @staticmethod
     def _chat_prompt(tokenizer, query, history):
-        return tokenizer.encode(tokenizer.build_prompt(query, history))
+        return tokenizer.encode_prompt(tokenizer.build_prompt(query, history))
 
     def chat(self, tokenizer, query, history=None, **generate_kwargs):
         """(response, history + [(query, response)]) for one turn; `generate_kwargs` go to `generate` (the

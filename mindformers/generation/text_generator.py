@@ -9,6 +9,7 @@ import mindspore as ms
 from mindformers.generation.beam_search import beam_search
 from mindformers.generation.generation_config import GenerationConfig
 from mindformers.generation.logits_process import process, sample, warp
+from mindformers.models.base_tokenizer import check_unicode
 from mindformers.modules.kv_cache import prefill_bucket
 
 
@@ -85,6 +86,26 @@ def _as_prompts(input_ids):
     return prompts
 
 
+def check_prompt_ids(ids, vocab_size, name):
+    """Raise ValueError naming `name` (e.g. "prompt 2") and the id when a token id lies outside [0, vocab_size)."""
+    for position, token in enumerate(ids):
+        if not 0 <= token < vocab_size:
+            raise ValueError(f"{name} has token id {token} at position {position}, outside the model's vocabulary "
+                             f"[0, {vocab_size}); pass ids of the model's tokenizer")
+
+
+def encode_prompt(tokenizer, text, vocab_size, index=None):
+    """The ids generate() continues for the prompt `text` (`tokenizer.encode_prompt`: BOS as the tokenizer adds it,
+    no closing EOS), checked: valid text, at least one token, every id inside the model's vocabulary. Errors name
+    the prompt (`index` in the caller's list, if given) and its text."""
+    name = 'prompt' if index is None else f"prompt {index}"
+    ids = tokenizer.encode_prompt(check_unicode(text, name) if isinstance(text, str) else text)
+    if not ids:
+        raise ValueError(f"{name} {text!r} encodes to no tokens; give at least one token of text")
+    check_prompt_ids(ids, vocab_size, f"{name} {text[:40]!r} (tokenizer {type(tokenizer).__name__})")
+    return ids
+
+
 class GeneratorMixin:
     """Adds `generate()` to a causal LM (see the module docstring for what the model must provide)."""
 
@@ -102,6 +123,8 @@ class GeneratorMixin:
         if config.pad_token_id is None:
             config.pad_token_id = config.eos_token_ids[0] if config.eos_token_ids else 0
         prompts = _as_prompts(input_ids)
+        for index, ids in enumerate(prompts):
+            check_prompt_ids(ids, int(self.config.vocab_size), f"generate(): prompt {index} of input_ids")
         width = max(len(p) for p in prompts)
         max_new_tokens = self._new_token_budget(config, width)
         if streamer is not None and (len(prompts) > 1 or config.num_beams > 1):

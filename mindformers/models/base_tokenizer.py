@@ -43,7 +43,10 @@ class BaseTokenizer:
         model_max_length: default `max_length` for truncation and `padding='max_length'`.
     """
     vocab_files_names = {}  # constructor argument -> file name written by save_vocabulary, e.g. {'vocab_file': ...}
-    model_input_names = ('input_ids', 'attention_mask')
+    model_input_names = ('input_ids', 'attention_mask')  # what __call__ returns, in this order
+    # what a key left out of a tokenizer_config.json means (save_pretrained writes every key, so this applies to
+    # files written elsewhere, e.g. by HuggingFace, whose defaults may differ from ours)
+    foreign_config_defaults = {}
 
     def __init__(self, bos_token=None, eos_token=None, unk_token=None, pad_token=None, additional_special_tokens=None,
                  add_bos_token=False, add_eos_token=False, padding_side='right', truncation_side='right',
@@ -147,6 +150,17 @@ class BaseTokenizer:
     def num_special_tokens_to_add(self):
         return len(self.build_inputs_with_special_tokens([]))
 
+    def build_prompt_inputs(self, ids):
+        """`build_inputs_with_special_tokens(ids)` without the EOS that `add_eos_token` appends: the layout of a prompt
+        that generation continues (a closing EOS would tell the model the text has ended)."""
+        ids = self.build_inputs_with_special_tokens(ids)
+        return ids[:-1] if self.add_eos_token and ids and ids[-1] == self.eos_token_id else ids
+
+    def encode_prompt(self, text):
+        """Token ids of a generation prompt: `text`'s tokens in `build_prompt_inputs` (BOS as `add_bos_token` says,
+        no closing EOS)."""
+        return self.build_prompt_inputs(self.encode(text, add_special_tokens=False))
+
     # ------------------------------------------------------------------ tokens <-> ids
     def tokenize(self, text):
         """Split `text` into vocabulary tokens (no special tokens added)."""
@@ -187,7 +201,8 @@ class BaseTokenizer:
         max_length: length for truncation and padding='max_length' (default `model_max_length`).
         return_tensors: None gives Python lists, unbatched for a single text; 'np' gives int32 numpy arrays and 'ms'
             int32 MindSpore tensors, always batched: [batch, seq] (batch 1 for a single text).
-        Returns a BatchEncoding with `input_ids` and `attention_mask` (1 for tokens, 0 for padding).
+        Returns a BatchEncoding with the tokenizer's `model_input_names`: `input_ids`, `attention_mask` (1 for tokens,
+        0 for padding) and, for tokenizers that list it (GPT-2, as MindFormers), `token_type_ids` (all 0: one segment).
         """
         name = type(self).__name__
         batched = isinstance(text, (list, tuple))
@@ -203,11 +218,14 @@ class BaseTokenizer:
         if padding != 'do_not_pad' and input_ids:
             target = max_length if padding == 'max_length' else max(len(ids) for ids in input_ids)
             input_ids, attention_mask = self._pad(input_ids, attention_mask, target)
+        columns = {'input_ids': input_ids, 'token_type_ids': [[0] * len(ids) for ids in input_ids],
+                   'attention_mask': attention_mask}
+        columns = {key: columns[key] for key in self.model_input_names}
         if return_tensors is not None:
-            input_ids, attention_mask = (_to_tensor(seqs, return_tensors, name) for seqs in (input_ids, attention_mask))
+            columns = {key: _to_tensor(seqs, return_tensors, name) for key, seqs in columns.items()}
         elif not batched:
-            input_ids, attention_mask = input_ids[0], attention_mask[0]
-        return BatchEncoding(input_ids=input_ids, attention_mask=attention_mask)
+            columns = {key: seqs[0] for key, seqs in columns.items()}
+        return BatchEncoding(columns)
 
     def _encode_batch(self, texts, add_special_tokens, max_length):
         """Ids of each text with special tokens added; cut to `max_length` (if not None) on `truncation_side`."""
@@ -318,6 +336,7 @@ class BaseTokenizer:
                 config = json.load(f)
             if not isinstance(config, dict):
                 raise ValueError(f"{config_path} must hold a JSON object, got {type(config).__name__}")
+            config = {**cls.foreign_config_defaults, **config}
         class_name = config.pop('tokenizer_class', None) or config.pop('type', None)
         if cls is BaseTokenizer:
             if class_name is None:
@@ -356,6 +375,19 @@ def clean_up_tokenization(text):
 def _check_text(text, owner, what='text'):
     if not isinstance(text, str):
         raise TypeError(f"{owner}: {what} must be a string (or a list of strings), got {type(text).__name__}")
+    return check_unicode(text, f"{owner}: {what}")
+
+
+def check_unicode(text, what):
+    """`text` if it encodes as UTF-8; else a ValueError naming `what` and the lone surrogate (what bytes that are not
+    UTF-8 become when decoded with errors='surrogateescape', as Python does for command-line arguments)."""
+    try:
+        text.encode('utf-8')
+    except UnicodeEncodeError as err:
+        shown = text if len(text) <= 40 else text[:40] + '...'
+        raise ValueError(f"{what} {shown!r} is not valid text: character {err.start} is the lone surrogate "
+                         f"{text[err.start]!r} (bytes that are not UTF-8, e.g. in a command-line argument or a file "
+                         f"read with errors='surrogateescape'); pass UTF-8 text") from None
     return text
 
 

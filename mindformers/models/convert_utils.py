@@ -20,9 +20,16 @@ import tempfile
 
 import numpy as np
 
+from mindformers.tools.utils import UsageError
+
 
 class ConversionError(ValueError):
     """Weights that do not fit the target model; the message names every offending tensor."""
+
+
+class ConfigNeededError(ConversionError, UsageError):
+    """The weights alone do not settle the architecture: the command line must name a config (convert_weight.py
+    exits 2)."""
 
 
 def _read_safetensors(path):
@@ -132,12 +139,19 @@ def load_hf_weights(path):
         raise ConversionError(f"input not found: {path}")
     if path.endswith('.index.json'):
         return _read_index(path)
-    if path.endswith('.safetensors'):
-        return _read_safetensors(path)
-    if path.endswith(('.bin', '.pt', '.pth')):
-        return _read_torch(path)
-    raise ConversionError(f"unsupported HF weight file {path} (expected .safetensors, .bin, .pt, .pth or "
-                          f"*.index.json)")
+    readers = {'.safetensors': _read_safetensors, '.bin': _read_torch, '.pt': _read_torch, '.pth': _read_torch}
+    reader = readers.get(os.path.splitext(path)[1])
+    if reader is None:
+        raise ConversionError(f"unsupported HF weight file {path} (expected .safetensors, .bin, .pt, .pth or "
+                              f"*.index.json)")
+    try:
+        return reader(path)
+    except (ConversionError, OSError, MemoryError):
+        raise
+    except Exception as err:  # safetensors' SafetensorError, torch's RuntimeError/UnpicklingError/EOFError
+        detail = ' '.join(str(err).split()) or type(err).__name__
+        raise ConversionError(f"HF weight file {path} is truncated or corrupt ({detail[:200]}); download or save "
+                              f"it again") from None
 
 
 def load_ms_weights(path):
@@ -460,9 +474,9 @@ class FamilyConverter:
 
     def infer_config(self, weights, ms_names=False):  # pylint: disable=unused-argument
         """Our config sized from the tensors alone (HF names, or ours with `ms_names`)."""
-        raise ConversionError(f"the {self.family} architecture (e.g. the number of attention heads) cannot be told "
-                              f"from the weights alone and no config.json was found beside them; give the model's "
-                              f"config (convert_weight.py --config <config.json | run YAML>)")
+        raise ConfigNeededError(f"the {self.family} architecture (e.g. the number of attention heads) cannot be "
+                                f"told from the weights alone and no config.json was found beside them; give the "
+                                f"model's config (convert_weight.py --config <config.json | run YAML>)")
 
     def is_ours(self, data):
         """Whether a config.json mapping was written by our config class (else it is a HF one)."""

@@ -1,5 +1,6 @@
 """TextGenerationPipeline: prompts in, continued text out."""
 from mindformers.generation import GenerationConfig
+from mindformers.generation.text_generator import encode_prompt
 from mindformers.pipeline.base_pipeline import BasePipeline
 from mindformers.tools.register import MindFormerRegister, MindFormerModuleType
 
@@ -11,10 +12,10 @@ GENERATE_ARGUMENTS = ('generation_config', 'streamer', 'seed')
 @MindFormerRegister.register(MindFormerModuleType.PIPELINE)
 class TextGenerationPipeline(BasePipeline):
     """`pipe(text or [texts], **generate_kwargs)` -> `[{'text_generation_text': [prompt + continuation]}]`, one per
-    input (MindFormers' output form). Prompts are encoded by `tokenizer`, run through `model.generate` in batches of
-    `batch_size` (ragged prompts are left-padded there) and decoded without special tokens. Options are
-    GenerationConfig fields (max_new_tokens, do_sample, top_k, ...) and generate's `streamer`, `seed`,
-    `generation_config`."""
+    input (MindFormers' output form). Prompts are encoded by `tokenizer.encode_prompt` (its BOS, no EOS), run
+    through `model.generate` in batches of `batch_size` (ragged prompts are left-padded there) and decoded without
+    special tokens. Options are GenerationConfig fields (max_new_tokens, do_sample, top_k, ...) and generate's
+    `streamer`, `seed`, `generation_config`."""
 
     def __init__(self, model, tokenizer=None, batch_size=None, **generate_kwargs):
         if tokenizer is None:
@@ -31,9 +32,7 @@ class TextGenerationPipeline(BasePipeline):
             if not isinstance(text, str):
                 raise TypeError(f"TextGenerationPipeline takes a string or a list of strings, got {text!r} "
                                 f"({type(text).__name__})")
-            ids.append(self.tokenizer.encode(text))
-            if not ids[-1]:
-                raise ValueError(f"prompt {text!r} encodes to no tokens; give at least one token of text")
+            ids.append(encode_prompt(self.tokenizer, text, int(self.model.config.vocab_size)))
         return ids
 
     def forward(self, model_inputs, **options):

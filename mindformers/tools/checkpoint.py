@@ -98,7 +98,7 @@ def load_checkpoint_file(path):
         return ms.load_checkpoint(path, format=fmt, **kwargs)
     except Exception as err:  # MindSpore raises ValueError/RuntimeError with long C++ traces
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"checkpoint {path} is corrupt or unreadable ({first}); "
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({first}); "
                               f"use an earlier checkpoint or re-create it") from None
 
 

@@ -7,15 +7,19 @@ writes one MindSpore JSON strategy file per pipeline stage, `strategy/ckpt_strat
 first rank), for the model's parameters and their optimizer state, and prints a summary per stage. The layout comes
 from the shard strategies the model's layers declare (`mindformers.core.parallel_layout`); nothing is compiled and
 no weight is allocated. Unset flags keep the YAML's `parallel_config` (micro_batch_num at least pipeline_stage).
-`--options model.model_config.offset=[1,-1]` sets any dotted key of the YAML first.
-Exit codes: 0 written, 2 a bad flag or a layout that does not fit the model (the message says which), 1 other errors.
+`--options model.model_config.offset=[1,-1]` sets any dotted key of the YAML first. `.json` files already in
+--output_dir are replaced only with --overwrite (each file atomically; files of the old layout that the new one does
+not write are removed).
+Exit codes (one line on stderr for errors): 0 written; 2 the command line is wrong (a bad flag or --options, a
+--config or --output_dir that cannot be used, .json files there without --overwrite, a layout that does not fit the
+model); 1 the YAML's content is wrong or writing failed.
 """
 import argparse
 import glob
 import os
 import sys
 
-from mindformers.tools.utils import OneLineArgumentParser
+from mindformers.tools.utils import OneLineArgumentParser, UsageError, check_output_path
 
 _BYTES = {'float32': 4, 'float16': 2, 'bfloat16': 2, 'float64': 8, 'int32': 4, 'int64': 8}
 
@@ -45,18 +49,21 @@ def build_parser():
                         help='replicate the embedding and head (--no-vocab_emb_dp: split their vocabulary; always '
                              'split under pipeline parallel)')
     parser.add_argument('--options', nargs='+', default=[], metavar='KEY=VALUE', help='dotted YAML overrides')
+    parser.add_argument('--overwrite', action='store_true', help='replace the .json files already in --output_dir')
     return parser
 
 
-def _run_config(args):
+def _config_path(args):
     from mindformers.tools.model_book import find_config, list_models
-    from mindformers.tools.register import MindFormerConfig, parse_value
-    path = args.config
-    if not os.path.isfile(path):
-        if path not in list_models():
-            raise FileNotFoundError(f"--config {path}: no such file, and not a registered model name")
-        path = find_config(path)
-    config = MindFormerConfig(path)
+    if os.path.isfile(args.config):
+        return args.config
+    if args.config not in list_models():
+        raise UsageError(f"--config {args.config}: no such file, and not a registered model name")
+    return find_config(args.config)
+
+
+def _apply_options(config, args):
+    from mindformers.tools.register import parse_value
     for item in args.options:
         if '=' not in item:
             raise ValueError(f"--options expects KEY=VALUE, got {item!r}")
@@ -77,12 +84,16 @@ def _parallel_config(config, args):
     return build_parallel_config(mapping)
 
 
-def _check_output_dir(directory):
+def _check_output_dir(directory, overwrite):
+    """The .json files already in `directory` (the old output, replaced with `overwrite`; else UsageError)."""
+    check_output_path(directory, '--output_dir', overwrite=True, directory=True)
     others = sorted(glob.glob(os.path.join(directory, '*.json')))
-    if others:
+    if others and not overwrite:
         names = ', '.join(os.path.basename(p) for p in others[:5])
-        raise FileExistsError(f"--output_dir {directory} already holds .json files ({names}); MindSpore merges every "
-                              f".json of a strategy directory, so give an empty or new directory")
+        raise UsageError(f"--output_dir {directory} already holds .json files ({names}); MindSpore merges every "
+                         f".json of a strategy directory, so give an empty or new directory, or pass --overwrite to "
+                         f"replace them")
+    return others
 
 
 def summarize(layouts, parallel, paths):
@@ -108,34 +119,48 @@ def _nbytes(shape, dtype):
     return count * _BYTES.get(dtype, 4)
 
 
+def _fail(err, code):
+    sys.stderr.write(f"export_strategy: error: {err}\n")
+    return code
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    from mindformers.tools.register import MindFormerConfig
     try:
-        config = _run_config(args)
-        parallel = _parallel_config(config, args)
-        from mindformers.tools.build import build_model_config
-        from mindformers.tools.register import MindFormerRegister, MindFormerModuleType
+        path = _config_path(args)
+        old = _check_output_dir(args.output_dir, args.overwrite)
+    except UsageError as err:
+        return _fail(err, 2)
+    try:
+        config = MindFormerConfig(path)
         model = config.get('model') or {}
         if 'model_config' not in model or 'arch' not in model:
             raise ValueError(f"{args.config}: no model.model_config and model.arch sections")
+    except (ValueError, KeyError, TypeError, OSError) as err:  # the YAML's content
+        return _fail(err, 1)
+    try:
+        _apply_options(config, args)
+        parallel = _parallel_config(config, args)
+        from mindformers.tools.build import build_model_config
+        from mindformers.tools.register import MindFormerRegister, MindFormerModuleType
         model_config = build_model_config(model['model_config'], {'parallel_config': parallel})
         model_class = MindFormerRegister.get_cls(MindFormerModuleType.MODELS, model['arch'].get('type'),
                                                  where='model.arch.type')
         devices = parallel.data_parallel * parallel.model_parallel * parallel.pipeline_stage
         parallel.validate(devices, model_config)
-    except (ValueError, KeyError, TypeError, FileNotFoundError) as err:
-        sys.stderr.write(f"export_strategy: error: {err}\n")
-        return 2
+    except (ValueError, KeyError, TypeError) as err:
+        return _fail(err, 2)
     try:
         from mindformers.core.parallel_layout import parameter_layouts, write_strategy_files
-        _check_output_dir(args.output_dir)
         threshold = ((config.get('parallel') or {}).get('parallel_optimizer_config') or {}).get(
             'parallel_optimizer_threshold', 64)
         layouts = parameter_layouts(model_config, parallel, model_class=model_class, opt_shard_threshold_kb=threshold)
         paths = write_strategy_files(layouts, args.output_dir)
+        for stale in set(old) - set(paths):
+            os.remove(stale)
     except (ValueError, OSError) as err:
-        sys.stderr.write(f"export_strategy: error: {err}\n")
-        return 1
+        return _fail(err, 1)
     print(f"{model_class.__name__}: data_parallel {parallel.data_parallel} x model_parallel "
           f"{parallel.model_parallel} x pipeline_stage {parallel.pipeline_stage} = {devices} devices"
           f"{', optimizer shard' if parallel.optimizer_shard else ''}")

@@ -13,7 +13,10 @@ checkpoint (the newest step listed in every rank's `meta.json` when several are 
 both strategies, and shapes split as the strategies say. The destination appears complete or not at all:
 `<dst>/rank_<k>/<prefix><k>.ckpt` (or `.safetensors`, the source's format), CRC-checked, with a `meta.json` when the
 source was a training checkpoint (so a run can resume from it in the new layout).
-Exit codes: 0 done, 2 bad flag or input (one line on stderr), 1 any other error."""
+An existing non-empty destination is replaced only with --overwrite (whole, once the new one is complete).
+Exit codes (one line on stderr for errors): 0 done; 2 the command line is wrong (a bad flag, a path that does not
+exist or cannot be used, a non-empty destination without --overwrite); 1 the content of a checkpoint or strategy
+file is wrong (corrupt, or not resharded as asked) or the run failed."""
 import argparse
 import dataclasses
 import glob
@@ -39,7 +42,7 @@ from mindformers.tools.checkpoint import (CheckpointError, META_FILE, load_check
                                           record_checkpoint, resolve_checkpoint, save_checkpoint_atomic,
                                           verify_checkpoint, write_json_atomic)
 from mindformers.tools.logger import logger  # noqa: E402
-from mindformers.tools.utils import OneLineArgumentParser  # noqa: E402
+from mindformers.tools.utils import OneLineArgumentParser, UsageError, replace_output  # noqa: E402
 
 CHECKPOINT_SUFFIXES = ('.ckpt', '.safetensors')
 _PROCESS_START = time.time()
@@ -49,6 +52,10 @@ _MERGED_NAME = re.compile(r'(\d+)-(.+)')
 
 class TransformError(CheckpointError):
     """Input that cannot be resharded as asked; the message says what is wrong and what to do."""
+
+
+class TransformUsageError(TransformError, UsageError):
+    """A flag names a path that does not exist or cannot be used (the CLI exits 2)."""
 
 
 def _is_none(value):
@@ -197,8 +204,8 @@ def load_strategy(value, work_dir, flag='--src_ckpt_strategy'):
     elif os.path.isfile(path):
         file = path
     else:
-        raise TransformError(f"{flag} {value}: no such file or directory (give a strategy file, a directory of "
-                             f"per-stage strategy files, or None for a complete checkpoint)")
+        raise TransformUsageError(f"{flag} {value}: no such file or directory (give a strategy file, a directory of "
+                                  f"per-stage strategy files, or None for a complete checkpoint)")
     layouts = _read_strategy_file(file, flag)
     stages = sorted({s for layout in layouts.values() for s in layout.stages})
     if stages != list(range(len(stages))):
@@ -272,14 +279,14 @@ def select_source_checkpoints(src):
     src = os.path.abspath(os.fspath(src))
     if os.path.isfile(src):
         if not src.endswith(CHECKPOINT_SUFFIXES):
-            raise TransformError(f"--src_ckpt_dir {src} is a file but not a checkpoint (*.ckpt, *.safetensors)")
+            raise TransformUsageError(f"--src_ckpt_dir {src} is a file but not a checkpoint (*.ckpt, *.safetensors)")
         return {0: resolve_checkpoint(src)}
     if not os.path.isdir(src):
-        raise TransformError(f"--src_ckpt_dir {src}: no such file or directory")
+        raise TransformUsageError(f"--src_ckpt_dir {src}: no such file or directory")
     dirs = rank_directories(src)
     if not dirs:
         if not _checkpoint_files(src):
-            raise TransformError(f"--src_ckpt_dir {src} has neither rank_<N>/ directories nor a checkpoint file")
+            raise TransformUsageError(f"--src_ckpt_dir {src} has neither rank_<N>/ directories nor a checkpoint file")
         dirs = {0: src}
     common = _common_meta_step(dirs)
     chosen = {}
@@ -446,35 +453,37 @@ class TransformSummary:
                 f"{self.bytes_written / 2**20:.1f} MiB written in {self.seconds:.1f} s")
 
 
-def _check_destination_dir(src, dst):
+def _check_destination_dir(src, dst, overwrite=False):
     src_real, dst_real = os.path.realpath(src), os.path.realpath(dst)
     if src_real == dst_real:
-        raise TransformError(f"--src_ckpt_dir and --dst_ckpt_dir are the same directory ({src_real}); pass a new "
-                             f"or empty destination")
+        raise TransformUsageError(f"--src_ckpt_dir and --dst_ckpt_dir are the same directory ({src_real}); pass a new "
+                                  f"or empty destination")
     if dst_real.startswith(src_real.rstrip(os.sep) + os.sep) or src_real.startswith(dst_real.rstrip(os.sep) + os.sep):
-        raise TransformError(f"--dst_ckpt_dir {dst} and --src_ckpt_dir {src} lie inside one another; pass a "
-                             f"destination outside the source")
+        raise TransformUsageError(f"--dst_ckpt_dir {dst} and --src_ckpt_dir {src} lie inside one another; pass a "
+                                  f"destination outside the source")
     if os.path.exists(dst) and not os.path.isdir(dst):
-        raise TransformError(f"--dst_ckpt_dir {dst} is a file; pass a new or empty directory")
-    if os.path.isdir(dst) and os.listdir(dst):
-        raise TransformError(f"--dst_ckpt_dir {dst} is not empty; pass a new or empty directory (nothing there is "
-                             f"overwritten)")
+        raise TransformUsageError(f"--dst_ckpt_dir {dst} is a file; pass a new or empty directory")
+    if os.path.isdir(dst) and os.listdir(dst) and not overwrite:
+        raise TransformUsageError(f"--dst_ckpt_dir {dst} is not empty; pass a new or empty directory (nothing there "
+                                  f"is overwritten), or --overwrite to replace it")
 
 
 def transform_checkpoint(src_ckpt_dir, dst_ckpt_dir, src_strategy=None, dst_strategy=None, prefix='checkpoint_',
-                         expected_shapes=None):
+                         expected_shapes=None, overwrite=False):
     """Reshard the checkpoint at `src_ckpt_dir` (laid out by `src_strategy`, None = complete) into the layout of
-    `dst_strategy` (None = complete) under `dst_ckpt_dir`, which must be new or empty and appears complete or not
-    at all. `expected_shapes` (name -> full shape) additionally checks the source against a model. Returns a
-    TransformSummary; raises TransformError (or CheckpointError for an unreadable file) before writing anything."""
+    `dst_strategy` (None = complete) under `dst_ckpt_dir`, which must be new or empty (or, with `overwrite`, is
+    replaced whole once the new one is complete) and appears complete or not at all. `expected_shapes` (name -> full
+    shape) additionally checks the source against a model. Returns a TransformSummary; raises TransformError
+    (TransformUsageError for a path that cannot be used; CheckpointError for an unreadable file) before writing
+    anything."""
     start = time.time()
     src = os.path.abspath(os.fspath(src_ckpt_dir))
     dst = os.path.abspath(os.fspath(dst_ckpt_dir))
     if not prefix or os.sep in prefix or prefix.startswith('.'):
-        raise TransformError(f"--prefix {prefix!r} must be a plain, non-empty file-name prefix")
+        raise TransformUsageError(f"--prefix {prefix!r} must be a plain, non-empty file-name prefix")
     if not os.path.exists(src):
-        raise TransformError(f"--src_ckpt_dir {src}: no such file or directory")
-    _check_destination_dir(src, dst)
+        raise TransformUsageError(f"--src_ckpt_dir {src}: no such file or directory")
+    _check_destination_dir(src, dst, overwrite)
     parent = os.path.dirname(dst)
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f'.{os.path.basename(dst)}.partial.', dir=parent)
@@ -499,7 +508,7 @@ def transform_checkpoint(src_ckpt_dir, dst_ckpt_dir, src_strategy=None, dst_stra
         out = os.path.join(staging, 'out')
         dst_ranks = target.rank_num if target else 1
         written = _finalize(raw, out, prefix, fmt, dst_ranks)
-        _publish(out, dst)
+        _publish(out, dst, overwrite)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     summary = TransformSummary(dst, len(files), dst_ranks, len(full), bytes_read, written, time.time() - start)
@@ -533,10 +542,13 @@ def _finalize(raw, out, prefix, fmt, dst_ranks):
     return written
 
 
-def _publish(out, dst):
+def _publish(out, dst, overwrite=False):
     """Move the finished tree into place in one rename (an empty `dst` directory is replaced; one that gained files
-    since it was checked makes the rename fail rather than lose them)."""
-    os.rename(out, dst)
+    since it was checked makes the rename fail rather than lose them); with `overwrite`, `dst` is replaced whole."""
+    if overwrite and os.path.isdir(dst):
+        replace_output(out, dst)
+    else:
+        os.rename(out, dst)
     directory = os.path.dirname(dst)
     fd = os.open(directory, os.O_RDONLY)
     try:
@@ -655,6 +667,7 @@ def build_parser():
                         help='source: a directory of rank_<N>/ directories, or one complete checkpoint file')
     parser.add_argument('--dst_ckpt_dir', required=True, help='destination: a new or empty directory')
     parser.add_argument('--prefix', default='checkpoint_', help='destination file prefix (default checkpoint_)')
+    parser.add_argument('--overwrite', action='store_true', help='replace a non-empty --dst_ckpt_dir')
     return parser
 
 
@@ -665,10 +678,13 @@ def main(argv=None):
         return stop.code
     try:
         summary = transform_checkpoint(args.src_ckpt_dir, args.dst_ckpt_dir, args.src_ckpt_strategy,
-                                       args.dst_ckpt_strategy, args.prefix)
-    except CheckpointError as err:
+                                       args.dst_ckpt_strategy, args.prefix, overwrite=args.overwrite)
+    except UsageError as err:
         sys.stderr.write(f"transform_ckpt.py: error: {_first_line(err)}\n")
         return 2
+    except (CheckpointError, OSError) as err:  # the checkpoints' or strategies' content, or the disk
+        sys.stderr.write(f"transform_ckpt.py: error: {_first_line(err)}\n")
+        return 1
     except Exception as err:  # pylint: disable=broad-except
         sys.stderr.write(f"transform_ckpt.py: error: {type(err).__name__}: {_first_line(err)}\n")
         return 1

@@ -2,6 +2,7 @@
 parser of the command-line tools."""
 import argparse
 import os
+import shutil
 import sys
 
 PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,3 +40,49 @@ class OneLineArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         sys.stderr.write(f"{self.name}: error: {message}\n")
         sys.exit(2)
+
+
+class UsageError(ValueError):
+    """The command line is wrong (a CLI exits 2 on it): a path named on it that does not exist or cannot be used, an
+    existing output without --overwrite, ..."""
+
+
+def check_output_path(path, flag, overwrite, directory=False):
+    """Refuse (UsageError naming `flag`) an output path that cannot be used: one under a file, or an existing one
+    without `overwrite` (an empty directory is no output yet when `directory` outputs are written), or of the other
+    kind (a directory where a file is written, or the reverse)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UsageError(f"{flag} {path}: {parent} is a file, not a directory")
+    if not os.path.lexists(path):
+        return
+    if os.path.isdir(path) != directory:
+        raise UsageError(f"{flag} {path} is {'a file' if directory else 'a directory'}; give "
+                         f"{'a directory' if directory else 'a file'} path")
+    if not overwrite and not (directory and not os.listdir(path)):
+        raise UsageError(f"{flag} {path} already exists; pass --overwrite to replace it")
+
+
+def staging_path(path):
+    """A hidden, unused name beside `path` (same extension) to write a replacement of `path` before `replace_output`."""
+    directory, name = os.path.split(os.path.abspath(path))
+    return os.path.join(directory, f".{os.getpid()}.replacing.{name}")
+
+
+def replace_output(new, old):
+    """Put the finished output `new` (a file or directory beside `old`) in place of `old`: a file in one atomic
+    rename; a directory `old` is renamed aside first and removed once `new` is in place, so nothing of the old output
+    is left beside the new one (a crash in between leaves it under a hidden `.<pid>.replacing...` name)."""
+    if os.path.isdir(old) and not os.path.islink(old):
+        aside = staging_path(old) + '.old'
+        os.rename(old, aside)
+        try:
+            os.rename(new, old)
+        except BaseException:
+            os.rename(aside, old)
+            raise
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.replace(new, old)

@@ -19,6 +19,7 @@ from mindformers.core.metric import PerplexityMetric
 from mindformers.core.optim import build_optim
 from mindformers.core.parallel_config import build_parallel_config
 from mindformers.core.parallel_layout import parameter_layouts, write_strategy_files
+from mindformers.generation.text_generator import encode_prompt
 from mindformers.tools.build import (build_model, build_model_config, build_callback, build_wrapper, build_dataset,
                                      build_metric, build_tokenizer)
 from mindformers.tools.checkpoint import CheckpointError, load_checkpoint_file, load_into_network, resolve_checkpoint
@@ -592,8 +593,10 @@ class Trainer:
 
     def predict(self, predict_checkpoint=None, auto_trans_ckpt=None, input_data=None, batch_size=None,
                 **generate_kwargs):
-        """Continue each prompt of `input_data` (a str or list of str). Returns
-        `[{'text_generation_text': [text]}, ...]`, one entry per prompt, each text including its prompt."""
+        """Continue each prompt of `input_data` (a str or list of str), encoded by `tokenizer.encode_prompt` (its
+        BOS, no EOS). Returns `[{'text_generation_text': [text]}, ...]`, one entry per prompt, each text including its
+        prompt. A prompt that is not valid text or has ids outside the model's vocabulary raises ValueError naming
+        its index."""
         self._set_auto_trans_ckpt(auto_trans_ckpt)
         self._setup(compile_cache=False)
         if self._only_save_strategy(training=False):
@@ -607,13 +610,12 @@ class Trainer:
         if input_data is None:
             raise ValueError("predict needs input_data (a prompt or a list of prompts; --predict_data on the CLI)")
         prompts = [input_data] if isinstance(input_data, str) else list(input_data)
-        tokenizer = self._get_tokenizer()
+        tokenizer, vocab_size = self._get_tokenizer(), int(network.config.vocab_size)
+        encoded = [encode_prompt(tokenizer, text, vocab_size, index) for index, text in enumerate(prompts)]
         batch_size = int(batch_size or len(prompts))
         results = []
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start:start + batch_size]
-            ids = [tokenizer.encode(p) for p in chunk]
-            outputs = network.generate(ids, **generate_kwargs)
+        for start in range(0, len(encoded), batch_size):
+            outputs = network.generate(encoded[start:start + batch_size], **generate_kwargs)
             results += [{'text_generation_text': [tokenizer.decode(out, skip_special_tokens=True)]}
                         for out in outputs]
         return results

@@ -185,7 +185,10 @@ def _load_arrays(model, arrays, source):
 class AutoTokenizer:
     """`AutoTokenizer.from_pretrained(name | yaml | directory, **overrides)`; a directory holds our
     `tokenizer_config.json` (written by save_pretrained), or is a HuggingFace model directory whose config.json
-    `model_type` has a converter (vocab.json + merges.txt or tokenizer.json for GPT-2)."""
+    `model_type` has a converter (vocab.json + merges.txt or tokenizer.json for GPT-2), or holds just the vocabulary
+    file of one tokenizer class (vocab.json + merges.txt: GPT2Tokenizer; ice_text.model: ChatGLMTokenizer;
+    vocab.model: PanguAlphaTokenizer). A bare `tokenizer.model` fits several classes and is refused with their
+    names."""
 
     @classmethod
     def from_pretrained(cls, name_or_path, **kwargs):
@@ -207,17 +210,42 @@ class AutoTokenizer:
             class_name = hf_family(shared)[1]
         if class_name is None or not MindFormerRegister.is_exist(MindFormerModuleType.TOKENIZER, class_name):
             data = _read_config_json(directory)[0] if os.path.isfile(os.path.join(directory, CONFIG_FILE)) else {}
-            if data.get('model_type') not in HF_FAMILIES:
+            if data.get('model_type') in HF_FAMILIES:
+                class_name = hf_family(data)[1]
+            else:
                 found = (f"tokenizer_class {class_name!r} in {TOKENIZER_CONFIG_FILE} is not a registered tokenizer"
+                         if class_name else f"{TOKENIZER_CONFIG_FILE} names no tokenizer_class"
                          if os.path.isfile(config_path) else f"there is no {TOKENIZER_CONFIG_FILE}")
-                raise ValueError(f"{directory}: cannot tell which tokenizer to load ({found}, and {CONFIG_FILE} "
-                                 f"names no supported HuggingFace model_type: {', '.join(HF_FAMILIES)})")
-            class_name = hf_family(data)[1]
+                unknown = (f"{directory}: cannot tell which tokenizer to load ({found}, and {CONFIG_FILE} names no "
+                           f"supported HuggingFace model_type: {', '.join(HF_FAMILIES)})")
+                if class_name:
+                    raise ValueError(unknown)
+                class_name = _class_of_vocabulary(directory, unknown)
         tok_cls = MindFormerRegister.get_cls(MindFormerModuleType.TOKENIZER, class_name)
         files = getattr(tok_cls, 'vocab_files_names', {}).values()
         if files and not any(os.path.isfile(os.path.join(directory, f)) for f in files):
             raise ValueError(f"{directory} has no {tok_cls.__name__} files (looked for {', '.join(files)})")
         return tok_cls.from_pretrained(directory, **kwargs)
+
+
+def _class_of_vocabulary(directory, unknown):
+    """The one registered tokenizer class whose vocabulary file (`vocab_files_names['vocab_file']`) `directory`
+    holds; else ValueError `unknown`, naming the classes when the file fits several."""
+    fitting = {}
+    for name in MindFormerRegister.names(MindFormerModuleType.TOKENIZER):
+        tok_cls = MindFormerRegister.get_cls(MindFormerModuleType.TOKENIZER, name)
+        vocab = getattr(tok_cls, 'vocab_files_names', {}).get('vocab_file')
+        if vocab and os.path.isfile(os.path.join(directory, vocab)):
+            fitting.setdefault(vocab, set()).add(tok_cls.__name__)
+    classes = sorted(set().union(*fitting.values()))
+    if len(classes) == 1:
+        return classes[0]
+    if classes:
+        files = ', '.join(sorted(fitting))
+        unknown += (f"; {files} fits {', '.join(classes)}: load it with the right class (e.g. "
+                    f"{classes[0]}.from_pretrained({directory!r})) or write "
+                    f'{{"tokenizer_class": "<class>"}} to tokenizer_config.json there')
+    raise ValueError(unknown)
 
 
 def _shared_hf_model_type(directory):

@@ -19,7 +19,15 @@ class GPT2Tokenizer(BaseTokenizer):
 
     A word's first token differs with and without a leading space ('Hello' vs ' Hello'); `add_prefix_space=True`
     adds a space before the text. Special tokens (`<|endoftext|>` by default) are never split, also inside text.
-    Ids match HF `GPT2TokenizerFast(vocab_file, merges_file)` built from the same files.
+
+    As in MindFormers, every text gets `<|endoftext|>` before and after it (`add_bos_token=True`,
+    `add_eos_token=True`) and calls return `token_type_ids` (all 0): with GPT-2's files, `tokenizer("hello!")` is
+    `{'input_ids': [50256, 31373, 0, 50256], 'token_type_ids': [0, 0, 0, 0], 'attention_mask': [1, 1, 1, 1]}`.
+    With `add_bos_token=False, add_eos_token=False` the ids are those of HF `GPT2TokenizerFast(vocab_file,
+    merges_file)`; a HuggingFace `tokenizer_config.json` that does not set the two flags loads with them False (HF's
+    meaning), while a directory holding only vocab.json + merges.txt gets MindFormers' defaults. Generation prompts
+    (`encode_prompt`) get the BOS but never the EOS; data preprocessing encodes with `add_special_tokens=False` and
+    puts its own EOS between documents.
 
     Args:
         vocab_file, merges_file: GPT-2 `vocab.json` and `merges.txt`; paths may be relative to the working
@@ -28,16 +36,19 @@ class GPT2Tokenizer(BaseTokenizer):
             transformers writes for GPT-2); its vocabulary and merges are used.
         unk_token, bos_token, eos_token, pad_token: special tokens (all `<|endoftext|>` by default).
         add_prefix_space: add a space before the text, so its first word tokenizes like any other.
-        add_bos_token: put `bos_token` before every sequence when `add_special_tokens=True`.
-        **kwargs: BaseTokenizer options (add_eos_token, padding_side, truncation_side, model_max_length, ...).
+        add_bos_token / add_eos_token: put `bos_token` before / `eos_token` after every sequence when
+            `add_special_tokens=True` (both True, as MindFormers; False and False give HF's ids).
+        **kwargs: BaseTokenizer options (padding_side, truncation_side, model_max_length, ...).
     """
     vocab_files_names = {'vocab_file': 'vocab.json', 'merges_file': 'merges.txt', 'tokenizer_file': 'tokenizer.json'}
+    model_input_names = ('input_ids', 'token_type_ids', 'attention_mask')
+    foreign_config_defaults = {'add_bos_token': False, 'add_eos_token': False}  # HF's GPT-2 adds neither
 
     def __init__(self, vocab_file=None, merges_file=None, unk_token=ENDOFTEXT, bos_token=ENDOFTEXT,
-                 eos_token=ENDOFTEXT, pad_token=ENDOFTEXT, add_prefix_space=False, add_bos_token=False,
-                 tokenizer_file=None, **kwargs):
+                 eos_token=ENDOFTEXT, pad_token=ENDOFTEXT, add_prefix_space=False, add_bos_token=True,
+                 add_eos_token=True, tokenizer_file=None, **kwargs):
         super().__init__(bos_token=bos_token, eos_token=eos_token, unk_token=unk_token, pad_token=pad_token,
-                         add_bos_token=add_bos_token, **kwargs)
+                         add_bos_token=add_bos_token, add_eos_token=add_eos_token, **kwargs)
         if vocab_file is None and merges_file is None and tokenizer_file is not None:
             self.vocab_file = self.merges_file = None
             self.vocab, self.merges = _bpe_from_tokenizer_json(
