@@ -12,8 +12,8 @@ class ConfigError(ValueError):
 
 
 def unknown_key_message(dotted, known, what='key'):
-    """"unknown <what> '<dotted>' (did you mean ...?); valid: ..." with the closest of `known` (difflib); the full
-    list is given when it is short."""
+    """The message for an unknown `dotted` key: the closest names of `known` (difflib), and all of them when they
+    are few."""
     known = sorted({str(k) for k in known})
     leaf = str(dotted).rsplit('.', 1)[-1]
     close = difflib.get_close_matches(leaf, known, n=3, cutoff=0.6)
