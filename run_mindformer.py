@@ -1,8 +1,11 @@
 #!/usr/bin/env python
 """Run a YAML config: `python run_mindformer.py --config configs/gpt2/run_gpt2_tiny.yaml --run_mode train`.
 
-Flags override the YAML; `--options a.b=1 c=[1,2]` and free `--a.b.c value` set any dotted key.
-Exit codes: 0 success, 2 bad flag or value, 1 any other error (one line on stderr)."""
+Flags override the YAML; `--options a.b=1 c=[1,2]` and free `--a.b.c value` set any dotted key that the config
+knows (`--generation.max_new_tokens 5` also creates a missing generation section).
+Exit codes: 0 success; 2 the command line is wrong (a flag, an override naming an unknown key or giving a bad value, a
+--config path that does not exist); 1 the YAML file is wrong (syntax, unknown key, bad value) or the run fails;
+130 interrupted. Errors are one line on stderr."""
 import _thread
 import argparse
 import json
@@ -101,10 +104,16 @@ def parse_args(argv=None):
     return args, overrides
 
 
+class FileConfigError(Exception):
+    """The YAML file named by --config is wrong (exit 1, not 2: the command line itself is fine)."""
+
+
 def build_config(args, overrides):
-    """The run config: the YAML, then `--options`/free overrides, then the named flags."""
+    """The run config: the YAML (checked: FileConfigError), then `--options`/free overrides, then the named flags
+    (checked again: any new problem comes from the command line)."""
     from mindformers.tools.model_book import find_config, list_models
-    from mindformers.tools.register import MindFormerConfig
+    from mindformers.tools.register import ConfigError, MindFormerConfig, validate_run_config
+    from mindformers.tools.register.check import CREATABLE_SECTIONS
     path = args.config
     if not os.path.isfile(path):
         if path in list_models():
@@ -113,12 +122,16 @@ def build_config(args, overrides):
             known = ', '.join(sorted(list_models()))
             raise FileNotFoundError(f"--config {args.config}: no such file, and not a registered model name "
                                     f"(known: {known})")
-    config = MindFormerConfig(path)
     try:
-        config.merge_from_dict(overrides, strict=True)
+        config = validate_run_config(MindFormerConfig(path))
+    except ConfigError as err:
+        raise FileConfigError(str(err)) from None
+    try:
+        config.merge_from_dict(overrides, strict=True, sections=CREATABLE_SECTIONS)
     except KeyError as err:
         raise KeyError(f"override {err.args[0]}") from None
-    flag_map = {'output_dir': 'output_dir', 'overwrite_output_dir': 'overwrite_output_dir', 'seed': 'seed', 'use_parallel': 'use_parallel',
+    flag_map = {'output_dir': 'output_dir', 'overwrite_output_dir': 'overwrite_output_dir', 'seed': 'seed',
+                'use_parallel': 'use_parallel',
                 'load_checkpoint': 'load_checkpoint', 'run_mode': 'run_mode', 'do_eval': 'do_eval',
                 'resume_training': 'resume_training', 'auto_trans_ckpt': 'auto_trans_ckpt',
                 'src_strategy_path_or_dir': 'src_strategy_path_or_dir', 'only_save_strategy': 'only_save_strategy',
@@ -144,7 +157,7 @@ def build_config(args, overrides):
         config['input_data'] = [check_unicode(p.replace('\\n', '\n'), f"--predict_data prompt {i}")
                                 for i, p in enumerate(args.predict_data)]
     config.setdefault('run_mode', 'train')
-    return config
+    return validate_run_config(config, source='command line')
 
 
 def _fail(err, code):
@@ -179,7 +192,9 @@ def main(argv=None):
     args, overrides = parse_args(argv)
     try:
         config = build_config(args, overrides)
-    except _ERRORS as err:  # the config or a flag value is wrong: a usage error
+    except FileConfigError as err:
+        return _fail(err, 1)
+    except _ERRORS as err:  # a flag, an override or the --config path is wrong: a usage error
         return _fail(err, 2)
     try:
         from mindformers.trainer import Trainer

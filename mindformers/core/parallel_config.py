@@ -74,11 +74,39 @@ class ParallelConfig:
         return self
 
 
+# MindFormers switches accepted with their default only: (default, what to do instead)
+_UNSUPPORTED = {
+    'parallel_config': {
+        'use_seq_parallel': (False, 'sequence parallelism is not implemented'),
+        'expert_parallel': (1, 'there are no mixture-of-experts layers'),
+        'gradient_aggregation_group': (4, 'gradient aggregation groups are not implemented'),
+        'micro_batch_interleave_num': (1, 'micro-batch interleaving is not implemented'),
+    },
+    'recompute_config': {
+        'select_recompute': (False, 'only whole-layer recomputation (recompute) is implemented'),
+        'parallel_optimizer_comm_recompute': (False, 'only whole-layer recomputation (recompute) is implemented'),
+        'mp_comm_recompute': (True, 'only whole-layer recomputation (recompute) is implemented'),
+        'recompute_slice_activation': (False, 'only whole-layer recomputation (recompute) is implemented'),
+    },
+}
+
+
+def check_unsupported(values, where):
+    """Raise ValueError when `values` (a mapping) sets a switch of `_UNSUPPORTED[where]` to other than its default."""
+    for name, (default, why) in _UNSUPPORTED[where].items():
+        value = values.get(name, default)
+        if value != default or isinstance(value, bool) != isinstance(default, bool):
+            raise ValueError(f"{where}.{name}={value!r} is not supported ({why}); remove it or set "
+                             f"{name}: {default}")
+
+
 def _from_mapping(cls, mapping, where):
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(mapping) - known)
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)} (accepted: {', '.join(sorted(known))})")
+        from mindformers.tools.register.config import unknown_key_message
+        raise ValueError('; '.join(unknown_key_message(f"{where}.{key}", known) for key in unknown))
+    check_unsupported(mapping, where)
     return cls(**{k: v for k, v in mapping.items()})
 
 
@@ -86,15 +114,24 @@ def build_parallel_config(parallel_config=None, recompute_config=None):
     """Turn YAML mappings (or existing objects) into a ParallelConfig with its RecomputeConfig."""
     if isinstance(parallel_config, ParallelConfig):
         result = parallel_config
+        check_unsupported(asdict(result), 'parallel_config')
+        check_unsupported(asdict(result.recompute), 'recompute_config')
+    elif not isinstance(parallel_config, (dict, type(None))):
+        raise ValueError(f"parallel_config must be a mapping (data_parallel, model_parallel, ...), "
+                         f"got {parallel_config!r}")
     else:
         mapping = dict(parallel_config or {})
         mapping.pop('recompute', None)
         result = _from_mapping(ParallelConfig, mapping, 'parallel_config')
     if recompute_config is not None:
         if isinstance(recompute_config, RecomputeConfig):
+            check_unsupported(asdict(recompute_config), 'recompute_config')
             result.recompute = recompute_config
         elif isinstance(recompute_config, bool):
             result.recompute = RecomputeConfig(recompute=recompute_config)
+        elif not isinstance(recompute_config, dict):
+            raise ValueError(f"recompute_config must be a mapping (recompute: ...) or a bool, "
+                             f"got {recompute_config!r}")
         else:
             result.recompute = _from_mapping(RecomputeConfig, dict(recompute_config), 'recompute_config')
     if result.pipeline_stage > 1:

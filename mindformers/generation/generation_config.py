@@ -11,7 +11,9 @@ class GenerationConfig:
 
     max_length (20): total length (prompt, left-padded to the longest in the batch, plus new tokens);
         `max_decode_length` is accepted as its MindFormers alias. max_new_tokens (None): new tokens per row; wins over
-        max_length. min_new_tokens (0): EOS is suppressed until this many new tokens exist.
+        max_length set at the same time. An `update` that sets max_length alone drops a max_new_tokens that was not
+        set explicitly (a model-config default), so an explicit length always wins over a default one.
+        min_new_tokens (0): EOS is suppressed until this many new tokens exist.
     do_sample (False), temperature (1.0), top_k (50; 0 = off), top_p (1.0): sampling; without do_sample decoding is
         greedy (or beam search) and these three are ignored.
     repetition_penalty (1.0): logits of tokens already in the sequence are divided (positive) or multiplied
@@ -35,13 +37,22 @@ class GenerationConfig:
         """Set fields by name (aliases allowed); an unknown name raises TypeError naming it. Returns self."""
         unknown = sorted(k for k in kwargs if self._ALIASES.get(k, k) not in self._DEFAULTS)
         if unknown:
-            raise TypeError(f"unknown generation option(s): {', '.join(unknown)} "
-                            f"(known: {', '.join(sorted(self._DEFAULTS))})")
+            from mindformers.tools.register.config import unknown_key_message
+            raise TypeError('; '.join(unknown_key_message(key, self.names(), 'generation option')
+                                      for key in unknown))
+        names = {self._ALIASES.get(k, k) for k in kwargs}
+        if 'max_length' in names and 'max_new_tokens' not in names and not self.is_explicit('max_new_tokens'):
+            self.max_new_tokens = None
         for key, value in kwargs.items():
             name = self._ALIASES.get(key, key)
             setattr(self, name, value)
             self._explicit.add(name)
         return self
+
+    @classmethod
+    def names(cls):
+        """Every option name `update` accepts (aliases included)."""
+        return set(cls._DEFAULTS) | set(cls._ALIASES)
 
     def is_explicit(self, name):
         """Whether `name` was set by the caller (not a class default)."""
@@ -77,11 +88,11 @@ class GenerationConfig:
 
     @classmethod
     def from_model_config(cls, config):
-        """Defaults from a model config: max_decode_length, top_k, top_p, do_sample, repetition_penalty, use_past
-        and the token ids, where the config has them."""
+        """Defaults from a model config: max_decode_length, max_new_tokens, top_k, top_p, do_sample,
+        repetition_penalty, use_past and the token ids, where the config has them."""
         found = {}
         for name in ('top_k', 'top_p', 'do_sample', 'repetition_penalty', 'use_past', 'eos_token_id',
-                     'pad_token_id', 'bos_token_id', 'num_beams', 'temperature'):
+                     'pad_token_id', 'bos_token_id', 'num_beams', 'temperature', 'max_new_tokens'):
             value = getattr(config, name, None)
             if value is not None:
                 found[name] = value

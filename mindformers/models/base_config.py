@@ -8,20 +8,30 @@ from mindformers.core.parallel_config import ParallelConfig, build_parallel_conf
 class BaseConfig:
     """Holds a model's hyper-parameters as attributes.
 
-    Subclasses declare their documented fields as keyword arguments and call `super().__init__(**kwargs)`;
-    unknown keywords are kept as attributes (so YAML generation defaults such as `top_k` travel with the model).
-    `parallel_config` accepts a mapping or a ParallelConfig; `checkpoint_name_or_path` names weights to load."""
+    Subclasses declare every field as a keyword argument (generation defaults such as `top_k` included) and pass
+    the rest to `super().__init__(**kwargs)`, which refuses any keyword that is not a field (TypeError naming it and
+    the closest fields; `type`, the registry name, is ignored). `parallel_config` accepts a mapping or a
+    ParallelConfig; `checkpoint_name_or_path` names weights to load; `max_new_tokens` (None) is the default number
+    of tokens `generate()` adds (see GenerationConfig.from_model_config)."""
 
     model_type = 'base'
 
-    def __init__(self, parallel_config=None, checkpoint_name_or_path='', **kwargs):
+    def __init__(self, parallel_config=None, checkpoint_name_or_path='', max_new_tokens=None, **kwargs):
+        kwargs.pop('type', None)
+        if kwargs:
+            from mindformers.tools.register.config import unknown_key_message
+            raise TypeError(f"{type(self).__name__}: " + '; '.join(
+                unknown_key_message(key, self.field_names(), 'field') for key in sorted(kwargs)))
         self.parallel_config = build_parallel_config(parallel_config) \
             if not isinstance(parallel_config, ParallelConfig) else parallel_config
         self.checkpoint_name_or_path = checkpoint_name_or_path or ''
-        for key, value in kwargs.items():
-            if key == 'type':
-                continue
-            setattr(self, key, value)
+        self.max_new_tokens = max_new_tokens
+
+    @classmethod
+    def field_names(cls):
+        """The keyword arguments this config class accepts (its fields)."""
+        from mindformers.tools.register.check import keyword_names
+        return keyword_names(cls, last=BaseConfig)
 
     def to_dict(self):
         """JSON-friendly dict of every field, with `type` set to the class name."""

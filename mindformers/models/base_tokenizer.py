@@ -9,7 +9,6 @@ A subclass wraps one tokenization backend (the `tokenizers` library, SentencePie
 and may override `_tokenize_ids_batch`, `_token_to_id`, `_id_to_token` (faster lookups) and
 `build_inputs_with_special_tokens` (model-specific layouts such as GLM's).
 """
-import inspect
 import json
 import os
 
@@ -350,7 +349,8 @@ class BaseTokenizer:
         for arg, file_name in cls.vocab_files_names.items():
             if os.path.isfile(os.path.join(path, file_name)):
                 config[arg] = os.path.join(path, file_name)
-        accepted = _init_arguments(cls)
+        from mindformers.tools.register.check import keyword_names
+        accepted = keyword_names(cls) or set()
         ignored = sorted(k for k in config if k not in accepted)
         if ignored:
             logger.info("%s: ignoring keys of %s that %s does not take: %s", cls.__name__, config_path,
@@ -421,17 +421,3 @@ def _to_tensor(sequences, return_tensors, owner):
         return ms.Tensor(array, dtype=ms.int32)
     return array
 
-
-def _init_arguments(cls):
-    """Names of the keyword arguments `cls(...)` accepts, following **kwargs up the class hierarchy."""
-    names = set()
-    for klass in cls.__mro__:
-        init = klass.__dict__.get('__init__')
-        if init is None:
-            continue
-        params = inspect.signature(init).parameters.values()
-        names.update(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
-        if not any(p.kind == p.VAR_KEYWORD for p in params):
-            break
-    names.discard('self')
-    return names

@@ -26,7 +26,7 @@ from mindformers.tools.checkpoint import CheckpointError, load_checkpoint_file, 
 from mindformers.tools.transform_ckpt import transform_for_run
 from mindformers.tools.logger import logger, setup_file_logging
 from mindformers.tools.model_book import find_config
-from mindformers.tools.register import MindFormerConfig, MindFormerRegister, MindFormerModuleType
+from mindformers.tools.register import MindFormerConfig, MindFormerRegister, MindFormerModuleType, validate_run_config
 from mindformers.trainer.resume import check_run_shape, find_resume_checkpoint, restore_train_state
 from mindformers.trainer.run_dir import RunLock, checkpoint_dirs, clear_earlier_run, refuse_earlier_run
 from mindformers.trainer.training_args import TrainingArguments
@@ -98,7 +98,7 @@ class Trainer:
         config.setdefault('output_dir', './output')
         config.setdefault('seed', 0)
         config.setdefault('runner_config', {})
-        return config
+        return validate_run_config(config)
 
     def _dataset_arg(self, dataset, key):
         if isinstance(dataset, (str, os.PathLike)):
@@ -343,7 +343,7 @@ class Trainer:
         callbacks = [TrainingCompileCache(config, train_cell, dataset, self.rank_id), *callbacks, *self.callbacks]
         eval_every_steps, eval_every_epochs = self._eval_intervals(do_eval)
         logger.info("training: %d epoch(s) x %d step(s) = %d optimizer steps, %d batch(es) of %d per step",
-                    epochs, steps_per_epoch, total_steps, accumulation, int(runner.get('batch_size', 0) or 0))
+                    epochs, steps_per_epoch, total_steps, accumulation, dataset.get_batch_size())
 
         run_context = RunContext(state)
         _call(callbacks, 'on_train_begin', run_context)

@@ -24,7 +24,8 @@ class PengChengMindConfig(BaseConfig):
     Tokens: bos_token_id (1), eos_token_id (2, PengCheng's eod), pad_token_id (0, `<unk>`), ignore_token_id (-100).
     Generation defaults: batch_size (1), max_decode_length (512), top_k (1), top_p (1.0), do_sample (False),
         repetition_penalty (1.0), use_past (False).
-    Run: parallel_config, checkpoint_name_or_path. Unknown keywords are kept as attributes."""
+    Run: parallel_config, checkpoint_name_or_path.
+    Unknown keywords are refused (TypeError naming the closest fields)."""
 
     model_type = 'pengcheng_mind'
 

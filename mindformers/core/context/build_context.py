@@ -33,15 +33,41 @@ def best_device():
     return 'CPU'
 
 
+def _set_context_keys():
+    """The keywords `mindspore.set_context` accepts (read from MindSpore)."""
+    from mindspore import context
+    return set(context._context().setters) | {k for k in context.ms_ctx_param.__members__ if not k.startswith('_')}
+
+
+def _set_auto_parallel_context_keys():
+    """The keywords `mindspore.set_auto_parallel_context` accepts (read from MindSpore)."""
+    from mindspore.parallel import _auto_parallel_context
+    return set(_auto_parallel_context._set_auto_parallel_context_func_map)
+
+
 class _FromDict:
-    """`from_dict(mapping)`: known keys become fields, the rest go to `extra` (passed on to MindSpore as is)."""
+    """`from_dict(mapping)`: known keys become fields, other keywords of the MindSpore setter (`_mindspore_keys`)
+    go to `extra` (passed on as is), anything else is refused (ValueError naming `<SECTION>.<key>`)."""
+    SECTION = ''
 
     @classmethod
     def from_dict(cls, mapping):
+        if mapping is not None and not isinstance(mapping, dict):
+            raise ValueError(f"{cls.SECTION} must be a mapping, got {mapping!r}")
         mapping = dict(mapping or {})
         known = {f.name for f in fields(cls)} - {'extra'}
         extra = {k: mapping.pop(k) for k in list(mapping) if k not in known}
+        passed_on = cls._mindspore_keys()
+        unknown = sorted(set(extra) - passed_on, key=str)
+        if unknown:
+            from mindformers.tools.register.config import unknown_key_message
+            raise ValueError('; '.join(unknown_key_message(f"{cls.SECTION}.{key}", known | passed_on)
+                                       for key in unknown))
         return cls(**mapping, extra=extra)
+
+    @staticmethod
+    def _mindspore_keys():
+        return set()
 
 
 @dataclass
@@ -60,6 +86,8 @@ class ContextConfig(_FromDict):
     enable_compile_cache: bool = False
     compile_cache_path: str = None
     extra: dict = field(default_factory=dict)
+    SECTION = 'context'
+    _mindspore_keys = staticmethod(_set_context_keys)
 
 
 @dataclass
@@ -75,6 +103,8 @@ class ParallelContextConfig(_FromDict):
     strategy_ckpt_load_file: str = None
     device_num: int = None
     extra: dict = field(default_factory=dict)
+    SECTION = 'parallel'
+    _mindspore_keys = staticmethod(_set_auto_parallel_context_keys)
 
 
 _PARALLEL_MODES = {0: 'data_parallel', 1: 'semi_auto_parallel', 2: 'auto_parallel', 3: 'hybrid_parallel',

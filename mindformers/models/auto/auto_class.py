@@ -77,6 +77,18 @@ def _read_config_json(directory):
                      f"HuggingFace config)")
 
 
+def _check_overrides(config_type, kwargs, caller, source):
+    """Refuse `kwargs` that are not fields of the config class `config_type` (a registered name or a class)."""
+    from mindformers.tools.register.config import unknown_key_message
+    config_cls = config_type if isinstance(config_type, type) else \
+        MindFormerRegister.get_cls(MindFormerModuleType.CONFIG, config_type)
+    fields = config_cls.field_names()
+    unknown = sorted(k for k in kwargs if k not in fields)
+    if unknown:
+        raise TypeError(f"{caller}.from_pretrained({os.fspath(source)!r}): " + '; '.join(
+            unknown_key_message(key, fields, f'{config_cls.__name__} field') for key in unknown))
+
+
 def _hf_family(directory, data):
     """The conversion module of a HF directory's `model_type`, or a clear error."""
     model_type = data.get('model_type')
@@ -93,13 +105,16 @@ class AutoConfig:
     def from_pretrained(cls, name_or_path, **kwargs):
         if _source_kind(name_or_path, cls.__name__) != 'dir':
             section = dict(_run_config(name_or_path).model.model_config)
+            _check_overrides(section.get('type'), kwargs, cls.__name__, name_or_path)
             section.update(kwargs)
             return build_model_config(section)
         directory = os.fspath(name_or_path)
         data, kind = _read_config_json(directory)
         if kind == 'ours':
+            _check_overrides(data['type'], kwargs, cls.__name__, name_or_path)
             return build_model_config({**data, **kwargs})
         config = _hf_family(directory, data).config_from_hf(data)
+        _check_overrides(type(config), kwargs, cls.__name__, name_or_path)
         return type(config).from_dict({**config.to_dict(), **kwargs}) if kwargs else config
 
 
@@ -138,6 +153,7 @@ def load_model(name_or_path, model_class=None, **kwargs):
     if _source_kind(name_or_path, caller) != 'dir':
         run_config = _run_config(name_or_path)
         if kwargs:
+            _check_overrides(run_config.model.model_config.get('type'), kwargs, caller, name_or_path)
             run_config.model.model_config.merge_from_dict(kwargs)
         model_config = run_config.model.model_config
         if not model_config.get('checkpoint_name_or_path') and name_or_path in CHECKPOINTS:

@@ -34,7 +34,7 @@ class GLMConfig(BaseConfig):
         configs and has no effect (sampling always runs in `generate()`).
     Run: parallel_config, checkpoint_name_or_path, offset (0: MindFormers' shift of the layers' pipeline stages;
         the final LayerNorm and the head sit on the last stage). use_flash_attention must stay False.
-    Unknown keywords are kept as attributes."""
+    Unknown keywords are refused (TypeError naming the closest fields)."""
 
     model_type = 'glm'
 

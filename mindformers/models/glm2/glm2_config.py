@@ -20,7 +20,8 @@ class ChatGLM2Config(BaseConfig):
     Tokens: bos_token_id (1), eos_token_id (2), pad_token_id (0), ignore_token_id (-100).
     Generation defaults: batch_size (1), max_decode_length (256), top_k (1), top_p (1.0), do_sample (False),
         repetition_penalty (1.0), use_past (False).
-    Run: parallel_config, checkpoint_name_or_path. Unknown keywords are kept as attributes."""
+    Run: parallel_config, checkpoint_name_or_path.
+    Unknown keywords are refused (TypeError naming the closest fields)."""
 
     model_type = 'chatglm2'
 

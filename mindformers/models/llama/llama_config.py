@@ -45,7 +45,7 @@ class LlamaConfig(BaseConfig):
     Generation defaults: batch_size (1), max_decode_length (512), top_k (5), top_p (1.0), do_sample (False),
         repetition_penalty (1.0), use_past (False).
     Run: parallel_config, checkpoint_name_or_path. use_flash_attention must stay False (no CPU kernel).
-    Unknown keywords are kept as attributes."""
+    Unknown keywords are refused (TypeError naming the closest fields)."""
 
     model_type = 'llama'
 

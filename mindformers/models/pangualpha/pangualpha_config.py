@@ -35,7 +35,7 @@ class PanguAlphaConfig(BaseConfig):
         use_flash_attention (False; no CPU kernel, must stay False).
     Run: parallel_config (mapping or ParallelConfig, with its recompute settings), checkpoint_name_or_path
         (weights loaded at model construction; '' for random init).
-    Unknown keywords are kept as attributes."""
+    Unknown keywords are refused (TypeError naming the closest fields)."""
 
     model_type = 'pangualpha'
 

@@ -11,6 +11,20 @@ class ConfigError(ValueError):
     """A config problem, with the file, line or dotted key in the message."""
 
 
+def unknown_key_message(dotted, known, what='key'):
+    """The message for an unknown `dotted` key: the closest names of `known` (difflib), and all of them when they
+    are few."""
+    known = sorted({str(k) for k in known})
+    leaf = str(dotted).rsplit('.', 1)[-1]
+    close = difflib.get_close_matches(leaf, known, n=3, cutoff=0.6)
+    message = f"unknown {what} '{dotted}'"
+    if close:
+        message += f" (did you mean {', '.join(close)}?)"
+    if len(known) <= 40:
+        message += f"; valid: {', '.join(known) or 'none'}"
+    return message
+
+
 def _to_config(value, path):
     if isinstance(value, MindFormerConfig):
         return value
@@ -119,10 +133,12 @@ class MindFormerConfig(dict):
     def __init__(self, *args, _path='', **kwargs):
         super().__init__()
         object.__setattr__(self, '_path', _path)
+        object.__setattr__(self, '_source', None)  # the YAML file loaded, named in error messages
         data = {}
         for arg in args:
             if isinstance(arg, (str, os.PathLike)):
                 data = deep_merge(data, load_yaml_with_bases(os.fspath(arg)))
+                object.__setattr__(self, '_source', os.fspath(arg))
             elif isinstance(arg, dict):
                 data = deep_merge(data, arg)
             elif arg is not None:
@@ -154,7 +170,9 @@ class MindFormerConfig(dict):
         del self[key]
 
     def __deepcopy__(self, memo):
-        return MindFormerConfig(copy.deepcopy(self.to_dict(), memo), _path=self._path)
+        clone = MindFormerConfig(copy.deepcopy(self.to_dict(), memo), _path=self._path)
+        object.__setattr__(clone, '_source', self._source)
+        return clone
 
     def __reduce__(self):
         return (MindFormerConfig, (self.to_dict(),), None)
@@ -169,10 +187,11 @@ class MindFormerConfig(dict):
             return v
         return plain(self)
 
-    def merge_from_dict(self, options, strict=False):
+    def merge_from_dict(self, options, strict=False, sections=()):
         """Merge `{'a.b.c': value}` (dotted keys; an integer part indexes a list, e.g. `callbacks.0.prefix`) or
         nested mappings into this config, deeply. Missing parents are created, unless `strict`: then every parent
-        must exist and a KeyError names the first missing one."""
+        must exist, except top-level ones named in `sections`, and a KeyError names the first missing one. Leaf
+        keys are not checked here (see `validate_run_config`)."""
         for dotted, value in options.items():
             node = self
             keys = str(dotted).split('.')
@@ -188,7 +207,7 @@ class MindFormerConfig(dict):
                     break
                 child = node[key] if isinstance(node, list) or key in node else None
                 if not isinstance(child, (dict, list)):
-                    if strict:
+                    if strict and not (depth == 0 and key in sections and child is None):
                         close = difflib.get_close_matches(key, [str(k) for k in node], n=3) \
                             if isinstance(node, dict) else []
                         hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ''
