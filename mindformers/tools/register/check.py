@@ -8,8 +8,8 @@ from .register import MindFormerRegister, MindFormerModuleType as T
 
 RUN_MODES = ('train', 'finetune', 'eval', 'predict')
 # top-level keys read by the Trainer or run_mindformer.py (sections are checked below)
-_TOP_LEVEL = {'seed', 'run_mode', 'output_dir', 'overwrite_output_dir', 'load_checkpoint', 'src_strategy_path_or_dir', 'auto_trans_ckpt',
-              'only_save_strategy', 'resume_training', 'use_parallel', 'do_eval', 'eval_step_interval',
+_TOP_LEVEL = {'seed', 'run_mode', 'output_dir', 'overwrite_output_dir', 'load_checkpoint', 'src_strategy_path_or_dir',
+              'auto_trans_ckpt', 'only_save_strategy', 'resume_training', 'use_parallel', 'do_eval', 'eval_step_interval',
               'eval_epoch_interval', 'input_data', 'context', 'parallel', 'parallel_config', 'recompute_config',
               'runner_config', 'runner_wrapper', 'trainer', 'model', 'optimizer', 'lr_schedule', 'callbacks', 'metric',
               'processor', 'generation', 'train_dataset', 'train_dataset_task', 'eval_dataset', 'eval_dataset_task'}
