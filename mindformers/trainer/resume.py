@@ -12,7 +12,7 @@ from mindformers.tools.logger import logger
 _OPTIONAL_PREFIXES = ('accu_grads.',)
 # counters saved beside the train cell's parameters (CheckpointMonitor's append_dict)
 _COUNTERS = ('epoch_num', 'step_num')
-_START_HINT = ("Start the run without resume_training (--resume_training); it saves a checkpoint every "
+_START_HINT = ("Start the run without resume_training (drop --resume_training); it saves a checkpoint every "
                "save_checkpoint_steps optimizer steps and at the end, and resume_training continues from the newest")
 _RUN_FIELDS = ('batch_size', 'gradient_accumulation_steps', 'device_num', 'steps_per_epoch')
 
