@@ -157,10 +157,14 @@ def training_cache_key(train_cell, dataset, config):
         entry = [_file_digest(path) for path in api._get_compile_cache_dep_files()]  # pylint: disable=protected-access
     except (OSError, SyntaxError, ValueError, ImportError) as error:
         return None, f"MindSpore cannot scan the entry script's imports ({type(error).__name__})"
+    try:  # reads the first batch: a bad one is the training loop's to report, naming its file and row
+        columns = [list(dataset.get_col_names()), [list(s) for s in dataset.output_shapes()],
+                   [str(t) for t in dataset.output_types()]]
+    except RuntimeError:
+        return None, "the dataset's first batch could not be read"
     described = {
         'cells': cells, 'sources': sources, 'entry': entry, 'mindformers': _source_digest(),
-        'dataset': [list(dataset.get_col_names()), [list(s) for s in dataset.output_shapes()],
-                    [str(t) for t in dataset.output_types()]],
+        'dataset': columns,
         'config': {k: config.get(k) for k in ('runner_config', 'runner_wrapper', 'optimizer', 'lr_schedule',
                                               'callbacks', 'parallel_config', 'recompute_config', 'use_parallel',
                                               'parallel')},

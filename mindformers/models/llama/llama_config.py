@@ -39,6 +39,8 @@ class LlamaConfig(BaseConfig):
         ('layernorm': LayerNorm with bias), out_bias False (o_proj bias), mlp_bias False (SwiGLU biases), tied_head
         False (True: logits against the token embedding, no lm_head; `tie_word_embeddings` from a HF config does
         not set it: our LLaMA then copies the embedding into its own lm_head).
+    tie_word_embeddings (False): set from a HF config whose checkpoint stores no lm_head.weight (the head is the
+        token embedding); loading such a checkpoint copies the embedding into lm_head.
     Precision ('float32' | 'float16' | 'bfloat16'): param_init_type, compute_dtype, layernorm_compute_type,
         softmax_compute_type, rotary_dtype (all 'float32' by default; MindFormers ships float16 for Ascend).
     Tokens: bos_token_id (1), eos_token_id (2), pad_token_id (0), ignore_token_id (-100).
@@ -57,8 +59,8 @@ class LlamaConfig(BaseConfig):
                  initializer_range=0.02, compute_dtype='float32', layernorm_compute_type='float32',
                  softmax_compute_type='float32', rotary_dtype='float32', param_init_type='float32',
                  use_past=False, use_flash_attention=False, offset=0, max_decode_length=512, top_k=5, top_p=1.0,
-                 do_sample=False, repetition_penalty=1.0, parallel_config=None, checkpoint_name_or_path='',
-                 **kwargs):
+                 do_sample=False, repetition_penalty=1.0, tie_word_embeddings=False, parallel_config=None,
+                 checkpoint_name_or_path='', **kwargs):
         super().__init__(parallel_config=parallel_config, checkpoint_name_or_path=checkpoint_name_or_path, **kwargs)
         self.batch_size = batch_size
         self.seq_length = seq_length
@@ -97,6 +99,7 @@ class LlamaConfig(BaseConfig):
         self.top_p = top_p
         self.do_sample = do_sample
         self.repetition_penalty = repetition_penalty
+        self.tie_word_embeddings = tie_word_embeddings
         self.validate()
 
     # derived sizes the decoder reads (families with other field names provide the same properties)
