@@ -9,7 +9,7 @@ import mindspore.dataset as ds
 
 from mindformers.generation import TextIteratorStreamer
 from mindformers import (Trainer, TrainingArguments, AutoConfig, AutoModel, GPT2Config, GPT2LMHeadModel,
-                         MindFormerConfig)
+                         MindFormerConfig, MindFormerRegister, MindFormerModuleType)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_YAML = os.path.join(REPO, 'configs', 'gpt2', 'run_gpt2_tiny.yaml')
@@ -124,6 +124,28 @@ def test_bad_trainer_arguments():
         Trainer(model='gpt5')
     with pytest.raises(ValueError, match='lr_scheduler_type'):
         TrainingArguments(lr_scheduler_type='exotic')
+
+
+def test_evaluate_uses_the_metric_given_and_refuses_one_it_cannot_compute(tmp_path):
+    """compute_metrics was accepted and ignored, and a configured metric that is neither perplexity nor
+    generation-based was silently replaced by perplexity."""
+    from mindformers import PerplexityMetric
+    args = TrainingArguments(output_dir=str(tmp_path))
+    given = PerplexityMetric()
+    result = Trainer(model=tiny_model(), args=args, eval_dataset=pattern_dataset(4, 8),
+                     compute_metrics={'ppl': given}).evaluate()
+    assert result['tokens'] == 8 * SEQ and given.total_tokens == 8 * SEQ  # the given metric did the counting
+    with pytest.raises(ValueError, match=r"compute_metrics: Accuracy cannot be computed by evaluation"):
+        Trainer(model=tiny_model(), args=args, eval_dataset=pattern_dataset(4, 8),
+                compute_metrics=ms.train.Accuracy()).evaluate()
+    config = MindFormerConfig(TINY_YAML)
+    config.merge_from_dict({'output_dir': str(tmp_path), 'metric': {'type': 'Accuracy'}})
+    MindFormerRegister.register_cls(ms.train.Accuracy, MindFormerModuleType.METRIC)
+    try:
+        with pytest.raises(ValueError, match=r"metric.type Accuracy: Accuracy cannot be computed by evaluation"):
+            Trainer(model=tiny_model(), args=config, eval_dataset=pattern_dataset(4, 8)).evaluate()
+    finally:
+        MindFormerRegister.registry[MindFormerModuleType.METRIC].pop('Accuracy')
 
 
 def test_predict_names_a_prompt_that_is_not_text_or_not_the_models(tmp_path):

@@ -517,11 +517,29 @@ class Trainer:
         return result
 
     def _metric(self):
-        """The metric the config's `metric` section names (a registered METRIC), or None."""
-        section = self.config.get('metric')
-        if not section or not section.get('type'):
-            return None
-        return build_metric(dict(section), where='metric')
+        """The metric to evaluate with: `compute_metrics` given to the Trainer (a metric, or a dict or list holding
+        one), else the one the config's `metric` section names (a registered METRIC), else None (perplexity). Only
+        metrics the evaluation can feed are accepted: PerplexityMetric (loss sums) or a generation-based one
+        (`generation_based = True`: generated and reference texts); any other is refused, never replaced."""
+        metric = self.compute_metrics
+        where = 'compute_metrics'
+        if isinstance(metric, dict):
+            metric = list(metric.values())
+        if isinstance(metric, (list, tuple, set)):
+            if len(metric) != 1:
+                raise ValueError(f"compute_metrics holds {len(metric)} metrics; evaluation computes one: pass one "
+                                 f"metric")
+            metric = next(iter(metric))
+        if metric is None:
+            section = self.config.get('metric')
+            if not section or not section.get('type'):
+                return None
+            metric, where = build_metric(dict(section), where='metric'), f"metric.type {section.get('type')}"
+        if not isinstance(metric, PerplexityMetric) and not getattr(metric, 'generation_based', False):
+            raise ValueError(f"{where}: {type(metric).__name__} cannot be computed by evaluation, which feeds "
+                             f"either loss sums (PerplexityMetric) or generated and reference texts (a metric with "
+                             f"generation_based = True, e.g. ADGENMetric)")
+        return metric
 
     def _evaluate(self, network, generate_kwargs=None):
         """Perplexity over the eval data, or the config's generation-based metric (`_evaluate_by_generation`).
@@ -536,7 +554,8 @@ class Trainer:
         stride = self.device_num if self.eval_dataset is None else 1
         cell = _EvalLossCell(network)
         network.set_train(False)
-        metric = PerplexityMetric()
+        metric = metric or PerplexityMetric()
+        metric.clear()
         arg_columns = _column_arguments(cell, dataset.get_col_names()) or [0]
         for index, batch in enumerate(dataset.create_tuple_iterator(num_epochs=1, output_numpy=False)):
             if index % stride != self.rank_id % stride:
