@@ -162,3 +162,17 @@ def test_disk_full_while_saving_leaves_no_partial_file(tmp_path):
     proc = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=300)
     assert 'ERROR could not write checkpoint' in proc.stdout and 'a.ckpt' in proc.stdout, proc.stderr
     assert os.listdir(tmp_path) == []
+
+
+def test_checkpoint_directories_of_config_and_given_callbacks_are_checked(tmp_path):
+    from mindformers.core.callback import CheckpointMonitor
+    from mindformers.trainer.run_dir import checkpoint_dirs, refuse_earlier_run
+    config = MindFormerConfig({'output_dir': str(tmp_path), 'callbacks': [
+        {'type': 'MFLossMonitor'}, {'type': 'CheckpointMonitor', 'directory': str(tmp_path / 'yaml_ckpt')}]})
+    dirs = checkpoint_dirs(config, [CheckpointMonitor(directory=str(tmp_path / 'api_ckpt'))], rank_id=1)
+    assert dirs == [str(tmp_path / 'api_ckpt' / 'rank_1'), str(tmp_path / 'yaml_ckpt' / 'rank_1')]
+    refuse_earlier_run(str(tmp_path), 1, dirs)  # nothing there yet
+    (tmp_path / 'api_ckpt' / 'rank_1').mkdir(parents=True)
+    (tmp_path / 'api_ckpt' / 'rank_1' / 'x_rank_1-1_4.ckpt').write_bytes(b'')
+    with pytest.raises(OutputDirError, match=r'1 checkpoint\(s\) in .*api_ckpt/rank_1'):
+        refuse_earlier_run(str(tmp_path), 1, dirs)

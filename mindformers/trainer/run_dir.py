@@ -11,6 +11,7 @@ import socket
 import sys
 import time
 
+from mindformers.core.callback import CheckpointMonitor
 from mindformers.tools.checkpoint import META_FILE, meta_entries
 from mindformers.tools.logger import logger
 
@@ -31,7 +32,7 @@ def checkpoint_dirs(config, callbacks, rank_id):
         if section.get('type') in _CHECKPOINT_CALLBACKS:
             roots.append(section.get('directory') or default)
     for callback in callbacks:
-        if type(callback).__name__ == 'CheckpointMonitor':
+        if isinstance(callback, CheckpointMonitor):
             roots.append(callback.directory or default)
     return sorted({os.path.join(os.path.abspath(root), f'rank_{rank_id}') for root in roots or [default]})
 
