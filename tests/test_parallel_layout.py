@@ -262,6 +262,25 @@ def test_export_strategy_exits_2_on_a_bad_combination(tmp_path):
     assert not (tmp_path / 'out').exists()
 
 
+def test_only_save_strategy_and_export_strategy_write_the_same_files(tmp_path):
+    """Both honour parallel.parallel_optimizer_threshold (only_save_strategy ignored it: at 0 every LayerNorm is
+    sharded too, at the default 64 KB none of GPT-2 tiny's is)."""
+    config = tmp_path / 'run.yaml'
+    config.write_text(f"base_config: {FAMILIES['gpt2']}\n"
+                      f"parallel:\n  parallel_optimizer_config:\n    parallel_optimizer_threshold: 0\n")
+    assert export_strategy.main(['--config', str(config), '--data_parallel', '2', '--optimizer_shard',
+                                 '--output_dir', str(tmp_path / 'exported')]) == 0
+    proc = subprocess.run([sys.executable, 'run_mindformer.py', '--config', str(config), '--only_save_strategy',
+                           'True', '--parallel_config.data_parallel', '2', '--parallel_config.optimizer_shard', 'True',
+                           '--output_dir', str(tmp_path / 'run')], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    exported = json.loads((tmp_path / 'exported' / 'ckpt_strategy_rank_0.json').read_text())
+    saved = json.loads((tmp_path / 'run' / 'strategy' / 'ckpt_strategy_rank_0.json').read_text())
+    assert saved == exported
+    assert exported['parallel_layout_item']['backbone.final_layernorm.weight']['opt_weight_shard_size'] == 2
+
+
 def test_only_save_strategy_on_cpu_writes_files_transform_checkpoints_takes(tmp_path):
     """MindSpore cannot compile semi-auto-parallel on CPU (also not with MS_SIMULATION_LEVEL), so the run writes the
     derived files; a real tiny GPT-2 checkpoint is sliced by them into parts of the model's own names and shapes."""

@@ -315,3 +315,12 @@ def write_strategy_files(layouts, output_dir, per_stage=True):
                                  'parallel_layout_item': items})
         paths.append(path)
     return paths
+
+
+def run_layouts(config, model_config, model_class, parallel):
+    """The layouts of a run's strategy files: `parameter_layouts` of its model under `parallel`, with the optimizer
+    shard threshold of the run config's `parallel.parallel_optimizer_config.parallel_optimizer_threshold` (KB,
+    default 64). The one derivation behind `only_save_strategy` on CPU and the `export_strategy` CLI."""
+    threshold = ((config.get('parallel') or {}).get('parallel_optimizer_config') or {}).get(
+        'parallel_optimizer_threshold', 64)
+    return parameter_layouts(model_config, parallel, model_class=model_class, opt_shard_threshold_kb=threshold)

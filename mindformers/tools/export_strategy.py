@@ -152,10 +152,8 @@ def main(argv=None):
     except (ValueError, KeyError, TypeError) as err:
         return _fail(err, 2)
     try:
-        from mindformers.core.parallel_layout import parameter_layouts, write_strategy_files
-        threshold = ((config.get('parallel') or {}).get('parallel_optimizer_config') or {}).get(
-            'parallel_optimizer_threshold', 64)
-        layouts = parameter_layouts(model_config, parallel, model_class=model_class, opt_shard_threshold_kb=threshold)
+        from mindformers.core.parallel_layout import run_layouts, write_strategy_files
+        layouts = run_layouts(config, model_config, model_class, parallel)
         paths = write_strategy_files(layouts, args.output_dir)
         for stale in set(old) - set(paths):
             os.remove(stale)

@@ -18,7 +18,7 @@ from mindformers.core.lr import build_lr
 from mindformers.core.metric import PerplexityMetric
 from mindformers.core.optim import build_optim
 from mindformers.core.parallel_config import build_parallel_config
-from mindformers.core.parallel_layout import parameter_layouts, write_strategy_files
+from mindformers.core.parallel_layout import run_layouts, write_strategy_files
 from mindformers.generation.text_generator import encode_prompt
 from mindformers.tools.build import (build_model, build_model_config, build_callback, build_wrapper, build_dataset,
                                      build_metric, build_tokenizer)
@@ -419,8 +419,7 @@ class Trainer:
             model_class = MindFormerRegister.get_cls(MindFormerModuleType.MODELS,
                                                      self._model_section().arch.get('type'), where='model.arch.type')
             if self.rank_id == 0:
-                paths = write_strategy_files(parameter_layouts(model_config, parallel, model_class=model_class),
-                                             directory)
+                paths = write_strategy_files(run_layouts(self.config, model_config, model_class, parallel), directory)
                 logger.info("only_save_strategy: MindSpore cannot compile semi-auto-parallel on CPU; wrote the "
                             "strategy files derived from the layers' shard declarations instead: %s", ', '.join(paths))
             return True
