@@ -19,7 +19,7 @@ from urllib.parse import quote
 import numpy as np
 
 from mindformers.dataset.preprocess import IGNORE_INDEX
-from mindformers.tools.checkpoint import _fsync_dir as fsync_path  # opens any path read-only and fsyncs it
+from mindformers.tools.checkpoint import fsync_path
 from mindformers.tools.logger import logger
 
 MAX_SPLITS = 1000  # MindRecord's limit on files per dataset

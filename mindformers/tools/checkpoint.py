@@ -19,9 +19,17 @@ class CheckpointError(ValueError):
     """A missing, corrupt or mismatched checkpoint; the message names the file."""
 
 
-def _fsync_dir(directory):
+def _first_line(err):
+    """The first line of an exception's message (MindSpore's carry long C++ traces), or its type's name."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def fsync_path(path):
+    """fsync a file or directory (opened read-only), so what it holds or names survives a power loss; a path that
+    cannot be opened is skipped."""
     try:
-        fd = os.open(directory, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY)
     except OSError:
         return
     try:
@@ -37,7 +45,7 @@ def write_json_atomic(path, data):
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+    fsync_path(os.path.dirname(os.path.abspath(path)))
 
 
 def save_checkpoint_atomic(save_obj, path, append_dict=None):
@@ -59,11 +67,10 @@ def save_checkpoint_atomic(save_obj, path, append_dict=None):
         with open(tmp_file, 'rb+') as f:
             os.fsync(f.fileno())
         os.replace(tmp_file, path)
-        _fsync_dir(directory)
+        fsync_path(directory)
     except (RuntimeError, OSError) as err:  # e.g. a full disk; MindSpore's message names no file
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"could not write checkpoint {path} ({first}); is the disk full or the directory "
-                              f"read-only? Nothing was written: the previous checkpoints are intact") from None
+        raise CheckpointError(f"could not write checkpoint {path} ({_first_line(err)}); is the disk full or the "
+                              f"directory read-only? Nothing was written: the previous checkpoints are intact") from None
     finally:
         for leftover in (tmp_file, f"{tmp_stem}.tmp"):  # MindSpore writes <stem>.tmp before naming it <stem>.<fmt>
             if os.path.exists(leftover):
@@ -97,8 +104,7 @@ def load_checkpoint_file(path):
         kwargs = {'crc_check': True} if fmt == 'ckpt' else {}
         return ms.load_checkpoint(path, format=fmt, **kwargs)
     except Exception as err:  # MindSpore raises ValueError/RuntimeError with long C++ traces
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({first}); "
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({_first_line(err)}); "
                               f"use an earlier checkpoint or re-create it") from None
 
 

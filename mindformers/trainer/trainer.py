@@ -343,7 +343,7 @@ class Trainer:
         callbacks = [TrainingCompileCache(config, train_cell, dataset, self.rank_id), *callbacks, *self.callbacks]
         eval_every_steps, eval_every_epochs = self._eval_intervals(do_eval)
         logger.info("training: %d epoch(s) x %d step(s) = %d optimizer steps, %d batch(es) of %d per step",
-                    epochs, steps_per_epoch, total_steps, accumulation, dataset.get_batch_size())
+                    epochs, steps_per_epoch, total_steps, accumulation, run_shape['batch_size'])
 
         run_context = RunContext(state)
         _call(callbacks, 'on_train_begin', run_context)
