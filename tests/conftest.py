@@ -31,7 +31,7 @@ os.environ.setdefault('MINDFORMERS_CACHE', os.path.join(__import__('tempfile').m
 def cpu_kernels_set(enabled):
     """`MINDFORMERS_CPU_KERNELS` set to 1 or 0 and the kernels' state reset inside the block; both restored after.
     Cells built inside the block pick the fused kernels or plain ops accordingly."""
-    import mindformers.modules.cpu_kernels as cpu_kernels
+    import mindformers.kernels as cpu_kernels
     saved_env, saved_state = os.environ.get('MINDFORMERS_CPU_KERNELS'), dict(cpu_kernels._STATE)
     os.environ['MINDFORMERS_CPU_KERNELS'] = '1' if enabled else '0'
     cpu_kernels._STATE.clear()

@@ -6,8 +6,8 @@ import pytest
 import mindspore as ms
 from mindspore import nn, Tensor
 
-import mindformers.modules.cpu_kernels as cpu_kernels
-from mindformers.modules.cpu_kernels import FusedCausalAttention
+import mindformers.kernels as cpu_kernels
+from mindformers.kernels import FusedCausalAttention
 from kernel_checks import ProbeAll
 
 

@@ -5,8 +5,8 @@ import pytest
 import mindspore as ms
 from mindspore import nn, ops, Parameter, ParameterTuple, Tensor
 
-import mindformers.modules.cpu_kernels as cpu_kernels
-from mindformers.modules.cpu_kernels import FusedCausalSoftmax, FusedGELU, FusedLayerNorm, kernel_library
+import mindformers.kernels as cpu_kernels
+from mindformers.kernels import FusedCausalSoftmax, FusedGELU, FusedLayerNorm, kernel_library
 from mindformers.modules.layers import LayerNorm, TanhGELU
 from kernel_checks import ProbeAll
 
@@ -163,7 +163,7 @@ def test_decode_attention_writes_the_cache_and_matches_plain_ops(batch, heads, k
 
 @pytest.mark.parametrize('shape', [(7, 5), (2048, 1536), (3, 4, 300)])
 def test_column_sum_matches_numpy_and_bias_gradient(shape):
-    from mindformers.modules.cpu_kernels import FusedColumnSum
+    from mindformers.kernels import FusedColumnSum
     from mindformers.modules.layers import Linear
     dy = np.random.default_rng(5).standard_normal(shape).astype(np.float32)
     total = FusedColumnSum()(Tensor(dy)).asnumpy()
@@ -179,7 +179,7 @@ def test_column_sum_matches_numpy_and_bias_gradient(shape):
 
 def test_sharded_linear_keeps_the_plain_column_sum():
     from mindformers.core.parallel_config import ParallelConfig
-    from mindformers.modules.cpu_kernels import FusedColumnSum
+    from mindformers.kernels import FusedColumnSum
     from mindformers.modules.layers import Linear
     assert isinstance(Linear(8, 8, split='column').bias_add.column_sum, FusedColumnSum)
     sharded = Linear(8, 8, split='column', parallel_config=ParallelConfig(model_parallel=2))
@@ -187,7 +187,7 @@ def test_sharded_linear_keeps_the_plain_column_sum():
 
 
 def test_packed_decode_attention_equals_the_unpacked_kernel():
-    from mindformers.modules.cpu_kernels import FusedDecodeAttention, FusedDecodeAttentionPacked
+    from mindformers.kernels import FusedDecodeAttention, FusedDecodeAttentionPacked
     batch, heads, kv_heads, length, dim, position = 3, 4, 2, 20, 8, 6
     rng = np.random.default_rng(8)
     qkv = rng.standard_normal((batch, (heads + 2 * kv_heads) * dim)).astype(np.float32)
@@ -213,7 +213,7 @@ def test_packed_decode_attention_equals_the_unpacked_kernel():
 
 @pytest.mark.parametrize('rows, in_features, out_features', [(1, 512, 1536), (3, 37, 130), (16, 40, 259), (1, 1, 1)])
 def test_linear_few_rows_matches_numpy_both_ways(rows, in_features, out_features):
-    from mindformers.modules.cpu_kernels import (FusedBiasLinearFewRows, FusedLinearFewRows,
+    from mindformers.kernels import (FusedBiasLinearFewRows, FusedLinearFewRows,
                                                  FusedResidualLinearFewRows)
     rng = np.random.default_rng(9)
     shapes = ((rows, in_features), (out_features, in_features), (out_features,), (rows, out_features))
@@ -258,7 +258,7 @@ def test_linear_and_mlp_take_the_few_rows_kernel_with_the_same_values(rows):
 
 
 def test_split_and_merge_heads_match_numpy_both_ways():
-    from mindformers.modules.cpu_kernels import FusedMergeHeads, FusedSplitHeads
+    from mindformers.kernels import FusedMergeHeads, FusedSplitHeads
     batch, seq, heads, dim = 2, 5, 3, 4
     rng = np.random.default_rng(11)
     x = rng.standard_normal((batch, seq, 3 * heads * dim)).astype(np.float32)
@@ -289,7 +289,7 @@ def test_split_and_merge_heads_match_numpy_both_ways():
 
 
 def test_split_heads_with_bias_matches_numpy_both_ways():
-    from mindformers.modules.cpu_kernels import FusedBiasSplitHeads
+    from mindformers.kernels import FusedBiasSplitHeads
     batch, seq, heads, dim = 2, 5, 3, 4
     rng = np.random.default_rng(13)
     x = rng.standard_normal((batch, seq, 3 * heads * dim)).astype(np.float32)
@@ -324,7 +324,7 @@ def _gelu64(v):
 
 @pytest.mark.parametrize('shape', [(3, 7, 40), (200, 2048), (1, 1)])
 def test_bias_gelu_matches_numpy_both_ways(shape):
-    from mindformers.modules.cpu_kernels import FusedBiasGELU
+    from mindformers.kernels import FusedBiasGELU
     rng = np.random.default_rng(14)
     x = (rng.standard_normal(shape) * 3).astype(np.float32)
     bias = rng.standard_normal(shape[-1]).astype(np.float32)
@@ -364,7 +364,7 @@ def test_mlp_matches_numpy_with_the_bias_inside_the_gelu_kernel(rows):
 
 @pytest.mark.parametrize('rows, vocab', [(37, 1000), (4, 8192), (1, 1)])
 def test_token_log_probs_match_numpy_both_ways(rows, vocab):
-    from mindformers.modules.cpu_kernels import FusedTokenLogProbs
+    from mindformers.kernels import FusedTokenLogProbs
     rng = np.random.default_rng(16)
     logits = (rng.standard_normal((rows, vocab)) * 5).astype(np.float32)
     logits[0] *= 1e3  # far from uniform: the max must be taken out before the exponentials
@@ -392,7 +392,7 @@ def test_token_log_probs_match_numpy_both_ways(rows, vocab):
 
 def test_adamw_and_sum_of_squares_kernels_match_numpy():
     """Tensors of several chunks (the kernels split work by 32768 elements) and of one, three updates."""
-    from mindformers.modules.cpu_kernels import FusedAdamW, FusedSumOfSquares
+    from mindformers.kernels import FusedAdamW, FusedSumOfSquares
     rng = np.random.default_rng(17)
     shapes = [(300, 500), (7,), (70001,)]
     decay = np.array([0.1, 0.0, 0.3], np.float32)

@@ -4,7 +4,7 @@ import numbers
 import mindspore as ms
 from mindspore import nn, ops, Tensor
 
-from mindformers.modules.cpu_kernels import FusedSumOfSquares, use_fused
+from mindformers.kernels import FusedSumOfSquares, use_fused
 
 __all__ = ['ClipGradNorm']
 

@@ -5,7 +5,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import nn, ops, Tensor
 
-from mindformers.modules.cpu_kernels import (FusedBiasSplitHeads, FusedCausalAttention, FusedCausalSoftmax,
+from mindformers.kernels import (FusedBiasSplitHeads, FusedCausalAttention, FusedCausalSoftmax,
                                              FusedMergeHeads, FusedSplitHeads, use_fused)
 from mindformers.modules.layers import Linear, Dropout, to_mstype, _dp_mp, _check_divisible
 

@@ -11,7 +11,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import nn, ops, Parameter, Tensor
 
-from mindformers.modules.cpu_kernels import FusedDecodeAttention, use_fused
+from mindformers.kernels import FusedDecodeAttention, use_fused
 from mindformers.modules.layers import to_mstype
 
 NEG_INF = -1e9

@@ -16,7 +16,7 @@ from mindspore import nn, ops, Parameter
 from mindspore.common.initializer import initializer, Normal
 
 from mindformers.core.parallel_config import default_parallel_config, layer_stages
-from mindformers.modules.cpu_kernels import (FEW_ROWS, FusedBiasGELU, FusedBiasLinearFewRows, FusedBiasResidualAdd,
+from mindformers.kernels import (FEW_ROWS, FusedBiasGELU, FusedBiasLinearFewRows, FusedBiasResidualAdd,
                                              FusedColumnSum, FusedGELU, FusedLayerNorm, FusedLinearFewRows,
                                              FusedResidualLinearFewRows, kernel_library, use_fused)
 
@@ -102,7 +102,7 @@ class Linear(nn.Cell):
     splits the input features (weight columns) and is meant to follow a column-split layer; None replicates.
     `init_std`: standard deviation of the normal weight init (bias starts at zero).
     On CPU in fp32 without sharding, at most `FEW_ROWS` rows (decode steps) go through the few-rows kernel
-    (`cpu_kernels._FewRows`), which reads the weight about twice as fast as MatMul does on one row."""
+    (`kernels._FewRows`), which reads the weight about twice as fast as MatMul does on one row."""
 
     parameter_inputs = {'weight': ('matmul', 1), 'bias': ('bias_add.bias_add', 1)}
 

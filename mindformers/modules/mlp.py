@@ -2,7 +2,7 @@
 import mindspore as ms
 from mindspore import nn, ops
 
-from mindformers.modules.cpu_kernels import FEW_ROWS
+from mindformers.kernels import FEW_ROWS
 from mindformers.modules.layers import Linear, Dropout, get_activation, _dp_mp
 
 

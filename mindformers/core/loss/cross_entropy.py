@@ -2,7 +2,7 @@
 import mindspore as ms
 from mindspore import nn, ops
 
-from mindformers.modules.cpu_kernels import FusedTokenLogProbs, use_fused
+from mindformers.kernels import FusedTokenLogProbs, use_fused
 from mindformers.tools.register import MindFormerRegister, MindFormerModuleType
 
 __all__ = ['CrossEntropyLoss']
@@ -17,7 +17,7 @@ class CrossEntropyLoss(nn.Cell):
     input_mask: [N] float, 1 for tokens that count. Without a mask, negative labels (e.g. -100) are left out; with
     one, labels at masked-out positions may be anything (they are clamped into range before the lookup).
     `parallel_config` (optional): rows are split `data_parallel` ways; the vocabulary is not split. Unsplit on CPU,
-    one fused kernel computes the chosen log-probabilities (see `cpu_kernels.use_fused`)."""
+    one fused kernel computes the chosen log-probabilities (see `kernels.use_fused`)."""
 
     def __init__(self, parallel_config=None):
         super().__init__()

@@ -7,7 +7,7 @@ import mindspore as ms
 from mindspore import nn, ops, Parameter, ParameterTuple, Tensor
 from mindspore.common.initializer import initializer
 
-from mindformers.modules.cpu_kernels import FusedAdamW, use_fused
+from mindformers.kernels import FusedAdamW, use_fused
 from mindformers.tools.register import MindFormerRegister, MindFormerModuleType
 
 __all__ = ['AdamWeightDecay', 'param_groups']
@@ -115,7 +115,7 @@ class AdamWeightDecay(nn.Optimizer):
     1.3e-5 relative for beta2=0.999; the update compensates it), and the update count `global_step` (int32 [1]);
     with a float learning rate also `learning_rate`.
 
-    When every parameter is fp32, on CPU (see `cpu_kernels.use_fused`) and without optimizer sharding, one fused
+    When every parameter is fp32, on CPU (see `kernels.use_fused`) and without optimizer sharding, one fused
     kernel updates them all in a single pass, in place and unseen by MindSpore's side-effect tracking: a graph that
     reads the parameters after the update must order the read with `ops.depend` on the returned value (see
     docs/feature_cards/cpu_kernels.md). Otherwise fp32 parameters are updated by MindSpore's fused Adam kernel

@@ -8,7 +8,7 @@ from mindformers.models.base_model import CausalLMModel
 from mindformers.models.gpt2.gpt2_config import GPT2Config
 from mindformers.modules import CausalMask, CausalSelfAttention, Dropout, Embedding, LayerNorm, MLP
 from mindformers.modules.attention import fused_causal_attention
-from mindformers.modules.cpu_kernels import FusedDecodeAttentionPacked, use_fused
+from mindformers.kernels import FusedDecodeAttentionPacked, use_fused
 from mindformers.modules.kv_cache import IncrementalCore
 from mindformers.modules.layers import TiedLMHead, _dp_mp, place_last, place_layers, to_mstype
 from mindformers.tools.register import MindFormerRegister, MindFormerModuleType
