@@ -18,7 +18,7 @@ from mindformers.models.glm2 import *  # noqa: F401,F403  (ChatGLM2Config, ChatG
 from mindformers.models.pangualpha import *  # noqa: F401,F403  (PanguAlphaConfig, PanguAlphaHeadModel, ...)
 from mindformers.models.glm import *  # noqa: F401,F403  (GLMConfig, GLMForPreTraining, GLMChatModel, ...)
 from mindformers.models.auto import AutoConfig, AutoModel, AutoProcessor, AutoTokenizer
-from mindformers.generation import (GeneratorMixin, GenerationConfig, BaseStreamer, TextStreamer,
+from mindformers.generation import (GeneratorMixin, GenerationConfig, DecodingSession, BaseStreamer, TextStreamer,
                                     TextIteratorStreamer)
 from mindformers.wrapper import MFTrainOneStepCell
 from mindformers.trainer import Trainer, TrainingArguments

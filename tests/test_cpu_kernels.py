@@ -123,42 +123,49 @@ def test_build_failure_and_opt_out_fall_back(monkeypatch, tmp_path, capsys):
 
 @pytest.mark.parametrize('batch, heads, kv_heads', [(3, 4, 4), (2, 4, 2), (1, 64, 64)])
 def test_decode_attention_writes_the_cache_and_matches_plain_ops(batch, heads, kv_heads):
-    from mindformers.modules.kv_cache import KVCache
-    length, dim, position = 24, 16, 9
+    """A decode step's attention over a session's cache, each row at its own position (slots of different
+    lengths): the fused kernel and plain MindSpore ops store the same keys/values and match NumPy."""
+    from mindformers.generation.session import KVCache
+    from mindformers.modules.attention import DotProductAttention
+    length, dim = 24, 16
+    positions = np.array([9, 4, 15])[:batch]
     rng = np.random.default_rng(4)
     query = rng.standard_normal((batch, heads, 1, dim)).astype(np.float32)
     key, value = (rng.standard_normal((batch, kv_heads, 1, dim)).astype(np.float32) for _ in range(2))
     history = rng.standard_normal((2, batch, kv_heads, length, dim)).astype(np.float32)
-    history[:, :, :, position:] = 0  # nothing written at or after the position yet
     valid = np.zeros((batch, length), bool)
-    valid[:, :position + 1] = True
+    for row, position in enumerate(positions):
+        history[:, row, :, position:] = 0  # nothing written at or after the row's position yet
+        valid[row, :position + 1] = True
     valid[0, :3] = False  # left padding in row 0
     mask = np.where(valid, 0.0, -1e9).astype(np.float32)[:, None, None, :]
     indices = np.zeros((batch, kv_heads, 1, 3), np.int32)
     indices[..., 0] = np.arange(batch)[:, None, None]
     indices[..., 1] = np.arange(kv_heads)[None, :, None]
-    indices[..., 2] = position
+    indices[..., 2] = positions[:, None, None]
     results = []
     for fused in (True, False):
         cache = KVCache(1, batch, kv_heads, length, dim)
-        assert cache.fused_attention is not None
+        layer = cache.decode.layers[0]
+        assert layer.fused_attention is not None
         if not fused:
-            cache.fused_attention = None
+            layer.fused_attention = None
         cache.keys[0].data.set_data(Tensor(history[0]))
         cache.values[0].data.set_data(Tensor(history[1]))
-        out = cache.attend_step(0, *map(Tensor, (query, key, value, mask, indices))).asnumpy()
+        out = layer.attend(*map(Tensor, (query, key, value, mask, indices)), DotProductAttention()).asnumpy()
         results.append((out, cache.keys[0].data.asnumpy(), cache.values[0].data.asnumpy()))
     (out, keys, values), (plain_out, plain_keys, plain_values) = results
     np.testing.assert_allclose(out, plain_out, rtol=1e-5, atol=1e-5)
     assert np.array_equal(keys, plain_keys) and np.array_equal(values, plain_values)
-    np.testing.assert_array_equal(keys[:, :, position], key[:, :, 0])
     group = heads // kv_heads
-    keys_q = np.repeat(keys, group, axis=1)[..., :position + 1, :]
-    values_q = np.repeat(values, group, axis=1)[..., :position + 1, :]
-    scores = query @ keys_q.transpose(0, 1, 3, 2) + mask[..., :position + 1]
-    probs = np.exp(scores - scores.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
-    np.testing.assert_allclose(out, probs @ values_q, rtol=1e-5, atol=1e-5)
+    for row, position in enumerate(positions):
+        np.testing.assert_array_equal(keys[row, :, position], key[row, :, 0])
+        keys_q = np.repeat(keys[row], group, axis=0)[:, :position + 1]
+        values_q = np.repeat(values[row], group, axis=0)[:, :position + 1]
+        scores = query[row] @ keys_q.transpose(0, 2, 1) + mask[row, :, :, :position + 1]
+        probs = np.exp(scores - scores.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        np.testing.assert_allclose(out[row], probs @ values_q, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize('shape', [(7, 5), (2048, 1536), (3, 4, 300)])
@@ -236,7 +243,7 @@ def test_linear_few_rows_matches_numpy_both_ways(rows, in_features, out_features
 @pytest.mark.parametrize('rows', [2, 17])
 def test_linear_and_mlp_take_the_few_rows_kernel_with_the_same_values(rows):
     """Up to FEW_ROWS rows go through the few-rows kernel, more through MatMul; both give the plain NumPy values,
-    `add_to` equals residual + layer, and gradients flow either way."""
+    a `residual` argument adds it, and gradients flow either way."""
     from mindformers.modules.layers import Linear
     from mindformers.modules.mlp import MLP
     rng = np.random.default_rng(10)
@@ -248,9 +255,9 @@ def test_linear_and_mlp_take_the_few_rows_kernel_with_the_same_values(rows):
     weight, bias = linear.weight.asnumpy(), linear.bias.asnumpy()
     expected = x @ weight.T + bias
     np.testing.assert_allclose(linear(Tensor(x)).asnumpy(), expected, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(linear.add_to(Tensor(residual), Tensor(x)).asnumpy(), expected + residual,
+    np.testing.assert_allclose(linear(Tensor(x), residual=Tensor(residual)).asnumpy(), expected + residual,
                                rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(mlp.add_to(Tensor(residual), Tensor(x)).asnumpy(),
+    np.testing.assert_allclose(mlp(Tensor(x), residual=Tensor(residual)).asnumpy(),
                                mlp(Tensor(x)).asnumpy() + residual, rtol=1e-5, atol=1e-5)
     ones = np.ones((rows, 24), np.float32)
     weight_grad = ms.grad(ProbeAll(linear, ones), None, linear.weight)(Tensor(x)).asnumpy()
@@ -345,7 +352,7 @@ def test_mlp_matches_numpy_with_the_bias_inside_the_gelu_kernel(rows):
     from mindformers.modules.mlp import MLP
     rng = np.random.default_rng(15)
     mlp = MLP(24, 48)
-    assert mlp.bias_in_act
+    assert mlp.act_bias is not None and mlp.fc_in.bias_fusable
     for param in mlp.trainable_params():
         param.set_data(Tensor(rng.standard_normal(param.shape).astype(np.float32) * 0.5))
     w_in, b_in, w_out, b_out = (p.asnumpy().astype(np.float64) for p in
@@ -432,8 +439,8 @@ def test_adamw_and_sum_of_squares_kernels_match_numpy():
 
 
 @pytest.mark.parametrize('rows', [3, 40])
-def test_add_to_matches_numpy_both_ways(rows):
-    """Linear.add_to: few rows in the few-rows kernel, more after MatMul in the bias-and-residual kernel; both give
+def test_residual_matches_numpy_both_ways(rows):
+    """Linear with a residual: few rows in the few-rows kernel, more after MatMul in the bias-and-residual kernel; both give
     residual + x weight^T + bias and the same gradients."""
     from mindformers.modules.layers import Linear
     rng = np.random.default_rng(18)
@@ -442,7 +449,7 @@ def test_add_to_matches_numpy_both_ways(rows):
     weight, bias = linear.weight.asnumpy().astype(np.float64), linear.bias.asnumpy()
     x, residual = rng.standard_normal((rows, 24)).astype(np.float32), rng.standard_normal((rows, 20)).astype(np.float32)
     probe = rng.standard_normal((rows, 20))
-    np.testing.assert_allclose(linear.add_to(Tensor(residual), Tensor(x)).asnumpy(), residual + x @ weight.T + bias,
+    np.testing.assert_allclose(linear(Tensor(x), residual=Tensor(residual)).asnumpy(), residual + x @ weight.T + bias,
                                rtol=1e-5, atol=1e-5)
 
     class Loss(nn.Cell):
@@ -451,7 +458,7 @@ def test_add_to_matches_numpy_both_ways(rows):
             self.linear, self.probe = linear, Tensor(probe.astype(np.float32))
 
         def construct(self, residual, x):
-            return (self.linear.add_to(residual, x) * self.probe).sum()
+            return (self.linear(x, residual=residual) * self.probe).sum()
 
     (d_residual, dx), (dweight, dbias) = ms.grad(Loss(), (0, 1), linear.trainable_params())(Tensor(residual),
                                                                                             Tensor(x))
@@ -459,16 +466,16 @@ def test_add_to_matches_numpy_both_ways(rows):
         np.testing.assert_allclose(got.asnumpy(), want, rtol=1e-5, atol=1e-5)
 
 
-def test_mlp_add_to_keeps_dropout_in_training():
+def test_mlp_residual_keeps_dropout_in_training():
     from mindformers.modules.mlp import MLP
     rng = np.random.default_rng(19)
     x, residual = (rng.standard_normal((2, 30, 16)).astype(np.float32) for _ in range(2))
     plain, dropped = MLP(16, 32), MLP(16, 32, dropout=0.5)
     for layer in (plain, dropped):
         layer.set_train(True)
-    dropped_out = dropped.add_to(Tensor(residual), Tensor(x)).asnumpy()
+    dropped_out = dropped(Tensor(x), residual=Tensor(residual)).asnumpy()
     assert 0.3 < np.mean(dropped_out == residual) < 0.7  # half the layer's outputs dropped, the residual kept
-    np.testing.assert_allclose(plain.add_to(Tensor(residual), Tensor(x)).asnumpy(),
+    np.testing.assert_allclose(plain(Tensor(x), residual=Tensor(residual)).asnumpy(),
                                residual + plain(Tensor(x)).asnumpy(), rtol=1e-5, atol=1e-6)
 
 
@@ -480,7 +487,7 @@ def test_causal_self_attention_with_and_without_the_heads_kernels():
     recomputed = CausalSelfAttention(32, 4)
     recomputed.recompute()  # keeps the merge kernel, splits with plain ops (see CausalSelfAttention._recompute)
     assert recomputed.fused_heads and not recomputed.fused_split
-    assert fused.bias_in_split  # the qkv bias is added by the split kernel
+    assert fused.qkv_proj.bias_fusable  # the qkv bias is added by the split kernel
     plain.fused_heads = plain.fused_split = False
     for ours, theirs in zip(fused.get_parameters(), plain.get_parameters()):
         theirs.set_data(Tensor(rng.standard_normal(ours.shape).astype(np.float32) * 0.3))

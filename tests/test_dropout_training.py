@@ -1,8 +1,8 @@
 """Two training steps of every family at its published dropout values (GPT-2 and PanGu-alpha 0.1 embedding,
 attention and residual dropout; GLM's release 0.0 and, since its config takes them, 0.1; LLaMA, GLM2 and
 PengCheng.Mind have none), with the fused CPU kernels on and off: the graph compiles, the loss is finite and the
-weights move. A dropout layer in training once broke the compile of the fused residual path (`add_to` called the
-cell itself, which graph mode cannot), as did fp16 parameters computed in fp32 (`Linear.add_to`'s fallback)."""
+weights move. A dropout layer in training once broke the compile of the fused residual path (it called the
+cell itself, which graph mode cannot), as did fp16 parameters computed in fp32 (the residual fallback)."""
 import numpy as np
 import pytest
 import mindspore as ms

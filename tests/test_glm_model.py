@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import mindspore as ms
 
+from mindformers.generation.session import DecodingSession
 from mindformers.models.auto import AutoConfig, AutoModel
 from mindformers.models.glm import GLMChatModel, GLMConfig, GLMForPreTraining
 
@@ -285,8 +286,8 @@ def test_kv_cache_logits_follow_the_full_forward(model):
     mask = np.ones_like(ids)
     mask[1, :2] = 0  # a left-padded row whose <sop> sits further left
     ids[1, :2] = PAD
-    session = model.incremental_session(2)
-    steps = [session.prefill(ids[:, :10], mask[:, :10])]
+    session = DecodingSession(model, 2)
+    steps = [session.prefill([0, 1], ids[:, :10], mask[:, :10])]
     for column in range(10, 14):
         steps.append(session.decode(ids[:, column]))
     full = our_logits(model, ids, mask)

@@ -1,4 +1,5 @@
-"""KV-cache decoding: equal to full recomputation and to HuggingFace on left-padded batches, compiled once."""
+"""Decoding sessions (KV cache with slots): equal to full recomputation and to HuggingFace on left-padded batches,
+compiled once; requests started in free slots at different steps decode exactly as they do alone."""
 import numpy as np
 import pytest
 import mindspore as ms
@@ -7,7 +8,7 @@ from transformers import GPT2Config as HFConfig, GPT2LMHeadModel as HFModel
 
 from mindformers import GPT2LMHeadModel
 from mindformers.models.gpt2.convert_gpt2 import config_from_hf, convert_hf_to_ms
-from mindformers.modules.kv_cache import CacheState, prefill_bucket
+from mindformers.generation.session import DecodingSession, SlotTable, prefill_bucket
 
 VOCAB, SEQ = 96, 128
 
@@ -49,8 +50,8 @@ def test_padded_forward_matches_huggingface(models):
 def test_cached_greedy_equals_full_recompute_and_huggingface(models):
     hf, ours = models
     ids, mask = left_padded([5, 12, 9, 1], seed=1)
-    session = ours.incremental_session(4)
-    logits = session.prefill(ids, mask)
+    session = DecodingSession(ours, 4)
+    logits = session.prefill(range(4), ids, mask)
     tokens, sequence, full_mask = [], ids, mask
     for step in range(40):
         if step in (0, 1, 17, 39):  # each new length compiles the full model once: check a few
@@ -69,41 +70,108 @@ def test_cached_greedy_equals_full_recompute_and_huggingface(models):
 
 def test_decode_compiles_once_over_100_tokens(models):
     _, ours = models
-    session = ours.incremental_session(2)
+    session = DecodingSession(ours, 2)
     ids, mask = left_padded([4, 6], seed=2)
-    token = session.prefill(ids, mask).argmax(-1)
+    token = session.prefill([0, 1], ids, mask).argmax(-1)
     token = session.decode(token).argmax(-1)
     compiled = len(session._decode.compile_cache)
     for _ in range(99):
         token = session.decode(token).argmax(-1)
     assert compiled == 1 and len(session._decode.compile_cache) == 1
     assert len(session._prefill.compile_cache) == 1  # one bucket used
-    session.prefill(*left_padded([3, 5], seed=3))  # same bucket (16): no new prefill graph
+    session.prefill([0, 1], *left_padded([3, 5], seed=3))  # same bucket (16): no new prefill graph
     assert len(session._prefill.compile_cache) == 1
 
 
 def test_beam_reorder_moves_cache_rows(models):
     _, ours = models
     ids, mask = left_padded([6, 6], seed=4)
-    session = ours.incremental_session(2)
-    session.prefill(ids, mask)
+    session = DecodingSession(ours, 2)
+    session.prefill([0, 1], ids, mask)
     session.reorder([1, 1])  # both rows now continue the second prompt
     logits = session.decode(np.array([7, 7]))
-    single = ours.incremental_session(2)
-    single.prefill(ids[[1, 1]], mask[[1, 1]])
+    single = DecodingSession(ours, 2)
+    single.prefill([0, 1], ids[[1, 1]], mask[[1, 1]])
     np.testing.assert_allclose(logits, single.decode(np.array([7, 7])), atol=1e-6)
 
 
-def test_cache_state_bookkeeping():
-    state = CacheState(batch=2, kv_heads=3, max_length=8)
-    positions, mask, extra = state.start(np.array([[0, 1, 1], [1, 1, 1]]), bucket=4)
+def test_slot_table_bookkeeping():
+    table = SlotTable(slots=3, kv_heads=2, max_length=8)
+    positions, mask, extra = table.start(np.array([0, 2]), np.array([[0, 1, 1], [1, 1, 1]]), bucket=4)
     assert extra == 1 and positions.tolist() == [[0, 0, 0, 1], [0, 0, 1, 2]]
     assert mask.shape == (2, 1, 4, 4) and mask[0, 0, 3].tolist() == [-1e9, -1e9, 0, 0]
-    positions, mask, indices = state.step()
-    assert positions.tolist() == [[2], [3]] and indices.shape == (2, 3, 1, 3) and (indices[..., 2] == 4).all()
+    assert table.free_slots() == [1]
+    positions, mask, indices = table.step()
+    assert positions.tolist() == [[2], [0], [3]] and indices.shape == (3, 2, 1, 3)
+    assert indices[..., 2].reshape(3, 2).tolist() == [[4, 4], [0, 0], [4, 4]]  # the free slot writes its own row
     assert mask[0, 0, 0].tolist() == [-1e9, -1e9, 0, 0, 0, -1e9, -1e9, -1e9]
+    table.start(np.array([1]), np.array([[1, 1]]), bucket=2)  # a new request joins while the others decode
+    positions, mask, indices = table.step()
+    assert positions.tolist() == [[3], [2], [4]] and indices[:, 0, 0, 2].tolist() == [5, 2, 5]
+    assert mask[1, 0, 0].tolist() == [0, 0, 0, -1e9, -1e9, -1e9, -1e9, -1e9]
+    table.free([0])
+    assert table.free_slots() == [0] and table.step()[2][0, 0, 0, 2] == 0
     assert prefill_bucket(5, 128) == 16 and prefill_bucket(100, 64) == 64 and prefill_bucket(17, 2048) == 32
-    for _ in range(3):
-        state.step()
-    with pytest.raises(ValueError, match='cache of 8 positions is full'):
-        state.step()
+    table.step()  # slot 2 writes its last position (7)
+    with pytest.raises(ValueError, match='slot 2 is full'):
+        table.step()
+
+
+def _alone(model, prompt, steps):
+    """Greedy tokens of `prompt` decoded by itself (a session of one slot)."""
+    session = DecodingSession(model, 1)
+    tokens = [int(session.prefill([0], [prompt]).argmax(-1)[0])]
+    while len(tokens) < steps:
+        tokens.append(int(session.decode([tokens[-1]]).argmax(-1)[0]))
+    return tokens
+
+
+def test_requests_joining_a_running_session_decode_as_they_do_alone(models):
+    """Three prompts started at different steps in one 3-slot session (the second into a slot freed by a finished
+    request) give exactly the tokens each gives alone, with no new compilation after the first of each shape."""
+    _, ours = models
+    rng = np.random.default_rng(7)
+    prompts = [rng.integers(1, VOCAB, n).tolist() for n in (5, 12, 3, 9)]
+    steps = {0: 30, 1: 20, 2: 25, 3: 8}
+    expected = {r: _alone(ours, prompts[r], steps[r]) for r in steps}
+    session = DecodingSession(ours, 3)
+    start = {0: 0, 3: 0, 1: 10, 2: 17}  # request -> the step at which it arrives
+    slot_of, got, running = {}, {r: [] for r in steps}, []
+    for step in range(60):
+        for request in [r for r, at in start.items() if at == step]:
+            slot = session.free_slots()[0]
+            slot_of[request] = slot
+            got[request].append(int(session.prefill([slot], [prompts[request]]).argmax(-1)[0]))
+            running.append(request)
+        if not running:
+            break
+        tokens = np.zeros(3, np.int32)
+        for request in running:
+            tokens[slot_of[request]] = got[request][-1]
+        logits = session.decode(tokens)
+        for request in list(running):
+            if len(got[request]) == steps[request]:
+                session.free([slot_of[request]])  # finished: its slot is free for the next request
+                running.remove(request)
+            else:
+                got[request].append(int(logits[slot_of[request]].argmax()))
+    assert got == expected
+    assert slot_of[1] == slot_of[3]  # request 1 reused the slot request 3 left
+    assert len(session._decode.compile_cache) == 1  # pylint: disable=protected-access
+    assert len(session._prefill.compile_cache) == 1  # one graph for a single-slot prefill of bucket 16
+
+
+def test_sessions_of_one_model_are_independent(models):
+    """Two sessions over one model keep separate caches: interleaving their steps changes neither."""
+    _, ours = models
+    ids, mask = left_padded([6, 4], seed=8)
+    first, second = DecodingSession(ours, 2), DecodingSession(ours, 1)
+    a = [first.prefill([0, 1], ids, mask)]
+    b = [second.prefill([0], ids[:1])]
+    for token in (3, 9, 27):
+        a.append(first.decode([token, token]))
+        b.append(second.decode([token]))
+    fresh = DecodingSession(ours, 2)
+    expected = [fresh.prefill([0, 1], ids, mask)] + [fresh.decode([t, t]) for t in (3, 9, 27)]
+    np.testing.assert_array_equal(np.stack(a), np.stack(expected))
+    np.testing.assert_allclose(np.stack(b)[:, 0], np.stack(a)[:, 0], atol=1e-5)

@@ -6,6 +6,7 @@ import torch
 import mindspore as ms
 import transformers
 
+from mindformers.generation.session import session_for
 from mindformers.models.auto import AutoConfig
 from mindformers.models.glm2 import ChatGLM2Config, ChatGLM2ForConditionalGeneration
 from mindformers.models.llama import LlamaConfig, LlamaForCausalLM
@@ -132,7 +133,7 @@ def test_greedy_with_and_without_cache_matches_huggingface_on_a_left_padded_batc
     for row, prompt in enumerate(prompts):
         assert list(outputs[row][:len(prompt)]) == prompt
         assert list(outputs[row][len(prompt):]) == expected[row].tolist()
-    session = ours.incremental_session(2)
+    session = session_for(ours, 2)
     assert len(session._decode.compile_cache) == 1  # pylint: disable=protected-access
     recomputed = ours.generate(prompts, max_new_tokens=32, use_past=False, do_sample=False, eos_token_id=[],
                                pad_token_id=0)

@@ -12,6 +12,7 @@ import torch
 import transformers
 import mindspore as ms
 
+from mindformers.generation.session import _SESSIONS, DecodingSession
 from mindformers.models.convert_utils import load_hf_weights, load_ms_weights, save_hf_weights, save_ms_weights
 from mindformers.models.pangualpha import PanguAlphaConfig, PanguAlphaHeadModel, PanguAlphaTokenizer
 from mindformers.models.pangualpha.convert_pangualpha import (ConversionError, convert_hf_to_ms, convert_ms_to_pt,
@@ -167,9 +168,9 @@ def _greedy_reference(reference, prompt, steps):
 def test_greedy_kv_cache_matches_recomputation_and_reference(reference, model):
     prompt, steps = [13, 27, 42, 18, 11, 60], 16
     expected = _greedy_reference(reference, prompt, steps)
-    model.__dict__.pop('_incremental_sessions', None)
+    _SESSIONS.pop(model, None)
     cached = model.generate([prompt], max_new_tokens=steps, use_past=True, do_sample=False, eos_token_id=-1)[0]
-    assert model.__dict__.get('_incremental_sessions')  # the KV cache was used
+    assert _SESSIONS.get(model)  # the KV cache was used
     full = model.generate([prompt], max_new_tokens=steps, use_past=False, do_sample=False, eos_token_id=-1)[0]
     assert list(cached) == list(full) == expected
 
@@ -178,8 +179,8 @@ def test_kv_cache_logits_match_full_forward(model):
     ids = random_ids(2, 9, seed=5)
     mask = np.ones_like(ids)
     mask[1, :3] = 0
-    session = model.incremental_session(2)
-    logits = [session.prefill(ids[:, :6], mask[:, :6])]
+    session = DecodingSession(model, 2)
+    logits = [session.prefill([0, 1], ids[:, :6], mask[:, :6])]
     for column in range(6, 9):
         logits.append(session.decode(ids[:, column]))
     full = model(ms.Tensor(ids), ms.Tensor(mask)).asnumpy()
@@ -311,7 +312,7 @@ def test_half_precision_padded_batch_and_cache_stay_finite(model):
     logits = half(ms.Tensor(ids), ms.Tensor(mask)).asnumpy()
     tolerance = 2e-2 * np.abs(expected).max()
     assert np.abs(logits - expected)[mask.astype(bool)].max() < tolerance
-    session = half.incremental_session(2)
-    steps = [session.prefill(ids[:, :6], mask[:, :6])] + [session.decode(ids[:, c]) for c in range(6, 9)]
+    session = DecodingSession(half, 2)
+    steps = [session.prefill([0, 1], ids[:, :6], mask[:, :6])] + [session.decode(ids[:, c]) for c in range(6, 9)]
     for step, got in enumerate(steps):
         assert np.abs(got - expected[:, 5 + step]).max() < tolerance, step

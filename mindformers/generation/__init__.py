@@ -1,6 +1,8 @@
-"""Text generation: GenerationConfig, generate() (GeneratorMixin) and streamers."""
+"""Text generation: GenerationConfig, generate(), decoding sessions (KV cache with slots) and streamers."""
 from .generation_config import GenerationConfig
+from .session import DecodingSession, prefill_bucket
 from .streamers import BaseStreamer, TextIteratorStreamer, TextStreamer
-from .text_generator import GeneratorMixin
+from .text_generator import GeneratorMixin, generate
 
-__all__ = ['GenerationConfig', 'GeneratorMixin', 'BaseStreamer', 'TextStreamer', 'TextIteratorStreamer']
+__all__ = ['GenerationConfig', 'GeneratorMixin', 'generate', 'DecodingSession', 'prefill_bucket', 'BaseStreamer',
+           'TextStreamer', 'TextIteratorStreamer']

@@ -1,8 +1,9 @@
-"""GeneratorMixin.generate(): greedy, sampling and beam search over any causal LM of the suite.
+"""generate(): greedy, sampling and beam search over any causal LM of the suite (`model.generate` calls it).
 
-The model side is two calls (see `models/base_model.CausalLMModel`): eval-mode `model(input_ids, attention_mask)`
--> logits [B, S, V] with HF padding semantics, and, for `use_past`, `model.incremental_session(rows)` (a KV-cache
-session with prefill / decode / reorder). Everything here is host-side NumPy on [rows, vocab] arrays."""
+The model side is its one forward (see `models/base_model.CausalLMModel`): eval-mode `model(input_ids,
+attention_mask)` -> logits [B, S, V] with HF padding semantics, and, for `use_past`, the same forward over a
+`DecodingSession` (a KV cache with one slot per row: prefill / decode / reorder). Everything here is host-side NumPy
+on [rows, vocab] arrays."""
 import numpy as np
 import mindspore as ms
 
@@ -10,14 +11,14 @@ from mindformers.generation.beam_search import beam_search
 from mindformers.generation.generation_config import GenerationConfig
 from mindformers.generation.logits_process import process, sample, warp
 from mindformers.models.base_tokenizer import check_unicode
-from mindformers.modules.kv_cache import prefill_bucket
+from mindformers.generation.session import prefill_bucket, session_for
 
 
 class _CachedStepper:
     """Decoding with the model's KV cache: one prefill, then one compiled single-token step per token."""
 
     def __init__(self, model, prompt, mask, max_new_tokens):
-        self.session = model.incremental_session(prompt.shape[0])
+        self.session = session_for(model, prompt.shape[0])
         self.prompt, self.mask = prompt, mask
         capacity = int(model.config.seq_length)
         # the prompt is padded to a compiled bucket; use a tighter one when the bucket leaves too little room
@@ -25,7 +26,7 @@ class _CachedStepper:
         self.bucket = bucket if bucket + max_new_tokens <= capacity else capacity - max_new_tokens
 
     def start(self):
-        return self.session.prefill(self.prompt, self.mask, bucket=self.bucket)
+        return self.session.prefill(np.arange(self.prompt.shape[0]), self.prompt, self.mask, bucket=self.bucket)
 
     def step(self, tokens, rows=None):
         if rows is not None and not np.array_equal(rows, np.arange(len(rows))):
@@ -106,73 +107,77 @@ def encode_prompt(tokenizer, text, vocab_size, index=None):
     return ids
 
 
+def generate(model, input_ids, generation_config=None, streamer=None, seed=None, **kwargs):
+    """Continue each prompt with `model` (a causal LM of the suite).
+
+    input_ids: a list of token-id lists (ragged: they are left-padded), one list, or a 2-D array / Tensor.
+    generation_config: a GenerationConfig (default: from the model config); `kwargs` override its fields.
+    streamer: gets `put(prompt ids [1, P])`, then `put(token [1])` per new token, then `end()` (batch 1, no beams).
+    seed: makes sampling reproducible, independent of any global random state.
+    Returns a list (one per prompt) of int lists: the prompt followed by its new tokens, up to and including the
+    first EOS."""
+    config = copy_config(generation_config or GenerationConfig.from_model_config(model.config)).update(**kwargs)
+    config.validate()
+    if config.pad_token_id is None:
+        config.pad_token_id = config.eos_token_ids[0] if config.eos_token_ids else 0
+    prompts = _as_prompts(input_ids)
+    for index, ids in enumerate(prompts):
+        check_prompt_ids(ids, int(model.config.vocab_size), f"generate(): prompt {index} of input_ids")
+    width = max(len(p) for p in prompts)
+    max_new_tokens = new_token_budget(config, width, int(model.config.seq_length))
+    if streamer is not None and (len(prompts) > 1 or config.num_beams > 1):
+        raise ValueError("a streamer needs a single prompt and num_beams=1 "
+                         f"(got {len(prompts)} prompts, num_beams={config.num_beams})")
+
+    prompt = np.full((len(prompts), width), config.pad_token_id, np.int64)
+    mask = np.zeros((len(prompts), width), np.int32)
+    for row, tokens in enumerate(prompts):
+        prompt[row, width - len(tokens):] = tokens
+        mask[row, width - len(tokens):] = 1
+    stepper_cls = _CachedStepper if config.use_past else _RecomputeStepper
+    was_training = model.training
+    model.set_train(False)
+    try:
+        if config.num_beams > 1:
+            stepper = _BeamStepper(stepper_cls, model, prompt, mask, max_new_tokens, config.num_beams)
+            rows = beam_search(stepper, prompt, config, max_new_tokens)
+            return [list(map(int, row[width - len(p):])) for row, p in zip(rows, prompts)]
+        stepper = stepper_cls(model, prompt, mask, max_new_tokens)
+        new = _decode(stepper, prompt, config, max_new_tokens, np.random.default_rng(seed), streamer)
+    finally:
+        model.set_train(was_training)
+        if streamer is not None:
+            streamer.end()
+    return [p + row for p, row in zip(prompts, new)]
+
+
 class GeneratorMixin:
-    """Adds `generate()` to a causal LM (see the module docstring for what the model must provide)."""
+    """Adds `generate()` (the function above) to a causal LM of one's own."""
 
     def generate(self, input_ids, generation_config=None, streamer=None, seed=None, **kwargs):
-        """Continue each prompt.
+        return generate(self, input_ids, generation_config, streamer, seed, **kwargs)
 
-        input_ids: a list of token-id lists (ragged: they are left-padded), one list, or a 2-D array / Tensor.
-        generation_config: a GenerationConfig (default: from the model config); `kwargs` override its fields.
-        streamer: gets `put(prompt ids [1, P])`, then `put(token [1])` per new token, then `end()` (batch 1, no beams).
-        seed: makes sampling reproducible, independent of any global random state.
-        Returns a list (one per prompt) of int lists: the prompt followed by its new tokens, up to and including
-        the first EOS."""
-        config = copy_config(generation_config or GenerationConfig.from_model_config(self.config)).update(**kwargs)
-        config.validate()
-        if config.pad_token_id is None:
-            config.pad_token_id = config.eos_token_ids[0] if config.eos_token_ids else 0
-        prompts = _as_prompts(input_ids)
-        for index, ids in enumerate(prompts):
-            check_prompt_ids(ids, int(self.config.vocab_size), f"generate(): prompt {index} of input_ids")
-        width = max(len(p) for p in prompts)
-        max_new_tokens = self._new_token_budget(config, width)
-        if streamer is not None and (len(prompts) > 1 or config.num_beams > 1):
-            raise ValueError("a streamer needs a single prompt and num_beams=1 "
-                             f"(got {len(prompts)} prompts, num_beams={config.num_beams})")
 
-        prompt = np.full((len(prompts), width), config.pad_token_id, np.int64)
-        mask = np.zeros((len(prompts), width), np.int32)
-        for row, tokens in enumerate(prompts):
-            prompt[row, width - len(tokens):] = tokens
-            mask[row, width - len(tokens):] = 1
-        stepper_cls = _CachedStepper if config.use_past else _RecomputeStepper
-        was_training = self.training
-        self.set_train(False)
-        try:
-            if config.num_beams > 1:
-                stepper = _BeamStepper(stepper_cls, self, prompt, mask, max_new_tokens, config.num_beams)
-                rows = beam_search(stepper, prompt, config, max_new_tokens)
-                return [list(map(int, row[width - len(p):])) for row, p in zip(rows, prompts)]
-            stepper = stepper_cls(self, prompt, mask, max_new_tokens)
-            new = _decode(stepper, prompt, config, max_new_tokens, np.random.default_rng(seed), streamer)
-        finally:
-            self.set_train(was_training)
-            if streamer is not None:
-                streamer.end()
-        return [p + row for p, row in zip(prompts, new)]
-
-    def _new_token_budget(self, config, width):
-        """How many tokens to generate after a prompt padded to `width`, checked against seq_length."""
-        seq_length = int(self.config.seq_length)
-        if width >= seq_length:
-            raise ValueError(f"prompt of {width} tokens leaves no room to generate: the model's seq_length is "
-                             f"{seq_length}; shorten the prompt or use a model with a longer seq_length")
-        if config.max_new_tokens is not None:
-            budget = int(config.max_new_tokens)
-            if width + budget > seq_length:
-                raise ValueError(f"max_new_tokens={budget} after a prompt of {width} tokens exceeds the model's "
-                                 f"seq_length {seq_length}; use at most max_new_tokens={seq_length - width}")
-            return budget
-        max_length = int(config.max_length)
-        if max_length > seq_length:
-            if config.is_explicit('max_length'):
-                raise ValueError(f"max_length={max_length} exceeds the model's seq_length {seq_length}")
-            max_length = seq_length  # a model-config default larger than the model: cap it, as MindFormers does
-        if max_length <= width:
-            raise ValueError(f"max_length={max_length} leaves no room after a prompt of {width} tokens; "
-                             f"raise max_length or set max_new_tokens")
-        return max_length - width
+def new_token_budget(config, width, seq_length):
+    """How many tokens to generate after a prompt padded to `width`, checked against the model's seq_length."""
+    if width >= seq_length:
+        raise ValueError(f"prompt of {width} tokens leaves no room to generate: the model's seq_length is "
+                         f"{seq_length}; shorten the prompt or use a model with a longer seq_length")
+    if config.max_new_tokens is not None:
+        budget = int(config.max_new_tokens)
+        if width + budget > seq_length:
+            raise ValueError(f"max_new_tokens={budget} after a prompt of {width} tokens exceeds the model's "
+                             f"seq_length {seq_length}; use at most max_new_tokens={seq_length - width}")
+        return budget
+    max_length = int(config.max_length)
+    if max_length > seq_length:
+        if config.is_explicit('max_length'):
+            raise ValueError(f"max_length={max_length} exceeds the model's seq_length {seq_length}")
+        max_length = seq_length  # a model-config default larger than the model: cap it, as MindFormers does
+    if max_length <= width:
+        raise ValueError(f"max_length={max_length} leaves no room after a prompt of {width} tokens; "
+                         f"raise max_length or set max_new_tokens")
+    return max_length - width
 
 
 def copy_config(config):

@@ -165,8 +165,8 @@ class FusedDecodeAttention(nn.Cell):
 
     `construct(query [B, Hq, 1, D] scaled, key [B, Hkv, 1, D], value [B, Hkv, 1, D], key_cache [B, Hkv, L, D],
     value_cache [B, Hkv, L, D], mask [B, 1, 1, L] additive, indices [B, Hkv, 1, 3] int32) -> context [B, Hq, 1, D]`.
-    Writes key/value into the cache Parameters at position `indices[..., 2]` (the same for every row) and attends
-    over positions up to it only. Inference only (no backward)."""
+    Writes each row's key/value into the cache Parameters at its position `indices[b, 0, 0, 2]` (rows may differ)
+    and attends over that row's positions up to it only. Inference only (no backward)."""
 
     def __init__(self):
         super().__init__()

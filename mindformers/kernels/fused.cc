@@ -427,27 +427,43 @@ extern "C" int CausalSoftmaxBackward(int nparam, void **params, int *ndims, int6
 }
 
 namespace {
+// Each row's write position from indices [B, Hkv, 1, 3] int32 (row, head, position): entry 2 of the row's first
+// head. Returns false when one lies outside [0, length).
+bool RowPositions(const int32_t *indices, int64_t batch, int64_t kv_heads, int64_t length,
+                  std::vector<int64_t> *positions) {
+  positions->resize(batch);
+  for (int64_t b = 0; b < batch; b++) {
+    const int64_t position = indices[b * kv_heads * 3 + 2];
+    if (position < 0 || position >= length) return false;
+    (*positions)[b] = position;
+  }
+  return true;
+}
+
 // One decode step of attention over an in-place KV cache, for `batch` rows of `q_heads` query heads and `kv_heads`
 // cached heads of `dim` values. query(b, h), key(b, g), value(b, g) point at the new vectors (query already
 // scaled); context(b, h) at the output. Caches are [batch, kv_heads, length, dim]; mask [batch, length] additive.
-// Writes key/value at `position`, then attends over positions 0..position only; query head h reads kv head
-// h / (q_heads / kv_heads).
+// Writes row b's key/value at positions[b], then attends over its positions 0..positions[b] only; query head h
+// reads kv head h / (q_heads / kv_heads).
 template <typename Query, typename Key, typename Value, typename Context>
-void DecodeAttend(int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t dim, int64_t length, int64_t position,
-                  float *key_cache, float *value_cache, const float *mask, Query query, Key key, Value value,
-                  Context context) {
+void DecodeAttend(int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t dim, int64_t length,
+                  const int64_t *positions, float *key_cache, float *value_cache, const float *mask, Query query,
+                  Key key, Value value, Context context) {
+  int64_t longest = 0;
   for (int64_t b = 0; b < batch; b++) {
     for (int64_t g = 0; g < kv_heads; g++) {
-      const int64_t slot = ((b * kv_heads + g) * length + position) * dim;
+      const int64_t slot = ((b * kv_heads + g) * length + positions[b]) * dim;
       std::memcpy(key_cache + slot, key(b, g), dim * sizeof(float));
       std::memcpy(value_cache + slot, value(b, g), dim * sizeof(float));
     }
+    longest = std::max(longest, positions[b] + 1);
   }
-  const int64_t span = position + 1, group = q_heads / kv_heads;
-  ParallelFor(batch * q_heads, 2 * span * dim, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(span);
+  const int64_t group = q_heads / kv_heads;
+  ParallelFor(batch * q_heads, 2 * longest * dim, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(longest);
     for (int64_t row = begin; row < end; row++) {
       const int64_t b = row / q_heads, h = row % q_heads, kv_row = b * kv_heads + h / group;
+      const int64_t span = positions[b] + 1;
       const float *qr = query(b, h);
       const float *keys = key_cache + kv_row * length * dim;
       const float *values = value_cache + kv_row * length * dim;
@@ -480,8 +496,8 @@ void DecodeAttend(int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t dim,
 }  // namespace
 
 // Inputs: query [B, Hq, 1, D] (already scaled), key and value [B, Hkv, 1, D], key_cache and value_cache
-// [B, Hkv, L, D], mask [B, 1, 1, L] additive, indices [B, Hkv, 1, 3] int32 whose last entry is the write position P
-// (the same for every row). Output: context [B, Hq, 1, D]. The caches' memory is their Parameters': writing into
+// [B, Hkv, L, D], mask [B, 1, 1, L] additive, indices [B, Hkv, 1, 3] int32 whose last entry is the row's write
+// position P_b (rows may differ: each attends over its positions 0..P_b). Output: context [B, Hq, 1, D]. The caches' memory is their Parameters': writing into
 // it is the intended side effect.
 extern "C" int DecodeAttention(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                                void *stream, void *extra) {
@@ -491,9 +507,10 @@ extern "C" int DecodeAttention(int nparam, void **params, int *ndims, int64_t **
   float *out = static_cast<float *>(params[7]);
   const int64_t batch = shapes[0][0], q_heads = shapes[0][1], dim = shapes[0][3];
   const int64_t kv_heads = shapes[3][1], length = shapes[3][2];
-  const int64_t position = static_cast<const int32_t *>(params[6])[2];
-  if (position < 0 || position >= length || q_heads % kv_heads) return 1;
-  DecodeAttend(batch, q_heads, kv_heads, dim, length, position, static_cast<float *>(params[3]),
+  std::vector<int64_t> positions;
+  if (q_heads % kv_heads || !RowPositions(static_cast<const int32_t *>(params[6]), batch, kv_heads, length, &positions))
+    return 1;
+  DecodeAttend(batch, q_heads, kv_heads, dim, length, positions.data(), static_cast<float *>(params[3]),
                static_cast<float *>(params[4]), static_cast<const float *>(params[5]),
                [&](int64_t b, int64_t h) { return q + (b * q_heads + h) * dim; },
                [&](int64_t b, int64_t g) { return k + (b * kv_heads + g) * dim; },
@@ -511,15 +528,17 @@ extern "C" int DecodeAttentionPacked(int nparam, void **params, int *ndims, int6
   const int64_t batch = shapes[0][0], width = shapes[0][1];
   const int64_t kv_heads = shapes[1][1], length = shapes[1][2], dim = shapes[1][3];
   const int64_t q_heads = width / dim - 2 * kv_heads;
-  const int64_t position = static_cast<const int32_t *>(params[4])[2];
   const float scale = *static_cast<const float *>(params[5]);
-  if (position < 0 || position >= length || q_heads <= 0 || q_heads % kv_heads) return 1;
+  std::vector<int64_t> positions;
+  if (q_heads <= 0 || q_heads % kv_heads ||
+      !RowPositions(static_cast<const int32_t *>(params[4]), batch, kv_heads, length, &positions))
+    return 1;
   std::vector<float> query(batch * q_heads * dim);
   for (int64_t b = 0; b < batch; b++) {
     for (int64_t i = 0; i < q_heads * dim; i++) query[b * q_heads * dim + i] = qkv[b * width + i] * scale;
   }
   const float *keys = qkv + q_heads * dim, *values = keys + kv_heads * dim;
-  DecodeAttend(batch, q_heads, kv_heads, dim, length, position, static_cast<float *>(params[1]),
+  DecodeAttend(batch, q_heads, kv_heads, dim, length, positions.data(), static_cast<float *>(params[1]),
                static_cast<float *>(params[2]), static_cast<const float *>(params[3]),
                [&](int64_t b, int64_t h) { return query.data() + (b * q_heads + h) * dim; },
                [&](int64_t b, int64_t g) { return keys + b * width + g * dim; },

@@ -5,7 +5,6 @@ import numpy as np
 import mindspore as ms
 from mindspore import nn, ops
 
-from mindformers.generation.text_generator import GeneratorMixin
 from mindformers.tools.checkpoint import (CheckpointError, load_checkpoint_file, load_into_network,
                                           resolve_checkpoint)
 from mindformers.tools.utils import resolve_path
@@ -16,7 +15,7 @@ def _listing(items, limit=10):
     return shown + (f" ... (+{len(items) - limit} more)" if len(items) > limit else '')
 
 
-class BaseModel(nn.Cell, GeneratorMixin):
+class BaseModel(nn.Cell):
     """A model cell built from a config (`self.config`).
 
     Subclasses build their layers, then call `self.load_checkpoint(config)` at the end of `__init__` so that
@@ -103,6 +102,12 @@ class BaseModel(nn.Cell, GeneratorMixin):
         return load_model(pretrained_model_name_or_dir, None if cls in (BaseModel, CausalLMModel) else cls,
                           **kwargs)
 
+    def generate(self, input_ids, generation_config=None, streamer=None, seed=None, **kwargs):
+        """Continue each prompt of `input_ids`: see `mindformers.generation.generate` (greedy, sampling, beam
+        search; the KV cache with `use_past=True`)."""
+        from mindformers.generation.text_generator import generate  # generation/ builds on models/
+        return generate(self, input_ids, generation_config, streamer, seed, **kwargs)
+
     def num_parameters(self, trainable_only=False):
         """Number of scalar parameters (each shared parameter counted once)."""
         params = self.trainable_params() if trainable_only else self.get_parameters()
@@ -110,7 +115,13 @@ class BaseModel(nn.Cell, GeneratorMixin):
 
 
 class CausalLMModel(BaseModel):
-    """A decoder-only LM head model; subclasses implement `logits(input_ids [B, S]) -> fp32 [B * S, vocab]`.
+    """A decoder-only LM head model. A family implements ONE forward, `logits(input_ids, attention_mask=None,
+    cache=None, step=None)`, that serves training, evaluation, prefill and decode:
+    - without `cache`: input_ids [B, S] (and optionally a padding mask [B, S]) -> fp32 logits [B * S, vocab];
+    - with `cache` (a decoding session's `CacheView`, see `mindformers.generation.session`) and `step` =
+      (positions [B, T] int32, additive mask, write): the tokens continue the session's sequences and the result
+      is fp32 logits [B, vocab] of each row's last position.
+    `kv_cache_layout()` says what a session must allocate for it.
 
     Training (`set_train(True)`): `construct(input_ids [B, S+1], attention_mask=None, labels=None)` returns the
     mean next-token cross-entropy (fp32 scalar) of tokens = input_ids[:, :-1] against targets = input_ids[:, 1:].
@@ -119,8 +130,7 @@ class CausalLMModel(BaseModel):
     from `eos_token_id`: GPT-style models pad with EOS) are left out.
     Inference (`set_train(False)`): `construct(input_ids [B, S], attention_mask=None)` returns logits
     [B, S, vocab_size] fp32; there `attention_mask` marks padding (0) to hide as keys and to skip when counting
-    positions (left-padded generation batches), as in HuggingFace.
-    `incremental_session(batch_size)`: the KV-cache decoding session (see `modules.kv_cache.IncrementalSession`)."""
+    positions (left-padded generation batches), as in HuggingFace."""
 
     def __init__(self, config, **kwargs):
         super().__init__(config, **kwargs)
@@ -131,24 +141,25 @@ class CausalLMModel(BaseModel):
         self.pad_token_id = None if pad is None or pad == eos else int(pad)
         self.loss = CrossEntropyLoss(getattr(config, 'parallel_config', None))
 
-    def logits(self, input_ids, attention_mask=None):
-        raise NotImplementedError(f"{type(self).__name__} must implement logits(input_ids, attention_mask=None)")
+    def logits(self, input_ids, attention_mask=None, cache=None, step=None):
+        raise NotImplementedError(f"{type(self).__name__} must implement logits(input_ids, attention_mask=None, "
+                                  f"cache=None, step=None)")
 
-    def incremental_core(self, batch_size):
-        """The family's KV-cache forward for `batch_size` rows: a cell with `cache` (a `KVCache` of seq_length
-        positions) and `forward(input_ids, positions, mask, indices, prefill)` (see `modules.kv_cache`)."""
-        raise NotImplementedError(f"{type(self).__name__} has no KV-cache decoding (use_past=False decodes "
-                                  f"without it)")
+    def kv_cache_layout(self):
+        """What a decoding session allocates for this model: {'num_layers', 'kv_heads', 'head_dim'} of the cached
+        attention layers and, optionally, 'state': names of per-slot int32 values the forward keeps between steps.
+        The default reads the config's num_layers, num_heads and hidden_size."""
+        config = self.config
+        return {'num_layers': int(config.num_layers), 'kv_heads': int(config.num_heads),
+                'head_dim': int(config.hidden_size) // int(config.num_heads)}
 
-    def incremental_session(self, batch_size):
-        """The `IncrementalSession` for `batch_size` rows; kept per batch size so later calls reuse its compiled
-        graphs."""
-        from mindformers.modules.kv_cache import IncrementalSession
-        sessions = self.__dict__.setdefault('_incremental_sessions', {})
-        if batch_size not in sessions:
-            core = self.incremental_core(batch_size)
-            sessions[batch_size] = IncrementalSession(core, batch_size, core.cache.kv_heads, core.cache.max_length)
-        return sessions[batch_size]
+    @staticmethod
+    def logit_rows(hidden, cache):
+        """The final hidden states [B, S, H] the logits are for: every position ([B * S, H]), or each row's last
+        ([B, H]) when decoding with a cache."""
+        if cache is not None:
+            return hidden[:, -1, :]
+        return hidden.reshape(-1, hidden.shape[-1])
 
     def loss_targets(self, input_ids, attention_mask=None, labels=None):
         """(targets [B * S], weights [B * S] fp32: 1 where the target counts, else 0) for `input_ids [B, S+1]`."""

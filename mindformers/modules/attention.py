@@ -7,7 +7,7 @@ from mindspore import nn, ops, Tensor
 
 from mindformers.kernels import (FusedBiasSplitHeads, FusedCausalAttention, FusedCausalSoftmax,
                                              FusedMergeHeads, FusedSplitHeads, use_fused)
-from mindformers.modules.layers import Linear, Dropout, to_mstype, _dp_mp, _check_divisible
+from mindformers.modules.layers import Linear, Dropout, add_residual, to_mstype, _dp_mp, _check_divisible
 
 
 NEG_INF = -1e9
@@ -58,8 +58,8 @@ class DotProductAttention(nn.Cell):
 
     `construct(query, key, value, mask)`: query [B, H, S, D] already scaled; key, value [B, Hkv, S, D] with H a
     multiple of Hkv (query head h reads key/value head h // (H / Hkv), as HF's `repeat_kv`); mask additive
-    [B, H, S, S] in `softmax_compute_type`, or None for the plain causal mask (only when a fused CPU kernel,
-    `self.causal_attention` or `self.causal_softmax`, exists) -> context [B, H, S, D] in `compute_dtype`. `dropout`
+    [B, H, S, S] in `softmax_compute_type`, or None for the plain causal mask (applied inside a fused CPU kernel where
+    one runs, else built here) -> context [B, H, S, D] in `compute_dtype`. `dropout`
     acts on the probabilities. `score_scale` (a number, default none) multiplies the scores after their cast to the
     softmax dtype, before the mask: ChatGLM-6B divides its queries by an extra per-layer factor in half precision and
     multiplies the float32 scores back by it."""
@@ -70,6 +70,7 @@ class DotProductAttention(nn.Cell):
         self.compute_dtype = to_mstype(compute_dtype, 'compute_dtype')
         self.softmax_dtype = to_mstype(softmax_compute_type, 'softmax_compute_type')
         self.score_scale = None if score_scale is None else Tensor(score_scale, self.softmax_dtype)
+        self.masked_score = Tensor(-6e4 if self.softmax_dtype == ms.float16 else NEG_INF, self.softmax_dtype)
         # mask=None (the plain causal mask) runs in fused kernels: all of attention, one kernel each way, when no
         # dropout (in training) or score_scale applies in between; otherwise the softmax
         fused = fused_causal_attention(softmax_compute_type, parallel_config)
@@ -95,6 +96,12 @@ class DotProductAttention(nn.Cell):
         x = ops.broadcast_to(x.reshape(batch, kv_heads, 1, seq, dim), (batch, kv_heads, group, seq, dim))
         return x.reshape(batch, heads, seq, dim)
 
+    def causal_mask(self, scores):
+        """The additive causal mask for scores [B, H, S, S]: 0 on and below the diagonal, a large negative above."""
+        seq = scores.shape[-1]
+        above = ops.arange(seq).reshape(1, seq) > ops.arange(seq).reshape(seq, 1)
+        return ops.broadcast_to(ops.cast(above, scores.dtype) * self.masked_score, scores.shape)
+
     def construct(self, query, key, value, mask):
         if mask is None and self.causal_attention is not None and not self.dropout.active:
             return self.causal_attention(query, key, value)
@@ -104,9 +111,11 @@ class DotProductAttention(nn.Cell):
             scores = ops.cast(scores, self.softmax_dtype)
         if self.score_scale is not None:
             scores = self.mul_scale(scores, self.score_scale)
-        if mask is None:  # the pure causal mask, applied inside the fused kernel
+        if mask is None and self.causal_softmax is not None:  # the plain causal mask, inside the fused kernel
             probs = self.causal_softmax(scores)
         else:
+            if mask is None:
+                mask = self.causal_mask(scores)
             probs = self.softmax(self.add_mask(scores, mask))
         if probs.dtype != self.compute_dtype:
             probs = ops.cast(probs, self.compute_dtype)
@@ -116,9 +125,11 @@ class DotProductAttention(nn.Cell):
 class CausalSelfAttention(nn.Cell):
     """Multi-head causal self-attention with a fused q|k|v projection (GPT-2).
 
-    `construct(x, mask)`: x [B, S, hidden_size]; mask additive, [B, num_heads, S, S] in `softmax_compute_type`
-    (see `CausalMask`) -> [B, S, hidden_size] in `compute_dtype`. `mask=None` means the plain causal mask applied
-    by the fused CPU kernel; allowed only when `fused_causal_attention(...)` is true for this layer's settings.
+    `construct(x, mask, cache=None, write=None, residual=None)`: x [B, S, hidden_size]; mask additive,
+    [B, num_heads, S, S] in `softmax_compute_type` (see `CausalMask`), or None for the plain causal mask ->
+    [B, S, hidden_size] in `compute_dtype`, plus `residual` [B, S, hidden_size] when given. With `cache` (one
+    layer's view of a decoding session's cache, `generation.session.LayerCache`) and `write`, keys and values are
+    stored there and attention reads the cache (mask and write as the session builds them).
     `qkv_proj.weight` is [3 * num_heads * head_dim, hidden_size], rows ordered q | k | v with the heads contiguous
     inside each; `o_proj.weight` is [hidden_size, num_heads * head_dim]. Scores and softmax run in
     `softmax_compute_type`. `attention_dropout` acts on the probabilities, `out_dropout` on the projected output.
@@ -148,14 +159,15 @@ class CausalSelfAttention(nn.Cell):
         self.from_heads = ops.Transpose().shard(((dp, mp, 1, 1),))
         self.mul_scale = ops.Mul().shard(((dp, mp, 1, 1), ()))
         self.out_dropout.shard(((dp, 1, 1),))
-        # on CPU (fp32, unsharded) the split into heads and the merge back are one kernel pass each
+        # on CPU (fp32, unsharded) the split into heads (with qkv_proj's bias, when it lets a caller add it) and the
+        # merge back are one kernel pass each; a decode step reads q, k, v straight from the packed projection
         self.fused_heads = self.fused_split = dp == mp == 1 and use_fused(self.compute_dtype)
-        self.bias_in_split = False
         if self.fused_heads:
             scales = (1.0 / math.sqrt(head_dim), 1.0, 1.0)
-            self.bias_in_split = qkv_bias and self.qkv_proj.bias.dtype == ms.float32  # added by the split kernel
-            self.split_heads = (FusedBiasSplitHeads if self.bias_in_split else FusedSplitHeads)(3, num_heads, scales)
+            self.split_heads = FusedSplitHeads(3, num_heads, scales)
+            self.split_heads_bias = FusedBiasSplitHeads(3, num_heads, scales)
             self.merge_heads = FusedMergeHeads(num_heads)
+            self.decode_scale = Tensor([1.0 / math.sqrt(head_dim)], ms.float32)
 
     def _recompute(self, *args, **kwargs):
         # MindSpore 2.10 builds a cyclic graph for the split kernel (a custom op with three outputs and a bprop)
@@ -167,52 +179,49 @@ class CausalSelfAttention(nn.Cell):
         """[B * S, heads * head_dim] -> [B, heads, S, head_dim]."""
         return self.to_heads(x.reshape(batch, seq, self.num_heads, self.head_dim), (0, 2, 1, 3))
 
-    def _context(self, x, mask):
-        """The heads' outputs merged, [B * S, num_heads * head_dim], before o_proj."""
+    def _context(self, x, mask, cache, write):
+        """The heads' outputs merged, [B * S, num_heads * head_dim], before o_proj; x [B, S, hidden]."""
         batch, seq, hidden = x.shape
-        bias_in_split = self.fused_split and self.bias_in_split
-        qkv = self.qkv_proj(x.reshape(batch * seq, hidden), not bias_in_split)
-        if self.fused_split:
-            qkv = qkv.reshape(batch, seq, 3 * self.inner_size)
-            if bias_in_split:
-                query, key, value = self.split_heads(qkv, self.qkv_proj.bias)
-            else:
-                query, key, value = self.split_heads(qkv)
+        flat = x.reshape(batch * seq, hidden)
+        if cache is not None and cache.packed and self.fused_heads:  # a decode step in one kernel
+            return cache.attend_packed(self.qkv_proj(flat), mask, write, self.decode_scale)
+        if self.fused_split and getattr(self.qkv_proj, 'bias_fusable', False):
+            qkv = self.qkv_proj(flat, False).reshape(batch, seq, 3 * self.inner_size)
+            query, key, value = self.split_heads_bias(qkv, self.qkv_proj.bias)
+        elif self.fused_split:
+            query, key, value = self.split_heads(self.qkv_proj(flat).reshape(batch, seq, 3 * self.inner_size))
         else:
             # split along the features of the 2-D projection: far cheaper on CPU than indexing a stacked q/k/v tensor
-            query, key, value = self.split_qkv(qkv)
+            query, key, value = self.split_qkv(self.qkv_proj(flat))
             query = self.mul_scale(self._heads(query, batch, seq), self.scale)
             key, value = self._heads(key, batch, seq), self._heads(value, batch, seq)
-        context = self.core(query, key, value, mask)
+        if cache is None:
+            context = self.core(query, key, value, mask)
+        else:
+            context = cache.attend(query, key, value, mask, write, self.core)
         if self.fused_heads:
             context = self.merge_heads(context)
         else:
             context = self.from_heads(context, (0, 2, 1, 3))
         return context.reshape(batch * seq, self.inner_size)
 
-    def construct(self, x, mask):
-        return self.out_dropout(self.o_proj(self._context(x, mask)).reshape(x.shape[0], x.shape[1], -1))
-
-    def add_to(self, residual, x, mask):
-        """`residual + self(x, mask)` for residual [B, S, hidden_size], with o_proj's bias and the residual added
-        in one kernel where `Linear.add_to` can (no dropout in effect)."""
+    def construct(self, x, mask, cache=None, write=None, residual=None):
+        context = self._context(x, mask, cache, write)
         if self.out_dropout.active:
-            return residual + self.construct(x, mask)
-        batch, seq, hidden = residual.shape
-        return self.o_proj.add_to(residual.reshape(batch * seq, hidden), self._context(x, mask)).reshape(
-            batch, seq, hidden)
+            return add_residual(residual, self.o_proj(context).reshape(x.shape), self.out_dropout)
+        return self.o_proj(context, residual=residual).reshape(x.shape)
 
 
 class GroupedQueryAttention(nn.Cell):
     """Causal self-attention with separate q/k/v projections, `num_kv_heads` key/value heads (grouped-query
     attention when fewer than `num_heads`; one is multi-query) and rotary positions (LLaMA, GLM2).
 
-    `construct(x, mask, cos, sin)`: x [B, S, hidden_size]; mask as for `DotProductAttention` ([B, num_heads, S, S]
-    additive or None); cos, sin [B or 1, S, 1, head_dim] from `RotaryEmbedding` -> [B, S, hidden_size].
+    `construct(x, mask, cos, sin, cache=None, write=None, residual=None)`: x [B, S, hidden_size]; mask as for
+    `DotProductAttention` ([B, num_heads, S, S] additive or None); cos, sin [B or 1, S, 1, head_dim] from
+    `RotaryEmbedding` -> [B, S, hidden_size], plus `residual` when given; `cache`/`write` as for
+    `CausalSelfAttention` (keys are cached after the rotary embedding).
     `q_proj.weight` [num_heads * head_dim, hidden_size], `k_proj`/`v_proj` [num_kv_heads * head_dim, hidden_size]
-    (biases when `qkv_bias`), `o_proj.weight` [hidden_size, num_heads * head_dim] (bias when `out_bias`).
-    `project(x)` -> (query scaled by 1/sqrt(head_dim), key, value) as [B, S, heads, head_dim] before rotary: the
-    KV-cache decoder reuses it."""
+    (biases when `qkv_bias`), `o_proj.weight` [hidden_size, num_heads * head_dim] (bias when `out_bias`)."""
 
     def __init__(self, hidden_size, num_heads, num_kv_heads=None, head_dim=None, qkv_bias=False, out_bias=False,
                  rotary=None, attention_dropout=0.0, init_std=0.02, param_init_type='float32',
@@ -235,23 +244,30 @@ class GroupedQueryAttention(nn.Cell):
         self.rotary = rotary
         self.scale = Tensor(1.0 / math.sqrt(self.head_dim), to_mstype(compute_dtype, 'compute_dtype'))
         self.core = DotProductAttention(attention_dropout, compute_dtype, softmax_compute_type, parallel_config)
-        self.mul_scale = ops.Mul().shard(((dp, mp), ()))
+        self.mul_scale = ops.Mul().shard(((dp, mp, 1, 1), ()))
         self.to_heads = ops.Transpose().shard(((dp, 1, mp, 1),))
         self.from_heads = ops.Transpose().shard(((dp, mp, 1, 1),))
 
-    def project(self, x):
+    def heads(self, x, projection):
+        """x [B, S, hidden] through `projection` -> [B, heads, S, head_dim] (heads from the projection's width)."""
         batch, seq, hidden = x.shape
-        flat = x.reshape(batch * seq, hidden)
-        query = self.mul_scale(self.q_proj(flat), self.scale).reshape(batch, seq, self.num_heads, self.head_dim)
-        key = self.k_proj(flat).reshape(batch, seq, self.num_kv_heads, self.head_dim)
-        value = self.v_proj(flat).reshape(batch, seq, self.num_kv_heads, self.head_dim)
-        return query, key, value
+        y = projection(x.reshape(batch * seq, hidden))
+        return y.reshape(batch, seq, -1, self.head_dim)
 
-    def construct(self, x, mask, cos, sin):
-        batch, seq, _ = x.shape
-        query, key, value = self.project(x)
-        query, key = self.rotary.apply(query, cos, sin), self.rotary.apply(key, cos, sin)
-        heads = lambda t: self.to_heads(t, (0, 2, 1, 3))
-        context = self.core(heads(query), heads(key), heads(value), mask)
+    def attend(self, query, key, value, mask, cache, write, residual):
+        """query [B, S, heads, head_dim] (unscaled), key/value [B, S, kv_heads, head_dim] -> o_proj's output
+        [B, S, hidden] (+ residual)."""
+        batch, seq = query.shape[0], query.shape[1]
+        query = self.mul_scale(self.to_heads(query, (0, 2, 1, 3)), self.scale)
+        key, value = self.to_heads(key, (0, 2, 1, 3)), self.to_heads(value, (0, 2, 1, 3))
+        if cache is None:
+            context = self.core(query, key, value, mask)
+        else:
+            context = cache.attend(query, key, value, mask, write, self.core)
         context = self.from_heads(context, (0, 2, 1, 3)).reshape(batch * seq, self.num_heads * self.head_dim)
-        return self.o_proj(context).reshape(batch, seq, -1)
+        return self.o_proj(context, residual=residual).reshape(batch, seq, -1)
+
+    def construct(self, x, mask, cos, sin, cache=None, write=None, residual=None):
+        query, key = self.heads(x, self.q_proj), self.heads(x, self.k_proj)
+        query, key = self.rotary.apply(query, cos, sin), self.rotary.apply(key, cos, sin)
+        return self.attend(query, key, self.heads(x, self.v_proj), mask, cache, write, residual)

@@ -95,14 +95,19 @@ class _BiasAdd(nn.Cell):
 
 
 class Linear(nn.Cell):
-    """y = x @ weight.T + bias, with `weight` [out_features, in_features] and `bias` [out_features].
+    """y = x @ weight.T + bias (+ residual), with `weight` [out_features, in_features] and `bias` [out_features].
 
-    x: [..., in_features] -> [..., out_features] in `compute_dtype` (parameters are cast to it when they differ).
+    `construct(x [..., in_features], add_bias=True, residual=None)` -> [..., out_features] in `compute_dtype`
+    (parameters are cast to it when they differ). `residual` (the shape of the output) is added to the result;
+    `add_bias=False` leaves the bias out for a caller that adds it inside a fused kernel of its own (only when
+    `bias_fusable`). The layer picks its kernels itself: on CPU in fp32 without sharding, at most `FEW_ROWS` rows
+    (decode steps) go through the few-rows kernel (`kernels._FewRows`, which reads the weight about twice as fast
+    as MatMul does on one row), and the bias and residual are added in the same kernel as the product (few rows)
+    or in one pass after it. A cell that wraps or replaces a Linear (LoRA, int8) keeps this `construct` contract;
+    callers never look inside it except through `bias_fusable`.
     `split` picks the model-parallel layout: 'column' splits the output features (weight rows) mp ways, 'row'
     splits the input features (weight columns) and is meant to follow a column-split layer; None replicates.
-    `init_std`: standard deviation of the normal weight init (bias starts at zero).
-    On CPU in fp32 without sharding, at most `FEW_ROWS` rows (decode steps) go through the few-rows kernel
-    (`kernels._FewRows`), which reads the weight about twice as fast as MatMul does on one row."""
+    `init_std`: standard deviation of the normal weight init (bias starts at zero)."""
 
     parameter_inputs = {'weight': ('matmul', 1), 'bias': ('bias_add.bias_add', 1)}
 
@@ -116,12 +121,15 @@ class Linear(nn.Cell):
                                 name='weight')
         self.bias = Parameter(initializer('zeros', [out_features], param_dtype), name='bias') if has_bias else None
         self.matmul = ops.MatMul(transpose_b=True)
+        self.residual_add = ops.Add()
         dp, mp = _dp_mp(parallel_config)
-        self.fused = fused = dp == mp == 1 and use_fused(self.compute_dtype)
+        fused = dp == mp == 1 and use_fused(self.compute_dtype)
+        # a caller may add this layer's bias in a fused CPU kernel of its own (fp32 bias, unsharded)
+        self.bias_fusable = fused and has_bias and param_dtype == ms.float32
         self.bias_add = _BiasAdd(fused=fused)
         self.few_rows = (FusedBiasLinearFewRows() if has_bias else FusedLinearFewRows()) if fused else None
-        self.few_rows_residual = FusedResidualLinearFewRows() if fused and has_bias else None
-        self.bias_residual = FusedBiasResidualAdd() if fused and has_bias else None
+        self.few_rows_residual = FusedResidualLinearFewRows() if self.bias_fusable else None
+        self.bias_residual = FusedBiasResidualAdd() if self.bias_fusable else None
         if split == 'column':
             _check_divisible(out_features, mp, 'Linear out_features for a column split')
             self.shard(((dp, 1), (mp, 1)), ((dp, mp), (mp,)))
@@ -134,17 +142,21 @@ class Linear(nn.Cell):
             raise ValueError(f"Linear split must be 'column', 'row' or None, got {split!r}")
 
     def shard(self, strategy_matmul, strategy_bias=None):
-        """Set the strategies of the 2-D matmul ((x), (weight)) and of the bias add ((y), (bias))."""
+        """Set the strategies of the 2-D matmul ((x), (weight)) and of the bias add ((y), (bias)); the residual add
+        follows the output's layout."""
         self.matmul.shard(strategy_matmul)
         if self.has_bias and strategy_bias is not None:
             self.bias_add.shard(strategy_bias)
+        output = (strategy_matmul[0][0], strategy_matmul[1][0])
+        self.residual_add.shard((output, output))
         return self
 
-    def construct(self, x, add_bias=True):
-        """`add_bias=False` leaves the bias out (for a caller that adds it inside a fused kernel)."""
+    def construct(self, x, add_bias=True, residual=None):
         shape = x.shape
         if len(shape) != 2:
             x = x.reshape(-1, shape[-1])
+        if residual is not None:
+            residual = residual.reshape(-1, self.out_features)
         if x.dtype != self.compute_dtype:
             x = ops.cast(x, self.compute_dtype)
         weight = self.weight
@@ -153,25 +165,31 @@ class Linear(nn.Cell):
         bias = self.bias
         if self.has_bias and bias.dtype != self.compute_dtype:
             bias = ops.cast(bias, self.compute_dtype)
-        if self.few_rows is not None and x.shape[0] <= FEW_ROWS and add_bias:
-            y = self.few_rows(x, weight, bias) if self.has_bias else self.few_rows(x, weight)
+        rows = x.shape[0]
+        if residual is not None and add_bias and self.bias_residual is not None and residual.dtype == x.dtype:
+            if rows <= FEW_ROWS:
+                y = self.few_rows_residual(x, weight, bias, residual)
+            else:
+                y = self.bias_residual(self.matmul(x, weight), bias, residual)
         else:
-            y = self.matmul(x, weight)
-            if self.has_bias and add_bias:
-                y = self.bias_add(y, bias)
+            if self.few_rows is not None and rows <= FEW_ROWS and add_bias:
+                y = self.few_rows(x, weight, bias) if self.has_bias else self.few_rows(x, weight)
+            else:
+                y = self.matmul(x, weight)
+                if self.has_bias and add_bias:
+                    y = self.bias_add(y, bias)
+            if residual is not None:
+                y = self.residual_add(residual, y)
         if len(shape) != 2:
             y = y.reshape(shape[:-1] + (self.out_features,))
         return y
 
-    def add_to(self, residual, x):
-        """`residual + self(x)` for 2-D x [M, in_features] and residual [M, out_features]. On CPU in fp32 without
-        sharding, with a bias, the bias and the residual are added in one kernel: with the product itself on few rows
-        (decode steps), after MatMul otherwise."""
-        if self.bias_residual is None or not x.dtype == residual.dtype == self.weight.dtype == self.compute_dtype:
-            return residual + self.construct(x)
-        if x.shape[0] <= FEW_ROWS:
-            return self.few_rows_residual(x, self.weight, self.bias, residual)
-        return self.bias_residual(self.matmul(x, self.weight), self.bias, residual)
+
+def add_residual(residual, x, dropout):
+    """`residual + dropout(x)`, or `x` when `residual` is None: the residual of a branch whose output dropout
+    keeps its output projection from adding the residual itself."""
+    x = dropout(x)
+    return x if residual is None else residual + x
 
 
 class LayerNorm(nn.Cell):

@@ -1,13 +1,13 @@
 """Position-wise feed-forward networks: GELU MLP (GPT-2) and SwiGLU (LLaMA, GLM2, PengCheng.Mind)."""
-import mindspore as ms
 from mindspore import nn, ops
 
 from mindformers.kernels import FEW_ROWS
-from mindformers.modules.layers import Linear, Dropout, get_activation, _dp_mp
+from mindformers.modules.layers import Linear, Dropout, add_residual, get_activation, _dp_mp
 
 
 class MLP(nn.Cell):
-    """fc_out(act(fc_in(x))), then dropout: x [B, S, hidden_size] -> [B, S, hidden_size].
+    """fc_out(act(fc_in(x))), then dropout: x [B, S, hidden_size] -> [B, S, hidden_size] (`construct(x,
+    residual=None)` adds `residual`).
 
     `fc_in.weight` [ffn_hidden_size, hidden_size] is column-split and `fc_out.weight` [hidden_size, ffn_hidden_size]
     row-split under model parallel. `hidden_act` names the activation (see `layers.get_activation`). `names`: the
@@ -28,29 +28,23 @@ class MLP(nn.Cell):
         dp, mp = _dp_mp(parallel_config)
         self.act = get_activation(hidden_act).shard(((dp, 1, mp),))
         self.dropout = Dropout(dropout).shard(((dp, 1, 1),))
-        # on CPU (fp32, unsharded) fc_in's bias is added inside the tanh-GELU kernel
-        fc_in = getattr(self, self.names[0])
-        self.bias_in_act = has_bias and fc_in.fused and fc_in.bias.dtype == ms.float32 and \
-            getattr(self.act, 'fused_bias', None) is not None
+        self.act_bias = getattr(self.act, 'fused_bias', None)  # gelu(x + bias) in one CPU kernel, if any
 
     def _hidden(self, x):
-        """act(fc_in(x)), with fc_in's bias added inside the GELU kernel where `bias_in_act` allows."""
+        """act(fc_in(x)) for x [B, S, hidden_size], with fc_in's bias added inside the GELU kernel where fc_in lets
+        a caller add it (decode steps keep fc_in's few-rows kernel)."""
         fc_in = getattr(self, self.names[0])
-        if self.bias_in_act and x.size > FEW_ROWS * x.shape[-1]:  # decode steps keep the few-rows kernel
-            return self.act.fused_bias(fc_in(x, False), fc_in.bias)
+        if self.act_bias is not None and getattr(fc_in, 'bias_fusable', False) and x.size > FEW_ROWS * x.shape[-1]:
+            return self.act_bias(fc_in(x, False), fc_in.bias)
         return self.act(fc_in(x))
 
-    def construct(self, x):
-        return self.dropout(getattr(self, self.names[1])(self._hidden(x)))
-
-    def add_to(self, residual, x):
-        """`residual + self(x)` for x and residual [..., hidden_size], with the output projection's bias and the
-        residual added in one kernel where `Linear.add_to` can (no dropout in effect)."""
+    def construct(self, x, residual=None):
+        """x [..., hidden_size] -> [..., hidden_size] (+ `residual`, added inside fc_out where it can)."""
+        hidden = self._hidden(x)
+        fc_out = getattr(self, self.names[1])
         if self.dropout.active:
-            return residual + self.construct(x)
-        hidden = self._hidden(x.reshape(-1, x.shape[-1]))
-        return getattr(self, self.names[1]).add_to(residual.reshape(hidden.shape[0], -1), hidden).reshape(
-            residual.shape)
+            return add_residual(residual, fc_out(hidden).reshape(x.shape), self.dropout)
+        return fc_out(hidden, residual=residual).reshape(x.shape)
 
 
 class GatedMLP(nn.Cell):
@@ -73,9 +67,10 @@ class GatedMLP(nn.Cell):
         self.mul_gate = ops.Mul().shard(((dp, mp), (dp, mp)))
         self.mul = ops.Mul().shard(((dp, mp), (dp, mp)))
 
-    def construct(self, x):
+    def construct(self, x, residual=None):
+        """x [..., hidden_size] -> [..., hidden_size] (+ `residual`)."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         gate = self.gate_proj(flat)
         hidden = self.mul(self.mul_gate(gate, self.sigmoid(gate)), self.up_proj(flat))  # silu(gate) * up
-        return self.down_proj(hidden).reshape(shape)
+        return self.down_proj(hidden, residual=residual).reshape(shape)

@@ -19,16 +19,14 @@ Parameter names are those of the published HF ChatGLM-6B checkpoint (`transforme
 mlp.dense_h_to_4h, mlp.dense_4h_to_h}`, `transformer.final_layernorm`, `lm_head`)."""
 import math
 
-import numpy as np
 import mindspore as ms
-from mindspore import nn, ops, Parameter, Tensor
+from mindspore import nn, ops, Tensor
 
-from mindformers.generation.chat import ChatMixin
+from mindformers.models.chat import ChatMixin
 from mindformers.models.base_model import CausalLMModel
 from mindformers.models.glm.glm_config import GLMConfig
 from mindformers.modules import Dropout, Embedding, LayerNorm, Linear, MLP
 from mindformers.modules.attention import DotProductAttention
-from mindformers.modules.kv_cache import IncrementalCore
 from mindformers.modules.layers import _dp_mp, output_head, place_last, place_layers, to_mstype
 from mindformers.modules.rotary import Rotary2DEmbedding
 from mindformers.tools.register import MindFormerRegister, MindFormerModuleType
@@ -100,7 +98,9 @@ class GLMAttention(nn.Cell):
     sqrt(head_dim) * (layer_index + 1) in the compute dtype and the scores multiplied back by layer_index + 1 after
     their cast to the softmax dtype, as the published model does to keep float16 scores in range.
 
-    `construct(x [B, S, hidden], mask [B, heads, S, S] additive, cos, sin [B, S, 1, head_dim])` -> [B, S, hidden]."""
+    `construct(x [B, S, hidden], mask [B, heads, S, S] additive, cos, sin [B, S, 1, head_dim], cache=None,
+    write=None)` -> [B, S, hidden]; with `cache` (one layer's view of a decoding session's cache) and `write` the
+    keys and values are stored there and attention reads the cache."""
 
     def __init__(self, config, layer_index, rotary):
         super().__init__()
@@ -129,12 +129,15 @@ class GLMAttention(nn.Cell):
         query, key, value = self.split_qkv(mixed.reshape(batch, seq, self.num_heads, 3 * self.head_dim))
         return self.rotary.apply(query, cos, sin), self.rotary.apply(key, cos, sin), value
 
-    def construct(self, x, mask, cos, sin):
+    def construct(self, x, mask, cos, sin, cache=None, write=None):
         batch, seq, _ = x.shape
         query, key, value = self.project(x, cos, sin)
         query = self.mul_scale(query, self.query_scale)
-        heads = lambda t: self.to_heads(t, (0, 2, 1, 3))
-        context = self.core(heads(query), heads(key), heads(value), mask)
+        query, key, value = (self.to_heads(t, (0, 2, 1, 3)) for t in (query, key, value))
+        if cache is None:
+            context = self.core(query, key, value, mask)
+        else:
+            context = cache.attend(query, key, value, mask, write, self.core)
         context = self.from_heads(context, (0, 2, 1, 3)).reshape(batch * seq, self.inner_size)
         return self.dense(context).reshape(batch, seq, -1)
 
@@ -166,9 +169,9 @@ class GLMBlock(nn.Cell):
         """alpha * normed + branch."""
         return self.add(self.scale(normed, self.alpha), branch)
 
-    def construct(self, x, mask, cos, sin):
+    def construct(self, x, mask, cos, sin, cache=None, write=None):
         normed = self.input_layernorm(x)
-        x = self.residual(normed, self.attention_dropout(self.attention(normed, mask, cos, sin)))
+        x = self.residual(normed, self.attention_dropout(self.attention(normed, mask, cos, sin, cache, write)))
         normed = self.post_attention_layernorm(x)
         return self.residual(normed, self.mlp(normed))
 
@@ -177,7 +180,11 @@ class GLMBlock(nn.Cell):
 class GLMModel(nn.Cell):
     """The GLM transformer: input_ids [B, S] int32 (S <= seq_length) -> hidden states [B, S, H] after
     final_layernorm. `attention_mask` [B, S] (1 = token, 0 = padding) and `position_ids` [B, 2, S] are optional
-    (see the module docstring)."""
+    (see the module docstring). With `cache` (a decoding session's `CacheView`) and `step` = (positions [B, T]
+    int32, additive mask, write) the tokens continue the session's sequences: a prefill reads each row's structure
+    off its left-padded tokens (the session mask's last row marks the real ones) and keeps each slot's `<sop>` and
+    blank positions in the cache; a decode step continues the 2-D positions from them (row 0 stays at the blank,
+    row 1 counts on)."""
 
     def __init__(self, config):
         super().__init__()
@@ -204,16 +211,28 @@ class GLMModel(nn.Cell):
             hidden = ops.cast(hidden, self.compute_dtype)
         return self.embedding_dropout(hidden)
 
-    def construct(self, input_ids, attention_mask=None, position_ids=None):
+    def construct(self, input_ids, attention_mask=None, cache=None, step=None, position_ids=None):
         batch, seq = input_ids.shape
         if seq > self.seq_length:
             raise ValueError(f"input_ids has {seq} tokens per row, more than seq_length {self.seq_length}")
-        valid = ops.ones((batch, seq), ms.int32) if attention_mask is None else ops.cast(attention_mask, ms.int32)
-        derived, mask, _, _ = self.layout(input_ids, valid)
-        cos, sin = self.rotary.tables(derived if position_ids is None else ops.cast(position_ids, ms.int32))
+        write = None
+        if cache is None:
+            valid = ops.ones((batch, seq), ms.int32) if attention_mask is None else ops.cast(attention_mask, ms.int32)
+            derived, mask, _, _ = self.layout(input_ids, valid)
+            position_ids = derived if position_ids is None else ops.cast(position_ids, ms.int32)
+        else:
+            positions, mask, write = step
+            if cache.prefill:
+                position_ids, mask, context_length, mask_position = self.layout(
+                    input_ids, ops.cast(mask[:, 0, -1, :] == 0, ms.int32))
+                cache.store('context_length', context_length, write)
+                cache.store('mask_position', mask_position, write)
+            else:
+                position_ids = glm_position_ids(positions, cache.load('context_length'), cache.load('mask_position'))
+        cos, sin = self.rotary.tables(position_ids)
         hidden = self.embed(input_ids)
-        for layer in self.layers:
-            hidden = layer(hidden, mask, cos, sin)
+        for index, layer in enumerate(self.layers):
+            hidden = layer(hidden, mask, cos, sin, None if cache is None else cache.layers[index], write)
         return self.final_layernorm(hidden)
 
 
@@ -221,8 +240,7 @@ class GLMModel(nn.Cell):
 class GLMForPreTraining(CausalLMModel):
     """GLM with its own output head `lm_head` [vocab, hidden] (no bias). Contracts of `CausalLMModel`, plus an
     optional `position_ids` [B, 2, S] (training: aligned with input_ids [B, S+1] or with the S inputs) replacing
-    the positions read off the tokens; `generate(..., use_past=True)` decodes with a KV cache
-    (`GLMIncrementalCore`)."""
+    the positions read off the tokens (one forward for training, prefill and decode)."""
 
     def __init__(self, config: GLMConfig):
         super().__init__(config)
@@ -238,81 +256,29 @@ class GLMForPreTraining(CausalLMModel):
         logits = self.lm_head(hidden)
         return logits if logits.dtype == ms.float32 else ops.cast(logits, ms.float32)
 
-    def logits(self, input_ids, attention_mask=None, position_ids=None):
-        """[B, S] (optionally a padding mask [B, S] and position_ids [B, 2, S]) -> fp32 logits [B * S, vocab]."""
-        hidden = self.transformer(input_ids, attention_mask, position_ids)
-        return self.head(hidden.reshape(-1, hidden.shape[-1]))
+    def logits(self, input_ids, attention_mask=None, cache=None, step=None, position_ids=None):
+        """`CausalLMModel.logits`, plus explicit `position_ids` [B, 2, S] (without a cache)."""
+        hidden = self.transformer(input_ids, attention_mask, cache, step, position_ids)
+        return self.head(self.logit_rows(hidden, cache))
+
+    def kv_cache_layout(self):
+        return {'num_layers': int(self.config.num_layers), 'kv_heads': int(self.config.num_heads),
+                'head_dim': int(self.config.head_size), 'state': ('context_length', 'mask_position')}
 
     def next_token_loss(self, input_ids, attention_mask=None, labels=None, position_ids=None):
         targets, weights = self.loss_targets(input_ids, attention_mask, labels)
         if position_ids is not None and position_ids.shape[-1] == input_ids.shape[1]:
             position_ids = position_ids[:, :, :-1]
-        return self.loss(self.logits(input_ids[:, :-1], None, position_ids), targets, weights), weights.sum()
+        return self.loss(self.logits(input_ids[:, :-1], None, None, None, position_ids), targets, weights), weights.sum()
 
     def construct(self, input_ids, attention_mask=None, labels=None, position_ids=None):
         if not self.training:
             batch, seq = input_ids.shape
-            return self.logits(input_ids, attention_mask, position_ids).reshape(batch, seq, self.vocab_size)
+            return self.logits(input_ids, attention_mask, None, None, position_ids).reshape(batch, seq, self.vocab_size)
         loss, _ = self.next_token_loss(input_ids, attention_mask, labels, position_ids)
         return loss
-
-    def incremental_core(self, batch_size):
-        return GLMIncrementalCore(self, batch_size)
-
 
 @MindFormerRegister.register(MindFormerModuleType.MODELS)
 class GLMChatModel(ChatMixin, GLMForPreTraining):
     """ChatGLM-6B for chat: `GLMForPreTraining` plus `chat` / `stream_chat` (`ChatMixin`) with the v1 prompt of
     `ChatGLMTokenizer.build_prompt` ("[Round i]\\n问：...\\n答：...\\n"), encoded with its `[gMASK] <sop>` ending."""
-
-
-class GLMIncrementalCore(IncrementalCore):
-    """GLMForPreTraining's weights plus a KV cache of seq_length positions (keys stored after the 2-D RoPE): the
-    prefill / decode forward of `modules.kv_cache`. `forward(input_ids [B, T], positions [B, T], mask, indices,
-    prefill)` -> fp32 logits [B, vocab] of the last position (T: the prompt bucket in prefill, 1 in decode).
-
-    The prefill reads each row's structure off its tokens, which the session's causal mask leaves padded on the
-    left (its last row marks the real tokens), attends with GLM's prefix mask and keeps each row's `<sop>` and blank
-    positions; a decode step continues the 2-D positions from them (row 0 stays at the blank, row 1 counts on).
-    Decode steps scale queries by 1/sqrt(head_dim) alone (no per-layer factor: their scores are float32 at once).
-    Beam search reorders rows within each prompt's beams, which share these positions, so they are not reordered."""
-
-    def __init__(self, model, batch):
-        config = model.config
-        super().__init__(model, batch, config.num_heads, config.head_size)
-        self.context_length = Parameter(Tensor(np.zeros((batch, 1), np.int32)), name='glm_context_length',
-                                        requires_grad=False)
-        self.mask_position = Parameter(Tensor(np.zeros((batch, 1), np.int32)), name='glm_mask_position',
-                                       requires_grad=False)
-        self.decode_scale = Tensor(1.0 / math.sqrt(config.head_size), to_mstype(config.compute_dtype))
-
-    def start(self, input_ids, session_mask):
-        """Prefill: (position_ids, GLM's attention mask) of the left-padded prompts; keeps each row's `<sop>` and
-        blank positions for the decode steps."""
-        valid = ops.cast(session_mask[:, 0, -1, :] == 0, ms.int32)
-        position_ids, mask, context_length, mask_position = self.model.transformer.layout(input_ids, valid)
-        ops.assign(self.context_length, context_length)
-        ops.assign(self.mask_position, mask_position)
-        return position_ids, mask
-
-    def forward(self, input_ids, positions, mask, indices, prefill):
-        transformer = self.model.transformer
-        batch = input_ids.shape[0]
-        if prefill:
-            position_ids, mask = self.start(input_ids, mask)
-        else:
-            position_ids = glm_position_ids(positions, self.context_length, self.mask_position)
-        cos, sin = transformer.rotary.tables(position_ids)
-        hidden = transformer.embed(input_ids)
-        for index, layer in enumerate(transformer.layers):
-            attention = layer.attention
-            normed = layer.input_layernorm(hidden)
-            query, key, value = attention.project(normed, cos, sin)
-            query = query * (attention.query_scale if prefill else self.decode_scale)
-            query, key, value = (ops.transpose(t, (0, 2, 1, 3)) for t in (query, key, value))
-            context = self.cache.attend(index, query, key, value, mask, indices, prefill, attention.core)
-            hidden = layer.residual(normed, attention.dense(context))
-            normed = layer.post_attention_layernorm(hidden)
-            hidden = layer.residual(normed, layer.mlp(normed))
-        last = transformer.final_layernorm(hidden[:, -1:, :]).reshape(batch, self.hidden_size)
-        return self.model.head(last)

@@ -3,7 +3,7 @@ RoPE on the first half of each head in interleaved pairs (all read from `ChatGLM
 
 Parameter names are those of our LLaMA (HF `LlamaForCausalLM` style); `convert_glm2.py` maps the original
 ChatGLM2 names and HF `GlmForCausalLM` names onto them."""
-from mindformers.generation.chat import ChatMixin
+from mindformers.models.chat import ChatMixin
 from mindformers.models.glm2.glm2_config import ChatGLM2Config
 from mindformers.models.llama.modeling_llama import LlamaForCausalLM
 from mindformers.tools.register import MindFormerRegister, MindFormerModuleType

@@ -1,21 +1,18 @@
 """GPT-2: learned positions, pre-LayerNorm blocks of fused-qkv causal attention and a GELU MLP, tied LM head."""
 import math
 
-import mindspore as ms
 from mindspore import nn, ops
 
 from mindformers.models.base_model import CausalLMModel
 from mindformers.models.gpt2.gpt2_config import GPT2Config
 from mindformers.modules import CausalMask, CausalSelfAttention, Dropout, Embedding, LayerNorm, MLP
-from mindformers.modules.attention import fused_causal_attention
-from mindformers.kernels import FusedDecodeAttentionPacked, use_fused
-from mindformers.modules.kv_cache import IncrementalCore
 from mindformers.modules.layers import TiedLMHead, _dp_mp, place_last, place_layers, to_mstype
 from mindformers.tools.register import MindFormerRegister, MindFormerModuleType
 
 
 class GPT2Block(nn.Cell):
-    """x + attention(LN(x), mask), then + mlp(LN(.)): x [B, S, H], additive mask [B, heads, S, S] -> [B, S, H]."""
+    """x + attention(LN(x)), then + mlp(LN(.)): x [B, S, H] -> [B, S, H]; mask, cache and write as for
+    `CausalSelfAttention` (each branch adds the residual itself, inside its output projection)."""
 
     def __init__(self, config):
         super().__init__()
@@ -33,21 +30,19 @@ class GPT2Block(nn.Cell):
         self.post_attention_layernorm = LayerNorm(hidden, **norm_args)
         self.mlp = MLP(hidden, config.expand_ratio * hidden, hidden_act=config.hidden_act,
                        dropout=config.hidden_dropout_rate, **common)
-        dp, _ = _dp_mp(parallel)
-        self.add = ops.Add().shard(((dp, 1, 1), (dp, 1, 1)))
 
-    def construct(self, x, mask):
-        if self.attention.o_proj.fused:  # CPU, unsharded: each output projection adds its bias and the residual
-            x = self.attention.add_to(x, self.input_layernorm(x), mask)
-            return self.mlp.add_to(x, self.post_attention_layernorm(x))
-        x = self.add(x, self.attention(self.input_layernorm(x), mask))
-        return self.add(x, self.mlp(self.post_attention_layernorm(x)))
+    def construct(self, x, mask, cache=None, write=None):
+        x = self.attention(self.input_layernorm(x), mask, cache, write, residual=x)
+        return self.mlp(self.post_attention_layernorm(x), residual=x)
 
 
 @MindFormerRegister.register(MindFormerModuleType.MODELS)
 class GPT2Model(nn.Cell):
     """The GPT-2 backbone: input_ids [B, S] int32 (S <= seq_length) -> final hidden states [B, S, H].
-    `attention_mask` [B, S] (1 = token, 0 = padding, e.g. left padding for generation) is optional."""
+
+    `attention_mask` [B, S] (1 = token, 0 = padding, e.g. left padding) is optional. With `cache` (a decoding
+    session's `CacheView`) and `step` = (positions [B, S] int32, additive mask, write), the tokens continue the
+    session's sequences (see `mindformers.generation.session`)."""
 
     # without padding the position table is added whole (a replicated table, like its own lookup's)
     parameter_inputs = {'embed_positions.weight': ('add_positions', 1)}
@@ -64,7 +59,6 @@ class GPT2Model(nn.Cell):
                                          config.param_init_type, parallel, replicated=True)
         self.embed_dropout = Dropout(config.embedding_dropout_prob)
         self.causal_mask = CausalMask(config.seq_length, config.softmax_compute_type)
-        self.fused_causal = fused_causal_attention(config.softmax_compute_type, parallel)
         self.num_heads = config.num_heads
         self.layers = nn.CellList([GPT2Block(config) for _ in range(config.num_layers)])
         self.final_layernorm = LayerNorm(config.hidden_size, config.layernorm_epsilon, config.param_init_type,
@@ -75,13 +69,16 @@ class GPT2Model(nn.Cell):
         self.add_positions = ops.Add().shard(((dp, 1, 1), (1, 1)))
         self.embed_dropout.shard(((dp, 1, 1),))
 
-    def construct(self, input_ids, attention_mask=None):
-        batch, seq = input_ids.shape
+    def construct(self, input_ids, attention_mask=None, cache=None, step=None):
+        seq = input_ids.shape[1]
         if seq > self.seq_length:
             raise ValueError(f"input_ids has {seq} tokens per row, more than seq_length {self.seq_length}")
-        if attention_mask is None:
-            # None = the plain causal mask, applied inside the fused CPU attention kernel
-            mask = None if self.fused_causal else self.causal_mask(batch, self.num_heads, seq)
+        write = None
+        if cache is not None:
+            positions, mask, write = step
+            hidden = self.embed_tokens(input_ids) + self.embed_positions(positions)
+        elif attention_mask is None:
+            mask = None  # the plain causal mask
             positions = self.embed_positions.weight
             if seq != self.seq_length:
                 positions = positions[:seq]
@@ -92,8 +89,8 @@ class GPT2Model(nn.Cell):
         if hidden.dtype != self.compute_dtype:
             hidden = ops.cast(hidden, self.compute_dtype)
         hidden = self.embed_dropout(hidden)
-        for layer in self.layers:
-            hidden = layer(hidden, mask)
+        for index, layer in enumerate(self.layers):
+            hidden = layer(hidden, mask, None if cache is None else cache.layers[index], write)
         return self.final_layernorm(hidden)
 
 
@@ -110,72 +107,6 @@ class GPT2LMHeadModel(CausalLMModel):
         place_last(config.parallel_config, self.lm_head, self.loss)
         self.load_checkpoint(config)
 
-    def logits(self, input_ids, attention_mask=None):
-        """[B, S] (and optionally a padding mask [B, S]) -> fp32 logits [B * S, vocab_size]."""
-        hidden = self.backbone(input_ids, attention_mask)
-        return self.lm_head(hidden.reshape(-1, hidden.shape[-1]), self.backbone.embed_tokens.weight)
-
-    def incremental_core(self, batch_size):
-        return GPT2IncrementalCore(self, batch_size)
-
-
-class GPT2IncrementalCore(IncrementalCore):
-    """GPT2LMHeadModel's weights plus a KV cache: the prefill / decode forward of `modules.kv_cache`.
-
-    `forward(input_ids [B, T], positions [B, T], mask, indices, prefill)`: T is the bucketed prompt length (prefill,
-    mask [B, 1, T, T]) or 1 (decode, mask [B, 1, 1, max_length], indices from `CacheState.step`). Returns fp32
-    logits [B, vocab] of the last position."""
-
-    def __init__(self, model, batch):
-        config = model.config
-        head_dim = config.hidden_size // config.num_heads
-        super().__init__(model, batch, config.num_heads, head_dim)
-        self.num_heads, self.head_dim = config.num_heads, head_dim
-        self.scale = ms.Tensor(1.0 / math.sqrt(self.head_dim), ms.float32)
-        # decode steps take q, k, v straight from the packed projection into one fused CPU kernel (fp32)
-        self.fused_decode = (use_fused(to_mstype(config.compute_dtype))
-                             and _dp_mp(config.parallel_config) == (1, 1))
-        if self.fused_decode:
-            self.attend = FusedDecodeAttentionPacked()
-            self.scale_vector = ms.Tensor([1.0 / math.sqrt(self.head_dim)], ms.float32)
-
-    def _heads(self, x, batch, length):
-        return ops.transpose(x.reshape(batch, length, self.num_heads, self.head_dim), (0, 2, 1, 3))
-
-    def forward(self, input_ids, positions, mask, indices, prefill):
-        if self.fused_decode and not prefill:
-            return self._fused_decode_step(input_ids, positions, mask, indices)
-        backbone = self.model.backbone
-        batch, length = input_ids.shape
-        table = backbone.embed_tokens.weight.reshape(self.model.vocab_size, self.hidden_size)
-        hidden = ops.gather(table, input_ids, 0) + ops.gather(backbone.embed_positions.weight, positions, 0)
-        if hidden.dtype != backbone.compute_dtype:
-            hidden = ops.cast(hidden, backbone.compute_dtype)
-        for index, layer in enumerate(backbone.layers):
-            attention = layer.attention
-            qkv = attention.qkv_proj(layer.input_layernorm(hidden))
-            query, key, value = ops.split(qkv, self.hidden_size, axis=-1)
-            query = self._heads(query, batch, length) * self.scale
-            key, value = self._heads(key, batch, length), self._heads(value, batch, length)
-            context = self.cache.attend(index, query, key, value, mask, indices, prefill, attention.core)
-            hidden = hidden + attention.o_proj(context)
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        last = backbone.final_layernorm(hidden[:, -1:, :]).reshape(batch, self.hidden_size)
-        return self.model.lm_head(last, table)
-
-    def _fused_decode_step(self, input_ids, positions, mask, indices):
-        """The decode step (same contract as `forward`) with the fused packed-attention kernel; rows are
-        [B, hidden]."""
-        backbone = self.model.backbone
-        batch = input_ids.shape[0]
-        table = backbone.embed_tokens.weight.reshape(self.model.vocab_size, self.hidden_size)
-        hidden = ops.gather(table, input_ids, 0) + ops.gather(backbone.embed_positions.weight, positions, 0)
-        hidden = hidden.reshape(batch, self.hidden_size)
-        for index, layer in enumerate(backbone.layers):
-            attention = layer.attention
-            qkv = attention.qkv_proj(layer.input_layernorm(hidden))
-            context = self.attend(qkv, self.cache.keys[index].data, self.cache.values[index].data, mask, indices,
-                                  self.scale_vector)
-            hidden = attention.o_proj.add_to(hidden, context)
-            hidden = layer.mlp.add_to(hidden, layer.post_attention_layernorm(hidden))
-        return self.model.lm_head(backbone.final_layernorm(hidden), table)
+    def logits(self, input_ids, attention_mask=None, cache=None, step=None):
+        hidden = self.backbone(input_ids, attention_mask, cache, step)
+        return self.lm_head(self.logit_rows(hidden, cache), self.backbone.embed_tokens.weight)

@@ -11,9 +11,7 @@ from mindspore import nn, ops
 from mindformers.models.base_model import CausalLMModel
 from mindformers.models.llama.llama_config import DECODER_DEFAULTS, LlamaConfig
 from mindformers.modules import CausalMask, Embedding, GatedMLP, GroupedQueryAttention
-from mindformers.modules.attention import fused_causal_attention
-from mindformers.modules.kv_cache import IncrementalCore
-from mindformers.modules.layers import TiedLMHead, _dp_mp, output_head, place_last, place_layers, to_mstype
+from mindformers.modules.layers import TiedLMHead, output_head, place_last, place_layers, to_mstype
 from mindformers.modules.norm import build_norm
 from mindformers.modules.rotary import RotaryEmbedding
 from mindformers.tools.register import MindFormerRegister, MindFormerModuleType
@@ -26,7 +24,7 @@ def decoder_option(config, name):
 
 class LlamaDecoderLayer(nn.Cell):
     """x + self_attn(norm(x)), then + mlp(norm(.)) (norm: RMSNorm, or LayerNorm by `config.norm_type`): x [B, S, H],
-    mask and rotary tables as for `GroupedQueryAttention` -> [B, S, H]."""
+    mask, rotary tables, cache and write as for `GroupedQueryAttention` -> [B, S, H]."""
 
     def __init__(self, config, rotary):
         super().__init__()
@@ -44,19 +42,19 @@ class LlamaDecoderLayer(nn.Cell):
                                                **common)
         self.post_attention_layernorm = build_norm(norm_type, hidden, **norm_args)
         self.mlp = GatedMLP(hidden, config.ffn_size, has_bias=bool(decoder_option(config, 'mlp_bias')), **common)
-        dp, _ = _dp_mp(parallel)
-        self.add = ops.Add().shard(((dp, 1, 1), (dp, 1, 1)))
 
-    def construct(self, x, mask, cos, sin):
-        x = self.add(x, self.self_attn(self.input_layernorm(x), mask, cos, sin))
-        return self.add(x, self.mlp(self.post_attention_layernorm(x)))
+    def construct(self, x, mask, cos, sin, cache=None, write=None):
+        x = self.self_attn(self.input_layernorm(x), mask, cos, sin, cache, write, residual=x)
+        return self.mlp(self.post_attention_layernorm(x), residual=x)
 
 
 @MindFormerRegister.register(MindFormerModuleType.MODELS)
 class LlamaModel(nn.Cell):
     """The decoder: input_ids [B, S] int32 (S <= seq_length) -> final hidden states [B, S, H] after the last norm.
     `attention_mask` [B, S] (1 = token, 0 = padding) is optional: padded keys are hidden and positions count from
-    each row's first real token (left-padded generation batches)."""
+    each row's first real token (left-padded generation batches). With `cache` (a decoding session's `CacheView`)
+    and `step` = (positions [B, S] int32, additive mask, write), the tokens continue the session's sequences (see
+    `mindformers.generation.session`)."""
 
     def __init__(self, config):
         super().__init__()
@@ -69,28 +67,31 @@ class LlamaModel(nn.Cell):
                                       config.rotary_interleaved, str(config.extend_method), config.scaling_factor,
                                       config.rotary_dtype)
         self.causal_mask = CausalMask(config.seq_length, config.softmax_compute_type)
-        self.fused_causal = fused_causal_attention(config.softmax_compute_type, parallel)
         self.layers = nn.CellList([LlamaDecoderLayer(config, self.rotary) for _ in range(config.num_layers)])
         self.norm = build_norm(decoder_option(config, 'norm_type'), config.hidden_size, config.norm_eps,
                                config.param_init_type, config.layernorm_compute_type, parallel)
         place_layers(self.layers, parallel, getattr(config, 'offset', 0))
         place_last(parallel, self.norm)
 
-    def construct(self, input_ids, attention_mask=None):
-        batch, seq = input_ids.shape
+    def construct(self, input_ids, attention_mask=None, cache=None, step=None):
+        seq = input_ids.shape[1]
         if seq > self.seq_length:
             raise ValueError(f"input_ids has {seq} tokens per row, more than seq_length {self.seq_length}")
         hidden = self.embed_tokens(input_ids)
         if hidden.dtype != self.compute_dtype:
             hidden = ops.cast(hidden, self.compute_dtype)
-        if attention_mask is None:
-            mask = None if self.fused_causal else self.causal_mask(batch, self.num_heads, seq)
+        write = None
+        if cache is not None:
+            positions, mask, write = step
+            cos, sin = self.rotary.tables(positions)
+        elif attention_mask is None:
+            mask = None  # the plain causal mask
             cos, sin = self.rotary.static_tables(seq)
         else:
             mask, positions = self.causal_mask.with_padding(attention_mask, self.num_heads)
             cos, sin = self.rotary.tables(positions)
-        for layer in self.layers:
-            hidden = layer(hidden, mask, cos, sin)
+        for index, layer in enumerate(self.layers):
+            hidden = layer(hidden, mask, cos, sin, None if cache is None else cache.layers[index], write)
         return self.norm(hidden)
 
 
@@ -98,7 +99,7 @@ class LlamaModel(nn.Cell):
 class LlamaForCausalLM(CausalLMModel):
     """LLaMA with its own output head `lm_head` [vocab, hidden] (with `config.tied_head` a `TiedLMHead` without a
     weight: the logits are then taken against `model.embed_tokens.weight`). Training and inference contracts:
-    `CausalLMModel`; `generate(..., use_past=True)` decodes with a KV cache (`LlamaIncrementalCore`)."""
+    `CausalLMModel` (one forward for training, prefill and decode)."""
 
     def __init__(self, config: LlamaConfig):
         super().__init__(config)
@@ -121,38 +122,9 @@ class LlamaForCausalLM(CausalLMModel):
         logits = self.lm_head(hidden)
         return logits if logits.dtype == ms.float32 else ops.cast(logits, ms.float32)
 
-    def logits(self, input_ids, attention_mask=None):
-        """[B, S] (and optionally a padding mask [B, S]) -> fp32 logits [B * S, vocab_size]."""
-        hidden = self.model(input_ids, attention_mask)
-        return self.head(hidden.reshape(-1, hidden.shape[-1]))
+    def logits(self, input_ids, attention_mask=None, cache=None, step=None):
+        return self.head(self.logit_rows(self.model(input_ids, attention_mask, cache, step), cache))
 
-    def incremental_core(self, batch_size):
-        return LlamaIncrementalCore(self, batch_size)
-
-
-class LlamaIncrementalCore(IncrementalCore):
-    """LlamaForCausalLM's weights plus a KV cache of seq_length positions (keys stored after RoPE): the prefill /
-    decode forward of `modules.kv_cache`. `forward(input_ids [B, T], positions [B, T], mask, indices, prefill)`
-    -> fp32 logits [B, vocab] of the last position (T is the prompt bucket in prefill, 1 in decode)."""
-
-    def __init__(self, model, batch):
-        super().__init__(model, batch, model.config.kv_heads, model.config.head_size)
-
-    def forward(self, input_ids, positions, mask, indices, prefill):
-        decoder = self.model.model
-        batch = input_ids.shape[0]
-        hidden = decoder.embed_tokens(input_ids)
-        if hidden.dtype != decoder.compute_dtype:
-            hidden = ops.cast(hidden, decoder.compute_dtype)
-        cos, sin = decoder.rotary.tables(positions)
-        for index, layer in enumerate(decoder.layers):
-            attention = layer.self_attn
-            query, key, value = attention.project(layer.input_layernorm(hidden))
-            query = ops.transpose(decoder.rotary.apply(query, cos, sin), (0, 2, 1, 3))
-            key = ops.transpose(decoder.rotary.apply(key, cos, sin), (0, 2, 1, 3))
-            value = ops.transpose(value, (0, 2, 1, 3))
-            context = self.cache.attend(index, query, key, value, mask, indices, prefill, attention.core)
-            hidden = hidden + attention.o_proj(context)
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        last = decoder.norm(hidden[:, -1:, :]).reshape(batch, self.hidden_size)
-        return self.model.head(last)
+    def kv_cache_layout(self):
+        return {'num_layers': int(self.config.num_layers), 'kv_heads': int(self.config.kv_heads),
+                'head_dim': int(self.config.head_size)}

@@ -12,8 +12,6 @@ from mindspore import nn, ops
 from mindformers.models.base_model import CausalLMModel
 from mindformers.models.pangualpha.pangualpha_config import PanguAlphaConfig
 from mindformers.modules import CausalMask, Dropout, Embedding, GroupedQueryAttention, LayerNorm, MLP
-from mindformers.modules.attention import fused_causal_attention
-from mindformers.modules.kv_cache import IncrementalCore
 from mindformers.modules.layers import TiedLMHead, _dp_mp, place_last, place_layers, to_mstype
 from mindformers.tools.register import MindFormerRegister, MindFormerModuleType
 
@@ -22,34 +20,24 @@ class PanguAttention(GroupedQueryAttention):
     """Multi-head attention with separate q/k/v projections (biases) and an output projection with bias, no rotary
     positions; the query may come from its own input (the query layer's top-query embedding).
 
-    `construct(x, mask, query_input)`: keys and values from x [B, S, hidden]; queries from `query_input`
-    [B, S, hidden] (pass x itself for self-attention); mask as for `DotProductAttention` -> [B, S, hidden]."""
+    `construct(x, mask, query_input, cache=None, write=None)`: keys and values from x [B, S, hidden]; queries from
+    `query_input` [B, S, hidden] (pass x itself for self-attention); mask, cache and write as for
+    `GroupedQueryAttention` -> [B, S, hidden]."""
 
     def __init__(self, hidden_size, num_heads, attention_dropout=0.0, init_std=0.02, param_init_type='float32',
                  compute_dtype='float32', softmax_compute_type='float32', parallel_config=None):
         super().__init__(hidden_size, num_heads, qkv_bias=True, out_bias=True, attention_dropout=attention_dropout,
                          init_std=init_std, param_init_type=param_init_type, compute_dtype=compute_dtype,
                          softmax_compute_type=softmax_compute_type, parallel_config=parallel_config)
-        dp, mp = _dp_mp(parallel_config)
-        self.scale_heads = ops.Mul().shard(((dp, mp, 1, 1), ()))
 
-    def heads(self, x, projection):
-        """[B, S, hidden] through `projection` -> [B, heads, S, head_dim]."""
-        batch, seq, hidden = x.shape
-        y = projection(x.reshape(batch * seq, hidden)).reshape(batch, seq, self.num_heads, self.head_dim)
-        return self.to_heads(y, (0, 2, 1, 3))
-
-    def construct(self, x, mask, query_input):
-        batch, seq, _ = x.shape
-        query = self.scale_heads(self.heads(query_input, self.q_proj), self.scale)
-        context = self.core(query, self.heads(x, self.k_proj), self.heads(x, self.v_proj), mask)
-        context = self.from_heads(context, (0, 2, 1, 3)).reshape(batch * seq, self.num_heads * self.head_dim)
-        return self.o_proj(context).reshape(batch, seq, -1)
+    def construct(self, x, mask, query_input, cache=None, write=None):
+        return self.attend(self.heads(query_input, self.q_proj), self.heads(x, self.k_proj),
+                           self.heads(x, self.v_proj), mask, cache, write, None)
 
 
 class PanguBlock(nn.Cell):
     """x + attention(LN(x), mask), then + mlp(LN(.)): x [B, S, H] -> [B, S, H]. With `query` [B, S, H] (the query
-    layer) the attention queries come from it instead of LN(x)."""
+    layer) the attention queries come from it instead of LN(x); cache and write as for `PanguAttention`."""
 
     def __init__(self, config):
         super().__init__()
@@ -69,18 +57,20 @@ class PanguBlock(nn.Cell):
         self.attention_dropout.shard(((dp, 1, 1),))
         self.add = ops.Add().shard(((dp, 1, 1), (dp, 1, 1)))
 
-    def construct(self, x, mask, query=None):
+    def construct(self, x, mask, query=None, cache=None, write=None):
         normed = self.input_layernorm(x)
-        attended = self.attention(normed, mask, normed if query is None else query)
+        attended = self.attention(normed, mask, normed if query is None else query, cache, write)
         x = self.add(x, self.attention_dropout(attended))
-        return self.add(x, self.mlp(self.post_attention_layernorm(x)))
+        return self.mlp(self.post_attention_layernorm(x), residual=x)
 
 
 @MindFormerRegister.register(MindFormerModuleType.MODELS)
 class PanguAlphaModel(nn.Cell):
     """The PanGu-alpha backbone: input_ids [B, S] int32 (S <= seq_length) -> hidden states [B, S, H] after the query
     layer (no norm follows it). `attention_mask` [B, S] (1 = token, 0 = padding, e.g. left padding for generation) is
-    optional: padded keys are hidden and positions count from each row's first real token."""
+    optional: padded keys are hidden and positions count from each row's first real token. With `cache` (a decoding
+    session's `CacheView`; the query layer's keys and values are cached last) and `step` = (positions [B, S] int32,
+    additive mask, write), the tokens continue the session's sequences."""
 
     def __init__(self, config):
         super().__init__()
@@ -96,7 +86,6 @@ class PanguAlphaModel(nn.Cell):
         self.embed_top_query = embedding(config.seq_length, True)
         self.embed_dropout = Dropout(config.embedding_dropout_prob)
         self.causal_mask = CausalMask(config.seq_length, config.softmax_compute_type)
-        self.fused_causal = fused_causal_attention(config.softmax_compute_type, parallel)
         self.layers = nn.CellList([PanguBlock(config) for _ in range(config.num_layers - 1)])
         self.final_layernorm = LayerNorm(config.hidden_size, config.layernorm_epsilon, config.param_init_type,
                                          config.layernorm_compute_type, parallel)
@@ -107,13 +96,15 @@ class PanguAlphaModel(nn.Cell):
         dp, _ = _dp_mp(parallel)
         self.embed_dropout.shard(((dp, 1, 1),))
 
-    def construct(self, input_ids, attention_mask=None):
+    def construct(self, input_ids, attention_mask=None, cache=None, step=None):
         batch, seq = input_ids.shape
         if seq > self.seq_length:
             raise ValueError(f"input_ids has {seq} tokens per row, more than seq_length {self.seq_length}")
-        if attention_mask is None:
-            # None = the plain causal mask, applied inside the fused CPU attention kernel
-            mask = None if self.fused_causal else self.causal_mask(batch, self.num_heads, seq)
+        write = None
+        if cache is not None:
+            positions, mask, write = step
+        elif attention_mask is None:
+            mask = None  # the plain causal mask
             positions = ops.broadcast_to(ops.arange(seq, dtype=ms.int32).reshape(1, seq), (batch, seq))
         else:  # padded rows: positions count from each row's first real token, padding is hidden as a key
             mask, positions = self.causal_mask.with_padding(attention_mask, self.num_heads)
@@ -122,15 +113,17 @@ class PanguAlphaModel(nn.Cell):
         if hidden.dtype != self.compute_dtype:
             hidden, query = ops.cast(hidden, self.compute_dtype), ops.cast(query, self.compute_dtype)
         hidden = self.embed_dropout(hidden)
-        for layer in self.layers:
-            hidden = layer(hidden, mask)
-        return self.top_query_layer(self.final_layernorm(hidden), mask, query)
+        for index, layer in enumerate(self.layers):
+            hidden = layer(hidden, mask, None, None if cache is None else cache.layers[index], write)
+        return self.top_query_layer(self.final_layernorm(hidden), mask, query,
+                                    None if cache is None else cache.layers[len(self.layers)], write)
 
 
 @MindFormerRegister.register(MindFormerModuleType.MODELS)
 class PanguAlphaHeadModel(CausalLMModel):
     """PanGu-alpha with its output head tied to the word embedding. Training and inference contracts:
-    `CausalLMModel`; `generate(..., use_past=True)` decodes with a KV cache (`PanguAlphaIncrementalCore`)."""
+    `CausalLMModel` (one forward for training, prefill and decode; the query layer counts as the last of
+    `num_layers` cached layers)."""
 
     parameter_inputs = {'backbone.embed_tokens.weight': ('lm_head.matmul', 1)}
 
@@ -145,50 +138,5 @@ class PanguAlphaHeadModel(CausalLMModel):
         """[N, H] -> fp32 logits [N, vocab_size] through the tied word embedding."""
         return self.lm_head(hidden, self.backbone.embed_tokens.weight)
 
-    def logits(self, input_ids, attention_mask=None):
-        """[B, S] (and optionally a padding mask [B, S]) -> fp32 logits [B * S, vocab_size]."""
-        hidden = self.backbone(input_ids, attention_mask)
-        return self.head(hidden.reshape(-1, hidden.shape[-1]))
-
-    def incremental_core(self, batch_size):
-        return PanguAlphaIncrementalCore(self, batch_size)
-
-
-class PanguAlphaIncrementalCore(IncrementalCore):
-    """PanguAlphaHeadModel's weights plus a KV cache of seq_length positions for every layer, the query layer's
-    (keys and values of the final-LayerNorm output) last: the prefill / decode forward of `modules.kv_cache`.
-    `forward(input_ids [B, T], positions [B, T], mask, indices, prefill)` -> fp32 logits [B, vocab] of the last
-    position (T is the prompt bucket in prefill, 1 in decode)."""
-
-    def __init__(self, model, batch):
-        config = model.config
-        super().__init__(model, batch, config.num_heads, config.hidden_size // config.num_heads)
-        # the additive masks arrive in float32; half-precision scores need them in their own dtype (prefill adds
-        # them after the softmax cast, a decode step to the compute-dtype scores), clamped to stay finite
-        self.prefill_mask_dtype = to_mstype(config.softmax_compute_type)
-        self.decode_mask_dtype = to_mstype(config.compute_dtype)
-
-    def _layer(self, index, layer, hidden, query, mask, indices, prefill):
-        """One block (or the query layer, given its `query` input) on [B, T, H] with the cache of layer `index`."""
-        attention = layer.attention
-        normed = layer.input_layernorm(hidden)
-        query = attention.heads(normed if query is None else query, attention.q_proj) * attention.scale
-        key, value = attention.heads(normed, attention.k_proj), attention.heads(normed, attention.v_proj)
-        context = self.cache.attend(index, query, key, value, mask, indices, prefill, attention.core)
-        hidden = hidden + attention.o_proj(context)
-        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-
-    def forward(self, input_ids, positions, mask, indices, prefill):
-        backbone = self.model.backbone
-        mask_dtype = self.prefill_mask_dtype if prefill else self.decode_mask_dtype
-        if mask_dtype != ms.float32:
-            mask = ops.cast(ops.maximum(mask, -6e4), mask_dtype)
-        hidden = backbone.embed_tokens(input_ids) + backbone.embed_positions(positions)
-        query = backbone.embed_top_query(positions)
-        if hidden.dtype != backbone.compute_dtype:
-            hidden, query = ops.cast(hidden, backbone.compute_dtype), ops.cast(query, backbone.compute_dtype)
-        for index, layer in enumerate(backbone.layers):
-            hidden = self._layer(index, layer, hidden, None, mask, indices, prefill)
-        hidden = backbone.final_layernorm(hidden)
-        hidden = self._layer(len(backbone.layers), backbone.top_query_layer, hidden, query, mask, indices, prefill)
-        return self.model.head(hidden[:, -1, :])
+    def logits(self, input_ids, attention_mask=None, cache=None, step=None):
+        return self.head(self.logit_rows(self.backbone(input_ids, attention_mask, cache, step), cache))

@@ -1,0 +1,326 @@
+"""Decoding sessions: a preallocated key/value cache with slots, and the compiled prefill and decode steps over it.
+
+A `DecodingSession(model, slots)` owns its cache (the model owns none), so one model can serve several sessions at
+once. Each of the `slots` rows is an independent sequence with its own length: `prefill(rows, ids, mask)` starts new
+sequences in the given free slots while the other slots keep their state, `decode(tokens)` advances every active
+slot by one token, and `free(rows)` releases slots for reuse. Shapes are static: one compiled graph per (rows,
+prompt bucket) for prefill and one for decode, whatever the slots hold.
+
+The model side is the family's one forward: `model.logits(input_ids, None, cache, step)` with `cache` a view of the
+session's cache (`KVCache.prefill` or `KVCache.decode`) and `step = (positions, mask, write)`, returning fp32
+logits [rows, vocab] of each row's last position. The family declares its cache with `model.kv_cache_layout()`.
+
+Cache layout per layer: keys and values `[slots, kv_heads, max_length, head_dim]` in the model's compute dtype,
+Parameters updated in place (keys stored after any rotary embedding). A prefill writes a slot's positions [0, T)
+(its prompt left-padded to the bucket T) and zeroes the rest of the row; a decode step writes one position per
+slot, the next after that slot's last. Attention in a decode step reads a slot's positions up to its own under an
+additive mask that hides its left padding."""
+import itertools
+import weakref
+
+import numpy as np
+import mindspore as ms
+from mindspore import nn, ops, Parameter, Tensor
+
+from mindformers.kernels import FusedDecodeAttention, FusedDecodeAttentionPacked, use_fused
+from mindformers.modules.layers import to_mstype
+
+NEG_INF = -1e9
+PREFILL_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+_SESSION_IDS = itertools.count()
+
+
+def prefill_bucket(length, max_length):
+    """The smallest bucket >= `length` (capped at `max_length`): prompts are left-padded to it."""
+    for bucket in PREFILL_BUCKETS:
+        if bucket >= length:
+            return min(bucket, max_length)
+    return max_length
+
+
+class _Buffer(nn.Cell):
+    def __init__(self, shape, dtype, name):
+        super().__init__(auto_prefix=False)
+        self.data = Parameter(Tensor(np.zeros(shape), dtype), name=name, requires_grad=False)
+
+
+class LayerCache(nn.Cell):
+    """One layer's keys and values as a prefill (`prefill` True) or a decode step sees them: what a family's
+    attention is given as `cache` (with `write`, from the step's inputs).
+
+    `attend(query, key, value, mask, write, core)`: query [B, H, T, D] already scaled, key/value [B, Hkv, T, D]
+    -> context [B, H, T, D]. Prefill: stores key/value at positions [0, T) of slots `write` ([B] int32; the rest
+    of those rows is zeroed) and attends with `core` (the layer's `DotProductAttention`) under `mask`
+    [B, 1, T, T]. Decode (T = 1): stores key/value at each row's position (`write` [B, Hkv, 1, 3] int32: row, head,
+    position) and attends over the row's cache under `mask` [B, 1, 1, max_length]. A `core.score_scale`
+    multiplies the scores here too.
+    `attend_packed(qkv, mask, write, scale [1])`: the same decode step on a packed projection qkv
+    [B, (H + 2 Hkv) D] (unscaled) -> [B, H D]; only where `packed` (decode, fp32 CPU kernels)."""
+
+    def __init__(self, keys, values, prefill):
+        super().__init__(auto_prefix=False)
+        self.keys, self.values = keys, values
+        self.prefill = prefill
+        self.max_length = keys.data.shape[2]
+        self.packed = not prefill and use_fused(keys.data.dtype)
+        self.fused_attention = FusedDecodeAttention() if self.packed else None
+        self.fused_packed = FusedDecodeAttentionPacked() if self.packed else None
+        self.scatter_rows = ops.ScatterUpdate()
+        self.scatter = ops.ScatterNdUpdate()
+        self.scores_matmul = ops.BatchMatMul(transpose_b=True)
+        self.context_matmul = ops.BatchMatMul()
+        self.softmax = ops.Softmax(axis=-1)
+
+    def attend(self, query, key, value, mask, write, core):
+        if self.prefill:
+            length = key.shape[2]
+            pad = (0, 0, 0, self.max_length - length)  # ops.pad: (last axis before, after, previous axis ...)
+            self.scatter_rows(self.keys.data, write, ops.pad(key, pad) if length < self.max_length else key)
+            self.scatter_rows(self.values.data, write, ops.pad(value, pad) if length < self.max_length else value)
+            if mask.dtype != core.softmax_dtype:  # half precision: keep the hidden scores finite
+                mask = ops.cast(ops.maximum(mask, -6e4), core.softmax_dtype)
+            return core(query, key, value, mask)
+        if core.score_scale is not None:
+            query = query * ops.cast(core.score_scale, query.dtype)
+        keys, values = self.keys.data, self.values.data
+        if self.fused_attention is not None and query.dtype == ms.float32:
+            return self.fused_attention(query, key, value, keys, values, mask, write)
+        keys = ops.depend(keys, self.scatter(keys, write, key))
+        values = ops.depend(values, self.scatter(values, write, value))
+        group = query.shape[1] // keys.shape[1]
+        if group > 1:
+            keys, values = ops.repeat_interleave(keys, group, 1), ops.repeat_interleave(values, group, 1)
+        scores = self.scores_matmul(query, keys)
+        if scores.dtype != ms.float32:  # half precision: the softmax runs in float32 (the mask holds -1e9)
+            scores = ops.cast(scores, ms.float32)
+        probs = self.softmax(scores + mask)
+        return self.context_matmul(ops.cast(probs, values.dtype), values)
+
+    def attend_packed(self, qkv, mask, write, scale):
+        return self.fused_packed(qkv, self.keys.data, self.values.data, mask, write, scale)
+
+
+class CacheView(nn.Cell):
+    """A session's cache as its prefill (`prefill` True) or decode step sees it: what a family's forward is given
+    as `cache`. `layers[i]` is layer i's `LayerCache`; `store(name, value, write)` (prefill: per-slot state [B, 1]
+    int32 into slots `write`) and `load(name)` (decode: [slots, 1]) keep what a family needs between steps (its
+    `kv_cache_layout()['state']`)."""
+
+    def __init__(self, keys, values, state, prefill):
+        super().__init__(auto_prefix=False)
+        self.prefill = prefill
+        self.layers = nn.CellList([LayerCache(k, v, prefill) for k, v in zip(keys, values)])
+        self.state = state
+        self.scatter_rows = ops.ScatterUpdate()
+
+    def store(self, name, value, write):
+        self.scatter_rows(getattr(self.state, name), write, value)
+        return value
+
+    def load(self, name):
+        return getattr(self.state, name)
+
+
+class _State(nn.Cell):
+    """Per-slot int32 state [slots, 1] Parameters, one per name."""
+
+    def __init__(self, prefix, names, slots):
+        super().__init__(auto_prefix=False)
+        self.names = tuple(names)
+        for name in self.names:
+            setattr(self, name, Parameter(Tensor(np.zeros((slots, 1), np.int32)), name=f'{prefix}.{name}',
+                                          requires_grad=False))
+
+
+class KVCache(nn.Cell):
+    """The buffers of one session: `num_layers` key and value caches [slots, kv_heads, max_length, head_dim] in
+    `dtype`, per-slot `state` names, and the two views (`prefill`, `decode`) the compiled steps hand to the
+    model."""
+
+    def __init__(self, num_layers, slots, kv_heads, max_length, head_dim, dtype=ms.float32, state=()):
+        super().__init__(auto_prefix=False)
+        prefix = f'session{next(_SESSION_IDS)}'
+        shape = (slots, kv_heads, max_length, head_dim)
+        self.kv_heads, self.max_length = kv_heads, max_length
+        self.keys = nn.CellList([_Buffer(shape, dtype, f'{prefix}.key_cache_{i}') for i in range(num_layers)])
+        self.values = nn.CellList([_Buffer(shape, dtype, f'{prefix}.value_cache_{i}') for i in range(num_layers)])
+        self.state = _State(prefix, state, slots)
+        self.prefill = CacheView(self.keys, self.values, self.state, prefill=True)
+        self.decode = CacheView(self.keys, self.values, self.state, prefill=False)
+
+    def buffers(self):
+        """Every Parameter of the cache (keys, values, state)."""
+        return [b.data for b in self.keys] + [b.data for b in self.values] + \
+            [getattr(self.state, n) for n in self.state.names]
+
+
+class SlotTable:
+    """Host-side bookkeeping of a session's slots: which are active, each slot's written length and which of its
+    positions hold real tokens; builds the step inputs in NumPy (only values change, never shapes)."""
+
+    def __init__(self, slots, kv_heads, max_length):
+        self.slots, self.kv_heads, self.max_length = slots, kv_heads, max_length
+        rows, heads = np.meshgrid(np.arange(slots), np.arange(kv_heads), indexing='ij')
+        self._indices = np.stack([rows, heads, np.zeros_like(rows)], -1)[:, :, None, :].astype(np.int32)
+        self.valid = np.zeros((slots, max_length), bool)   # positions holding a real token
+        self.length = np.zeros(slots, np.int64)            # positions written so far
+        self.active = np.zeros(slots, bool)
+
+    def free_slots(self):
+        return [int(s) for s in np.flatnonzero(~self.active)]
+
+    def start(self, rows, attention_mask, bucket):
+        """Left-pad `attention_mask` [n, P] to `bucket` for slots `rows`; returns (positions [n, bucket],
+        mask [n, 1, bucket, bucket], left padding added)."""
+        count, length = attention_mask.shape
+        if length > bucket or bucket > self.max_length:
+            raise ValueError(f"a prompt of {length} tokens does not fit the cache of {self.max_length} positions")
+        extra = bucket - length
+        mask = np.concatenate([np.zeros((count, extra), np.int32), attention_mask.astype(np.int32)], axis=1)
+        valid = mask.astype(bool)
+        self.valid[rows] = False
+        self.valid[rows, :bucket] = valid
+        self.length[rows] = bucket
+        self.active[rows] = True
+        positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
+        allowed = np.tril(np.ones((bucket, bucket), bool))[None] & valid[:, None, :]
+        return positions, np.where(allowed, 0.0, NEG_INF).astype(np.float32)[:, None], extra
+
+    def step(self):
+        """(positions [slots, 1], mask [slots, 1, 1, max_length], write indices [slots, kv_heads, 1, 3]) for the
+        next decode step: each active slot writes its next position; an inactive one writes position 0 of its own
+        row (never read: a prefill rewrites the row)."""
+        full = self.active & (self.length >= self.max_length)
+        if full.any():
+            raise ValueError(f"slot {int(np.flatnonzero(full)[0])} is full: its cache holds {self.max_length} "
+                             f"positions")
+        written = np.where(self.active, self.length, 0)
+        positions = np.where(self.active, self.valid.sum(axis=1), 0).astype(np.int32)[:, None]
+        self.valid[self.active, written[self.active]] = True
+        visible = self.valid.copy()
+        visible[~self.active, 0] = True
+        mask = np.where(visible, 0.0, NEG_INF).astype(np.float32)[:, None, None, :]
+        indices = self._indices.copy()
+        indices[..., 2] = written[:, None, None]
+        self.length[self.active] += 1
+        return positions, mask, indices
+
+    def free(self, rows):
+        self.active[rows] = False
+        self.valid[rows] = False
+        self.length[rows] = 0
+
+    def reorder(self, rows):
+        self.valid, self.length, self.active = self.valid[rows], self.length[rows], self.active[rows]
+
+
+class _Step(nn.Cell):
+    """A compiled step called once per token. On every call MindSpore assigns the graph's phase to each sub-cell
+    (`compile_phase`, hundreds of Python attribute sets: about 0.5 ms of a decode step here); the phase of a step
+    never changes, so a repeated assignment is skipped (sub-cells' phases are read only when the graph compiles)."""
+
+    def __init__(self, model, view):
+        super().__init__(auto_prefix=False)
+        self.model, self.view = model, view
+
+    @property
+    def compile_phase(self):
+        return self._compile_phase
+
+    @compile_phase.setter
+    def compile_phase(self, value):
+        if value != self._compile_phase:
+            nn.Cell.compile_phase.fset(self, value)
+
+    def construct(self, input_ids, positions, mask, write):
+        return self.model.logits(input_ids, None, self.view, (positions, mask, write))
+
+
+class _Reorder(nn.Cell):
+    def __init__(self, cache):
+        super().__init__(auto_prefix=False)
+        self.cache = cache
+
+    def construct(self, rows):
+        for buffers in (self.cache.keys, self.cache.values):
+            for buffer in buffers:
+                ops.assign(buffer.data, ops.gather(buffer.data, rows, 0))
+        for name in self.cache.state.names:
+            state = getattr(self.cache.state, name)
+            ops.assign(state, ops.gather(state, rows, 0))
+        return rows
+
+
+class DecodingSession:
+    """KV-cache decoding of `slots` independent sequences over `model` (any causal LM of the suite with
+    `kv_cache_layout()`); see the module docstring.
+
+    `prefill(rows, input_ids [n, P], attention_mask [n, P] = None, bucket=None)` (NumPy, left-padded) starts the
+    prompts in slots `rows` (free or not: their old state is dropped) -> fp32 logits [n, vocab] of their last
+    positions. `decode(tokens [slots])` feeds each slot's next token (ignored for inactive slots) -> logits
+    [slots, vocab] (rows of inactive slots are meaningless). `free(rows)`, `free_slots()`, `reorder(rows [slots])`
+    (beam search: slot i continues what slot rows[i] held). The prompt is padded on the left to a bucket
+    (`prefill_bucket`), so prefill compiles once per (n, bucket) and decode once."""
+
+    def __init__(self, model, slots, max_length=None):
+        layout = model.kv_cache_layout()
+        self.model, self.slots = model, int(slots)
+        self.max_length = int(max_length or model.config.seq_length)
+        if self.slots < 1 or self.max_length > int(model.config.seq_length):
+            raise ValueError(f"a session needs at least one slot and at most the model's seq_length "
+                             f"({model.config.seq_length}) positions; got slots={slots}, max_length={max_length}")
+        self.cache = KVCache(layout['num_layers'], self.slots, layout['kv_heads'], self.max_length,
+                             layout['head_dim'], to_mstype(model.config.compute_dtype), layout.get('state', ()))
+        self.table = SlotTable(self.slots, layout['kv_heads'], self.max_length)
+        self._prefill, self._decode = _Step(model, self.cache.prefill), _Step(model, self.cache.decode)
+        self._reorder = _Reorder(self.cache)
+        for cell in (self._prefill, self._decode):
+            cell.set_train(False)
+
+    def free_slots(self):
+        return self.table.free_slots()
+
+    def prefill(self, rows, input_ids, attention_mask=None, bucket=None):
+        """`bucket`: the padded prompt length to compile for (default `prefill_bucket(P)`); a caller that needs
+        more room for new tokens passes a smaller one (>= P)."""
+        rows = np.asarray(rows, np.int32).reshape(-1)
+        input_ids = np.asarray(input_ids, np.int32)
+        if input_ids.ndim != 2 or input_ids.shape[0] != len(rows) or len(rows) == 0:
+            raise ValueError(f"prefill expects input_ids [{len(rows)}, P] for slots {rows.tolist()}, got shape "
+                             f"{input_ids.shape}")
+        if rows.min() < 0 or rows.max() >= self.slots or len(set(rows.tolist())) != len(rows):
+            raise ValueError(f"prefill slots must be distinct and in [0, {self.slots}), got {rows.tolist()}")
+        if attention_mask is None:
+            attention_mask = np.ones_like(input_ids)
+        bucket = prefill_bucket(input_ids.shape[1], self.max_length) if bucket is None else int(bucket)
+        positions, mask, extra = self.table.start(rows, np.asarray(attention_mask), bucket)
+        padded = np.concatenate([np.zeros((len(rows), extra), np.int32), input_ids], axis=1)
+        return self._prefill(*_tensors(padded, positions, mask, rows)).asnumpy()
+
+    def decode(self, tokens):
+        tokens = np.asarray(tokens, np.int32).reshape(self.slots, 1)
+        return self._decode(*_tensors(tokens, *self.table.step())).asnumpy()
+
+    def free(self, rows):
+        self.table.free(np.asarray(rows, np.int64).reshape(-1))
+
+    def reorder(self, rows):
+        rows = np.asarray(rows, np.int32)
+        self._reorder(Tensor(rows))
+        self.table.reorder(rows)
+
+
+def _tensors(*arrays):
+    return tuple(Tensor(a) for a in arrays)
+
+
+_SESSIONS = weakref.WeakKeyDictionary()
+
+
+def session_for(model, rows):
+    """A `DecodingSession` of `rows` slots over `model` for `generate()`, kept (per model and row count) so later
+    calls reuse its compiled graphs."""
+    sessions = _SESSIONS.setdefault(model, {})
+    if rows not in sessions:
+        sessions[rows] = DecodingSession(model, rows)
+    return sessions[rows]
