@@ -1,4 +1,6 @@
 """GPT2Config: the hyper-parameters of a GPT-2 model (MindFormers r1.0 field names)."""
+from typing import ClassVar
+
 from mindformers.models.base_config import BaseConfig
 from mindformers.modules.layers import get_activation
 from mindformers.tools.register import MindFormerRegister, MindFormerModuleType
@@ -33,51 +35,40 @@ class GPT2Config(BaseConfig):
         (weights loaded at model construction; '' for random init).
     Unknown keywords are refused (TypeError naming the closest fields)."""
 
-    model_type = 'gpt2'
+    model_type: ClassVar[str] = 'gpt2'
 
-    def __init__(self, batch_size=1, seq_length=1024, vocab_size=50257, hidden_size=768, num_layers=12,
-                 num_heads=12, expand_ratio=4, embedding_dropout_prob=0.1, hidden_dropout_rate=0.1,
-                 attention_dropout_rate=0.1, hidden_act='gelu', layernorm_epsilon=1e-5, initializer_range=0.02,
-                 compute_dtype='float32', layernorm_compute_type='float32', softmax_compute_type='float32',
-                 param_init_type='float32', eos_token_id=50256, pad_token_id=50256, bos_token_id=50256,
-                 unk_token_id=50256, ignore_token_id=-100, use_past=False, use_flash_attention=False,
-                 post_layernorm_residual=False, offset=0, num_labels=2, top_k=5, top_p=1.0, do_sample=False,
-                 repetition_penalty=1.0, max_decode_length=1024, parallel_config=None, checkpoint_name_or_path='',
-                 **kwargs):
-        super().__init__(parallel_config=parallel_config, checkpoint_name_or_path=checkpoint_name_or_path, **kwargs)
-        self.batch_size = batch_size
-        self.seq_length = seq_length
-        self.vocab_size = vocab_size
-        self.hidden_size = hidden_size
-        self.num_layers = num_layers
-        self.num_heads = num_heads
-        self.expand_ratio = expand_ratio
-        self.embedding_dropout_prob = embedding_dropout_prob
-        self.hidden_dropout_rate = hidden_dropout_rate
-        self.attention_dropout_rate = attention_dropout_rate
-        self.hidden_act = hidden_act
-        self.layernorm_epsilon = layernorm_epsilon
-        self.initializer_range = initializer_range
-        self.compute_dtype = compute_dtype
-        self.layernorm_compute_type = layernorm_compute_type
-        self.softmax_compute_type = softmax_compute_type
-        self.param_init_type = param_init_type
-        self.eos_token_id = eos_token_id
-        self.pad_token_id = pad_token_id
-        self.bos_token_id = bos_token_id
-        self.unk_token_id = unk_token_id
-        self.ignore_token_id = ignore_token_id
-        self.use_past = use_past
-        self.use_flash_attention = use_flash_attention
-        self.post_layernorm_residual = post_layernorm_residual
-        self.offset = offset
-        self.num_labels = num_labels
-        self.top_k = top_k
-        self.top_p = top_p
-        self.do_sample = do_sample
-        self.repetition_penalty = repetition_penalty
-        self.max_decode_length = max_decode_length
-        self.validate()
+    batch_size: int = 1
+    seq_length: int = 1024
+    vocab_size: int = 50257
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    expand_ratio: int = 4
+    embedding_dropout_prob: float = 0.1
+    hidden_dropout_rate: float = 0.1
+    attention_dropout_rate: float = 0.1
+    hidden_act: str = 'gelu'
+    layernorm_epsilon: float = 1e-05
+    initializer_range: float = 0.02
+    compute_dtype: str = 'float32'
+    layernorm_compute_type: str = 'float32'
+    softmax_compute_type: str = 'float32'
+    param_init_type: str = 'float32'
+    eos_token_id: int = 50256
+    pad_token_id: int = 50256
+    bos_token_id: int = 50256
+    unk_token_id: int = 50256
+    ignore_token_id: int = -100
+    use_past: bool = False
+    use_flash_attention: bool = False
+    post_layernorm_residual: bool = False
+    offset: int = 0
+    num_labels: int = 2
+    top_k: int = 5
+    top_p: float = 1.0
+    do_sample: bool = False
+    repetition_penalty: float = 1.0
+    max_decode_length: int = 1024
 
     def validate(self):
         """Raise ValueError naming the first inconsistent field."""
