@@ -48,14 +48,37 @@ class BaseConfig:
 
     `MyConfig(**fields)` takes keywords only: it refuses any keyword that is not a field (TypeError naming it and
     the closest fields; `type`, the registry name, is ignored), sets every field (its default when not given) and
-    calls `validate()`. Fields every config has: parallel_config (a mapping or a ParallelConfig; None: the
-    defaults), checkpoint_name_or_path ('': weights to load at model construction), max_new_tokens (None: the
-    default number of tokens `generate()` adds, see GenerationConfig.from_model_config)."""
+    calls `validate()`. A subclass changes an inherited default by declaring the field again.
+
+    Fields every config has (a family's docstring gives its own defaults where they differ):
+    Run: parallel_config (a mapping or a ParallelConfig; None: the defaults), checkpoint_name_or_path ('': weights
+        to load at model construction).
+    Precision ('float32' | 'float16' | 'bfloat16', all 'float32'): param_init_type, compute_dtype,
+        layernorm_compute_type, softmax_compute_type; initializer_range (0.02): init std; use_flash_attention
+        (False; no CPU kernel).
+    Tokens: ignore_token_id (-100): targets left out of the loss.
+    Generation defaults (GenerationConfig.from_model_config): batch_size (1), use_past (False: decode with the KV
+        cache), max_decode_length (512), max_new_tokens (None: the default number of tokens `generate()` adds),
+        top_k (5), top_p (1.0), do_sample (False), repetition_penalty (1.0)."""
 
     model_type: ClassVar[str] = 'base'
     parallel_config: Optional[ParallelConfig] = None
     checkpoint_name_or_path: str = ''
+    param_init_type: str = 'float32'
+    compute_dtype: str = 'float32'
+    layernorm_compute_type: str = 'float32'
+    softmax_compute_type: str = 'float32'
+    initializer_range: float = 0.02
+    use_flash_attention: bool = False
+    ignore_token_id: int = -100
+    batch_size: int = 1
+    use_past: bool = False
+    max_decode_length: int = 512
     max_new_tokens: Optional[int] = None
+    top_k: int = 5
+    top_p: float = 1.0
+    do_sample: bool = False
+    repetition_penalty: float = 1.0
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

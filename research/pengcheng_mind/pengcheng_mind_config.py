@@ -35,7 +35,6 @@ class PengChengMindConfig(DecoderConfig):
     model_type: ClassVar[str] = 'pengcheng_mind'
     decoder_names: ClassVar[dict] = {'ffn_size': 'ffn_hidden_size', 'norm_eps': 'layernorm_epsilon'}
 
-    batch_size: int = 1
     seq_length: int = 4096
     vocab_size: int = 125952
     hidden_size: int = 4096
@@ -45,23 +44,11 @@ class PengChengMindConfig(DecoderConfig):
     layernorm_epsilon: float = 1e-5
     rope_theta: float = 10000.0
     use_rope: bool = True
-    initializer_range: float = 0.02
-    param_init_type: str = 'float32'
-    compute_dtype: str = 'float32'
-    layernorm_compute_type: str = 'float32'
-    softmax_compute_type: str = 'float32'
     rotary_dtype: str = 'float32'
     bos_token_id: int = 1
     eos_token_id: int = 2
     pad_token_id: int = 0
-    ignore_token_id: int = -100
-    use_past: bool = False
-    use_flash_attention: bool = False
-    max_decode_length: int = 512
     top_k: int = 1
-    top_p: float = 1.0
-    do_sample: bool = False
-    repetition_penalty: float = 1.0
 
     def decoder_spec(self):
         head_size = self.hidden_size // self.num_heads

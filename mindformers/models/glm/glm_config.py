@@ -45,7 +45,6 @@ class GLMConfig(BaseConfig):
 
     model_type: ClassVar[str] = 'glm'
 
-    batch_size: int = 1
     vocab_size: int = 130528
     hidden_size: int = 4096
     num_layers: int = 28
@@ -62,26 +61,15 @@ class GLMConfig(BaseConfig):
     embedding_dropout_prob: float = 0.0
     hidden_dropout_rate: float = 0.0
     attention_dropout_rate: float = 0.0
-    initializer_range: float = 0.02
-    param_init_type: str = 'float32'
-    compute_dtype: str = 'float32'
-    layernorm_compute_type: str = 'float32'
-    softmax_compute_type: str = 'float32'
     rotary_dtype: str = 'float32'
     bos_token_id: int = 130004
     eos_token_id: int = 130005
     mask_token_id: int = 130000
     gmask_token_id: int = 130001
     pad_token_id: int = 3
-    ignore_token_id: int = -100
-    use_past: bool = False
-    use_flash_attention: bool = False
     is_sample_acceleration: bool = False
     max_decode_length: int = 2048
     top_k: int = 1
-    top_p: float = 1.0
-    do_sample: bool = False
-    repetition_penalty: float = 1.0
     offset: int = 0
 
     @property

@@ -36,7 +36,6 @@ class ChatGLM2Config(DecoderConfig):
                                      'ffn_size': 'ffn_hidden_size', 'norm_eps': 'layernorm_epsilon',
                                      'rope_theta': '10000 * rope_ratio', 'attention_bias': 'add_qkv_bias'}
 
-    batch_size: int = 1
     num_layers: int = 28
     padded_vocab_size: int = 65024
     hidden_size: int = 4096
@@ -53,23 +52,12 @@ class ChatGLM2Config(DecoderConfig):
     add_qkv_bias: bool = True
     multi_query_attention: bool = True
     multi_query_group_num: int = 2
-    initializer_range: float = 0.02
-    param_init_type: str = 'float32'
-    compute_dtype: str = 'float32'
-    layernorm_compute_type: str = 'float32'
-    softmax_compute_type: str = 'float32'
     rotary_dtype: str = 'float32'
     bos_token_id: int = 1
     eos_token_id: int = 2
     pad_token_id: int = 0
-    ignore_token_id: int = -100
-    use_past: bool = False
-    use_flash_attention: bool = False
     max_decode_length: int = 256
     top_k: int = 1
-    top_p: float = 1.0
-    do_sample: bool = False
-    repetition_penalty: float = 1.0
 
     def decoder_spec(self):
         heads = self.num_attention_heads

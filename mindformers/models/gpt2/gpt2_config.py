@@ -37,7 +37,6 @@ class GPT2Config(BaseConfig):
 
     model_type: ClassVar[str] = 'gpt2'
 
-    batch_size: int = 1
     seq_length: int = 1024
     vocab_size: int = 50257
     hidden_size: int = 768
@@ -49,25 +48,13 @@ class GPT2Config(BaseConfig):
     attention_dropout_rate: float = 0.1
     hidden_act: str = 'gelu'
     layernorm_epsilon: float = 1e-05
-    initializer_range: float = 0.02
-    compute_dtype: str = 'float32'
-    layernorm_compute_type: str = 'float32'
-    softmax_compute_type: str = 'float32'
-    param_init_type: str = 'float32'
     eos_token_id: int = 50256
     pad_token_id: int = 50256
     bos_token_id: int = 50256
     unk_token_id: int = 50256
-    ignore_token_id: int = -100
-    use_past: bool = False
-    use_flash_attention: bool = False
     post_layernorm_residual: bool = False
     offset: int = 0
     num_labels: int = 2
-    top_k: int = 5
-    top_p: float = 1.0
-    do_sample: bool = False
-    repetition_penalty: float = 1.0
     max_decode_length: int = 1024
 
     def validate(self):

@@ -55,7 +55,6 @@ class LlamaConfig(DecoderConfig):
                                      'ffn_size': 'intermediate_size', 'rope_theta': 'theta',
                                      'norm_eps': 'rms_norm_eps', 'attention_bias': 'qkv_has_bias'}
 
-    batch_size: int = 1
     seq_length: int = 2048
     hidden_size: int = 4096
     num_layers: int = 32
@@ -69,7 +68,6 @@ class LlamaConfig(DecoderConfig):
     bos_token_id: int = 1
     eos_token_id: int = 2
     pad_token_id: int = 0
-    ignore_token_id: int = -100
     theta: float = 10000.0
     max_position_embedding: Optional[int] = None
     extend_method: str = 'None'
@@ -78,20 +76,8 @@ class LlamaConfig(DecoderConfig):
     head_dim: Optional[int] = None
     rotary_dim: Optional[int] = None
     rotary_interleaved: bool = False
-    initializer_range: float = 0.02
-    compute_dtype: str = 'float32'
-    layernorm_compute_type: str = 'float32'
-    softmax_compute_type: str = 'float32'
     rotary_dtype: str = 'float32'
-    param_init_type: str = 'float32'
-    use_past: bool = False
-    use_flash_attention: bool = False
     offset: int = 0
-    max_decode_length: int = 512
-    top_k: int = 5
-    top_p: float = 1.0
-    do_sample: bool = False
-    repetition_penalty: float = 1.0
     tie_word_embeddings: bool = False
 
     def decoder_spec(self):

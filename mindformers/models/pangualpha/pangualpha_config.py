@@ -41,7 +41,6 @@ class PanguAlphaConfig(BaseConfig):
 
     model_type: ClassVar[str] = 'pangualpha'
 
-    batch_size: int = 1
     seq_length: int = 1024
     vocab_size: int = 40000
     hidden_size: int = 2560
@@ -54,26 +53,14 @@ class PanguAlphaConfig(BaseConfig):
     attention_dropout_rate: float = 0.1
     hidden_act: str = 'fast_gelu'
     layernorm_epsilon: float = 1e-05
-    initializer_range: float = 0.02
-    compute_dtype: str = 'float32'
-    layernorm_compute_type: str = 'float32'
-    softmax_compute_type: str = 'float32'
-    param_init_type: str = 'float32'
     eos_token_id: int = 9
     pad_token_id: int = 6
     eod_token_id: int = 6
     bos_token_id: int = 9
-    ignore_token_id: int = -100
-    use_past: bool = False
-    use_flash_attention: bool = False
     post_layernorm_residual: bool = False
     offset: int = 0
     use_moe: bool = False
     eod_reset: bool = False
-    top_k: int = 5
-    top_p: float = 1.0
-    do_sample: bool = False
-    repetition_penalty: float = 1.0
     max_decode_length: int = 1024
 
     @property
