@@ -1,6 +1,7 @@
 """register_family: one declaration per family, read by the auto classes, pipeline(), convert_weight.py and the
 registered model names. A test-only family built from existing blocks is registered the way a user would, used
 through every entry point, and the registry is restored after."""
+# pylint: disable=redefined-outer-name,unused-argument,protected-access  (the `registry` fixture, the snapshot)
 import contextlib
 import dataclasses
 import glob
@@ -81,13 +82,13 @@ def _write_yaml(folder):
 def restored_registry():
     """Families and registered classes as they are now, put back on exit."""
     family_registry.families()  # the library's own families are in before the snapshot
-    saved_families = dict(family_registry._FAMILIES)  # pylint: disable=protected-access
+    saved_families = dict(family_registry._FAMILIES)
     saved_classes = {kind: dict(names) for kind, names in MindFormerRegister.registry.items()}
     try:
         yield
     finally:
-        family_registry._FAMILIES.clear()  # pylint: disable=protected-access
-        family_registry._FAMILIES.update(saved_families)  # pylint: disable=protected-access
+        family_registry._FAMILIES.clear()
+        family_registry._FAMILIES.update(saved_families)
         MindFormerRegister.registry.clear()
         MindFormerRegister.registry.update(saved_classes)
 
@@ -134,7 +135,7 @@ def test_each_family_is_declared_once_and_read_everywhere():
 
 # ----------------------------------------------------------------------------------------------- a user's family
 @pytest.mark.slow
-def test_a_family_registered_in_one_place_works_everywhere(registry, tmp_path):  # pylint: disable=redefined-outer-name,unused-argument
+def test_a_family_registered_in_one_place_works_everywhere(registry, tmp_path):
     yaml_dir = str(tmp_path / 'yamls')
     _write_yaml(yaml_dir)
     _register_toy(yaml_dir)
@@ -184,7 +185,7 @@ def test_the_registry_is_restored_after_a_test_family(tmp_path):
     assert 'toy' not in family_registry.hf_model_types()
 
 
-def test_conflicting_registrations_are_refused(registry):  # pylint: disable=redefined-outer-name,unused-argument
+def test_conflicting_registrations_are_refused(registry):
     llama = family_registry.get_family('llama')
     assert register_family(llama) is llama  # the same declaration again changes nothing
     with pytest.raises(ValueError, match=r"a family named 'llama' is already registered .*unregister_family"):
@@ -200,7 +201,7 @@ def test_conflicting_registrations_are_refused(registry):  # pylint: disable=red
     assert 'other' not in family_registry.families()
 
 
-def test_register_auto_and_config_subclasses_find_their_model(registry):  # pylint: disable=redefined-outer-name,unused-argument
+def test_register_auto_and_config_subclasses_find_their_model(registry):
     class MyLlamaConfig(LlamaConfig):
         """LlamaConfig under another name: builds what its base builds."""
 

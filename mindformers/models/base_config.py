@@ -52,7 +52,7 @@ class BaseConfig:
 
     Fields every config has (a family's docstring gives its own defaults where they differ):
     Run: parallel_config (a mapping or a ParallelConfig; None: the defaults), checkpoint_name_or_path ('': weights
-        to load at model construction).
+        to load at model construction), offset (0: MindFormers' shift of the layers' pipeline stages).
     Precision ('float32' | 'float16' | 'bfloat16', all 'float32'): param_init_type, compute_dtype,
         layernorm_compute_type, softmax_compute_type; initializer_range (0.02): init std; use_flash_attention
         (False; no CPU kernel).
@@ -64,6 +64,7 @@ class BaseConfig:
     model_type: ClassVar[str] = 'base'
     parallel_config: Optional[ParallelConfig] = None
     checkpoint_name_or_path: str = ''
+    offset: int = 0
     param_init_type: str = 'float32'
     compute_dtype: str = 'float32'
     layernorm_compute_type: str = 'float32'

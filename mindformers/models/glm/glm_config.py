@@ -70,7 +70,6 @@ class GLMConfig(BaseConfig):
     is_sample_acceleration: bool = False
     max_decode_length: int = 2048
     top_k: int = 1
-    offset: int = 0
 
     @property
     def head_size(self):

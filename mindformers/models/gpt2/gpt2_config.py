@@ -53,7 +53,6 @@ class GPT2Config(BaseConfig):
     bos_token_id: int = 50256
     unk_token_id: int = 50256
     post_layernorm_residual: bool = False
-    offset: int = 0
     num_labels: int = 2
     max_decode_length: int = 1024
 

@@ -77,7 +77,6 @@ class LlamaConfig(DecoderConfig):
     rotary_dim: Optional[int] = None
     rotary_interleaved: bool = False
     rotary_dtype: str = 'float32'
-    offset: int = 0
     tie_word_embeddings: bool = False
 
     def decoder_spec(self):

@@ -58,7 +58,6 @@ class PanguAlphaConfig(BaseConfig):
     eod_token_id: int = 6
     bos_token_id: int = 9
     post_layernorm_residual: bool = False
-    offset: int = 0
     use_moe: bool = False
     eod_reset: bool = False
     max_decode_length: int = 1024

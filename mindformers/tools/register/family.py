@@ -132,11 +132,11 @@ def get_family(name):
 
 
 def family_of_config(config_class):
-    """The FamilySpec whose config is `config_class` or its nearest registered base class, else None."""
+    """The FamilySpec whose config is `config_class` or its nearest base class that a family declares, else None."""
     found = families()
     for klass in config_class.__mro__:
         for spec in found.values():
-            if spec.class_name('config') == klass.__name__:
+            if spec.class_name('config') == klass.__name__ and spec.config in (klass, klass.__name__):
                 return spec
     return None
 
