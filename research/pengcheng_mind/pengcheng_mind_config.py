@@ -24,12 +24,12 @@ class PengChengMindConfig(DecoderConfig):
     The decoder's view: `decoder_spec()` (a DecoderSpec; its fields also read as properties): kv_heads = num_heads,
         head_size = rotary_size = hidden_size / num_heads, ffn_size, norm_eps = layernorm_epsilon, norm_type
         'layernorm', attention_bias, out_bias, mlp_bias and tied_head True.
-    Precision: param_init_type, compute_dtype, layernorm_compute_type, softmax_compute_type, rotary_dtype
-        ('float32' default here; the release is float16 with an fp16 softmax).
-    Tokens: bos_token_id (1), eos_token_id (2, PengCheng's eod), pad_token_id (0, `<unk>`), ignore_token_id (-100).
-    Generation defaults: batch_size (1), max_decode_length (512), top_k (1), top_p (1.0), do_sample (False),
-        repetition_penalty (1.0), use_past (False).
-    Run: parallel_config, checkpoint_name_or_path. use_flash_attention must stay False (no CPU kernel).
+    Precision: rotary_dtype ('float32') besides BaseConfig's, all 'float32' (the release is float16 with an fp16
+        softmax).
+    Tokens: bos_token_id (1), eos_token_id (2, PengCheng's eod), pad_token_id (0, `<unk>`).
+    Generation defaults: top_k (1).
+    Shared with every config (BaseConfig): run (parallel_config, checkpoint_name_or_path, offset), precision,
+        initializer_range, ignore_token_id, generation defaults; use_flash_attention must stay False (no CPU kernel).
     Unknown keywords are refused (TypeError naming the closest fields)."""
 
     model_type: ClassVar[str] = 'pengcheng_mind'

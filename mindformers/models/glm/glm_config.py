@@ -31,16 +31,15 @@ class GLMConfig(BaseConfig):
         Fixed by the published model and refused otherwise: position_encoding_2d True, layernorm_order 'post'
             (MindFormers' name for this block, which is really LN at the block input with the LN output as the
             residual), use_final_layernorm True.
-    Precision ('float32' | 'float16' | 'bfloat16'): param_init_type, compute_dtype, layernorm_compute_type,
-        softmax_compute_type, rotary_dtype (all 'float32' by default; the checkpoint is float16).
+    Precision: rotary_dtype ('float32') besides BaseConfig's, all 'float32' (the checkpoint is float16).
     Tokens: bos_token_id (130004, `<sop>`: the generated block starts there), eos_token_id (130005, `<eop>`),
-        mask_token_id (130000, `[MASK]`), gmask_token_id (130001, `[gMASK]`), pad_token_id (3), ignore_token_id
-        (-100). bos/mask/gmask must be ids of the vocabulary: the model finds them in its input.
-    Generation defaults: batch_size (1), max_decode_length (2048), top_k (1), top_p (1.0), do_sample (False),
-        repetition_penalty (1.0), use_past (False). is_sample_acceleration (False) is accepted for MindFormers
-        configs and has no effect (sampling always runs in `generate()`).
-    Run: parallel_config, checkpoint_name_or_path, offset (0: MindFormers' shift of the layers' pipeline stages;
-        the final LayerNorm and the head sit on the last stage). use_flash_attention must stay False.
+        mask_token_id (130000, `[MASK]`), gmask_token_id (130001, `[gMASK]`), pad_token_id (3). bos/mask/gmask
+        must be ids of the vocabulary: the model finds them in its input.
+    Generation defaults: max_decode_length (2048), top_k (1). is_sample_acceleration (False) is accepted for
+        MindFormers configs and has no effect (sampling always runs in `generate()`).
+    Pipeline stages: the final LayerNorm and the head sit on the last one (offset shifts the layers' stages).
+    Shared with every config (BaseConfig): run (parallel_config, checkpoint_name_or_path, offset), precision,
+        initializer_range, ignore_token_id, generation defaults; use_flash_attention must stay False (no CPU kernel).
     Unknown keywords are refused (TypeError naming the closest fields)."""
 
     model_type: ClassVar[str] = 'glm'

@@ -22,12 +22,11 @@ class ChatGLM2Config(DecoderConfig):
         padded_vocab_size, num_heads = num_attention_heads, kv_heads, head_size = kv_channels, rotary_size =
         kv_channels / 2, rotary_interleaved True, ffn_size = ffn_hidden_size, norm_eps = layernorm_epsilon,
         rope_theta = 10000 * rope_ratio, attention_bias = add_qkv_bias.
-    Precision: param_init_type, compute_dtype, layernorm_compute_type, softmax_compute_type, rotary_dtype
-        ('float32' default here; the checkpoint is float16).
-    Tokens: bos_token_id (1), eos_token_id (2), pad_token_id (0), ignore_token_id (-100).
-    Generation defaults: batch_size (1), max_decode_length (256), top_k (1), top_p (1.0), do_sample (False),
-        repetition_penalty (1.0), use_past (False).
-    Run: parallel_config, checkpoint_name_or_path. use_flash_attention must stay False (no CPU kernel).
+    Precision: rotary_dtype ('float32') besides BaseConfig's, all 'float32' (the checkpoint is float16).
+    Tokens: bos_token_id (1), eos_token_id (2), pad_token_id (0).
+    Generation defaults: max_decode_length (256), top_k (1).
+    Shared with every config (BaseConfig): run (parallel_config, checkpoint_name_or_path, offset), precision,
+        initializer_range, ignore_token_id, generation defaults; use_flash_attention must stay False (no CPU kernel).
     Unknown keywords are refused (TypeError naming the closest fields)."""
 
     model_type: ClassVar[str] = 'chatglm2'

@@ -41,13 +41,10 @@ class LlamaConfig(DecoderConfig):
         head: our LLaMA then copies the embedding into its own lm_head).
     tie_word_embeddings (False): set from a HF config whose checkpoint stores no lm_head.weight (the head is the
         token embedding); loading such a checkpoint copies the embedding into lm_head.
-    Precision ('float32' | 'float16' | 'bfloat16'): param_init_type, compute_dtype, layernorm_compute_type,
-        softmax_compute_type, rotary_dtype (all 'float32' by default; MindFormers ships float16 for Ascend).
-    Tokens: bos_token_id (1), eos_token_id (2), pad_token_id (0), ignore_token_id (-100).
-    Generation defaults: batch_size (1), max_decode_length (512), top_k (5), top_p (1.0), do_sample (False),
-        repetition_penalty (1.0), use_past (False).
-    Run: parallel_config, checkpoint_name_or_path, offset (0: MindFormers' shift of the layers' pipeline stages).
-        use_flash_attention must stay False (no CPU kernel).
+    Precision: rotary_dtype ('float32') besides BaseConfig's, all 'float32' (MindFormers ships float16 for Ascend).
+    Tokens: bos_token_id (1), eos_token_id (2), pad_token_id (0).
+    Shared with every config (BaseConfig): run (parallel_config, checkpoint_name_or_path, offset), precision,
+        initializer_range, ignore_token_id, generation defaults; use_flash_attention must stay False (no CPU kernel).
     Unknown keywords are refused (TypeError naming the closest fields)."""
 
     model_type: ClassVar[str] = 'llama'

@@ -25,18 +25,13 @@ class PanguAlphaConfig(BaseConfig):
             embeddings, on each residual branch, and on the attention probabilities.
         post_layernorm_residual (False), offset (0), use_moe (False), eod_reset (False): MindFormers fields; only
             the pre-LN dense model without EOD-reset masks is built.
-    Precision ('float32' | 'float16' | 'bfloat16'):
-        param_init_type ('float32'), compute_dtype ('float32'; MindFormers uses float16 on Ascend),
-        layernorm_compute_type ('float32'), softmax_compute_type ('float32'; MindFormers float16).
-    Tokens:
-        eos_token_id (9, `<eot>`: where generation stops), pad_token_id (6, `<eod>`), eod_token_id (6),
-        bos_token_id (9), ignore_token_id (-100): targets equal to ignore_token_id, and to pad_token_id (it differs
-        from eos_token_id), are left out of the loss.
-    Generation defaults: batch_size (1), max_decode_length (1024), top_k (5), top_p (1.0), do_sample (False),
-        repetition_penalty (1.0), use_past (False: generate() decodes with the KV cache when True),
-        use_flash_attention (False; no CPU kernel, must stay False).
-    Run: parallel_config (mapping or ParallelConfig, with its recompute settings), checkpoint_name_or_path
-        (weights loaded at model construction; '' for random init).
+    Precision: all 'float32' (MindFormers uses float16 on Ascend, softmax included).
+    Tokens: eos_token_id (9, `<eot>`: where generation stops), pad_token_id (6, `<eod>`), eod_token_id (6),
+        bos_token_id (9): targets equal to ignore_token_id, and to pad_token_id (it differs from eos_token_id), are
+        left out of the loss.
+    Generation defaults: max_decode_length (1024).
+    Shared with every config (BaseConfig): run (parallel_config, checkpoint_name_or_path, offset), precision,
+        initializer_range, ignore_token_id, generation defaults; use_flash_attention must stay False (no CPU kernel).
     Unknown keywords are refused (TypeError naming the closest fields)."""
 
     model_type: ClassVar[str] = 'pangualpha'
