@@ -81,7 +81,8 @@ def _write_yaml(folder):
 @contextlib.contextmanager
 def restored_registry():
     """Families and registered classes as they are now, put back on exit."""
-    family_registry.families()  # the library's own families are in before the snapshot
+    family_registry.families()  # the library's own families and MindSpore's classes are in before the snapshot
+    MindFormerRegister.get_cls(MindFormerModuleType.CONFIG, 'LlamaConfig')
     saved_families = dict(family_registry._FAMILIES)
     saved_classes = {kind: dict(names) for kind, names in MindFormerRegister.registry.items()}
     try:
@@ -183,6 +184,7 @@ def test_the_registry_is_restored_after_a_test_family(tmp_path):
     assert 'toy' not in family_registry.families() and 'toy' not in convert_weight.converter_names()
     assert not MindFormerRegister.is_exist(MindFormerModuleType.CONFIG, 'ToyConfig')
     assert 'toy' not in family_registry.hf_model_types()
+    assert MindFormerRegister.is_exist(MindFormerModuleType.DATASET_LOADER, 'MindDataset')  # MindSpore's stay
 
 
 def test_conflicting_registrations_are_refused(registry):
