@@ -15,7 +15,7 @@ config.json lies beside the checkpoint. An existing --output_path (a file, or a 
 only with --overwrite: the new output is written beside it and then renamed over it, so a failed conversion leaves
 the old one untouched and no file of the old output remains.
 
-A family joins by one line in `mindformers.models.convert_utils.FAMILY_MODULES`; its conversion module provides
+A family joins through its `register_family(FamilySpec(..., converter=...))`; its converter (a module) provides
 `convert_pt_to_ms(input_path, output_path, dtype=None, config=None)` (HF -> ours) and
 `convert_ms_to_pt(input_path, output_path, dtype=None, config=None)` (ours -> HF), each returning
 {tensor name: shape} of what it wrote, writing atomically, and raising ValueError (ConversionError,
@@ -25,25 +25,28 @@ path that does not exist or cannot be used, an existing output without --overwri
 wrong (weights that do not fit the model, a truncated or corrupt checkpoint, a bad config file) or the run failed
 (e.g. disk full)."""
 import argparse
-import importlib
 import math
 import os
 import shutil
 import sys
 
 os.environ.setdefault('GLOG_v', '3')  # before MindSpore loads: its warnings would break the one-line error contract
-from mindformers.models.convert_utils import FAMILY_MODULES  # noqa: E402
+from mindformers.tools.register.family import families  # noqa: E402
 from mindformers.tools.utils import (OneLineArgumentParser, UsageError, check_output_path,  # noqa: E402
                                      replace_output, staging_path)
 
-CONVERTERS = dict(FAMILY_MODULES)
 DTYPES = ('fp32', 'fp16', 'bf16')
+
+
+def converter_names():
+    """The registered families with a weight converter: the values of --model."""
+    return sorted(name for name, spec in families().items() if spec.converter is not None)
 
 
 def build_parser():
     parser = OneLineArgumentParser(prog='convert_weight.py', description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--model', required=True, help=f"model family ({', '.join(sorted(CONVERTERS))})")
+    parser.add_argument('--model', required=True, help=f"model family ({', '.join(converter_names())})")
     parser.add_argument('--input_path', required=True,
                         help='HF directory or weight file; with --reversed a mindformers checkpoint')
     parser.add_argument('--output_path', required=True,
@@ -59,8 +62,8 @@ def build_parser():
 def convert(model, input_path, output_path, dtype=None, reversed_=False, config=None, overwrite=False):
     """Run the family converter; returns {tensor name: shape} of what was written. A command line that cannot work
     raises UsageError before anything is read."""
-    if model not in CONVERTERS:
-        raise UsageError(f"unknown --model {model!r} (known: {', '.join(sorted(CONVERTERS))})")
+    if model not in converter_names():
+        raise UsageError(f"unknown --model {model!r} (known: {', '.join(converter_names())})")
     if not os.path.exists(input_path):
         raise UsageError(f"--input_path {input_path} does not exist")
     if config and not os.path.isfile(config):
@@ -68,11 +71,8 @@ def convert(model, input_path, output_path, dtype=None, reversed_=False, config=
     # --reversed writes a HF directory unless the path names a checkpoint file
     check_output_path(output_path, '--output_path', overwrite,
                       directory=reversed_ and not output_path.endswith(('.safetensors', '.ckpt')))
-    if CONVERTERS[model].startswith('research.'):
-        from mindformers.tools.register.register import import_research
-        import_research()  # makes `research.<family>` importable wherever the package lives
-    module = importlib.import_module(CONVERTERS[model])
-    function = module.convert_ms_to_pt if reversed_ else module.convert_pt_to_ms
+    converter = families()[model].load_converter()
+    function = converter.convert_ms_to_pt if reversed_ else converter.convert_pt_to_ms
     kwargs = {'config': config} if config else {}
     replacing = os.path.exists(output_path) and not (os.path.isdir(output_path) and not os.listdir(output_path))
     if not replacing:

@@ -1,44 +1,120 @@
-"""BaseConfig: the parent of every model config (plain attributes, YAML/JSON round trip)."""
+"""BaseConfig: the parent of every model config: typed fields declared once, YAML/JSON round trip."""
+import inspect
 import json
 import os
+import typing
+from typing import ClassVar, Optional
 
 from mindformers.core.parallel_config import ParallelConfig, build_parallel_config
+
+_MUTABLE = (list, dict, set)
+
+
+def _is_class_var(annotation):
+    if isinstance(annotation, str):
+        return annotation.startswith(('ClassVar', 'typing.ClassVar'))
+    return annotation is ClassVar or typing.get_origin(annotation) is ClassVar
+
+
+def _declared_fields(cls):
+    """{name: (default, annotation)} of the annotated class attributes of `cls` and its bases (bases first), ClassVars
+    left out."""
+    fields = {}
+    for klass in reversed(cls.__mro__):
+        for name, annotation in inspect.get_annotations(klass).items():
+            if _is_class_var(annotation):
+                continue
+            if name not in vars(klass):
+                raise TypeError(f"{cls.__name__}.{name} has no default; every config field needs one")
+            default = vars(klass)[name]
+            if isinstance(default, _MUTABLE):
+                raise TypeError(f"{cls.__name__}.{name}: a {type(default).__name__} default would be shared by "
+                                f"every instance; use None or a tuple")
+            fields[name] = (default, annotation)
+    return fields
 
 
 class BaseConfig:
     """Holds a model's hyper-parameters as attributes.
 
-    Subclasses declare every field as a keyword argument (generation defaults such as `top_k` included) and pass
-    the rest to `super().__init__(**kwargs)`, which refuses any keyword that is not a field (TypeError naming it and
-    the closest fields; `type`, the registry name, is ignored). `parallel_config` accepts a mapping or a
-    ParallelConfig; `checkpoint_name_or_path` names weights to load; `max_new_tokens` (None) is the default number
-    of tokens `generate()` adds (see GenerationConfig.from_model_config)."""
+    A config class declares each field once, as an annotated class attribute with its default (as a dataclass
+    does; a ClassVar annotation marks a class constant), and documents every field in its docstring:
 
-    model_type = 'base'
+        @MindFormerRegister.register(MindFormerModuleType.CONFIG)
+        class MyConfig(BaseConfig):
+            model_type: ClassVar[str] = 'my'
+            hidden_size: int = 64
+            num_layers: int = 2
 
-    def __init__(self, parallel_config=None, checkpoint_name_or_path='', max_new_tokens=None, **kwargs):
+    `MyConfig(**fields)` takes keywords only: it refuses any keyword that is not a field (TypeError naming it and
+    the closest fields; `type`, the registry name, is ignored), sets every field (its default when not given) and
+    calls `validate()`. A subclass changes an inherited default by declaring the field again.
+
+    Fields every config has (a family's docstring gives its own defaults where they differ):
+    Run: parallel_config (a mapping or a ParallelConfig; None: the defaults), checkpoint_name_or_path ('': weights
+        to load at model construction), offset (0: MindFormers' shift of the layers' pipeline stages).
+    Precision ('float32' | 'float16' | 'bfloat16', all 'float32'): param_init_type, compute_dtype,
+        layernorm_compute_type, softmax_compute_type; initializer_range (0.02): init std; use_flash_attention
+        (False; no CPU kernel).
+    Tokens: ignore_token_id (-100): targets left out of the loss.
+    Generation defaults (GenerationConfig.from_model_config): batch_size (1), use_past (False: decode with the KV
+        cache), max_decode_length (512), max_new_tokens (None: the default number of tokens `generate()` adds),
+        top_k (5), top_p (1.0), do_sample (False), repetition_penalty (1.0)."""
+
+    model_type: ClassVar[str] = 'base'
+    parallel_config: Optional[ParallelConfig] = None
+    checkpoint_name_or_path: str = ''
+    offset: int = 0
+    param_init_type: str = 'float32'
+    compute_dtype: str = 'float32'
+    layernorm_compute_type: str = 'float32'
+    softmax_compute_type: str = 'float32'
+    initializer_range: float = 0.02
+    use_flash_attention: bool = False
+    ignore_token_id: int = -100
+    batch_size: int = 1
+    use_past: bool = False
+    max_decode_length: int = 512
+    max_new_tokens: Optional[int] = None
+    top_k: int = 5
+    top_p: float = 1.0
+    do_sample: bool = False
+    repetition_penalty: float = 1.0
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls._fields = _declared_fields(cls)
+        cls.__signature__ = inspect.Signature([
+            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+            for name, (default, annotation) in cls._fields.items()])
+
+    def __init__(self, **kwargs):
         kwargs.pop('type', None)
-        if kwargs:
+        unknown = sorted(key for key in kwargs if key not in self._fields)
+        if unknown:
             from mindformers.tools.register.config import unknown_key_message
             raise TypeError(f"{type(self).__name__}: " + '; '.join(
-                unknown_key_message(key, self.field_names(), 'field') for key in sorted(kwargs)))
-        self.parallel_config = build_parallel_config(parallel_config) \
-            if not isinstance(parallel_config, ParallelConfig) else parallel_config
-        self.checkpoint_name_or_path = checkpoint_name_or_path or ''
-        self.max_new_tokens = max_new_tokens
+                unknown_key_message(key, self._fields, 'field') for key in unknown))
+        for name, (default, _) in self._fields.items():
+            setattr(self, name, kwargs.get(name, default))
+        if not isinstance(self.parallel_config, ParallelConfig):
+            self.parallel_config = build_parallel_config(self.parallel_config)
+        self.checkpoint_name_or_path = self.checkpoint_name_or_path or ''
+        self.validate()
+
+    def validate(self):
+        """Raise ValueError naming the first inconsistent field (each family checks its own)."""
 
     @classmethod
     def field_names(cls):
         """The keyword arguments this config class accepts (its fields)."""
-        from mindformers.tools.register.check import keyword_names
-        return keyword_names(cls, last=BaseConfig)
+        return set(cls._fields)
 
     def to_dict(self):
         """JSON-friendly dict of every field, with `type` set to the class name."""
         out = {'type': type(self).__name__}
-        for key, value in self.__dict__.items():
-            if key.startswith('_'):
-                continue
+        for key in self._fields:
+            value = getattr(self, key)
             out[key] = value.to_dict() if hasattr(value, 'to_dict') else value
         return out
 
@@ -115,3 +191,6 @@ class BaseConfig:
     def from_dict(cls, mapping):
         args = {k: v for k, v in dict(mapping).items() if k != 'type'}
         return cls(**args)
+
+
+BaseConfig._fields = _declared_fields(BaseConfig)

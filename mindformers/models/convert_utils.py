@@ -20,6 +20,7 @@ import tempfile
 
 import numpy as np
 
+from mindformers.tools.register.family import family_of_hf_config
 from mindformers.tools.utils import UsageError
 
 
@@ -76,52 +77,13 @@ def _read_index(path):
     return out
 
 
-# The conversion module of each family (`convert_weight.py --model <family>`); each defines a `FamilyConverter`
-# (below) and exposes its entry points at module level.
-FAMILY_MODULES = {
-    'gpt2': 'mindformers.models.gpt2.convert_gpt2',
-    'llama': 'mindformers.models.llama.convert_llama',
-    'glm': 'mindformers.models.glm.convert_glm',
-    'glm2': 'mindformers.models.glm2.convert_glm2',
-    'pangualpha': 'mindformers.models.pangualpha.convert_pangualpha',
-    'pengcheng_mind': 'research.pengcheng_mind.convert_pengcheng_mind',
-}
-
-# HuggingFace `model_type` -> (conversion module, our tokenizer class), for AutoModel / AutoTokenizer on a HF
-# directory. A conversion module provides `config_from_hf(config_json_mapping)` and
-# `convert_hf_to_ms(state_dict, config)`; a model type joins with one line.
-HF_FAMILIES = {
-    'gpt2': (FAMILY_MODULES['gpt2'], 'GPT2Tokenizer'),
-    'llama': (FAMILY_MODULES['llama'], 'LlamaTokenizer'),
-    'glm': (FAMILY_MODULES['glm2'], 'ChatGLM2Tokenizer'),
-    'chatglm': (FAMILY_MODULES['glm2'], 'ChatGLM2Tokenizer'),
-    'gpt_pangu': (FAMILY_MODULES['pangualpha'], 'PanguAlphaTokenizer'),
-}
-
-
-def _is_chatglm_v1(data):
-    """ChatGLM-6B's config.json (2-D positions, `inner_hidden_size`), not ChatGLM2/3's (`padded_vocab_size`,
-    `multi_query_attention`); both say model_type 'chatglm'."""
-    return 'position_encoding_2d' in data or 'inner_hidden_size' in data
-
-
-# HuggingFace model types that several families share: model_type -> [(test on the config.json mapping,
-# (conversion module, tokenizer class)), ...]; the first passing test wins, else the HF_FAMILIES entry. For these
-# types the family's tokenizer also wins over tokenizer_config.json's class name (ChatGLM-6B and ChatGLM2-6B both
-# call theirs 'ChatGLMTokenizer').
-HF_VARIANTS = {
-    'chatglm': [(_is_chatglm_v1, (FAMILY_MODULES['glm'], 'ChatGLMTokenizer'))],
-}
-
-
 def hf_family(data):
-    """(conversion module, tokenizer class name) for a HF config.json mapping, or None when its model_type has no
-    converter."""
-    model_type = data.get('model_type')
-    for test, family in HF_VARIANTS.get(model_type, ()):
-        if test(data):
-            return family
-    return HF_FAMILIES.get(model_type)
+    """(converter, tokenizer class name) of the registered family that reads a HF config.json mapping (see
+    `FamilySpec.hf_model_types` / `hf_match`), or None when no family reads its model_type. The converter is
+    what the family registered: a module path or an object."""
+    spec = family_of_hf_config(data)
+    return None if spec is None else (spec.converter, spec.class_name('tokenizer'))
+
 
 _HF_FILES = ('model.safetensors', 'model.safetensors.index.json', 'pytorch_model.bin', 'pytorch_model.bin.index.json')
 

@@ -1,4 +1,5 @@
-"""Registered model names: `<name>` resolves to `configs/<family>/run_<name>.yaml` (or `research/<family>/...`).
+"""Registered model names: `<name>` resolves to `run_<name>.yaml` in a folder a registered family declares
+(`FamilySpec.yaml_dirs`, e.g. `configs/llama`, `research/pengcheng_mind`).
 
 A name may also have published weights: `CHECKPOINTS[name] = (url, sha256)` (add a line below, or call
 `register_checkpoint` from your own code). `checkpoint_for(name)` downloads such a checkpoint once into the cache
@@ -7,24 +8,14 @@ use it. None of the bundled names has published weights yet: convert HuggingFace
 import glob
 import os
 
-from mindformers.tools.utils import PACKAGE_DIR, REPO_DIR
-
-
-def _config_roots():
-    roots = []
-    for base in (REPO_DIR, PACKAGE_DIR):
-        for sub in ('configs', 'research'):
-            path = os.path.join(base, sub)
-            if os.path.isdir(path) and path not in roots:
-                roots.append(path)
-    return roots
+from mindformers.tools.register.family import yaml_dirs
 
 
 def list_models():
-    """{name: yaml path} for every `run_<name>.yaml` shipped with the package."""
+    """{name: yaml path} for every `run_<name>.yaml` of a registered family (the first folder holding a name wins)."""
     found = {}
-    for root in _config_roots():
-        for path in sorted(glob.glob(os.path.join(root, '*', 'run_*.yaml'))):
+    for folder in yaml_dirs():
+        for path in sorted(glob.glob(os.path.join(folder, 'run_*.yaml'))):
             name = os.path.basename(path)[len('run_'):-len('.yaml')]
             found.setdefault(name, path)
     return found

@@ -4,7 +4,6 @@ q/k/v and output biases, SwiGLU with biases and the output head tied to the word
 
 Parameter names are those of our LLaMA (HF `LlamaForCausalLM` style, plus `.bias` on the norms and projections, no
 `lm_head`); `convert_pengcheng_mind.py` maps PengCheng's MindSpore release names onto them."""
-from mindformers.models.auto.auto_class import register_auto
 from mindformers.models.llama.modeling_llama import LlamaForCausalLM
 from mindformers.tools.register import MindFormerRegister, MindFormerModuleType
 
@@ -18,6 +17,3 @@ class PengChengMindForCausalLM(LlamaForCausalLM):
 
     def __init__(self, config: PengChengMindConfig):
         super().__init__(config)
-
-
-register_auto('PengChengMindConfig', 'PengChengMindForCausalLM')

@@ -1,33 +1,32 @@
 """AutoConfig, AutoModel, AutoTokenizer, AutoProcessor: objects from a registered model name, a run YAML, a directory
-written by `save_pretrained`, or a HuggingFace model directory (families in `convert_utils.HF_FAMILIES`, converted on
-load).
+written by `save_pretrained`, or a HuggingFace model directory (of a model type a registered family reads, see
+`FamilySpec.hf_model_types`; converted on load). Which model a config builds is its family's (`register_family`).
 
 The two kinds of directory are told apart by their `config.json`: ours names a registered config class under `type`
 (see `BaseConfig.to_dict`), a HuggingFace one carries `model_type` and no `type`."""
-import importlib
 import json
 import os
 
 import numpy as np
 
 from mindformers.models.base_processor import PROCESSOR_CONFIG_FILE, BaseProcessor
-from mindformers.models.convert_utils import HF_FAMILIES, HF_VARIANTS, hf_family, load_hf_weights
+from mindformers.models.convert_utils import hf_family, load_hf_weights
 from mindformers.tools.build import build_model_config, build_model, build_processor, build_tokenizer
 from mindformers.tools.model_book import CHECKPOINTS, find_config
-from mindformers.tools.register import MindFormerConfig, MindFormerRegister, MindFormerModuleType
+from mindformers.tools.register import FamilySpec, MindFormerConfig, MindFormerRegister, MindFormerModuleType
+from mindformers.tools.register.family import (families, family_of_config, family_of_hf_config, hf_model_types,
+                                               register_family, shared_hf_model_types)
 
 CONFIG_FILE = 'config.json'
 WEIGHT_SUFFIXES = ('.safetensors', '.ckpt')
 
-# config class -> the registered model class AutoModel builds from it; a family adds one line (or `register_auto`)
-_ARCH_FOR_CONFIG = {'GPT2Config': 'GPT2LMHeadModel', 'LlamaConfig': 'LlamaForCausalLM',
-                    'ChatGLM2Config': 'ChatGLM2ForConditionalGeneration',
-                    'PanguAlphaConfig': 'PanguAlphaHeadModel', 'GLMConfig': 'GLMForPreTraining'}
-
 
 def register_auto(config_name, model_name):
-    """Tell AutoModel.from_config which registered model class a config class builds."""
-    _ARCH_FOR_CONFIG[config_name] = model_name
+    """Tell AutoModel.from_config which registered model class a config class builds: the short form of
+    `register_family(FamilySpec(name=config_name, config=config_name, model=model_name))`, kept for older code."""
+    known = {(spec.class_name('config'), spec.class_name('model')) for spec in families().values()}
+    if (config_name, model_name) not in known:
+        register_family(FamilySpec(name=config_name, config=config_name, model=model_name))
 
 
 def _source_kind(name_or_path, caller):
@@ -91,11 +90,11 @@ def _check_overrides(config_type, kwargs, caller, source):
 
 def _hf_family(directory, data):
     """The conversion module of a HF directory's `model_type`, or a clear error."""
-    model_type = data.get('model_type')
-    if model_type not in HF_FAMILIES:
-        raise ValueError(f"{os.path.join(directory, CONFIG_FILE)} has model_type {model_type!r}, which has no "
-                         f"converter (supported HuggingFace model types: {', '.join(HF_FAMILIES)})")
-    return importlib.import_module(hf_family(data)[0])
+    spec = family_of_hf_config(data)
+    if spec is None:
+        raise ValueError(f"{os.path.join(directory, CONFIG_FILE)} has model_type {data.get('model_type')!r}, which "
+                         f"has no converter (supported HuggingFace model types: {', '.join(hf_model_types())})")
+    return spec.load_converter()
 
 
 class AutoConfig:
@@ -139,11 +138,12 @@ class AutoModel:
 
 
 def _model_class(config):
-    arch = _ARCH_FOR_CONFIG.get(type(config).__name__)
-    if arch is None:
-        raise ValueError(f"no model class is known for {type(config).__name__}; "
-                         f"known: {', '.join(sorted(_ARCH_FOR_CONFIG))} (see register_auto)")
-    return MindFormerRegister.get_cls(MindFormerModuleType.MODELS, arch)
+    spec = family_of_config(type(config))
+    if spec is None:
+        known = sorted(spec.class_name('config') for spec in families().values())
+        raise ValueError(f"no model class is known for {type(config).__name__}; known configs: {', '.join(known)} "
+                         f"(a family declares its config and model with register_family)")
+    return spec.get_class('model')
 
 
 def load_model(name_or_path, model_class=None, **kwargs):
@@ -226,14 +226,15 @@ class AutoTokenizer:
             class_name = hf_family(shared)[1]
         if class_name is None or not MindFormerRegister.is_exist(MindFormerModuleType.TOKENIZER, class_name):
             data = _read_config_json(directory)[0] if os.path.isfile(os.path.join(directory, CONFIG_FILE)) else {}
-            if data.get('model_type') in HF_FAMILIES:
-                class_name = hf_family(data)[1]
+            found = hf_family(data)
+            if found is not None:
+                class_name = found[1]
             else:
                 found = (f"tokenizer_class {class_name!r} in {TOKENIZER_CONFIG_FILE} is not a registered tokenizer"
                          if class_name else f"{TOKENIZER_CONFIG_FILE} names no tokenizer_class"
                          if os.path.isfile(config_path) else f"there is no {TOKENIZER_CONFIG_FILE}")
                 unknown = (f"{directory}: cannot tell which tokenizer to load ({found}, and {CONFIG_FILE} names no "
-                           f"supported HuggingFace model_type: {', '.join(HF_FAMILIES)})")
+                           f"supported HuggingFace model_type: {', '.join(hf_model_types())})")
                 if class_name:
                     raise ValueError(unknown)
                 class_name = _class_of_vocabulary(directory, unknown)
@@ -265,14 +266,14 @@ def _class_of_vocabulary(directory, unknown):
 
 
 def _shared_hf_model_type(directory):
-    """The config.json mapping of a HuggingFace directory whose model_type several families share (see
-    `convert_utils.HF_VARIANTS`), else None."""
+    """The config.json mapping of a HuggingFace directory whose model_type several families read (told apart by
+    `FamilySpec.hf_match`), else None."""
     try:
         with open(os.path.join(directory, CONFIG_FILE), encoding='utf-8') as f:
             data = json.load(f)
     except (OSError, ValueError):
         return None
-    if isinstance(data, dict) and 'type' not in data and data.get('model_type') in HF_VARIANTS:
+    if isinstance(data, dict) and 'type' not in data and data.get('model_type') in shared_hf_model_types():
         return data
     return None
 

@@ -1,9 +1,16 @@
 """GLMConfig: the hyper-parameters of a GLM v1 model (ChatGLM-6B; MindFormers r1.0 field names)."""
 import math
+from typing import ClassVar, Optional
 
 from mindformers.models.base_config import BaseConfig
 from mindformers.modules.layers import get_activation
 from mindformers.tools.register import MindFormerRegister, MindFormerModuleType
+
+
+def is_chatglm_6b_hf_config(hf_config):
+    """Whether a HuggingFace config.json mapping is ChatGLM-6B's (2-D positions, `inner_hidden_size`), not
+    ChatGLM2/3's (`padded_vocab_size`, `multi_query_attention`); both say model_type 'chatglm'."""
+    return 'position_encoding_2d' in hf_config or 'inner_hidden_size' in hf_config
 
 
 @MindFormerRegister.register(MindFormerModuleType.CONFIG)
@@ -24,71 +31,44 @@ class GLMConfig(BaseConfig):
         Fixed by the published model and refused otherwise: position_encoding_2d True, layernorm_order 'post'
             (MindFormers' name for this block, which is really LN at the block input with the LN output as the
             residual), use_final_layernorm True.
-    Precision ('float32' | 'float16' | 'bfloat16'): param_init_type, compute_dtype, layernorm_compute_type,
-        softmax_compute_type, rotary_dtype (all 'float32' by default; the checkpoint is float16).
+    Precision: rotary_dtype ('float32') besides BaseConfig's, all 'float32' (the checkpoint is float16).
     Tokens: bos_token_id (130004, `<sop>`: the generated block starts there), eos_token_id (130005, `<eop>`),
-        mask_token_id (130000, `[MASK]`), gmask_token_id (130001, `[gMASK]`), pad_token_id (3), ignore_token_id
-        (-100). bos/mask/gmask must be ids of the vocabulary: the model finds them in its input.
-    Generation defaults: batch_size (1), max_decode_length (2048), top_k (1), top_p (1.0), do_sample (False),
-        repetition_penalty (1.0), use_past (False). is_sample_acceleration (False) is accepted for MindFormers
-        configs and has no effect (sampling always runs in `generate()`).
-    Run: parallel_config, checkpoint_name_or_path, offset (0: MindFormers' shift of the layers' pipeline stages;
-        the final LayerNorm and the head sit on the last stage). use_flash_attention must stay False.
+        mask_token_id (130000, `[MASK]`), gmask_token_id (130001, `[gMASK]`), pad_token_id (3). bos/mask/gmask
+        must be ids of the vocabulary: the model finds them in its input.
+    Generation defaults: max_decode_length (2048), top_k (1). is_sample_acceleration (False) is accepted for
+        MindFormers configs and has no effect (sampling always runs in `generate()`).
+    Pipeline stages: the final LayerNorm and the head sit on the last one (offset shifts the layers' stages).
+    Shared with every config (BaseConfig): run (parallel_config, checkpoint_name_or_path, offset), precision,
+        initializer_range, ignore_token_id, generation defaults; use_flash_attention must stay False (no CPU kernel).
     Unknown keywords are refused (TypeError naming the closest fields)."""
 
-    model_type = 'glm'
+    model_type: ClassVar[str] = 'glm'
 
-    def __init__(self, batch_size=1, vocab_size=130528, hidden_size=4096, num_layers=28, num_heads=32,
-                 inner_hidden_size=16384, seq_length=512, hidden_size_per_attention_head=None, alpha=None,
-                 layernorm_order='post', layernorm_epsilon=1e-5, use_final_layernorm=True, activation_func='GELU',
-                 position_encoding_2d=True, embedding_dropout_prob=0.0, hidden_dropout_rate=0.0,
-                 attention_dropout_rate=0.0, initializer_range=0.02, param_init_type='float32',
-                 compute_dtype='float32', layernorm_compute_type='float32', softmax_compute_type='float32',
-                 rotary_dtype='float32', bos_token_id=130004, eos_token_id=130005, mask_token_id=130000,
-                 gmask_token_id=130001, pad_token_id=3, ignore_token_id=-100, use_past=False,
-                 use_flash_attention=False, is_sample_acceleration=False, max_decode_length=2048, top_k=1, top_p=1.0,
-                 do_sample=False, repetition_penalty=1.0, offset=0, parallel_config=None, checkpoint_name_or_path='',
-                 **kwargs):
-        super().__init__(parallel_config=parallel_config, checkpoint_name_or_path=checkpoint_name_or_path, **kwargs)
-        self.batch_size = batch_size
-        self.vocab_size = vocab_size
-        self.hidden_size = hidden_size
-        self.num_layers = num_layers
-        self.num_heads = num_heads
-        self.inner_hidden_size = inner_hidden_size
-        self.seq_length = seq_length
-        self.hidden_size_per_attention_head = hidden_size_per_attention_head
-        self.alpha = alpha
-        self.layernorm_order = layernorm_order
-        self.layernorm_epsilon = layernorm_epsilon
-        self.use_final_layernorm = use_final_layernorm
-        self.activation_func = activation_func
-        self.position_encoding_2d = position_encoding_2d
-        self.embedding_dropout_prob = embedding_dropout_prob
-        self.hidden_dropout_rate = hidden_dropout_rate
-        self.attention_dropout_rate = attention_dropout_rate
-        self.initializer_range = initializer_range
-        self.param_init_type = param_init_type
-        self.compute_dtype = compute_dtype
-        self.layernorm_compute_type = layernorm_compute_type
-        self.softmax_compute_type = softmax_compute_type
-        self.rotary_dtype = rotary_dtype
-        self.bos_token_id = bos_token_id
-        self.eos_token_id = eos_token_id
-        self.mask_token_id = mask_token_id
-        self.gmask_token_id = gmask_token_id
-        self.pad_token_id = pad_token_id
-        self.ignore_token_id = ignore_token_id
-        self.use_past = use_past
-        self.use_flash_attention = use_flash_attention
-        self.is_sample_acceleration = is_sample_acceleration
-        self.max_decode_length = max_decode_length
-        self.top_k = top_k
-        self.top_p = top_p
-        self.do_sample = do_sample
-        self.repetition_penalty = repetition_penalty
-        self.offset = offset
-        self.validate()
+    vocab_size: int = 130528
+    hidden_size: int = 4096
+    num_layers: int = 28
+    num_heads: int = 32
+    inner_hidden_size: int = 16384
+    seq_length: int = 512
+    hidden_size_per_attention_head: Optional[int] = None
+    alpha: Optional[float] = None
+    layernorm_order: str = 'post'
+    layernorm_epsilon: float = 1e-05
+    use_final_layernorm: bool = True
+    activation_func: str = 'GELU'
+    position_encoding_2d: bool = True
+    embedding_dropout_prob: float = 0.0
+    hidden_dropout_rate: float = 0.0
+    attention_dropout_rate: float = 0.0
+    rotary_dtype: str = 'float32'
+    bos_token_id: int = 130004
+    eos_token_id: int = 130005
+    mask_token_id: int = 130000
+    gmask_token_id: int = 130001
+    pad_token_id: int = 3
+    is_sample_acceleration: bool = False
+    max_decode_length: int = 2048
+    top_k: int = 1
 
     @property
     def head_size(self):

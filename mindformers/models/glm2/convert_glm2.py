@@ -100,9 +100,10 @@ class ChatGLM2Converter(FamilyConverter):
 
     def config_to_hf(self, config, dtype='float32'):
         """The HF `config.json` mapping (`GlmForCausalLM`) of our ChatGLM2Config."""
-        rope = {'rope_type': 'default', 'rope_theta': float(config.rope_theta), 'partial_rotary_factor': 0.5}
+        spec = config.decoder_spec()
+        rope = {'rope_type': 'default', 'rope_theta': float(spec.rope_theta), 'partial_rotary_factor': 0.5}
         return {'architectures': ['GlmForCausalLM'], 'model_type': 'glm', **decoder_config_to_hf(config, dtype),
-                'rope_parameters': rope, 'attention_bias': bool(config.attention_bias)}
+                'rope_parameters': rope, 'attention_bias': spec.attention_bias}
 
 
 CONVERTER = ChatGLM2Converter()

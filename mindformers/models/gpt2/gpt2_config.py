@@ -1,4 +1,6 @@
 """GPT2Config: the hyper-parameters of a GPT-2 model (MindFormers r1.0 field names)."""
+from typing import ClassVar
+
 from mindformers.models.base_config import BaseConfig
 from mindformers.modules.layers import get_activation
 from mindformers.tools.register import MindFormerRegister, MindFormerModuleType
@@ -20,64 +22,34 @@ class GPT2Config(BaseConfig):
         embedding_dropout_prob, hidden_dropout_rate, attention_dropout_rate (0.1 each): dropout after the
             embeddings, on each residual branch, and on the attention probabilities.
         post_layernorm_residual (False), offset (0), num_labels (2): MindFormers fields; only pre-LN is built.
-    Precision ('float32' | 'float16' | 'bfloat16'):
-        param_init_type ('float32'), compute_dtype ('float32'; MindFormers defaults to float16 for Ascend),
-        layernorm_compute_type ('float32'), softmax_compute_type ('float32').
-    Tokens:
-        eos_token_id, pad_token_id, bos_token_id, unk_token_id (50256 each), ignore_token_id (-100): targets equal
-        to ignore_token_id, and to pad_token_id when it differs from eos_token_id, are left out of the loss.
-    Generation defaults: batch_size (1), max_decode_length (1024), top_k (5), top_p (1.0), do_sample (False),
-        repetition_penalty (1.0), use_past (False: generate() decodes with the KV cache when True),
-        use_flash_attention (False; no CPU kernel, must stay False).
-    Run: parallel_config (mapping or ParallelConfig, with its recompute settings), checkpoint_name_or_path
-        (weights loaded at model construction; '' for random init).
+    Precision: all 'float32' (MindFormers defaults compute_dtype to float16 for Ascend).
+    Tokens: eos_token_id, pad_token_id, bos_token_id, unk_token_id (50256 each): targets equal to ignore_token_id,
+        and to pad_token_id when it differs from eos_token_id, are left out of the loss.
+    Generation defaults: max_decode_length (1024).
+    Shared with every config (BaseConfig): run (parallel_config, checkpoint_name_or_path, offset), precision,
+        initializer_range, ignore_token_id, generation defaults; use_flash_attention must stay False (no CPU kernel).
     Unknown keywords are refused (TypeError naming the closest fields)."""
 
-    model_type = 'gpt2'
+    model_type: ClassVar[str] = 'gpt2'
 
-    def __init__(self, batch_size=1, seq_length=1024, vocab_size=50257, hidden_size=768, num_layers=12,
-                 num_heads=12, expand_ratio=4, embedding_dropout_prob=0.1, hidden_dropout_rate=0.1,
-                 attention_dropout_rate=0.1, hidden_act='gelu', layernorm_epsilon=1e-5, initializer_range=0.02,
-                 compute_dtype='float32', layernorm_compute_type='float32', softmax_compute_type='float32',
-                 param_init_type='float32', eos_token_id=50256, pad_token_id=50256, bos_token_id=50256,
-                 unk_token_id=50256, ignore_token_id=-100, use_past=False, use_flash_attention=False,
-                 post_layernorm_residual=False, offset=0, num_labels=2, top_k=5, top_p=1.0, do_sample=False,
-                 repetition_penalty=1.0, max_decode_length=1024, parallel_config=None, checkpoint_name_or_path='',
-                 **kwargs):
-        super().__init__(parallel_config=parallel_config, checkpoint_name_or_path=checkpoint_name_or_path, **kwargs)
-        self.batch_size = batch_size
-        self.seq_length = seq_length
-        self.vocab_size = vocab_size
-        self.hidden_size = hidden_size
-        self.num_layers = num_layers
-        self.num_heads = num_heads
-        self.expand_ratio = expand_ratio
-        self.embedding_dropout_prob = embedding_dropout_prob
-        self.hidden_dropout_rate = hidden_dropout_rate
-        self.attention_dropout_rate = attention_dropout_rate
-        self.hidden_act = hidden_act
-        self.layernorm_epsilon = layernorm_epsilon
-        self.initializer_range = initializer_range
-        self.compute_dtype = compute_dtype
-        self.layernorm_compute_type = layernorm_compute_type
-        self.softmax_compute_type = softmax_compute_type
-        self.param_init_type = param_init_type
-        self.eos_token_id = eos_token_id
-        self.pad_token_id = pad_token_id
-        self.bos_token_id = bos_token_id
-        self.unk_token_id = unk_token_id
-        self.ignore_token_id = ignore_token_id
-        self.use_past = use_past
-        self.use_flash_attention = use_flash_attention
-        self.post_layernorm_residual = post_layernorm_residual
-        self.offset = offset
-        self.num_labels = num_labels
-        self.top_k = top_k
-        self.top_p = top_p
-        self.do_sample = do_sample
-        self.repetition_penalty = repetition_penalty
-        self.max_decode_length = max_decode_length
-        self.validate()
+    seq_length: int = 1024
+    vocab_size: int = 50257
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    expand_ratio: int = 4
+    embedding_dropout_prob: float = 0.1
+    hidden_dropout_rate: float = 0.1
+    attention_dropout_rate: float = 0.1
+    hidden_act: str = 'gelu'
+    layernorm_epsilon: float = 1e-05
+    eos_token_id: int = 50256
+    pad_token_id: int = 50256
+    bos_token_id: int = 50256
+    unk_token_id: int = 50256
+    post_layernorm_residual: bool = False
+    num_labels: int = 2
+    max_decode_length: int = 1024
 
     def validate(self):
         """Raise ValueError naming the first inconsistent field."""

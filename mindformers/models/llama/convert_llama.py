@@ -35,7 +35,7 @@ HF_TABLE = NameTable([(name, name) for name in TOP_NAMES + LAYER_NAMES], skip=HF
 def _interleaved_to_half(value, heads, config):
     """Rows of a Meta q/k projection, per head (2i, 2i + 1) RoPE pairs -> HF's rotate-half order (i, i + d/2);
     unchanged when our model itself rotates interleaved pairs."""
-    if config.rotary_interleaved:
+    if config.decoder_spec().rotary_interleaved:
         return value
     rows, cols = value.shape
     return value.reshape(heads, rows // heads // 2, 2, cols).transpose(0, 2, 1, 3).reshape(rows, cols)
@@ -47,9 +47,9 @@ META_TABLE = NameTable([
     ('output.weight', 'lm_head.weight'),
     ('layers.{i}.attention_norm.weight', LAYER + 'input_layernorm.weight'),
     Rule('layers.{i}.attention.wq.weight', LAYER + 'self_attn.q_proj.weight',
-         to_ours=lambda value, config: _interleaved_to_half(value, config.num_heads, config)),
+         to_ours=lambda value, config: _interleaved_to_half(value, config.decoder_spec().num_heads, config)),
     Rule('layers.{i}.attention.wk.weight', LAYER + 'self_attn.k_proj.weight',
-         to_ours=lambda value, config: _interleaved_to_half(value, config.kv_heads, config)),
+         to_ours=lambda value, config: _interleaved_to_half(value, config.decoder_spec().kv_heads, config)),
     ('layers.{i}.attention.wv.weight', LAYER + 'self_attn.v_proj.weight'),
     ('layers.{i}.attention.wo.weight', LAYER + 'self_attn.o_proj.weight'),
     ('layers.{i}.ffn_norm.weight', LAYER + 'post_attention_layernorm.weight'),
@@ -145,12 +145,13 @@ def decoder_sizes_from_hf(hf_config, defaults, allow_tied=False):
 
 
 def decoder_config_to_hf(config, dtype):
-    """The HF config.json fields every LLaMA-style decoder shares, from our config's decoder properties."""
-    return {'vocab_size': config.vocab_size, 'hidden_size': config.hidden_size,
-            'intermediate_size': config.ffn_size, 'num_hidden_layers': config.num_layers,
-            'num_attention_heads': config.num_heads, 'num_key_value_heads': config.kv_heads,
-            'head_dim': config.head_size, 'hidden_act': 'silu', 'max_position_embeddings': config.seq_length,
-            'rms_norm_eps': config.norm_eps, 'initializer_range': config.initializer_range,
+    """The HF config.json fields every LLaMA-style decoder shares, from our config's DecoderSpec."""
+    spec = config.decoder_spec()
+    return {'vocab_size': spec.vocab_size, 'hidden_size': spec.hidden_size,
+            'intermediate_size': spec.ffn_size, 'num_hidden_layers': spec.num_layers,
+            'num_attention_heads': spec.num_heads, 'num_key_value_heads': spec.kv_heads,
+            'head_dim': spec.head_size, 'hidden_act': 'silu', 'max_position_embeddings': config.seq_length,
+            'rms_norm_eps': spec.norm_eps, 'initializer_range': config.initializer_range,
             'tie_word_embeddings': False, 'bos_token_id': config.bos_token_id, 'eos_token_id': config.eos_token_id,
             'pad_token_id': config.pad_token_id, 'use_cache': True, 'dtype': dtype}
 
@@ -221,18 +222,19 @@ class LlamaConverter(FamilyConverter):
     def config_to_hf(self, config, dtype='float32'):
         """The HF `config.json` mapping (`LlamaForCausalLM`) of our LlamaConfig. Static NTK scaling becomes the
         raised RoPE base it amounts to; position interpolation becomes HF's 'linear' RoPE scaling."""
-        if config.attention_bias:
+        spec = config.decoder_spec()
+        if spec.attention_bias:
             raise ConversionError("qkv_has_bias=True has no HF LlamaForCausalLM equivalent (attention_bias also "
                                   "adds an output bias)")
-        if config.rotary_size != config.head_size or config.rotary_interleaved:
+        if spec.rotary_size != spec.head_size or spec.rotary_interleaved:
             raise ConversionError("HF LlamaForCausalLM rotates whole heads in rotate-half pairs; rotary_dim and "
                                   "rotary_interleaved must keep their defaults")
-        rope = {'rope_type': 'default', 'rope_theta': float(config.theta)}
-        if config.extend_method == 'PI':
-            rope.update(rope_type='linear', factor=float(config.scaling_factor))
-        elif config.extend_method == 'NTK':
-            dim = config.rotary_size
-            rope['rope_theta'] = float(config.theta * config.scaling_factor ** (dim / (dim - 2)))
+        rope = {'rope_type': 'default', 'rope_theta': float(spec.rope_theta)}
+        if spec.extend_method == 'PI':
+            rope.update(rope_type='linear', factor=float(spec.scaling_factor))
+        elif spec.extend_method == 'NTK':
+            dim = spec.rotary_size
+            rope['rope_theta'] = float(spec.rope_theta * spec.scaling_factor ** (dim / (dim - 2)))
         return {'architectures': ['LlamaForCausalLM'], 'model_type': 'llama', **decoder_config_to_hf(config, dtype),
                 'rope_parameters': rope, 'attention_bias': False, 'mlp_bias': False}
 
