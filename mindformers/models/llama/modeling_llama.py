@@ -1,15 +1,14 @@
 """LLaMA / LLaMA-2: pre-RMSNorm blocks of rotary grouped-query attention and a SwiGLU MLP, untied LM head.
 
-The decoder reads its sizes through the properties `LlamaConfig` defines (kv_heads, head_size, rotary_size,
-rotary_interleaved, ffn_size, norm_eps, rope_theta, attention_bias; and, with LLaMA's values as defaults, norm_type
-'rmsnorm' | 'layernorm', out_bias on o_proj, mlp_bias on the SwiGLU projections, tied_head: logits from the token
-embedding table, no `lm_head.weight`), so other families with this topology and their own config names (ChatGLM2,
-PengCheng.Mind) build on it. Parameter names match HF `LlamaForCausalLM`."""
+The decoder reads its architecture from one typed `DecoderSpec` (`config.decoder_spec()`: sizes, rotary, norm type,
+biases, tied head) and its run settings (seq_length, dtypes, init, parallel config) from the config, so other
+families with this topology and their own config names (ChatGLM2, PengCheng.Mind) build on it by filling the spec.
+Parameter names match HF `LlamaForCausalLM`."""
 import mindspore as ms
 from mindspore import nn, ops
 
 from mindformers.models.base_model import CausalLMModel
-from mindformers.models.llama.llama_config import DECODER_DEFAULTS, LlamaConfig
+from mindformers.models.llama.llama_config import LlamaConfig
 from mindformers.modules import CausalMask, Embedding, GatedMLP, GroupedQueryAttention
 from mindformers.modules.layers import TiedLMHead, output_head, place_last, place_layers, to_mstype
 from mindformers.modules.norm import build_norm
@@ -17,31 +16,23 @@ from mindformers.modules.rotary import RotaryEmbedding
 from mindformers.tools.register import MindFormerRegister, MindFormerModuleType
 
 
-def decoder_option(config, name):
-    """A decoder switch of `config` (norm_type, out_bias, mlp_bias, tied_head), LLaMA's value when it has none."""
-    return getattr(config, name, DECODER_DEFAULTS[name])
-
-
 class LlamaDecoderLayer(nn.Cell):
-    """x + self_attn(norm(x)), then + mlp(norm(.)) (norm: RMSNorm, or LayerNorm by `config.norm_type`): x [B, S, H],
+    """x + self_attn(norm(x)), then + mlp(norm(.)) (norm: RMSNorm, or LayerNorm by `spec.norm_type`): x [B, S, H],
     mask, rotary tables, cache and write as for `GroupedQueryAttention` -> [B, S, H]."""
 
-    def __init__(self, config, rotary):
+    def __init__(self, config, spec, rotary):
         super().__init__()
-        hidden, parallel = config.hidden_size, config.parallel_config
-        norm_args = dict(eps=config.norm_eps, param_init_type=config.param_init_type,
+        hidden, parallel = spec.hidden_size, config.parallel_config
+        norm_args = dict(eps=spec.norm_eps, param_init_type=config.param_init_type,
                          compute_type=config.layernorm_compute_type, parallel_config=parallel)
-        norm_type = decoder_option(config, 'norm_type')
         common = dict(init_std=config.initializer_range, param_init_type=config.param_init_type,
                       compute_dtype=config.compute_dtype, parallel_config=parallel)
-        self.input_layernorm = build_norm(norm_type, hidden, **norm_args)
-        self.self_attn = GroupedQueryAttention(hidden, config.num_heads, config.kv_heads, config.head_size,
-                                               qkv_bias=config.attention_bias,
-                                               out_bias=bool(decoder_option(config, 'out_bias')),
-                                               rotary=rotary, softmax_compute_type=config.softmax_compute_type,
-                                               **common)
-        self.post_attention_layernorm = build_norm(norm_type, hidden, **norm_args)
-        self.mlp = GatedMLP(hidden, config.ffn_size, has_bias=bool(decoder_option(config, 'mlp_bias')), **common)
+        self.input_layernorm = build_norm(spec.norm_type, hidden, **norm_args)
+        self.self_attn = GroupedQueryAttention(hidden, spec.num_heads, spec.kv_heads, spec.head_size,
+                                               qkv_bias=spec.attention_bias, out_bias=spec.out_bias, rotary=rotary,
+                                               softmax_compute_type=config.softmax_compute_type, **common)
+        self.post_attention_layernorm = build_norm(spec.norm_type, hidden, **norm_args)
+        self.mlp = GatedMLP(hidden, spec.ffn_size, has_bias=spec.mlp_bias, **common)
 
     def construct(self, x, mask, cos, sin, cache=None, write=None):
         x = self.self_attn(self.input_layernorm(x), mask, cos, sin, cache, write, residual=x)
@@ -58,19 +49,19 @@ class LlamaModel(nn.Cell):
 
     def __init__(self, config):
         super().__init__()
-        parallel = config.parallel_config
-        self.seq_length, self.num_heads = config.seq_length, config.num_heads
+        spec, parallel = config.decoder_spec(), config.parallel_config
+        self.seq_length, self.num_heads = config.seq_length, spec.num_heads
         self.compute_dtype = to_mstype(config.compute_dtype)
-        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, config.initializer_range,
+        self.embed_tokens = Embedding(spec.vocab_size, spec.hidden_size, config.initializer_range,
                                       config.param_init_type, parallel)
-        self.rotary = RotaryEmbedding(config.head_size, config.seq_length, config.rotary_size, config.rope_theta,
-                                      config.rotary_interleaved, str(config.extend_method), config.scaling_factor,
+        self.rotary = RotaryEmbedding(spec.head_size, config.seq_length, spec.rotary_size, spec.rope_theta,
+                                      spec.rotary_interleaved, spec.extend_method, spec.scaling_factor,
                                       config.rotary_dtype)
         self.causal_mask = CausalMask(config.seq_length, config.softmax_compute_type)
-        self.layers = nn.CellList([LlamaDecoderLayer(config, self.rotary) for _ in range(config.num_layers)])
-        self.norm = build_norm(decoder_option(config, 'norm_type'), config.hidden_size, config.norm_eps,
-                               config.param_init_type, config.layernorm_compute_type, parallel)
-        place_layers(self.layers, parallel, getattr(config, 'offset', 0))
+        self.layers = nn.CellList([LlamaDecoderLayer(config, spec, self.rotary) for _ in range(spec.num_layers)])
+        self.norm = build_norm(spec.norm_type, spec.hidden_size, spec.norm_eps, config.param_init_type,
+                               config.layernorm_compute_type, parallel)
+        place_layers(self.layers, parallel, config.offset)
         place_last(parallel, self.norm)
 
     def construct(self, input_ids, attention_mask=None, cache=None, step=None):
@@ -97,7 +88,7 @@ class LlamaModel(nn.Cell):
 
 @MindFormerRegister.register(MindFormerModuleType.MODELS)
 class LlamaForCausalLM(CausalLMModel):
-    """LLaMA with its own output head `lm_head` [vocab, hidden] (with `config.tied_head` a `TiedLMHead` without a
+    """LLaMA with its own output head `lm_head` [vocab, hidden] (with `spec.tied_head` a `TiedLMHead` without a
     weight: the logits are then taken against `model.embed_tokens.weight`). Training and inference contracts:
     `CausalLMModel` (one forward for training, prefill and decode)."""
 
@@ -106,7 +97,7 @@ class LlamaForCausalLM(CausalLMModel):
         config.validate()
         self.model = LlamaModel(config)
         parallel = config.parallel_config
-        self.tied_head = bool(decoder_option(config, 'tied_head'))
+        self.tied_head = config.decoder_spec().tied_head
         if self.tied_head:
             self.lm_head = TiedLMHead(parallel)
             self.parameter_inputs = {'model.embed_tokens.weight': ('lm_head.matmul', 1)}
@@ -126,5 +117,5 @@ class LlamaForCausalLM(CausalLMModel):
         return self.head(self.logit_rows(self.model(input_ids, attention_mask, cache, step), cache))
 
     def kv_cache_layout(self):
-        return {'num_layers': int(self.config.num_layers), 'kv_heads': int(self.config.kv_heads),
-                'head_dim': int(self.config.head_size)}
+        spec = self.config.decoder_spec()
+        return {'num_layers': spec.num_layers, 'kv_heads': spec.kv_heads, 'head_dim': spec.head_size}
