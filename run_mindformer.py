@@ -111,9 +111,9 @@ class FileConfigError(Exception):
 def build_config(args, overrides):
     """The run config: the YAML (checked: FileConfigError), then `--options`/free overrides, then the named flags
     (checked again: any new problem comes from the command line)."""
-    from mindformers.tools.model_book import find_config, list_models
-    from mindformers.tools.register import ConfigError, MindFormerConfig, validate_run_config
-    from mindformers.tools.register.check import CREATABLE_SECTIONS
+    from mindformers.models.model_book import find_config, list_models
+    from mindformers.tools.register import ConfigError, MindFormerConfig
+    from mindformers.trainer.run_config import CREATABLE_SECTIONS, validate_run_config
     path = args.config
     if not os.path.isfile(path):
         if path in list_models():
@@ -153,7 +153,7 @@ def build_config(args, overrides):
             except FileNotFoundError as err:
                 raise FileNotFoundError(f"--{key}_dir: {err}") from None
     if args.predict_data is not None:
-        from mindformers.models.base_tokenizer import check_unicode
+        from mindformers.tools.utils import check_unicode
         config['input_data'] = [check_unicode(p.replace('\\n', '\n'), f"--predict_data prompt {i}")
                                 for i, p in enumerate(args.predict_data)]
     config.setdefault('run_mode', 'train')

@@ -9,7 +9,7 @@ import mindspore as ms
 from mindformers.generation.beam_search import beam_search
 from mindformers.generation.generation_config import GenerationConfig
 from mindformers.generation.logits_process import process, sample, warp
-from mindformers.models.base_tokenizer import check_unicode
+from mindformers.tools.utils import check_unicode
 from mindformers.modules.kv_cache import prefill_bucket
 
 

@@ -54,7 +54,7 @@ def build_parser():
 
 
 def _config_path(args):
-    from mindformers.tools.model_book import find_config, list_models
+    from mindformers.models.model_book import find_config, list_models
     if os.path.isfile(args.config):
         return args.config
     if args.config not in list_models():

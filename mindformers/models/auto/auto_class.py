@@ -13,7 +13,7 @@ import numpy as np
 from mindformers.models.base_processor import PROCESSOR_CONFIG_FILE, BaseProcessor
 from mindformers.models.convert_utils import HF_FAMILIES, HF_VARIANTS, hf_family, load_hf_weights
 from mindformers.tools.build import build_model_config, build_model, build_processor, build_tokenizer
-from mindformers.tools.model_book import CHECKPOINTS, find_config
+from mindformers.models.model_book import CHECKPOINTS, find_config
 from mindformers.tools.register import MindFormerConfig, MindFormerRegister, MindFormerModuleType
 
 CONFIG_FILE = 'config.json'

@@ -18,7 +18,6 @@ shifts labels itself to predict [1:]), written atomically. Read it with `Instruc
 (`train_dataset_task.type: InstructionDataset` in a run YAML). Longer samples are cut at the end (`--truncate`,
 default; a sample left without any trained token is dropped) or dropped (`--drop_long`).
 """
-import importlib
 import os
 import sys
 from typing import NamedTuple
@@ -304,8 +303,7 @@ def build_tokenizer_arg(name, vocab_file=None, merges_file=None, tokenizer_dir=N
     """A registered tokenizer class (built from its files or `tokenizer_dir`, as in text_to_mindrecord) or a
     model name (`gpt2_tiny`, `llama2_7b`, ...: the tokenizer of its YAML, with `vocab_file`/`merges_file`
     overriding the files named there)."""
-    importlib.import_module('mindformers')  # registers the tokenizers
-    from mindformers.tools.model_book import list_models
+    from mindformers.models.model_book import list_models
     from mindformers.tools.register import MindFormerRegister, MindFormerModuleType
     if MindFormerRegister.is_exist(MindFormerModuleType.TOKENIZER, name) or name not in list_models():
         return load_tokenizer(name, vocab_file, merges_file, tokenizer_dir)

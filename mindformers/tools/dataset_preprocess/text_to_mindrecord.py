@@ -69,7 +69,6 @@ def _clock(seconds):
 
 def load_tokenizer(name, vocab_file=None, merges_file=None, tokenizer_dir=None):
     """Build the registered tokenizer `name` from its vocabulary files or with `from_pretrained(tokenizer_dir)`."""
-    import mindformers  # noqa: F401  pylint: disable=unused-import  (registers the tokenizers)
     from mindformers.tools.register import MindFormerRegister, MindFormerModuleType
     try:
         cls = MindFormerRegister.get_cls(MindFormerModuleType.TOKENIZER, name, where='--tokenizer')

@@ -1,7 +1,13 @@
 """Registry and config."""
 from .register import MindFormerRegister, MindFormerModuleType
 from .config import MindFormerConfig, ConfigError, parse_value, deep_merge
-from .check import validate_run_config
 
 __all__ = ['MindFormerRegister', 'MindFormerModuleType', 'MindFormerConfig', 'ConfigError', 'parse_value',
            'deep_merge', 'validate_run_config']
+
+
+def __getattr__(name):
+    if name == 'validate_run_config':  # its old home: the run-config check lives with the Trainer (it knows every layer)
+        from mindformers.trainer.run_config import validate_run_config
+        return validate_run_config
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
