@@ -14,16 +14,9 @@ import signal
 import sys
 import threading
 
+from mindformers.tools.utils import OneLineArgumentParser  # no MindSpore: flags are checked before it loads
+
 RUN_MODES = ('train', 'finetune', 'eval', 'predict')
-
-
-class _Parser(argparse.ArgumentParser):
-    """mindformers.tools.utils.OneLineArgumentParser's contract, kept here so that flags are checked before the
-    package (and MindSpore, seconds to load) is imported."""
-
-    def error(self, message):
-        sys.stderr.write(f"run_mindformer.py: error: {message}\n")
-        sys.exit(2)
 
 
 def _bool(text):
@@ -36,7 +29,7 @@ def _bool(text):
 
 
 def build_parser():
-    parser = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineArgumentParser(prog='run_mindformer.py', description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--config', required=True, help='YAML run config (path, or a registered model name)')
     parser.add_argument('--run_mode', choices=RUN_MODES, help='what to run (default: run_mode of the YAML)')
     parser.add_argument('--train_dataset_dir', help='training data: MindRecord directory or file')

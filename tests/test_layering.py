@@ -5,6 +5,8 @@ the library's packages on its first lookup (`tools.register.register.LIBRARY_PAC
 here; `test_the_registry_loads_only_later_layers` checks it."""
 import ast
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -138,3 +140,40 @@ def test_tools_foundation_imports_only_tools():
              if _layer(module) == 'tools' and _layer(target) != 'tools' and (module, target) not in LAZY_UP
              and module not in OLD_PATHS]
     assert not wrong, wrong
+
+
+def _run(code):
+    proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300,
+                          cwd=os.path.dirname(PACKAGE))
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.split()
+
+
+def test_import_mindformers_and_the_light_clis_load_no_mindspore():
+    """`import mindformers` is lazy: the rank-table and msrun helpers (and any CLI's flag parsing) share the
+    foundation's helpers without loading MindSpore."""
+    assert _run("import sys, mindformers, mindformers.tools.hccl_tools, mindformers.tools.merge_hccl, "
+                "mindformers.tools.msrun_worker, mindformers.tools.msrun_summary, mindformers.tools.file_io, "
+                "mindformers.tools.utils, mindformers.parallel; print('mindspore' in sys.modules)") == ['False']
+
+
+def test_public_names_resolve_on_first_use():
+    out = _run("import mindformers, mindformers.pipeline as p\n"
+               "from mindformers import *\n"
+               "from mindformers.pipeline.pipeline import pipeline as function\n"
+               "from mindformers.trainer import Trainer as T\n"
+               "from mindformers.models.llama import LlamaForCausalLM as L\n"
+               "print(p is function, mindformers.pipeline is function, Trainer is T, LlamaForCausalLM is L,\n"
+               "      'GLMChatModel' in mindformers.__all__, hasattr(mindformers, 'NoSuchName'))")
+    assert out == ['True', 'True', 'True', 'True', 'True', 'False']
+
+
+def test_the_registry_loads_the_library_on_first_lookup_and_keeps_earlier_registrations():
+    """A user's class registered under one of our names before the first lookup keeps its place, as it did when
+    `import mindformers` registered everything first."""
+    out = _run("from mindformers.tools.register import MindFormerRegister as R, MindFormerModuleType as T\n"
+               "@R.register(T.CONFIG, alias='GPT2Config')\n"
+               "class Mine: pass\n"
+               "print(R.get_cls(T.CONFIG, 'GPT2Config') is Mine, R.get_cls(T.MODELS, 'LlamaForCausalLM').__name__,\n"
+               "      R.is_exist(T.TRAINER, 'Trainer'), 'GPT2Tokenizer' in R.names(T.TOKENIZER))")
+    assert out == ['True', 'LlamaForCausalLM', 'True', 'True']
