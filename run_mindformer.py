@@ -14,7 +14,7 @@ import signal
 import sys
 import threading
 
-from mindformers.tools.utils import OneLineArgumentParser  # no MindSpore: flags are checked before it loads
+from mindformers.tools.utils import OneLineArgumentParser, cli_error  # no MindSpore: flags are checked before it loads
 
 RUN_MODES = ('train', 'finetune', 'eval', 'predict')
 
@@ -29,7 +29,8 @@ def _bool(text):
 
 
 def build_parser():
-    parser = OneLineArgumentParser(prog='run_mindformer.py', description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineArgumentParser(prog='run_mindformer.py', description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--config', required=True, help='YAML run config (path, or a registered model name)')
     parser.add_argument('--run_mode', choices=RUN_MODES, help='what to run (default: run_mode of the YAML)')
     parser.add_argument('--train_dataset_dir', help='training data: MindRecord directory or file')
@@ -155,8 +156,7 @@ def build_config(args, overrides):
 
 def _fail(err, code):
     message = err.args[0] if isinstance(err, KeyError) and err.args else err
-    sys.stderr.write(f"run_mindformer.py: error: {message}\n")
-    return code
+    return cli_error('run_mindformer.py', message, code)
 
 
 _ERRORS = (ValueError, KeyError, TypeError, FileNotFoundError, NotImplementedError, RuntimeError, OSError)

@@ -31,7 +31,7 @@ if __name__ == '__main__' and os.path.dirname(os.path.abspath(__file__)) == os.p
 from mindformers.parallel.rank_table import (DEFAULT_HCCN_CONF, RankTableError, check_ip,  # noqa: E402,F401
                                              build_rank_table, check_rank_table, device_ips_for, load_rank_table,
                                              parse_device_range, plan_ranks, read_hccn_conf, write_rank_table)
-from mindformers.tools.utils import OneLineArgumentParser  # noqa: E402
+from mindformers.tools.utils import OneLineArgumentParser, cli_error  # noqa: E402
 
 
 def _default_server_ip():
@@ -110,8 +110,7 @@ def main(argv=None):
         path = write_rank_table(table, args.output_dir,
                                 f"hccl_{len(device_ids)}p_{''.join(map(str, device_ids))}_{server_ip}.json")
     except (RankTableError, OSError) as err:
-        sys.stderr.write(f"hccl_tools: error: {err}\n")
-        return 1
+        return cli_error('hccl_tools', err, 1)
     print(path)
     return 0
 

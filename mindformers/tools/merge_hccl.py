@@ -10,6 +10,7 @@ error. Writes `<output_dir>/hccl_<servers>s_<ranks>p.json` and prints its path; 
 import argparse
 import sys
 
+from mindformers.tools.utils import cli_error
 from mindformers.parallel.rank_table import RankTableError, load_rank_table, merge_rank_tables, write_rank_table
 
 
@@ -28,8 +29,7 @@ def main(argv=None):
         ranks = sum(len(s['device']) for s in merged['server_list'])
         path = write_rank_table(merged, args.output_dir, f"hccl_{merged['server_count']}s_{ranks}p.json")
     except (RankTableError, OSError) as err:
-        sys.stderr.write(f"merge_hccl: error: {err}\n")
-        return 1
+        return cli_error('merge_hccl', err, 1)
     print(path)
     return 0
 

@@ -33,6 +33,7 @@ as control pieces; the file is `ice_text.model`. The bundled `assets/glm_tiny/ic
 import argparse
 import sys
 
+from mindformers.tools.utils import cli_error
 from mindformers.models.sentencepiece_training import (LAYOUTS, MODEL_FILE, MODEL_TYPES, layout_options,  # noqa: F401
                                                        save_model, train_sentencepiece)
 
@@ -58,8 +59,7 @@ def main(argv=None):
                                     **options)
         path = save_model(model, args.output_dir, file_name)
     except (OSError, ValueError) as err:
-        print(f"train_sentencepiece: error: {err}", file=sys.stderr)
-        return 2
+        return cli_error('train_sentencepiece', err, 2)
     print(f"wrote {path} ({args.vocab_size + len(options.get('control_pieces', ()))} pieces)")
     return 0
 

@@ -8,6 +8,7 @@ deterministic: the same inputs and options give byte-identical files.
 import argparse
 import sys
 
+from mindformers.tools.utils import cli_error
 from mindformers.models.bpe_training import ENDOFTEXT, save_gpt2_files, train_byte_level_bpe  # noqa: F401
 
 
@@ -23,8 +24,7 @@ def main(argv=None):
         tokenizer = train_byte_level_bpe(args.input, args.vocab_size, args.min_frequency)
         paths = save_gpt2_files(tokenizer, args.output_dir)
     except (OSError, ValueError) as err:
-        print(f"train_tokenizer: error: {err}", file=sys.stderr)
-        return 2
+        return cli_error('train_tokenizer', err, 2)
     size = tokenizer.get_vocab_size()
     if size < args.vocab_size:
         print(f"train_tokenizer: note: the corpus only supports {size} tokens (asked for {args.vocab_size})",

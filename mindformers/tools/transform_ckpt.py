@@ -32,11 +32,13 @@ from mindformers.parallel.reshard import (TransformError, TransformUsageError, t
                                           transform_for_run)
 from mindformers.tools.checkpoint import CheckpointError  # noqa: E402
 from mindformers.tools.file_io import first_line  # noqa: E402
-from mindformers.tools.utils import OneLineArgumentParser, UsageError  # noqa: E402
+from mindformers.tools.utils import OneLineArgumentParser, UsageError, cli_error  # noqa: E402
+
+PROG = 'transform_ckpt.py'
 
 
 def build_parser():
-    parser = OneLineArgumentParser(prog='transform_ckpt.py', description=__doc__,
+    parser = OneLineArgumentParser(prog=PROG, description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--src_ckpt_strategy', default=None,
                         help='strategy of the source: a file, a directory of per-stage files, or None (complete)')
@@ -59,14 +61,11 @@ def main(argv=None):
         summary = transform_checkpoint(args.src_ckpt_dir, args.dst_ckpt_dir, args.src_ckpt_strategy,
                                        args.dst_ckpt_strategy, args.prefix, overwrite=args.overwrite)
     except UsageError as err:
-        sys.stderr.write(f"transform_ckpt.py: error: {first_line(err)}\n")
-        return 2
+        return cli_error(PROG, first_line(err), 2)
     except (CheckpointError, OSError) as err:  # the checkpoints' or strategies' content, or the disk
-        sys.stderr.write(f"transform_ckpt.py: error: {first_line(err)}\n")
-        return 1
+        return cli_error(PROG, first_line(err), 1)
     except Exception as err:  # pylint: disable=broad-except
-        sys.stderr.write(f"transform_ckpt.py: error: {type(err).__name__}: {first_line(err)}\n")
-        return 1
+        return cli_error(PROG, f"{type(err).__name__}: {first_line(err)}", 1)
     print(summary)
     return 0
 

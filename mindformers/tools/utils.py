@@ -38,8 +38,14 @@ class OneLineArgumentParser(argparse.ArgumentParser):
         self.name = name or self.prog
 
     def error(self, message):
-        sys.stderr.write(f"{self.name}: error: {message}\n")
-        sys.exit(2)
+        sys.exit(cli_error(self.name, message, 2))
+
+
+def cli_error(prog, message, code):
+    """Write the one error line of a command-line tool, `<prog>: error: <message>`, to stderr; returns `code` (the
+    exit status: 2 the command line is wrong, 1 a file's content or the run failed)."""
+    sys.stderr.write(f"{prog}: error: {message}\n")
+    return code
 
 
 class UsageError(ValueError):

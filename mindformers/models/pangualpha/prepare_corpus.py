@@ -8,6 +8,7 @@ import sys
 
 from mindformers.models.pangualpha.pangualpha_tokenizer import segment
 from mindformers.tools.file_io import write_atomic
+from mindformers.tools.utils import cli_error
 
 
 def preprocess_corpus(paths):
@@ -33,8 +34,7 @@ def main(argv=None):
         lines = list(preprocess_corpus(args.input))
         write_atomic(args.output, ''.join(line + '\n' for line in lines))
     except OSError as err:
-        print(f"prepare_corpus: error: {err}", file=sys.stderr)
-        return 2
+        return cli_error('prepare_corpus', err, 2)
     print(f"wrote {args.output} ({len(lines)} lines)")
     return 0
 

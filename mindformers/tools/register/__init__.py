@@ -7,7 +7,7 @@ __all__ = ['MindFormerRegister', 'MindFormerModuleType', 'MindFormerConfig', 'Co
 
 
 def __getattr__(name):
-    if name == 'validate_run_config':  # its old home: the run-config check lives with the Trainer (it knows every layer)
+    if name == 'validate_run_config':  # its old home; the run-config check knows every layer, so it lives in trainer/
         from mindformers.trainer.run_config import validate_run_config
         return validate_run_config
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
