@@ -29,7 +29,8 @@ ENTRY_POINTS = ('mindformers.tools.transform_ckpt', 'mindformers.tools.export_st
                 'mindformers.tools.dataset_preprocess')
 
 # Old module paths users may import, kept as re-exports of the module that replaced them (nothing but imports).
-OLD_PATHS = {'mindformers.tools.model_book': 'mindformers.models.model_book'}
+OLD_PATHS = {'mindformers.tools.model_book': 'mindformers.models.model_book',
+             'mindformers.models.chat_templates': 'mindformers.dataset.chat_templates'}
 
 # (module, imported module): why the import must point up and stay inside a function.
 LAZY_UP = {
