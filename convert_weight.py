@@ -32,7 +32,7 @@ import sys
 
 os.environ.setdefault('GLOG_v', '3')  # before MindSpore loads: its warnings would break the one-line error contract
 from mindformers.tools.register.family import families  # noqa: E402
-from mindformers.tools.utils import (OneLineArgumentParser, UsageError, check_output_path,  # noqa: E402
+from mindformers.tools.utils import (OneLineArgumentParser, UsageError, check_output_path, cli_error,  # noqa: E402
                                      replace_output, staging_path)
 
 DTYPES = ('fp32', 'fp16', 'bf16')
@@ -102,14 +102,11 @@ def main(argv=None):
         written = convert(args.model, args.input_path, args.output_path, args.dtype, args.reversed, args.config,
                           args.overwrite)
     except UsageError as err:
-        sys.stderr.write(f"convert_weight.py: error: {_one_line(err)}\n")
-        return 2
+        return cli_error('convert_weight.py', _one_line(err), 2)
     except (ValueError, OSError) as err:  # ConversionError, CheckpointError: the files' content; OSError: disk
-        sys.stderr.write(f"convert_weight.py: error: {_one_line(err)}\n")
-        return 1
+        return cli_error('convert_weight.py', _one_line(err), 1)
     except Exception as err:  # pylint: disable=broad-except
-        sys.stderr.write(f"convert_weight.py: error: {type(err).__name__}: {_one_line(err)}\n")
-        return 1
+        return cli_error('convert_weight.py', f"{type(err).__name__}: {_one_line(err)}", 1)
     direction = 'mindformers -> HuggingFace' if args.reversed else 'HuggingFace -> mindformers'
     parameters = sum(math.prod(shape) for shape in written.values())
     print(args.output_path)

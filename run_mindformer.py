@@ -14,16 +14,9 @@ import signal
 import sys
 import threading
 
+from mindformers.tools.utils import OneLineArgumentParser, cli_error  # no MindSpore: flags are checked before it loads
+
 RUN_MODES = ('train', 'finetune', 'eval', 'predict')
-
-
-class _Parser(argparse.ArgumentParser):
-    """mindformers.tools.utils.OneLineArgumentParser's contract, kept here so that flags are checked before the
-    package (and MindSpore, seconds to load) is imported."""
-
-    def error(self, message):
-        sys.stderr.write(f"run_mindformer.py: error: {message}\n")
-        sys.exit(2)
 
 
 def _bool(text):
@@ -36,7 +29,8 @@ def _bool(text):
 
 
 def build_parser():
-    parser = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineArgumentParser(prog='run_mindformer.py', description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--config', required=True, help='YAML run config (path, or a registered model name)')
     parser.add_argument('--run_mode', choices=RUN_MODES, help='what to run (default: run_mode of the YAML)')
     parser.add_argument('--train_dataset_dir', help='training data: MindRecord directory or file')
@@ -111,9 +105,9 @@ class FileConfigError(Exception):
 def build_config(args, overrides):
     """The run config: the YAML (checked: FileConfigError), then `--options`/free overrides, then the named flags
     (checked again: any new problem comes from the command line)."""
-    from mindformers.tools.model_book import find_config, list_models
-    from mindformers.tools.register import ConfigError, MindFormerConfig, validate_run_config
-    from mindformers.tools.register.check import CREATABLE_SECTIONS
+    from mindformers.models.model_book import find_config, list_models
+    from mindformers.tools.register import ConfigError, MindFormerConfig
+    from mindformers.trainer.run_config import CREATABLE_SECTIONS, validate_run_config
     path = args.config
     if not os.path.isfile(path):
         if path in list_models():
@@ -153,7 +147,7 @@ def build_config(args, overrides):
             except FileNotFoundError as err:
                 raise FileNotFoundError(f"--{key}_dir: {err}") from None
     if args.predict_data is not None:
-        from mindformers.models.base_tokenizer import check_unicode
+        from mindformers.tools.utils import check_unicode
         config['input_data'] = [check_unicode(p.replace('\\n', '\n'), f"--predict_data prompt {i}")
                                 for i, p in enumerate(args.predict_data)]
     config.setdefault('run_mode', 'train')
@@ -162,8 +156,7 @@ def build_config(args, overrides):
 
 def _fail(err, code):
     message = err.args[0] if isinstance(err, KeyError) and err.args else err
-    sys.stderr.write(f"run_mindformer.py: error: {message}\n")
-    return code
+    return cli_error('run_mindformer.py', message, code)
 
 
 _ERRORS = (ValueError, KeyError, TypeError, FileNotFoundError, NotImplementedError, RuntimeError, OSError)

@@ -10,7 +10,7 @@ import mindspore as ms
 
 from mindformers import AutoModel, GPT2Config, GPT2LMHeadModel
 from mindformers.models.auto import auto_class
-from mindformers.tools import model_book
+from mindformers.models import model_book
 from mindformers.tools.download import DownloadError, download_file
 
 PAYLOAD = np.random.default_rng(0).bytes(300_000)

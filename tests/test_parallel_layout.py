@@ -308,3 +308,26 @@ def test_only_save_strategy_on_cpu_writes_files_transform_checkpoints_takes(tmp_
             assert all(full % size == 0 for full, size in zip(shape, part)), key
         assert sliced['backbone.layers.0.attention.qkv_proj.weight'].shape == (288, 192)  # column split
         assert sliced['backbone.layers.0.mlp.fc_out.weight'].shape == (192, 384)  # row split
+
+
+@pytest.mark.parametrize('name, dp, mp, pp, shard', [('llama', 2, 2, 2, True), ('gpt2', 1, 4, 1, False)])
+def test_strategy_files_read_back_as_the_layouts_written(tmp_path, name, dp, mp, pp, shard):
+    """One layout type: what `parameter_layouts` derives, `write_strategy_files` writes and `load_strategy` reads
+    back (per-stage directory merged by MindSpore) is the same TensorLayout, field for field."""
+    from mindformers.parallel.layout import TensorLayout
+    from mindformers.parallel.strategy import load_strategy
+    config, model_class, _ = family(name)
+    parallel = build_parallel_config(dict(data_parallel=dp, model_parallel=mp, pipeline_stage=pp, micro_batch_num=pp,
+                                          optimizer_shard=shard))
+    written = parameter_layouts(config, parallel, model_class=model_class, opt_shard_threshold_kb=0)
+    write_strategy_files(written, tmp_path / 'stages')
+    strategy = load_strategy(tmp_path / 'stages', str(tmp_path), '--strategy')
+    assert (strategy.stage_num, strategy.stage_devices) == (pp, dp * mp)
+    assert set(strategy.layouts) == set(written)
+    fields = ('dev_matrix', 'tensor_map', 'shape', 'opt_shard_size', 'opt_shard_step', 'stages', 'name')
+    for key, layout in written.items():
+        read = strategy.layouts[key]
+        assert isinstance(read, TensorLayout)
+        assert {f: getattr(read, f) for f in fields} == {f: getattr(layout, f) for f in fields}, key
+        assert read.slice_shape() == layout.slice_shape() and read.full_shape(read.slice_shape()) == layout.shape
+    assert any(layout.opt_shard_size > 1 for layout in written.values()) == shard

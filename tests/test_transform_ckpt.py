@@ -15,6 +15,7 @@ import mindspore as ms
 from mindformers import Trainer
 from mindformers.core.parallel_config import build_parallel_config
 from mindformers.core.parallel_layout import parameter_layouts, write_strategy_files
+from mindformers.parallel import reshard
 from mindformers.tools import transform_ckpt as tc
 from mindformers.tools.checkpoint import (CheckpointError, load_checkpoint_file, record_checkpoint, resolve_checkpoint,
                                           save_checkpoint_atomic)
@@ -381,12 +382,12 @@ def test_destination_must_be_new_or_empty_and_apart_from_the_source(tmp_path, sl
 
 def test_a_failed_transform_leaves_no_destination(tmp_path, sliced, monkeypatch):
     _, strategy, sliced_dir = sliced
-    real = tc._finalize  # pylint: disable=protected-access
+    real = reshard._finalize  # pylint: disable=protected-access
 
     def finalize_then_fail(raw, out, *args):
         real(raw, out, *args)
         raise OSError("disk full")
-    monkeypatch.setattr(tc, '_finalize', finalize_then_fail)
+    monkeypatch.setattr(reshard, '_finalize', finalize_then_fail)
     with pytest.raises(OSError, match='disk full'):
         transform_checkpoint(sliced_dir, tmp_path / 'dst', strategy, None)
     assert sorted(os.listdir(tmp_path)) == ['dp2mp2.json', 'full', 'sliced']
@@ -394,7 +395,7 @@ def test_a_failed_transform_leaves_no_destination(tmp_path, sliced, monkeypatch)
     def mindspore_fails(src, dst, *args, **kwargs):
         os.makedirs(os.path.join(dst, 'rank_0'))
         raise ValueError("The checkpoint file of rank3 is needed for converting rank0's checkpoint\nC++ trace")
-    monkeypatch.setattr(tc.ms, 'transform_checkpoints', mindspore_fails)
+    monkeypatch.setattr(reshard.ms, 'transform_checkpoints', mindspore_fails)
     with pytest.raises(TransformError, match=r"MindSpore could not transform .*sliced: The checkpoint file of "
                                              r"rank3 is needed for converting rank0's checkpoint$"):
         transform_checkpoint(sliced_dir, tmp_path / 'dst', strategy, None)

@@ -1,6 +1,6 @@
 """Core: context, parallel config, schedules, optimizers, losses, metrics, callbacks."""
 from .context import init_context, ContextConfig, ParallelContextConfig
-from .parallel_config import ParallelConfig, RecomputeConfig, build_parallel_config
+from mindformers.parallel.config import ParallelConfig, RecomputeConfig, build_parallel_config
 from .lr import build_lr
 from .optim import build_optim, AdamWeightDecay
 from .clip_grad import ClipGradNorm

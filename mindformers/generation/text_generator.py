@@ -10,8 +10,8 @@ import mindspore as ms
 from mindformers.generation.beam_search import beam_search
 from mindformers.generation.generation_config import GenerationConfig
 from mindformers.generation.logits_process import process, sample, warp
-from mindformers.models.base_tokenizer import check_unicode
 from mindformers.generation.session import prefill_bucket, session_for
+from mindformers.tools.utils import check_unicode
 
 
 class _CachedStepper:

@@ -38,7 +38,7 @@ class BaseModel(nn.Cell):
             return None
         path = resolve_path(os.fspath(given))
         if not os.path.exists(path):
-            from mindformers.tools.model_book import checkpoint_for
+            from mindformers.models.model_book import checkpoint_for
             path = checkpoint_for(os.fspath(given))
             if path is None:
                 raise CheckpointError(f"checkpoint_name_or_path {given!r} is neither an existing file or directory "

@@ -14,8 +14,9 @@ import os
 
 import numpy as np
 
+from mindformers.tools.file_io import write_json_atomic
 from mindformers.tools.logger import logger
-from mindformers.tools.utils import resolve_path
+from mindformers.tools.utils import check_unicode, resolve_path
 
 TOKENIZER_CONFIG_FILE = 'tokenizer_config.json'
 SPECIAL_TOKEN_NAMES = ('bos_token', 'eos_token', 'unk_token', 'pad_token')
@@ -311,11 +312,7 @@ class BaseTokenizer:
         # current attribute values win, so e.g. `tokenizer.padding_side = 'left'` before saving is kept
         config.update((k, getattr(self, k, v)) for k, v in self.init_kwargs.items() if k not in self.vocab_files_names)
         config_path = os.path.join(save_directory, TOKENIZER_CONFIG_FILE)
-        tmp = config_path + '.tmp'
-        with open(tmp, 'w', encoding='utf-8') as f:
-            json.dump(config, f, indent=2, ensure_ascii=False)
-            f.write('\n')
-        os.replace(tmp, config_path)
+        write_json_atomic(config_path, config, indent=2, ensure_ascii=False)
         return files + (config_path,)
 
     @classmethod
@@ -376,19 +373,6 @@ def _check_text(text, owner, what='text'):
     if not isinstance(text, str):
         raise TypeError(f"{owner}: {what} must be a string (or a list of strings), got {type(text).__name__}")
     return check_unicode(text, f"{owner}: {what}")
-
-
-def check_unicode(text, what):
-    """`text` if it encodes as UTF-8; else a ValueError naming `what` and the lone surrogate (what bytes that are not
-    UTF-8 become when decoded with errors='surrogateescape', as Python does for command-line arguments)."""
-    try:
-        text.encode('utf-8')
-    except UnicodeEncodeError as err:
-        shown = text if len(text) <= 40 else text[:40] + '...'
-        raise ValueError(f"{what} {shown!r} is not valid text: character {err.start} is the lone surrogate "
-                         f"{text[err.start]!r} (bytes that are not UTF-8, e.g. in a command-line argument or a file "
-                         f"read with errors='surrogateescape'); pass UTF-8 text") from None
-    return text
 
 
 def _check_side(side, what, owner):

@@ -10,6 +10,7 @@ import os
 import mindspore as ms
 import numpy as np
 
+from mindformers.tools.file_io import first_line, fsync_path, write_json_atomic  # noqa: F401 (re-exported)
 from mindformers.tools.logger import logger
 
 META_FILE = 'meta.json'
@@ -17,35 +18,6 @@ META_FILE = 'meta.json'
 
 class CheckpointError(ValueError):
     """A missing, corrupt or mismatched checkpoint; the message names the file."""
-
-
-def _first_line(err):
-    """The first line of an exception's message (MindSpore's carry long C++ traces), or its type's name."""
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
-def fsync_path(path):
-    """fsync a file or directory (opened read-only), so what it holds or names survives a power loss; a path that
-    cannot be opened is skipped."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path, data):
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, 'w', encoding='utf-8') as f:
-        json.dump(data, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_path(os.path.dirname(os.path.abspath(path)))
 
 
 def save_checkpoint_atomic(save_obj, path, append_dict=None):
@@ -69,7 +41,7 @@ def save_checkpoint_atomic(save_obj, path, append_dict=None):
         os.replace(tmp_file, path)
         fsync_path(directory)
     except (RuntimeError, OSError) as err:  # e.g. a full disk; MindSpore's message names no file
-        raise CheckpointError(f"could not write checkpoint {path} ({_first_line(err)}); is the disk full or the "
+        raise CheckpointError(f"could not write checkpoint {path} ({first_line(err)}); is the disk full or the "
                               f"directory read-only? Nothing was written: the previous checkpoints are intact") from None
     finally:
         for leftover in (tmp_file, f"{tmp_stem}.tmp"):  # MindSpore writes <stem>.tmp before naming it <stem>.<fmt>
@@ -104,7 +76,7 @@ def load_checkpoint_file(path):
         kwargs = {'crc_check': True} if fmt == 'ckpt' else {}
         return ms.load_checkpoint(path, format=fmt, **kwargs)
     except Exception as err:  # MindSpore raises ValueError/RuntimeError with long C++ traces
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({_first_line(err)}); "
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({first_line(err)}); "
                               f"use an earlier checkpoint or re-create it") from None
 
 

@@ -54,7 +54,7 @@ def build_parser():
 
 
 def _config_path(args):
-    from mindformers.tools.model_book import find_config, list_models
+    from mindformers.models.model_book import find_config, list_models
     if os.path.isfile(args.config):
         return args.config
     if args.config not in list_models():
@@ -73,7 +73,7 @@ def _apply_options(config, args):
 
 
 def _parallel_config(config, args):
-    from mindformers.core.parallel_config import build_parallel_config
+    from mindformers.parallel.config import build_parallel_config
     mapping = dict(config.get('parallel_config') or {})
     for key in ('data_parallel', 'model_parallel', 'pipeline_stage', 'micro_batch_num', 'optimizer_shard',
                 'vocab_emb_dp'):
@@ -152,7 +152,8 @@ def main(argv=None):
     except (ValueError, KeyError, TypeError) as err:
         return _fail(err, 2)
     try:
-        from mindformers.core.parallel_layout import run_layouts, write_strategy_files
+        from mindformers.parallel.layout import run_layouts
+        from mindformers.parallel.strategy import write_strategy_files
         layouts = run_layouts(config, model_config, model_class, parallel)
         paths = write_strategy_files(layouts, args.output_dir)
         for stale in set(old) - set(paths):

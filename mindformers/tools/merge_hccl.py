@@ -10,34 +10,8 @@ error. Writes `<output_dir>/hccl_<servers>s_<ranks>p.json` and prints its path; 
 import argparse
 import sys
 
-from mindformers.tools.hccl_tools import RankTableError, check_rank_table, load_rank_table, write_rank_table
-
-
-def merge_rank_tables(tables):
-    """One validated rank table from `tables` (list of (name, table)), ranks renumbered in server order."""
-    servers = []
-    owner = {}
-    for name, table in tables:
-        for server in table['server_list']:
-            server_id = str(server['server_id'])
-            if server_id in owner:
-                raise RankTableError(f"server {server_id} is in both {owner[server_id]} and {name}; each server's "
-                                     f"table must be given once")
-            owner[server_id] = name
-            servers.append(server)
-    merged_servers, rank = [], 0
-    for server in servers:
-        devices = []
-        for device in sorted(server['device'], key=lambda d: int(d['rank_id'])):
-            devices.append({'device_id': str(device['device_id']), 'device_ip': device['device_ip'],
-                            'rank_id': str(rank)})
-            rank += 1
-        merged_servers.append({'server_id': str(server['server_id']), 'device': devices,
-                               'host_nic_ip': server.get('host_nic_ip', 'reserve')})
-    merged = {'version': '1.0', 'server_count': str(len(merged_servers)), 'server_list': merged_servers,
-              'status': 'completed'}
-    check_rank_table(merged, where='merged rank table')
-    return merged
+from mindformers.tools.utils import cli_error
+from mindformers.parallel.rank_table import RankTableError, load_rank_table, merge_rank_tables, write_rank_table
 
 
 def main(argv=None):
@@ -55,8 +29,7 @@ def main(argv=None):
         ranks = sum(len(s['device']) for s in merged['server_list'])
         path = write_rank_table(merged, args.output_dir, f"hccl_{merged['server_count']}s_{ranks}p.json")
     except (RankTableError, OSError) as err:
-        sys.stderr.write(f"merge_hccl: error: {err}\n")
-        return 1
+        return cli_error('merge_hccl', err, 1)
     print(path)
     return 0
 

@@ -38,8 +38,14 @@ class OneLineArgumentParser(argparse.ArgumentParser):
         self.name = name or self.prog
 
     def error(self, message):
-        sys.stderr.write(f"{self.name}: error: {message}\n")
-        sys.exit(2)
+        sys.exit(cli_error(self.name, message, 2))
+
+
+def cli_error(prog, message, code):
+    """Write the one error line of a command-line tool, `<prog>: error: <message>`, to stderr; returns `code` (the
+    exit status: 2 the command line is wrong, 1 a file's content or the run failed)."""
+    sys.stderr.write(f"{prog}: error: {message}\n")
+    return code
 
 
 class UsageError(ValueError):
@@ -86,3 +92,16 @@ def replace_output(new, old):
         shutil.rmtree(aside, ignore_errors=True)
     else:
         os.replace(new, old)
+
+
+def check_unicode(text, what):
+    """`text` if it encodes as UTF-8; else a ValueError naming `what` and the lone surrogate (what bytes that are not
+    UTF-8 become when decoded with errors='surrogateescape', as Python does for command-line arguments)."""
+    try:
+        text.encode('utf-8')
+    except UnicodeEncodeError as err:
+        shown = text if len(text) <= 40 else text[:40] + '...'
+        raise ValueError(f"{what} {shown!r} is not valid text: character {err.start} is the lone surrogate "
+                         f"{text[err.start]!r} (bytes that are not UTF-8, e.g. in a command-line argument or a file "
+                         f"read with errors='surrogateescape'); pass UTF-8 text") from None
+    return text

@@ -23,9 +23,9 @@ from mindformers.generation.text_generator import encode_prompt
 from mindformers.tools.build import (build_model, build_model_config, build_callback, build_wrapper, build_dataset,
                                      build_metric, build_tokenizer)
 from mindformers.tools.checkpoint import CheckpointError, load_checkpoint_file, load_into_network, resolve_checkpoint
-from mindformers.tools.transform_ckpt import transform_for_run
+from mindformers.parallel.reshard import transform_for_run
 from mindformers.tools.logger import logger, setup_file_logging
-from mindformers.tools.model_book import find_config
+from mindformers.models.model_book import find_config
 from mindformers.tools.register import MindFormerConfig, MindFormerRegister, MindFormerModuleType, validate_run_config
 from mindformers.trainer.resume import check_run_shape, find_resume_checkpoint, restore_train_state
 from mindformers.trainer.run_dir import RunLock, checkpoint_dirs, clear_earlier_run, refuse_earlier_run

@@ -12,7 +12,7 @@ import numpy as np
 from mindformers.models.base_processor import PROCESSOR_CONFIG_FILE, BaseProcessor
 from mindformers.models.convert_utils import hf_family, load_hf_weights
 from mindformers.tools.build import build_model_config, build_model, build_processor, build_tokenizer
-from mindformers.tools.model_book import CHECKPOINTS, find_config
+from mindformers.models.model_book import CHECKPOINTS, find_config
 from mindformers.tools.register import FamilySpec, MindFormerConfig, MindFormerRegister, MindFormerModuleType
 from mindformers.tools.register.family import (families, family_of_config, family_of_hf_config, hf_model_types,
                                                register_family, shared_hf_model_types)

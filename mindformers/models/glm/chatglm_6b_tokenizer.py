@@ -17,7 +17,7 @@ stops at `<eop>`. Special token ids are read from the model file: 130000.. for t
 import re
 
 from mindformers.models.base_processor import BaseProcessor
-from mindformers.models.chat_templates import glm_chat_prompt
+from mindformers.dataset.chat_templates import glm_chat_prompt
 from mindformers.models.sentencepiece_tokenizer import SentencePieceTokenizer
 from mindformers.tools.register import MindFormerRegister, MindFormerModuleType
 

@@ -1,7 +1,7 @@
 """ChatGLM2Tokenizer: ChatGLM2-6B's SentencePiece `tokenizer.model` plus its five special tokens, and the
 `[Round N]` chat prompt."""
 from mindformers.models.base_processor import BaseProcessor
-from mindformers.models.chat_templates import glm2_chat_prompt
+from mindformers.dataset.chat_templates import glm2_chat_prompt
 from mindformers.models.sentencepiece_tokenizer import SentencePieceTokenizer
 from mindformers.tools.register import MindFormerRegister, MindFormerModuleType
 

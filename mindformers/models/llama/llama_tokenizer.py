@@ -1,6 +1,6 @@
 """LlamaTokenizer: LLaMA / LLaMA-2's SentencePiece BPE (`tokenizer.model`: `<unk>` 0, `<s>` 1, `</s>` 2, byte
 fallback), with ids equal to transformers 5.x `LlamaTokenizer` for the same model, and LLaMA-2 chat encoding."""
-from mindformers.models.chat_templates import llama2_chat_turns
+from mindformers.dataset.chat_templates import llama2_chat_turns
 from mindformers.models.sentencepiece_tokenizer import SentencePieceTokenizer
 from mindformers.tools.register import MindFormerRegister, MindFormerModuleType
 

@@ -4,10 +4,11 @@ cut into jieba words with ' ' -> '▂' and newline -> '▃' (`pangualpha_tokeniz
     python -m mindformers.models.pangualpha.prepare_corpus --input a.txt [b.txt ...] --output corpus.txt
 """
 import argparse
-import os
 import sys
 
 from mindformers.models.pangualpha.pangualpha_tokenizer import segment
+from mindformers.tools.file_io import write_atomic
+from mindformers.tools.utils import cli_error
 
 
 def preprocess_corpus(paths):
@@ -31,12 +32,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         lines = list(preprocess_corpus(args.input))
-        with open(args.output + '.tmp', 'w', encoding='utf-8') as f:
-            f.writelines(line + '\n' for line in lines)
-        os.replace(args.output + '.tmp', args.output)
+        write_atomic(args.output, ''.join(line + '\n' for line in lines))
     except OSError as err:
-        print(f"prepare_corpus: error: {err}", file=sys.stderr)
-        return 2
+        return cli_error('prepare_corpus', err, 2)
     print(f"wrote {args.output} ({len(lines)} lines)")
     return 0
 

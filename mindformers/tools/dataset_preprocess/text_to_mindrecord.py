@@ -18,7 +18,7 @@ from mindformers.dataset.mindrecord_io import (MAX_SPLITS, existing_outputs, min
                                                recover_writes, write_mindrecord)
 from mindformers.dataset.preprocess import (PreprocessError, UsageError, build_lm_samples,  # noqa: F401
                                             expand_inputs, iter_documents, iter_lm_samples)
-from mindformers.tools.utils import OneLineArgumentParser, resolve_path
+from mindformers.tools.utils import OneLineArgumentParser, cli_error, resolve_path
 
 PROG = 'text_to_mindrecord'
 
@@ -69,7 +69,6 @@ def _clock(seconds):
 
 def load_tokenizer(name, vocab_file=None, merges_file=None, tokenizer_dir=None):
     """Build the registered tokenizer `name` from its vocabulary files or with `from_pretrained(tokenizer_dir)`."""
-    import mindformers  # noqa: F401  pylint: disable=unused-import  (registers the tokenizers)
     from mindformers.tools.register import MindFormerRegister, MindFormerModuleType
     try:
         cls = MindFormerRegister.get_cls(MindFormerModuleType.TOKENIZER, name, where='--tokenizer')
@@ -130,11 +129,9 @@ def cli_main(run, args, report):
         print(f"{args.prog}: interrupted", file=sys.stderr)
         return 130
     except (UsageError, FileExistsError) as err:
-        print(f"{args.prog}: error: {err}", file=sys.stderr)
-        return 2
+        return cli_error(args.prog, err, 2)
     except (PreprocessError, OSError) as err:
-        print(f"{args.prog}: error: {err}", file=sys.stderr)
-        return 1
+        return cli_error(args.prog, err, 1)
     print(report(outputs, stats, time.monotonic() - started))
     return 0
 

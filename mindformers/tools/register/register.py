@@ -44,6 +44,7 @@ class MindFormerRegister:
 
     @classmethod
     def is_exist(cls, module_type, class_name=None):
+        _ensure_builtins_registered()
         if class_name is None:
             return module_type in cls.registry
         return class_name in cls.registry.get(module_type, {})
@@ -51,6 +52,7 @@ class MindFormerRegister:
     @classmethod
     def names(cls, module_type):
         """Sorted names registered under `module_type`."""
+        _ensure_builtins_registered()
         return sorted(cls.registry.get(module_type, {}))
 
     @classmethod
@@ -105,12 +107,25 @@ class MindFormerRegister:
 _BUILTINS_DONE = False
 
 
+# the packages whose classes register themselves when imported (`import mindformers` is lazy and imports none)
+LIBRARY_PACKAGES = ('mindformers.core', 'mindformers.dataset', 'mindformers.models', 'mindformers.generation',
+                    'mindformers.pipeline', 'mindformers.wrapper', 'mindformers.trainer')
+
+
 def _ensure_builtins_registered():
-    """Register MindSpore's own optimizers, schedules, datasets, losses and callbacks (once, lazily)."""
+    """On the first lookup (once): import the library's own packages (`LIBRARY_PACKAGES`) and the research
+    families, and register MindSpore's optimizers, schedules, datasets, losses and callbacks. A class registered
+    before that (a user's, under one of our names) keeps its place, as if registered after `import mindformers`."""
     global _BUILTINS_DONE
     if _BUILTINS_DONE:
         return
     _BUILTINS_DONE = True
+    import importlib
+    earlier = {module_type: dict(section) for module_type, section in MindFormerRegister.registry.items()}
+    for package in LIBRARY_PACKAGES:
+        importlib.import_module(package)
+    for module_type, section in earlier.items():
+        MindFormerRegister.registry[module_type].update(section)
     from mindspore import nn, dataset as ds, train
     sections = [
         (MindFormerModuleType.OPTIMIZER, nn.optim, nn.Optimizer),
