@@ -14,11 +14,10 @@ from mindformers.tools.register import register
 
 PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'mindformers')
 
-# DESIGN's layer list, with two placements it leaves open. generation sits below models: every model is a
-# GeneratorMixin (`model.generate`, as HF's PreTrainedModel is a GenerationMixin), and generation drives any model
-# through its forward and cache without naming a model class. wrapper (compiled train-step cells) sits below
-# trainer, which composes them.
-LAYERS = ('tools', 'kernels', 'parallel', 'core', 'dataset', 'modules', 'generation', 'models', 'pet', 'pipeline',
+# DESIGN's layer list, with one placement it leaves open: wrapper (compiled train-step cells) sits below trainer,
+# which composes them. generation sits above models and pet: it drives any model through its one forward and a
+# decoding session; `model.generate` reaches it lazily (listed below).
+LAYERS = ('tools', 'kernels', 'parallel', 'core', 'dataset', 'modules', 'models', 'pet', 'generation', 'pipeline',
           'wrapper', 'trainer', 'evaluation', 'serving', 'cli')
 
 # Command-line entry points kept under tools/ at the paths users know (DESIGN: "cli/ (or tools/*)"): the top layer,
@@ -38,6 +37,10 @@ LAZY_UP = {
         'parameter_layouts(model_config) builds the model class the config\'s family registered',
     ('mindformers.tools.register', 'mindformers.trainer.run_config'):
         'the old name mindformers.tools.register.validate_run_config, resolved on first use',
+    ('mindformers.models.base_model', 'mindformers.generation.text_generator'):
+        'model.generate(...) (the method users know, as in HF) runs generation.generate over the model',
+    ('mindformers.models.chat', 'mindformers.generation.streamers'):
+        'stream_chat streams through the generation layer\'s TextIteratorStreamer',
 }
 
 
