@@ -7,7 +7,8 @@ import pytest
 import mindspore as ms
 from mindspore import nn, ops, Parameter, Tensor
 
-from mindformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from mindformers import (GLMConfig, GLMForPreTraining, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
+                         PanguAlphaConfig, PanguAlphaHeadModel)
 from mindformers.generation.session import DecodingSession
 from mindformers.modules.layers import Linear
 
@@ -30,15 +31,17 @@ class DeltaLinear(nn.Cell):
 
 
 def _build(family):
+    tiny = dict(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4, seq_length=64, initializer_range=0.2)
+    no_dropout = dict(embedding_dropout_prob=0.0, hidden_dropout_rate=0.0, attention_dropout_rate=0.0)
     if family == 'gpt2':
-        config = GPT2Config(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4, seq_length=64,
-                            initializer_range=0.2, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                            embedding_dropout_prob=0.0, hidden_dropout_rate=0.0, attention_dropout_rate=0.0)
-        return GPT2LMHeadModel(config)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4, n_kv_heads=2,
-                         intermediate_size=48, seq_length=64, initializer_range=0.2, bos_token_id=1,
-                         eos_token_id=2, pad_token_id=0)
-    return LlamaForCausalLM(config)
+        return GPT2LMHeadModel(GPT2Config(bos_token_id=1, eos_token_id=2, pad_token_id=0, **no_dropout, **tiny))
+    if family == 'pangualpha':
+        return PanguAlphaHeadModel(PanguAlphaConfig(eos_token_id=2, pad_token_id=0, **no_dropout, **tiny))
+    if family == 'glm':  # ids 3-6 are its special tokens; the test's tokens are plain text ids above them
+        return GLMForPreTraining(GLMConfig(bos_token_id=3, eos_token_id=2, pad_token_id=0, gmask_token_id=4,
+                                           mask_token_id=5, inner_hidden_size=64, **tiny))
+    return LlamaForCausalLM(LlamaConfig(n_kv_heads=2, intermediate_size=48, bos_token_id=1, eos_token_id=2,
+                                        pad_token_id=0, **tiny))
 
 
 def _linears(model):
@@ -66,12 +69,23 @@ def _pair(family, seed=0):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('family', ['gpt2', 'llama'])
-def test_a_wrapped_linear_composes_with_every_path(family, kernel_mode):
+@pytest.mark.parametrize('family', ['gpt2', 'llama', 'glm', 'pangualpha'])
+def test_a_wrapped_linear_composes_with_every_path(family, cpu_kernels_on):
+    _check_wrapped(family)
+
+
+@pytest.mark.slow
+def test_a_wrapped_linear_composes_without_the_cpu_kernels(kernel_mode):
+    """GPT-2 takes the most fused paths (bias in the split and GELU kernels, residual in the projections, the packed
+    decode kernel); the same wrapper works with them (`kernels`) and with plain MindSpore ops (`plain`)."""
+    _check_wrapped('gpt2')
+
+
+def _check_wrapped(family):
     wrapped, merged, deltas = _pair(family)
-    assert len(deltas) == 8 if family == 'gpt2' else 14
+    assert len(deltas) == {'gpt2': 8, 'llama': 14, 'glm': 8, 'pangualpha': 12}[family]
     rng = np.random.default_rng(1)
-    batch = Tensor(rng.integers(3, VOCAB, (2, 33)).astype(np.int32))
+    batch = Tensor(rng.integers(7, VOCAB, (2, 33)).astype(np.int32))
 
     # training: the same loss, and the wrapper's own parameters get gradients
     for model in (wrapped, merged):
