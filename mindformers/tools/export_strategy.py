@@ -142,24 +142,20 @@ def main(argv=None):
     try:
         _apply_options(config, args)
         parallel = _parallel_config(config, args)
-        from mindformers.tools.build import build_model_config
-        from mindformers.tools.register import MindFormerRegister, MindFormerModuleType
-        model_config = build_model_config(model['model_config'], {'parallel_config': parallel})
-        model_class = MindFormerRegister.get_cls(MindFormerModuleType.MODELS, model['arch'].get('type'),
-                                                 where='model.arch.type')
+        from mindformers.trainer.build import build_network
+        network = build_network(config, parallel, allocate=False)  # the model the Trainer would build, no weights
         devices = parallel.data_parallel * parallel.model_parallel * parallel.pipeline_stage
-        parallel.validate(devices, model_config)
     except (ValueError, KeyError, TypeError) as err:
         return _fail(err, 2)
     try:
         from mindformers.core.parallel_layout import run_layouts, write_strategy_files
-        layouts = run_layouts(config, model_config, model_class, parallel)
+        layouts = run_layouts(config, network, None, parallel)
         paths = write_strategy_files(layouts, args.output_dir)
         for stale in set(old) - set(paths):
             os.remove(stale)
     except (ValueError, OSError) as err:
         return _fail(err, 1)
-    print(f"{model_class.__name__}: data_parallel {parallel.data_parallel} x model_parallel "
+    print(f"{type(network).__name__}: data_parallel {parallel.data_parallel} x model_parallel "
           f"{parallel.model_parallel} x pipeline_stage {parallel.pipeline_stage} = {devices} devices"
           f"{', optimizer shard' if parallel.optimizer_shard else ''}")
     for line in summarize(layouts, parallel, paths):
