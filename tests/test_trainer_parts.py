@@ -36,14 +36,16 @@ def eval_data(rows, batch_size=4):
     return ds.NumpySlicesDataset({'input_ids': rows}, shuffle=False).batch(batch_size)
 
 
-class TokenAccuracy(Metric):
-    """Share of next tokens whose logit is the largest: a user metric that consumes logits."""
-    consumes = 'logits'
-    rank_sums = ('correct', 'total')
-
+class _Cleared(Metric):
     def __init__(self):
         super().__init__()
         self.clear()
+
+
+class TokenAccuracy(_Cleared):
+    """Share of next tokens whose logit is the largest: a user metric that consumes logits."""
+    consumes = 'logits'
+    rank_sums = ('correct', 'total')
 
     def clear(self):
         self.correct, self.total = 0.0, 0.0
@@ -61,14 +63,10 @@ class LogitPerplexity(PerplexityMetric):
     consumes = 'logits'
 
 
-class MeanLoss(Metric):
+class MeanLoss(_Cleared):
     """Mean token loss from loss sums."""
     consumes = 'loss'
     rank_sums = ('total', 'count')
-
-    def __init__(self):
-        super().__init__()
-        self.clear()
 
     def clear(self):
         self.total, self.count = 0.0, 0
@@ -81,15 +79,11 @@ class MeanLoss(Metric):
         return {'mean_loss': self.total / self.count}
 
 
-class ExactMatch(Metric):
+class ExactMatch(_Cleared):
     """Share of generated continuations equal to their reference: a user metric that consumes text."""
     consumes = 'text'
     rank_sums = ('matches', 'count')
     seen = []
-
-    def __init__(self):
-        super().__init__()
-        self.clear()
 
     def clear(self):
         self.matches, self.count = 0, 0
