@@ -1,4 +1,6 @@
-"""Trainer: builds everything a run config names and runs train, finetune, evaluate and predict."""
+"""Trainer: the public API. Resolves the run config and builds what it names (network through `build.build_network`,
+tokenizer, datasets, weights); `train`/`finetune` run `train_loop.TrainLoop`, `evaluate` runs `evaluation.evaluate`,
+`predict` runs the text-generation pipeline."""
 import copy
 import os
 
