@@ -61,9 +61,9 @@ class _EvalLogitsCell(nn.Cell):
 def evaluate(network, metric, dataset, rank_id=0, stride=1, device_num=1, tokenizer=None, options=None):
     """`metric.eval()` over `dataset`, fed as `metric.consumes` declares; batches rank_id, rank_id + stride, ... of
     the dataset are this rank's. With `device_num > 1` the metric's `rank_sums` are added over the ranks, so every
-    rank returns the global result. Adds 'tokens' (loss and logits metrics, when the metric counts them as
-    `total_tokens`) or 'samples' (text metrics, their `count`). Text metrics need `tokenizer` and generate with
-    `options` (`generation_options`)."""
+    rank returns the global result. Adds 'tokens' (loss and logits metrics with a `total_tokens` count) or
+    'samples' (text metrics with a `count`). Text metrics need `tokenizer` and generate with `options`
+    (`generation_options`)."""
     consumes = metric_inputs(metric)
     network.set_train(False)
     metric.clear()
@@ -74,10 +74,9 @@ def evaluate(network, metric, dataset, rank_id=0, stride=1, device_num=1, tokeni
     if device_num > 1:
         merge_rank_sums(metric, sum_over_ranks)
     result = metric.eval()
-    if consumes == 'text':
-        result['samples'] = int(metric.count)
-    elif hasattr(metric, 'total_tokens'):
-        result['tokens'] = int(metric.total_tokens)
+    key, counter = ('samples', 'count') if consumes == 'text' else ('tokens', 'total_tokens')
+    if hasattr(metric, counter):
+        result[key] = int(getattr(metric, counter))
     return result
 
 
