@@ -204,6 +204,13 @@ def test_a_metric_that_declares_nothing_is_refused_saying_what_to_declare(tmp_pa
                                          r"rank_sums = 'total' is not a tuple of attribute names"):
         metric_inputs(Misdeclared(), 'compute_metrics')
 
+    class Misnamed(MeanLoss):
+        rank_sums = ('total', 'counts')
+
+    with pytest.raises(ValueError, match=r"metric: Misnamed cannot be computed by evaluation: rank_sums names "
+                                         r"\['counts'\], which it does not have"):
+        metric_inputs(Misnamed())
+
 
 def test_rank_sums_merge_two_ranks_into_the_single_process_result():
     """Each rank's declared sums are added (`core.context.sum_over_ranks` under data parallel; here two metrics

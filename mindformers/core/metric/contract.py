@@ -29,12 +29,14 @@ def metric_inputs(metric, where='metric'):
     consumes = getattr(metric, 'consumes', None)
     sums = getattr(metric, 'rank_sums', None)
     problems = []
-    if consumes not in CONSUMES:
+    if not isinstance(consumes, str) or consumes not in CONSUMES:
         problems.append("it declares no `consumes`" if consumes is None else f"consumes = {consumes!r} is not one of "
                         f"{', '.join(map(repr, CONSUMES))}")
     if not isinstance(sums, (tuple, list)) or not all(isinstance(s, str) for s in sums):
         problems.append("it declares no `rank_sums`" if sums is None else
                         f"rank_sums = {sums!r} is not a tuple of attribute names")
+    elif any(not hasattr(metric, s) for s in sums):
+        problems.append(f"rank_sums names {[s for s in sums if not hasattr(metric, s)]}, which it does not have")
     if problems:
         kinds = '; '.join(f"{key!r} -> {call}" for key, call in CONSUMES.items())
         raise ValueError(f"{where}: {name} cannot be computed by evaluation: {' and '.join(problems)}. Give its class "
