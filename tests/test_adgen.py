@@ -73,8 +73,7 @@ def test_rouge_hand_computed():
 
 def test_metric_averages_rounded_scores():
     metric = build_metric({'type': 'ADGENMetric'})
-    assert isinstance(metric, ADGENMetric) and metric.generation_based
-    assert not getattr(PerplexityMetric(), 'generation_based', False)
+    assert isinstance(metric, ADGENMetric) and metric.consumes == 'text' and PerplexityMetric.consumes == 'loss'
     metric.update(['我爱北京', 'the cat sat on the mat'], ['我爱北京天安门', 'the cat is on the mat'])
     metric.update('abce', 'abcd')
     per_sample = [
@@ -183,7 +182,7 @@ def test_data_errors_name_the_file_and_line(tmp_path, glm_tok):
 # ----------------------------------------------------------------------------- generation-based evaluation
 @MindFormerRegister.register(MindFormerModuleType.METRIC)
 class RecordingADGENMetric(ADGENMetric):
-    """ADGENMetric that keeps what it was given (any metric with `generation_based` gets the same treatment)."""
+    """ADGENMetric that keeps what it was given (any metric with consumes = 'text' gets the same treatment)."""
     seen = []
 
     def update(self, *inputs):

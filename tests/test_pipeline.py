@@ -132,9 +132,9 @@ def test_errors():
     assert pipe('') and pipe.tokenizer.encode_prompt('') == [pipe.tokenizer.bos_token_id]  # GPT-2's BOS alone
     plain = pipeline('text_generation', model=model, max_new_tokens=2,
                      tokenizer=AutoTokenizer.from_pretrained('gpt2_tiny', add_bos_token=False, add_eos_token=False))
-    with pytest.raises(ValueError, match="prompt '' encodes to no tokens"):
+    with pytest.raises(ValueError, match="prompt 1 '' encodes to no tokens"):  # a list's prompt is named by index
         plain(['ROMEO:', ''])
-    with pytest.raises(ValueError, match=r"prompt 'ab\\udcff' is not valid text: character 2 is the lone surrogate"):
+    with pytest.raises(ValueError, match=r"prompt 1 'ab\\udcff' is not valid text: character 2 is the lone surrogate"):
         pipe(['ROMEO:', 'ab\udcff'])
     wider = pipeline('text_generation', model=model, max_new_tokens=2,
                      tokenizer=AutoTokenizer.from_pretrained('gpt2_tiny', pad_token='<pad>'))  # id 512: no row

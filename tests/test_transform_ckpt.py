@@ -22,6 +22,7 @@ from mindformers.tools.checkpoint import (CheckpointError, load_checkpoint_file,
 from mindformers.tools.model_book import list_models
 from mindformers.tools.register import MindFormerConfig
 from mindformers.tools.transform_ckpt import TransformError, transform_checkpoint, transform_for_run
+from mindformers.trainer.train_loop import build_train_cell
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # every family's tiny config: {'gpt2': '.../run_gpt2_tiny.yaml', ...}
@@ -101,7 +102,7 @@ def train_cell_checkpoint(yaml, path, seed=0):
     Adam moments filled with random values so a misplaced slice shows. Returns (arrays, model)."""
     trainer = Trainer(args=os.path.join(REPO, yaml))
     network = trainer._get_network()  # pylint: disable=protected-access
-    cell, _ = trainer._build_train_cell(network, 10, 1)  # pylint: disable=protected-access
+    cell, _ = build_train_cell(trainer.config, network, 10, 1)
     rng = np.random.default_rng(seed)
     for param in cell.get_parameters():
         if param.name.startswith(('adam_m.', 'adam_v.')):

@@ -13,9 +13,10 @@ class BasePipeline:
 
     `pipe(inputs, batch_size=None, **kwargs)`: `inputs` is one item or a list of items; the list is cut into
     batches of `batch_size` (default: the constructor's, else `model.config.batch_size`, else 1) and each batch
-    goes `preprocess` -> `forward` -> `postprocess`. Returns a list with one result per item. Keyword options
-    given to the constructor are defaults that call-time ones override; `check_options` vets them up front.
-    Subclasses implement the three steps (and may override `check_options`)."""
+    goes `preprocess` -> `forward` -> `postprocess`. Returns a list with one result per item. Before any batch runs,
+    `prepare` checks (and may convert) every item of the call, so a bad item fails before any work is done. Keyword
+    options given to the constructor are defaults that call-time ones override; `check_options` vets them up front.
+    Subclasses implement the three steps (and may override `check_options` and `prepare`)."""
 
     def __init__(self, model, tokenizer=None, batch_size=None, **kwargs):
         self.model, self.tokenizer = model, tokenizer
@@ -26,6 +27,11 @@ class BasePipeline:
 
     def check_options(self, options):
         """Raise on an unknown or bad option; called with the construction-time options."""
+
+    def prepare(self, items, indexed):
+        """All items of a call, checked -> the items `preprocess` gets in batches (default: as given). `indexed`:
+        the call got a list, so an error can name the item by its index in it."""
+        return items
 
     def preprocess(self, items):
         """A batch of raw items -> model inputs."""
@@ -40,8 +46,9 @@ class BasePipeline:
         raise NotImplementedError
 
     def __call__(self, inputs, batch_size=None, **kwargs):
-        items = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+        indexed = isinstance(inputs, (list, tuple))
         size = self.batch_size if batch_size is None else positive_int(batch_size, 'batch_size')
+        items = self.prepare(list(inputs) if indexed else [inputs], indexed)
         options = {**self.default_options, **kwargs}
         results = []
         for start in range(0, len(items), size):

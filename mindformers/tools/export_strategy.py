@@ -5,7 +5,7 @@
 
 writes one MindSpore JSON strategy file per pipeline stage, `strategy/ckpt_strategy_rank_{r}.json` (r = the stage's
 first rank), for the model's parameters and their optimizer state, and prints a summary per stage. The layout comes
-from the shard strategies the model's layers declare (`mindformers.core.parallel_layout`); nothing is compiled and
+from the shard strategies the model's layers declare (`mindformers.parallel.layout`); nothing is compiled and
 no weight is allocated. Unset flags keep the YAML's `parallel_config` (micro_batch_num at least pipeline_stage).
 `--options model.model_config.offset=[1,-1]` sets any dotted key of the YAML first. `.json` files already in
 --output_dir are replaced only with --overwrite (each file atomically; files of the old layout that the new one does
@@ -142,25 +142,21 @@ def main(argv=None):
     try:
         _apply_options(config, args)
         parallel = _parallel_config(config, args)
-        from mindformers.tools.build import build_model_config
-        from mindformers.tools.register import MindFormerRegister, MindFormerModuleType
-        model_config = build_model_config(model['model_config'], {'parallel_config': parallel})
-        model_class = MindFormerRegister.get_cls(MindFormerModuleType.MODELS, model['arch'].get('type'),
-                                                 where='model.arch.type')
+        from mindformers.trainer.build import build_network
+        network = build_network(config, parallel, allocate=False)  # the model the Trainer would build, no weights
         devices = parallel.data_parallel * parallel.model_parallel * parallel.pipeline_stage
-        parallel.validate(devices, model_config)
     except (ValueError, KeyError, TypeError) as err:
         return _fail(err, 2)
     try:
         from mindformers.parallel.layout import run_layouts
         from mindformers.parallel.strategy import write_strategy_files
-        layouts = run_layouts(config, model_config, model_class, parallel)
+        layouts = run_layouts(config, network, None, parallel)
         paths = write_strategy_files(layouts, args.output_dir)
         for stale in set(old) - set(paths):
             os.remove(stale)
     except (ValueError, OSError) as err:
         return _fail(err, 1)
-    print(f"{model_class.__name__}: data_parallel {parallel.data_parallel} x model_parallel "
+    print(f"{type(network).__name__}: data_parallel {parallel.data_parallel} x model_parallel "
           f"{parallel.model_parallel} x pipeline_stage {parallel.pipeline_stage} = {devices} devices"
           f"{', optimizer shard' if parallel.optimizer_shard else ''}")
     for line in summarize(layouts, parallel, paths):

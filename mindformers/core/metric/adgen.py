@@ -96,10 +96,11 @@ class ADGENMetric(Metric):
 
     `update(preds, labels)`: decoded predictions and references, two lists of str of the same length (or two str).
     `eval()` returns `{'rouge-1', 'rouge-2', 'rouge-l', 'bleu-4'}` averaged over every sample since `clear()`.
-    `totals` (per-key sums) and `count` are the running state, to be added up across data-parallel ranks."""
+    `totals` (per-key sums) and `count` are the running state, added up across data-parallel ranks. Evaluation
+    generates text for it (`core.metric.contract`)."""
     KEYS = ('rouge-1', 'rouge-2', 'rouge-l', 'bleu-4')
-    # Trainer.evaluate() generates text for the eval data and calls update(preds, labels) instead of computing a loss
-    generation_based = True
+    consumes = 'text'
+    rank_sums = ('totals', 'count')
 
     def __init__(self):
         super().__init__()

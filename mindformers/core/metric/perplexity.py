@@ -21,7 +21,10 @@ class PerplexityMetric(Metric):
       - `(logits, labels[, mask])`: logits [..., V] aligned with labels [...] (the caller shifts for next-token
         prediction) and a mask [...] that is 1 for counted tokens (default: labels >= 0). The loss is computed
         here in float64 NumPy, which is slow for large batches.
-    `eval()` returns `{'loss': mean token loss, 'PPL': exp(loss)}`."""
+    `eval()` returns `{'loss': mean token loss, 'PPL': exp(loss)}`. Evaluation feeds it loss sums
+    (`core.metric.contract`); its sums are added over data-parallel ranks."""
+    consumes = 'loss'
+    rank_sums = ('total_loss', 'total_tokens')
 
     def __init__(self):
         super().__init__()
