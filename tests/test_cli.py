@@ -6,13 +6,14 @@ import sys
 
 import pytest
 
+from helpers.cli import run
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, 'configs', 'gpt2', 'run_gpt2_tiny.yaml')
 
 
-def run_cli(*args, cwd=None, timeout=600):
-    proc = subprocess.run([sys.executable, os.path.join(REPO, 'run_mindformer.py'), *args], cwd=cwd or REPO,
-                          capture_output=True, text=True, timeout=timeout)
+def run_cli(*args, cwd=REPO, timeout=600):
+    proc = run('run_mindformer.py', *args, cwd=cwd, timeout=timeout)
     return proc.returncode, proc.stdout, proc.stderr
 
 

@@ -1,8 +1,6 @@
 """`convert_weight.py` as users run it: a subprocess from the repo root."""
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -11,21 +9,14 @@ import transformers
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
+from helpers.cli import error_line, run as run_tool
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HF_CONFIG = dict(vocab_size=64, n_embd=32, n_layer=2, n_head=2, n_positions=16, n_inner=96)
 
 
 def run(*args):
-    return subprocess.run([sys.executable, 'convert_weight.py', *map(str, args)], cwd=REPO, capture_output=True,
-                          text=True, timeout=120, check=False)
-
-
-def error_line(result, code=2):
-    """The single stderr line of a failed run (exit 2: the command line is wrong; 1: a file's content is)."""
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == code, result.stderr
-    assert len(lines) == 1, result.stderr
-    return lines[0]
+    return run_tool('convert_weight.py', *args, timeout=120)
 
 
 def hf_tensors(path):
