@@ -42,3 +42,11 @@ def kernel_mode(request):
     from helpers.kernel_checks import cpu_kernels_set
     with cpu_kernels_set(request.param == 'kernels'):
         yield request.param
+
+
+@pytest.fixture
+def clean_registry():
+    """MindFormerRegister (yielded) with its tables restored after the test: register classes freely."""
+    from helpers.registry import registry_restored
+    with registry_restored() as register:
+        yield register

@@ -4,6 +4,7 @@
 - `hf_reference`: transformers + PyTorch reference models and the comparisons against them;
 - `glm_reference`: the NumPy reference of GLM v1 (ChatGLM-6B), which transformers does not have;
 - `tiny`: tiny configs and their sizes per family;
+- `registry`: snapshot and restore MindFormerRegister's tables (the `clean_registry` fixture);
 - `kernel_checks`, `tokenizer_checks`: checks shared by the CPU-kernel and tokenizer tests."""
 import os
 
