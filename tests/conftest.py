@@ -19,10 +19,6 @@ def _cpu_graph_mode():
     yield
 
 
-def pytest_configure(config):
-    config.addinivalue_line('markers', 'slow: takes tens of seconds (kept in CI; deselect with -m "not slow")')
-
-
 # compiled graphs and kernels go to a per-session cache, never the user's home
 os.environ.setdefault('MINDFORMERS_CACHE', os.path.join(__import__('tempfile').mkdtemp(prefix='mf-test-cache-')))
 
