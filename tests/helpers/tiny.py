@@ -16,5 +16,6 @@ def tiny_yaml(family, kind='run'):
 
 
 def tiny_asset(family, name):
-    """A file of the family's tiny tokenizer, e.g. tiny_asset('gpt2', 'vocab.json')."""
-    return os.path.join(ASSETS, f'{family}_tiny', name)
+    """A file of the family's tiny tokenizer, e.g. tiny_asset('gpt2', 'vocab.json') (PengCheng.Mind's tiny config
+    uses LLaMA's)."""
+    return os.path.join(ASSETS, f"{'llama' if family == 'pengcheng_mind' else family}_tiny", name)
