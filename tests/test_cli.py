@@ -1,4 +1,5 @@
 """run_mindformer.py: flags, overrides, and one clear line plus a non-zero exit for bad input."""
+import json
 import os
 import signal
 import subprocess
@@ -6,7 +7,7 @@ import sys
 
 import pytest
 
-from helpers.cli import run
+from helpers.cli import json_result, run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, 'configs', 'gpt2', 'run_gpt2_tiny.yaml')
@@ -96,10 +97,11 @@ def test_train_then_predict_end_to_end(tmp_path):
                                    '--train_dataset.data_loader.max_samples', '64', '--model.model_config.num_layers',
                                    '1')
     assert code == 0, stderr
-    log = (out / 'log' / 'rank_0' / 'mindformer.log').read_text()
-    assert 'training finished' in log and 'fell by' in log
-    meta = (out / 'checkpoint' / 'rank_0' / 'meta.json').read_text()
-    assert '"last_ckpt_file"' in meta
+    summary = json_result(stdout)
+    assert summary['run_mode'] == 'train' and summary['steps'] == summary['total_steps'] > 0
+    assert summary['final_loss'] < summary['first_loss'] and summary['loss_drop_percent'] > 0
+    meta = json.loads((out / 'checkpoint' / 'rank_0' / 'meta.json').read_text())
+    assert summary['last_checkpoint'] == str(out / 'checkpoint' / 'rank_0' / meta['last_ckpt_file'])
     # the same settings as the training run (as in the README): predict must not reuse the training run's
     # compiled graphs from the compile cache
     code, stdout, stderr = run_cli('--config', TINY, '--run_mode', 'predict', '--predict_data', 'ROMEO:',
@@ -145,9 +147,11 @@ def test_resume_training_flag_continues_from_the_newest_checkpoint(tmp_path):
               '--model.model_config.num_layers', '1', '--batch_size', '8']
     code, _, stderr = run_cli(*common, '--epochs', '1')
     assert code == 0, stderr
-    code, _, stderr = run_cli(*common, '--epochs', '2', '--resume_training')
+    code, stdout, stderr = run_cli(*common, '--epochs', '2', '--resume_training')
     assert code == 0, stderr
-    assert 'resuming from' in stderr and 'gpt2_tiny_rank_0-1_4.ckpt' in stderr and 'step 8/8' in stderr
+    assert 'resuming from' in stderr and 'gpt2_tiny_rank_0-1_4.ckpt' in stderr  # the log names the checkpoint
+    summary = json_result(stdout)
+    assert (summary['initial_step'], summary['steps'], summary['total_steps']) == (4, 4, 8)
     code, _, stderr = run_cli(*common, '--epochs', '2', '--resume_training', str(tmp_path / 'missing'))
     assert code == 1 and 'missing' in error_lines(stderr)[0]
 

@@ -8,7 +8,7 @@ import pytest
 
 from mindformers import Trainer
 from mindformers.tools.register import MindFormerConfig
-from helpers.cli import run_ok
+from helpers.cli import json_result, run_ok
 from helpers.tiny import INSTRUCTIONS, tiny_yaml
 
 FAMILIES = {
@@ -34,9 +34,9 @@ def scratch(request, tmp_path_factory):
     family = request.param
     data, fmt, template = FAMILIES[family]
     work = tmp_path_factory.mktemp(family)
-    _run('run_mindformer.py', '--config', tiny_yaml(family), '--run_mode', 'train',
-         '--epochs', 1, '--output_dir', work / 'scratch', '--train_dataset.data_loader.max_samples', 32)
-    assert 'training finished' in _log(work / 'scratch')
+    summary = json_result(_run('run_mindformer.py', '--config', tiny_yaml(family), '--run_mode', 'train', '--epochs',
+                               1, '--output_dir', work / 'scratch', '--train_dataset.data_loader.max_samples', 32))
+    assert summary['steps'] == summary['total_steps'] > 0 and os.path.isfile(summary['last_checkpoint'])
     _run('mindformers.tools.dataset_preprocess.instruction_to_mindrecord', '--input',
          os.path.join(INSTRUCTIONS, data), '--format', fmt, '--template', template, '--tokenizer', f'{family}_tiny',
          '--seq_length', 128, '--output_file', work / 'sft' / 'train.mindrecord', '--quiet')
@@ -46,15 +46,15 @@ def scratch(request, tmp_path_factory):
 def test_cli_finetunes_evaluates_and_predicts_with_the_cache(scratch):
     family, checkpoint, data, work = scratch
     out = work / 'cli'
-    _run('run_mindformer.py', '--config', tiny_yaml(family, 'finetune'), '--load_checkpoint',
-         checkpoint, '--train_dataset_dir', data, '--output_dir', out, '--epochs', 1)
-    log = _log(out)
-    assert 'training finished' in log and str(checkpoint) in log
-    assert (out / 'checkpoint' / 'rank_0' / 'meta.json').is_file()
+    summary = json_result(_run('run_mindformer.py', '--config', tiny_yaml(family, 'finetune'), '--load_checkpoint',
+                               checkpoint, '--train_dataset_dir', data, '--output_dir', out, '--epochs', 1))
+    assert summary['run_mode'] == 'finetune' and summary['steps'] == summary['total_steps'] > 0
+    assert f'loaded weights from {checkpoint}' in _log(out)  # only the log says which weights were loaded
+    assert os.path.isfile(summary['last_checkpoint']) and (out / 'checkpoint' / 'rank_0' / 'meta.json').is_file()
     run = ('run_mindformer.py', '--config', tiny_yaml(family), '--load_checkpoint',
            out / 'checkpoint', '--output_dir', out)
-    _run(*run, '--run_mode', 'eval', '--eval_dataset.data_loader.max_samples', 16)
-    assert 'PPL' in _log(out)
+    scores = json_result(_run(*run, '--run_mode', 'eval', '--eval_dataset.data_loader.max_samples', 16))
+    assert np.isfinite(scores['PPL']) and scores['PPL'] > 1
     stdout = _run(*run, '--run_mode', 'predict', '--predict_data', *PROMPTS, '--predict_batch_size', 2,
                   '--model.model_config.max_decode_length', 24)
     texts = stdout.split('\n' + '-' * 40 + '\n')
