@@ -16,6 +16,7 @@ from helpers.glm_reference import LAYERS, RELEASE_CONFIG, random_weights, refere
 from helpers.hf_reference import hf_tiny_model
 from helpers.tiny import ASSETS, INSTRUCTIONS, tiny_yaml
 
+pytestmark = pytest.mark.slow  # end-to-end runs of the tiny configs: 10-50 s each
 FAMILIES = {
     'llama': dict(template='alpaca', format='alpaca', data='alpaca_sample.json'),
     'glm2': dict(template='glm2', format='conversation', data='conversation_sample.json'),

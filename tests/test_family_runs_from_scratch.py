@@ -11,6 +11,7 @@ from mindformers.tools.register import MindFormerConfig
 from helpers.cli import json_result, run_ok
 from helpers.tiny import INSTRUCTIONS, tiny_yaml
 
+pytestmark = pytest.mark.slow  # end-to-end runs of the tiny configs: 10-50 s each
 FAMILIES = {
     # family: (instruction data, its format, template)
     'pangualpha': ('conversation_sample.json', 'conversation', 'glm2'),
