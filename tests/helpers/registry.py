@@ -1,22 +1,41 @@
 """Snapshot and restore MindFormerRegister's tables, so a test that registers a class (a callback, a metric, a
 pipeline) leaves nothing behind for the tests after it. Fixture: `clean_registry` in conftest.py."""
 import contextlib
+import importlib
 
 from mindformers.tools.register import MindFormerRegister
-from mindformers.tools.register import register as register_module
+
+# tables filled lazily on first use, filled before a snapshot so that restoring never drops them:
+# (module, function that fills them); and tables kept outside MindFormerRegister: (module, attribute)
+_FILLERS = (('mindformers.tools.register.register', '_ensure_builtins_registered'),
+            ('mindformers.tools.register.family', 'families'))
+_OTHER_TABLES = (('mindformers.tools.register.family', '_FAMILIES'),)
+
+
+def _module_attribute(module_name, attribute):
+    try:
+        return getattr(importlib.import_module(module_name), attribute, None)
+    except ImportError:
+        return None
 
 
 def _tables():
-    """MindFormerRegister's class-level dicts (today `registry`: module type -> name -> class)."""
-    return {name: value for name, value in vars(MindFormerRegister).items() if isinstance(value, dict)}
+    """MindFormerRegister's class-level dicts (`registry`: module type -> name -> class) and the other tables."""
+    tables = {name: value for name, value in vars(MindFormerRegister).items() if isinstance(value, dict)}
+    for module_name, attribute in _OTHER_TABLES:
+        table = _module_attribute(module_name, attribute)
+        if isinstance(table, dict):
+            tables[f'{module_name}.{attribute}'] = table
+    return tables
 
 
 def snapshot():
-    """The tables as they are now, two levels deep. MindSpore's own classes, registered lazily on the first lookup,
-    are registered first so that restoring never drops them."""
-    ensure_builtins = getattr(register_module, '_ensure_builtins_registered', None)
-    if ensure_builtins is not None:
-        ensure_builtins()
+    """The tables as they are now, two levels deep, after the lazily filled ones (MindSpore's own classes, the
+    library's families) are filled."""
+    for module_name, function in _FILLERS:
+        fill = _module_attribute(module_name, function)
+        if fill is not None:
+            fill()
     return {name: (table, {key: (inner, dict(inner) if isinstance(inner, dict) else None)
                            for key, inner in table.items()})
             for name, table in _tables().items()}
