@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from helpers.cli import json_result, run
+from helpers.cli import json_result, run, run_ok
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, 'configs', 'gpt2', 'run_gpt2_tiny.yaml')
@@ -75,9 +75,8 @@ def test_missing_checkpoint_is_one_clear_error(tmp_path):
 
 
 def test_predict_data_that_is_not_utf8_exits_2_naming_the_prompt(tmp_path):
-    proc = subprocess.run([sys.executable, os.path.join(REPO, 'run_mindformer.py'), '--config', TINY, '--run_mode',
-                           'predict', '--predict_data', 'ROMEO:', b'caf\xe9', '--output_dir', str(tmp_path)],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = run('run_mindformer.py', '--config', TINY, '--run_mode', 'predict', '--predict_data', 'ROMEO:',
+               b'caf\xe9', '--output_dir', tmp_path)
     assert proc.returncode == 2
     lines = error_lines(proc.stderr)
     assert len(lines) == 1 and "--predict_data prompt 1 'caf\\udce9' is not valid text: character 3 is the lone " \
@@ -131,10 +130,10 @@ def test_data_seq_length_mismatch_names_both_numbers(tmp_path):
     corpus = tmp_path / 'c.txt'
     corpus.write_text('To be, or not to be, that is the question. ' * 200)
     assets = os.path.join(REPO, 'mindformers', 'assets', 'gpt2_tiny')
-    subprocess.run([sys.executable, '-m', 'mindformers.tools.dataset_preprocess.text_to_mindrecord', '--input',
-                    str(corpus), '--tokenizer', 'GPT2Tokenizer', '--vocab_file', os.path.join(assets, 'vocab.json'),
-                    '--merges_file', os.path.join(assets, 'merges.txt'), '--seq_length', '32', '--output_file',
-                    str(tmp_path / 'data' / 'train.mindrecord')], cwd=REPO, check=True, capture_output=True)
+    run_ok('mindformers.tools.dataset_preprocess.text_to_mindrecord', '--input', corpus, '--tokenizer',
+           'GPT2Tokenizer', '--vocab_file', os.path.join(assets, 'vocab.json'), '--merges_file',
+           os.path.join(assets, 'merges.txt'), '--seq_length', 32, '--output_file',
+           tmp_path / 'data' / 'train.mindrecord')
     code, _, stderr = run_cli('--config', TINY, '--train_dataset_dir', str(tmp_path / 'data'), '--output_dir',
                               str(tmp_path / 'out'))
     assert code == 1
