@@ -13,7 +13,8 @@ A Meta dir holds params.json and consolidated.NN.pth shards; glm2 reads HF GlmFo
 directories and writes GlmForCausalLM ones. --config (config.json or run YAML) is needed with --reversed when no
 config.json lies beside the checkpoint. An existing --output_path (a file, or a non-empty HF directory) is replaced
 only with --overwrite: the new output is written beside it and then renamed over it, so a failed conversion leaves
-the old one untouched and no file of the old output remains.
+the old one untouched and no file of the old output remains. On success stdout has the output path, a summary line,
+and the same as one JSON line for scripts (model, reversed, output_path, tensors, parameters, dtype).
 
 A family joins through its `register_family(FamilySpec(..., converter=...))`; its converter (a module) provides
 `convert_pt_to_ms(input_path, output_path, dtype=None, config=None)` (HF -> ours) and
@@ -25,6 +26,7 @@ path that does not exist or cannot be used, an existing output without --overwri
 wrong (weights that do not fit the model, a truncated or corrupt checkpoint, a bad config file) or the run failed
 (e.g. disk full)."""
 import argparse
+import json
 import math
 import os
 import shutil
@@ -112,6 +114,8 @@ def main(argv=None):
     print(args.output_path)
     print(f"{args.model} {direction}: {len(written)} tensors, {parameters:,} parameters"
           f"{', ' + args.dtype if args.dtype else ''}")
+    print(json.dumps({'model': args.model, 'reversed': args.reversed, 'output_path': args.output_path,
+                      'tensors': len(written), 'parameters': parameters, 'dtype': args.dtype}))
     return 0
 
 

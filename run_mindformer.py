@@ -181,6 +181,17 @@ def _route_ctrl_c():
     threading.Thread(target=wait, name='ctrl-c', daemon=True).start()
 
 
+def _print_summary(mode, state):
+    """The end of a train/finetune run as one JSON line on stdout, for scripts: run_mode, steps (run by this
+    process), seconds, first_loss, final_loss (mean of the last steps), loss_drop_percent, initial_step (> 0 when
+    resumed), total_steps and last_checkpoint (None when nothing was saved). Nothing for only_save_strategy."""
+    if state is None:
+        return
+    print(json.dumps({'run_mode': mode, **(state.get('summary') or {'steps': 0}),
+                      'initial_step': state.get('initial_step', 0), 'total_steps': state.get('total_steps'),
+                      'last_checkpoint': state.get('last_checkpoint')}))
+
+
 def main(argv=None):
     args, overrides = parse_args(argv)
     try:
@@ -203,8 +214,9 @@ def main(argv=None):
                 logger.info("continue a prompt with: python run_mindformer.py --config %s --run_mode predict "
                             "--load_checkpoint %s --predict_data \"...\"", args.config,
                             os.path.join(config.output_dir, 'checkpoint'))
+            _print_summary(mode, state)
         elif mode == 'finetune':
-            trainer.finetune()
+            _print_summary(mode, trainer.finetune())
         elif mode == 'eval':
             result = trainer.evaluate()
             if result is not None:  # None: only_save_strategy

@@ -1,5 +1,5 @@
-"""Shared test setup: compiled mode on CPU, and helpers to find the repo."""
-import contextlib
+"""Shared test setup: the repo first on sys.path, compiled mode on CPU, a per-session compile cache, and the shared
+fixtures. Helpers live in the `helpers` package beside this file."""
 import os
 import sys
 
@@ -19,36 +19,14 @@ def _cpu_graph_mode():
     yield
 
 
-def pytest_configure(config):
-    config.addinivalue_line('markers', 'slow: takes tens of seconds (kept in CI; deselect with -m "not slow")')
-
-
 # compiled graphs and kernels go to a per-session cache, never the user's home
 os.environ.setdefault('MINDFORMERS_CACHE', os.path.join(__import__('tempfile').mkdtemp(prefix='mf-test-cache-')))
-
-
-@contextlib.contextmanager
-def cpu_kernels_set(enabled):
-    """`MINDFORMERS_CPU_KERNELS` set to 1 or 0 and the kernels' state reset inside the block; both restored after.
-    Cells built inside the block pick the fused kernels or plain ops accordingly."""
-    import mindformers.kernels as cpu_kernels
-    saved_env, saved_state = os.environ.get('MINDFORMERS_CPU_KERNELS'), dict(cpu_kernels._STATE)
-    os.environ['MINDFORMERS_CPU_KERNELS'] = '1' if enabled else '0'
-    cpu_kernels._STATE.clear()
-    try:
-        yield
-    finally:
-        cpu_kernels._STATE.clear()
-        cpu_kernels._STATE.update(saved_state)
-        if saved_env is None:
-            os.environ.pop('MINDFORMERS_CPU_KERNELS')
-        else:
-            os.environ['MINDFORMERS_CPU_KERNELS'] = saved_env
 
 
 @pytest.fixture(scope='module')
 def cpu_kernels_on():
     """For test modules that exercise the kernels even when the suite runs with MINDFORMERS_CPU_KERNELS=0."""
+    from helpers.kernel_checks import cpu_kernels_set
     with cpu_kernels_set(True):
         yield
 
@@ -57,5 +35,14 @@ def cpu_kernels_on():
 def kernel_mode(request):
     """Runs a test twice: with the fused CPU kernels and with plain MindSpore ops. Build the cells under test inside
     the test, after this fixture has set the mode."""
+    from helpers.kernel_checks import cpu_kernels_set
     with cpu_kernels_set(request.param == 'kernels'):
         yield request.param
+
+
+@pytest.fixture
+def clean_registry():
+    """MindFormerRegister (yielded) with its tables restored after the test: register classes freely."""
+    from helpers.registry import registry_restored
+    with registry_restored() as register:
+        yield register

@@ -201,6 +201,7 @@ def _adgen_config(tmp_path, metric='RecordingADGENMetric'):
     return config
 
 
+@pytest.mark.slow
 def test_trainer_generation_eval_matches_direct_generation(tmp_path):
     trainer = Trainer(args=_adgen_config(tmp_path))
     RecordingADGENMetric.seen.clear()

@@ -1,4 +1,5 @@
 """run_mindformer.py: flags, overrides, and one clear line plus a non-zero exit for bad input."""
+import json
 import os
 import signal
 import subprocess
@@ -6,13 +7,14 @@ import sys
 
 import pytest
 
+from helpers.cli import json_result, run, run_ok
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, 'configs', 'gpt2', 'run_gpt2_tiny.yaml')
 
 
-def run_cli(*args, cwd=None, timeout=600):
-    proc = subprocess.run([sys.executable, os.path.join(REPO, 'run_mindformer.py'), *args], cwd=cwd or REPO,
-                          capture_output=True, text=True, timeout=timeout)
+def run_cli(*args, cwd=REPO, timeout=600):
+    proc = run('run_mindformer.py', *args, cwd=cwd, timeout=timeout)
     return proc.returncode, proc.stdout, proc.stderr
 
 
@@ -73,9 +75,8 @@ def test_missing_checkpoint_is_one_clear_error(tmp_path):
 
 
 def test_predict_data_that_is_not_utf8_exits_2_naming_the_prompt(tmp_path):
-    proc = subprocess.run([sys.executable, os.path.join(REPO, 'run_mindformer.py'), '--config', TINY, '--run_mode',
-                           'predict', '--predict_data', 'ROMEO:', b'caf\xe9', '--output_dir', str(tmp_path)],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = run('run_mindformer.py', '--config', TINY, '--run_mode', 'predict', '--predict_data', 'ROMEO:',
+               b'caf\xe9', '--output_dir', tmp_path)
     assert proc.returncode == 2
     lines = error_lines(proc.stderr)
     assert len(lines) == 1 and "--predict_data prompt 1 'caf\\udce9' is not valid text: character 3 is the lone " \
@@ -95,10 +96,11 @@ def test_train_then_predict_end_to_end(tmp_path):
                                    '--train_dataset.data_loader.max_samples', '64', '--model.model_config.num_layers',
                                    '1')
     assert code == 0, stderr
-    log = (out / 'log' / 'rank_0' / 'mindformer.log').read_text()
-    assert 'training finished' in log and 'fell by' in log
-    meta = (out / 'checkpoint' / 'rank_0' / 'meta.json').read_text()
-    assert '"last_ckpt_file"' in meta
+    summary = json_result(stdout)
+    assert summary['run_mode'] == 'train' and summary['steps'] == summary['total_steps'] > 0
+    assert summary['final_loss'] < summary['first_loss'] and summary['loss_drop_percent'] > 0
+    meta = json.loads((out / 'checkpoint' / 'rank_0' / 'meta.json').read_text())
+    assert summary['last_checkpoint'] == str(out / 'checkpoint' / 'rank_0' / meta['last_ckpt_file'])
     # the same settings as the training run (as in the README): predict must not reuse the training run's
     # compiled graphs from the compile cache
     code, stdout, stderr = run_cli('--config', TINY, '--run_mode', 'predict', '--predict_data', 'ROMEO:',
@@ -128,10 +130,10 @@ def test_data_seq_length_mismatch_names_both_numbers(tmp_path):
     corpus = tmp_path / 'c.txt'
     corpus.write_text('To be, or not to be, that is the question. ' * 200)
     assets = os.path.join(REPO, 'mindformers', 'assets', 'gpt2_tiny')
-    subprocess.run([sys.executable, '-m', 'mindformers.tools.dataset_preprocess.text_to_mindrecord', '--input',
-                    str(corpus), '--tokenizer', 'GPT2Tokenizer', '--vocab_file', os.path.join(assets, 'vocab.json'),
-                    '--merges_file', os.path.join(assets, 'merges.txt'), '--seq_length', '32', '--output_file',
-                    str(tmp_path / 'data' / 'train.mindrecord')], cwd=REPO, check=True, capture_output=True)
+    run_ok('mindformers.tools.dataset_preprocess.text_to_mindrecord', '--input', corpus, '--tokenizer',
+           'GPT2Tokenizer', '--vocab_file', os.path.join(assets, 'vocab.json'), '--merges_file',
+           os.path.join(assets, 'merges.txt'), '--seq_length', 32, '--output_file',
+           tmp_path / 'data' / 'train.mindrecord')
     code, _, stderr = run_cli('--config', TINY, '--train_dataset_dir', str(tmp_path / 'data'), '--output_dir',
                               str(tmp_path / 'out'))
     assert code == 1
@@ -144,9 +146,11 @@ def test_resume_training_flag_continues_from_the_newest_checkpoint(tmp_path):
               '--model.model_config.num_layers', '1', '--batch_size', '8']
     code, _, stderr = run_cli(*common, '--epochs', '1')
     assert code == 0, stderr
-    code, _, stderr = run_cli(*common, '--epochs', '2', '--resume_training')
+    code, stdout, stderr = run_cli(*common, '--epochs', '2', '--resume_training')
     assert code == 0, stderr
-    assert 'resuming from' in stderr and 'gpt2_tiny_rank_0-1_4.ckpt' in stderr and 'step 8/8' in stderr
+    assert 'resuming from' in stderr and 'gpt2_tiny_rank_0-1_4.ckpt' in stderr  # the log names the checkpoint
+    summary = json_result(stdout)
+    assert (summary['initial_step'], summary['steps'], summary['total_steps']) == (4, 4, 8)
     code, _, stderr = run_cli(*common, '--epochs', '2', '--resume_training', str(tmp_path / 'missing'))
     assert code == 1 and 'missing' in error_lines(stderr)[0]
 

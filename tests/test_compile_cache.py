@@ -16,7 +16,7 @@ import mindspore.dataset as ds
 
 from mindformers import GPT2Config, GPT2LMHeadModel, AdamWeightDecay, MFTrainOneStepCell
 from mindformers.core.context import compile_cache
-from conftest import cpu_kernels_set
+from helpers.kernel_checks import cpu_kernels_set
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The MindFormers tutorial's API usage; Trainer falls back to run_gpt2.yaml, which turns the compile cache on.

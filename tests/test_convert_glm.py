@@ -9,28 +9,18 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 
 from mindformers.models.auto import AutoModel, AutoTokenizer
 from mindformers.models.convert_utils import ConversionError, hf_family, load_hf_weights, load_ms_weights, \
     save_ms_weights
 from mindformers.models.glm import GLMForPreTraining
 from mindformers.models.glm.convert_glm import config_from_hf, config_to_hf, convert_hf_to_ms
-from test_convert_llama import assert_same_tensors, cli, cli_subprocess, one_error_line
-from test_glm_model import (BOS, EOS, GMASK, HEAD, HIDDEN, INNER, LAYERS, MASK, PAD, REPO, SQRT56, VOCAB, HEADS,
-                            SEQ, our_logits, prompt_batch, random_weights, reference_logits, tiny_config)
-
-# the release's config.json fields (THUDM/chatglm-6b), with the tiny sizes
-RELEASE_CONFIG = {'_name_or_path': 'THUDM/chatglm-6b', 'architectures': ['ChatGLMModel'],
-                  'auto_map': {'AutoConfig': 'configuration_chatglm.ChatGLMConfig',
-                               'AutoModel': 'modeling_chatglm.ChatGLMForConditionalGeneration'},
-                  'bos_token_id': BOS, 'eos_token_id': EOS, 'mask_token_id': MASK, 'gmask_token_id': GMASK,
-                  'pad_token_id': PAD, 'hidden_size': HIDDEN, 'inner_hidden_size': INNER, 'layernorm_epsilon': 1e-5,
-                  'max_sequence_length': SEQ, 'model_type': 'chatglm', 'num_attention_heads': HEADS,
-                  'num_layers': LAYERS, 'position_encoding_2d': True, 'torch_dtype': 'float16',
-                  'transformers_version': '4.27.1', 'use_cache': True, 'vocab_size': VOCAB, 'pre_seq_len': None,
-                  'prefix_projection': False, 'quantization_bit': 0}
-
+from helpers import REPO
+from helpers.cli import convert_weight_main as cli, error_line as one_error_line, run
+from helpers.glm_reference import (BOS, EOS, GMASK, HEAD, HIDDEN, INNER, LAYERS, MASK, PAD, RELEASE_CONFIG, SQRT56,
+                                   VOCAB, HEADS, SEQ, our_logits, prompt_batch, random_weights, reference_logits,
+                                   tiny_config, write_release)
+from helpers.hf_reference import assert_same_tensors
 
 def release_tensors():
     """The random weights as the release stores them: our (= HF) names plus each layer's inv_freq buffer."""
@@ -39,19 +29,6 @@ def release_tensors():
     for i in range(LAYERS):
         tensors[f'transformer.layers.{i}.attention.rotary_emb.inv_freq'] = inv_freq.astype(np.float16)
     return tensors
-
-
-def write_release(directory, tensors, config=RELEASE_CONFIG):
-    """Two pytorch_model-0000N-of-00002.bin shards, their index and config.json, as in THUDM/chatglm-6b."""
-    os.makedirs(directory, exist_ok=True)
-    names = sorted(tensors)
-    shards = {f'pytorch_model-0000{n + 1}-of-00002.bin': names[n::2] for n in range(2)}
-    for file_name, part in shards.items():
-        torch.save({name: torch.from_numpy(np.array(tensors[name])) for name in part}, directory / file_name)
-    weight_map = {name: file_name for file_name, part in shards.items() for name in part}
-    (directory / 'pytorch_model.bin.index.json').write_text(json.dumps({'metadata': {}, 'weight_map': weight_map}))
-    (directory / 'config.json').write_text(json.dumps(config))
-    return directory
 
 
 def mf_tensors(ours):
@@ -191,8 +168,8 @@ def test_cli_exit_1_with_one_line_naming_the_tensor(tmp_path):
     tensors = release_tensors()
     del tensors['transformer.layers.0.attention.dense.weight']
     bad = write_release(tmp_path / 'bad', tensors)
-    line = one_error_line(cli_subprocess('--model', 'glm', '--input_path', bad, '--output_path',
-                                         tmp_path / 'out.ckpt'), code=1)
+    line = one_error_line(run('convert_weight.py', '--model', 'glm', '--input_path', bad, '--output_path',
+                              tmp_path / 'out.ckpt'), code=1)
     assert 'missing transformer.layers.0.attention.dense.weight' in line
     assert not os.path.exists(tmp_path / 'out.ckpt')
 

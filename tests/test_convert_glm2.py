@@ -17,9 +17,10 @@ from mindformers.models.convert_utils import ConversionError, load_ms_weights
 from mindformers.models.glm2.convert_glm2 import config_from_hf, config_to_hf, convert_hf_to_ms
 from mindformers.models.glm2.glm2_config import ChatGLM2Config
 from mindformers.models.glm2.modeling_glm2 import ChatGLM2ForConditionalGeneration
-from test_convert_llama import (TOL, VOCAB, assert_same_greedy, assert_same_tensors, cli, cli_subprocess,
-                                converted_by_cli, hf_logits, hf_tokenizer_dir, ids_for, max_diff, model_from,
-                                one_error_line, our_logits, perturb_, state_dict_of)
+from helpers.cli import convert_weight_main as cli, error_line as one_error_line, run
+from helpers.hf_reference import (TOL, VOCAB, assert_same_greedy, assert_same_tensors, converted_by_cli, hf_logits,
+                                  hf_tokenizer_dir, ids_for, max_diff, model_from, our_logits, perturb_,
+                                  state_dict_of)
 
 HIDDEN, LAYERS, HEADS, KV_HEADS, HEAD_DIM, FFN, SEQ = 64, 2, 4, 2, 16, 96, 64
 
@@ -217,8 +218,8 @@ def test_cli_exit_1_with_one_line_naming_the_tensor(chatglm_dir, tmp_path):
     del tensors['transformer.encoder.layers.0.self_attention.query_key_value.bias']
     torch.save(tensors, bad / 'pytorch_model.bin')
     (bad / 'config.json').write_text(json.dumps(CHATGLM_CONFIG))
-    line = one_error_line(cli_subprocess('--model', 'glm2', '--input_path', bad, '--output_path',
-                                         tmp_path / 'out.ckpt'), code=1)
+    line = one_error_line(run('convert_weight.py', '--model', 'glm2', '--input_path', bad, '--output_path',
+                              tmp_path / 'out.ckpt'), code=1)
     assert 'missing transformer.encoder.layers.0.self_attention.query_key_value.bias' in line
     assert not os.path.exists(tmp_path / 'out.ckpt')
 

@@ -1,89 +1,29 @@
 """LLaMA weight conversion against transformers `LlamaForCausalLM` (tiny random models, fp32): HF -> ours gives the
 same logits and greedy tokens, `--reversed` loads back in transformers, Meta `consolidated.NN.pth` (one and two
 model-parallel shards, q/k rows in Meta's interleaved RoPE order) converts to the same tensors, AutoModel converts a
-HF directory on load, and bad inputs are refused naming the tensor. `test_convert_glm2.py` reuses the helpers."""
+HF directory on load, and bad inputs are refused naming the tensor."""
 import functools
 import json
 import os
-import shutil
 
 import numpy as np
 import pytest
 import torch
 import transformers
-import mindspore as ms
 from safetensors.numpy import load_file, save_file
 
-import convert_weight
-from test_convert_weight import error_line as one_error_line, run as cli_subprocess
 from mindformers.models.auto import AutoModel, AutoTokenizer
 from mindformers.models.convert_utils import ConversionError, load_ms_weights
 from mindformers.models.llama.convert_llama import config_from_hf, config_to_hf, convert_hf_to_ms, load_config
 from mindformers.models.llama.llama_config import LlamaConfig
 from mindformers.models.llama.modeling_llama import LlamaForCausalLM
+from helpers.cli import convert_weight_main as cli, error_line as one_error_line, run
+from helpers.hf_reference import (OBSERVED, TOL, VOCAB, assert_same_greedy, assert_same_tensors, converted_by_cli,
+                                  hf_logits, hf_tokenizer_dir, ids_for, max_diff, model_from, our_logits, perturb_,
+                                  state_dict_of)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VOCAB, HIDDEN, LAYERS, HEADS, FFN, SEQ = 128, 64, 2, 4, 176, 64
-TOL = 1e-4
-OBSERVED = {}  # max |logits difference| per check, printed at the end of the session (pytest -s)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# helpers shared with test_convert_glm2.py
-
-
-def perturb_(model, seed):
-    """RMSNorm weights start at 1 and biases at 0: move them so a dropped or swapped one shows."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() == 1:
-                param.add_(0.2 * torch.randn(param.shape, generator=generator))
-    return model.eval()
-
-
-def ids_for(rows, cols, seed):
-    return np.random.RandomState(seed).randint(3, VOCAB, (rows, cols))
-
-
-def hf_logits(model, ids):
-    with torch.no_grad():
-        return model(torch.tensor(ids)).logits.numpy()
-
-
-def our_logits(model, ids):
-    model.set_train(False)
-    return model(ms.Tensor(ids, ms.int32)).asnumpy()
-
-
-def max_diff(label, got, expected):
-    diff = float(np.abs(np.asarray(got) - np.asarray(expected)).max())
-    OBSERVED[label] = max(diff, OBSERVED.get(label, 0.0))
-    return diff
-
-
-def assert_same_greedy(hf_model, ours, prompt, new_tokens=32):
-    expected = hf_model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False,
-                                 eos_token_id=None, pad_token_id=0).numpy()[0].tolist()
-    produced = ours.generate([prompt], max_new_tokens=new_tokens, use_past=True, do_sample=False, eos_token_id=[],
-                             pad_token_id=0)[0]
-    assert len(expected) == len(prompt) + new_tokens
-    assert list(produced) == expected
-
-
-def cli(*args):
-    """convert_weight.py in this process; returns its exit code."""
-    return convert_weight.main([str(arg) for arg in args])
-
-
-def state_dict_of(model):
-    return {name: value.numpy().copy() for name, value in model.state_dict().items()}
-
-
-def assert_same_tensors(got, expected):
-    assert sorted(got) == sorted(expected)
-    for name, value in expected.items():
-        np.testing.assert_array_equal(got[name], value, err_msg=name)
+HIDDEN, LAYERS, HEADS, FFN, SEQ = 64, 2, 4, 176, 64
 
 
 @pytest.fixture(scope='session', autouse=True)
@@ -115,21 +55,6 @@ def hf_llama(request, tmp_path_factory):
     directory = tmp_path_factory.mktemp(f'hf_llama_{request.param}')
     model.save_pretrained(directory)
     return request.param, directory, model
-
-
-def converted_by_cli(family, source, tmp_path_factory):
-    """Our checkpoint converted from `source` by `convert_weight.py --model family`."""
-    path = tmp_path_factory.mktemp(f'ms_{family}') / f'{family}.ckpt'
-    assert cli('--model', family, '--input_path', source, '--output_path', path) == 0
-    return path
-
-
-def model_from(config_from_hf_, model_class, hf_directory, checkpoint):
-    """Our model of a HF directory's config.json, loading `checkpoint`."""
-    with open(hf_directory / 'config.json', encoding='utf-8') as f:
-        config = config_from_hf_(json.load(f))
-    config.checkpoint_name_or_path = str(checkpoint)
-    return model_class(config)
 
 
 @pytest.fixture(scope='session')
@@ -275,16 +200,6 @@ def test_reversed_without_a_config_asks_for_one(llama_converted, tmp_path, capsy
     assert not os.path.exists(tmp_path / 'out')
 
 
-def hf_tokenizer_dir(directory, family, model_type, tokenizer_config):
-    """A HF model directory's tokenizer side: the family's tiny `tokenizer.model`, config.json naming `model_type`
-    and the given tokenizer_config.json."""
-    os.makedirs(directory)
-    shutil.copy(os.path.join(REPO, 'mindformers', 'assets', f'{family}_tiny', 'tokenizer.model'), directory)
-    (directory / 'config.json').write_text(json.dumps({'model_type': model_type}))
-    (directory / 'tokenizer_config.json').write_text(json.dumps(tokenizer_config))
-    return directory
-
-
 def test_autotokenizer_reads_a_hf_directory_with_tokenizer_model(tmp_path):
     from mindformers.models.llama.llama_tokenizer import LlamaTokenizer
     added = lambda content: {'__type': 'AddedToken', 'content': content, 'lstrip': False, 'normalized': False,
@@ -341,8 +256,8 @@ def test_cli_exit_1_with_one_line_naming_the_tensor(tmp_path):
     tensors = load_file(str(bad / 'model.safetensors'))
     del tensors['model.norm.weight']
     save_file(tensors, str(bad / 'model.safetensors'), metadata={'format': 'pt'})
-    line = one_error_line(cli_subprocess('--model', 'llama', '--input_path', bad, '--output_path',
-                                         tmp_path / 'out.ckpt'), code=1)
+    line = one_error_line(run('convert_weight.py', '--model', 'llama', '--input_path', bad, '--output_path',
+                              tmp_path / 'out.ckpt'), code=1)
     assert 'LLaMA weights do not fit the model' in line and 'missing model.norm.weight' in line
     assert not os.path.exists(tmp_path / 'out.ckpt')
 

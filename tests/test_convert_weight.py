@@ -1,8 +1,6 @@
 """`convert_weight.py` as users run it: a subprocess from the repo root."""
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -11,21 +9,14 @@ import transformers
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
+from helpers.cli import error_line, json_result, run as run_tool
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HF_CONFIG = dict(vocab_size=64, n_embd=32, n_layer=2, n_head=2, n_positions=16, n_inner=96)
 
 
 def run(*args):
-    return subprocess.run([sys.executable, 'convert_weight.py', *map(str, args)], cwd=REPO, capture_output=True,
-                          text=True, timeout=120, check=False)
-
-
-def error_line(result, code=2):
-    """The single stderr line of a failed run (exit 2: the command line is wrong; 1: a file's content is)."""
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == code, result.stderr
-    assert len(lines) == 1, result.stderr
-    return lines[0]
+    return run_tool('convert_weight.py', *args, timeout=120)
 
 
 def hf_tensors(path):
@@ -46,9 +37,11 @@ def ckpt(hf_dir, tmp_path_factory):
     path = tmp_path_factory.mktemp('ms') / 'gpt2.ckpt'
     result = run('--model', 'gpt2', '--input_path', hf_dir, '--output_path', path)
     assert result.returncode == 0, result.stderr
-    lines = result.stdout.strip().splitlines()
-    assert lines[-2] == str(path)
-    assert lines[-1].startswith('gpt2 HuggingFace -> mindformers: 28 tensors, ')
+    assert result.stdout.startswith(f'{path}\ngpt2 HuggingFace -> mindformers: 28 tensors, ')  # for people
+    summary = json_result(result.stdout)  # for scripts
+    assert summary == {'model': 'gpt2', 'reversed': False, 'output_path': str(path), 'tensors': 28,
+                       'parameters': summary['parameters'], 'dtype': None}
+    assert summary['parameters'] == sum(value.size for value in hf_tensors(hf_dir).values())
     return path
 
 
@@ -57,7 +50,7 @@ def test_round_trip_gives_identical_tensors(hf_dir, ckpt, tmp_path):
     result = run('--model', 'gpt2', '--reversed', '--input_path', ckpt, '--output_path', out,
                  '--config', hf_dir / 'config.json')
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().splitlines()[-2] == str(out)
+    assert json_result(result.stdout)['output_path'] == str(out)
     original, back = hf_tensors(hf_dir), hf_tensors(out)
     assert set(back) == set(original) - {'lm_head.weight'}
     for name, value in back.items():
@@ -89,7 +82,7 @@ def test_fp16_output(hf_dir, tmp_path):
     result = run('--model', 'gpt2', '--input_path', hf_dir / 'model.safetensors', '--output_path', out,
                  '--dtype', 'fp16')
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().endswith(', fp16')
+    assert json_result(result.stdout)['dtype'] == 'fp16'
     params = ms.load_checkpoint(str(out))
     assert len(params) == 28 and {p.dtype for p in params.values()} == {ms.float16}
     expected = hf_tensors(hf_dir)['transformer.h.0.attn.c_attn.weight'].T.astype(np.float16)

@@ -8,7 +8,7 @@ from mindspore import nn, Tensor
 
 import mindformers.kernels as cpu_kernels
 from mindformers.kernels import FusedCausalAttention
-from kernel_checks import ProbeAll
+from helpers.kernel_checks import ProbeAll
 
 
 # the kernels run here even when the suite runs with MINDFORMERS_CPU_KERNELS=0

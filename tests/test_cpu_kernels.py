@@ -8,7 +8,7 @@ from mindspore import nn, ops, Parameter, ParameterTuple, Tensor
 import mindformers.kernels as cpu_kernels
 from mindformers.kernels import FusedCausalSoftmax, FusedGELU, FusedLayerNorm, kernel_library
 from mindformers.modules.layers import LayerNorm, TanhGELU
-from kernel_checks import ProbeAll
+from helpers.kernel_checks import ProbeAll
 
 
 # the kernels run here even when the suite runs with MINDFORMERS_CPU_KERNELS=0

@@ -12,7 +12,7 @@ from mindformers import (Trainer, TrainingArguments, GPT2Config, GPT2LMHeadModel
                          GLMConfig, GLMForPreTraining, ChatGLM2Config, ChatGLM2ForConditionalGeneration,
                          PanguAlphaConfig, PanguAlphaHeadModel)
 from research.pengcheng_mind import PengChengMindConfig, PengChengMindForCausalLM
-from conftest import cpu_kernels_set
+from helpers.kernel_checks import cpu_kernels_set
 
 VOCAB, SEQ, HIDDEN = 128, 8, 32
 DROPOUT = dict(embedding_dropout_prob=0.1, hidden_dropout_rate=0.1, attention_dropout_rate=0.1)

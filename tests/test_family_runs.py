@@ -2,21 +2,21 @@
 checkpoint is converted, finetuned on instruction data (GLM: the bundled ADGEN sample), evaluated (perplexity) and
 continued with the KV cache; the tiny configs also train from scratch. GLM has no transformers model: its random
 weights are written in the HF release's layout and its greedy continuation is checked against the NumPy reference
-of tests/test_glm_model.py."""
+of tests/helpers/glm_reference.py."""
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-import transformers
 
 from mindformers import Trainer
 from mindformers.tools.register import MindFormerConfig
+from helpers.cli import json_result, run_ok
+from helpers.glm_reference import LAYERS, RELEASE_CONFIG, random_weights, reference_logits, write_release
+from helpers.hf_reference import hf_tiny_model
+from helpers.tiny import ASSETS, INSTRUCTIONS, tiny_yaml
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ASSETS = os.path.join(REPO, 'mindformers', 'assets')
+pytestmark = pytest.mark.slow  # end-to-end runs of the tiny configs: 10-50 s each
 FAMILIES = {
     'llama': dict(template='alpaca', format='alpaca', data='alpaca_sample.json'),
     'glm2': dict(template='glm2', format='conversation', data='conversation_sample.json'),
@@ -24,23 +24,9 @@ FAMILIES = {
 }
 
 
-def _hf_model(family):
-    """A randomly initialised HF model with the tiny config's shapes (LlamaForCausalLM / GlmForCausalLM)."""
-    torch.manual_seed(0)
-    common = dict(vocab_size=512, hidden_size=192, intermediate_size=512, num_hidden_layers=4,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5,
-                  pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
-    if family == 'llama':
-        return transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
-    return transformers.GlmForCausalLM(transformers.GlmConfig(
-        head_dim=48, attention_bias=True, **common,
-        rope_parameters={'rope_type': 'default', 'rope_theta': 10000.0, 'partial_rotary_factor': 0.5}))
-
-
 def _glm_weights():
     """Random GLM weights of the tiny config's sizes, HF release names; the padding rows of the output head
     (ids 1008..1023, beyond the tiny tokenizer) are zero, as a trained model never predicts them."""
-    from test_glm_model import random_weights
     weights = random_weights(seed=2)
     weights['lm_head.weight'][1008:] = 0.0
     return weights
@@ -48,7 +34,6 @@ def _glm_weights():
 
 def _glm_checkpoint(work):
     """The GLM weights written as the HF release lays them out, converted by convert_weight.py."""
-    from test_convert_glm import RELEASE_CONFIG, write_release
     write_release(work / 'hf', _glm_weights(), dict(RELEASE_CONFIG, max_sequence_length=128))
     checkpoint = work / 'glm.ckpt'
     _run('convert_weight.py', '--model', 'glm', '--input_path', work / 'hf', '--output_path', checkpoint)
@@ -61,20 +46,14 @@ def _greedy(family, reference, ids, steps):
     if family != 'glm':
         return reference.generate(torch.tensor([ids]), max_new_tokens=steps, do_sample=False, pad_token_id=0,
                                   eos_token_id=None)[0].tolist()
-    from test_glm_model import LAYERS, reference_logits
     ids = list(ids)
     for _ in range(steps):
         ids.append(int(reference_logits(reference, np.array([ids]), alpha=np.sqrt(2 * LAYERS))[0, -1].argmax()))
     return ids
 
 
-def _run(module_or_script, *args):
-    command = [sys.executable, *(['-m', module_or_script] if '.' in module_or_script and
-                                 not module_or_script.endswith('.py') else [os.path.join(REPO, module_or_script)]),
-               *map(str, args)]
-    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"{' '.join(command)}\n{proc.stderr[-3000:]}"
-    return proc.stdout
+def _run(tool, *args):
+    return run_ok(tool, *args, timeout=900).stdout
 
 
 @pytest.fixture(scope='module', params=sorted(FAMILIES))
@@ -85,12 +64,12 @@ def prepared(request, tmp_path_factory):
     work = tmp_path_factory.mktemp(family)
     if family == 'glm':
         return family, _glm_checkpoint(work), spec['data'], _glm_weights(), work
-    hf_model = _hf_model(family).eval()
+    hf_model = hf_tiny_model(family).eval()
     hf_model.save_pretrained(work / 'hf')
     checkpoint = work / f'{family}.ckpt'
     _run('convert_weight.py', '--model', family, '--input_path', work / 'hf', '--output_path', checkpoint)
     _run('mindformers.tools.dataset_preprocess.instruction_to_mindrecord', '--input',
-         os.path.join(ASSETS, 'instruction', spec['data']), '--format', spec['format'], '--template',
+         os.path.join(INSTRUCTIONS, spec['data']), '--format', spec['format'], '--template',
          spec['template'], '--tokenizer', f'{family}_tiny', '--seq_length', 128, '--output_file',
          work / 'sft' / 'train.mindrecord', '--quiet')
     return family, checkpoint, work / 'sft', hf_model, work
@@ -102,16 +81,16 @@ def _log(out):
 
 def test_cli_finetune_eval_predict_from_a_converted_checkpoint(prepared):
     family, checkpoint, data, _, work = prepared
-    config = os.path.join(REPO, 'configs', family, f'run_{family}_tiny.yaml')
+    config = tiny_yaml(family)
     out = work / 'cli'
-    _run('run_mindformer.py', '--config', os.path.join(REPO, 'configs', family, f'finetune_{family}_tiny.yaml'),
-         '--load_checkpoint', checkpoint, '--train_dataset_dir', data, '--output_dir', out, '--epochs', 2)
-    log = _log(out)
-    assert 'training finished' in log and str(checkpoint) in log
-    assert (out / 'checkpoint' / 'rank_0' / 'meta.json').is_file()
-    _run('run_mindformer.py', '--config', config, '--run_mode', 'eval', '--load_checkpoint', out / 'checkpoint',
-         '--output_dir', out, '--eval_dataset.data_loader.max_samples', 16)
-    assert 'PPL' in _log(out) or 'perplexity' in _log(out).lower()
+    summary = json_result(_run('run_mindformer.py', '--config', tiny_yaml(family, 'finetune'), '--load_checkpoint',
+                               checkpoint, '--train_dataset_dir', data, '--output_dir', out, '--epochs', 2))
+    assert summary['run_mode'] == 'finetune' and summary['steps'] == summary['total_steps'] >= 2
+    assert f'loaded weights from {checkpoint}' in _log(out)  # only the log says which weights were loaded
+    assert os.path.isfile(summary['last_checkpoint']) and (out / 'checkpoint' / 'rank_0' / 'meta.json').is_file()
+    scores = json_result(_run('run_mindformer.py', '--config', config, '--run_mode', 'eval', '--load_checkpoint',
+                              out / 'checkpoint', '--output_dir', out, '--eval_dataset.data_loader.max_samples', 16))
+    assert np.isfinite(scores['PPL']) and scores['PPL'] > 1
     stdout = _run('run_mindformer.py', '--config', config, '--run_mode', 'predict', '--load_checkpoint',
                   out / 'checkpoint', '--output_dir', out, '--predict_data', 'ROMEO:', 'Hello',
                   '--predict_batch_size', 2)
@@ -122,14 +101,14 @@ def test_cli_finetune_eval_predict_from_a_converted_checkpoint(prepared):
 def test_cli_trains_the_tiny_config_from_scratch(prepared):
     family, _, _, _, work = prepared
     out = work / 'scratch'
-    _run('run_mindformer.py', '--config', os.path.join(REPO, 'configs', family, f'run_{family}_tiny.yaml'),
-         '--run_mode', 'train', '--epochs', 1, '--output_dir', out, '--train_dataset.data_loader.max_samples', 48)
-    assert 'fell by' in _log(out)
+    summary = json_result(_run('run_mindformer.py', '--config', tiny_yaml(family), '--run_mode', 'train',
+                               '--epochs', 1, '--output_dir', out, '--train_dataset.data_loader.max_samples', 48))
+    assert summary['steps'] > 0 and summary['loss_drop_percent'] >= 0  # the loss fell
 
 
 def test_trainer_finetunes_evaluates_and_predicts_like_the_hf_model(prepared):
     family, checkpoint, data, hf_model, work = prepared
-    config = MindFormerConfig(os.path.join(REPO, 'configs', family, f'finetune_{family}_tiny.yaml'))
+    config = MindFormerConfig(tiny_yaml(family, 'finetune'))
     config.merge_from_dict({'output_dir': str(work / 'trainer'), 'runner_config.epochs': 2,
                             'train_dataset.data_loader.dataset_dir': str(data),
                             'eval_dataset.data_loader.max_samples': 16, 'callbacks': []})

@@ -2,38 +2,30 @@
 finetune that checkpoint on instruction data, evaluate (perplexity) and predict with the KV cache. (These families
 have no HuggingFace model to convert from; LLaMA and GLM2 start from converted weights in test_family_runs.py.)"""
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from mindformers import Trainer
 from mindformers.tools.register import MindFormerConfig
+from helpers.cli import json_result, run_ok
+from helpers.tiny import INSTRUCTIONS, tiny_yaml
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-INSTRUCTIONS = os.path.join(REPO, 'mindformers', 'assets', 'instruction')
+pytestmark = pytest.mark.slow  # end-to-end runs of the tiny configs: 10-50 s each
 FAMILIES = {
-    # family: (config directory, instruction data, its format, template)
-    'pangualpha': ('configs/pangualpha', 'conversation_sample.json', 'conversation', 'glm2'),
-    'pengcheng_mind': ('research/pengcheng_mind', 'alpaca_sample.json', 'alpaca', 'alpaca'),
+    # family: (instruction data, its format, template)
+    'pangualpha': ('conversation_sample.json', 'conversation', 'glm2'),
+    'pengcheng_mind': ('alpaca_sample.json', 'alpaca', 'alpaca'),
 }
 PROMPTS = ['ROMEO:', '你好']
 
 
-def _run(*args):
-    command = [sys.executable, *map(str, args)]
-    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"{' '.join(command)}\n{proc.stderr[-3000:]}"
-    return proc.stdout
+def _run(tool, *args):
+    return run_ok(tool, *args, timeout=900).stdout
 
 
 def _log(out):
     return (out / 'log' / 'rank_0' / 'mindformer.log').read_text()
-
-
-def _config(family, kind):
-    return os.path.join(REPO, FAMILIES[family][0], f'{kind}_{family}_tiny.yaml')
 
 
 @pytest.fixture(scope='module', params=sorted(FAMILIES))
@@ -41,12 +33,12 @@ def scratch(request, tmp_path_factory):
     """(family, checkpoint directory of a CLI run that trained the tiny config from scratch, instruction MindRecord
     directory, work directory)."""
     family = request.param
-    _, data, fmt, template = FAMILIES[family]
+    data, fmt, template = FAMILIES[family]
     work = tmp_path_factory.mktemp(family)
-    _run(os.path.join(REPO, 'run_mindformer.py'), '--config', _config(family, 'run'), '--run_mode', 'train',
-         '--epochs', 1, '--output_dir', work / 'scratch', '--train_dataset.data_loader.max_samples', 32)
-    assert 'training finished' in _log(work / 'scratch')
-    _run('-m', 'mindformers.tools.dataset_preprocess.instruction_to_mindrecord', '--input',
+    summary = json_result(_run('run_mindformer.py', '--config', tiny_yaml(family), '--run_mode', 'train', '--epochs',
+                               1, '--output_dir', work / 'scratch', '--train_dataset.data_loader.max_samples', 32))
+    assert summary['steps'] == summary['total_steps'] > 0 and os.path.isfile(summary['last_checkpoint'])
+    _run('mindformers.tools.dataset_preprocess.instruction_to_mindrecord', '--input',
          os.path.join(INSTRUCTIONS, data), '--format', fmt, '--template', template, '--tokenizer', f'{family}_tiny',
          '--seq_length', 128, '--output_file', work / 'sft' / 'train.mindrecord', '--quiet')
     return family, work / 'scratch' / 'checkpoint', work / 'sft', work
@@ -55,15 +47,15 @@ def scratch(request, tmp_path_factory):
 def test_cli_finetunes_evaluates_and_predicts_with_the_cache(scratch):
     family, checkpoint, data, work = scratch
     out = work / 'cli'
-    _run(os.path.join(REPO, 'run_mindformer.py'), '--config', _config(family, 'finetune'), '--load_checkpoint',
-         checkpoint, '--train_dataset_dir', data, '--output_dir', out, '--epochs', 1)
-    log = _log(out)
-    assert 'training finished' in log and str(checkpoint) in log
-    assert (out / 'checkpoint' / 'rank_0' / 'meta.json').is_file()
-    run = (os.path.join(REPO, 'run_mindformer.py'), '--config', _config(family, 'run'), '--load_checkpoint',
+    summary = json_result(_run('run_mindformer.py', '--config', tiny_yaml(family, 'finetune'), '--load_checkpoint',
+                               checkpoint, '--train_dataset_dir', data, '--output_dir', out, '--epochs', 1))
+    assert summary['run_mode'] == 'finetune' and summary['steps'] == summary['total_steps'] > 0
+    assert f'loaded weights from {checkpoint}' in _log(out)  # only the log says which weights were loaded
+    assert os.path.isfile(summary['last_checkpoint']) and (out / 'checkpoint' / 'rank_0' / 'meta.json').is_file()
+    run = ('run_mindformer.py', '--config', tiny_yaml(family), '--load_checkpoint',
            out / 'checkpoint', '--output_dir', out)
-    _run(*run, '--run_mode', 'eval', '--eval_dataset.data_loader.max_samples', 16)
-    assert 'PPL' in _log(out)
+    scores = json_result(_run(*run, '--run_mode', 'eval', '--eval_dataset.data_loader.max_samples', 16))
+    assert np.isfinite(scores['PPL']) and scores['PPL'] > 1
     stdout = _run(*run, '--run_mode', 'predict', '--predict_data', *PROMPTS, '--predict_batch_size', 2,
                   '--model.model_config.max_decode_length', 24)
     texts = stdout.split('\n' + '-' * 40 + '\n')
@@ -72,7 +64,7 @@ def test_cli_finetunes_evaluates_and_predicts_with_the_cache(scratch):
 
 def test_trainer_finetunes_evaluates_and_predicts(scratch):
     family, checkpoint, data, work = scratch
-    config = MindFormerConfig(_config(family, 'finetune'))
+    config = MindFormerConfig(tiny_yaml(family, 'finetune'))
     config.merge_from_dict({'output_dir': str(work / 'trainer'), 'runner_config.epochs': 2,
                             'train_dataset.data_loader.dataset_dir': str(data),
                             'eval_dataset.data_loader.max_samples': 16, 'callbacks': []})

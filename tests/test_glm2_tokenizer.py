@@ -15,7 +15,7 @@ from mindformers.models.glm2.glm2_tokenizer import ChatGLM2Processor, ChatGLM2To
 from mindformers.tools import train_sentencepiece
 from mindformers.tools.register import MindFormerRegister, MindFormerModuleType
 from mindformers.tools.utils import resolve_path
-from tokenizer_checks import assert_left_padded
+from helpers.tokenizer_checks import assert_left_padded
 
 CORPUS = [resolve_path('assets/corpus/tiny_shakespeare.txt'), resolve_path('assets/corpus/tiny_chinese.txt')]
 BUNDLED = resolve_path('assets/glm2_tiny/tokenizer.model')

@@ -17,7 +17,7 @@ from mindformers.models.glm.chatglm_6b_tokenizer import (ChatGLMTokenizer, GLMPr
 from mindformers.tools import train_sentencepiece
 from mindformers.tools.build import build_tokenizer
 from mindformers.tools.utils import resolve_path
-from tokenizer_checks import assert_left_padded
+from helpers.tokenizer_checks import assert_left_padded
 
 CORPUS = [resolve_path('assets/corpus/tiny_shakespeare.txt'), resolve_path('assets/corpus/tiny_chinese.txt')]
 BUNDLED = resolve_path('assets/glm_tiny/ice_text.model')

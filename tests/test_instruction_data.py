@@ -17,6 +17,7 @@ from mindformers.tools.dataset_preprocess import instruction_to_mindrecord as sf
 from mindformers.tools.dataset_preprocess.instruction_to_mindrecord import (
     Conversation, PreprocessError, encode_conversation, encode_parts, iter_records, iter_sft_samples, main,
     parse_conversation, write_sft_mindrecord)
+from helpers.cli import json_result
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ASSETS = os.path.join(REPO, 'mindformers', 'assets')
@@ -59,7 +60,9 @@ def test_alpaca_sample_masks_the_prompt_and_keeps_answer_and_eos(tmp_path, capsy
     out = tmp_path / 'alpaca.mindrecord'
     assert convert(out) == 0
     printed = capsys.readouterr().out
-    assert 'samples    12 of 257 tokens' in printed and 'trained' in printed
+    assert '\n  samples    12 of 257 tokens' in printed and '\n  trained ' in printed  # the report for people
+    summary = json_result(printed)  # and for scripts
+    assert (summary['outputs'], summary['samples'], summary['seq_length']) == ([str(out)], 12, SEQ)
     input_ids, labels = read(out)
     assert input_ids.shape == labels.shape == (12, SEQ + 1)
     assert input_ids.dtype == labels.dtype == np.int32
@@ -189,7 +192,8 @@ def test_long_samples_are_truncated_or_dropped(tmp_path, capsys):
     data = tmp_path / 'long.json'
     data.write_text(json.dumps(records), encoding='utf-8')
     assert convert(tmp_path / 'long.mindrecord', '--drop_long', data=str(data), seq=seq) == 0
-    assert 'dropped    2 (2 too long' in capsys.readouterr().out
+    summary = json_result(capsys.readouterr().out)
+    assert (summary['too_long'], summary['answer_cut'], summary['samples']) == (2, 0, 1)
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -157,7 +157,7 @@ def test_errors():
         pipeline('text_generation')
 
 
-def test_a_user_pipeline_plugs_in_by_name(pipe):
+def test_a_user_pipeline_plugs_in_by_name(pipe, clean_registry):
     @MindFormerRegister.register(MindFormerModuleType.PIPELINE, alias='shouting')
     class Shouting(TextGenerationPipeline):
         def __call__(self, inputs, **kwargs):

@@ -1,7 +1,6 @@
 """text_to_mindrecord: raw text -> samples of seq_length + 1 tokens -> MindRecord, and its failure modes."""
 import json
 import os
-import re
 import subprocess
 import sys
 
@@ -13,6 +12,7 @@ from mindformers.dataset import CausalLanguageModelDataset, find_mindrecord_file
 from mindformers.tools.dataset_preprocess import text_to_mindrecord as t2m
 from mindformers.tools.dataset_preprocess.text_to_mindrecord import build_lm_samples, main, write_mindrecord
 from mindformers.models.gpt2.gpt2_tokenizer import GPT2Tokenizer
+from helpers.cli import json_result, run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORPUS = os.path.join(REPO, 'mindformers', 'assets', 'corpus', 'tiny_shakespeare.txt')
@@ -30,11 +30,6 @@ def shakespeare(n_chars=3000):
 def read_rows(files):
     data = ds.MindDataset(files, shuffle=False)
     return np.stack([row[0] for row in data.create_tuple_iterator(output_numpy=True)])
-
-
-def summary_numbers(stdout):
-    return {key: int(re.search(rf'{key}\s+(\d+)', stdout).group(1))
-            for key in ('documents', 'tokens', 'samples', 'dropped')}
 
 
 def run_main(args, capsys):
@@ -73,8 +68,11 @@ def test_cli_txt_round_trip_and_summary(tmp_path, capsys):
     assert code == 0
     expected, stats = build_lm_samples(docs, TOKENIZER, 63)
     tokens = sum(len(TOKENIZER.encode(d, add_special_tokens=False)) + 1 for d in docs)
-    assert summary_numbers(out) == {'documents': 2, 'tokens': tokens, 'samples': tokens // 64,
-                                    'dropped': tokens % 64}
+    assert out.startswith(f'text_to_mindrecord: wrote {out_file} in ')  # the report for people, then for scripts
+    summary = json_result(out)
+    assert summary['outputs'] == [str(out_file)] and summary['seq_length'] == 63
+    assert (summary['documents'], summary['tokens'], summary['samples'], summary['dropped_tokens']) == (
+        2, tokens, tokens // 64, tokens % 64)
     assert sorted(os.listdir(out_file.parent)) == ['train.mindrecord', 'train.mindrecord.db']
     np.testing.assert_array_equal(read_rows(str(out_file)), expected)
 
@@ -91,7 +89,7 @@ def test_cli_split_lines_jsonl_text_key_and_splits(tmp_path, capsys):
                              '--output_file', str(out_file), '--num_splits', '2', '--quiet'], capsys)
     assert code == 0
     expected, stats = build_lm_samples(lines, TOKENIZER, 31)
-    assert summary_numbers(out)['documents'] == len(lines) == stats['documents']
+    assert json_result(out)['documents'] == len(lines) == stats['documents']
     files = [str(out_file) + '0', str(out_file) + '1']
     assert all(os.path.isfile(f) and os.path.isfile(f + '.db') for f in files)
     got = read_rows(files)
@@ -207,15 +205,14 @@ def test_progress_without_tqdm_prints_eta(monkeypatch, capsys):
 
 
 def run_module(*args):
-    return subprocess.run([sys.executable, '-m', 'mindformers.tools.dataset_preprocess.text_to_mindrecord', *args],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    return run('mindformers.tools.dataset_preprocess.text_to_mindrecord', *args, timeout=300)
 
 
 def test_module_entry_point_on_the_bundled_corpus(tmp_path):
     out_file = tmp_path / 'shakespeare.mindrecord'
     proc = run_module('--input', CORPUS, *TOKENIZER_ARGS, '--seq_length', '128', '--output_file', str(out_file))
     assert proc.returncode == 0, proc.stderr
-    stats = summary_numbers(proc.stdout)
+    stats = json_result(proc.stdout)
     assert stats['documents'] == 1 and stats['samples'] == stats['tokens'] // 129 > 100
     assert 'tokenizing' in proc.stderr  # the progress bar
     assert 'Warning' not in proc.stderr  # e.g. runpy's "found in sys.modules after import of package"

@@ -14,7 +14,7 @@ def write(tmp_path, name, text):
     return str(path)
 
 
-def test_custom_class_registered_in_user_code_builds_from_yaml(tmp_path):
+def test_custom_class_registered_in_user_code_builds_from_yaml(tmp_path, clean_registry):
     @MindFormerRegister.register(MindFormerModuleType.CALLBACK, alias='MyUserCallback')
     class MyCallback:
         def __init__(self, every=1, tag=''):
@@ -146,3 +146,24 @@ def test_a_mapping_of_another_type_replaces_instead_of_merging():
     assert deep_merge(base, {'loader': {'type': 'TextCorpusDataset', 'split': 'eval'}})['loader'] == \
         {'type': 'TextCorpusDataset', 'files': ['a.txt'], 'split': 'eval', 'shuffle': True}
     assert deep_merge(base, {'loader': {'shuffle': False}})['loader']['files'] == ['a.txt']
+
+
+def test_clean_registry_restores_the_tables_in_place():
+    """tests/helpers/registry.py: what a test registers or replaces is undone, new sections go, the table objects
+    stay the same, and MindSpore's own classes stay registered."""
+    import mindspore as ms
+    from helpers.registry import registry_restored
+    table = MindFormerRegister.registry
+    metrics = table.setdefault(MindFormerModuleType.METRIC, {})
+    original_ppl = MindFormerRegister.get_cls(MindFormerModuleType.METRIC, 'PerplexityMetric')
+    with registry_restored() as register:
+        @register.register(MindFormerModuleType.METRIC, alias='PerplexityMetric')
+        class Replacement:
+            pass
+
+        register.register_cls(Replacement, 'a_new_section', alias='Only')
+        assert register.get_cls(MindFormerModuleType.METRIC, 'PerplexityMetric') is Replacement
+    assert MindFormerRegister.registry is table and table[MindFormerModuleType.METRIC] is metrics
+    assert MindFormerRegister.get_cls(MindFormerModuleType.METRIC, 'PerplexityMetric') is original_ppl
+    assert not MindFormerRegister.is_exist('a_new_section')
+    assert MindFormerRegister.get_cls(MindFormerModuleType.METRIC, 'Accuracy') is ms.train.Accuracy

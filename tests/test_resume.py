@@ -73,6 +73,7 @@ def yaml_config(tmp_path, epochs=2):
     return config
 
 
+@pytest.mark.slow
 def test_resume_with_gradient_accumulation_and_no_buffers_saved(tmp_path):
     """Accumulation buffers are zero at every step boundary, so checkpoints leave them out and resume still
     continues exactly (12 batches of 4 per epoch = 6 steps of 2 micro batches)."""

@@ -9,7 +9,7 @@ import mindspore.dataset as ds
 
 from mindformers.generation import TextIteratorStreamer
 from mindformers import (Trainer, TrainingArguments, AutoConfig, AutoModel, GPT2Config, GPT2LMHeadModel,
-                         MindFormerConfig, MindFormerRegister, MindFormerModuleType)
+                         MindFormerConfig, MindFormerModuleType)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_YAML = os.path.join(REPO, 'configs', 'gpt2', 'run_gpt2_tiny.yaml')
@@ -126,7 +126,7 @@ def test_bad_trainer_arguments():
         TrainingArguments(lr_scheduler_type='exotic')
 
 
-def test_evaluate_uses_the_metric_given_and_refuses_one_it_cannot_compute(tmp_path):
+def test_evaluate_uses_the_metric_given_and_refuses_one_it_cannot_compute(tmp_path, clean_registry):
     """compute_metrics was accepted and ignored, and a configured metric that is neither perplexity nor
     generation-based was silently replaced by perplexity."""
     from mindformers import PerplexityMetric
@@ -140,12 +140,9 @@ def test_evaluate_uses_the_metric_given_and_refuses_one_it_cannot_compute(tmp_pa
                 compute_metrics=ms.train.Accuracy()).evaluate()
     config = MindFormerConfig(TINY_YAML)
     config.merge_from_dict({'output_dir': str(tmp_path), 'metric': {'type': 'Accuracy'}})
-    MindFormerRegister.register_cls(ms.train.Accuracy, MindFormerModuleType.METRIC)
-    try:
-        with pytest.raises(ValueError, match=r"metric.type Accuracy: Accuracy cannot be computed by evaluation"):
-            Trainer(model=tiny_model(), args=config, eval_dataset=pattern_dataset(4, 8)).evaluate()
-    finally:
-        MindFormerRegister.registry[MindFormerModuleType.METRIC].pop('Accuracy')
+    clean_registry.register_cls(ms.train.Accuracy, MindFormerModuleType.METRIC)
+    with pytest.raises(ValueError, match=r"metric.type Accuracy: Accuracy cannot be computed by evaluation"):
+        Trainer(model=tiny_model(), args=config, eval_dataset=pattern_dataset(4, 8)).evaluate()
 
 
 def test_predict_names_a_prompt_that_is_not_text_or_not_the_models(tmp_path):

@@ -10,6 +10,7 @@ dropped. Inputs: `.txt` files (one document per file, or per non-blank line with
 files (one JSON object per line, text under `--text_key`). Output: int32 column `input_ids` of shape
 [seq_length + 1], written atomically. `build_lm_samples` is the same pipeline in memory.
 """
+import json
 import os
 import sys
 import time
@@ -119,9 +120,10 @@ def check_output_args(args):
 
 
 def cli_main(run, args, report):
-    """Run `run(args)` -> (outputs, stats) and print `report(outputs, stats, seconds)`; returns the exit code: 0,
-    2 for a wrong command line (UsageError), 1 for bad data or a failed write, 130 when interrupted. Errors are
-    one `<prog>: error:` line on stderr."""
+    """Run `run(args)` -> (outputs, stats) and print `report(outputs, stats, seconds)`, then the same as one JSON line
+    for scripts (`outputs`, `seconds` and every statistic); returns the exit code: 0, 2 for a wrong command line
+    (UsageError), 1 for bad data or a failed write, 130 when interrupted. Errors are one `<prog>: error:` line on
+    stderr."""
     started = time.monotonic()
     try:
         outputs, stats = run(args)
@@ -132,7 +134,9 @@ def cli_main(run, args, report):
         return cli_error(args.prog, err, 2)
     except (PreprocessError, OSError) as err:
         return cli_error(args.prog, err, 1)
-    print(report(outputs, stats, time.monotonic() - started))
+    seconds = time.monotonic() - started
+    print(report(outputs, stats, seconds))
+    print(json.dumps({'outputs': list(outputs), 'seconds': round(seconds, 3), **stats}))
     return 0
 
 
