@@ -2,7 +2,6 @@
 registered model names. A test-only family built from existing blocks is registered the way a user would, used
 through every entry point, and the registry is restored after."""
 # pylint: disable=redefined-outer-name,unused-argument,protected-access  (the `registry` fixture, the snapshot)
-import contextlib
 import dataclasses
 import glob
 import json
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 
 import convert_weight
+from helpers.registry import registry_restored
 from mindformers.models.auto import AutoConfig, AutoModel, AutoTokenizer, register_auto
 from mindformers.models.base_config import BaseConfig
 from mindformers.models.convert_utils import FamilyConverter, NameTable, hf_family
@@ -78,26 +78,9 @@ def _write_yaml(folder):
         json.dump(run, f)  # JSON is YAML
 
 
-@contextlib.contextmanager
-def restored_registry():
-    """Families and registered classes as they are now, put back on exit."""
-    family_registry.families()  # the library's own families and MindSpore's classes are in before the snapshot
-    MindFormerRegister.get_cls(MindFormerModuleType.CONFIG, 'LlamaConfig')
-    saved_families = dict(family_registry._FAMILIES)
-    saved_classes = {kind: dict(names) for kind, names in MindFormerRegister.registry.items()}
-    try:
-        yield
-    finally:
-        family_registry._FAMILIES.clear()
-        family_registry._FAMILIES.update(saved_families)
-        MindFormerRegister.registry.clear()
-        MindFormerRegister.registry.update(saved_classes)
-
-
 @pytest.fixture
-def registry():
-    with restored_registry():
-        yield
+def registry(clean_registry):  # families and registered classes put back after the test
+    yield clean_registry
 
 
 def _register_toy(yaml_dir):
@@ -177,7 +160,7 @@ def test_a_family_registered_in_one_place_works_everywhere(registry, tmp_path):
 
 
 def test_the_registry_is_restored_after_a_test_family(tmp_path):
-    with restored_registry():
+    with registry_restored():
         _register_toy(str(tmp_path))
         assert 'toy' in family_registry.families() and 'toy' in convert_weight.converter_names()
         assert MindFormerRegister.is_exist(MindFormerModuleType.CONFIG, 'ToyConfig')

@@ -9,7 +9,7 @@ import mindspore as ms
 import mindspore.dataset as ds
 from mindspore.train import Metric
 
-from mindformers import (AutoTokenizer, GPT2Config, GPT2LMHeadModel, MindFormerConfig, MindFormerRegister,
+from mindformers import (AutoTokenizer, GPT2Config, GPT2LMHeadModel, MindFormerConfig,
                          MindFormerModuleType, PerplexityMetric, Trainer, TrainingArguments, pipeline)
 from mindformers.core.metric import ADGENMetric, merge_rank_sums, metric_inputs
 from mindformers.tools import export_strategy
@@ -111,16 +111,11 @@ class Undeclared(Metric):
 
 
 @pytest.fixture
-def registered():
+def registered(clean_registry):
     """Registers the test metrics under new names; the registry is restored afterwards."""
-    names = []
     for cls in (TokenAccuracy, LogitPerplexity, MeanLoss, ExactMatch, Undeclared):
-        if not MindFormerRegister.is_exist(MindFormerModuleType.METRIC, cls.__name__):
-            MindFormerRegister.register_cls(cls, MindFormerModuleType.METRIC)
-            names.append(cls.__name__)
+        clean_registry.register_cls(cls, MindFormerModuleType.METRIC)
     yield
-    for name in names:
-        MindFormerRegister.registry[MindFormerModuleType.METRIC].pop(name)
 
 
 def yaml_trainer(tmp_path, metric, model):
@@ -248,11 +243,10 @@ class RecordingGPT2(GPT2LMHeadModel):
 
 
 @pytest.fixture
-def recording_model():
-    MindFormerRegister.register_cls(RecordingGPT2, MindFormerModuleType.MODELS)
+def recording_model(clean_registry):
+    clean_registry.register_cls(RecordingGPT2, MindFormerModuleType.MODELS)
     RecordingGPT2.built.clear()
     yield
-    MindFormerRegister.registry[MindFormerModuleType.MODELS].pop('RecordingGPT2')
 
 
 def test_one_builder_makes_the_model_of_the_trainer_and_both_strategy_writers(tmp_path, recording_model):

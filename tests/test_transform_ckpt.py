@@ -4,7 +4,6 @@ Round trips full -> layout A -> layout B -> full must be bit-identical, optimize
 fails before anything is written, with a message naming what is wrong."""
 import json
 import os
-import re
 import subprocess
 import sys
 
@@ -13,13 +12,15 @@ import pytest
 import mindspore as ms
 
 from mindformers import Trainer
-from mindformers.core.parallel_config import build_parallel_config
-from mindformers.core.parallel_layout import parameter_layouts, write_strategy_files
+from helpers.cli import json_result
+from mindformers.parallel.config import build_parallel_config
+from mindformers.parallel.layout import parameter_layouts
+from mindformers.parallel.strategy import write_strategy_files
 from mindformers.parallel import reshard
 from mindformers.tools import transform_ckpt as tc
 from mindformers.tools.checkpoint import (CheckpointError, load_checkpoint_file, record_checkpoint, resolve_checkpoint,
                                           save_checkpoint_atomic)
-from mindformers.tools.model_book import list_models
+from mindformers.models.model_book import list_models
 from mindformers.tools.register import MindFormerConfig
 from mindformers.tools.transform_ckpt import TransformError, transform_checkpoint, transform_for_run
 from mindformers.trainer.train_loop import build_train_cell
@@ -455,8 +456,10 @@ def test_cli_by_path_and_as_module(tmp_path):
     done = _cli('--src_ckpt_strategy', 'None', '--dst_ckpt_strategy', strategy,
                 '--src_ckpt_dir', tmp_path / 'full' / 'rank_0' / 'full.ckpt', '--dst_ckpt_dir', tmp_path / 'mp2')
     assert done.returncode == 0, done.stderr
-    assert re.search(r"transformed 1 source rank\(s\) into 2 destination rank\(s\) at .*mp2: 5 parameters, "
-                     r"[\d.]+ MiB read, [\d.]+ MiB written in [\d.]+ s", done.stdout)
+    summary = json_result(done.stdout)
+    assert (summary['src_ranks'], summary['dst_ranks'], summary['parameters']) == (1, 2, 5)
+    assert summary['dst_dir'] == str(tmp_path / 'mp2') and summary['bytes_written'] > 0
+    assert done.stdout.startswith('transformed 1 source rank(s) into 2 destination rank(s)')
     assert 'checked rank_0 (1/1)' in done.stderr and 'wrote rank_1 (2/2)' in done.stderr
 
     refused = _cli('--src_ckpt_strategy', strategy, '--src_ckpt_dir', tmp_path / 'mp2', '--dst_ckpt_dir',

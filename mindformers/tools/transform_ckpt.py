@@ -19,6 +19,8 @@ exist or cannot be used, a non-empty destination without --overwrite); 1 the con
 file is wrong (corrupt, or not resharded as asked) or the run failed.
 The library is `mindformers.parallel.reshard`."""
 import argparse
+import dataclasses
+import json
 import os
 import sys
 
@@ -67,6 +69,7 @@ def main(argv=None):
     except Exception as err:  # pylint: disable=broad-except
         return cli_error(PROG, f"{type(err).__name__}: {first_line(err)}", 1)
     print(summary)
+    print(json.dumps(dataclasses.asdict(summary)))  # the same, one JSON line for scripts
     return 0
 
 
