@@ -12,7 +12,7 @@ import torch
 import transformers
 import mindspore as ms
 
-from mindformers.generation.session import _SESSIONS, DecodingSession
+from mindformers.generation.session import DecodingSession
 from mindformers.models.convert_utils import load_hf_weights, load_ms_weights, save_hf_weights, save_ms_weights
 from mindformers.models.pangualpha import PanguAlphaConfig, PanguAlphaHeadModel, PanguAlphaTokenizer
 from mindformers.models.pangualpha.convert_pangualpha import (ConversionError, convert_hf_to_ms, convert_ms_to_pt,
@@ -168,9 +168,9 @@ def _greedy_reference(reference, prompt, steps):
 def test_greedy_kv_cache_matches_recomputation_and_reference(reference, model):
     prompt, steps = [13, 27, 42, 18, 11, 60], 16
     expected = _greedy_reference(reference, prompt, steps)
-    _SESSIONS.pop(model, None)
+    model.__dict__.pop('_generate_sessions', None)
     cached = model.generate([prompt], max_new_tokens=steps, use_past=True, do_sample=False, eos_token_id=-1)[0]
-    assert _SESSIONS.get(model)  # the KV cache was used
+    assert model.__dict__.get('_generate_sessions')  # the KV cache was used
     full = model.generate([prompt], max_new_tokens=steps, use_past=False, do_sample=False, eos_token_id=-1)[0]
     assert list(cached) == list(full) == expected
 

@@ -16,7 +16,6 @@ Parameters updated in place (keys stored after any rotary embedding). A prefill 
 slot, the next after that slot's last. Attention in a decode step reads a slot's positions up to its own under an
 additive mask that hides its left padding."""
 import itertools
-import weakref
 
 import numpy as np
 import mindspore as ms
@@ -314,13 +313,10 @@ def _tensors(*arrays):
     return tuple(Tensor(a) for a in arrays)
 
 
-_SESSIONS = weakref.WeakKeyDictionary()
-
-
 def session_for(model, rows):
-    """A `DecodingSession` of `rows` slots over `model` for `generate()`, kept (per model and row count) so later
-    calls reuse its compiled graphs."""
-    sessions = _SESSIONS.setdefault(model, {})
+    """A `DecodingSession` of `rows` slots over `model` for `generate()`, kept (per model and row count, in the
+    model's `_generate_sessions`) so later calls reuse its compiled graphs; it goes with the model."""
+    sessions = model.__dict__.setdefault('_generate_sessions', {})
     if rows not in sessions:
         sessions[rows] = DecodingSession(model, rows)
     return sessions[rows]
