@@ -140,17 +140,11 @@ class KVCache(nn.Cell):
         super().__init__(auto_prefix=False)
         prefix = f'session{next(_SESSION_IDS)}'
         shape = (slots, kv_heads, max_length, head_dim)
-        self.kv_heads, self.max_length = kv_heads, max_length
         self.keys = nn.CellList([_Buffer(shape, dtype, f'{prefix}.key_cache_{i}') for i in range(num_layers)])
         self.values = nn.CellList([_Buffer(shape, dtype, f'{prefix}.value_cache_{i}') for i in range(num_layers)])
         self.state = _State(prefix, state, slots)
         self.prefill = CacheView(self.keys, self.values, self.state, prefill=True)
         self.decode = CacheView(self.keys, self.values, self.state, prefill=False)
-
-    def buffers(self):
-        """Every Parameter of the cache (keys, values, state)."""
-        return [b.data for b in self.keys] + [b.data for b in self.values] + \
-            [getattr(self.state, n) for n in self.state.names]
 
 
 class SlotTable:
