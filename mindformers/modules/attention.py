@@ -249,7 +249,7 @@ class GroupedQueryAttention(nn.Cell):
         self.from_heads = ops.Transpose().shard(((dp, mp, 1, 1),))
 
     def heads(self, x, projection):
-        """x [B, S, hidden] through `projection` -> [B, heads, S, head_dim] (heads from the projection's width)."""
+        """x [B, S, hidden] through `projection` -> [B, S, heads, head_dim] (heads from the projection's width)."""
         batch, seq, hidden = x.shape
         y = projection(x.reshape(batch * seq, hidden))
         return y.reshape(batch, seq, -1, self.head_dim)
