@@ -6,6 +6,7 @@ import typing
 from typing import ClassVar, Optional
 
 from mindformers.core.parallel_config import ParallelConfig, build_parallel_config
+from mindformers.pet.config import PetConfig, pet_config_from_dict
 
 _MUTABLE = (list, dict, set)
 
@@ -57,6 +58,8 @@ class BaseConfig:
         layernorm_compute_type, softmax_compute_type; initializer_range (0.02): init std; use_flash_attention
         (False; no CPU kernel).
     Tokens: ignore_token_id (-100): targets left out of the loss.
+    Tuning: pet_config (None): a parameter-efficient tuning algorithm applied when the model is built, as a mapping
+        with `pet_type` (lora, ...; see `mindformers.pet`) or a PetConfig.
     Generation defaults (GenerationConfig.from_model_config): batch_size (1), use_past (False: decode with the KV
         cache), max_decode_length (512), max_new_tokens (None: the default number of tokens `generate()` adds),
         top_k (5), top_p (1.0), do_sample (False), repetition_penalty (1.0)."""
@@ -80,6 +83,7 @@ class BaseConfig:
     top_p: float = 1.0
     do_sample: bool = False
     repetition_penalty: float = 1.0
+    pet_config: Optional[PetConfig] = None
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -100,6 +104,7 @@ class BaseConfig:
         if not isinstance(self.parallel_config, ParallelConfig):
             self.parallel_config = build_parallel_config(self.parallel_config)
         self.checkpoint_name_or_path = self.checkpoint_name_or_path or ''
+        self.pet_config = pet_config_from_dict(self.pet_config, f"{type(self).__name__}.pet_config")
         self.validate()
 
     def validate(self):

@@ -7,6 +7,8 @@ from mindspore import nn, ops
 
 from mindformers.tools.checkpoint import (CheckpointError, load_checkpoint_file, load_into_network,
                                           resolve_checkpoint)
+from mindformers.pet import apply_pet, merge_pet
+from mindformers.tools.logger import logger
 from mindformers.tools.utils import resolve_path
 
 
@@ -19,8 +21,16 @@ class BaseModel(nn.Cell):
     """A model cell built from a config (`self.config`).
 
     Subclasses build their layers, then call `self.load_checkpoint(config)` at the end of `__init__` so that
-    `config.checkpoint_name_or_path` (a `.ckpt`/`.safetensors` file, a checkpoint directory, or a model name with
-    published weights, downloaded once into the cache) is loaded."""
+    `config.pet_config` is applied (`mindformers.pet.apply_pet`) and `config.checkpoint_name_or_path` (a
+    `.ckpt`/`.safetensors` file, a checkpoint directory, or a model name with published weights, downloaded once
+    into the cache) is loaded.
+
+    `pet_default_targets` ({pet_type: Linear names}) are the layers a PET algorithm targets when the config names
+    none (PEFT's defaults for the family)."""
+
+    pet_default_targets = {}
+    pet_config = None
+    pet_parameter_names = ()
 
     def __init__(self, config, **kwargs):
         super().__init__(**kwargs)
@@ -33,6 +43,8 @@ class BaseModel(nn.Cell):
         model's own top-level names may be left over (optimizer states such as `adam_m.*` are ignored). All
         problems are reported in one CheckpointError."""
         config = config or self.config
+        if getattr(config, 'pet_config', None) is not None and self.pet_config is None:
+            apply_pet(self, config.pet_config)
         given = getattr(config, 'checkpoint_name_or_path', '') or ''
         if not given:
             return None
@@ -47,12 +59,18 @@ class BaseModel(nn.Cell):
         path = resolve_checkpoint(path)
         param_dict = load_checkpoint_file(path)
         self.check_checkpoint(param_dict, path)
-        load_into_network(self, param_dict, path)
+        missing = load_into_network(self, param_dict, path, strict=False)
+        if missing:
+            logger.info("loaded the base weights of %s from %s; its %d PET parameters keep their initial values",
+                        type(self).__name__, path, len(missing))
         return path
 
     def check_checkpoint(self, param_dict, path='<checkpoint>'):
         """Raise CheckpointError naming every missing, unexpected or mis-shaped parameter of `param_dict`."""
         own = {p.name: p for p in self.get_parameters()}
+        delta = set(self.pet_parameter_names)
+        if delta and not delta & set(param_dict):  # base weights: the PET delta keeps its initial values
+            own = {name: p for name, p in own.items() if name not in delta}
         roots = {name.split('.', 1)[0] for name in own}
         missing = sorted(set(own) - set(param_dict))
         unexpected = sorted(n for n in param_dict if n not in own and n.split('.', 1)[0] in roots)
@@ -108,6 +126,11 @@ class BaseModel(nn.Cell):
         from mindformers.generation.text_generator import generate  # generation/ builds on models/
         return generate(self, input_ids, generation_config, streamer, seed, **kwargs)
 
+    def merge_pet(self):
+        """Fold a LoRA delta into the weights (fp32, cast back) and become the plain model; see
+        `mindformers.pet.merge_pet`."""
+        return merge_pet(self)
+
     def num_parameters(self, trainable_only=False):
         """Number of scalar parameters (each shared parameter counted once)."""
         params = self.trainable_params() if trainable_only else self.get_parameters()
@@ -131,6 +154,8 @@ class CausalLMModel(BaseModel):
     Inference (`set_train(False)`): `construct(input_ids [B, S], attention_mask=None)` returns logits
     [B, S, vocab_size] fp32; there `attention_mask` marks padding (0) to hide as keys and to skip when counting
     positions (left-padded generation batches), as in HuggingFace."""
+
+    pet_default_targets = {'lora': ('q_proj', 'v_proj')}
 
     def __init__(self, config, **kwargs):
         super().__init__(config, **kwargs)

@@ -242,6 +242,8 @@ class GLMForPreTraining(CausalLMModel):
     optional `position_ids` [B, 2, S] (training: aligned with input_ids [B, S+1] or with the S inputs) replacing
     the positions read off the tokens (one forward for training, prefill and decode)."""
 
+    pet_default_targets = {'lora': ('query_key_value',)}
+
     def __init__(self, config: GLMConfig):
         super().__init__(config)
         config.validate()
