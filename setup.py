@@ -26,6 +26,6 @@ setup(
                   **{'mindformers.research.' + name: ['*.yaml', '*.md'] for name in find_packages('research')}},
     include_package_data=True,
     install_requires=requirements(),
-    extras_require={'test': ['pytest', 'torch==2.13.0', 'transformers', 'matplotlib']},
+    extras_require={'test': ['pytest', 'torch==2.13.0', 'transformers', 'peft', 'matplotlib']},
     py_modules=['run_mindformer', 'convert_weight'],
 )
