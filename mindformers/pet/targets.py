@@ -38,6 +38,16 @@ def linear_paths(model, kinds=(Linear,)):
     return {path: cell for path, cell in model.cells_and_names() if path and isinstance(cell, kinds)}
 
 
+# MindFormers r1.0 names of LLaMA-shaped layers; ours follow HuggingFace
+_R1_NAMES = {'wq': 'q_proj', 'wk': 'k_proj', 'wv': 'v_proj', 'wo': 'o_proj', 'w1': 'gate_proj', 'w2': 'down_proj',
+             'w3': 'up_proj'}
+
+
+def _hint(entry):
+    found = [f"{old} -> {new}" for old, new in _R1_NAMES.items() if re.search(rf'(^|[^a-z]){old}($|[^a-z0-9])', entry)]
+    return f" (MindFormers r1.0 names: use {', '.join(found)})" if found else ''
+
+
 def _leaf_names(paths):
     return sorted({path.rsplit('.', 1)[-1] for path in paths})
 
@@ -54,7 +64,7 @@ def select_linears(model, target_modules, exclude_layers=None, where='pet_config
         if not any(matches(entry if isinstance(target_modules, str) else (entry,), p) for p in candidates):
             raise ValueError(f"{where}.target_modules: {entry!r} matches no Linear of {type(model).__name__} "
                              f"(a string must match the whole dotted path, e.g. 'model.layers.0.self_attn.q_proj'; "
-                             f"list entries may be local names); its Linears are named: {available}")
+                             f"list entries may be local names); its Linears are named: {available}{_hint(entry)}")
     chosen = [(p, cell) for p, cell in candidates.items() if matches(target_modules, p)]
     if exclude_layers:
         excluded = _compile(exclude_layers, f"{where}.exclude_layers")
