@@ -447,11 +447,14 @@ class FamilyConverter:
     # -- machinery --------------------------------------------------------------------------------------------
 
     def model_shapes(self, config):
-        """Our parameter names and shapes for `config`, read off a model built without initialising its weights."""
+        """Our parameter names and shapes for `config`, read off a model built without initialising its weights
+        (and without the config's PET delta: converted weights are the base model's)."""
         from mindspore.nn.utils import no_init_parameters
         module, name = self.model_class.split(':')
         config = copy.copy(config)
         config.checkpoint_name_or_path = ''
+        if getattr(config, 'pet_config', None) is not None:
+            config.pet_config = None
         with no_init_parameters():
             model = getattr(importlib.import_module(module), name)(config)
         return {p.name: tuple(p.shape) for p in model.get_parameters()}
