@@ -260,7 +260,7 @@ def test_adapter_of_another_base_is_refused(base, named, plain, tmp_path):
     ('use_dora', True, 'DoRA'),
     ('bias', 'lora_only', "only bias 'none'"),
     ('modules_to_save', ['lm_head'], 'replace whole modules'),
-    ('layers_to_transform', [0], 'give target_modules instead'),
+    ('layers_to_transform', [0], 'a target_modules list of full module paths selects layers'),
     ('peft_type', 'IA3', 'only LORA adapters'),
     ('task_type', 'SEQ_CLS', 'only CAUSAL_LM'),
     ('init_lora_weights', 'pissa', 'changes the base weights'),

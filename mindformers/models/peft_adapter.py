@@ -47,7 +47,8 @@ _INERT = {'base_model_name_or_path', 'revision', 'inference_mode', 'peft_version
 _WHY = {'use_rslora': 'rsLoRA scales by lora_alpha / sqrt(r); LoRA here scales by lora_alpha / r',
         'use_dora': 'DoRA adds a magnitude vector per layer, which LoRA here does not have',
         'modules_to_save': 'the adapter would replace whole modules of the base model',
-        'layers_to_transform': 'give target_modules instead', 'layers_pattern': 'give target_modules instead',
+        'layers_to_transform': 'not supported (a target_modules list of full module paths selects layers)',
+        'layers_pattern': 'not supported (a target_modules list of full module paths selects layers)',
         'lora_bias': 'LoRA here adds no bias to lora_B'}
 _PLAIN_INITS = (True, False, 'gaussian')  # others (pissa, olora, loftq, corda, eva, ...) also change the base
 
@@ -133,7 +134,7 @@ def _pattern_value(patterns, path, default):
 
 
 def _factors(cell):
-    return (getattr(cell, LORA_A).asnumpy().astype(np.float32), getattr(cell, LORA_B).asnumpy().astype(np.float32))
+    return tuple(getattr(cell, name).astype(ms.float32).asnumpy() for name in (LORA_A, LORA_B))
 
 
 def _export(module, rank, config):
