@@ -299,3 +299,30 @@ def test_saving_needs_lora_and_a_new_directory(hf_dirs, tmp_path):
     assert os.listdir(tmp_path / 'taken') == ['notes.txt']
     with pytest.raises(PeftAdapterError, match='has no adapter_config.json'):
         ours.load_peft_adapter(tmp_path / 'taken')
+
+
+def test_adapter_in_the_original_chatglm2_naming(hf_dirs, tmp_path):
+    """THUDM's ChatGLM2 names its fused q|k|v projection `transformer.encoder.layers.N.self_attention.query_key_value`
+    (the target of ChatGLM2 LoRAs): PEFT's q/k/v LoRAs re-packed there as one rank-3r block-diagonal LoRA load as
+    the three."""
+    expected = peft_adapter(hf_dirs('glm2'), tmp_path / 'glm', ['q_proj', 'k_proj', 'v_proj'])
+    glm = load_file(tmp_path / 'glm' / 'adapter_model.safetensors')
+    fused = {}
+    for layer in range(LAYERS):
+        a = [glm[KEY.format(layer, f'{p}_proj', 'A')] for p in 'qkv']
+        b = [glm[KEY.format(layer, f'{p}_proj', 'B')] for p in 'qkv']
+        block_diagonal = np.zeros((sum(len(x) for x in b), 3 * RANK), np.float32)
+        for j, rows in enumerate(b):
+            start = sum(len(x) for x in b[:j])
+            block_diagonal[start:start + len(rows), j * RANK:(j + 1) * RANK] = rows
+        key = f'base_model.model.transformer.encoder.layers.{layer}.self_attention.query_key_value.lora_'
+        fused[key + 'A.weight'], fused[key + 'B.weight'] = np.concatenate(a), block_diagonal
+    os.makedirs(tmp_path / 'chatglm')
+    save_file(fused, tmp_path / 'chatglm' / 'adapter_model.safetensors')
+    config = json.loads((tmp_path / 'glm' / 'adapter_config.json').read_text())
+    config.update(target_modules=['query_key_value'], rank_pattern={'query_key_value': 3 * RANK},
+                  alpha_pattern={'query_key_value': 3 * 12})
+    (tmp_path / 'chatglm' / 'adapter_config.json').write_text(json.dumps(config))
+    ours = AutoModel.from_pretrained(hf_dirs('glm2')).load_peft_adapter(tmp_path / 'chatglm')
+    assert ours.pet_config.target_modules == ('k_proj', 'q_proj', 'v_proj')
+    assert np.abs(our_logits(ours) - expected).max() < TOL
