@@ -19,6 +19,7 @@ _EXPORTS = {module: names.split() for module, names in {
                         'MFLossMonitor CheckpointMonitor CheckpointMointor AdamWeightDecay ClipGradNorm',
     'mindformers.dataset': 'CausalLanguageModelDataset KeyWordGenDataset ADGenDataLoader',
     'mindformers.models.auto': 'AutoConfig AutoModel AutoProcessor AutoTokenizer',
+    'mindformers.models.peft_adapter': 'save_peft_adapter load_peft_adapter',
     'mindformers.generation': 'GeneratorMixin GenerationConfig DecodingSession BaseStreamer TextStreamer '
                               'TextIteratorStreamer',
     'mindformers.wrapper': 'MFTrainOneStepCell',

@@ -23,7 +23,8 @@ LAYERS = ('tools', 'kernels', 'parallel', 'core', 'dataset', 'modules', 'pet', '
 
 # Command-line entry points kept under tools/ at the paths users know (DESIGN: "cli/ (or tools/*)"): the top layer,
 # thin over the library.
-ENTRY_POINTS = ('mindformers.tools.transform_ckpt', 'mindformers.tools.export_strategy', 'mindformers.tools.hccl_tools',
+ENTRY_POINTS = ('mindformers.tools.transform_ckpt', 'mindformers.tools.transform_ckpt_lora',
+                'mindformers.tools.export_strategy', 'mindformers.tools.hccl_tools',
                 'mindformers.tools.merge_hccl', 'mindformers.tools.msrun_summary', 'mindformers.tools.msrun_worker',
                 'mindformers.tools.train_tokenizer', 'mindformers.tools.train_sentencepiece',
                 'mindformers.tools.dataset_preprocess')

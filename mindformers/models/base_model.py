@@ -7,6 +7,7 @@ from mindspore import nn, ops
 
 from mindformers.tools.checkpoint import (CheckpointError, load_checkpoint_file, load_into_network,
                                           resolve_checkpoint)
+from mindformers.models import peft_adapter
 from mindformers.pet import apply_pet, merge_pet
 from mindformers.tools.logger import logger
 from mindformers.tools.utils import resolve_path
@@ -130,6 +131,15 @@ class BaseModel(nn.Cell):
         """Fold a LoRA delta into the weights (fp32, cast back) and become the plain model; see
         `mindformers.pet.merge_pet`."""
         return merge_pet(self)
+
+    def save_peft_adapter(self, save_directory, base_model_name_or_path=None):
+        """Write the LoRA as a HuggingFace PEFT adapter directory; see `mindformers.models.peft_adapter`."""
+        return peft_adapter.save_peft_adapter(self, save_directory, base_model_name_or_path)
+
+    def load_peft_adapter(self, adapter_directory):
+        """Load a HuggingFace PEFT LoRA adapter (adding LoRA if the model has no PET); see
+        `mindformers.models.peft_adapter`."""
+        return peft_adapter.load_peft_adapter(self, adapter_directory)
 
     def num_parameters(self, trainable_only=False):
         """Number of scalar parameters (each shared parameter counted once)."""

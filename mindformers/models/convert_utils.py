@@ -193,8 +193,9 @@ def refuse_non_empty(directory):
                               f"written unless the path ends in .safetensors)")
 
 
-def save_hf_directory(weights, hf_config, directory, dtype=None):
-    """Write a HF model directory (`config.json` from the mapping `hf_config`, and `model.safetensors`), all or
+def save_hf_directory(weights, hf_config, directory, dtype=None, config_file='config.json',
+                      weights_file='model.safetensors'):
+    """Write a HF model directory (`config_file` from the mapping `hf_config`, and `weights_file`), all or
     nothing: both files go into a hidden temporary directory beside `directory`, which is then renamed to it.
     An existing non-empty `directory` is refused."""
     check_dtype(dtype)
@@ -204,8 +205,8 @@ def save_hf_directory(weights, hf_config, directory, dtype=None):
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.partial.", dir=parent)
     try:
-        _write_safetensors(weights, os.path.join(tmp, 'model.safetensors'), dtype)
-        with open(os.path.join(tmp, 'config.json'), 'w', encoding='utf-8') as f:
+        _write_safetensors(weights, os.path.join(tmp, weights_file), dtype)
+        with open(os.path.join(tmp, config_file), 'w', encoding='utf-8') as f:
             json.dump(hf_config, f, indent=2)
         os.chmod(tmp, 0o755)  # mkdtemp creates it private
         os.replace(tmp, directory)  # replaces an empty directory; fails on one filled meanwhile
@@ -294,9 +295,14 @@ class NameTable:
 
     def theirs_of(self, name):
         """The foreign name holding our tensor `name`, or None."""
+        place = self.place_of(name)
+        return None if place is None else place[0]
+
+    def place_of(self, name):
+        """(foreign name, rule, index of `name` among the rule's `ours`) of our tensor `name`, or None."""
         key, index = _template(name)
         found = self._ours.get(key)
-        return None if found is None else _fill(found[0].theirs, index)
+        return None if found is None else (_fill(found[0].theirs, index), found[0], found[1])
 
     def known(self, names):
         """How many of `names` this naming knows (skipped entries included)."""
@@ -399,7 +405,9 @@ class FamilyConverter:
     model's shapes are needed), `hf_model_types` (the `model_type`s of the HF configs it reads, the first one
     assumed when a config.json has none), `input_tables` (the namings it reads; each input is read with the one
     that knows most of its names) and `output_table` (the HF naming it writes), and implements `config_from_hf`
-    and `config_to_hf`. Hooks with defaults: `prepare_hf`, `read_input`, `config_beside`, `infer_config`."""
+    and `config_to_hf`. Hooks with defaults: `prepare_hf`, `read_input`, `config_beside`, `infer_config`.
+    `peft_tables`: the HF namings of the models PEFT LoRA adapters for this family are made on (the first one is
+    written; see `mindformers.models.peft_adapter`); empty: no PEFT interop."""
 
     family = ''
     config_class = None
@@ -407,6 +415,7 @@ class FamilyConverter:
     hf_model_types = ()
     input_tables = ()
     output_table = None
+    peft_tables = ()
     summary = ('vocab_size', 'hidden_size', 'num_layers', 'seq_length')
 
     # -- hooks ------------------------------------------------------------------------------------------------
@@ -447,11 +456,14 @@ class FamilyConverter:
     # -- machinery --------------------------------------------------------------------------------------------
 
     def model_shapes(self, config):
-        """Our parameter names and shapes for `config`, read off a model built without initialising its weights."""
+        """Our parameter names and shapes for `config`, read off a model built without initialising its weights
+        (and without the config's PET delta: converted weights are the base model's)."""
         from mindspore.nn.utils import no_init_parameters
         module, name = self.model_class.split(':')
         config = copy.copy(config)
         config.checkpoint_name_or_path = ''
+        if getattr(config, 'pet_config', None) is not None:
+            config.pet_config = None
         with no_init_parameters():
             model = getattr(importlib.import_module(module), name)(config)
         return {p.name: tuple(p.shape) for p in model.get_parameters()}

@@ -5,6 +5,8 @@ import os
 import shutil
 import sys
 
+from mindformers.tools.file_io import first_line
+
 PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPO_DIR = os.path.dirname(PACKAGE_DIR)
 
@@ -46,6 +48,25 @@ def cli_error(prog, message, code):
     exit status: 2 the command line is wrong, 1 a file's content or the run failed)."""
     sys.stderr.write(f"{prog}: error: {message}\n")
     return code
+
+
+def run_cli(prog, parser, argv, body):
+    """Run a command-line tool: parse `argv` with `parser` and call `body(args)`; returns the exit status: 0 when
+    `body` returned, 2 for a UsageError, 1 for a ValueError or OSError (a file's content, the disk) or anything else
+    (named by its type), each written as the one error line of `cli_error`."""
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # a bad flag (its line is written) or --help
+        return stop.code
+    try:
+        body(args)
+    except UsageError as err:
+        return cli_error(prog, first_line(err), 2)
+    except (ValueError, OSError) as err:
+        return cli_error(prog, first_line(err), 1)
+    except Exception as err:  # pylint: disable=broad-except
+        return cli_error(prog, f"{type(err).__name__}: {first_line(err)}", 1)
+    return 0
 
 
 class UsageError(ValueError):

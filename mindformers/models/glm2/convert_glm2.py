@@ -90,6 +90,7 @@ class ChatGLM2Converter(FamilyConverter):
     hf_model_types = ('glm', 'chatglm')
     input_tables = (GLM_TABLE, CHATGLM_TABLE)
     output_table = GLM_TABLE
+    peft_tables = (GLM_TABLE, CHATGLM_TABLE)
 
     def config_from_hf(self, hf_config):
         """A ChatGLM2Config from a HF config.json mapping: `GlmForCausalLM` (model_type 'glm', the default) or

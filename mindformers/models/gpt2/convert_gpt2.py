@@ -59,6 +59,7 @@ class GPT2Converter(FamilyConverter):
     hf_model_types = ('gpt2',)
     input_tables = (HF_TABLE,)
     output_table = HF_TABLE
+    peft_tables = (HF_TABLE,)
 
     def is_ours(self, data):
         return 'num_layers' in data or 'type' in data

@@ -171,6 +171,7 @@ class LlamaConverter(FamilyConverter):
     hf_model_types = ('llama',)
     input_tables = (HF_TABLE, META_TABLE)
     output_table = HF_TABLE
+    peft_tables = (HF_TABLE,)
 
     def read_input(self, input_path):
         shards = meta_shards(input_path)
