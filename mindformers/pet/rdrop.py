@@ -39,7 +39,9 @@ class RDropConfig(PetConfig):
 
 class RDropLoss(nn.Cell):
     """`construct(logits [2B, S, V], targets [2B * S] int, mask [2B * S] float: 1 where the target counts)` -> fp32
-    scalar, the loss of the module docstring; rows 2i and 2i+1 of the batch are twins (`repeat`)."""
+    scalar CE + alpha / 4 * (sum over counted twin positions of sum_v (p1 - p2)(log p1 - log p2)) / max(n_pairs, 1),
+    with CE the masked mean cross-entropy over all rows; rows 2i and 2i+1 are twins (`repeat`), a pair counted
+    where the first twin's mask is 1 (see the module docstring)."""
 
     def __init__(self, alpha=4.0, parallel_config=None):
         super().__init__()
