@@ -207,8 +207,7 @@ class CausalLMModel(BaseModel):
         """(mean loss fp32 scalar, number of target tokens that count fp32 scalar) for `input_ids [B, S+1]`."""
         input_ids, attention_mask, labels = self.loss_batch(input_ids, attention_mask, labels)
         targets, mask = self.loss_targets(input_ids, attention_mask, labels)
-        tokens = input_ids[:, :-1]
-        return self.token_loss(self.logits(tokens).reshape(tokens.shape[0], tokens.shape[1], -1), targets, mask)
+        return self.token_loss(self.logits(input_ids[:, :-1]), targets, mask, input_ids.shape[0])
 
     def loss_batch(self, *columns):
         """The batch's columns (each [B, ...], or None) as the training loss reads them: with a `pet_loss` in
@@ -217,13 +216,13 @@ class CausalLMModel(BaseModel):
             return columns
         return self.pet_loss.repeat(*columns)
 
-    def token_loss(self, logits, targets, mask):
-        """(mean loss fp32 scalar, number of target tokens that count fp32 scalar) of logits [B, S, V] against
-        `targets` / `mask` [B * S] (`loss_targets`): the masked cross-entropy, or in training the `pet_loss` over
+    def token_loss(self, logits, targets, mask, rows):
+        """(mean loss fp32 scalar, number of target tokens that count fp32 scalar) of logits [rows * S, V] against
+        `targets` / `mask` [rows * S] (`loss_targets`): the masked cross-entropy, or in training the `pet_loss` over
         the twin rows of `loss_batch` (each pair of twins' tokens counted once)."""
         if self.pet_loss is None or not self.training:
             return self.loss(logits, targets, mask), mask.sum()
-        return self.pet_loss(logits, targets, mask), mask.sum() / 2
+        return self.pet_loss(logits.reshape(rows, -1, logits.shape[-1]), targets, mask), mask.sum() / 2
 
     def construct(self, input_ids, attention_mask=None, labels=None):
         if not self.training:

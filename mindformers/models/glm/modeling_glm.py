@@ -273,9 +273,8 @@ class GLMForPreTraining(CausalLMModel):
         targets, weights = self.loss_targets(input_ids, attention_mask, labels)
         if position_ids is not None and position_ids.shape[-1] == input_ids.shape[1]:
             position_ids = position_ids[:, :, :-1]
-        tokens = input_ids[:, :-1]
-        logits = self.logits(tokens, None, None, None, position_ids)
-        return self.token_loss(logits.reshape(tokens.shape[0], tokens.shape[1], -1), targets, weights)
+        logits = self.logits(input_ids[:, :-1], None, None, None, position_ids)
+        return self.token_loss(logits, targets, weights, input_ids.shape[0])
 
     def construct(self, input_ids, attention_mask=None, labels=None, position_ids=None):
         if not self.training:
