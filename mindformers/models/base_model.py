@@ -163,9 +163,13 @@ class CausalLMModel(BaseModel):
     from `eos_token_id`: GPT-style models pad with EOS) are left out.
     Inference (`set_train(False)`): `construct(input_ids [B, S], attention_mask=None)` returns logits
     [B, S, vocab_size] fp32; there `attention_mask` marks padding (0) to hide as keys and to skip when counting
-    positions (left-padded generation batches), as in HuggingFace."""
+    positions (left-padded generation batches), as in HuggingFace.
 
-    pet_default_targets = {'lora': ('q_proj', 'v_proj')}
+    `pet_loss` (None, or a PET training loss set by `apply_pet`: R-Drop) replaces the cross-entropy in training:
+    `loss_batch` gives it every row twice and `token_loss` computes it (evaluation keeps the cross-entropy).
+    `pet_default_targets['adapter']`: the attention and MLP output projections the adapters follow."""
+
+    pet_default_targets = {'lora': ('q_proj', 'v_proj'), 'adapter': ('o_proj', 'down_proj')}
 
     def __init__(self, config, **kwargs):
         super().__init__(config, **kwargs)
@@ -175,6 +179,7 @@ class CausalLMModel(BaseModel):
         pad, eos = getattr(config, 'pad_token_id', None), getattr(config, 'eos_token_id', None)
         self.pad_token_id = None if pad is None or pad == eos else int(pad)
         self.loss = CrossEntropyLoss(getattr(config, 'parallel_config', None))
+        self.pet_loss = None
 
     def logits(self, input_ids, attention_mask=None, cache=None, step=None):
         raise NotImplementedError(f"{type(self).__name__} must implement logits(input_ids, attention_mask=None, "
@@ -210,8 +215,24 @@ class CausalLMModel(BaseModel):
 
     def next_token_loss(self, input_ids, attention_mask=None, labels=None):
         """(mean loss fp32 scalar, number of target tokens that count fp32 scalar) for `input_ids [B, S+1]`."""
+        input_ids, attention_mask, labels = self.loss_batch(input_ids, attention_mask, labels)
         targets, mask = self.loss_targets(input_ids, attention_mask, labels)
-        return self.loss(self.logits(input_ids[:, :-1]), targets, mask), mask.sum()
+        return self.token_loss(self.logits(input_ids[:, :-1]), targets, mask, input_ids.shape[0])
+
+    def loss_batch(self, *columns):
+        """The batch's columns (each [B, ...], or None) as the training loss reads them: with a `pet_loss` in
+        training (R-Drop) every row twice, rows 2i and 2i+1 the same; otherwise as given."""
+        if self.pet_loss is None or not self.training:
+            return columns
+        return self.pet_loss.repeat(*columns)
+
+    def token_loss(self, logits, targets, mask, rows):
+        """(mean loss fp32 scalar, number of target tokens that count fp32 scalar) of logits [rows * S, V] against
+        `targets` / `mask` [rows * S] (`loss_targets`): the masked cross-entropy, or in training the `pet_loss` over
+        the twin rows of `loss_batch` (each pair of twins' tokens counted once)."""
+        if self.pet_loss is None or not self.training:
+            return self.loss(logits, targets, mask), mask.sum()
+        return self.pet_loss(logits.reshape(rows, -1, logits.shape[-1]), targets, mask), mask.sum() / 2
 
     def construct(self, input_ids, attention_mask=None, labels=None):
         if not self.training:

@@ -242,7 +242,7 @@ class GLMForPreTraining(CausalLMModel):
     optional `position_ids` [B, 2, S] (training: aligned with input_ids [B, S+1] or with the S inputs) replacing
     the positions read off the tokens (one forward for training, prefill and decode)."""
 
-    pet_default_targets = {'lora': ('query_key_value',)}
+    pet_default_targets = {'lora': ('query_key_value',), 'adapter': ('dense', 'dense_4h_to_h')}
 
     def __init__(self, config: GLMConfig):
         super().__init__(config)
@@ -268,10 +268,13 @@ class GLMForPreTraining(CausalLMModel):
                 'head_dim': int(self.config.head_size), 'state': ('context_length', 'mask_position')}
 
     def next_token_loss(self, input_ids, attention_mask=None, labels=None, position_ids=None):
+        input_ids, attention_mask, labels, position_ids = self.loss_batch(input_ids, attention_mask, labels,
+                                                                          position_ids)
         targets, weights = self.loss_targets(input_ids, attention_mask, labels)
         if position_ids is not None and position_ids.shape[-1] == input_ids.shape[1]:
             position_ids = position_ids[:, :, :-1]
-        return self.loss(self.logits(input_ids[:, :-1], None, None, None, position_ids), targets, weights), weights.sum()
+        logits = self.logits(input_ids[:, :-1], None, None, None, position_ids)
+        return self.token_loss(logits, targets, weights, input_ids.shape[0])
 
     def construct(self, input_ids, attention_mask=None, labels=None, position_ids=None):
         if not self.training:

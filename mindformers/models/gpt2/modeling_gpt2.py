@@ -98,7 +98,7 @@ class GPT2Model(nn.Cell):
 class GPT2LMHeadModel(CausalLMModel):
     """GPT-2 with its output head tied to the token embedding. Training and inference contracts: `CausalLMModel`."""
 
-    pet_default_targets = {'lora': ('qkv_proj',)}
+    pet_default_targets = {'lora': ('qkv_proj',), 'adapter': ('o_proj', 'fc_out')}
 
     parameter_inputs = {'backbone.embed_tokens.weight': ('lm_head.matmul', 1)}
 

@@ -126,6 +126,7 @@ class PanguAlphaHeadModel(CausalLMModel):
     `num_layers` cached layers)."""
 
     parameter_inputs = {'backbone.embed_tokens.weight': ('lm_head.matmul', 1)}
+    pet_default_targets = dict(CausalLMModel.pet_default_targets, adapter=('o_proj', 'fc_out'))
 
     def __init__(self, config: PanguAlphaConfig):
         super().__init__(config)
