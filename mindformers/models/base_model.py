@@ -85,7 +85,11 @@ class BaseModel(nn.Cell):
             problems.append(f"shape mismatch {_listing(mismatched)}")
         if not problems:
             return
-        if len(missing) == len(own):
+        held = set(param_dict) & set(own)
+        if held and held <= delta:
+            problems.append("it holds only a PET delta: checkpoint_name_or_path takes the base weights, and the "
+                            "delta loads over them as load_checkpoint (--load_checkpoint)")
+        elif len(missing) == len(own):
             problems.append(f"the checkpoint holds {_listing(sorted(param_dict), 5)} — convert foreign weights "
                             f"with convert_weight.py first")
         raise CheckpointError(f"checkpoint {path} does not fit {type(self).__name__}: {'; '.join(problems)}")
