@@ -1,20 +1,19 @@
 """PET in the Trainer: `pet_method` picks the config or applies the defaults, only the delta trains (no optimizer
 state for the frozen base) and is saved, base + delta loads back bit-exactly, resume continues exactly, and a delta
 that does not fit the model (rank, targets, alpha, base weights, no PET) is refused naming what differs."""
-import dataclasses
 import json
 import os
-from typing import ClassVar
 
 import numpy as np
 import pytest
 import mindspore as ms
 
+from helpers.registry import register_bias_only_pet
 from helpers.tiny import counting_dataset, tiny_gpt2
 from helpers.training import StopAt
 from mindformers import Trainer, TrainingArguments
 from mindformers.core.callback import CheckpointMonitor
-from mindformers.pet import LoraConfig, PetConfig, register_pet_config, register_pet_method
+from mindformers.pet import LoraConfig
 from mindformers.tools.checkpoint import CheckpointError, load_checkpoint_file, save_checkpoint_atomic
 from mindformers.trainer.delta import load_weights
 
@@ -83,23 +82,8 @@ def test_pet_method_on_a_model_instance_applies_the_family_defaults(capsys):
 
 
 @pytest.fixture
-def bias_only_type():
-    """A pet_type registered for the test: it adds nothing and trains the biases only (MindPet's 'bitfit' freeze)."""
-    import mindformers.pet.config as config_module
-    import mindformers.pet.model as model_module
-    saved = dict(config_module._TYPES), dict(model_module._METHODS)  # pylint: disable=protected-access
-
-    @dataclasses.dataclass
-    class BiasOnlyConfig(PetConfig):
-        pet_type: ClassVar[str] = 'bias_only_test'
-
-    register_pet_config(BiasOnlyConfig)
-    register_pet_method(BiasOnlyConfig, lambda model, config: [], freeze_mode='bitfit')
-    yield BiasOnlyConfig.pet_type
-    config_module._TYPES.clear()  # pylint: disable=protected-access
-    config_module._TYPES.update(saved[0])  # pylint: disable=protected-access
-    model_module._METHODS.clear()  # pylint: disable=protected-access
-    model_module._METHODS.update(saved[1])  # pylint: disable=protected-access
+def bias_only_type(clean_registry):
+    return register_bias_only_pet()
 
 
 def test_other_registered_pet_types_are_taken_by_name(bias_only_type):
