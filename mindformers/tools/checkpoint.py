@@ -107,6 +107,22 @@ def load_into_network(network, param_dict, path='<checkpoint>', strict=True):
     return missing
 
 
+def listing(items, limit=10):
+    """'a, b, c ... (+N more)': at most `limit` of `items`."""
+    items = list(items)
+    return ', '.join(items[:limit]) + (f" ... (+{len(items) - limit} more)" if len(items) > limit else '')
+
+
+def fit_problems(params, own, missing=(), unexpected=(), unexpected_label='unexpected'):
+    """How the checkpoint `params` (name -> tensor) fails to fit the parameters `own` (name -> Parameter), as
+    phrases: 'missing <names>', '<unexpected_label> <names>', 'shape mismatch <name> (checkpoint <shape>, model
+    <shape>)' for the names both hold. Empty when it fits."""
+    mismatched = [f"{n} (checkpoint {tuple(params[n].shape)}, model {tuple(p.shape)})"
+                  for n, p in own.items() if n in params and tuple(params[n].shape) != tuple(p.shape)]
+    return [f"{label} {listing(names)}" for label, names in (('missing', missing), (unexpected_label, unexpected),
+                                                            ('shape mismatch', mismatched)) if names]
+
+
 def file_sha256(path, chunk=1 << 20):
     digest = hashlib.sha256()
     with open(path, 'rb') as f:

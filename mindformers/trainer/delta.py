@@ -19,7 +19,7 @@ import os
 import numpy as np
 import mindspore as ms
 
-from mindformers.tools.checkpoint import CheckpointError, load_into_network, meta_entry
+from mindformers.tools.checkpoint import CheckpointError, fit_problems, load_into_network, meta_entry
 from mindformers.tools.logger import logger
 
 __all__ = ['delta_info', 'is_delta', 'check_delta', 'load_weights', 'frozen_names']
@@ -99,11 +99,6 @@ def is_delta(network, params, recorded=None):
     return bool(held) and not held & frozen
 
 
-def _listing(items, limit=8):
-    items = list(items)
-    return ', '.join(items[:limit]) + (f" ... (+{len(items) - limit} more)" if len(items) > limit else '')
-
-
 def _describe(pet):
     """'lora (lora_rank 8, lora_alpha 16, ...)' of a pet_config mapping."""
     fields = [f"{key} {value}" for key, value in pet.items() if key != 'pet_type' and value is not None]
@@ -153,16 +148,8 @@ def check_delta(network, params, path, recorded=None):
                               f"checkpoint_name_or_path")
     held = _parameter_entries(params, own)
     trainable = {name for name, p in own.items() if p.requires_grad}
-    problems = []
-    missing, unexpected = sorted(trainable - held), sorted(held - own.keys())
-    mismatched = [f"{n} (checkpoint {tuple(params[n].shape)}, model {tuple(own[n].shape)})"
-                  for n in sorted(held & trainable) if tuple(params[n].shape) != tuple(own[n].shape)]
-    if missing:
-        problems.append(f"missing {_listing(missing)}")
-    if unexpected:
-        problems.append(f"not in this model {_listing(unexpected)}")
-    if mismatched:
-        problems.append(f"shape mismatch {_listing(mismatched)}")
+    problems = fit_problems(params, {n: own[n] for n in sorted(trainable)}, sorted(trainable - held),
+                            sorted(held - own.keys()), 'not in this model')
     if saved and pet is not None:
         problems += _config_differences(saved, pet.to_dict())
     if problems:
