@@ -173,8 +173,9 @@ def load_weights(network, params, path):
         if recorded is None:
             logger.info("%s holds no meta.json entry: the base weights and pet_config it was trained with are not "
                         "checked", path)
-        trainable = {p.name: params[p.name] for p in network.get_parameters() if p.requires_grad}
-        ms.load_param_into_net(network, trainable, strict_load=False)
+        trainable = [p for p in network.get_parameters() if p.requires_grad]
+        for param in trainable:  # not load_param_into_net: it warns about every frozen parameter left as it is
+            param.set_data(params[param.name].astype(param.dtype))
         logger.info("loaded the delta checkpoint %s (%d trainable tensors) over the base weights", path,
                     len(trainable))
         return 'delta'

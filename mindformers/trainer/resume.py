@@ -121,7 +121,12 @@ def restore_train_state(train_cell, point):
                                          mismatched and f"shape mismatch {', '.join(mismatched[:8])}"]))
         raise CheckpointError(f"resume_training: {point.path} does not fit this run ({detail}); resume with the "
                               f"model, optimizer and wrapper settings it was saved with")
-    ms.load_param_into_net(train_cell, {n: params[n] for n in own if n in params}, strict_load=False)
+    loadable = {n: params[n] for n in own if n in params}
+    if base:  # load_param_into_net would warn about each frozen parameter it leaves as it is
+        for name, value in loadable.items():
+            own[name].set_data(value.astype(own[name].dtype))
+    else:
+        ms.load_param_into_net(train_cell, loadable, strict_load=False)
     if point.global_step is None:
         point.global_step = int(train_cell.optimizer.global_step.asnumpy().reshape(-1)[0])
     return point
