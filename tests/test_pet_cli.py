@@ -178,3 +178,21 @@ def test_pet_method_flag_refuses_an_unknown_or_disagreeing_type(clean_registry, 
         assert run_mindformer.main(['--config', config, '--run_mode', 'finetune', '--pet_method', pet_method]) == 2
         lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith('run_mindformer.py:')]
         assert len(lines) == 1 and needle in lines[0], lines
+
+
+@pytest.mark.parametrize('pet_config, needle', [
+    ("{pet_type: lora, lora_rnk: 8}", "unknown key 'GPT2Config.pet_config.lora_rnk' (did you mean lora_rank"),
+    ("{pet_type: lora, lora_rank: 0}", "GPT2Config.pet_config.lora_rank must be a positive integer, got 0"),
+    ("{pet_type: lorra}", "GPT2Config.pet_config.pet_type: unknown pet_type 'lorra'; supported: "),
+    ("{pet_type: lora, target_modules: '.*c_attn'}", None),
+])
+def test_a_bad_pet_config_in_a_yaml_is_one_line_naming_the_key_and_file(tmp_path, capsys, pet_config, needle):
+    path = tmp_path / 'lora.yaml'
+    path.write_text(f"base_config: {REPO}/configs/gpt2/run_gpt2_tiny_lora.yaml\n"
+                    f"model:\n  model_config:\n    pet_config: {pet_config}\n", encoding='utf-8')
+    code = run_mindformer.main(['--config', str(path), '--run_mode', 'train', '--output_dir', str(tmp_path)])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith('run_mindformer.py:')]
+    assert code == 1 and len(lines) == 1, lines
+    if needle is None:  # a target pattern that matches nothing fails when the model is built, naming its Linears
+        needle = "pet_config.target_modules: '.*c_attn' matches no Linear of GPT2LMHeadModel"
+    assert needle in lines[0] and (str(path) in lines[0] or needle.startswith('pet_config')), lines[0]

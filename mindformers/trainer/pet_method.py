@@ -12,6 +12,7 @@ from mindformers.pet import apply_pet, pet_config_from_dict
 from mindformers.pet.config import pet_config_class
 from mindformers.tools.logger import logger
 from mindformers.tools.register import MindFormerRegister, MindFormerModuleType
+from mindformers.trainer.build import model_section
 
 __all__ = ['check_pet_method', 'pet_model_name', 'apply_to_config', 'apply_to_model']
 
@@ -52,13 +53,14 @@ def _defaults(pet_method, model_class):
 
 def apply_to_config(config, pet_method, where='the run config'):
     """Make the run `config` (a MindFormerConfig with a model section) tune with `pet_method` (a checked pet_type)."""
-    model_config = config['model']['model_config']
+    section = model_section(config)
+    model_config = section['model_config']
     current = model_config.get('pet_config')
     if current:
         if _pet_type(current) != pet_method:
             raise _disagree(pet_method, _pet_type(current), f"model.model_config.pet_config of {where}")
         return config
-    arch = (config['model'].get('arch') or {}).get('type')
+    arch = (section.get('arch') or {}).get('type')
     model_class = MindFormerRegister.get_cls(MindFormerModuleType.MODELS, arch, where='model.arch.type') \
         if isinstance(arch, str) else arch
     _, described = _defaults(pet_method, model_class)
