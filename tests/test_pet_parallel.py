@@ -3,7 +3,6 @@ and their optimizer state, none for the frozen base; `only_trainable_params` lay
 checkpoint reshards into a model-parallel layout and back bit-exactly with either strategy, keeps its meta.json
 `delta` record and still loads over its base."""
 import json
-import os
 
 import numpy as np
 import pytest
