@@ -57,6 +57,10 @@ def build_parser():
     parser.add_argument('--batch_size', type=int)
     parser.add_argument('--gradient_accumulation_steps', type=int)
     parser.add_argument('--do_eval', type=_bool, help='evaluate while training')
+    parser.add_argument('--pet_method', metavar='PET_TYPE',
+                        help="parameter-efficient tuning, e.g. lora: the config's model.model_config.pet_config must "
+                             "be of that type; a config without one gets the algorithm's defaults (LoRA on the "
+                             "family's default layers)")
     parser.add_argument('--resume_training', nargs='?', const='True', metavar='True|PATH',
                         help='continue an interrupted run: alone or True = the newest complete checkpoint under '
                              '--load_checkpoint (a directory) or <output_dir>/checkpoint; or a checkpoint file or '
@@ -146,6 +150,9 @@ def build_config(args, overrides):
                 use_dataset_dir(config, key, getattr(args, f'{key}_dir'))
             except FileNotFoundError as err:
                 raise FileNotFoundError(f"--{key}_dir: {err}") from None
+    if args.pet_method:
+        from mindformers.trainer.pet_method import apply_to_config, check_pet_method
+        apply_to_config(config, check_pet_method(args.pet_method, '--pet_method'), f"--config {args.config}")
     if args.predict_data is not None:
         from mindformers.tools.utils import check_unicode
         config['input_data'] = [check_unicode(p.replace('\\n', '\n'), f"--predict_data prompt {i}")

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import mindspore as ms
 import mindspore.dataset as ds
-from mindspore.train.callback import Callback
 
+from helpers.training import StopAt
 from mindformers import GPT2Config, GPT2LMHeadModel, MindFormerConfig, Trainer, TrainingArguments
 from mindformers.tools.checkpoint import CheckpointError, record_checkpoint, save_checkpoint_atomic
 from mindformers.trainer.resume import find_resume_checkpoint
@@ -15,18 +15,6 @@ from mindformers.trainer.resume import find_resume_checkpoint
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_YAML = os.path.join(REPO, 'configs', 'gpt2', 'run_gpt2_tiny.yaml')
 SEQ, VOCAB = 16, 64
-
-
-class StopAt(Callback):
-    """Ends training after optimizer step `step`, as an interruption would (the checkpoint callback still saves)."""
-
-    def __init__(self, step):
-        super().__init__()
-        self.step = step
-
-    def on_train_step_end(self, run_context):
-        if run_context.original_args().cur_step_num == self.step:
-            run_context.request_stop()
 
 
 def shuffled_dataset():

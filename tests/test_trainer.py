@@ -5,8 +5,8 @@ import os
 import numpy as np
 import pytest
 import mindspore as ms
-import mindspore.dataset as ds
 
+from helpers.tiny import counting_dataset, tiny_gpt2
 from mindformers.generation import TextIteratorStreamer
 from mindformers import (Trainer, TrainingArguments, AutoConfig, AutoModel, GPT2Config, GPT2LMHeadModel,
                          MindFormerConfig, MindFormerModuleType)
@@ -17,20 +17,11 @@ SEQ = 16
 
 
 def tiny_model(seed=0, **kwargs):
-    ms.set_seed(seed)
-    config = GPT2Config(seq_length=SEQ, vocab_size=64, hidden_size=32, num_layers=2, num_heads=2,
-                        hidden_dropout_rate=0.0, attention_dropout_rate=0.0, embedding_dropout_prob=0.0,
-                        eos_token_id=1, pad_token_id=0, bos_token_id=1, **kwargs)
-    return GPT2LMHeadModel(config)
+    return tiny_gpt2(seed, SEQ, **kwargs)
 
 
 def pattern_dataset(batch_size, num_samples=64, seed=0):
-    """Learnable data: each row counts upward mod 62 from a random start (ids 2..63)."""
-    rng = np.random.default_rng(seed)
-    starts = rng.integers(0, 62, size=num_samples)
-    rows = ((starts[:, None] + np.arange(SEQ + 1)[None, :]) % 62 + 2).astype(np.int32)
-    data = ds.NumpySlicesDataset({'input_ids': rows}, shuffle=False)
-    return data.batch(batch_size, drop_remainder=True)
+    return counting_dataset(batch_size, num_samples, SEQ, seed)
 
 
 def test_tutorial_usage_trains_with_instance_and_generator_dataset(tmp_path):

@@ -5,17 +5,12 @@ import numpy as np
 import mindspore as ms
 from mindspore import nn, ops
 
-from mindformers.tools.checkpoint import (CheckpointError, load_checkpoint_file, load_into_network,
-                                          resolve_checkpoint)
+from mindformers.tools.checkpoint import (CheckpointError, fit_problems, listing, load_checkpoint_file,
+                                          load_into_network, resolve_checkpoint)
 from mindformers.models import peft_adapter
 from mindformers.pet import apply_pet, merge_pet
 from mindformers.tools.logger import logger
 from mindformers.tools.utils import resolve_path
-
-
-def _listing(items, limit=10):
-    shown = ', '.join(items[:limit])
-    return shown + (f" ... (+{len(items) - limit} more)" if len(items) > limit else '')
 
 
 class BaseModel(nn.Cell):
@@ -75,19 +70,15 @@ class BaseModel(nn.Cell):
         roots = {name.split('.', 1)[0] for name in own}
         missing = sorted(set(own) - set(param_dict))
         unexpected = sorted(n for n in param_dict if n not in own and n.split('.', 1)[0] in roots)
-        mismatched = [f"{n} (checkpoint {tuple(param_dict[n].shape)}, model {tuple(p.shape)})"
-                      for n, p in own.items() if n in param_dict and tuple(param_dict[n].shape) != tuple(p.shape)]
-        problems = []
-        if missing:
-            problems.append(f"missing {_listing(missing)}")
-        if unexpected:
-            problems.append(f"unexpected {_listing(unexpected)}")
-        if mismatched:
-            problems.append(f"shape mismatch {_listing(mismatched)}")
+        problems = fit_problems(param_dict, own, missing, unexpected)
         if not problems:
             return
-        if len(missing) == len(own):
-            problems.append(f"the checkpoint holds {_listing(sorted(param_dict), 5)} — convert foreign weights "
+        held = set(param_dict) & set(own)
+        if held and held <= delta:
+            problems.append("it holds only a PET delta: checkpoint_name_or_path takes the base weights, and the "
+                            "delta loads over them as load_checkpoint (--load_checkpoint)")
+        elif len(missing) == len(own):
+            problems.append(f"the checkpoint holds {listing(sorted(param_dict), 5)} — convert foreign weights "
                             f"with convert_weight.py first")
         raise CheckpointError(f"checkpoint {path} does not fit {type(self).__name__}: {'; '.join(problems)}")
 

@@ -30,7 +30,7 @@ from mindspore import nn, ops
 
 from mindformers.parallel.config import ParallelConfig, build_parallel_config
 
-__all__ = ['TensorLayout', 'parameter_layouts', 'run_layouts']
+__all__ = ['TensorLayout', 'parameter_layouts', 'run_layouts', 'strategy_only_trainable']
 
 _MP_AXIS = 0  # tensor_map value of the model-parallel axis of dev_matrix [dp, mp]
 
@@ -229,9 +229,11 @@ def _parallel_config(parallel_config):
 
 
 def parameter_layouts(model_or_config, parallel_config=None, optimizer_states=('adam_m', 'adam_v'),
-                      opt_shard_threshold_kb=64, model_class=None):
+                      opt_shard_threshold_kb=64, model_class=None, only_trainable_params=False):
     """{checkpoint name: TensorLayout} for every parameter of the model and, for each trainable one, its optimizer
     state `<prefix>.<name>` per prefix of `optimizer_states` (fp32, laid out like the parameter).
+    `only_trainable_params` (MindSpore's `strategy_ckpt_config` option of that name) leaves out the frozen
+    parameters: the layouts of a delta checkpoint, e.g. LoRA's, which holds the trainable ones and their state.
 
     `model_or_config`: a model config (its model class from the registry, or `model_class`), built here for
     `parallel_config` without allocating weights; or a built model (then `parallel_config` may be None: its
@@ -255,6 +257,8 @@ def parameter_layouts(model_or_config, parallel_config=None, optimizer_states=('
     uses = _consumers(model, dp * mp == 1)
     layouts = {}
     for path, param in model.parameters_and_names():
+        if only_trainable_params and not param.requires_grad:
+            continue
         if path not in uses:
             owner = type(_resolve(model, path.rsplit('.', 1)[0], path)).__name__ if '.' in path else \
                 type(model).__name__
@@ -288,7 +292,14 @@ def parameter_layouts(model_or_config, parallel_config=None, optimizer_states=('
 def run_layouts(config, model_config, model_class, parallel):
     """The layouts of a run's strategy files: `parameter_layouts` of its model under `parallel`, with the optimizer
     shard threshold of the run config's `parallel.parallel_optimizer_config.parallel_optimizer_threshold` (KB,
-    default 64). The one derivation behind `only_save_strategy` on CPU and the `export_strategy` CLI."""
+    default 64) and `parallel.strategy_ckpt_config.only_trainable_params` (default False: every parameter). The one
+    derivation behind `only_save_strategy` on CPU and the `export_strategy` CLI."""
     threshold = ((config.get('parallel') or {}).get('parallel_optimizer_config') or {}).get(
         'parallel_optimizer_threshold', 64)
-    return parameter_layouts(model_config, parallel, model_class=model_class, opt_shard_threshold_kb=threshold)
+    return parameter_layouts(model_config, parallel, model_class=model_class, opt_shard_threshold_kb=threshold,
+                             only_trainable_params=strategy_only_trainable(config))
+
+
+def strategy_only_trainable(config):
+    """The run config's `parallel.strategy_ckpt_config.only_trainable_params` (default False)."""
+    return bool(((config.get('parallel') or {}).get('strategy_ckpt_config') or {}).get('only_trainable_params'))

@@ -3,7 +3,8 @@
 `transform_checkpoint` (what `mindformers/tools/transform_ckpt.py` runs) checks the source before anything is
 written: every rank the source strategy describes has exactly one checkpoint (the newest step listed in every rank's
 `meta.json` when several are kept), parameter names agree with both strategies, and shapes split as the strategies
-say. The destination appears complete or not at all: `<dst>/rank_<k>/<prefix><k>.ckpt` (or `.safetensors`, the
+say. A delta checkpoint (its `meta.json` entry has `delta`: the trainable parameters of a model with a frozen base,
+e.g. LoRA's) may hold a part of what the strategies lay out; its result keeps the `delta` record. The destination appears complete or not at all: `<dst>/rank_<k>/<prefix><k>.ckpt` (or `.safetensors`, the
 source's format), CRC-checked, with a `meta.json` when the source was a training checkpoint (so a run can resume
 from it in the new layout). `transform_for_run` is the Trainer's `auto_trans_ckpt`: rank 0 transforms, the other
 ranks wait for it."""
@@ -22,7 +23,7 @@ import mindspore as ms
 
 from mindformers.parallel.strategy import StrategyError, StrategyUsageError, is_complete, load_strategy
 from mindformers.tools.checkpoint import (META_FILE, first_line, fsync_path, load_checkpoint_file, meta_entries,
-                                          record_checkpoint, resolve_checkpoint, save_checkpoint_atomic,
+                                          meta_entry, record_checkpoint, resolve_checkpoint, save_checkpoint_atomic,
                                           verify_checkpoint, write_json_atomic)
 from mindformers.tools.logger import logger
 from mindformers.tools.utils import replace_output
@@ -105,6 +106,17 @@ def select_source_checkpoints(src):
     return chosen
 
 
+def delta_record(files):
+    """The `delta` record the source checkpoints' meta.json entries share (None: whole checkpoints); ranks that mix
+    delta and whole checkpoints are a TransformError."""
+    records = {rank: (meta_entry(path) or {}).get('delta') for rank, path in files.items()}
+    deltas = sorted(rank for rank, record in records.items() if record is not None)
+    if deltas and len(deltas) != len(records):
+        raise TransformError(f"the source mixes delta checkpoints ({_ranks_text(deltas)}: trainable parameters "
+                             f"only) with whole ones; transform checkpoints of one run")
+    return records[deltas[0]] if deltas else None
+
+
 def _common_meta_step(dirs):
     """The newest global step listed in every rank's meta.json; None unless every rank has one."""
     steps = None
@@ -127,9 +139,10 @@ def _state_exempt(name, present_prefixes, layouts):
     return bool(rest) and rest in layouts and prefix not in present_prefixes
 
 
-def check_source(files, src, dst, expected_shapes=None):
+def check_source(files, src, dst, expected_shapes=None, partial=False):
     """Check the source checkpoints `files` (rank -> path) against the strategies before transforming; returns
-    (name -> full shape, number of source bytes). Raises TransformError naming what does not fit."""
+    (name -> full shape, number of source bytes). `partial`: the checkpoints are deltas, which may lack parameters
+    the strategies lay out (the frozen base). Raises TransformError naming what does not fit."""
     ranks = sorted(files)
     if src is None:
         if ranks != [0]:
@@ -153,7 +166,7 @@ def check_source(files, src, dst, expected_shapes=None):
         present.update(entries)
         where = f"rank_{rank} checkpoint {files[rank]}"
         if src is not None:
-            _check_rank_names(entries, src, rank, where)
+            _check_rank_names(entries, src, rank, where, partial)
         for name, shape in entries.items():
             layout = src.layouts.get(name) if src is not None else None
             if layout is not None and len(layout.tensor_map) != len(shape):
@@ -173,7 +186,7 @@ def check_source(files, src, dst, expected_shapes=None):
         total_bytes += os.path.getsize(files[rank])
         logger.info("transform: checked rank_%d (%d/%d): %d entries", rank, count, len(ranks), len(entries))
     if dst is not None:
-        _check_destination_fit(full, present, src, dst)
+        _check_destination_fit(full, present, src, dst, partial)
     if expected_shapes:
         wrong = [f"{n}: checkpoint {list(full[n])} vs model {list(s)}" for n, s in expected_shapes.items()
                  if n in full and tuple(full[n]) != tuple(s)]
@@ -185,13 +198,14 @@ def check_source(files, src, dst, expected_shapes=None):
     return full, total_bytes
 
 
-def _check_rank_names(entries, src, rank, where):
+def _check_rank_names(entries, src, rank, where, partial=False):
     stage = src.stage_of(rank)
     on_stage = src.names_on_stage(stage)
     prefixes = {n.partition('.')[0] for n in entries}
     unknown = [n for n, shape in entries.items() if n not in src.layouts and math.prod(shape) > 1]
     elsewhere = [n for n in entries if n in src.layouts and n not in on_stage]
-    missing = [n for n in sorted(on_stage) if n not in entries and not _state_exempt(n, prefixes, src.layouts)]
+    missing = [] if partial else \
+        [n for n in sorted(on_stage) if n not in entries and not _state_exempt(n, prefixes, src.layouts)]
     if unknown:
         raise TransformError(f"{where} has parameters the source strategy {src.given} does not lay out: "
                              f"{_listing(unknown)}; pass the strategy the checkpoint was saved with")
@@ -200,17 +214,19 @@ def _check_rank_names(entries, src, rank, where):
                              f"other stages: {_listing(elsewhere)}; pass the strategy the checkpoint was saved with")
     if missing:
         raise TransformError(f"{where} lacks parameters the source strategy {src.given} expects on stage {stage}: "
-                             f"{_listing(missing)}; the checkpoint is incomplete or from another model")
+                             f"{_listing(missing)}; the checkpoint is incomplete or from another model (a delta "
+                             f"checkpoint, of the trainable parameters only, is told by the meta.json beside it)")
 
 
-def _check_destination_fit(full, present, src, dst):
+def _check_destination_fit(full, present, src, dst, partial=False):
     source_names = set(src.layouts) if src is not None else {n for n, s in full.items() if math.prod(s) > 1}
     prefixes = {n.partition('.')[0] for n in present}
     unplaced = sorted(n for n in source_names if n not in dst.layouts and n in present)
     if unplaced:
         raise TransformError(f"the destination strategy {dst.given} has no layout for {_listing(unplaced)} which "
                              f"the source checkpoint holds; pass a destination strategy of the same model")
-    absent = sorted(n for n in dst.layouts if n not in present and not _state_exempt(n, prefixes, dst.layouts))
+    absent = [] if partial else \
+        sorted(n for n in dst.layouts if n not in present and not _state_exempt(n, prefixes, dst.layouts))
     if absent:
         raise TransformError(f"the destination strategy {dst.given} lays out parameters the source checkpoint "
                              f"does not have: {_listing(absent)}; pass a destination strategy of the same model")
@@ -285,7 +301,8 @@ def transform_checkpoint(src_ckpt_dir, dst_ckpt_dir, src_strategy=None, dst_stra
         source = load_strategy(src_strategy, staging, '--src_ckpt_strategy')
         target = load_strategy(dst_strategy, staging, '--dst_ckpt_strategy')
         files = select_source_checkpoints(src)
-        full, bytes_read = check_source(files, source, target, expected_shapes)
+        delta = delta_record(files)
+        full, bytes_read = check_source(files, source, target, expected_shapes, partial=delta is not None)
         fmt = os.path.splitext(next(iter(files.values())))[1][1:]
         linked = os.path.join(staging, 'source')
         for rank, path in files.items():
@@ -301,7 +318,7 @@ def transform_checkpoint(src_ckpt_dir, dst_ckpt_dir, src_strategy=None, dst_stra
             raise TransformError(f"MindSpore could not transform {src}: {first_line(err)}") from None
         out = os.path.join(staging, 'out')
         dst_ranks = target.rank_num if target else 1
-        written = _finalize(raw, out, prefix, fmt, dst_ranks)
+        written = _finalize(raw, out, prefix, fmt, dst_ranks, delta)
         _publish(out, dst, overwrite)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -310,9 +327,9 @@ def transform_checkpoint(src_ckpt_dir, dst_ckpt_dir, src_strategy=None, dst_stra
     return summary
 
 
-def _finalize(raw, out, prefix, fmt, dst_ranks):
+def _finalize(raw, out, prefix, fmt, dst_ranks, delta=None):
     """Rewrite MindSpore's output as one CRC-checked file per rank (folding per-stage parts), with `meta.json`
-    for training checkpoints; returns the bytes written."""
+    for training checkpoints (recording `delta` for delta checkpoints); returns the bytes written."""
     produced = rank_directories(raw)
     if sorted(produced) != list(range(dst_ranks)):
         raise TransformError(f"MindSpore wrote {_ranks_text(produced)} but the destination strategy describes "
@@ -328,7 +345,7 @@ def _finalize(raw, out, prefix, fmt, dst_ranks):
         counters = [params.get(k) for k in ('epoch_num', 'step_num', 'global_step')]
         if all(c is not None for c in counters):
             epoch, step, global_step = (int(c.asnumpy().reshape(-1)[0]) for c in counters)
-            record_checkpoint(directory, name, epoch, step, global_step, keep_max=0)
+            record_checkpoint(directory, name, epoch, step, global_step, keep_max=0, delta=delta)
         size = os.path.getsize(os.path.join(directory, name))
         written += size
         logger.info("transform: wrote rank_%d (%d/%d): %d entries, %.1f MiB", rank, rank + 1, dst_ranks,

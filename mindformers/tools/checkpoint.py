@@ -2,7 +2,8 @@
 
 Layout: `<output_dir>/checkpoint/rank_<i>/<prefix>_rank_<i>-<epoch>_<step>.ckpt` plus `meta.json`
 (`last_epoch`, `last_step`, `last_ckpt_file`, `global_step`, and `checkpoints`: the kept files, oldest first, each
-with its epoch, step, global step and SHA-256)."""
+with its epoch, step, global step and SHA-256; a checkpoint holding only the trainable parameters of a model whose
+base is frozen, e.g. a LoRA delta, also has `delta`: what it was trained with, see `mindformers.trainer.delta`)."""
 import hashlib
 import json
 import os
@@ -106,6 +107,22 @@ def load_into_network(network, param_dict, path='<checkpoint>', strict=True):
     return missing
 
 
+def listing(items, limit=10):
+    """'a, b, c ... (+N more)': at most `limit` of `items`."""
+    items = list(items)
+    return ', '.join(items[:limit]) + (f" ... (+{len(items) - limit} more)" if len(items) > limit else '')
+
+
+def fit_problems(params, own, missing=(), unexpected=(), unexpected_label='unexpected'):
+    """How the checkpoint `params` (name -> tensor) fails to fit the parameters `own` (name -> Parameter), as
+    phrases: 'missing <names>', '<unexpected_label> <names>', 'shape mismatch <name> (checkpoint <shape>, model
+    <shape>)' for the names both hold. Empty when it fits."""
+    mismatched = [f"{n} (checkpoint {tuple(params[n].shape)}, model {tuple(p.shape)})"
+                  for n, p in own.items() if n in params and tuple(params[n].shape) != tuple(p.shape)]
+    return [f"{label} {listing(names)}" for label, names in (('missing', missing), (unexpected_label, unexpected),
+                                                            ('shape mismatch', mismatched)) if names]
+
+
 def file_sha256(path, chunk=1 << 20):
     digest = hashlib.sha256()
     with open(path, 'rb') as f:
@@ -146,13 +163,19 @@ def verify_checkpoint(path, sha256=None):
     return path
 
 
-def _recorded_sha256(path):
-    """The checksum `meta.json` beside `path` recorded for it, or None."""
+def meta_entry(path):
+    """The entry `meta.json` beside the checkpoint `path` records for it (file, epoch, step, global_step, sha256, and
+    `run` / `delta` when recorded), or None."""
     directory, name = os.path.split(os.path.abspath(path))
     for entry in meta_entries(directory):
         if entry['file'] == name:
-            return entry.get('sha256')
+            return entry
     return None
+
+
+def _recorded_sha256(path):
+    """The checksum `meta.json` beside `path` recorded for it, or None."""
+    return (meta_entry(path) or {}).get('sha256')
 
 
 def resolve_checkpoint(path, rank_id=0):
@@ -203,14 +226,17 @@ def _epoch_step_key(filename):
         return -1, -1, filename
 
 
-def record_checkpoint(directory, filename, epoch, step, global_step, keep_max, run=None):
+def record_checkpoint(directory, filename, epoch, step, global_step, keep_max, run=None, delta=None):
     """After `filename` is complete on disk: add it to `meta.json` with its SHA-256 (and `run`, a dict describing
-    the run's batch layout, when given), then delete the oldest files beyond `keep_max` (their entries go first, so
-    meta.json never lists a missing file)."""
+    the run's batch layout, and `delta`, the description of a checkpoint holding only the trainable parameters,
+    when given), then delete the oldest files beyond `keep_max` (their entries go first, so meta.json never lists a
+    missing file)."""
     entry = {'file': filename, 'epoch': int(epoch), 'step': int(step), 'global_step': int(global_step),
              'sha256': file_sha256(os.path.join(directory, filename))}
     if run:
         entry['run'] = dict(run)
+    if delta is not None:
+        entry['delta'] = dict(delta)
     kept = [e for e in meta_entries(directory)
             if e['file'] != filename and os.path.isfile(os.path.join(directory, e['file']))]
     kept.append(entry)

@@ -48,6 +48,9 @@ def build_parser():
     parser.add_argument('--vocab_emb_dp', action=argparse.BooleanOptionalAction,
                         help='replicate the embedding and head (--no-vocab_emb_dp: split their vocabulary; always '
                              'split under pipeline parallel)')
+    parser.add_argument('--only_trainable_params', action=argparse.BooleanOptionalAction,
+                        help="lay out the trainable parameters only, e.g. a LoRA delta (default: the YAML's "
+                             "parallel.strategy_ckpt_config.only_trainable_params, else every parameter)")
     parser.add_argument('--options', nargs='+', default=[], metavar='KEY=VALUE', help='dotted YAML overrides')
     parser.add_argument('--overwrite', action='store_true', help='replace the .json files already in --output_dir')
     return parser
@@ -141,6 +144,8 @@ def main(argv=None):
         return _fail(err, 1)
     try:
         _apply_options(config, args)
+        if args.only_trainable_params is not None:
+            config.merge_from_dict({'parallel.strategy_ckpt_config.only_trainable_params': args.only_trainable_params})
         parallel = _parallel_config(config, args)
         from mindformers.trainer.build import build_network
         network = build_network(config, parallel, allocate=False)  # the model the Trainer would build, no weights

@@ -5,8 +5,9 @@ import os
 import mindspore as ms
 
 from mindformers.tools.checkpoint import (CheckpointError, META_FILE, load_checkpoint_file, meta_entries,
-                                          newest_good_checkpoint, verify_checkpoint)
+                                          meta_entry, newest_good_checkpoint, verify_checkpoint)
 from mindformers.tools.logger import logger
+from mindformers.trainer.delta import check_delta, frozen_names, is_delta
 
 # train-cell state that may legitimately be absent from a checkpoint (zero at every step boundary)
 _OPTIONAL_PREFIXES = ('accu_grads.',)
@@ -21,16 +22,20 @@ _RUN_FIELDS = ('batch_size', 'gradient_accumulation_steps', 'device_num', 'steps
 class ResumePoint:
     """Where a run continues: the checkpoint file and the counters saved with it (epoch 1-based; `step_in_epoch`
     optimizer steps of that epoch were done; `global_step` in all). `run`: the batch_size, gradient_accumulation_steps,
-    device_num and steps_per_epoch of the run that saved it, when its meta.json recorded them."""
+    device_num and steps_per_epoch of the run that saved it, when its meta.json recorded them. `delta`: for a
+    checkpoint of the trainable parameters alone, what its meta.json records of it (see `mindformers.trainer.delta`);
+    the frozen base weights come from where the run loads its base."""
     path: str
     epoch: int
     step_in_epoch: int
     global_step: int
     run: dict = None
+    delta: dict = None
 
 
 def _point(path, entry):
-    return ResumePoint(path, int(entry['epoch']), int(entry['step']), int(entry['global_step']), entry.get('run'))
+    return ResumePoint(path, int(entry['epoch']), int(entry['step']), int(entry['global_step']), entry.get('run'),
+                       entry.get('delta'))
 
 
 def find_resume_checkpoint(location, rank_id=0, device_num=1):
@@ -81,11 +86,10 @@ def find_resume_checkpoint(location, rank_id=0, device_num=1):
 
 
 def _point_from_file(path):
-    directory, name = os.path.split(os.path.abspath(path))
-    for entry in meta_entries(directory):
-        if entry['file'] == name:
-            verify_checkpoint(path, entry.get('sha256'))
-            return _point(path, entry)
+    entry = meta_entry(path)
+    if entry is not None:
+        verify_checkpoint(path, entry.get('sha256'))
+        return _point(path, entry)
     params = load_checkpoint_file(path)  # no meta.json entry: read the counters saved inside the file
     try:
         epoch, step = (int(params[key].asnumpy().reshape(-1)[0]) for key in ('epoch_num', 'step_num'))
@@ -98,10 +102,16 @@ def _point_from_file(path):
 
 def restore_train_state(train_cell, point):
     """Load the checkpoint of `point` into `train_cell`: model weights, optimizer moments and update count,
-    loss scale. Every state parameter must be present with its shape (accumulation buffers may be absent)."""
+    loss scale. Every state parameter must be present with its shape (accumulation buffers may be absent; so may
+    the frozen base of a delta checkpoint, which must then fit the network and its base weights: `check_delta`)."""
     params = load_checkpoint_file(point.path)
     own = {p.name: p for p in train_cell.get_parameters()}
-    missing = [n for n in own if n not in params and not n.startswith(_OPTIONAL_PREFIXES)]
+    network = getattr(train_cell, 'network', None)
+    base = set()
+    if network is not None and is_delta(network, params, point.delta):
+        check_delta(network, params, point.path, point.delta)
+        base = frozen_names(network)
+    missing = [n for n in own if n not in params and not n.startswith(_OPTIONAL_PREFIXES) and n not in base]
     unexpected = [n for n in params if n not in own and n not in _COUNTERS]
     mismatched = [f"{n} (checkpoint {tuple(params[n].shape)}, run {tuple(p.shape)})" for n, p in own.items()
                   if n in params and tuple(params[n].shape) != tuple(p.shape)]
@@ -111,7 +121,12 @@ def restore_train_state(train_cell, point):
                                          mismatched and f"shape mismatch {', '.join(mismatched[:8])}"]))
         raise CheckpointError(f"resume_training: {point.path} does not fit this run ({detail}); resume with the "
                               f"model, optimizer and wrapper settings it was saved with")
-    ms.load_param_into_net(train_cell, {n: params[n] for n in own if n in params}, strict_load=False)
+    loadable = {n: params[n] for n in own if n in params}
+    if base:  # load_param_into_net would warn about each frozen parameter it leaves as it is
+        for name, value in loadable.items():
+            own[name].set_data(value.astype(own[name].dtype))
+    else:
+        ms.load_param_into_net(train_cell, loadable, strict_load=False)
     if point.global_step is None:
         point.global_step = int(train_cell.optimizer.global_step.asnumpy().reshape(-1)[0])
     return point

@@ -5,7 +5,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import nn, Tensor
 
-from mindformers.parallel.layout import run_layouts
+from mindformers.parallel.layout import run_layouts, strategy_only_trainable
 from mindformers.parallel.strategy import write_strategy_files
 from mindformers.tools.logger import logger
 from mindformers.trainer.build import build_network, run_parallel_config
@@ -22,7 +22,8 @@ def save_strategy(config, rank_id, get_network, training, optimizer=None):
     declarations and written by rank 0 as MindSpore JSON strategy files, one per pipeline stage
     (`parallel.layout.run_layouts`, as the `export_strategy` CLI does). On Ascend/GPU (semi- or auto-parallel)
     `get_network()` is compiled, or its train step when `training`, and MindSpore saves
-    `ckpt_strategy_rank_{rank}.ckpt`."""
+    `ckpt_strategy_rank_{rank}.ckpt`. Both lay out every parameter unless the config's
+    `parallel.strategy_ckpt_config.only_trainable_params` is True (then the trainable ones, e.g. a LoRA delta)."""
     directory = os.path.join(config.output_dir, 'strategy')
     parallel = run_parallel_config(config)
     if ms.get_context('device_target') == 'CPU':
@@ -37,7 +38,8 @@ def save_strategy(config, rank_id, get_network, training, optimizer=None):
         raise ValueError(f"only_save_strategy: a strategy exists under semi- or auto-parallel only, but "
                          f"parallel_mode is {mode}; set use_parallel: True and parallel.parallel_mode: 1")
     path = os.path.join(directory, f'ckpt_strategy_rank_{rank_id}.ckpt')
-    ms.set_auto_parallel_context(strategy_ckpt_config={'save_file': path, 'only_trainable_params': False})
+    ms.set_auto_parallel_context(strategy_ckpt_config={'save_file': path,
+                                                       'only_trainable_params': strategy_only_trainable(config)})
     if parallel.pipeline_stage > 1:
         ms.set_auto_parallel_context(pipeline_stages=parallel.pipeline_stage)
     network = get_network()

@@ -25,8 +25,15 @@ __all__ = ['TrainLoop', 'build_train_cell', 'resume_location', 'eval_intervals',
 
 def build_train_cell(config, network, total_steps, accumulation, optimizer=None):
     """(train step cell, optimizer): the run config's `runner_wrapper` (default MFTrainOneStepCell) around `network`
-    and `optimizer` (default: the config's `optimizer` with its `lr_schedule` over `total_steps`)."""
-    if optimizer is None:
+    and `optimizer` (default: the config's `optimizer` with its `lr_schedule` over `total_steps`, over the network's
+    trainable parameters only: frozen ones get no optimizer state). A given optimizer holding frozen parameters is
+    refused: it would keep moments for them and decay them."""
+    if optimizer is not None:
+        frozen = [p.name for p in optimizer.parameters if not p.requires_grad]
+        if frozen:
+            raise ValueError(f"optimizers: the optimizer updates {len(frozen)} frozen parameter(s) (e.g. "
+                             f"{', '.join(frozen[:3])}); build it over model.trainable_params()")
+    else:
         lr = build_lr(dict(config.lr_schedule), total_steps=total_steps) if config.get('lr_schedule') else None
         optimizer = build_optim(dict(config.optimizer), params=network.trainable_params(), learning_rate=lr)
     wrapper_cfg = dict(config.get('runner_wrapper') or {'type': 'MFTrainOneStepCell'})

@@ -11,14 +11,16 @@ from mindformers.core.context import init_context
 from mindformers.core.context.compile_cache import disable_compile_cache
 from mindformers.pipeline import pipeline
 from mindformers.tools.build import build_dataset, build_tokenizer
-from mindformers.tools.checkpoint import load_checkpoint_file, load_into_network, resolve_checkpoint
+from mindformers.tools.checkpoint import load_checkpoint_file, resolve_checkpoint
 from mindformers.parallel.reshard import transform_for_run
 from mindformers.tools.logger import logger, setup_file_logging
 from mindformers.models.model_book import find_config
 from mindformers.tools.register import MindFormerConfig, MindFormerRegister, MindFormerModuleType
 from mindformers.trainer.run_config import validate_run_config
 from mindformers.trainer.build import build_network, run_parallel_config, validate_parallel
+from mindformers.trainer.delta import delta_info, load_weights
 from mindformers.trainer.evaluation import describe, evaluate, generation_options, resolve_metric
+from mindformers.trainer.pet_method import apply_to_config, apply_to_model, check_pet_method, pet_model_name
 from mindformers.trainer.resume import find_resume_checkpoint
 from mindformers.trainer.run_dir import RunLock, checkpoint_dirs, clear_earlier_run, refuse_earlier_run
 from mindformers.trainer.strategy import save_strategy
@@ -38,6 +40,10 @@ class Trainer:
     `args`: a YAML path, a MindFormerConfig/dict (a full run config) or TrainingArguments (overriding the YAML of
     the model). `model`: a registered name (`gpt2`, `gpt2_tiny`, ...) or a model instance. `train_dataset` /
     `eval_dataset`: a MindRecord directory or file, or a `mindspore.dataset` object yielding the model's columns.
+    `pet_method`: a parameter-efficient tuning algorithm ('lora', or another registered pet_type): with a model
+    name, that name's `<name>_<pet_method>` config when there is one; else the config's or model's PET, which must
+    be of that type, or the algorithm's defaults (see `mindformers.trainer.pet_method`). A model with frozen
+    parameters trains and saves its trainable ones only (see `CheckpointMonitor.save_trainable_params`).
     """
 
     def __init__(self, args=None, task='text_generation', model=None, model_name=None, train_dataset=None,
@@ -47,14 +53,17 @@ class Trainer:
             raise TypeError(f"Trainer got unknown argument(s): {', '.join(sorted(kwargs))}")
         if task not in SUPPORTED_TASKS:
             raise ValueError(f"task {task!r} is not supported; supported tasks: {', '.join(SUPPORTED_TASKS)}")
-        if pet_method:
-            raise NotImplementedError(f"pet_method={pet_method!r}: parameter-efficient tuning is not available yet "
-                                      f"(planned: LoRA); use pet_method=''")
+        pet_method = check_pet_method(pet_method)
         self.task = task
         self.model = model if model is not None and not isinstance(model, str) else None
         if isinstance(model, str):
-            model_name = model
+            model_name = pet_model_name(model, pet_method)
         self.config = self._resolve_config(args, model_name or (None if self.model is not None else None))
+        if pet_method and self.model is not None:
+            apply_to_model(self.model, pet_method)
+        elif pet_method:
+            apply_to_config(self.config, pet_method, getattr(self.config, '_source', None) or 'the run config')
+        self._base_checkpoint = None  # the whole checkpoint last loaded into the network: the base of its delta
         self.tokenizer = tokenizer
         self.optimizers = optimizers
         self.callbacks = list(callbacks or [])
@@ -144,7 +153,8 @@ class Trainer:
         if is_true(self.config.get('auto_trans_ckpt', False)):
             checkpoint = self._reshard_checkpoint(network, checkpoint)
         path = resolve_checkpoint(checkpoint, self.rank_id)
-        load_into_network(network, load_checkpoint_file(path), path)
+        if load_weights(network, load_checkpoint_file(path), path) == 'whole':
+            self._base_checkpoint = path
         logger.info("loaded weights from %s", path)
         return path
 
@@ -245,8 +255,8 @@ class Trainer:
                 refuse_earlier_run(config.output_dir, self.rank_id, ckpt_dirs)
             network = self._get_network()
             point = find_resume_checkpoint(resume, self.rank_id, self.device_num) if resume else None
-            if checkpoint and point is None:
-                self._load_weights(network, checkpoint)
+            if checkpoint and (point is None or point.delta is not None and not _within(checkpoint, resume)):
+                self._load_weights(network, checkpoint)  # a delta resumes over the base weights it names
             if overwrite:  # after the weights are read: they may come from the run being replaced
                 clear_earlier_run(config.output_dir, self.rank_id, ckpt_dirs)
             return self._train_loop(network, point, do_eval)
@@ -260,7 +270,15 @@ class Trainer:
                          callbacks=self.callbacks, evaluate=lambda: self._evaluate(network), rank_id=self.rank_id,
                          device_num=self.device_num, dataset_given=self.train_dataset is not None)
         self.state = loop.state
+        loop.state.delta_info = delta_info(network, self._base_source(network, point))
         return loop.run(do_eval)
+
+    def _base_source(self, network, point):
+        """Where `network`'s base weights came from: the whole checkpoint loaded last, else the model config's
+        checkpoint_name_or_path, else the base the resumed delta was trained on ('' for initial weights)."""
+        recorded = ((point.delta or {}).get('base') or {}).get('checkpoint', '') if point is not None else ''
+        config = getattr(network, 'config', None)
+        return self._base_checkpoint or getattr(config, 'checkpoint_name_or_path', '') or recorded
 
     def _only_save_strategy(self, training):
         """With `only_save_strategy: True`: write this run's strategy files (`strategy.save_strategy`), build and
@@ -330,6 +348,12 @@ class Trainer:
         prompts = [input_data] if isinstance(input_data, str) else list(input_data)
         generator = pipeline('text_generation', model=network, tokenizer=self._get_tokenizer())
         return generator(prompts, batch_size=int(batch_size or max(len(prompts), 1)), **generate_kwargs)
+
+
+def _within(path, location):
+    """True when `path` is `location` or lies inside it (or the other way round)."""
+    path, location = os.path.realpath(os.fspath(path)), os.path.realpath(os.fspath(location))
+    return path == location or path.startswith(location + os.sep) or location.startswith(path + os.sep)
 
 
 def use_dataset_dir(config, key, path):

@@ -1,5 +1,5 @@
 """Snapshot and restore MindFormerRegister's tables, so a test that registers a class (a callback, a metric, a
-pipeline) leaves nothing behind for the tests after it. Fixture: `clean_registry` in conftest.py."""
+pipeline, a PET type) leaves nothing behind for the tests after it. Fixture: `clean_registry` in conftest.py."""
 import contextlib
 import importlib
 
@@ -9,7 +9,8 @@ from mindformers.tools.register import MindFormerRegister
 # (module, function that fills them); and tables kept outside MindFormerRegister: (module, attribute)
 _FILLERS = (('mindformers.tools.register.register', '_ensure_builtins_registered'),
             ('mindformers.tools.register.family', 'families'))
-_OTHER_TABLES = (('mindformers.tools.register.family', '_FAMILIES'),)
+_OTHER_TABLES = (('mindformers.tools.register.family', '_FAMILIES'), ('mindformers.pet.config', '_TYPES'),
+                 ('mindformers.pet.model', '_METHODS'))
 
 
 def _module_attribute(module_name, attribute):
@@ -60,3 +61,19 @@ def registry_restored():
         yield MindFormerRegister
     finally:
         restore(saved)
+
+
+def register_bias_only_pet():
+    """Register (inside `clean_registry`) a pet_type for tests, 'bias_only_test': it adds no parameter and trains
+    the biases only (MindPet's 'bitfit' freezing); returns its name."""
+    import dataclasses
+    from typing import ClassVar
+    from mindformers.pet import PetConfig, register_pet_config, register_pet_method
+
+    @dataclasses.dataclass
+    class BiasOnlyConfig(PetConfig):
+        pet_type: ClassVar[str] = 'bias_only_test'
+
+    register_pet_config(BiasOnlyConfig)
+    register_pet_method(BiasOnlyConfig, lambda model, config: [], freeze_mode='bitfit')
+    return BiasOnlyConfig.pet_type

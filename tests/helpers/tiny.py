@@ -19,3 +19,26 @@ def tiny_asset(family, name):
     """A file of the family's tiny tokenizer, e.g. tiny_asset('gpt2', 'vocab.json') (PengCheng.Mind's tiny config
     uses LLaMA's)."""
     return os.path.join(ASSETS, f"{'llama' if family == 'pengcheng_mind' else family}_tiny", name)
+
+
+def tiny_gpt2(seed=0, seq_length=16, **kwargs):
+    """A 2-layer GPT-2 (hidden 32, 2 heads, vocabulary 64, no dropout, eos 1, pad 0) with weights drawn under
+    `seed`; `kwargs` set other config fields (e.g. pet_config)."""
+    import mindspore as ms
+    from mindformers import GPT2Config, GPT2LMHeadModel
+    ms.set_seed(seed)
+    config = GPT2Config(**{'seq_length': seq_length, 'vocab_size': 64, 'hidden_size': 32, 'num_layers': 2,
+                           'num_heads': 2, 'hidden_dropout_rate': 0.0, 'attention_dropout_rate': 0.0,
+                           'embedding_dropout_prob': 0.0, 'eos_token_id': 1, 'pad_token_id': 0, 'bos_token_id': 1,
+                           **kwargs})
+    return GPT2LMHeadModel(config)
+
+
+def counting_dataset(batch_size, num_samples=64, seq_length=16, seed=0):
+    """Learnable data for `tiny_gpt2`: each row of seq_length + 1 ids counts upward mod 62 from a random start
+    (ids 2..63), in batches of `batch_size`."""
+    import numpy as np
+    import mindspore.dataset as ds
+    starts = np.random.default_rng(seed).integers(0, 62, size=num_samples)
+    rows = ((starts[:, None] + np.arange(seq_length + 1)[None, :]) % 62 + 2).astype(np.int32)
+    return ds.NumpySlicesDataset({'input_ids': rows}, shuffle=False).batch(batch_size, drop_remainder=True)

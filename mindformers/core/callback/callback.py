@@ -21,7 +21,9 @@ class TrainState(dict):
 
     Fields: cur_epoch_num, cur_step_num (global optimizer step), step_in_epoch, batch_num (steps per epoch),
     epoch_num, total_steps, loss (float), lr (float), grad_norm (float), tokens_per_step, train_network,
-    network, optimizer, rank_id, output_dir, losses (every step's loss, in order)."""
+    network, optimizer, rank_id, output_dir, losses (every step's loss, in order), delta_info (None, or what a
+    checkpoint of the trainable parameters alone records in meta.json: set by the Trainer for a model with frozen
+    parameters, see `mindformers.trainer.delta.delta_info`)."""
 
     def __init__(self, **kwargs):
         super().__init__(cur_epoch_num=0, cur_step_num=0, step_in_epoch=0, loss=float('nan'), lr=float('nan'),
@@ -165,24 +167,35 @@ class CheckpointMonitor(Callback):
     `epoch_num`/`step_num` counters) every `save_checkpoint_steps`
     optimizer steps and at the end, to `<directory or output_dir/checkpoint>/rank_<i>/<prefix>_rank_<i>-<epoch>_<step
     in epoch>.ckpt`, atomically, keeping at most `keep_checkpoint_max` files. `checkpoint_format`: 'ckpt' or
-    'safetensors'."""
+    'safetensors'.
+
+    `save_trainable_params`: True saves only the trainable parameters of the network (with all the optimizer state
+    and counters, which exist for those only): a delta checkpoint, loaded over the frozen base weights; its
+    `meta.json` entry says so under `delta` (the run's `state.delta_info`: the PET config and the base weights it
+    was trained on). False saves every parameter. None (default): delta checkpoints when the model has a PET delta
+    (`state.delta_info['pet_config']` set by the Trainer), whole ones otherwise. (MindFormers' True writes a second,
+    trainable-only file beside a whole checkpoint; here the one checkpoint is either.)"""
 
     def __init__(self, prefix='mindformers', directory=None, save_checkpoint_steps=1000, keep_checkpoint_max=5,
                  checkpoint_format='ckpt', integrated_save=True, save_network_params=False,
-                 save_trainable_params=False, async_save=False):
-        """`integrated_save`, `save_network_params`, `save_trainable_params` and `async_save` are MindFormers
-        arguments accepted so existing YAMLs load: saves here are always whole (weights and optimizer state) and
-        synchronous, which is what makes them safe to resume from."""
+                 save_trainable_params=None, async_save=False):
+        """`integrated_save`, `save_network_params` and `async_save` are MindFormers arguments accepted so existing
+        YAMLs load: saves here are always integrated and synchronous, which is what makes them safe to resume
+        from."""
         super().__init__()
         if checkpoint_format not in ('ckpt', 'safetensors'):
             raise ValueError(f"checkpoint_format must be 'ckpt' or 'safetensors', got {checkpoint_format!r}")
         if int(save_checkpoint_steps) < 1:
             raise ValueError(f"save_checkpoint_steps must be >= 1, got {save_checkpoint_steps}")
+        if save_trainable_params not in (None, True, False):
+            raise ValueError(f"save_trainable_params must be True, False or None (delta checkpoints for PET models), "
+                             f"got {save_trainable_params!r}")
         self.prefix = prefix
         self.directory = directory
         self.save_checkpoint_steps = int(save_checkpoint_steps)
         self.keep_checkpoint_max = int(keep_checkpoint_max)
         self.checkpoint_format = checkpoint_format
+        self.save_trainable_params = save_trainable_params
         self.last_saved_step = None
         self.last_path = None
 
@@ -199,15 +212,27 @@ class CheckpointMonitor(Callback):
         name = f"{self.prefix}_rank_{state.rank_id}-{state.cur_epoch_num}_{state.step_in_epoch}." \
                f"{self.checkpoint_format}"
         path = os.path.join(directory, name)
+        frozen = self._frozen(state)
         # gradient-accumulation buffers are zero at every step boundary: not state worth saving
-        state_params = [p for p in state.train_network.get_parameters() if not p.name.startswith('accu_grads.')]
+        state_params = [p for p in state.train_network.get_parameters()
+                        if not p.name.startswith('accu_grads.') and p.name not in frozen]
         save_checkpoint_atomic(state_params, path,
                                append_dict={'epoch_num': state.cur_epoch_num, 'step_num': state.step_in_epoch})
+        delta = dict(state.get('delta_info') or {}) if frozen else None
         record_checkpoint(directory, name, state.cur_epoch_num, state.step_in_epoch, state.cur_step_num,
-                          self.keep_checkpoint_max, run=state.get('run_shape'))
+                          self.keep_checkpoint_max, run=state.get('run_shape'), delta=delta)
         self.last_saved_step, self.last_path = state.cur_step_num, path
         state.last_checkpoint = path
-        logger.info("saved checkpoint %s", path)
+        logger.info("saved %scheckpoint %s", f"delta ({len(state_params)} tensors) " if frozen else '', path)
+
+    def _frozen(self, state):
+        """The names of the frozen network parameters this save leaves out (none for a whole checkpoint)."""
+        trainable_only = self.save_trainable_params
+        if trainable_only is None:
+            trainable_only = bool((state.get('delta_info') or {}).get('pet_config'))
+        if not trainable_only or state.get('network') is None:
+            return set()
+        return {p.name for p in state.network.get_parameters() if not p.requires_grad}
 
     def on_train_step_end(self, run_context):
         state = run_context.original_args()
