@@ -1,5 +1,6 @@
-"""Fused fp32 CPU kernels (tanh-GELU, LayerNorm, causal softmax, causal attention, decode attention, linear layers
-on few rows) as MindSpore AOT custom ops, compiled from `fused.cc` on first use.
+"""Fused fp32 CPU kernels (tanh-GELU, LayerNorm, RMSNorm, SwiGLU, rotary embedding, causal softmax, causal
+attention, decode attention, linear layers on few rows) as MindSpore AOT custom ops, compiled from `fused.cc` on
+first use.
 
 MindSpore runs every small op as its own pass over memory; on CPU the train step's elementwise work (LayerNorm's
 backward above all) costs as much as its matrix products. These kernels do each of those in one pass. Decode steps
@@ -141,6 +142,63 @@ class FusedLayerNorm(nn.Cell):
         _, mean, rstd = out
         dx, dweight, dbias = self.backward(x, dout[0], weight, mean, rstd)
         return dx, dweight, dbias
+
+
+class FusedRMSNorm(nn.Cell):
+    """`construct(x [..., h], weight [h]) -> (y, rstd [rows])`, y = x * rsqrt(mean(x^2) + eps) * weight over the last
+    axis, one pass each way (the backward gives the weight gradient too); fp32, CPU (see `use_fused`)."""
+
+    def __init__(self, eps):
+        super().__init__()
+        self.eps = Tensor(np.array([eps], np.float32))
+        self.forward = _custom('RmsNormForward', lambda x, w, e: (x, _rows(x)), lambda x, w, e: (x, x))
+        self.backward = _custom('RmsNormBackward', lambda x, dy, w, r: (x, w), lambda x, dy, w, r: (x, x))
+
+    def construct(self, x, weight):
+        return self.forward(x, weight, self.eps)
+
+    def bprop(self, x, weight, out, dout):
+        return self.backward(x, dout[0], weight, out[1])
+
+
+class FusedSwiGLU(nn.Cell):
+    """`construct(gate, up) -> silu(gate) * up`, elementwise (same shapes), one pass each way; fp32, CPU (see
+    `use_fused`). Keeps only gate and up for the backward."""
+
+    def __init__(self):
+        super().__init__()
+        self.forward = _custom('SwiGluForward', lambda g, u: g, lambda g, u: g)
+        self.backward = _custom('SwiGluBackward', lambda g, u, d: (g, g), lambda g, u, d: (g, g))
+
+    def construct(self, gate, up):
+        return self.forward(gate, up)
+
+    def bprop(self, gate, up, out, dout):
+        return self.backward(gate, up, dout)
+
+
+class FusedRotary(nn.Cell):
+    """`construct(x [B, S, heads, D], cos [1 or B, S, 1, D], sin) -> x * cos + (x @ swap) * sin` for a signed
+    permutation `swap` [D, D] (NumPy) whose permutation is its own inverse (lane pairs swap, as every RoPE
+    variant's rotation matrix does; all-zero columns are pass-through lanes). One pass each way; cos and sin get
+    no gradient. fp32, CPU (see `use_fused`)."""
+
+    def __init__(self, swap):
+        super().__init__()
+        swap = np.asarray(swap, np.float32)
+        partner = np.where(swap.any(axis=0), np.abs(swap).argmax(axis=0), np.arange(len(swap)))
+        if (partner[partner] != np.arange(len(swap))).any():
+            raise ValueError("FusedRotary needs a rotation whose lane permutation is its own inverse")
+        self.partner = Tensor(partner.astype(np.int32))
+        self.sign = Tensor(swap[partner, np.arange(len(swap))])
+        self.forward = _custom('RotaryForward', lambda x, *rest: x, lambda x, *rest: x)
+        self.backward = _custom('RotaryBackward', lambda x, *rest: x, lambda x, *rest: x)
+
+    def construct(self, x, cos, sin):
+        return self.forward(x, cos, sin, self.partner, self.sign)
+
+    def bprop(self, x, cos, sin, out, dout):
+        return self.backward(dout, cos, sin, self.partner, self.sign), ops.zeros_like(cos), ops.zeros_like(sin)
 
 
 class FusedCausalSoftmax(nn.Cell):

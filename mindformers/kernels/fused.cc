@@ -1184,3 +1184,152 @@ extern "C" int CausalAttentionBackward(int nparam, void **params, int *ndims, in
   });
   return 0;
 }
+
+// RMSNorm over the last axis: y = (x * rstd) * w, rstd = 1 / sqrt(mean(x^2) + eps).
+// Inputs: x [rows, h], weight [h], eps [1]. Outputs: y [rows, h], rstd [rows].
+extern "C" int RmsNormForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                              void *stream, void *extra) {
+  const float *x = static_cast<const float *>(params[0]);
+  const float *w = static_cast<const float *>(params[1]);
+  const float eps = *static_cast<const float *>(params[2]);
+  float *y = static_cast<float *>(params[3]);
+  float *rstd_out = static_cast<float *>(params[4]);
+  const int64_t h = shapes[0][ndims[0] - 1];
+  const int64_t rows = Numel(ndims[0], shapes[0]) / h;
+  ParallelFor(rows, h, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; r++) {
+      const float *xr = x + r * h;
+      float *yr = y + r * h;
+      double sq = 0.0;
+      for (int64_t j = 0; j < h; j++) sq += static_cast<double>(xr[j]) * xr[j];
+      const float rstd = 1.f / std::sqrt(static_cast<float>(sq / h) + eps);
+#pragma omp simd
+      for (int64_t j = 0; j < h; j++) yr[j] = (xr[j] * rstd) * w[j];
+      rstd_out[r] = rstd;
+    }
+  });
+  return 0;
+}
+
+// Inputs: x [rows, h], dy [rows, h], weight [h], rstd [rows]. Outputs: dx [rows, h], dweight [h].
+// dx = rstd * (g - xhat * mean(g * xhat)),  g = dy * weight, xhat = x * rstd;  dweight = sum over rows of dy * xhat
+extern "C" int RmsNormBackward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                               void *stream, void *extra) {
+  const float *x = static_cast<const float *>(params[0]);
+  const float *dy = static_cast<const float *>(params[1]);
+  const float *w = static_cast<const float *>(params[2]);
+  const float *rstd = static_cast<const float *>(params[3]);
+  float *dx = static_cast<float *>(params[4]);
+  float *dw = static_cast<float *>(params[5]);
+  const int64_t h = shapes[0][ndims[0] - 1];
+  const int64_t rows = Numel(ndims[0], shapes[0]) / h;
+  const int64_t blocks = (rows + kBlockRows - 1) / kBlockRows;
+  std::vector<float> partial_w(blocks * h, 0.f);
+  ParallelFor(blocks, kBlockRows * h, [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; blk++) {
+      float *pw = partial_w.data() + blk * h;
+      const int64_t last = std::min(rows, (blk + 1) * kBlockRows);
+      for (int64_t r = blk * kBlockRows; r < last; r++) {
+        const float *xr = x + r * h;
+        const float *dyr = dy + r * h;
+        float *dxr = dx + r * h;
+        const float rs = rstd[r];
+        float sum_gx = 0.f;
+#pragma omp simd reduction(+ : sum_gx)
+        for (int64_t j = 0; j < h; j++) {
+          const float xhat = xr[j] * rs;
+          sum_gx += dyr[j] * w[j] * xhat;
+          pw[j] += dyr[j] * xhat;
+        }
+        const float mean_gx = sum_gx / h;
+#pragma omp simd
+        for (int64_t j = 0; j < h; j++) dxr[j] = rs * (dyr[j] * w[j] - xr[j] * rs * mean_gx);
+      }
+    }
+  });
+  SumBlocks(partial_w, h, dw);
+  return 0;
+}
+
+// SwiGLU's gate: h = (gate * sigmoid(gate)) * up. Inputs: gate [n], up [n]. Output: h [n].
+extern "C" int SwiGluForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                             void *stream, void *extra) {
+  const float *g = static_cast<const float *>(params[0]);
+  const float *u = static_cast<const float *>(params[1]);
+  float *out = static_cast<float *>(params[2]);
+  const int64_t n = Numel(ndims[0], shapes[0]);
+  ParallelFor(n, 1, [=](int64_t begin, int64_t end) {
+#pragma omp simd
+    for (int64_t i = begin; i < end; i++) {
+      const float v = g[i];
+      out[i] = (v * (1.f / (1.f + Exp(-v)))) * u[i];
+    }
+  });
+  return 0;
+}
+
+// Inputs: gate, up, dh [n]. Outputs: dgate, dup [n].
+// s = sigmoid(gate): dup = dh * gate * s;  dgate = dh * up * s * (1 + gate * (1 - s))
+extern "C" int SwiGluBackward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                              void *stream, void *extra) {
+  const float *g = static_cast<const float *>(params[0]);
+  const float *u = static_cast<const float *>(params[1]);
+  const float *dh = static_cast<const float *>(params[2]);
+  float *dg = static_cast<float *>(params[3]);
+  float *du = static_cast<float *>(params[4]);
+  const int64_t n = Numel(ndims[0], shapes[0]);
+  ParallelFor(n, 1, [=](int64_t begin, int64_t end) {
+#pragma omp simd
+    for (int64_t i = begin; i < end; i++) {
+      const float v = g[i];
+      const float s = 1.f / (1.f + Exp(-v));
+      du[i] = dh[i] * (v * s);
+      dg[i] = dh[i] * u[i] * s * (1.f + v * (1.f - s));
+    }
+  });
+  return 0;
+}
+
+// Rotary embedding, y = x * cos + rotate(x) * sin with rotate(x)[i] = sign[i] * x[partner[i]] (partner an
+// involution: lane pairs swap, pass-through lanes map to themselves with sign 0).
+// Inputs: x [B, S, H, D], cos [Bc, S, 1, D] (Bc = 1 or B), sin (as cos), partner [D] int32, sign [D]. Output y.
+// Backward (inverse = true): the same inputs with dy for x, output dx[k] = dy[k] cos[k] + sign[p] sin[p] dy[p], p =
+// partner[k].
+namespace {
+int Rotary(void **params, int *ndims, int64_t **shapes, bool inverse) {
+  const float *x = static_cast<const float *>(params[0]);
+  const float *cos = static_cast<const float *>(params[1]);
+  const float *sin = static_cast<const float *>(params[2]);
+  const int32_t *partner = static_cast<const int32_t *>(params[3]);
+  const float *sign = static_cast<const float *>(params[4]);
+  float *y = static_cast<float *>(params[5]);
+  const int64_t batch = shapes[0][0], seq = shapes[0][1], heads = shapes[0][2], dim = shapes[0][3];
+  const int64_t table_batch = shapes[1][0];
+  ParallelFor(batch * seq, heads * dim, [&](int64_t begin, int64_t end) {
+    for (int64_t bs = begin; bs < end; bs++) {
+      const int64_t table_row = (table_batch == 1 ? bs % seq : bs) * dim;
+      const float *c = cos + table_row, *s = sin + table_row;
+      for (int64_t h = 0; h < heads; h++) {
+        const float *xr = x + (bs * heads + h) * dim;
+        float *yr = y + (bs * heads + h) * dim;
+        if (inverse) {
+          for (int64_t i = 0; i < dim; i++) yr[i] = xr[i] * c[i] + sign[partner[i]] * s[partner[i]] * xr[partner[i]];
+        } else {
+          for (int64_t i = 0; i < dim; i++) yr[i] = xr[i] * c[i] + sign[i] * xr[partner[i]] * s[i];
+        }
+      }
+    }
+  });
+  return 0;
+}
+}  // namespace
+
+extern "C" int RotaryForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                             void *stream, void *extra) {
+  return Rotary(params, ndims, shapes, false);
+}
+
+extern "C" int RotaryBackward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                              void *stream, void *extra) {
+  return Rotary(params, ndims, shapes, true);
+}
