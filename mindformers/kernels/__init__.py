@@ -107,20 +107,28 @@ class FusedGELU(nn.Cell):
         return (self.backward(x, dout),)
 
 
-class FusedBiasGELU(nn.Cell):
+class _TwoInputs(nn.Cell):
+    """A kernel of two inputs, `construct(a, b) -> [a's shape]`, whose backward kernel takes (a, b, dout) and gives
+    the gradients of a and b."""
+
+    def __init__(self, forward, backward):
+        super().__init__()
+        self.forward = _custom(forward, lambda a, b: a, lambda a, b: a)
+        self.backward = _custom(backward, lambda a, b, d: (a, b), lambda a, b, d: (a, b))
+
+    def construct(self, a, b):
+        return self.forward(a, b)
+
+    def bprop(self, a, b, out, dout):
+        return self.backward(a, b, dout)
+
+
+class FusedBiasGELU(_TwoInputs):
     """`construct(x [..., C], bias [C]) -> gelu(x + bias)` (the tanh-GELU of `FusedGELU`), one pass each way; the
     backward gives the bias gradient too. fp32, CPU (see `use_fused`)."""
 
     def __init__(self):
-        super().__init__()
-        self.forward = _custom('BiasGeluForward', lambda x, b: x, lambda x, b: x)
-        self.backward = _custom('BiasGeluBackward', lambda x, b, dy: (x, b), lambda x, b, dy: (x, b))
-
-    def construct(self, x, bias):
-        return self.forward(x, bias)
-
-    def bprop(self, x, bias, out, dout):
-        return self.backward(x, bias, dout)
+        super().__init__('BiasGeluForward', 'BiasGeluBackward')
 
 
 class FusedLayerNorm(nn.Cell):
@@ -161,20 +169,12 @@ class FusedRMSNorm(nn.Cell):
         return self.backward(x, dout[0], weight, out[1])
 
 
-class FusedSwiGLU(nn.Cell):
+class FusedSwiGLU(_TwoInputs):
     """`construct(gate, up) -> silu(gate) * up`, elementwise (same shapes), one pass each way; fp32, CPU (see
     `use_fused`). Keeps only gate and up for the backward."""
 
     def __init__(self):
-        super().__init__()
-        self.forward = _custom('SwiGluForward', lambda g, u: g, lambda g, u: g)
-        self.backward = _custom('SwiGluBackward', lambda g, u, d: (g, g), lambda g, u, d: (g, g))
-
-    def construct(self, gate, up):
-        return self.forward(gate, up)
-
-    def bprop(self, gate, up, out, dout):
-        return self.backward(gate, up, dout)
+        super().__init__('SwiGluForward', 'SwiGluBackward')
 
 
 class FusedRotary(nn.Cell):
