@@ -16,37 +16,49 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _harness import medians, peak_rss_mb, report, run_worker, write_json  # noqa: E402
+from _harness import environment, interleave, medians, report, step_figures, write_json  # noqa: E402
 
 VOCAB, HIDDEN, LAYERS, HEADS, SEQ, BATCH = 8192, 512, 8, 8, 256, 8
 LR, BETAS, EPS, WEIGHT_DECAY = 1e-4, (0.9, 0.95), 1e-8, 0.1
 
 
-def _batches(steps, seed=0):
+def batches(steps, seed=0):
+    """`steps` int64 arrays [BATCH, SEQ + 1] of random token ids (the same for every variant)."""
     import numpy as np
     rng = np.random.default_rng(seed)
     return [rng.integers(0, VOCAB, size=(BATCH, SEQ + 1), dtype=np.int64) for _ in range(steps)]
 
 
-def run_mindformers(steps, warmup, compile_cache=None):
+def mindformers_context(compile_cache=None):
+    """Set up MindSpore (graph mode, CPU, seed 0; `compile_cache`: a compile cache directory) and make this
+    repository's `mindformers` the one imported."""
     import mindspore as ms
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from mindformers import GPT2Config, GPT2LMHeadModel, AdamWeightDecay, MFTrainOneStepCell
     if compile_cache:
         os.environ.update(MS_COMPILER_CACHE_ENABLE='1', MS_COMPILER_CACHE_PATH=compile_cache)
     ms.set_context(mode=0)
     ms.set_device('CPU')
     ms.set_seed(0)
-    config = GPT2Config(vocab_size=VOCAB, hidden_size=HIDDEN, num_layers=LAYERS, num_heads=HEADS, seq_length=SEQ,
-                        hidden_dropout_rate=0.0, attention_dropout_rate=0.0, embedding_dropout_prob=0.0)
-    model = GPT2LMHeadModel(config)
+
+
+def mindformers_gpt2():
+    from mindformers import GPT2Config, GPT2LMHeadModel
+    return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, hidden_size=HIDDEN, num_layers=LAYERS, num_heads=HEADS,
+                                      seq_length=SEQ, hidden_dropout_rate=0.0, attention_dropout_rate=0.0,
+                                      embedding_dropout_prob=0.0))
+
+
+def time_mindformers(model, steps, warmup):
+    """Per-step wall times (s) of `steps + warmup` steps of the Trainer's compiled step (MFTrainOneStepCell, no
+    clipping) with AdamW over `model.trainable_params()`."""
+    import mindspore as ms
+    from mindformers import AdamWeightDecay, MFTrainOneStepCell
     optimizer = AdamWeightDecay(model.trainable_params(), learning_rate=LR, beta1=BETAS[0], beta2=BETAS[1], eps=EPS,
                                 weight_decay=WEIGHT_DECAY)
     step = MFTrainOneStepCell(model, optimizer, use_clip_grad=False)
     step.set_train(True)
-    batches = [ms.Tensor(b.astype('int32')) for b in _batches(steps + warmup)]
     times = []
-    for batch in batches:
+    for batch in [ms.Tensor(b.astype('int32')) for b in batches(steps + warmup)]:
         start = time.perf_counter()
         loss, _ = step(batch)
         loss.asnumpy()
@@ -54,18 +66,23 @@ def run_mindformers(steps, warmup, compile_cache=None):
     return times
 
 
-def run_torch(steps, warmup):
+def hf_gpt2():
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_positions=SEQ,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    model = GPT2LMHeadModel(config)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_positions=SEQ,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+
+
+def time_torch(model, steps, warmup):
+    """Per-step wall times (s) of `steps + warmup` steps of a HF causal LM (or a PEFT model around one) with
+    torch.optim.AdamW over the parameters that require grad."""
+    import torch
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
-    batches = [torch.from_numpy(b) for b in _batches(steps + warmup)]
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, betas=BETAS, eps=EPS,
+                                  weight_decay=WEIGHT_DECAY)
     times = []
-    for batch in batches:
+    for batch in [torch.from_numpy(b) for b in batches(steps + warmup)]:
         start = time.perf_counter()
         out = model(input_ids=batch[:, :-1], labels=batch[:, :-1])
         out.loss.backward()
@@ -76,15 +93,22 @@ def run_torch(steps, warmup):
     return times
 
 
+def run_mindformers(steps, warmup, compile_cache=None):
+    mindformers_context(compile_cache)
+    return time_mindformers(mindformers_gpt2(), steps, warmup)
+
+
+def run_torch(steps, warmup):
+    return time_torch(hf_gpt2(), steps, warmup)
+
+
 WORKERS = {'mindformers': run_mindformers, 'mindformers_cached': run_mindformers, 'torch': run_torch}
 
 
 def worker(name, steps, warmup, compile_cache=None):
     start = time.perf_counter()
     times = WORKERS[name](steps, warmup, compile_cache) if compile_cache else WORKERS[name](steps, warmup)
-    measured = times[warmup:]
-    report({'tokens_per_s': BATCH * SEQ * len(measured) / sum(measured), 'first_step_s': times[0],
-            'setup_and_first_step_s': time.perf_counter() - start - sum(times[1:]), 'peak_rss_mb': peak_rss_mb()})
+    report(step_figures(times, warmup, BATCH * SEQ, start))
 
 
 def main():
@@ -99,23 +123,20 @@ def main():
     if args.worker:
         worker(args.worker, args.steps, args.warmup, args.compile_cache)
         return
-    results = {name: [] for name in WORKERS}
     cache_root = tempfile.mkdtemp(prefix='mf-bench-cache-')
     warm_cache = os.path.join(cache_root, 'warm')
-    for round_index in range(args.rounds):
-        for name in WORKERS:
-            extra = []
-            if name == 'mindformers':  # an empty compile cache each time: the cold first step
-                extra = ['--compile_cache', os.path.join(cache_root, f'cold{round_index}')]
-            elif name == 'mindformers_cached':  # filled by the first cold run of this invocation
-                if not os.path.isdir(warm_cache):
-                    shutil.copytree(os.path.join(cache_root, 'cold0'), warm_cache)
-                extra = ['--compile_cache', warm_cache]
-            results[name].append(run_worker(os.path.abspath(__file__), name, '--steps', args.steps, '--warmup',
-                                            args.warmup, *extra))
-            print(f"round {round_index + 1}/{args.rounds} {name}: {results[name][-1]['tokens_per_s']:.0f} tokens/s",
-                  file=sys.stderr)
-    summary = medians(results)
+
+    def extra(name, round_index):
+        cache = []
+        if name == 'mindformers':  # an empty compile cache each time: the cold first step
+            cache = ['--compile_cache', os.path.join(cache_root, f'cold{round_index}')]
+        elif name == 'mindformers_cached':  # filled by the first cold run of this invocation
+            if not os.path.isdir(warm_cache):
+                shutil.copytree(os.path.join(cache_root, 'cold0'), warm_cache)
+            cache = ['--compile_cache', warm_cache]
+        return ['--steps', args.steps, '--warmup', args.warmup, *cache]
+
+    summary = medians(interleave(os.path.abspath(__file__), WORKERS, args.rounds, extra))
     shutil.rmtree(cache_root, ignore_errors=True)
     ours, ref = summary['mindformers'], summary['torch']
     figures = {'model': f'GPT-2 vocab {VOCAB}, hidden {HIDDEN}, {LAYERS} layers, {HEADS} heads, seq {SEQ}, '
@@ -124,7 +145,7 @@ def main():
                'first_step_s_cold_cache': ours['first_step_s'],
                'first_step_s_warm_cache': summary['mindformers_cached']['first_step_s'],
                'ratio': ours['tokens_per_s'] / ref['tokens_per_s'],
-               'rss_ratio': ours['peak_rss_mb'] / ref['peak_rss_mb']}
+               'rss_ratio': ours['peak_rss_mb'] / ref['peak_rss_mb'], 'environment': environment()}
     print(f"{'variant':<34}{'tokens/s':>10}{'first step s':>14}{'peak RSS MB':>13}")
     for name, label in (('mindformers', 'mindformers, cold compile cache'),
                         ('mindformers_cached', 'mindformers, warm compile cache'), ('torch', 'HF transformers + torch')):

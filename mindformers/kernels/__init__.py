@@ -1,5 +1,6 @@
-"""Fused fp32 CPU kernels (tanh-GELU, LayerNorm, causal softmax, causal attention, decode attention, linear layers
-on few rows) as MindSpore AOT custom ops, compiled from `fused.cc` on first use.
+"""Fused fp32 CPU kernels (tanh-GELU, LayerNorm, RMSNorm, SwiGLU, rotary embedding, causal softmax, causal
+attention, decode attention, linear layers on few rows) as MindSpore AOT custom ops, compiled from `fused.cc` on
+first use.
 
 MindSpore runs every small op as its own pass over memory; on CPU the train step's elementwise work (LayerNorm's
 backward above all) costs as much as its matrix products. These kernels do each of those in one pass. Decode steps
@@ -106,20 +107,28 @@ class FusedGELU(nn.Cell):
         return (self.backward(x, dout),)
 
 
-class FusedBiasGELU(nn.Cell):
+class _TwoInputs(nn.Cell):
+    """A kernel of two inputs, `construct(a, b) -> [a's shape]`, whose backward kernel takes (a, b, dout) and gives
+    the gradients of a and b."""
+
+    def __init__(self, forward, backward):
+        super().__init__()
+        self.forward = _custom(forward, lambda a, b: a, lambda a, b: a)
+        self.backward = _custom(backward, lambda a, b, d: (a, b), lambda a, b, d: (a, b))
+
+    def construct(self, a, b):
+        return self.forward(a, b)
+
+    def bprop(self, a, b, out, dout):
+        return self.backward(a, b, dout)
+
+
+class FusedBiasGELU(_TwoInputs):
     """`construct(x [..., C], bias [C]) -> gelu(x + bias)` (the tanh-GELU of `FusedGELU`), one pass each way; the
     backward gives the bias gradient too. fp32, CPU (see `use_fused`)."""
 
     def __init__(self):
-        super().__init__()
-        self.forward = _custom('BiasGeluForward', lambda x, b: x, lambda x, b: x)
-        self.backward = _custom('BiasGeluBackward', lambda x, b, dy: (x, b), lambda x, b, dy: (x, b))
-
-    def construct(self, x, bias):
-        return self.forward(x, bias)
-
-    def bprop(self, x, bias, out, dout):
-        return self.backward(x, bias, dout)
+        super().__init__('BiasGeluForward', 'BiasGeluBackward')
 
 
 class FusedLayerNorm(nn.Cell):
@@ -141,6 +150,55 @@ class FusedLayerNorm(nn.Cell):
         _, mean, rstd = out
         dx, dweight, dbias = self.backward(x, dout[0], weight, mean, rstd)
         return dx, dweight, dbias
+
+
+class FusedRMSNorm(nn.Cell):
+    """`construct(x [..., h], weight [h]) -> (y, rstd [rows])`, y = x * rsqrt(mean(x^2) + eps) * weight over the last
+    axis, one pass each way (the backward gives the weight gradient too); fp32, CPU (see `use_fused`)."""
+
+    def __init__(self, eps):
+        super().__init__()
+        self.eps = Tensor(np.array([eps], np.float32))
+        self.forward = _custom('RmsNormForward', lambda x, w, e: (x, _rows(x)), lambda x, w, e: (x, x))
+        self.backward = _custom('RmsNormBackward', lambda x, dy, w, r: (x, w), lambda x, dy, w, r: (x, x))
+
+    def construct(self, x, weight):
+        return self.forward(x, weight, self.eps)
+
+    def bprop(self, x, weight, out, dout):
+        return self.backward(x, dout[0], weight, out[1])
+
+
+class FusedSwiGLU(_TwoInputs):
+    """`construct(gate, up) -> silu(gate) * up`, elementwise (same shapes), one pass each way; fp32, CPU (see
+    `use_fused`). Keeps only gate and up for the backward."""
+
+    def __init__(self):
+        super().__init__('SwiGluForward', 'SwiGluBackward')
+
+
+class FusedRotary(nn.Cell):
+    """`construct(x [B, S, heads, D], cos [1 or B, S, 1, D], sin) -> x * cos + (x @ swap) * sin` for a signed
+    permutation `swap` [D, D] (NumPy) whose permutation is its own inverse (lane pairs swap, as every RoPE
+    variant's rotation matrix does; all-zero columns are pass-through lanes). One pass each way; cos and sin get
+    no gradient. fp32, CPU (see `use_fused`)."""
+
+    def __init__(self, swap):
+        super().__init__()
+        swap = np.asarray(swap, np.float32)
+        partner = np.where(swap.any(axis=0), np.abs(swap).argmax(axis=0), np.arange(len(swap)))
+        if (partner[partner] != np.arange(len(swap))).any():
+            raise ValueError("FusedRotary needs a rotation whose lane permutation is its own inverse")
+        self.partner = Tensor(partner.astype(np.int32))
+        self.sign = Tensor(swap[partner, np.arange(len(swap))])
+        self.forward = _custom('RotaryForward', lambda x, *rest: x, lambda x, *rest: x)
+        self.backward = _custom('RotaryBackward', lambda x, *rest: x, lambda x, *rest: x)
+
+    def construct(self, x, cos, sin):
+        return self.forward(x, cos, sin, self.partner, self.sign)
+
+    def bprop(self, x, cos, sin, out, dout):
+        return self.backward(dout, cos, sin, self.partner, self.sign), ops.zeros_like(cos), ops.zeros_like(sin)
 
 
 class FusedCausalSoftmax(nn.Cell):

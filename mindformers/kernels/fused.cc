@@ -9,6 +9,7 @@
 #include <sched.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <cmath>
@@ -176,6 +177,25 @@ void SumBlocks(const std::vector<float> &partial, int64_t cols, float *out) {
     for (int64_t j = 0; j < cols; j++) out[j] += block[j];
   }
 }
+
+// Row-wise work that also sums values per column over all rows (weight and bias gradients): fn(r, sums) handles row
+// r and adds into sums[k][0..cols) for each k < kSums. Rows go in fixed blocks of kBlockRows, each block with partial
+// sums of its own, added into out[k] in block order.
+template <size_t kSums, typename Fn>
+void RowsWithColumnSums(int64_t rows, int64_t cols, std::array<float *, kSums> out, Fn fn) {
+  const int64_t blocks = (rows + kBlockRows - 1) / kBlockRows;
+  std::array<std::vector<float>, kSums> partial;
+  for (auto &p : partial) p.assign(blocks * cols, 0.f);
+  ParallelFor(blocks, kBlockRows * cols, [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; blk++) {
+      std::array<float *, kSums> sums;
+      for (size_t k = 0; k < kSums; k++) sums[k] = partial[k].data() + blk * cols;
+      const int64_t last = std::min(rows, (blk + 1) * kBlockRows);
+      for (int64_t r = blk * kBlockRows; r < last; r++) fn(r, sums);
+    }
+  });
+  for (size_t k = 0; k < kSums; k++) SumBlocks(partial[k], cols, out[k]);
+}
 }  // namespace
 
 // y = x * sigmoid(x * (a + b x^2))  (tanh-approximate GELU)
@@ -242,27 +262,19 @@ extern "C" int BiasGeluBackward(int nparam, void **params, int *ndims, int64_t *
   float *db = static_cast<float *>(params[4]);
   const int64_t cols = shapes[1][0];
   const int64_t rows = Numel(ndims[0], shapes[0]) / cols;
-  const int64_t blocks = (rows + kBlockRows - 1) / kBlockRows;
-  std::vector<float> partial(blocks * cols, 0.f);
-  ParallelFor(blocks, kBlockRows * cols, [&](int64_t begin, int64_t end) {
-    for (int64_t blk = begin; blk < end; blk++) {
-      float *pb = partial.data() + blk * cols;
-      const int64_t last = std::min(rows, (blk + 1) * kBlockRows);
-      for (int64_t r = blk * kBlockRows; r < last; r++) {
-        const float *xr = x + r * cols;
-        const float *dyr = dy + r * cols;
-        float *dxr = dx + r * cols;
+  RowsWithColumnSums<1>(rows, cols, {db}, [&](int64_t r, const std::array<float *, 1> &sums) {
+    float *pb = sums[0];
+    const float *xr = x + r * cols;
+    const float *dyr = dy + r * cols;
+    float *dxr = dx + r * cols;
 #pragma omp simd
-        for (int64_t j = 0; j < cols; j++) {
-          const float v = xr[j] + bias[j];
-          const float g = dyr[j] * GeluSlope(v);
-          dxr[j] = g;
-          pb[j] += g;
-        }
-      }
+    for (int64_t j = 0; j < cols; j++) {
+      const float v = xr[j] + bias[j];
+      const float g = dyr[j] * GeluSlope(v);
+      dxr[j] = g;
+      pb[j] += g;
     }
   });
-  SumBlocks(partial, cols, db);
   return 0;
 }
 
@@ -285,89 +297,117 @@ extern "C" int BiasResidualAdd(int nparam, void **params, int *ndims, int64_t **
   return 0;
 }
 
-// LayerNorm over the last axis. Inputs: x [rows, h], weight [h], bias [h], eps [1].
-// Outputs: y [rows, h], mean [rows], rstd [rows].
-extern "C" int LayerNormForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
-                                void *stream, void *extra) {
-  const float *x = static_cast<const float *>(params[0]);
-  const float *w = static_cast<const float *>(params[1]);
-  const float *b = static_cast<const float *>(params[2]);
-  const float eps = *static_cast<const float *>(params[3]);
-  float *y = static_cast<float *>(params[4]);
-  float *mean_out = static_cast<float *>(params[5]);
-  float *rstd_out = static_cast<float *>(params[6]);
-  const int64_t h = shapes[0][ndims[0] - 1];
-  const int64_t rows = Numel(ndims[0], shapes[0]) / h;
+namespace {
+// LayerNorm (kCentered) or RMSNorm over the last axis: y = (x - mean) * rstd * w (+ b), rstd = 1 / sqrt(mean((x -
+// mean)^2) + eps), mean = 0 for RMSNorm. Writes mean (LayerNorm only) and rstd per row.
+template <bool kCentered>
+void NormForward(const float *x, const float *w, const float *b, float eps, float *y, float *mean_out,
+                 float *rstd_out, int64_t rows, int64_t h) {
   ParallelFor(rows, h, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; r++) {
       const float *xr = x + r * h;
       float *yr = y + r * h;
-      double sum = 0.0;
-      for (int64_t j = 0; j < h; j++) sum += xr[j];
-      const float mean = static_cast<float>(sum / h);
+      float mean = 0.f;
+      if constexpr (kCentered) {
+        double sum = 0.0;
+        for (int64_t j = 0; j < h; j++) sum += xr[j];
+        mean = static_cast<float>(sum / h);
+        mean_out[r] = mean;
+      }
       double sq = 0.0;
       for (int64_t j = 0; j < h; j++) {
         const float d = xr[j] - mean;
         sq += static_cast<double>(d) * d;
       }
       const float rstd = 1.f / std::sqrt(static_cast<float>(sq / h) + eps);
+      if constexpr (kCentered) {
 #pragma omp simd
-      for (int64_t j = 0; j < h; j++) yr[j] = (xr[j] - mean) * rstd * w[j] + b[j];
-      mean_out[r] = mean;
+        for (int64_t j = 0; j < h; j++) yr[j] = (xr[j] - mean) * rstd * w[j] + b[j];
+      } else {
+#pragma omp simd
+        for (int64_t j = 0; j < h; j++) yr[j] = (xr[j] * rstd) * w[j];
+      }
       rstd_out[r] = rstd;
     }
   });
+}
+
+// dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * weight, xhat = (x - mean) * rstd (RMSNorm: without
+// mean(g) and mean); dweight = the sum over rows of dy * xhat, dbias (LayerNorm) of dy.
+template <bool kCentered>
+void NormBackward(const float *x, const float *dy, const float *w, const float *mean, const float *rstd, float *dx,
+                  std::array<float *, kCentered ? 2 : 1> dparams, int64_t rows, int64_t h) {
+  using Sums = std::array<float *, kCentered ? 2 : 1>;
+  RowsWithColumnSums(rows, h, dparams, [&](int64_t r, const Sums &sums) {
+    float *pw = sums[0];
+    const float *xr = x + r * h;
+    const float *dyr = dy + r * h;
+    float *dxr = dx + r * h;
+    const float mu = kCentered ? mean[r] : 0.f, rs = rstd[r];
+    float sum_g = 0.f, sum_gx = 0.f;
+#pragma omp simd reduction(+ : sum_g, sum_gx)
+    for (int64_t j = 0; j < h; j++) {
+      const float xhat = (xr[j] - mu) * rs;
+      const float g = dyr[j] * w[j];
+      sum_g += g;
+      sum_gx += g * xhat;
+      pw[j] += dyr[j] * xhat;
+      if constexpr (kCentered) sums[1][j] += dyr[j];
+    }
+    const float mean_g = kCentered ? sum_g / h : 0.f, mean_gx = sum_gx / h;
+#pragma omp simd
+    for (int64_t j = 0; j < h; j++) {
+      const float xhat = (xr[j] - mu) * rs;
+      dxr[j] = rs * (dyr[j] * w[j] - mean_g - xhat * mean_gx);
+    }
+  });
+}
+}  // namespace
+
+// LayerNorm over the last axis. Inputs: x [rows, h], weight [h], bias [h], eps [1].
+// Outputs: y [rows, h], mean [rows], rstd [rows].
+extern "C" int LayerNormForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                void *stream, void *extra) {
+  const int64_t h = shapes[0][ndims[0] - 1];
+  NormForward<true>(static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
+                    static_cast<const float *>(params[2]), *static_cast<const float *>(params[3]),
+                    static_cast<float *>(params[4]), static_cast<float *>(params[5]), static_cast<float *>(params[6]),
+                    Numel(ndims[0], shapes[0]) / h, h);
   return 0;
 }
 
 // Inputs: x [rows, h], dy [rows, h], weight [h], mean [rows], rstd [rows].
 // Outputs: dx [rows, h], dweight [h], dbias [h].
-// dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),  g = dy * weight
 extern "C" int LayerNormBackward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                                  void *stream, void *extra) {
-  const float *x = static_cast<const float *>(params[0]);
-  const float *dy = static_cast<const float *>(params[1]);
-  const float *w = static_cast<const float *>(params[2]);
-  const float *mean = static_cast<const float *>(params[3]);
-  const float *rstd = static_cast<const float *>(params[4]);
-  float *dx = static_cast<float *>(params[5]);
-  float *dw = static_cast<float *>(params[6]);
-  float *db = static_cast<float *>(params[7]);
   const int64_t h = shapes[0][ndims[0] - 1];
-  const int64_t rows = Numel(ndims[0], shapes[0]) / h;
-  const int64_t blocks = (rows + kBlockRows - 1) / kBlockRows;
-  std::vector<float> partial_w(blocks * h, 0.f), partial_b(blocks * h, 0.f);
-  ParallelFor(blocks, kBlockRows * h, [&](int64_t begin, int64_t end) {
-    for (int64_t blk = begin; blk < end; blk++) {
-      float *pw = partial_w.data() + blk * h;
-      float *pb = partial_b.data() + blk * h;
-      const int64_t last = std::min(rows, (blk + 1) * kBlockRows);
-      for (int64_t r = blk * kBlockRows; r < last; r++) {
-        const float *xr = x + r * h;
-        const float *dyr = dy + r * h;
-        float *dxr = dx + r * h;
-        const float mu = mean[r], rs = rstd[r];
-        float sum_g = 0.f, sum_gx = 0.f;
-#pragma omp simd reduction(+ : sum_g, sum_gx)
-        for (int64_t j = 0; j < h; j++) {
-          const float xhat = (xr[j] - mu) * rs;
-          const float g = dyr[j] * w[j];
-          sum_g += g;
-          sum_gx += g * xhat;
-          pw[j] += dyr[j] * xhat;
-          pb[j] += dyr[j];
-        }
-        const float mean_g = sum_g / h, mean_gx = sum_gx / h;
-#pragma omp simd
-        for (int64_t j = 0; j < h; j++) {
-          const float xhat = (xr[j] - mu) * rs;
-          dxr[j] = rs * (dyr[j] * w[j] - mean_g - xhat * mean_gx);
-        }
-      }
-    }
-  });
-  SumBlocks(partial_w, h, dw);
-  SumBlocks(partial_b, h, db);
+  NormBackward<true>(static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
+                     static_cast<const float *>(params[2]), static_cast<const float *>(params[3]),
+                     static_cast<const float *>(params[4]), static_cast<float *>(params[5]),
+                     {static_cast<float *>(params[6]), static_cast<float *>(params[7])},
+                     Numel(ndims[0], shapes[0]) / h, h);
+  return 0;
+}
+
+// RMSNorm over the last axis, y = (x * rstd) * w. Inputs: x [rows, h], weight [h], eps [1].
+// Outputs: y [rows, h], rstd [rows].
+extern "C" int RmsNormForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                              void *stream, void *extra) {
+  const int64_t h = shapes[0][ndims[0] - 1];
+  NormForward<false>(static_cast<const float *>(params[0]), static_cast<const float *>(params[1]), nullptr,
+                     *static_cast<const float *>(params[2]), static_cast<float *>(params[3]), nullptr,
+                     static_cast<float *>(params[4]), Numel(ndims[0], shapes[0]) / h, h);
+  return 0;
+}
+
+// Inputs: x [rows, h], dy [rows, h], weight [h], rstd [rows]. Outputs: dx [rows, h], dweight [h].
+extern "C" int RmsNormBackward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                               void *stream, void *extra) {
+  const int64_t h = shapes[0][ndims[0] - 1];
+  NormBackward<false>(static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
+                      static_cast<const float *>(params[2]), nullptr, static_cast<const float *>(params[3]),
+                      static_cast<float *>(params[4]), {static_cast<float *>(params[5])},
+                      Numel(ndims[0], shapes[0]) / h, h);
   return 0;
 }
 
@@ -1183,4 +1223,87 @@ extern "C" int CausalAttentionBackward(int nparam, void **params, int *ndims, in
     }
   });
   return 0;
+}
+
+// SwiGLU's gate: h = (gate * sigmoid(gate)) * up. Inputs: gate [n], up [n]. Output: h [n].
+extern "C" int SwiGluForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                             void *stream, void *extra) {
+  const float *g = static_cast<const float *>(params[0]);
+  const float *u = static_cast<const float *>(params[1]);
+  float *out = static_cast<float *>(params[2]);
+  const int64_t n = Numel(ndims[0], shapes[0]);
+  ParallelFor(n, 1, [=](int64_t begin, int64_t end) {
+#pragma omp simd
+    for (int64_t i = begin; i < end; i++) {
+      const float v = g[i];
+      out[i] = (v * (1.f / (1.f + Exp(-v)))) * u[i];
+    }
+  });
+  return 0;
+}
+
+// Inputs: gate, up, dh [n]. Outputs: dgate, dup [n].
+// s = sigmoid(gate): dup = dh * gate * s;  dgate = dh * up * s * (1 + gate * (1 - s))
+extern "C" int SwiGluBackward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                              void *stream, void *extra) {
+  const float *g = static_cast<const float *>(params[0]);
+  const float *u = static_cast<const float *>(params[1]);
+  const float *dh = static_cast<const float *>(params[2]);
+  float *dg = static_cast<float *>(params[3]);
+  float *du = static_cast<float *>(params[4]);
+  const int64_t n = Numel(ndims[0], shapes[0]);
+  ParallelFor(n, 1, [=](int64_t begin, int64_t end) {
+#pragma omp simd
+    for (int64_t i = begin; i < end; i++) {
+      const float v = g[i];
+      const float s = 1.f / (1.f + Exp(-v));
+      du[i] = dh[i] * (v * s);
+      dg[i] = dh[i] * u[i] * s * (1.f + v * (1.f - s));
+    }
+  });
+  return 0;
+}
+
+// Rotary embedding, y = x * cos + rotate(x) * sin with rotate(x)[i] = sign[i] * x[partner[i]] (partner an
+// involution: lane pairs swap, pass-through lanes map to themselves with sign 0).
+// Inputs: x [B, S, H, D], cos [Bc, S, 1, D] (Bc = 1 or B), sin (as cos), partner [D] int32, sign [D]. Output y.
+// Backward (inverse = true): the same inputs with dy for x, output dx[k] = dy[k] cos[k] + sign[p] sin[p] dy[p], p =
+// partner[k].
+namespace {
+int Rotary(void **params, int *ndims, int64_t **shapes, bool inverse) {
+  const float *x = static_cast<const float *>(params[0]);
+  const float *cos = static_cast<const float *>(params[1]);
+  const float *sin = static_cast<const float *>(params[2]);
+  const int32_t *partner = static_cast<const int32_t *>(params[3]);
+  const float *sign = static_cast<const float *>(params[4]);
+  float *y = static_cast<float *>(params[5]);
+  const int64_t batch = shapes[0][0], seq = shapes[0][1], heads = shapes[0][2], dim = shapes[0][3];
+  const int64_t table_batch = shapes[1][0];
+  ParallelFor(batch * seq, heads * dim, [&](int64_t begin, int64_t end) {
+    for (int64_t bs = begin; bs < end; bs++) {
+      const int64_t table_row = (table_batch == 1 ? bs % seq : bs) * dim;
+      const float *c = cos + table_row, *s = sin + table_row;
+      for (int64_t h = 0; h < heads; h++) {
+        const float *xr = x + (bs * heads + h) * dim;
+        float *yr = y + (bs * heads + h) * dim;
+        if (inverse) {
+          for (int64_t i = 0; i < dim; i++) yr[i] = xr[i] * c[i] + sign[partner[i]] * s[partner[i]] * xr[partner[i]];
+        } else {
+          for (int64_t i = 0; i < dim; i++) yr[i] = xr[i] * c[i] + sign[i] * xr[partner[i]] * s[i];
+        }
+      }
+    }
+  });
+  return 0;
+}
+}  // namespace
+
+extern "C" int RotaryForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                             void *stream, void *extra) {
+  return Rotary(params, ndims, shapes, false);
+}
+
+extern "C" int RotaryBackward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                              void *stream, void *extra) {
+  return Rotary(params, ndims, shapes, true);
 }

@@ -1,7 +1,7 @@
 """Position-wise feed-forward networks: GELU MLP (GPT-2) and SwiGLU (LLaMA, GLM2, PengCheng.Mind)."""
 from mindspore import nn, ops
 
-from mindformers.kernels import FEW_ROWS
+from mindformers.kernels import FEW_ROWS, FusedSwiGLU, use_fused
 from mindformers.modules.layers import Linear, Dropout, add_residual, get_activation, _dp_mp
 
 
@@ -66,11 +66,15 @@ class GatedMLP(nn.Cell):
         self.sigmoid = ops.Sigmoid().shard(((dp, mp),))
         self.mul_gate = ops.Mul().shard(((dp, mp), (dp, mp)))
         self.mul = ops.Mul().shard(((dp, mp), (dp, mp)))
+        self.swiglu = FusedSwiGLU() if dp == mp == 1 and use_fused(self.gate_proj.compute_dtype) else None
 
     def construct(self, x, residual=None):
         """x [..., hidden_size] -> [..., hidden_size] (+ `residual`)."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         gate = self.gate_proj(flat)
-        hidden = self.mul(self.mul_gate(gate, self.sigmoid(gate)), self.up_proj(flat))  # silu(gate) * up
+        if self.swiglu is not None:
+            hidden = self.swiglu(gate, self.up_proj(flat))
+        else:
+            hidden = self.mul(self.mul_gate(gate, self.sigmoid(gate)), self.up_proj(flat))  # silu(gate) * up
         return self.down_proj(hidden, residual=residual).reshape(shape)

@@ -1,7 +1,9 @@
 """RMSNorm (LLaMA, GLM2), and `build_norm` choosing it or LayerNorm by name (decoders whose norm is configurable)."""
+import mindspore as ms
 from mindspore import nn, ops, Parameter
 from mindspore.common.initializer import initializer
 
+from mindformers.kernels import FusedRMSNorm, use_fused
 from mindformers.modules.layers import LayerNorm, to_mstype, _dp_mp
 
 NORM_TYPES = ('rmsnorm', 'layernorm')
@@ -28,9 +30,14 @@ class RMSNorm(nn.Cell):
         self.rsqrt = ops.Rsqrt().shard(((dp, 1, 1),))
         self.mul = ops.Mul().shard(((dp, 1, 1), (dp, 1, 1)))
         self.mul_weight = ops.Mul().shard(((dp, 1, 1), (1,)))
+        # fp32 throughout, unsharded, on CPU: one kernel pass each way
+        fused = dp == 1 and self.weight.dtype == ms.float32 and use_fused(self.compute_type)
+        self.fused = FusedRMSNorm(self.eps) if fused else None
 
     def construct(self, x):
         dtype = x.dtype
+        if self.fused is not None and dtype == ms.float32:
+            return self.fused(x, self.weight)[0]
         y = x if dtype == self.compute_type else ops.cast(x, self.compute_type)
         y = self.mul(y, self.rsqrt(self.add_eps(self.mean(self.square(y), -1), self.eps)))
         if y.dtype != dtype:

@@ -4,6 +4,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import nn, ops, Tensor
 
+from mindformers.kernels import FusedRotary, use_fused
 from mindformers.modules.layers import to_mstype
 
 
@@ -59,8 +60,14 @@ class RotaryEmbedding(nn.Cell):
         sin = np.zeros((max_positions, head_dim), np.float32)
         cos[:, :rotary_dim], sin[:, :rotary_dim] = np.cos(lanes), np.sin(lanes)
         self.cos_table, self.sin_table = Tensor(cos, self.dtype), Tensor(sin, self.dtype)
-        self.swap = Tensor(rotation_matrix(head_dim, rotary_dim, interleaved), self.dtype)
         self.matmul = ops.MatMul()
+        self._rotate_with(rotation_matrix(head_dim, rotary_dim, interleaved))
+
+    def _rotate_with(self, swap):
+        """Use `swap` (NumPy [head_dim, head_dim]) as the rotation: x @ swap = rotate(x); in fp32 on CPU through one
+        kernel pass each way (see `kernels.FusedRotary`)."""
+        self.swap = Tensor(swap, self.dtype)
+        self.fused = FusedRotary(swap) if use_fused(self.dtype) else None
 
     def static_tables(self, seq):
         cos, sin = self.cos_table[:seq], self.sin_table[:seq]
@@ -75,6 +82,9 @@ class RotaryEmbedding(nn.Cell):
         dtype = x.dtype
         if dtype != self.dtype:
             x = ops.cast(x, self.dtype)
+        if self.fused is not None:
+            y = self.fused(x, cos, sin)
+            return y if dtype == self.dtype else ops.cast(y, dtype)
         rotated = self.matmul(x.reshape(-1, self.head_dim), self.swap).reshape(x.shape)
         y = x * cos + rotated * sin
         return y if dtype == self.dtype else ops.cast(y, dtype)
@@ -95,7 +105,7 @@ class Rotary2DEmbedding(RotaryEmbedding):
         super().__init__(head_dim // 2, max_positions, theta=theta, dtype=dtype, float16_frequencies=True)
         self.head_dim = head_dim  # the tables cover one half; apply() rotates both halves of the whole head
         half = rotation_matrix(head_dim // 2, head_dim // 2, interleaved=False)
-        self.swap = Tensor(np.kron(np.eye(2, dtype=np.float32), half), self.dtype)
+        self._rotate_with(np.kron(np.eye(2, dtype=np.float32), half))
 
     def static_tables(self, seq):
         raise TypeError("Rotary2DEmbedding takes two position rows: use tables(positions [B, 2, S])")
