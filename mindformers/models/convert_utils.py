@@ -446,15 +446,17 @@ class FamilyConverter:
 
     # -- machinery --------------------------------------------------------------------------------------------
 
-    def model_shapes(self, config):
-        """Our parameter names and shapes for `config`, read off a model built without initialising its weights."""
+    def model_shapes(self, config, with_delta=False):
+        """Our parameter names and shapes for `config`, read off a model built without initialising its weights;
+        with `with_delta`, (shapes, the names of the PET delta that `config.pet_config` adds)."""
         from mindspore.nn.utils import no_init_parameters
         module, name = self.model_class.split(':')
         config = copy.copy(config)
         config.checkpoint_name_or_path = ''
         with no_init_parameters():
             model = getattr(importlib.import_module(module), name)(config)
-        return {p.name: tuple(p.shape) for p in model.get_parameters()}
+        shapes = {p.name: tuple(p.shape) for p in model.get_parameters()}
+        return (shapes, set(model.pet_parameter_names)) if with_delta else shapes
 
     def raise_if(self, config, problems):
         message = problems.message()
@@ -463,10 +465,16 @@ class FamilyConverter:
             raise ConversionError(f"{self.family} weights do not fit the model ({sizes}): {message}")
 
     def convert_hf_to_ms(self, state_dict, config):
-        """Foreign tensors (name -> array, in any naming of `input_tables`) -> our parameters (name -> array)."""
-        expected = self.model_shapes(config)
+        """Foreign tensors (name -> array, in any naming of `input_tables`) -> our parameters (name -> array).
+        With `config.pet_config`, the PET delta is optional as a whole: base weights alone convert to the base's
+        tensors, and the delta alone (e.g. THUDM's P-Tuning v2 `prefix_encoder`) to the delta's."""
+        expected, delta = self.model_shapes(config, with_delta=True)
         state_dict = self.prepare_hf(state_dict, config)
         table = max(self.input_tables, key=lambda t: t.known(state_dict))  # the first one on a tie
+        if delta:
+            given = {ours for name in state_dict for ours in (table.ours_of(name) or ())}
+            if not given & delta or given <= delta:
+                expected = {name: shape for name, shape in expected.items() if (name in delta) == bool(given & delta)}
         tensors, problems = table.to_ours(state_dict, expected, config)
         self.raise_if(config, problems)
         return tensors
