@@ -1,6 +1,7 @@
 """Prefix-Tuning and P-Tuning v2 (mindformers/pet/prefix.py) on every family: a hidden prefix gives the base model,
 the prefix layout is THUDM's (so ChatGLM2's published prefix_encoder loads), cached greedy generation equals
 recomputation, a short finetune on the bundled instruction data trains only the prefix, bad input is refused."""
+import json
 import os
 
 import numpy as np
@@ -15,12 +16,14 @@ from mindformers.dataset.preprocess import iter_records
 from mindformers.dataset.sft_preprocess import iter_sft_samples
 from mindformers.generation.session import DecodingSession, SlotTable
 from mindformers.models.base_model import CausalLMModel
+from mindformers.models.convert_utils import load_ms_weights
 from mindformers.models.glm2.convert_glm2 import CHATGLM_TABLE, convert_hf_to_ms
 from mindformers.models.gpt2.gpt2_tokenizer import GPT2Tokenizer
 from mindformers.modules.attention import prefix_length
 from mindformers.pet import PrefixTuningConfig, Ptuning2Config, apply_pet, pet_config_from_dict, set_prefix_visible
 from mindformers.pet.prefix import attention_cores
 from research.pengcheng_mind import PengChengMindConfig, PengChengMindForCausalLM
+from helpers.cli import convert_weight_main
 from helpers.tiny import INSTRUCTIONS, tiny_asset
 
 VOCAB, SEQ = 64, 48
@@ -182,14 +185,26 @@ def glm2_config(**extra):
                           seq_length=SEQ, **extra)
 
 
-def test_ptuning2_shapes_and_thudm_prefix_encoder_layout():
-    config = glm2_config(pet_config={'pet_type': 'ptuning2', 'pre_seq_len': PRE_SEQ_LEN})
-    model = ChatGLM2ForConditionalGeneration(config)
+def test_ptuning2_shapes_and_thudm_prefix_encoder_layout(tmp_path):
+    """THUDM's ptuning output directory (config.json with pre_seq_len, pytorch_model.bin with the prefix encoder
+    alone) converts with convert_weight.py; each layer's keys and values are the slices THUDM's get_prompt takes."""
+    import torch
     width = LAYERS * KV_CHANNELS * GROUPS * 2  # THUDM's num_layers * kv_channels * multi_query_group_num * 2
     rng = np.random.default_rng(0)
     theirs = rng.standard_normal((PRE_SEQ_LEN, width)).astype(np.float32)
-    converted = convert_hf_to_ms({'transformer.prefix_encoder.embedding.weight': theirs}, config)
+    source = tmp_path / 'ptuning'
+    source.mkdir()
+    torch.save({'transformer.prefix_encoder.embedding.weight': torch.from_numpy(theirs)}, source / 'pytorch_model.bin')
+    (source / 'config.json').write_text(json.dumps({
+        'model_type': 'chatglm', 'padded_vocab_size': VOCAB, 'hidden_size': 32, 'ffn_hidden_size': 48,
+        'kv_channels': KV_CHANNELS, 'num_attention_heads': 4, 'num_layers': LAYERS, 'seq_length': SEQ,
+        'multi_query_attention': True, 'multi_query_group_num': GROUPS, 'pre_seq_len': PRE_SEQ_LEN,
+        'prefix_projection': False}))
+    assert convert_weight_main('--model', 'glm2', '--input_path', source, '--output_path', tmp_path / 'p.ckpt') == 0
+    converted = load_ms_weights(str(tmp_path / 'p.ckpt'))
     assert list(converted) == ['prefix_encoder.mindpet_delta_ptuning2_embedding.weight']
+    config = glm2_config(pet_config={'pet_type': 'ptuning2', 'pre_seq_len': PRE_SEQ_LEN})
+    model = ChatGLM2ForConditionalGeneration(config)
     assert model.pet_parameter_names == tuple(converted)
     ms.load_param_into_net(model, {k: Parameter(Tensor(v), k) for k, v in converted.items()})
     model.set_train(False)
