@@ -14,7 +14,12 @@ Cache layout per layer: keys and values `[slots, kv_heads, max_length, head_dim]
 Parameters updated in place (keys stored after any rotary embedding). A prefill writes a slot's positions [0, T)
 (its prompt left-padded to the bucket T) and zeroes the rest of the row; a decode step writes one position per
 slot, the next after that slot's last. Attention in a decode step reads a slot's positions up to its own under an
-additive mask that hides its left padding."""
+additive mask that hides its left padding.
+
+A model whose attention layers hold prefix keys/values (Prefix-Tuning, P-Tuning v2: `modules.attention.prefix_length`
+P > 0) gets P more cache positions per slot: a prefill stores the prefix at [0, P) and the prompt at [P, P + T),
+every decode step sees the prefix columns, and the tokens' own positions still count from 0 (the prefix has none).
+So a decode step runs the same kernels as without a prefix."""
 import itertools
 
 import numpy as np
@@ -22,6 +27,7 @@ import mindspore as ms
 from mindspore import nn, ops, Parameter, Tensor
 
 from mindformers.kernels import FusedDecodeAttention, FusedDecodeAttentionPacked, use_fused
+from mindformers.modules.attention import prefix_length
 from mindformers.modules.layers import to_mstype
 
 NEG_INF = -1e9
@@ -50,8 +56,9 @@ class LayerCache(nn.Cell):
     `attend(query, key, value, mask, write, core)`: query [B, H, T, D] already scaled, key/value [B, Hkv, T, D]
     -> context [B, H, T, D]. Prefill: stores key/value at positions [0, T) of slots `write` ([B] int32; the rest
     of those rows is zeroed) and attends with `core` (the layer's `DotProductAttention`) under `mask`
-    [B, 1, T, T]. Decode (T = 1): stores key/value at each row's position (`write` [B, Hkv, 1, 3] int32: row, head,
-    position) and attends over the row's cache under `mask` [B, 1, 1, max_length]. A `core.score_scale`
+    [B, 1, T, T]; a layer with a prefix (`core.prefix`) stores its P prefix keys/values first, the tokens at
+    [P, P + T). Decode (T = 1): stores key/value at each row's position (`write` [B, Hkv, 1, 3] int32: row, head,
+    position) and attends over the row's cache under `mask` [B, 1, 1, cache length]. A `core.score_scale`
     multiplies the scores here too.
     `attend_packed(qkv, mask, write, scale [1])`: the same decode step on a packed projection qkv
     [B, (H + 2 Hkv) D] (unscaled) -> [B, H D]; only where `packed` (decode, fp32 CPU kernels)."""
@@ -72,13 +79,15 @@ class LayerCache(nn.Cell):
 
     def attend(self, query, key, value, mask, write, core):
         if self.prefill:
+            if mask.dtype != core.softmax_dtype:  # half precision: keep the hidden scores finite
+                mask = ops.cast(ops.maximum(mask, -6e4), core.softmax_dtype)
+            if core.prefix is not None:
+                key, value, mask = core.add_prefix(query, key, value, mask)
             length = key.shape[2]
             pad = (0, 0, 0, self.max_length - length)  # ops.pad: (last axis before, after, previous axis ...)
             self.scatter_rows(self.keys.data, write, ops.pad(key, pad) if length < self.max_length else key)
             self.scatter_rows(self.values.data, write, ops.pad(value, pad) if length < self.max_length else value)
-            if mask.dtype != core.softmax_dtype:  # half precision: keep the hidden scores finite
-                mask = ops.cast(ops.maximum(mask, -6e4), core.softmax_dtype)
-            return core(query, key, value, mask)
+            return core.attend(query, key, value, mask)
         if core.score_scale is not None:
             query = query * ops.cast(core.score_scale, query.dtype)
         keys, values = self.keys.data, self.values.data
@@ -149,13 +158,14 @@ class KVCache(nn.Cell):
 
 class SlotTable:
     """Host-side bookkeeping of a session's slots: which are active, each slot's written length and which of its
-    positions hold real tokens; builds the step inputs in NumPy (only values change, never shapes)."""
+    cache positions are visible; builds the step inputs in NumPy (only values change, never shapes). With `prefix`
+    P the cache rows have P + max_length positions, the first P holding the model's prefix (visible, no position)."""
 
-    def __init__(self, slots, kv_heads, max_length):
-        self.slots, self.kv_heads, self.max_length = slots, kv_heads, max_length
+    def __init__(self, slots, kv_heads, max_length, prefix=0):
+        self.slots, self.kv_heads, self.max_length, self.prefix = slots, kv_heads, max_length, prefix
         rows, heads = np.meshgrid(np.arange(slots), np.arange(kv_heads), indexing='ij')
         self._indices = np.stack([rows, heads, np.zeros_like(rows)], -1)[:, :, None, :].astype(np.int32)
-        self.valid = np.zeros((slots, max_length), bool)   # positions holding a real token
+        self.valid = np.zeros((slots, prefix + max_length), bool)   # cache positions holding a prefix or real token
         self.length = np.zeros(slots, np.int64)            # positions written so far
         self.active = np.zeros(slots, bool)
 
@@ -172,23 +182,24 @@ class SlotTable:
         mask = np.concatenate([np.zeros((count, extra), np.int32), attention_mask.astype(np.int32)], axis=1)
         valid = mask.astype(bool)
         self.valid[rows] = False
-        self.valid[rows, :bucket] = valid
-        self.length[rows] = bucket
+        self.valid[rows, :self.prefix] = True
+        self.valid[rows, self.prefix:self.prefix + bucket] = valid
+        self.length[rows] = self.prefix + bucket
         self.active[rows] = True
         positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
         allowed = np.tril(np.ones((bucket, bucket), bool))[None] & valid[:, None, :]
         return positions, np.where(allowed, 0.0, NEG_INF).astype(np.float32)[:, None], extra
 
     def step(self):
-        """(positions [slots, 1], mask [slots, 1, 1, max_length], write indices [slots, kv_heads, 1, 3]) for the
+        """(positions [slots, 1], mask [slots, 1, 1, P + max_length], write indices [slots, kv_heads, 1, 3]) for the
         next decode step: each active slot writes its next position; an inactive one writes position 0 of its own
         row (never read: a prefill rewrites the row)."""
-        full = self.active & (self.length >= self.max_length)
+        full = self.active & (self.length >= self.prefix + self.max_length)
         if full.any():
             raise ValueError(f"slot {int(np.flatnonzero(full)[0])} is full: its cache holds {self.max_length} "
                              f"positions")
         written = np.where(self.active, self.length, 0)
-        positions = np.where(self.active, self.valid.sum(axis=1), 0).astype(np.int32)[:, None]
+        positions = np.where(self.active, self.valid.sum(axis=1) - self.prefix, 0).astype(np.int32)[:, None]
         self.valid[self.active, written[self.active]] = True
         visible = self.valid.copy()
         visible[~self.active, 0] = True
@@ -262,9 +273,10 @@ class DecodingSession:
         if self.slots < 1 or self.max_length > int(model.config.seq_length):
             raise ValueError(f"a session needs at least one slot and at most the model's seq_length "
                              f"({model.config.seq_length}) positions; got slots={slots}, max_length={max_length}")
-        self.cache = KVCache(layout['num_layers'], self.slots, layout['kv_heads'], self.max_length,
+        prefix = prefix_length(model)
+        self.cache = KVCache(layout['num_layers'], self.slots, layout['kv_heads'], prefix + self.max_length,
                              layout['head_dim'], to_mstype(model.config.compute_dtype), layout.get('state', ()))
-        self.table = SlotTable(self.slots, layout['kv_heads'], self.max_length)
+        self.table = SlotTable(self.slots, layout['kv_heads'], self.max_length, prefix)
         self._prefill, self._decode = _Step(model, self.cache.prefill), _Step(model, self.cache.decode)
         self._reorder = _Reorder(self.cache)
         for cell in (self._prefill, self._decode):

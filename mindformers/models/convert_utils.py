@@ -455,18 +455,17 @@ class FamilyConverter:
 
     # -- machinery --------------------------------------------------------------------------------------------
 
-    def model_shapes(self, config):
-        """Our parameter names and shapes for `config`, read off a model built without initialising its weights
-        (and without the config's PET delta: converted weights are the base model's)."""
+    def model_shapes(self, config, with_delta=False):
+        """Our parameter names and shapes for `config`, read off a model built without initialising its weights;
+        with `with_delta`, (shapes, the names of the PET delta that `config.pet_config` adds)."""
         from mindspore.nn.utils import no_init_parameters
         module, name = self.model_class.split(':')
         config = copy.copy(config)
         config.checkpoint_name_or_path = ''
-        if getattr(config, 'pet_config', None) is not None:
-            config.pet_config = None
         with no_init_parameters():
             model = getattr(importlib.import_module(module), name)(config)
-        return {p.name: tuple(p.shape) for p in model.get_parameters()}
+        shapes = {p.name: tuple(p.shape) for p in model.get_parameters()}
+        return (shapes, set(model.pet_parameter_names)) if with_delta else shapes
 
     def raise_if(self, config, problems):
         message = problems.message()
@@ -475,10 +474,16 @@ class FamilyConverter:
             raise ConversionError(f"{self.family} weights do not fit the model ({sizes}): {message}")
 
     def convert_hf_to_ms(self, state_dict, config):
-        """Foreign tensors (name -> array, in any naming of `input_tables`) -> our parameters (name -> array)."""
-        expected = self.model_shapes(config)
+        """Foreign tensors (name -> array, in any naming of `input_tables`) -> our parameters (name -> array).
+        With `config.pet_config`, the PET delta is optional as a whole: base weights alone convert to the base's
+        tensors, and the delta alone (e.g. THUDM's P-Tuning v2 `prefix_encoder`) to the delta's."""
+        expected, delta = self.model_shapes(config, with_delta=True)
         state_dict = self.prepare_hf(state_dict, config)
         table = max(self.input_tables, key=lambda t: t.known(state_dict))  # the first one on a tie
+        if delta:
+            given = {ours for name in state_dict for ours in (table.ours_of(name) or ())}
+            if not given & delta or given <= delta:
+                expected = {name: shape for name, shape in expected.items() if (name in delta) == bool(given & delta)}
         tensors, problems = table.to_ours(state_dict, expected, config)
         self.raise_if(config, problems)
         return tensors
@@ -486,9 +491,11 @@ class FamilyConverter:
     def convert_ms_to_hf(self, state_dict, config):
         """Our parameters (name -> array) -> HF tensors in `output_table`'s naming. Entries outside the model's
         top-level names (optimizer states such as `adam_m.*`, `global_step`) are ignored."""
-        expected = self.model_shapes(config)
+        expected, delta = self.model_shapes(config, with_delta=True)
         roots = {name.split('.', 1)[0] for name in expected}
         ours = {name: np.asarray(value) for name, value in state_dict.items() if name.split('.', 1)[0] in roots}
+        if not delta & set(ours):  # base weights of a config with a pet_config
+            expected = {name: shape for name, shape in expected.items() if name not in delta}
         problems = Problems()
         problems.missing.update(name for name in expected if name not in ours)
         problems.unexpected.update(name for name in ours if name not in expected)

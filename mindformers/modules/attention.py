@@ -62,11 +62,19 @@ class DotProductAttention(nn.Cell):
     one runs, else built here) -> context [B, H, S, D] in `compute_dtype`. `dropout`
     acts on the probabilities. `score_scale` (a number, default none) multiplies the scores after their cast to the
     softmax dtype, before the mask: ChatGLM-6B divides its queries by an extra per-layer factor in half precision and
-    multiplies the float32 scores back by it."""
+    multiplies the float32 scores back by it.
+
+    Prefix keys and values (Prefix-Tuning, P-Tuning v2): `prefix` is None, or a provider cell with `length` P,
+    `visible` (bool) and `construct(batch)` -> (keys, values), each [B, P, Hkv, D], that `construct` puts in front
+    of the keys and values (`add_prefix`): the mask gains P leading columns, 0 for every query (a large negative
+    while `visible` is False), so padding still hides only real keys; the tokens keep their own positions and the
+    prefix carries none. A decoding session stores the prefix in its cache at prefill (see
+    `generation.session`)."""
 
     def __init__(self, dropout=0.0, compute_dtype='float32', softmax_compute_type='float32', parallel_config=None,
                  score_scale=None):
         super().__init__()
+        self.prefix = None
         self.compute_dtype = to_mstype(compute_dtype, 'compute_dtype')
         self.softmax_dtype = to_mstype(softmax_compute_type, 'softmax_compute_type')
         self.score_scale = None if score_scale is None else Tensor(score_scale, self.softmax_dtype)
@@ -85,6 +93,8 @@ class DotProductAttention(nn.Cell):
         self.context_matmul = ops.BatchMatMul().shard(((dp, mp, 1, 1), (dp, mp, 1, 1)))
         self.mul_scale = ops.Mul().shard(((dp, mp, 1, 1), ()))
         self.dropout.shard(((dp, mp, 1, 1),))
+        self.prefix_heads = ops.Transpose().shard(((dp, 1, mp, 1),))
+        self.concat_prefix = ops.Concat(axis=2).shard(((dp, mp, 1, 1), (dp, mp, 1, 1)))
 
     @staticmethod
     def repeat_kv(x, heads):
@@ -96,13 +106,34 @@ class DotProductAttention(nn.Cell):
         x = ops.broadcast_to(x.reshape(batch, kv_heads, 1, seq, dim), (batch, kv_heads, group, seq, dim))
         return x.reshape(batch, heads, seq, dim)
 
-    def causal_mask(self, scores):
-        """The additive causal mask for scores [B, H, S, S]: 0 on and below the diagonal, a large negative above."""
-        seq = scores.shape[-1]
+    def causal_mask(self, shape, dtype):
+        """The additive causal mask of `shape` [B, H, S, S]: 0 on and below the diagonal, a large negative above."""
+        seq = shape[-1]
         above = ops.arange(seq).reshape(1, seq) > ops.arange(seq).reshape(seq, 1)
-        return ops.broadcast_to(ops.cast(above, scores.dtype) * self.masked_score, scores.shape)
+        return ops.broadcast_to(ops.cast(above, dtype) * self.masked_score, shape)
+
+    def add_prefix(self, query, key, value, mask):
+        """(keys, values [B, Hkv, P + S, D] with the prefix in front, mask [B, H or 1, S, P + S]) for query
+        [B, H, S, D], key/value [B, Hkv, S, D] and mask as `construct` takes it."""
+        batch, heads, seq = query.shape[0], query.shape[1], query.shape[2]
+        prefix_key, prefix_value = self.prefix(batch)
+        prefix_key = ops.cast(self.prefix_heads(prefix_key, (0, 2, 1, 3)), key.dtype)
+        prefix_value = ops.cast(self.prefix_heads(prefix_value, (0, 2, 1, 3)), value.dtype)
+        if mask is None:
+            mask = self.causal_mask((batch, heads, seq, seq), self.softmax_dtype)
+        columns = ops.zeros((mask.shape[0], mask.shape[1], seq, self.prefix.length), mask.dtype)
+        if not self.prefix.visible:
+            columns = columns + ops.cast(self.masked_score, mask.dtype)
+        return (self.concat_prefix((prefix_key, key)), self.concat_prefix((prefix_value, value)),
+                ops.concat((columns, mask), -1))
 
     def construct(self, query, key, value, mask):
+        if self.prefix is not None:
+            key, value, mask = self.add_prefix(query, key, value, mask)
+        return self.attend(query, key, value, mask)
+
+    def attend(self, query, key, value, mask):
+        """`construct` without the prefix (keys, values and mask as given)."""
         if mask is None and self.causal_attention is not None and not self.dropout.active:
             return self.causal_attention(query, key, value)
         heads = query.shape[1]
@@ -115,11 +146,22 @@ class DotProductAttention(nn.Cell):
             probs = self.causal_softmax(scores)
         else:
             if mask is None:
-                mask = self.causal_mask(scores)
+                mask = self.causal_mask(scores.shape, scores.dtype)
             probs = self.softmax(self.add_mask(scores, mask))
         if probs.dtype != self.compute_dtype:
             probs = ops.cast(probs, self.compute_dtype)
         return self.context_matmul(self.dropout(probs), self.repeat_kv(value, heads))
+
+
+def prefix_length(model):
+    """P, the number of prefix keys/values in front of every attention layer of `model` (0 without a prefix); a
+    decoding session reserves them in its cache. ValueError when the layers disagree."""
+    lengths = {0 if cell.prefix is None else int(cell.prefix.length)
+               for _, cell in model.cells_and_names() if isinstance(cell, DotProductAttention)}
+    if len(lengths) > 1:
+        raise ValueError(f"the attention layers of {type(model).__name__} hold prefixes of different lengths "
+                         f"{sorted(lengths)}; a decoding session needs one length for every layer")
+    return lengths.pop() if lengths else 0
 
 
 class CausalSelfAttention(nn.Cell):

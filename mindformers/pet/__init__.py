@@ -5,6 +5,7 @@ from mindformers.pet.config import LoraConfig, PetConfig, pet_config_from_dict, 
 from mindformers.pet.freeze import freeze_delta, freeze_modules
 from mindformers.pet.lora import LoRALinear
 from mindformers.pet.model import apply_pet, default_targets, forget_compiled, merge_pet, register_pet_method
+from mindformers.pet.prefix import PrefixTuningConfig, Ptuning2Config, set_prefix_visible
 from mindformers.pet.targets import select_linears
 from mindformers.pet.adapter import AdapterConfig, AdapterLinear, LowRankAdapterConfig, LowRankAdapterLinear
 from mindformers.pet.bitfit import BitFitConfig
@@ -13,4 +14,5 @@ from mindformers.pet.rdrop import RDropConfig, RDropLoss
 __all__ = ['LoraConfig', 'PetConfig', 'pet_config_from_dict', 'pet_types', 'register_pet_config', 'freeze_delta',
            'freeze_modules', 'LoRALinear', 'apply_pet', 'default_targets', 'forget_compiled', 'merge_pet',
            'register_pet_method', 'select_linears', 'AdapterConfig', 'AdapterLinear', 'LowRankAdapterConfig',
-           'LowRankAdapterLinear', 'BitFitConfig', 'RDropConfig', 'RDropLoss']
+           'LowRankAdapterLinear', 'BitFitConfig', 'RDropConfig', 'RDropLoss', 'PrefixTuningConfig', 'Ptuning2Config',
+           'set_prefix_visible']

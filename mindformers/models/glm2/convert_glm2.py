@@ -5,7 +5,9 @@ Our parameter names are our LLaMA's (q/k/v biases added). From `glm` naming only
 ([gate; up] rows) is split. From `chatglm` naming `query_key_value` is split by size into q (heads * kv_channels
 rows), k and v (groups * kv_channels each), `dense_h_to_4h` into gate (first half) and up (second half); the rest
 is renamed and `rotary_pos_emb.inv_freq` skipped. No RoPE permutation: our model rotates interleaved pairs on the
-first half of each head, as both formats do. `--reversed` writes a `GlmForCausalLM` directory.
+first half of each head, as both formats do. `--reversed` writes a `GlmForCausalLM` directory. THUDM's P-Tuning v2
+checkpoint (`transformer.prefix_encoder.*`, `pre_seq_len` in its config.json) converts to our `ptuning2` prefix
+encoder, alone (a delta to load over the converted base weights) or with the base.
 
     python convert_weight.py --model glm2 --input_path <HF glm | chatglm dir> --output_path glm2.ckpt
     python convert_weight.py --model glm2 --reversed --input_path glm2.ckpt --output_path <HF dir> --config <cfg>
@@ -25,6 +27,7 @@ GLM_TABLE = NameTable([(name, name) for name in TOP_NAMES + LAYER_NAMES if name 
                       + [(LAYER + 'mlp.gate_up_proj.weight', _GATE_UP)], skip=HF_SKIP)
 
 _OLD = 'transformer.encoder.layers.{i}.'
+_PTUNING2 = 'prefix_encoder.mindpet_delta_ptuning2_'
 CHATGLM_TABLE = NameTable([
     ('transformer.embedding.word_embeddings.weight', 'model.embed_tokens.weight'),
     ('transformer.encoder.final_layernorm.weight', 'model.norm.weight'),
@@ -36,6 +39,10 @@ CHATGLM_TABLE = NameTable([
     (_OLD + 'post_attention_layernorm.weight', LAYER + 'post_attention_layernorm.weight'),
     (_OLD + 'mlp.dense_h_to_4h.weight', _GATE_UP),
     (_OLD + 'mlp.dense_4h_to_h.weight', LAYER + 'mlp.down_proj.weight'),
+    # P-Tuning v2 (mindformers/pet/prefix.py): the same [pre_seq_len, 2 * layers * groups * kv_channels] layout
+    ('transformer.prefix_encoder.embedding.weight', _PTUNING2 + 'embedding.weight'),
+    ('transformer.prefix_encoder.trans.{i}.weight', _PTUNING2 + 'trans.{i}.weight'),
+    ('transformer.prefix_encoder.trans.{i}.bias', _PTUNING2 + 'trans.{i}.bias'),
 ], skip=r'^transformer\.rotary_pos_emb\.inv_freq$')
 
 # transformers' GlmConfig defaults, for fields a config.json leaves out
@@ -78,7 +85,12 @@ def _config_from_chatglm(hf_config):
         raise ConversionError("original_rope=False (a different RoPE) is not supported")
     if hf_config.get('tie_word_embeddings'):
         raise ConversionError("tie_word_embeddings=True is not supported (ChatGLM2's output_layer is separate)")
-    return ChatGLM2Config(**{key: hf_config[key] for key in _CHATGLM_FIELDS if hf_config.get(key) is not None})
+    fields = {key: hf_config[key] for key in _CHATGLM_FIELDS if hf_config.get(key) is not None}
+    if hf_config.get('pre_seq_len'):  # THUDM's P-Tuning v2 (its MLP, if any, is hidden_size wide)
+        fields['pet_config'] = {'pet_type': 'ptuning2', 'pre_seq_len': hf_config['pre_seq_len'],
+                                'prefix_projection': bool(hf_config.get('prefix_projection')),
+                                'projection_dim': hf_config.get('hidden_size', 4096)}
+    return ChatGLM2Config(**fields)
 
 
 class ChatGLM2Converter(FamilyConverter):
