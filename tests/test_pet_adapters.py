@@ -1,6 +1,6 @@
 """Adapter, LowRankAdapter, BitFit and R-Drop (mindformers/pet/adapter.py, bitfit.py, rdrop.py): the adapters are a
 no-op at init and train only their own parameters, counted by formula; each algorithm's loss falls in a short
-finetune on the bundled instruction data; R-Drop's loss is its formula; cached greedy generation equals
+finetune on the bundled instruction data (LoRA too); R-Drop's loss is its formula; cached greedy generation equals
 recomputation with non-zero adapters on every family; bad input gets one clear error."""
 import os
 
@@ -196,6 +196,7 @@ def instruction_batches():
 
 
 FINETUNES = {  # pet_config, learning rate, extra model config
+    'lora': ({'pet_type': 'lora', 'lora_rank': 8, 'lora_alpha': 16}, 1e-2, {}),
     'adapter': (ADAPTERS['adapter'], 1e-2, {}),
     'low_rank_adapter': (ADAPTERS['low_rank_adapter'], 1e-2, {}),
     'bitfit': ({'pet_type': 'bitfit'}, 1e-2, {}),
@@ -219,7 +220,7 @@ def test_finetune_lowers_the_loss_and_trains_only_the_delta(tmp_path, instructio
 
     after = {p.name: p.asnumpy() for p in model.get_parameters()}
     changed = {name for name in before if not np.array_equal(before[name], after[name])}
-    if pet_type in ADAPTERS:  # only the adapters moved: the base is bit-identical
+    if pet_type in ADAPTERS or pet_type == 'lora':  # only the delta moved: the base is bit-identical
         assert changed == set(model.pet_parameter_names)
     elif pet_type == 'bitfit':
         biases = {name for name in before if name.endswith('bias')}
