@@ -84,6 +84,10 @@ def parse_args(argv=None):
     i = 0
     while i < len(rest):
         flag = rest[i]
+        if flag == '--merge':
+            parser.error("--merge: a LoRA delta is merged into the base weights by "
+                         "`python mindformers/tools/transform_ckpt_lora.py --config <lora yaml> --src_ckpt_path_or_dir "
+                         "<delta> --base_checkpoint <base> --dst_ckpt_dir <new dir>` (or model.merge_pet() in Python)")
         if not flag.startswith('--') or '.' not in flag:
             parser.error(f"unrecognized argument {flag!r} (free overrides must look like --section.key value)")
         if '=' in flag:

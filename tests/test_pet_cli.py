@@ -180,6 +180,14 @@ def test_pet_method_flag_refuses_an_unknown_or_disagreeing_type(clean_registry, 
         assert len(lines) == 1 and needle in lines[0], lines
 
 
+def test_a_merge_flag_points_to_the_merge_tool(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        run_mindformer.main(['--config', 'configs/gpt2/run_gpt2_tiny_lora.yaml', '--merge'])
+    assert exit_.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and 'mindformers/tools/transform_ckpt_lora.py' in lines[-1], lines
+
+
 @pytest.mark.parametrize('pet_config, needle', [
     ("{pet_type: lora, lora_rnk: 8}", "unknown key 'GPT2Config.pet_config.lora_rnk' (did you mean lora_rank"),
     ("{pet_type: lora, lora_rank: 0}", "GPT2Config.pet_config.lora_rank must be a positive integer, got 0"),
