@@ -20,12 +20,13 @@ import dataclasses
 import math
 from typing import ClassVar
 
-from mindspore import ops, Parameter
+from mindspore import ops
 from mindspore.common.initializer import HeUniform, initializer
 
 from mindformers.modules.layers import _ACTIVATIONS, Linear, get_activation
 from mindformers.pet.config import PetConfig, register_pet_config
 from mindformers.pet.freeze import DELTA_PREFIX
+from mindformers.pet.lora import adopt_linear
 from mindformers.pet.model import default_targets, register_pet_method
 from mindformers.pet.targets import select_linears
 from mindformers.tools.logger import logger
@@ -104,19 +105,9 @@ class AdapterLinear(Linear):
     @classmethod
     def adopt(cls, linear, config, path='Linear'):
         """Turn `linear` (a plain Linear at `path`) into this class in place; returns its new parameters' names."""
-        if type(linear) is not Linear:
-            raise TypeError(f"{config.pet_type} adapts a plain Linear; {path} is a {type(linear).__name__}")
-        width = linear.out_features
-        shapes = cls.delta_shapes(width, config)
-        prefix = linear.weight.name.rsplit('.', 1)[0] + '.' if '.' in linear.weight.name else ''
-        linear.__class__ = cls  # keep the object: its parameters, primitives, strategies and place in the model
+        shapes = {cls.prefix + suffix: spec for suffix, spec in cls.delta_shapes(linear.out_features, config).items()}
+        names = adopt_linear(linear, cls, shapes, config.pet_type, path)
         linear.bias_fusable = False  # a caller must not add the bias after the adapter has read the output
-        names = []
-        for suffix, (shape, init) in shapes.items():
-            param = Parameter(initializer(init, shape, linear.weight.dtype), name=cls.prefix + suffix)
-            setattr(linear, cls.prefix + suffix, param)
-            param.name = prefix + cls.prefix + suffix
-            names.append(param.name)
         (dp, _), (split, _) = linear.matmul.in_strategy
         linear._delta_matmuls(dp, split)
         linear.adapter_down_bias = ops.Add().shard(((dp, 1), (1,)))

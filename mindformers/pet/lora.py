@@ -17,6 +17,24 @@ from mindformers.pet.freeze import DELTA_PREFIX
 LORA_A, LORA_B = DELTA_PREFIX + 'lora_a', DELTA_PREFIX + 'lora_b'
 
 
+def adopt_linear(linear, cls, parameters, what, path='Linear'):
+    """Turn `linear` (a plain `Linear` at `path`) into `cls`, a Linear subclass, in place: the same object keeps its
+    parameters, primitives, shard strategies and place in the model (a wrapper holding it as a child would rename
+    its parameters `<path>.base.*`). Adds `parameters` {name: (shape, initializer)} in the weight's dtype, named
+    `<linear's path>.<name>`; returns those full names."""
+    if type(linear) is not Linear:
+        raise TypeError(f"{what} adapts a plain Linear; {path} is a {type(linear).__name__}")
+    prefix = linear.weight.name.rsplit('.', 1)[0] + '.' if '.' in linear.weight.name else ''
+    linear.__class__ = cls
+    names = []
+    for name, (shape, init) in parameters.items():
+        param = Parameter(initializer(init, shape, linear.weight.dtype), name=name)
+        setattr(linear, name, param)
+        param.name = prefix + name
+        names.append(param.name)
+    return names
+
+
 class LoRALinear(Linear):
     """A Linear with a LoRA update. Made from an existing Linear by `LoRALinear.adopt(linear, rank, alpha,
     dropout)`; `construct(x [..., in], add_bias=True, residual=None)` keeps Linear's contract."""
@@ -25,20 +43,11 @@ class LoRALinear(Linear):
                                                         LORA_B: ('lora_b_matmul', 1)})
 
     @classmethod
-    def adopt(cls, linear, rank, alpha, dropout=0.0):
-        """Turn `linear` (a Linear, not already adapted) into a LoRALinear in place and return it."""
-        if type(linear) is not Linear:
-            raise TypeError(f"LoRA adapts a plain Linear, got {type(linear).__name__}")
-        prefix = linear.weight.name.rsplit('.', 1)[0] + '.' if '.' in linear.weight.name else ''
-        linear.__class__ = cls  # keep the object: its parameters, primitives, strategies and place in the model
+    def adopt(cls, linear, rank, alpha, dropout=0.0, path='Linear'):
+        """Turn `linear` (a Linear at `path`, not already adapted) into a LoRALinear in place and return it."""
+        adopt_linear(linear, cls, {LORA_A: ([rank, linear.in_features], HeUniform(negative_slope=math.sqrt(5))),
+                                   LORA_B: ([linear.out_features, rank], 'zeros')}, 'LoRA', path)
         linear.lora_rank, linear.lora_scaling = int(rank), float(alpha) / int(rank)
-        dtype = linear.weight.dtype
-        lora_a = Parameter(initializer(HeUniform(negative_slope=math.sqrt(5)), [rank, linear.in_features], dtype),
-                           name=LORA_A)
-        lora_b = Parameter(initializer('zeros', [linear.out_features, rank], dtype), name=LORA_B)
-        setattr(linear, LORA_A, lora_a)
-        setattr(linear, LORA_B, lora_b)
-        lora_a.name, lora_b.name = prefix + LORA_A, prefix + LORA_B
         linear.lora_dropout = nn.Dropout(p=float(dropout)) if dropout else nn.Identity()
         linear.lora_a_matmul = ops.MatMul(transpose_b=True)
         linear.lora_b_matmul = ops.MatMul(transpose_b=True)
@@ -85,7 +94,7 @@ class LoRALinear(Linear):
 def apply_lora(model, config, targets):
     """Adapt each Linear of `targets` ([(path, Linear)]) with `config` (LoraConfig); returns the delta names."""
     names = []
-    for _, linear in targets:
-        LoRALinear.adopt(linear, config.lora_rank, config.lora_alpha, config.lora_dropout)
+    for path, linear in targets:
+        LoRALinear.adopt(linear, config.lora_rank, config.lora_alpha, config.lora_dropout, path)
         names += [getattr(linear, LORA_A).name, getattr(linear, LORA_B).name]
     return names
