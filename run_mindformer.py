@@ -1,6 +1,9 @@
 #!/usr/bin/env python
 """Run a YAML config: `python run_mindformer.py --config configs/gpt2/run_gpt2_tiny.yaml --run_mode train`.
 
+`--run_mode serve` starts the OpenAI-compatible server on the config's model (as `python -m mindformers.serve`, with
+its flags: --host, --port, --slots, --max_waiting, --timeout, --pet_checkpoint, --served_model_name, --chat_format).
+
 Flags override the YAML; `--options a.b=1 c=[1,2]` and free `--a.b.c value` set any dotted key that the config
 knows (`--generation.max_new_tokens 5` also creates a missing generation section).
 Exit codes: 0 success; 2 the command line is wrong (a flag, an override naming an unknown key or giving a bad value, a
@@ -14,9 +17,11 @@ import signal
 import sys
 import threading
 
+from mindformers.serving.cli import SERVE_DEFAULTS, add_serving_arguments
 from mindformers.tools.utils import OneLineArgumentParser, cli_error  # no MindSpore: flags are checked before it loads
 
-RUN_MODES = ('train', 'finetune', 'eval', 'predict')
+RUN_MODES = ('train', 'finetune', 'eval', 'predict', 'serve')
+SERVE_FLAGS = ('pet_checkpoint', 'served_model_name', *SERVE_DEFAULTS)
 
 
 def _bool(text):
@@ -67,6 +72,7 @@ def build_parser():
                              'directory')
     parser.add_argument('--options', nargs='+', default=[], metavar='KEY=VALUE',
                         help='dotted overrides, e.g. --options runner_config.epochs=2 optimizer.learning_rate=1e-4')
+    add_serving_arguments(parser.add_argument_group('serve (--run_mode serve)'), defaults=False)
     return parser
 
 
@@ -203,6 +209,16 @@ def _print_summary(mode, state):
                       'last_checkpoint': state.get('last_checkpoint')}))
 
 
+def _serve(args, config):
+    """--run_mode serve: the server of `mindformers.serving.cli` on the run config's model."""
+    from mindformers.serving.cli import serve
+    for flag, value in SERVE_DEFAULTS.items():
+        if getattr(args, flag) is None:
+            setattr(args, flag, value)
+    args.load_checkpoint = config.get('load_checkpoint') or None
+    return serve(config, args, model_id=args.config)
+
+
 def main(argv=None):
     args, overrides = parse_args(argv)
     try:
@@ -211,6 +227,11 @@ def main(argv=None):
         return _fail(err, 1)
     except _ERRORS as err:  # a flag, an override or the --config path is wrong: a usage error
         return _fail(err, 2)
+    if config.run_mode == 'serve':
+        return _serve(args, config)
+    given = [flag for flag in SERVE_FLAGS if getattr(args, flag) is not None]
+    if given:
+        return _fail(f"--{given[0]} is a flag of --run_mode serve (this run_mode is {config.run_mode})", 2)
     try:
         from mindformers.trainer import Trainer
         from mindformers.tools.logger import logger

@@ -26,6 +26,10 @@ setup(
                   **{'mindformers.research.' + name: ['*.yaml', '*.md'] for name in find_packages('research')}},
     include_package_data=True,
     install_requires=requirements(),
-    extras_require={'test': ['pytest', 'torch==2.13.0', 'transformers', 'peft', 'matplotlib']},
+    # serve: `python -m mindformers.serve` (the library imports without it); test: the server's tests drive it with
+    # the official openai client and httpx
+    extras_require={'serve': ['fastapi', 'uvicorn'],
+                    'test': ['pytest', 'torch==2.13.0', 'transformers', 'peft', 'matplotlib', 'fastapi', 'uvicorn',
+                             'openai', 'httpx']},
     py_modules=['run_mindformer', 'convert_weight'],
 )

@@ -27,7 +27,7 @@ ENTRY_POINTS = ('mindformers.tools.transform_ckpt', 'mindformers.tools.transform
                 'mindformers.tools.export_strategy', 'mindformers.tools.hccl_tools',
                 'mindformers.tools.merge_hccl', 'mindformers.tools.msrun_summary', 'mindformers.tools.msrun_worker',
                 'mindformers.tools.train_tokenizer', 'mindformers.tools.train_sentencepiece',
-                'mindformers.tools.dataset_preprocess')
+                'mindformers.tools.dataset_preprocess', 'mindformers.serve')
 
 # Old module paths users may import, kept as re-exports of the module that replaced them (nothing but imports).
 OLD_PATHS = {'mindformers.tools.model_book': 'mindformers.models.model_book',

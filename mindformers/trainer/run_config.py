@@ -10,7 +10,7 @@ from mindformers.tools.register import MindFormerRegister, MindFormerModuleType 
 from mindformers.tools.register.check import keyword_names
 from mindformers.tools.register.config import ConfigError, unknown_key_message
 
-RUN_MODES = ('train', 'finetune', 'eval', 'predict')
+RUN_MODES = ('train', 'finetune', 'eval', 'predict', 'serve')
 # top-level keys read by the Trainer or run_mindformer.py (sections are checked below)
 _TOP_LEVEL = {'seed', 'run_mode', 'output_dir', 'overwrite_output_dir', 'load_checkpoint', 'src_strategy_path_or_dir',
               'auto_trans_ckpt', 'only_save_strategy', 'resume_training', 'use_parallel', 'do_eval', 'eval_step_interval',

@@ -1,0 +1,193 @@
+"""`python -m mindformers.serve --model <name | YAML | directory>`: the OpenAI-compatible server (and
+`run_mindformer.py --config <yaml> --run_mode serve`, which reaches `serve` with its run config).
+
+The port is bound first and /health answers 503 while the model loads in the background; the log says
+`listening on http://HOST:PORT` at once and `ready: http://HOST:PORT/v1 ...` once requests are served.
+Exit codes: 0 stopped (Ctrl-C / SIGTERM); 2 the command line is wrong (a flag, a path that does not exist, a port
+that cannot be bound); 1 loading failed (a checkpoint or adapter that does not fit names its flag and path)."""
+import argparse
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+
+from mindformers.tools.file_io import first_line
+from mindformers.tools.utils import OneLineArgumentParser, UsageError, cli_error
+
+PROG = 'mindformers.serve'
+CHAT_FORMAT_CHOICES = ('auto', 'chatglm', 'llama2', 'plain')
+SERVE_DEFAULTS = {'host': '127.0.0.1', 'port': 8000, 'slots': 8, 'max_waiting': 64, 'timeout': 600.0,
+                  'chat_format': 'auto'}
+
+
+def add_serving_arguments(parser, defaults=True):
+    """The server's flags (shared with run_mindformer.py, which passes `defaults=False` to tell given from not)."""
+    default = SERVE_DEFAULTS if defaults else {}
+    parser.add_argument('--pet_checkpoint', help='a PET delta to serve on the model: a PEFT LoRA adapter directory '
+                                                 '(adapter_config.json) or a delta checkpoint saved by finetuning')
+    parser.add_argument('--host', default=default.get('host'), help='address to listen on (default 127.0.0.1)')
+    parser.add_argument('--port', type=int, default=default.get('port'), help='port (default 8000; 0 = any free)')
+    parser.add_argument('--slots', type=int, default=default.get('slots'),
+                        help='requests decoded together (KV-cache slots; default 8)')
+    parser.add_argument('--max_waiting', type=int, default=default.get('max_waiting'),
+                        help='requests queued behind the slots before new ones get 503 (default 64)')
+    parser.add_argument('--timeout', type=float, default=default.get('timeout'),
+                        help='time limit of one request in seconds (default 600)')
+    parser.add_argument('--served_model_name', help='the model id clients send (default: the --model value)')
+    parser.add_argument('--chat_format', choices=CHAT_FORMAT_CHOICES, default=default.get('chat_format'),
+                        help='prompt format of /v1/chat/completions (default auto: chatglm for GLM/GLM2, llama2 for '
+                             'a LLaMA whose name says chat, else plain)')
+
+
+def build_parser():
+    parser = OneLineArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--model', required=True,
+                        help='registered model name (e.g. gpt2_tiny), run YAML, or a save_pretrained / HuggingFace '
+                             'directory')
+    parser.add_argument('--load_checkpoint', help='weights to load: a checkpoint file, or a directory (its newest)')
+    add_serving_arguments(parser)
+    return parser
+
+
+def check_serving_args(args):
+    """UsageError for serving flags that cannot work (checked before anything loads)."""
+    for name in ('slots', 'max_waiting'):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port must be in [0, 65535], got {args.port}")
+    if not args.timeout > 0:
+        raise UsageError(f"--timeout must be > 0 seconds, got {args.timeout}")
+    for name in ('load_checkpoint', 'pet_checkpoint'):
+        value = getattr(args, name, None)
+        if value and not os.path.exists(value):
+            raise UsageError(f"--{name} {value} does not exist")
+
+
+def load_model(source):
+    """(model, tokenizer) from `source`: a registered name, YAML or directory (AutoModel / AutoTokenizer), or
+    run_mindformer.py's run config (its model and processor sections, context and load_checkpoint)."""
+    from mindformers.core.context import init_context
+    from mindformers.models.auto import AutoModel, AutoTokenizer
+    if isinstance(source, str):
+        init_context()
+        return AutoModel.from_pretrained(source), AutoTokenizer.from_pretrained(source)
+    from mindformers.tools.build import build_tokenizer
+    from mindformers.trainer.build import build_network
+    init_context(False, dict(source.get('context') or {}, enable_compile_cache=False))
+    tokenizer = build_tokenizer((source.get('processor') or {}).get('tokenizer'), where='processor.tokenizer')
+    return build_network(source), tokenizer
+
+
+def load_weights(model, load_checkpoint=None, pet_checkpoint=None):
+    """Load --load_checkpoint (whole weights, or a delta over the model's) and --pet_checkpoint (a PEFT adapter
+    directory, or a delta checkpoint: a model without PET gets the pet_config its meta.json records) into `model`.
+    Errors name the flag and the path."""
+    from mindformers.models.peft_adapter import CONFIG_FILE
+    from mindformers.pet import apply_pet, pet_config_from_dict
+    from mindformers.tools.checkpoint import load_checkpoint_file, meta_entry, resolve_checkpoint
+    from mindformers.trainer.delta import load_weights as load_into
+    for flag, value in (('--load_checkpoint', load_checkpoint), ('--pet_checkpoint', pet_checkpoint)):
+        if not value:
+            continue
+        try:
+            if flag == '--pet_checkpoint' and os.path.isfile(os.path.join(value, CONFIG_FILE)):
+                model.load_peft_adapter(value)
+                continue
+            path = resolve_checkpoint(value)
+            if flag == '--pet_checkpoint' and getattr(model, 'pet_config', None) is None:
+                recorded = ((meta_entry(path) or {}).get('delta') or {}).get('pet_config')
+                if not recorded:
+                    raise ValueError("the model has no PET and no meta.json beside the checkpoint records its "
+                                     "pet_config: serve a PET config (e.g. a *_lora name or YAML) as --model")
+                apply_pet(model, pet_config_from_dict(recorded, 'meta.json delta.pet_config'))
+            load_into(model, load_checkpoint_file(path), path)
+        except (ValueError, OSError, RuntimeError, TypeError) as err:
+            raise ValueError(f"{flag} {value}: {first_line(err)}") from None
+
+
+def _bind(host, port):
+    try:
+        family = socket.AF_INET6 if ':' in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as err:
+        raise UsageError(f"--host {host} --port {port}: cannot listen there ({err.strerror or err})") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(source, args, model_id=None):
+    """Serve `source` (see `load_model`) with the serving flags in `args` (and `args.load_checkpoint`) until
+    stopped; returns the exit status."""
+    from mindformers.tools.logger import logger
+    try:
+        check_serving_args(args)
+        import uvicorn
+        from mindformers.serving.app import create_app
+    except UsageError as err:
+        return cli_error(PROG, err, 2)
+    except ImportError as err:
+        return cli_error(PROG, first_line(err) if 'serve' in str(err) else
+                         f"the server needs FastAPI and uvicorn ({err}): pip install -e \".[serve]\"", 1)
+    try:
+        sock = _bind(args.host, args.port)
+    except UsageError as err:
+        return cli_error(PROG, err, 2)
+    host, port = sock.getsockname()[:2]
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+    model_id = args.served_model_name or model_id or str(source)
+    app = create_app(model_id=model_id)
+    server = uvicorn.Server(uvicorn.Config(app, log_level='warning', timeout_graceful_shutdown=5,
+                                           lifespan='off'))
+    outcome = {'code': 0, 'engine': None}
+
+    def load():
+        try:
+            from mindformers.serving.chat import resolve_chat_format
+            from mindformers.serving.engine import Engine
+            model, tokenizer = load_model(source)
+            load_weights(model, getattr(args, 'load_checkpoint', None), args.pet_checkpoint)
+            chat_format, why = resolve_chat_format(args.chat_format, tokenizer, model_id)
+            engine = outcome['engine'] = Engine(model, tokenizer, slots=args.slots, max_waiting=args.max_waiting,
+                                                timeout=args.timeout)
+            engine.start()
+            while not engine.ready:
+                time.sleep(0.05)
+            app.state.serving.load(engine, tokenizer, chat_format)
+            logger.info("ready: %s/v1 serves %r (%d slots, context %d tokens, chat format %s: %s); chat page %s/",
+                        url, model_id, args.slots, engine.context_length, chat_format, why, url)
+        except Exception as err:  # pylint: disable=broad-except
+            app.state.serving.fail(first_line(err))
+            outcome['code'] = cli_error(PROG, first_line(err), 1)
+            server.should_exit = True
+
+    logger.info("listening on %s; loading %s", url, source if isinstance(source, str) else model_id)
+    threading.Thread(target=load, name='load-model', daemon=True).start()
+    # uvicorn stops gracefully on SIGINT/SIGTERM, then raises the signal again for the handler it replaced: make
+    # that one a no-op, so a stop is a normal exit (status 0) after the engine has shut down
+    main = threading.current_thread() is threading.main_thread()
+    replaced = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
+    try:
+        server.run(sockets=[sock])
+    finally:
+        if outcome['engine'] is not None:
+            outcome['engine'].shutdown()
+        for sig, handler in replaced.items():
+            signal.signal(sig, handler)
+    if outcome['code'] == 0:
+        logger.info("stopped")
+    return outcome['code']
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return serve(args.model, args)
+
+
+if __name__ == '__main__':
+    sys.exit(main())
