@@ -201,3 +201,17 @@ def test_a_full_queue_is_refused_at_once_and_timeouts_end_requests(engine):
     assert (late.last.finish_reason, late.last.completion_tokens) == ('timeout', 0)
     assert "time limit of 1e-06 s" in late.last.message
     assert run(engine, [7, 8, 9], max_tokens=3).last.finish_reason == 'length'
+
+
+def test_eos_ends_with_stop_unless_min_tokens_holds_it_off(engine):
+    prompt = prompts(1, seed=10)[0]
+    eos = engine.eos_token_ids
+    greedy = engine.model.generate([prompt], max_new_tokens=1, do_sample=False)[0][-1]
+    engine.eos_token_ids = [greedy]  # the greedy first token is EOS now
+    try:
+        ended = run(engine, prompt, max_tokens=8)
+        held = run(engine, prompt, max_tokens=8, min_tokens=5)
+    finally:
+        engine.eos_token_ids = eos
+    assert (ended.last.finish_reason, ended.last.completion_tokens, ended.text) == ('stop', 1, '')
+    assert held.last.completion_tokens >= 5 and held.last.finish_reason in ('stop', 'length')

@@ -24,7 +24,8 @@ from typing import Callable, Optional
 import numpy as np
 
 from mindformers.generation.generation_config import GenerationConfig
-from mindformers.generation.logits_process import repetition_penalty, sample, temperature, top_k, top_p
+from mindformers.generation.logits_process import (repetition_penalty, sample, suppress_eos, temperature, top_k,
+                                                   top_p)
 from mindformers.generation.session import PREFILL_BUCKETS, DecodingSession, prefill_bucket
 from mindformers.tools.logger import logger
 
@@ -47,7 +48,8 @@ class Overloaded(RuntimeError):
 @dataclasses.dataclass
 class SamplingParams:
     """How one request decodes. temperature 0 is greedy; top_k 0 and top_p 1 turn those filters off; `stop`: strings
-    that end the request (never emitted); `seed` makes sampling reproducible."""
+    that end the request (never emitted); `seed` makes sampling reproducible; EOS is not picked before `min_tokens`
+    new tokens."""
     max_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
@@ -55,6 +57,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     stop: tuple = ()
     seed: Optional[int] = None
+    min_tokens: int = 0
 
     def validate(self):
         checks = (
@@ -65,6 +68,8 @@ class SamplingParams:
             (self.repetition_penalty > 0, 'repetition_penalty', '> 0'),
             (all(isinstance(s, str) and s for s in self.stop), 'stop', 'non-empty strings'),
             (self.seed is None or isinstance(self.seed, int), 'seed', 'an integer'),
+            (isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= self.max_tokens, 'min_tokens',
+             'an integer in [0, max_tokens]'),
         )
         for ok, name, rule in checks:
             if not ok:
@@ -320,6 +325,8 @@ class Engine:
         if params.repetition_penalty != 1.0:
             seen = np.asarray([request.prompt + request.tokens], np.int64)
             scores = repetition_penalty(scores, seen, params.repetition_penalty)
+        if len(request.tokens) < params.min_tokens:
+            scores = suppress_eos(scores, self.eos_token_ids)
         if params.temperature == 0:
             return int(scores[0].argmax())
         scores = top_p(top_k(temperature(scores, params.temperature), params.top_k), params.top_p)
