@@ -1,2 +1,2 @@
-"""Serving: the continuous-batching engine (`engine`), the OpenAI-compatible HTTP server (`app`, `protocol`, `chat`)
-and its command line (`cli`, `python -m mindformers.serve`). Nothing here is imported by `import mindformers`."""
+"""Serving: the continuous-batching engine, the OpenAI-compatible HTTP server and the chat page (`python -m
+mindformers.serve`). Nothing here is imported by `import mindformers`; the server needs the `serve` extra."""
