@@ -30,6 +30,6 @@ setup(
     # the official openai client and httpx
     extras_require={'serve': ['fastapi', 'uvicorn'],
                     'test': ['pytest', 'torch==2.13.0', 'transformers', 'peft', 'matplotlib', 'fastapi', 'uvicorn',
-                             'openai', 'httpx']},
+                             'openai', 'httpx', 'prometheus_client']},
     py_modules=['run_mindformer', 'convert_weight'],
 )

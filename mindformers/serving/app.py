@@ -132,7 +132,7 @@ def prompt_ids(state, request):
     tokenizer = state.tokenizer
     try:
         ids = chat_prompt_ids(state.chat_format, tokenizer, request.messages) if request.chat \
-            else encode_prompt(tokenizer, request.prompt, len(tokenizer))
+            else encode_prompt(tokenizer, request.prompt, state.engine.vocab_size)
     except ValueError as err:
         if isinstance(err, APIError):
             raise
@@ -191,16 +191,19 @@ async def _stream(requests, request, model, prompt_tokens):
 
 
 def prometheus_text(stats, prefix=METRICS_PREFIX):
-    """`engine.stats()` in Prometheus' text format: numbers as gauges (counters when named `*_total`), {sum, count}
-    as summaries, {name: number} as one series per name (labelled by METRIC_LABELS, else `key`)."""
+    """`engine.stats()` in Prometheus' text format: `X_sum` with `X_count` as the summary X; other numbers as
+    counters when named `*_total` or `*_sum`, else gauges; {name: number} as one series per name, labelled by
+    METRIC_LABELS (else `key`)."""
     lines = []
     for key, value in stats.items():
-        name = prefix + key
-        if isinstance(value, dict) and {'sum', 'count'} <= set(value):
-            lines += [f"# TYPE {name} summary", f"{name}_sum {float(value['sum'])}",
-                      f"{name}_count {int(value['count'])}"]
+        name, base = prefix + key, key[:-len('_sum')]
+        if key.endswith('_count') and f"{key[:-len('_count')]}_sum" in stats:
+            continue  # written with its _sum
+        if key.endswith('_sum') and f"{base}_count" in stats:
+            lines += [f"# TYPE {prefix}{base} summary", f"{name} {float(value)}",
+                      f"{prefix}{base}_count {float(stats[base + '_count'])}"]
             continue
-        lines.append(f"# TYPE {name} {'counter' if key.endswith('_total') else 'gauge'}")
+        lines.append(f"# TYPE {name} {'counter' if key.endswith(('_total', '_sum')) else 'gauge'}")
         if isinstance(value, dict):
             label = METRIC_LABELS.get(key, 'key')
             lines += [f'{name}{{{label}="{item}"}} {float(count)}' for item, count in value.items()]

@@ -11,7 +11,6 @@ import signal
 import socket
 import sys
 import threading
-import time
 
 from mindformers.tools.file_io import first_line
 from mindformers.tools.utils import OneLineArgumentParser, UsageError, cli_error
@@ -120,23 +119,54 @@ def _bind(host, port):
     return sock
 
 
+def warm_up(engine, tokenizer):
+    """Run one short request through `engine`, compiling the first prompt bucket and the decode step before
+    clients come; RuntimeError if it fails."""
+    from mindformers.serving.engine import SamplingParams
+    done, events = threading.Event(), []
+
+    def on_event(event):
+        events.append(event)
+        if event.finish_reason is not None:
+            done.set()
+
+    engine.submit(tokenizer.encode_prompt('Hello') or [0], SamplingParams(max_tokens=2, temperature=0), on_event)
+    done.wait()
+    if events[-1].finish_reason == 'error':
+        raise RuntimeError(f"the model failed its first request: {events[-1].message}")
+
+
+def start_engine(source, args, model_id):
+    """(started and warmed-up Engine, tokenizer, chat format, why that format) for the flags in `args`."""
+    from mindformers.serving.chat import resolve_chat_format
+    from mindformers.serving.engine import Engine
+    model, tokenizer = load_model(source)
+    load_weights(model, getattr(args, 'load_checkpoint', None), args.pet_checkpoint)
+    chat_format, why = resolve_chat_format(args.chat_format, tokenizer, model_id)
+    engine = Engine(model, tokenizer, slots=args.slots, max_waiting=args.max_waiting, timeout=args.timeout).start()
+    try:
+        warm_up(engine, tokenizer)
+    except BaseException:
+        engine.shutdown()
+        raise
+    return engine, tokenizer, chat_format, why
+
+
 def serve(source, args, model_id=None):
     """Serve `source` (see `load_model`) with the serving flags in `args` (and `args.load_checkpoint`) until
     stopped; returns the exit status."""
     from mindformers.tools.logger import logger
     try:
         check_serving_args(args)
-        import uvicorn
-        from mindformers.serving.app import create_app
-    except UsageError as err:
-        return cli_error(PROG, err, 2)
-    except ImportError as err:
-        return cli_error(PROG, first_line(err) if 'serve' in str(err) else
-                         f"the server needs FastAPI and uvicorn ({err}): pip install -e \".[serve]\"", 1)
-    try:
         sock = _bind(args.host, args.port)
     except UsageError as err:
         return cli_error(PROG, err, 2)
+    try:
+        import uvicorn
+        from mindformers.serving.app import create_app
+    except ImportError as err:
+        return cli_error(PROG, first_line(err) if 'serve' in str(err) else
+                         f"the server needs FastAPI and uvicorn ({err}): pip install -e \".[serve]\"", 1)
     host, port = sock.getsockname()[:2]
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
     model_id = args.served_model_name or model_id or str(source)
@@ -147,16 +177,8 @@ def serve(source, args, model_id=None):
 
     def load():
         try:
-            from mindformers.serving.chat import resolve_chat_format
-            from mindformers.serving.engine import Engine
-            model, tokenizer = load_model(source)
-            load_weights(model, getattr(args, 'load_checkpoint', None), args.pet_checkpoint)
-            chat_format, why = resolve_chat_format(args.chat_format, tokenizer, model_id)
-            engine = outcome['engine'] = Engine(model, tokenizer, slots=args.slots, max_waiting=args.max_waiting,
-                                                timeout=args.timeout)
-            engine.start()
-            while not engine.ready:
-                time.sleep(0.05)
+            engine, tokenizer, chat_format, why = start_engine(source, args, model_id)
+            outcome['engine'] = engine
             app.state.serving.load(engine, tokenizer, chat_format)
             logger.info("ready: %s/v1 serves %r (%d slots, context %d tokens, chat format %s: %s); chat page %s/",
                         url, model_id, args.slots, engine.context_length, chat_format, why, url)

@@ -129,8 +129,8 @@ _NOOP = {
 }
 _LOGPROBS = {True: ('false', lambda v: v is False), False: ('null', lambda v: False)}  # by `chat`
 
-_COMMON = ('model', 'max_tokens', 'temperature', 'top_p', 'top_k', 'repetition_penalty', 'stop', 'seed', 'stream',
-           'stream_options', 'n', 'user', 'presence_penalty', 'frequency_penalty', 'logit_bias', 'logprobs')
+_COMMON = ('model', 'max_tokens', 'min_tokens', 'temperature', 'top_p', 'top_k', 'repetition_penalty', 'stop', 'seed',
+           'stream', 'stream_options', 'n', 'user', 'presence_penalty', 'frequency_penalty', 'logit_bias', 'logprobs')
 FIELDS = {False: _COMMON + ('prompt', 'echo', 'best_of', 'suffix'),
           True: _COMMON + ('messages', 'max_completion_tokens', 'top_logprobs', 'tools', 'tool_choice',
                            'response_format')}
@@ -190,6 +190,8 @@ def parse_request(raw, chat):
         sampling['top_p'] = _number('top_p', given['top_p'], 0, 1, low_open=True)
     if 'top_k' in given:  # vLLM's -1 = off is ours 0
         sampling['top_k'] = max(_integer('top_k', given['top_k'], -1), 0)
+    if 'min_tokens' in given:  # vLLM's extra: EOS is held off until this many new tokens
+        sampling['min_tokens'] = _integer('min_tokens', given['min_tokens'], 0)
     if 'repetition_penalty' in given:
         sampling['repetition_penalty'] = _number('repetition_penalty', given['repetition_penalty'], 0, 100,
                                                  low_open=True)
