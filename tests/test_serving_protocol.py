@@ -281,3 +281,21 @@ def test_metrics_are_prometheus_text(client):
     assert ttft.type == 'summary' and {s.name: s.value for s in ttft.samples} == {
         'mindformers_time_to_first_token_seconds_sum': 0.25, 'mindformers_time_to_first_token_seconds_count': 3}
     assert families['mindformers_request_seconds_sum'].type == 'counter'
+
+
+def test_the_library_imports_without_fastapi():
+    """FastAPI and uvicorn are the `serve` extra: without them the library and the request checks import, and the
+    server refuses to start with the install command."""
+    import subprocess
+    import sys
+    from helpers.cli import tool_env
+    code = ("import sys; sys.modules['fastapi'] = sys.modules['uvicorn'] = None\n"
+            "import mindformers, mindformers.serving.protocol, mindformers.serving.chat\n"
+            "from mindformers.serving.cli import main\n"
+            "try:\n    import mindformers.serving.app\nexcept ImportError as err:\n    print(err)\n"
+            "sys.exit(main(['--model', 'gpt2_tiny', '--port', '0']))")
+    proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=tool_env(), timeout=300,
+                          check=False)
+    assert 'pip install -e ".[serve]"' in proc.stdout
+    assert proc.returncode == 1 and proc.stderr.startswith('mindformers.serve: error: ') and \
+        'pip install -e ".[serve]"' in proc.stderr
