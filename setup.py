@@ -22,7 +22,8 @@ setup(
     packages=find_packages(include=['mindformers', 'mindformers.*']) + ['mindformers.configs'] +
     ['mindformers.research.' + name for name in find_packages('research')],
     package_dir={'mindformers.configs': 'configs', 'mindformers.research': 'research'},
-    package_data={'mindformers': ['assets/**/*', 'assets/*/*', 'kernels/*.cc'], 'mindformers.configs': ['*/*.yaml', '*.yaml'],
+    package_data={'mindformers': ['assets/**/*', 'assets/*/*', 'kernels/*.cc', 'serving/static/*'],
+                  'mindformers.configs': ['*/*.yaml', '*.yaml'],
                   **{'mindformers.research.' + name: ['*.yaml', '*.md'] for name in find_packages('research')}},
     include_package_data=True,
     install_requires=requirements(),

@@ -40,7 +40,8 @@ class ServingState:
         self.error = None
 
     def load(self, engine, tokenizer, chat_format):
-        self.engine, self.tokenizer, self.chat_format = engine, tokenizer, chat_format
+        self.tokenizer, self.chat_format = tokenizer, chat_format
+        self.engine = engine  # last: a request that sees the engine sees the rest
 
     def fail(self, message):
         self.error = message

@@ -50,11 +50,23 @@ def build_parser():
     return parser
 
 
+def check_model(model):
+    """UsageError unless --model names an existing path or a registered model."""
+    if os.path.exists(model):
+        return
+    if '/' in model or os.sep in model or model.endswith(('.yaml', '.yml')):
+        raise UsageError(f"--model {model} does not exist")
+    from mindformers.models.model_book import find_config
+    try:
+        find_config(model)
+    except ValueError as err:
+        raise UsageError(f"--model: {err}") from None
+
+
 def check_serving_args(args):
     """UsageError for serving flags that cannot work (checked before anything loads)."""
-    for name in ('slots', 'max_waiting'):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.slots < 1 or args.max_waiting < 0:
+        raise UsageError(f"--slots must be >= 1 and --max_waiting >= 0, got {args.slots} and {args.max_waiting}")
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be in [0, 65535], got {args.port}")
     if not args.timeout > 0:
@@ -157,6 +169,8 @@ def serve(source, args, model_id=None):
     stopped; returns the exit status."""
     from mindformers.tools.logger import logger
     try:
+        if isinstance(source, str):
+            check_model(source)
         check_serving_args(args)
         sock = _bind(args.host, args.port)
     except UsageError as err:
