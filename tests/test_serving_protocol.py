@@ -43,7 +43,7 @@ def test_defaults_follow_openai():
     ({'temperature': 3}, 'temperature'), ({'temperature': 'hot'}, 'temperature'), ({'top_p': 0}, 'top_p'),
     ({'top_k': -2}, 'top_k'), ({'min_tokens': -1}, 'min_tokens'), ({'repetition_penalty': 0}, 'repetition_penalty'),
     ({'stop': ['a'] * 5}, 'stop'), ({'stop': ''}, 'stop'), ({'stop': [1]}, 'stop'), ({'seed': 1.5}, 'seed'),
-    ({'n': 0}, 'n'), ({'n': 99}, 'n'),
+    ({'seed': -1}, 'seed'), ({'n': 0}, 'n'), ({'n': 99}, 'n'),
     ({'stream': 'yes'}, 'stream'), ({'stream_options': {'include_usage': True}}, 'stream_options'),
     ({'stream': True, 'stream_options': {'x': 1}}, 'stream_options.x'), ({'model': 3}, 'model'),
     ({'presence_penalty': 0.5}, 'presence_penalty'), ({'frequency_penalty': 1}, 'frequency_penalty'),
@@ -299,3 +299,17 @@ def test_the_library_imports_without_fastapi():
     assert 'pip install -e ".[serve]"' in proc.stdout
     assert proc.returncode == 1 and proc.stderr.startswith('mindformers.serve: error: ') and \
         'pip install -e ".[serve]"' in proc.stderr
+
+
+def test_the_chat_page_is_served_when_installed(tmp_path, monkeypatch):
+    from starlette.testclient import TestClient
+    from mindformers.serving import app as app_module
+    (tmp_path / 'index.html').write_text('<title>chat</title>', encoding='utf-8')
+    (tmp_path / 'page.js').write_text('let x = 1;', encoding='utf-8')
+    monkeypatch.setattr(app_module, 'STATIC_DIR', str(tmp_path))
+    page = TestClient(app_module.create_app(model_id='tiny'))
+    assert page.get('/').text == '<title>chat</title>' and page.get('/').headers['content-type'].startswith('text/html')
+    assert page.get('/static/page.js').text == 'let x = 1;'
+    monkeypatch.setattr(app_module, 'STATIC_DIR', str(tmp_path / 'absent'))
+    response = TestClient(app_module.create_app(model_id='tiny')).get('/')
+    assert response.status_code == 404 and response.json()['error']['code'] == 'not_found'

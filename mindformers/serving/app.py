@@ -1,8 +1,9 @@
 """The OpenAI-compatible HTTP server: a FastAPI app over a serving `Engine` (continuous batching).
 
 Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions, GET /metrics (Prometheus
-text) and GET / (the chat page, `static/index.html`). The app can serve before its model is loaded: until
-`app.state.serving.load(engine, tokenizer, chat_format)` is called (from any thread), /health and the API answer 503.
+text), GET / (the chat page, `static/index.html`) and the files beside it under /static/. The app can serve before
+its model is loaded: until `app.state.serving.load(engine, tokenizer, chat_format)` is called (from any thread),
+/health and the API answer 503.
 
 The engine calls back on its own thread; events are handed to the request's asyncio queue with
 `loop.call_soon_threadsafe`. A client that goes away cancels its engine requests (`Handle.cancel`)."""
@@ -14,6 +15,7 @@ import time
 try:
     from fastapi import FastAPI, Request
     from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
+    from fastapi.staticfiles import StaticFiles
     from starlette.exceptions import HTTPException
 except ImportError as _err:  # the server is an extra: the library imports without it
     raise ImportError(f"the server needs FastAPI and uvicorn ({_err}): pip install -e \".[serve]\"") from None
@@ -261,6 +263,9 @@ def create_app(engine=None, tokenizer=None, model_id='model', chat_format='plain
             return PlainTextResponse(prometheus_text({'ready': 0}))
         return PlainTextResponse(prometheus_text({'ready': int(bool(state.engine.ready)), **state.engine.stats()}),
                                  media_type='text/plain; version=0.0.4')
+
+    if os.path.isdir(STATIC_DIR):  # the chat page's files
+        app.mount('/static', StaticFiles(directory=STATIC_DIR), name='static')
 
     @app.get('/')
     async def index():

@@ -197,13 +197,14 @@ def parse_request(raw, chat):
                                                  low_open=True)
     if 'stop' in given:
         sampling['stop'] = _stop(given['stop'])
-    if 'seed' in given:
-        if not _is_int(given['seed']):
-            raise bad_request(f"`seed` must be an integer, got {json.dumps(given['seed'])}", 'seed')
-        request.seed = given['seed']
     request.n = _integer('n', given.get('n', 1), 1)
     if request.n > MAX_N:
         raise bad_request(f"`n` must be at most {MAX_N}, got {request.n}", 'n')
+    if 'seed' in given:  # choice i samples with seed + i
+        if not _is_int(given['seed']) or not 0 <= given['seed'] <= 2 ** 63 - request.n:
+            raise bad_request(f"`seed` must be an integer in [0, 2**63 - n], got {json.dumps(given['seed'])}",
+                              'seed')
+        request.seed = given['seed']
     request.stream = _flag('stream', given.get('stream', False))
     if 'stream_options' in given:
         if not request.stream:
