@@ -13,7 +13,7 @@ keep per-slot state between steps (GLM: its 2-D positions) cannot take prompt to
 bucket shrinks to what fits, as `generate()` does (a shape compiled once per such size).
 
 Per-request sampling follows `generate()` with `seed`: the same request gives the same tokens whatever runs beside
-it. Stop strings end a request and are never part of its text, also when they arrive split over several tokens."""
+it. Only ids the tokenizer can decode are picked (a model's embedding may be padded past its tokenizer). Stop strings end a request and are never part of its text, also when they arrive split over several tokens."""
 import collections
 import dataclasses
 import itertools
@@ -131,6 +131,8 @@ class Engine:
         self.context_length = int(model.config.seq_length)
         self.vocab_size = int(model.config.vocab_size)
         self.eos_token_ids = GenerationConfig.from_model_config(model.config).eos_token_ids
+        # ids past the tokenizer's (a padded embedding) cannot become text: never picked
+        self.decodable = min(len(tokenizer), self.vocab_size)
         self._stateful = bool(model.kv_cache_layout().get('state'))
         self._session = None
         self._waiting = collections.deque()
@@ -321,7 +323,7 @@ class Engine:
 
     def _pick(self, request, logits):
         params = request.params
-        scores = logits[None].astype(np.float32)
+        scores = logits[None, :self.decodable].astype(np.float32)
         if params.repetition_penalty != 1.0:
             seen = np.asarray([request.prompt + request.tokens], np.int64)
             scores = repetition_penalty(scores, seen, params.repetition_penalty)
