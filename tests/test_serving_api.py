@@ -18,6 +18,7 @@ from helpers.tiny import tiny_yaml
 
 MODEL, PROMPT = 'gpt2_tiny', 'ROMEO:'
 CHAT = [{'role': 'user', 'content': 'Good morrow'}]
+CONTEXT = 1024  # long enough that an abandoned request is still decoding when its client is seen gone
 START_TIMEOUT = 300
 
 
@@ -59,8 +60,12 @@ class Server:
 
 @pytest.fixture(scope='module')
 def server(tmp_path_factory):
-    started = Server(tmp_path_factory.mktemp('serve') / 'server.log', 'mindformers.serve', '--model', MODEL,
-                     '--slots', 1, '--max_waiting', 4)
+    """gpt2_tiny with a context of CONTEXT tokens (a run YAML over its own), served as MODEL with one slot."""
+    folder = tmp_path_factory.mktemp('serve')
+    (folder / 'model.yaml').write_text(f"base_config: {tiny_yaml('gpt2')}\nmodel:\n  model_config:\n"
+                                       f"    seq_length: {CONTEXT}\n", encoding='utf-8')
+    started = Server(folder / 'server.log', 'mindformers.serve', '--model', folder / 'model.yaml',
+                     '--served_model_name', MODEL, '--slots', 1, '--max_waiting', 4)
     try:
         started.wait_for('ready: ')
         yield started
@@ -184,14 +189,14 @@ def test_n_choices_are_the_requests_with_consecutive_seeds(client):
 
 
 def too_long():
-    return ' '.join(['word'] * 200)  # past gpt2_tiny's 128-token context
+    return ' '.join(['word'] * (CONTEXT + 10))
 
 
 ERRORS = [
     ('/v1/completions', b'{"prompt": "hi",', 400, None),
     ('/v1/completions', {'prompt': PROMPT, 'max_tokens': 0}, 400, 'max_tokens'),
     ('/v1/completions', {'prompt': PROMPT, 'max_tokens': -1}, 400, 'max_tokens'),
-    ('/v1/completions', {'prompt': PROMPT, 'max_tokens': 500}, 400, 'max_tokens'),
+    ('/v1/completions', {'prompt': PROMPT, 'max_tokens': CONTEXT}, 400, 'max_tokens'),
     ('/v1/completions', {'prompt': PROMPT, 'temperature': -1}, 400, 'temperature'),
     ('/v1/completions', {'prompt': PROMPT, 'best_of': 3}, 400, 'best_of'),
     ('/v1/completions', {'prompt': PROMPT, 'nonsense': 1}, 400, 'nonsense'),
@@ -228,7 +233,8 @@ def test_the_openai_client_sees_the_errors(client):
 def test_a_client_that_disconnects_frees_its_slot(server, client):
     generated, cancelled = (metric(server, name) for name in ('mindformers_generation_tokens_total',
                                                               'mindformers_requests_total{cancelled}'))
-    body = {'prompt': PROMPT, 'max_tokens': 110, 'temperature': 0, 'stream': True}
+    body = {'prompt': PROMPT, 'max_tokens': CONTEXT - 16, 'min_tokens': CONTEXT - 16, 'temperature': 0,
+            'stream': True}
     with httpx.stream('POST', server.url + '/v1/completions', json=body, timeout=120) as response:
         chunks = (line for line in response.iter_lines() if line.startswith('data: '))
         next(chunks), next(chunks)  # leaving the block closes the connection mid-stream
@@ -236,7 +242,7 @@ def test_a_client_that_disconnects_frees_its_slot(server, client):
     assert after.choices[0].finish_reason == 'length'  # admitted to the one slot
     assert metric(server, 'mindformers_requests_total{cancelled}') == cancelled + 1
     ran_on = metric(server, 'mindformers_generation_tokens_total') - generated - 3
-    assert ran_on < 110 and metric(server, 'mindformers_running') == 0
+    assert ran_on < CONTEXT - 16 and metric(server, 'mindformers_running') == 0
 
 
 def test_metrics_are_prometheus_text(server):
