@@ -22,10 +22,11 @@ setup(
     packages=find_packages(include=['mindformers', 'mindformers.*']) + ['mindformers.configs'] +
     ['mindformers.research.' + name for name in find_packages('research')],
     package_dir={'mindformers.configs': 'configs', 'mindformers.research': 'research'},
-    package_data={'mindformers': ['assets/**/*', 'assets/*/*', 'kernels/*.cc'], 'mindformers.configs': ['*/*.yaml', '*.yaml'],
+    package_data={'mindformers': ['assets/**/*', 'assets/*/*', 'kernels/*.cc', 'serving/static/*'],
+                  'mindformers.configs': ['*/*.yaml', '*.yaml'],
                   **{'mindformers.research.' + name: ['*.yaml', '*.md'] for name in find_packages('research')}},
     include_package_data=True,
     install_requires=requirements(),
-    extras_require={'test': ['pytest', 'torch==2.13.0', 'transformers', 'peft', 'matplotlib']},
+    extras_require={'test': ['pytest', 'torch==2.13.0', 'transformers', 'peft', 'matplotlib', 'playwright']},
     py_modules=['run_mindformer', 'convert_weight'],
 )
