@@ -142,27 +142,42 @@ def test_history_stays_in_its_tab(chat, browser, server):
     assert bubbles(page, 'assistant') == before  # sessionStorage keeps the tab's conversation across a reload
 
 
+def interrupted(page, button, text):
+    """Sends `text` and clicks `button` as soon as the answer shows text; returns the request, which must fail (the
+    page closed the connection before the answer ended)."""
+    page.evaluate("""(button) => new MutationObserver((changes, observer) => {
+        const streaming = document.querySelector('.msg.assistant.streaming .text');
+        if (streaming && streaming.textContent) { observer.disconnect(); document.getElementById(button).click(); }
+    }).observe(document.getElementById('transcript'), {childList: true, subtree: true, characterData: true})""",
+                  button)
+    page.fill('#prompt', text)
+    with page.expect_event('requestfailed') as failed, page.expect_request(lambda r: r.url.endswith(CHAT)) as sent:
+        page.click('#send')
+    assert failed.value.url.endswith(CHAT)
+    page.wait_for_selector('#send:not([disabled])')
+    return sent.value
+
+
 def test_stop_aborts_the_stream(chat, server):
     page, _ = chat
     page.click('#new-chat')
     assert page.locator('#transcript .msg').count() == 0 and history(page) == []
     set_controls(page, max_tokens=80, **GREEDY)
-    page.evaluate("""() => new MutationObserver((changes, observer) => {   // Stop as soon as text shows
-        const streaming = document.querySelector('.msg.assistant.streaming .text');
-        if (streaming && streaming.textContent) { observer.disconnect(); document.getElementById('stop').click(); }
-    }).observe(document.getElementById('transcript'), {childList: true, subtree: true, characterData: true})""")
-    page.fill('#prompt', 'To be, or not to be')
-    with page.expect_event('requestfailed') as failed, page.expect_request(lambda r: r.url.endswith(CHAT)) as sent:
-        page.click('#send')
-    assert failed.value.url.endswith(CHAT)     # the connection was closed before the answer ended
-    page.wait_for_selector('#send:not([disabled])')
+    sent = interrupted(page, 'stop', 'To be, or not to be')
     shown = bubbles(page, 'assistant')[-1]
     page.wait_for_timeout(500)
     assert bubbles(page, 'assistant')[-1] == shown
     assert 'stopped' in page.locator('#transcript .msg.assistant .note').all_text_contents()
-    full = api_answer(server, sent.value.post_data_json)
+    full = api_answer(server, sent.post_data_json)
     assert shown and full.startswith(shown) and len(shown) < len(full)
     assert history(page)[-1] == {'role': 'assistant', 'content': shown}   # a stopped answer keeps what arrived
+
+
+def test_new_chat_while_streaming_starts_empty(chat):
+    page, _ = chat
+    interrupted(page, 'new-chat', 'Once more')
+    page.wait_for_timeout(300)
+    assert page.locator('#transcript .msg').count() == 0 and history(page) == []
 
 
 def test_http_error_is_shown_and_the_turn_left_out(chat, server):
