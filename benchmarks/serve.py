@@ -1,0 +1,209 @@
+"""Serving throughput and latency: the OpenAI-compatible server (`python -m mindformers.serve`) on loopback against
+our own offline `generate()` at batch 8, and the same server with one slot.
+
+The 29.5M-parameter GPT-2 of the other benchmarks (vocab 8192, hidden 512, 8 layers, 8 heads, seq 256, random
+weights) with a byte-level BPE of 8192 tokens trained on the bundled Tiny Shakespeare, saved once to a cache
+directory. 32 streamed completion requests, prompts of 16-64 tokens (cut from the corpus), 64-128 new tokens each
+(`min_tokens` = `max_tokens`, so every request produces all of them), greedy, arriving at a fixed rate. The rate
+is set so the 8-slot server runs about 8 streams at once: 0.9 x (offline batch-8 tokens/s) / (mean new tokens).
+
+Reported per server: request throughput, output tokens/s, time to first token (TTFT) and time per output token
+after the first (TPOT), p50 and p99, and the mean number of streams decoding at once. Bars (issue 18): 8-slot
+output tokens/s >= 0.8 x offline batch-8 generate and >= 4 x the 1-slot server; p99 TTFT < 1 s.
+
+    python benchmarks/serve.py [--requests 32] [--rounds 1] [--json result.json]
+"""
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _harness import environment, report, run_worker, write_json  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VOCAB, HIDDEN, LAYERS, HEADS, SEQ = 8192, 512, 8, 8, 256
+CACHE = os.path.join(os.environ.get('XDG_CACHE_HOME', os.path.expanduser('~/.cache')), 'mindformers-bench',
+                     'gpt2_29m_serve')
+
+
+def build_model_dir(path=CACHE):
+    """The benchmark model and tokenizer, saved with save_pretrained (built once)."""
+    if os.path.isfile(os.path.join(path, 'done')):
+        return path
+    sys.path.insert(0, REPO)
+    import mindspore as ms
+    from mindformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
+    from mindformers.models.bpe_training import save_gpt2_files, train_byte_level_bpe
+    os.makedirs(path, exist_ok=True)
+    corpus = os.path.join(REPO, 'mindformers', 'assets', 'corpus', 'tiny_shakespeare.txt')
+    vocab, merges = save_gpt2_files(train_byte_level_bpe([corpus], VOCAB, 2), path)
+    tokenizer = GPT2Tokenizer(vocab, merges)
+    ms.set_seed(0)
+    eos = tokenizer.eos_token_id
+    config = GPT2Config(vocab_size=VOCAB, hidden_size=HIDDEN, num_layers=LAYERS, num_heads=HEADS, seq_length=SEQ,
+                        eos_token_id=eos, pad_token_id=eos, bos_token_id=eos)
+    GPT2LMHeadModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    open(os.path.join(path, 'done'), 'w').close()
+    return path
+
+
+def workload(count, seed=0):
+    """`count` requests: (prompt text, prompt tokens, new tokens), prompts cut from the corpus at token bounds."""
+    import numpy as np
+    sys.path.insert(0, REPO)
+    from mindformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(CACHE)
+    with open(os.path.join(REPO, 'mindformers', 'assets', 'corpus', 'tiny_shakespeare.txt'), encoding='utf-8') as f:
+        ids = tokenizer.encode(f.read(200_000))
+    rng = np.random.default_rng(seed)
+    requests = []
+    while len(requests) < count:
+        length, start = int(rng.integers(16, 65)), int(rng.integers(0, len(ids) - 100))
+        text = tokenizer.decode(ids[start:start + length])
+        if len(tokenizer.encode_prompt(text)) == length:  # the cut re-encodes to the same tokens
+            requests.append((text, length, int(rng.integers(64, 129))))
+    return requests
+
+
+def offline_worker(count):
+    """Our generate() at batch 8 over the same prompts (left-padded), 128 new tokens each; tokens/s of the calls
+    after the first (compilation)."""
+    sys.path.insert(0, REPO)
+    import mindspore as ms
+    from mindformers import AutoModel, AutoTokenizer
+    ms.set_context(mode=0)
+    model, tokenizer = AutoModel.from_pretrained(CACHE), AutoTokenizer.from_pretrained(CACHE)
+    model.set_train(False)
+    prompts = [tokenizer.encode_prompt(text) for text, _, _ in workload(count)]
+    batches = [prompts[i:i + 8] for i in range(0, len(prompts), 8)]
+    run = lambda batch: model.generate(batch, max_new_tokens=128, min_new_tokens=128, do_sample=False,  # noqa: E731
+                                       use_past=True)
+    run(batches[0])
+    start = time.perf_counter()
+    for batch in batches:
+        run(batch)
+    report({'tokens_per_s': 128 * len(prompts) / (time.perf_counter() - start)})
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
+async def stream_one(client, url, text, new_tokens, sent_at):
+    """One streamed completion; returns (send time, first-token time, end time, completion tokens)."""
+    await asyncio.sleep(max(0.0, sent_at - time.perf_counter()))
+    body = {'model': 'bench', 'prompt': text, 'max_tokens': new_tokens, 'min_tokens': new_tokens,
+            'temperature': 0, 'stream': True, 'stream_options': {'include_usage': True}}
+    start, first, usage = time.perf_counter(), None, None
+    async with client.stream('POST', url, json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith('data: ') or line == 'data: [DONE]':
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get('usage'):
+                usage = chunk['usage']
+            elif first is None and chunk['choices'] and chunk['choices'][0].get('text'):
+                first = time.perf_counter()
+    return start, first, time.perf_counter(), usage['completion_tokens']
+
+
+async def drive(port, requests, rate):
+    import httpx
+    url = f'http://127.0.0.1:{port}/v1/completions'
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=64)) as client:
+        # compile every prompt bucket and the decode step before timing
+        await asyncio.gather(*(stream_one(client, url, text, 4, 0) for text, _, _ in requests[:8]))
+        begin = time.perf_counter()
+        return await asyncio.gather(*(stream_one(client, url, text, new, begin + i / rate)
+                                      for i, (text, _, new) in enumerate(requests)))
+
+
+def percentile(values, q):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
+
+
+def server_worker(count, slots, rate):
+    """Start the server with `slots` slots, replay the workload at `rate` requests/s, report its figures."""
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (REPO, os.environ.get('PYTHONPATH')) if p))
+    server = subprocess.Popen([sys.executable, '-m', 'mindformers.serve', '--model', CACHE, '--port', str(port),
+                               '--slots', str(slots), '--served_model_name', 'bench', '--max_waiting', '64'],
+                              cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        import httpx
+        deadline = time.time() + 600
+        while True:
+            if server.poll() is not None:
+                sys.exit(f"server exited {server.returncode}:\n{server.stderr.read()[-3000:]}")
+            try:
+                if httpx.get(f'http://127.0.0.1:{port}/health', timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline:
+                sys.exit("server not ready after 600 s")
+            time.sleep(0.2)
+        results = asyncio.run(drive(port, workload(count), rate))
+    finally:
+        server.terminate()
+        server.wait()
+    begin, end = min(r[0] for r in results), max(r[2] for r in results)
+    tokens = sum(r[3] for r in results)
+    ttft = [r[1] - r[0] for r in results]
+    tpot = [(r[2] - r[1]) / (r[3] - 1) for r in results if r[3] > 1]
+    busy = sum(r[2] - r[1] for r in results) / (end - begin)  # mean streams decoding at once
+    report({'tokens_per_s': tokens / (end - begin), 'requests_per_s': len(results) / (end - begin),
+            'ttft_p50_s': percentile(ttft, 50), 'ttft_p99_s': percentile(ttft, 99),
+            'tpot_p50_ms': 1e3 * percentile(tpot, 50), 'tpot_p99_ms': 1e3 * percentile(tpot, 99),
+            'mean_streams': busy, 'completion_tokens': tokens})
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--requests', type=int, default=32)
+    parser.add_argument('--rounds', type=int, default=1)
+    parser.add_argument('--rate', type=float, default=None, help='requests/s (default: calibrated, see above)')
+    parser.add_argument('--json', default=None)
+    parser.add_argument('--worker', default=None)
+    parser.add_argument('--slots', type=int, default=8)
+    args = parser.parse_args()
+    if args.worker == 'offline':
+        return offline_worker(args.requests)
+    if args.worker == 'server':
+        return server_worker(args.requests, args.slots, args.rate)
+    build_model_dir()
+    mean_new = statistics.mean(new for _, _, new in workload(args.requests))
+    rounds = []
+    for index in range(args.rounds):
+        offline = run_worker(__file__, 'offline', '--requests', args.requests)
+        rate = args.rate or 0.9 * offline['tokens_per_s'] / mean_new
+        eight = run_worker(__file__, 'server', '--requests', args.requests, '--slots', 8, '--rate', rate)
+        one = run_worker(__file__, 'server', '--requests', args.requests, '--slots', 1, '--rate', rate)
+        rounds.append({'offline_batch8': offline, 'server_8_slots': eight, 'server_1_slot': one, 'rate': rate})
+        print(f"round {index + 1}/{args.rounds}: offline {offline['tokens_per_s']:.0f} tokens/s, server 8 slots "
+              f"{eight['tokens_per_s']:.0f}, 1 slot {one['tokens_per_s']:.0f}; p99 TTFT {eight['ttft_p99_s']:.2f} s",
+              file=sys.stderr)
+    last = rounds[-1]
+    offline, eight, one = (statistics.median(r[k]['tokens_per_s'] for r in rounds)
+                           for k in ('offline_batch8', 'server_8_slots', 'server_1_slot'))
+    figures = {'environment': environment(('mindspore', 'fastapi', 'uvicorn', 'httpx', 'numpy')), 'rounds': rounds,
+               'vs_offline_batch8': eight / offline, 'vs_one_slot': eight / one,
+               'ttft_p99_s': statistics.median(r['server_8_slots']['ttft_p99_s'] for r in rounds)}
+    write_json(args.json, figures)
+    print(json.dumps({k: v for k, v in figures.items() if k != 'rounds'} | {'last_round': last}, indent=2))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

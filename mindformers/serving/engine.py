@@ -1,0 +1,380 @@
+"""Continuous batching: many requests share one `DecodingSession`, each in its own slot.
+
+One engine thread runs the model. Every iteration it drops requests that were cancelled or ran out of time, starts
+waiting requests in free slots (a prefill each; the other slots keep their state), then advances every running
+request by one token with one compiled decode step and hands each its new text. A request leaves its slot as soon
+as it ends, and the next waiting one takes it, so no request waits for another to finish. Shapes never change:
+prefill compiles once per prompt bucket, decode once.
+
+A prompt is padded on the left to its bucket (`generation.session.prefill_bucket`). When the bucket plus the
+request's `max_tokens` would not fit the context, the prompt is split instead: the largest bucket that the prompt
+fills is prefilled and the rest of the prompt is fed through decode steps (no padding, no new shape). Families that
+keep per-slot state between steps (GLM: its 2-D positions) cannot take prompt tokens through decode; for them the
+bucket shrinks to what fits, as `generate()` does (a shape compiled once per such size).
+
+Per-request sampling follows `generate()` with `seed`: the same request gives the same tokens whatever runs beside
+it. Stop strings end a request and are never part of its text, also when they arrive split over several tokens."""
+import collections
+import dataclasses
+import itertools
+import threading
+import time
+from typing import Callable, Optional
+
+import numpy as np
+
+from mindformers.generation.generation_config import GenerationConfig
+from mindformers.generation.logits_process import (repetition_penalty, sample, suppress_eos, temperature, top_k,
+                                                   top_p)
+from mindformers.generation.session import PREFILL_BUCKETS, DecodingSession, prefill_bucket
+from mindformers.tools.logger import logger
+
+FINISH_REASONS = ('stop', 'length', 'timeout', 'error', 'cancelled')
+_IDS = itertools.count(1)
+
+
+class RequestError(ValueError):
+    """A request the engine cannot run as asked: `param` names the request field at fault (HTTP 400)."""
+
+    def __init__(self, message, param=None, code='invalid_value'):
+        super().__init__(message)
+        self.param, self.code = param, code
+
+
+class Overloaded(RuntimeError):
+    """Every slot is busy and the waiting queue is full (HTTP 503): retry later."""
+
+
+@dataclasses.dataclass
+class SamplingParams:
+    """How one request decodes. temperature 0 is greedy; top_k 0 and top_p 1 turn those filters off; `stop`: strings
+    that end the request (never emitted); `seed` makes sampling reproducible; EOS is not picked before `min_tokens`
+    new tokens."""
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    stop: tuple = ()
+    seed: Optional[int] = None
+    min_tokens: int = 0
+
+    def validate(self):
+        checks = (
+            (isinstance(self.max_tokens, int) and self.max_tokens >= 1, 'max_tokens', 'an integer >= 1'),
+            (self.temperature >= 0, 'temperature', '>= 0 (0 is greedy)'),
+            (0 < self.top_p <= 1, 'top_p', 'in (0, 1]'),
+            (isinstance(self.top_k, int) and self.top_k >= 0, 'top_k', 'an integer >= 0 (0 turns it off)'),
+            (self.repetition_penalty > 0, 'repetition_penalty', '> 0'),
+            (all(isinstance(s, str) and s for s in self.stop), 'stop', 'non-empty strings'),
+            (self.seed is None or isinstance(self.seed, int), 'seed', 'an integer'),
+            (isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= self.max_tokens, 'min_tokens',
+             'an integer in [0, max_tokens]'),
+        )
+        for ok, name, rule in checks:
+            if not ok:
+                raise RequestError(f"{name} must be {rule}, got {getattr(self, name)!r}", name)
+        return self
+
+
+@dataclasses.dataclass
+class Event:
+    """What a request produced since its last event. `text` never contains a stop string; the last event of a
+    request has `finish_reason` ('stop': EOS or a stop string, 'length': max_tokens, 'timeout', 'error' with
+    `message`). Token counts are totals so far (`completion_tokens` counts every generated token, EOS included)."""
+    text: str
+    finish_reason: Optional[str]
+    prompt_tokens: int
+    completion_tokens: int
+    message: str = ''
+
+
+class Handle:
+    """The submitter's side of a request: `cancel()` when the client has gone (no further events; a waiting request
+    leaves the queue at once, a running one frees its slot at the engine's next step)."""
+
+    def __init__(self, request, engine):
+        self._request, self._engine = request, engine
+        self.id = request.id
+
+    def cancel(self):
+        self._engine._cancel(self._request)
+
+
+class _Request:
+    def __init__(self, prompt, params, on_event, deadline):
+        self.id = next(_IDS)
+        self.prompt, self.params, self.on_event, self.deadline = prompt, params, on_event, deadline
+        self.rng = np.random.default_rng(params.seed)
+        self.submitted = time.monotonic()
+        self.slot, self.pending, self.tokens = None, [], []
+        self.text, self.sent, self.cancelled = '', 0, False
+
+    @property
+    def next_input(self):
+        return self.pending[0] if self.pending else self.tokens[-1]
+
+
+class Engine:
+    """Serves generation requests over `model` (a causal LM of the suite) and `tokenizer` with `slots` concurrent
+    sequences; at most `max_waiting` more wait for a slot; a request is ended ('timeout') after `timeout` seconds.
+    Progress (running/waiting requests, prompt and generation tokens/s) is logged every `log_interval` seconds
+    while there is work. `submit` is thread-safe; events are delivered on the engine thread."""
+
+    def __init__(self, model, tokenizer, slots=8, max_waiting=64, timeout=600.0, log_interval=5.0):
+        if int(slots) < 1 or int(max_waiting) < 0 or float(timeout) <= 0:
+            raise ValueError(f"Engine needs slots >= 1, max_waiting >= 0 and timeout > 0; got slots={slots}, "
+                             f"max_waiting={max_waiting}, timeout={timeout}")
+        self.model, self.tokenizer = model, tokenizer
+        self.slots, self.max_waiting, self.timeout = int(slots), int(max_waiting), float(timeout)
+        self.log_interval = float(log_interval)
+        self.context_length = int(model.config.seq_length)
+        self.vocab_size = int(model.config.vocab_size)
+        self.eos_token_ids = GenerationConfig.from_model_config(model.config).eos_token_ids
+        self._stateful = bool(model.kv_cache_layout().get('state'))
+        self._session = None
+        self._waiting = collections.deque()
+        self._running = {}
+        self._lock = threading.Condition()
+        self._thread, self._stopping = None, False
+        self.ready = False
+        self._stats = {'requests_total': dict.fromkeys(FINISH_REASONS, 0), 'prompt_tokens_total': 0,
+                       'generation_tokens_total': 0, 'time_to_first_token_seconds_sum': 0.0,
+                       'time_to_first_token_seconds_count': 0, 'request_seconds_sum': 0.0,
+                       'decode_steps_total': 0, 'prefills_total': 0}
+        self._logged = (time.monotonic(), 0, 0)
+
+    # ----- the submitter's side (any thread)
+
+    def start(self):
+        """Build the decoding session (its graphs compile on first use) and start the engine thread."""
+        self.model.set_train(False)
+        self._session = DecodingSession(self.model, self.slots)
+        self._thread = threading.Thread(target=self._loop, name='mindformers-engine', daemon=True)
+        self._thread.start()
+        self.ready = True
+        return self
+
+    def shutdown(self):
+        """Stop the engine thread; running and waiting requests end with finish_reason 'error'."""
+        with self._lock:
+            self._stopping = True
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+        self.ready = False
+
+    def submit(self, prompt_ids, params, on_event: Callable[[Event], None]):
+        """Queue a request continuing `prompt_ids` (token ids). Raises RequestError when it cannot fit the context
+        or has ids outside the vocabulary, Overloaded when the waiting queue is full."""
+        params.validate()
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise RequestError("the prompt encodes to no tokens; give at least one token of text", 'prompt')
+        bad = [t for t in prompt if not 0 <= t < self.vocab_size]
+        if bad:
+            raise RequestError(f"the prompt has token id {bad[0]}, outside the model's vocabulary "
+                               f"[0, {self.vocab_size})", 'prompt')
+        if len(prompt) >= self.context_length:
+            raise RequestError(f"the prompt has {len(prompt)} tokens; this model's context is {self.context_length} "
+                               f"tokens, so at most {self.context_length - 1} leave room to generate", 'prompt',
+                               'context_length_exceeded')
+        if len(prompt) + params.max_tokens > self.context_length:
+            raise RequestError(f"max_tokens={params.max_tokens} after a prompt of {len(prompt)} tokens exceeds this "
+                               f"model's context of {self.context_length} tokens; use at most max_tokens="
+                               f"{self.context_length - len(prompt)}", 'max_tokens', 'context_length_exceeded')
+        if not self.ready:
+            raise Overloaded("the model is still loading")
+        request = _Request(prompt, params, on_event, time.monotonic() + self.timeout)
+        with self._lock:
+            free = self.slots - len(self._running)
+            if len(self._waiting) >= self.max_waiting + max(free, 0):
+                raise Overloaded(f"all {self.slots} slots are busy and {len(self._waiting)} requests are waiting "
+                                 f"(the server's limit); retry later")
+            self._waiting.append(request)
+            self._lock.notify_all()
+        return Handle(request, self)
+
+    def stats(self):
+        """Counters since start (Prometheus-style totals) and the current running / waiting / slots."""
+        with self._lock:
+            stats = {**self._stats, 'requests_total': dict(self._stats['requests_total'])}
+            stats.update(running=len(self._running), waiting=len(self._waiting), slots=self.slots)
+        return stats
+
+    def _cancel(self, request):
+        """A waiting request leaves the queue now; a running one leaves its slot at the engine's next step."""
+        with self._lock:
+            request.cancelled = True
+            if request in self._waiting:
+                self._finish(request, 'cancelled')
+            self._lock.notify_all()
+
+    # ----- the engine thread
+
+    def _loop(self):
+        while True:
+            with self._lock:
+                while not (self._stopping or self._waiting or self._running):
+                    self._lock.wait()
+                if self._stopping:
+                    break
+                self._drop_ended()
+                admit = []
+                while self._waiting and len(self._running) + len(admit) < self.slots:
+                    admit.append(self._waiting.popleft())
+                for request in admit:
+                    self._running[self._free_slot()] = request
+            for request in admit:
+                self._guard(self._prefill, request)
+            if any(r.slot is not None for r in self._running.values()):
+                self._guard(self._decode)
+            self._log_progress()
+        with self._lock:
+            for request in [*self._waiting, *self._running.values()]:
+                self._finish(request, 'error', "the server is shutting down")
+
+    def _free_slot(self):
+        taken = set(self._running)
+        return next(s for s in range(self.slots) if s not in taken)
+
+    def _drop_ended(self):
+        """Under the lock: free cancelled requests and end those past their deadline."""
+        now = time.monotonic()
+        for request in [*self._waiting, *self._running.values()]:
+            if request.cancelled:
+                self._finish(request, 'cancelled')
+            elif now > request.deadline:
+                self._finish(request, 'timeout', f"the request ran longer than the server's time limit of "
+                                                 f"{self.timeout:g} s")
+
+    def _guard(self, step, *args):
+        """Run `step`; a failure ends the requests it concerned with finish_reason 'error' (the engine goes on)."""
+        try:
+            step(*args)
+        except Exception as error:  # pylint: disable=broad-except
+            logger.exception("serving: %s failed", step.__name__.strip('_'))
+            with self._lock:
+                for request in (args or list(self._running.values())):
+                    self._finish(request, 'error', f"generation failed: {type(error).__name__}: {error}")
+
+    def _prefill(self, request):
+        slot = next(s for s, r in self._running.items() if r is request)
+        prompt, budget = request.prompt, request.params.max_tokens
+        bucket = prefill_bucket(len(prompt), self.context_length)
+        if bucket + budget > self.context_length:
+            if self._stateful:
+                bucket = self.context_length - budget
+            else:
+                bucket = max(b for b in (1, *PREFILL_BUCKETS) if b <= len(prompt))
+        head, request.pending = prompt[:bucket], prompt[bucket:]
+        logits = self._session.prefill([slot], np.asarray([head], np.int32), bucket=bucket)
+        request.slot = slot
+        self._stats['prefills_total'] += 1
+        self._stats['prompt_tokens_total'] += len(head)
+        if not request.pending:
+            self._emit(request, logits[0])
+
+    def _decode(self):
+        active = [r for r in self._running.values() if r.slot is not None]
+        tokens = np.zeros(self.slots, np.int32)
+        for request in active:
+            tokens[request.slot] = request.next_input
+        logits = self._session.decode(tokens)
+        self._stats['decode_steps_total'] += 1
+        for request in active:
+            if request.pending:
+                request.pending.pop(0)
+                self._stats['prompt_tokens_total'] += 1
+                if request.pending:
+                    continue
+            self._emit(request, logits[request.slot])
+
+    def _emit(self, request, logits):
+        """Pick `request`'s next token from its `logits` [vocab], update its text and tell the submitter."""
+        token = self._pick(request, logits)
+        request.tokens.append(token)
+        self._stats['generation_tokens_total'] += 1
+        if len(request.tokens) == 1:
+            self._stats['time_to_first_token_seconds_sum'] += time.monotonic() - request.submitted
+            self._stats['time_to_first_token_seconds_count'] += 1
+        finish = None
+        if token in self.eos_token_ids:
+            finish = 'stop'
+        else:
+            request.text = self.tokenizer.decode(request.tokens, skip_special_tokens=True)
+        cut, hold = _stop_scan(request.text, request.params.stop, request.sent)
+        if cut is not None:
+            request.text, finish = request.text[:cut], 'stop'
+        elif finish is None and len(request.tokens) >= request.params.max_tokens:
+            finish = 'length'
+        if finish is None:
+            if request.text.endswith('\ufffd'):
+                return  # an incomplete multi-byte character: wait for the rest
+            ready = len(request.text) - hold
+            if ready > request.sent:
+                piece, request.sent = request.text[request.sent:ready], ready
+                request.on_event(Event(piece, None, len(request.prompt), len(request.tokens)))
+            return
+        with self._lock:
+            self._finish(request, finish)
+
+    def _pick(self, request, logits):
+        params = request.params
+        scores = logits[None].astype(np.float32)
+        if params.repetition_penalty != 1.0:
+            seen = np.asarray([request.prompt + request.tokens], np.int64)
+            scores = repetition_penalty(scores, seen, params.repetition_penalty)
+        if len(request.tokens) < params.min_tokens:
+            scores = suppress_eos(scores, self.eos_token_ids)
+        if params.temperature == 0:
+            return int(scores[0].argmax())
+        scores = top_p(top_k(temperature(scores, params.temperature), params.top_k), params.top_p)
+        return int(sample(scores, request.rng)[0])
+
+    def _finish(self, request, reason, message=''):
+        """Under the lock: take `request` out of the queue or its slot, count it and send its last event (none
+        when cancelled: nobody listens)."""
+        slot = next((s for s, r in self._running.items() if r is request), None)
+        if slot is not None:
+            del self._running[slot]
+            self._session.free([slot])
+        elif request in self._waiting:
+            self._waiting.remove(request)
+        else:
+            return  # already finished
+        request.slot = None
+        self._stats['requests_total'][reason] += 1
+        self._stats['request_seconds_sum'] += time.monotonic() - request.submitted
+        if reason != 'cancelled':
+            text = request.text[request.sent:] if reason in ('stop', 'length') else ''
+            request.sent = len(request.text)
+            request.on_event(Event(text, reason, len(request.prompt), len(request.tokens), message))
+
+    def _log_progress(self):
+        now = time.monotonic()
+        last, prompt_before, generated_before = self._logged
+        if now - last < self.log_interval:
+            return
+        prompt, generated = self._stats['prompt_tokens_total'], self._stats['generation_tokens_total']
+        logger.info("serving: %d running, %d waiting; prompt %.1f tokens/s, generation %.1f tokens/s",
+                    len(self._running), len(self._waiting), (prompt - prompt_before) / (now - last),
+                    (generated - generated_before) / (now - last))
+        self._logged = (now, prompt, generated)
+
+
+def _stop_scan(text, stops, start):
+    """(index where the first stop string begins in `text` at or after `start`, or None; how many characters at
+    the end of `text` to hold back because they may begin a stop string)."""
+    if not stops:
+        return None, 0
+    found = [i for i in (text.find(s, max(0, start - len(s) + 1)) for s in stops) if i >= 0]
+    if found:
+        return min(found), 0
+    hold = 0
+    for stop in stops:
+        for size in range(min(len(stop) - 1, len(text)), hold, -1):
+            if text.endswith(stop[:size]):
+                hold = size
+                break
+    return None, hold

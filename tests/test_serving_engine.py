@@ -1,0 +1,217 @@
+"""The continuous-batching engine over a tiny GPT-2 (random weights, 64 positions, 4 slots): requests that arrive at
+different times and share the batch give exactly what each gives alone and what `generate()` gives; newcomers
+start while others decode; stop strings never leak; cancelled requests free their slot; a full queue, a prompt past
+the context and bad sampling values are refused; no shape compiles twice."""
+import threading
+import time
+
+import numpy as np
+import pytest
+import mindspore as ms
+
+from mindformers import AutoConfig, AutoModel, AutoTokenizer
+from mindformers.serving.engine import Engine, Overloaded, RequestError, SamplingParams
+
+CONTEXT = 64
+
+
+class Collector:
+    """on_event for one request: keeps its events with their arrival times; `wait()` until the last."""
+
+    def __init__(self):
+        self.events, self.times, self.done = [], [], threading.Event()
+
+    def __call__(self, event):
+        self.events.append(event)
+        self.times.append(time.monotonic())
+        if event.finish_reason is not None:
+            self.done.set()
+
+    def wait(self, timeout=120):
+        assert self.done.wait(timeout), f"no last event after {timeout} s: {self.events}"
+        return self
+
+    @property
+    def text(self):
+        return ''.join(e.text for e in self.events)
+
+    @property
+    def last(self):
+        return self.events[-1]
+
+
+@pytest.fixture(scope='module')
+def engine():
+    ms.set_seed(11)
+    config = AutoConfig.from_pretrained('gpt2_tiny', num_layers=2, hidden_size=64, seq_length=CONTEXT)
+    model = AutoModel.from_config(config)
+    tokenizer = AutoTokenizer.from_pretrained('gpt2_tiny')
+    engine = Engine(model, tokenizer, slots=4, max_waiting=32, log_interval=0.5).start()
+    yield engine
+    engine.shutdown()
+
+
+def run(engine, prompt, **params):
+    """Submit one request (greedy unless `params` say otherwise) and wait for its end; returns its Collector."""
+    collector = Collector()
+    engine.submit(prompt, SamplingParams(**{'temperature': 0, **params}), collector)
+    return collector.wait()
+
+
+def wait_until(condition, timeout=60):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, 'timed out'
+        time.sleep(0.002)
+
+
+def prompts(count, seed, longest=29):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(2, 500, int(n)).tolist() for n in rng.integers(3, longest + 1, count)]
+
+
+def test_sixteen_staggered_requests_give_what_each_gives_alone_and_what_generate_gives(engine):
+    requests = prompts(16, seed=1)
+    budgets = [int(n) for n in np.random.default_rng(2).integers(4, 30, 16)]
+    alone = [run(engine, p, max_tokens=m) for p, m in zip(requests, budgets)]
+    for prompt, budget, result in zip(requests[:4], budgets[:4], alone):  # the library's own generate()
+        ids = engine.model.generate([prompt], max_new_tokens=budget, do_sample=False, use_past=True)[0]
+        assert result.text == engine.tokenizer.decode(ids[len(prompt):], skip_special_tokens=True)
+    compiled = (len(engine._session._prefill.compile_cache), len(engine._session._decode.compile_cache))
+
+    together = [Collector() for _ in requests]
+    for index, (prompt, budget) in enumerate(zip(requests, budgets)):
+        engine.submit(prompt, SamplingParams(budget, temperature=0), together[index])
+        time.sleep(0.01 * (index % 5))  # arrivals spread over the running batch
+    for index, collector in enumerate(together):
+        collector.wait()
+        assert collector.text == alone[index].text, index
+        assert (collector.last.finish_reason, collector.last.completion_tokens) == \
+               (alone[index].last.finish_reason, alone[index].last.completion_tokens), index
+        assert collector.last.prompt_tokens == len(requests[index])
+    assert (len(engine._session._prefill.compile_cache), len(engine._session._decode.compile_cache)) == compiled
+    stats = engine.stats()
+    assert stats['running'] == 0 and stats['waiting'] == 0
+    assert stats['requests_total']['length'] + stats['requests_total']['stop'] >= 32
+
+
+def test_a_request_arriving_while_others_decode_starts_and_ends_before_they_finish(engine):
+    long_ones = [Collector() for _ in range(3)]
+    generated = engine.stats()['generation_tokens_total']
+    for collector, prompt in zip(long_ones, prompts(3, seed=3, longest=20)):
+        engine.submit(prompt, SamplingParams(40, temperature=0, top_k=0), collector)
+    wait_until(lambda: engine.stats()['generation_tokens_total'] >= generated + 15)  # 5 tokens each
+    short = Collector()
+    engine.submit(prompts(1, seed=4)[0], SamplingParams(3, temperature=0), short)
+    short.wait()
+    for collector in long_ones:
+        collector.wait()
+        assert collector.last.completion_tokens == 40
+        assert short.times[0] < collector.times[-1] and short.times[-1] < collector.times[-1]
+
+
+def test_a_prompt_too_long_for_its_bucket_plus_max_tokens_is_split_and_matches_recomputation(engine):
+    """40 prompt tokens (bucket 64) + 20 new tokens do not fit 64 positions padded: 32 are prefilled and 8 go
+    through decode steps; the greedy tokens equal full recomputation's."""
+    prompt = (prompts(1, seed=5, longest=5)[0] * 20)[:40]
+    result = run(engine, prompt, max_tokens=20)
+    ids = engine.model.generate([prompt], max_new_tokens=20, do_sample=False, use_past=False)[0]
+    assert result.text == engine.tokenizer.decode(ids[40:], skip_special_tokens=True)
+    assert result.last.completion_tokens == len(ids) - 40
+
+
+def test_seeded_sampling_is_reproducible_and_equals_generate(engine):
+    prompt = prompts(1, seed=6)[0]
+    options = dict(temperature=0.8, top_k=20, top_p=0.9, seed=5)
+    first, second = run(engine, prompt, max_tokens=12, **options), run(engine, prompt, max_tokens=12, **options)
+    assert first.text == second.text
+    ids = engine.model.generate([prompt], max_new_tokens=12, do_sample=True, temperature=0.8, top_k=20, top_p=0.9,
+                                seed=5)[0]
+    assert first.text == engine.tokenizer.decode(ids[len(prompt):], skip_special_tokens=True)
+    assert run(engine, prompt, max_tokens=12, **{**options, 'seed': 6}).text != first.text
+
+
+def test_a_stop_string_split_over_tokens_ends_the_request_and_is_never_emitted(engine):
+    prompt = prompts(1, seed=7)[0]
+    full = run(engine, prompt, max_tokens=30)
+    text = full.text
+    # a stop string made of the end of one generated piece (token) and the start of the next
+    pieces = [e.text for e in full.events if e.text]
+    middle = len(pieces) // 2
+    stop = pieces[middle - 1][-2:] + pieces[middle][:2]
+    assert len(pieces) >= 4 and len(stop) >= 2
+    cut = run(engine, prompt, max_tokens=30, stop=('@@never@@', stop))
+    assert cut.last.finish_reason == 'stop' and stop not in cut.text
+    assert cut.text == text[:text.find(stop)]
+    emitted = ''
+    for event in cut.events:  # nothing emitted is ever taken back
+        emitted += event.text
+        assert text.startswith(emitted)
+
+
+def test_cancelling_frees_the_slot_and_ends_the_events(engine):
+    hogs = [Collector() for _ in range(engine.slots)]
+    generated = engine.stats()['generation_tokens_total']
+    handles = [engine.submit(p, SamplingParams(50, temperature=0), c)
+               for p, c in zip(prompts(engine.slots, seed=8, longest=12), hogs)]
+    wait_until(lambda: engine.stats()['generation_tokens_total'] >= generated + 2 * engine.slots)
+    assert engine.stats()['running'] == engine.slots
+    handles[0].cancel()
+    newcomer = Collector()
+    engine.submit(prompts(1, seed=9)[0], SamplingParams(2, temperature=0), newcomer)
+    newcomer.wait()
+    assert newcomer.times[-1] < min(c.wait().times[-1] for c in hogs[1:])  # admitted into the freed slot at once
+    assert not hogs[0].done.is_set() and len(hogs[0].events) < 50
+    assert engine.stats()['requests_total']['cancelled'] >= 1
+
+
+def test_refusals_name_the_field(engine):
+    with pytest.raises(RequestError, match=f"prompt has {CONTEXT} tokens; this model's context is {CONTEXT}") as info:
+        engine.submit([5] * CONTEXT, SamplingParams(1), Collector())
+    assert info.value.param == 'prompt'
+    with pytest.raises(RequestError, match='use at most max_tokens=44') as info:
+        engine.submit([5] * 20, SamplingParams(45), Collector())
+    assert info.value.param == 'max_tokens'
+    for bad, field in ((dict(max_tokens=0), 'max_tokens'), (dict(max_tokens=2, top_p=0), 'top_p'),
+                       (dict(max_tokens=2, temperature=-1), 'temperature'), (dict(max_tokens=2, stop=('',)), 'stop')):
+        with pytest.raises(RequestError) as info:
+            engine.submit([5, 6], SamplingParams(**bad), Collector())
+        assert info.value.param == field
+    with pytest.raises(RequestError, match='outside the model'):
+        engine.submit([5, 99999], SamplingParams(2), Collector())
+    assert run(engine, [5, 6], max_tokens=2).last.completion_tokens == 2  # still serving
+
+
+def test_a_full_queue_is_refused_at_once_and_timeouts_end_requests(engine):
+    hogs = [Collector() for _ in range(engine.slots + engine.max_waiting)]
+    handles = [engine.submit([7, 8, 9], SamplingParams(60, temperature=0), c) for c in hogs]
+    start = time.monotonic()
+    with pytest.raises(Overloaded, match='retry later'):
+        engine.submit([7], SamplingParams(2), Collector())
+    assert time.monotonic() - start < 0.5
+    for handle in handles:
+        handle.cancel()
+    engine.timeout = 1e-6  # over before the engine looks at it
+    try:
+        late = Collector()
+        engine.submit([7, 8, 9], SamplingParams(60, temperature=0), late)
+        late.wait()
+    finally:
+        engine.timeout = 600.0
+    assert (late.last.finish_reason, late.last.completion_tokens) == ('timeout', 0)
+    assert "time limit of 1e-06 s" in late.last.message
+    assert run(engine, [7, 8, 9], max_tokens=3).last.finish_reason == 'length'
+
+
+def test_eos_ends_with_stop_unless_min_tokens_holds_it_off(engine):
+    prompt = prompts(1, seed=10)[0]
+    eos = engine.eos_token_ids
+    greedy = engine.model.generate([prompt], max_new_tokens=1, do_sample=False)[0][-1]
+    engine.eos_token_ids = [greedy]  # the greedy first token is EOS now
+    try:
+        ended = run(engine, prompt, max_tokens=8)
+        held = run(engine, prompt, max_tokens=8, min_tokens=5)
+    finally:
+        engine.eos_token_ids = eos
+    assert (ended.last.finish_reason, ended.last.completion_tokens, ended.text) == ('stop', 1, '')
+    assert held.last.completion_tokens >= 5 and held.last.finish_reason in ('stop', 'length')
