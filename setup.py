@@ -28,9 +28,10 @@ setup(
     include_package_data=True,
     install_requires=requirements(),
     # serve: `python -m mindformers.serve` (the library imports without it); test: the server's tests drive it with
-    # the official openai client and httpx
+    # the official openai client and httpx, the chat page's in Chromium through playwright (Debian's chromium:
+    # scripts/install_test_system_deps.sh)
     extras_require={'serve': ['fastapi', 'uvicorn'],
                     'test': ['pytest', 'torch==2.13.0', 'transformers', 'peft', 'matplotlib', 'fastapi', 'uvicorn',
-                             'openai', 'httpx', 'prometheus_client']},
+                             'openai', 'httpx', 'prometheus_client', 'playwright']},
     py_modules=['run_mindformer', 'convert_weight'],
 )

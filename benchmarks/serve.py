@@ -2,14 +2,19 @@
 our own offline `generate()` at batch 8, and the same server with one slot.
 
 The 29.5M-parameter GPT-2 of the other benchmarks (vocab 8192, hidden 512, 8 layers, 8 heads, seq 256, random
-weights) with a byte-level BPE of 8192 tokens trained on the bundled Tiny Shakespeare, saved once to a cache
-directory. 32 streamed completion requests, prompts of 16-64 tokens (cut from the corpus), 64-128 new tokens each
-(`min_tokens` = `max_tokens`, so every request produces all of them), greedy, arriving at a fixed rate. The rate
-is set so the 8-slot server runs about 8 streams at once: 0.9 x (offline batch-8 tokens/s) / (mean new tokens).
+weights) with a byte-level BPE trained on the bundled Tiny Shakespeare (it reaches 6655 tokens; ids past it are
+never picked), saved once to a cache directory. 32 streamed completion requests, prompts of 16-64 tokens (cut from
+the corpus), 64-128 new tokens each (`min_tokens` = `max_tokens`, so every request produces all of them), greedy.
+Each server is measured twice:
+- **8 concurrent streams**: 8 clients, each sending its next request as soon as its previous one ends, until the
+  32 are done: output tokens/s at 8 streams, and the time to first token (TTFT) of requests that arrive while the
+  other 7 decode;
+- **fixed rate**: the 32 requests arriving at a fixed rate, 0.75 x the request rate the 8-stream run sustained:
+  request throughput, output tokens/s, TTFT and time per output token after the first (TPOT), p50 and p99.
+Offline: `generate()` over the same prompts in batches of 8 (left-padded), 128 new tokens each.
 
-Reported per server: request throughput, output tokens/s, time to first token (TTFT) and time per output token
-after the first (TPOT), p50 and p99, and the mean number of streams decoding at once. Bars (issue 18): 8-slot
-output tokens/s >= 0.8 x offline batch-8 generate and >= 4 x the 1-slot server; p99 TTFT < 1 s.
+Bars (issue 18): 8-stream output tokens/s >= 0.8 x offline batch-8 and >= 4 x the 1-slot server; p99 TTFT < 1 s
+while 8 streams decode.
 
     python benchmarks/serve.py [--requests 32] [--rounds 1] [--json result.json]
 """
@@ -117,15 +122,36 @@ async def stream_one(client, url, text, new_tokens, sent_at):
     return start, first, time.perf_counter(), usage['completion_tokens']
 
 
-async def drive(port, requests, rate):
+async def drive(port, requests, rate=None, streams=8):
+    """Replay `requests`: at `rate` requests/s, or (rate None) by `streams` clients one request after another."""
     import httpx
     url = f'http://127.0.0.1:{port}/v1/completions'
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=64)) as client:
         # compile every prompt bucket and the decode step before timing
         await asyncio.gather(*(stream_one(client, url, text, 4, 0) for text, _, _ in requests[:8]))
         begin = time.perf_counter()
-        return await asyncio.gather(*(stream_one(client, url, text, new, begin + i / rate)
-                                      for i, (text, _, new) in enumerate(requests)))
+        if rate is not None:
+            return await asyncio.gather(*(stream_one(client, url, text, new, begin + i / rate)
+                                          for i, (text, _, new) in enumerate(requests)))
+        queue, results = list(requests), []
+
+        async def client_loop():
+            while queue:
+                text, _, new = queue.pop(0)
+                results.append(await stream_one(client, url, text, new, 0))
+        await asyncio.gather(*(client_loop() for _ in range(streams)))
+        return results
+
+
+def figures(results):
+    begin, end = min(r[0] for r in results), max(r[2] for r in results)
+    tokens = sum(r[3] for r in results)
+    ttft = [r[1] - r[0] for r in results]
+    tpot = [(r[2] - r[1]) / (r[3] - 1) for r in results if r[3] > 1]
+    return {'tokens_per_s': tokens / (end - begin), 'requests_per_s': len(results) / (end - begin),
+            'ttft_p50_s': percentile(ttft, 50), 'ttft_p99_s': percentile(ttft, 99),
+            'tpot_p50_ms': 1e3 * percentile(tpot, 50), 'tpot_p99_ms': 1e3 * percentile(tpot, 99),
+            'mean_streams': sum(r[2] - r[1] for r in results) / (end - begin), 'completion_tokens': tokens}
 
 
 def percentile(values, q):
@@ -133,8 +159,8 @@ def percentile(values, q):
     return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
 
 
-def server_worker(count, slots, rate):
-    """Start the server with `slots` slots, replay the workload at `rate` requests/s, report its figures."""
+def server_worker(count, slots):
+    """Start the server with `slots` slots; measure 8 concurrent streams, then a fixed rate (8 slots only)."""
     port = free_port()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (REPO, os.environ.get('PYTHONPATH')) if p))
     server = subprocess.Popen([sys.executable, '-m', 'mindformers.serve', '--model', CACHE, '--port', str(port),
@@ -154,26 +180,21 @@ def server_worker(count, slots, rate):
             if time.time() > deadline:
                 sys.exit("server not ready after 600 s")
             time.sleep(0.2)
-        results = asyncio.run(drive(port, workload(count), rate))
+        requests = workload(count)
+        result = {'streams_8': figures(asyncio.run(drive(port, requests)))}
+        if slots > 1:
+            rate = 0.75 * result['streams_8']['requests_per_s']
+            result['fixed_rate'] = {'rate': rate, **figures(asyncio.run(drive(port, requests, rate)))}
     finally:
         server.terminate()
         server.wait()
-    begin, end = min(r[0] for r in results), max(r[2] for r in results)
-    tokens = sum(r[3] for r in results)
-    ttft = [r[1] - r[0] for r in results]
-    tpot = [(r[2] - r[1]) / (r[3] - 1) for r in results if r[3] > 1]
-    busy = sum(r[2] - r[1] for r in results) / (end - begin)  # mean streams decoding at once
-    report({'tokens_per_s': tokens / (end - begin), 'requests_per_s': len(results) / (end - begin),
-            'ttft_p50_s': percentile(ttft, 50), 'ttft_p99_s': percentile(ttft, 99),
-            'tpot_p50_ms': 1e3 * percentile(tpot, 50), 'tpot_p99_ms': 1e3 * percentile(tpot, 99),
-            'mean_streams': busy, 'completion_tokens': tokens})
+    report({'tokens_per_s': result['streams_8']['tokens_per_s'], **result})
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--requests', type=int, default=32)
     parser.add_argument('--rounds', type=int, default=1)
-    parser.add_argument('--rate', type=float, default=None, help='requests/s (default: calibrated, see above)')
     parser.add_argument('--json', default=None)
     parser.add_argument('--worker', default=None)
     parser.add_argument('--slots', type=int, default=8)
@@ -181,27 +202,25 @@ def main():
     if args.worker == 'offline':
         return offline_worker(args.requests)
     if args.worker == 'server':
-        return server_worker(args.requests, args.slots, args.rate)
+        return server_worker(args.requests, args.slots)
     build_model_dir()
-    mean_new = statistics.mean(new for _, _, new in workload(args.requests))
     rounds = []
     for index in range(args.rounds):
         offline = run_worker(__file__, 'offline', '--requests', args.requests)
-        rate = args.rate or 0.9 * offline['tokens_per_s'] / mean_new
-        eight = run_worker(__file__, 'server', '--requests', args.requests, '--slots', 8, '--rate', rate)
-        one = run_worker(__file__, 'server', '--requests', args.requests, '--slots', 1, '--rate', rate)
-        rounds.append({'offline_batch8': offline, 'server_8_slots': eight, 'server_1_slot': one, 'rate': rate})
-        print(f"round {index + 1}/{args.rounds}: offline {offline['tokens_per_s']:.0f} tokens/s, server 8 slots "
-              f"{eight['tokens_per_s']:.0f}, 1 slot {one['tokens_per_s']:.0f}; p99 TTFT {eight['ttft_p99_s']:.2f} s",
-              file=sys.stderr)
-    last = rounds[-1]
+        eight = run_worker(__file__, 'server', '--requests', args.requests, '--slots', 8)
+        one = run_worker(__file__, 'server', '--requests', args.requests, '--slots', 1)
+        rounds.append({'offline_batch8': offline, 'server_8_slots': eight, 'server_1_slot': one})
+        print(f"round {index + 1}/{args.rounds}: offline {offline['tokens_per_s']:.0f} tokens/s, server 8 streams "
+              f"{eight['tokens_per_s']:.0f}, 1 slot {one['tokens_per_s']:.0f}; p99 TTFT at 8 streams "
+              f"{eight['streams_8']['ttft_p99_s']:.2f} s", file=sys.stderr)
     offline, eight, one = (statistics.median(r[k]['tokens_per_s'] for r in rounds)
                            for k in ('offline_batch8', 'server_8_slots', 'server_1_slot'))
-    figures = {'environment': environment(('mindspore', 'fastapi', 'uvicorn', 'httpx', 'numpy')), 'rounds': rounds,
-               'vs_offline_batch8': eight / offline, 'vs_one_slot': eight / one,
-               'ttft_p99_s': statistics.median(r['server_8_slots']['ttft_p99_s'] for r in rounds)}
-    write_json(args.json, figures)
-    print(json.dumps({k: v for k, v in figures.items() if k != 'rounds'} | {'last_round': last}, indent=2))
+    summary = {'vs_offline_batch8': eight / offline, 'vs_one_slot': eight / one,
+               'ttft_p99_s_at_8_streams': statistics.median(r['server_8_slots']['streams_8']['ttft_p99_s']
+                                                            for r in rounds)}
+    write_json(args.json, {'environment': environment(('mindspore', 'fastapi', 'uvicorn', 'httpx', 'numpy')),
+                           'rounds': rounds, **summary})
+    print(json.dumps({**summary, 'last_round': rounds[-1]}, indent=2))
     return 0
 
 

@@ -6,6 +6,7 @@
 - `tiny`: tiny configs and their sizes per family, a tiny GPT-2 and data it learns;
 - `training`: callbacks of the training tests (`StopAt`);
 - `registry`: snapshot and restore MindFormerRegister's tables (the `clean_registry` fixture);
+- `serving`: `python -m mindformers.serve` on loopback (`served`), JSON calls to it (`call`), `free_port`;
 - `kernel_checks`, `tokenizer_checks`: checks shared by the CPU-kernel and tokenizer tests."""
 import os
 
