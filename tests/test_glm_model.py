@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import mindspore as ms
 
-from mindformers.generation.session import DecodingSession
+from mindformers.generation.session import session_for
 from mindformers.models.auto import AutoConfig, AutoModel
 from mindformers.models.glm import GLMChatModel, GLMConfig, GLMForPreTraining
 from helpers.glm_reference import (BOS, EOS, GMASK, HEAD, LAYERS, MASK, PAD, SEQ, SQRT56, VOCAB, load_weights,
@@ -132,7 +132,7 @@ def test_kv_cache_logits_follow_the_full_forward(model):
     mask = np.ones_like(ids)
     mask[1, :2] = 0  # a left-padded row whose <sop> sits further left
     ids[1, :2] = PAD
-    session = DecodingSession(model, 2)
+    session = session_for(model, 2)  # generate()'s own: the greedy test below reuses its compiled graphs
     steps = [session.prefill([0, 1], ids[:, :10], mask[:, :10])]
     for column in range(10, 14):
         steps.append(session.decode(ids[:, column]))

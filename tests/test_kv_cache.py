@@ -117,9 +117,8 @@ def test_slot_table_bookkeeping():
         table.step()
 
 
-def _alone(model, prompt, steps):
-    """Greedy tokens of `prompt` decoded by itself (a session of one slot)."""
-    session = DecodingSession(model, 1)
+def _alone(session, prompt, steps):
+    """Greedy tokens of `prompt` decoded by itself, in `session` of one slot (its prefill starts the slot afresh)."""
     tokens = [int(session.prefill([0], [prompt]).argmax(-1)[0])]
     while len(tokens) < steps:
         tokens.append(int(session.decode([tokens[-1]]).argmax(-1)[0]))
@@ -133,7 +132,8 @@ def test_requests_joining_a_running_session_decode_as_they_do_alone(models):
     rng = np.random.default_rng(7)
     prompts = [rng.integers(1, VOCAB, n).tolist() for n in (5, 12, 3, 9)]
     steps = {0: 30, 1: 20, 2: 25, 3: 8}
-    expected = {r: _alone(ours, prompts[r], steps[r]) for r in steps}
+    single = DecodingSession(ours, 1)  # one for all four: a session compiles its own graphs
+    expected = {r: _alone(single, prompts[r], steps[r]) for r in steps}
     session = DecodingSession(ours, 3)
     start = {0: 0, 3: 0, 1: 10, 2: 17}  # request -> the step at which it arrives
     slot_of, got, running = {}, {r: [] for r in steps}, []

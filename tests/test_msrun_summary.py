@@ -101,8 +101,10 @@ def test_launcher_names_the_worker_killed_mid_training(tmp_path):
     with __import__('socket').socket() as sock:
         sock.bind(('127.0.0.1', 0))
         port = sock.getsockname()[1]
+    # MS_NODE_TIMEOUT: msrun's scheduler declares the killed rank dead after 10 s without a heartbeat, not the
+    # default 30 s (that is what ends rank 0, blocked in its next all-reduce)
     proc = subprocess.run(['bash', LAUNCHER, command, '2', '2', '127.0.0.1', str(port), '0', str(tmp_path / 'log'),
-                           'True', '120'], cwd=REPO, env=dict(os.environ, PYTHON=sys.executable),
+                           'True', '120'], cwd=REPO, env=dict(os.environ, PYTHON=sys.executable, MS_NODE_TIMEOUT='10'),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith('msrun_launcher.sh: error:')]

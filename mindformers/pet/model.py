@@ -40,12 +40,13 @@ register_pet_method(LoraConfig, _lora)
 
 
 def forget_compiled(model):
-    """Drop every graph compiled for `model`'s cells and its decoding sessions: after its structure changed, the
-    next call compiles the new one."""
+    """Drop every graph compiled for `model`'s cells, its decoding sessions and its evaluation cells: after its
+    structure changed, the next call compiles the new one."""
     for _, cell in model.cells_and_names():
         cell.compile_cache.clear()
-    if hasattr(model, '_generate_sessions'):
-        model._generate_sessions = {}
+    for kept in ('_generate_sessions', '_eval_cells'):
+        if hasattr(model, kept):
+            setattr(model, kept, {})
 
 
 def apply_pet(model, pet_config):

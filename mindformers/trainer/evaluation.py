@@ -86,9 +86,19 @@ def _own_batches(iterator, rank_id, stride):
             yield batch
 
 
+def eval_cell(network, consumes):
+    """The `_EvalLossCell` ('loss') or `_EvalLogitsCell` ('logits') over `network`, kept (in the network's
+    `_eval_cells`, as `session_for` keeps generate()'s sessions) so every evaluation of the network, e.g. each one
+    during training, reuses its compiled graph instead of compiling a new cell's."""
+    cells = network.__dict__.setdefault('_eval_cells', {})
+    if consumes not in cells:
+        cells[consumes] = _EvalLossCell(network) if consumes == 'loss' else _EvalLogitsCell(network)
+    return cells[consumes]
+
+
 def _feed_tensors(network, metric, dataset, rank_id, stride, consumes):
     """update(loss_sum, token_count) or update(logits, labels, mask) per batch."""
-    cell = _EvalLossCell(network) if consumes == 'loss' else _EvalLogitsCell(network)
+    cell = eval_cell(network, consumes)
     arg_columns = column_arguments(cell, dataset.get_col_names()) or [0]
     for batch in _own_batches(dataset.create_tuple_iterator(num_epochs=1, output_numpy=False), rank_id, stride):
         batch = [t if t.dtype == ms.int32 else t.astype(ms.int32) for t in batch]

@@ -15,6 +15,13 @@ def tiny_yaml(family, kind='run'):
     return os.path.join(REPO, folder, f'{kind}_{family}_tiny.yaml')
 
 
+def spread(options):
+    """{family: the options a test runs on it}: all of them on GPT-2 (the most fused CPU-kernel paths), one on each
+    other family in turn, so every family and every option is covered (for options whose code is family-blind)."""
+    options = sorted(options)
+    return {family: options if family == 'gpt2' else [options[i % len(options)]] for i, family in enumerate(FAMILIES)}
+
+
 def tiny_asset(family, name):
     """A file of the family's tiny tokenizer, e.g. tiny_asset('gpt2', 'vocab.json') (PengCheng.Mind's tiny config
     uses LLaMA's)."""
