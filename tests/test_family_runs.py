@@ -11,10 +11,10 @@ import torch
 
 from mindformers import Trainer
 from mindformers.tools.register import MindFormerConfig
-from helpers.cli import json_result, run_ok
+from helpers.cli import convert_weight_main, json_result, run_ok
 from helpers.glm_reference import LAYERS, RELEASE_CONFIG, random_weights, reference_logits, write_release
 from helpers.hf_reference import hf_tiny_model
-from helpers.tiny import ASSETS, INSTRUCTIONS, tiny_yaml
+from helpers.tiny import ASSETS, tiny_sft_data, tiny_yaml
 
 pytestmark = pytest.mark.slow  # end-to-end runs of the tiny configs: 10-50 s each
 FAMILIES = {
@@ -36,7 +36,7 @@ def _glm_checkpoint(work):
     """The GLM weights written as the HF release lays them out, converted by convert_weight.py."""
     write_release(work / 'hf', _glm_weights(), dict(RELEASE_CONFIG, max_sequence_length=128))
     checkpoint = work / 'glm.ckpt'
-    _run('convert_weight.py', '--model', 'glm', '--input_path', work / 'hf', '--output_path', checkpoint)
+    assert convert_weight_main('--model', 'glm', '--input_path', work / 'hf', '--output_path', checkpoint) == 0
     return checkpoint
 
 
@@ -59,7 +59,8 @@ def _run(tool, *args):
 @pytest.fixture(scope='module', params=sorted(FAMILIES))
 def prepared(request, tmp_path_factory):
     """(family, converted checkpoint, instruction data (MindRecord directory; GLM: ADGEN JSON), reference (HF model;
-    GLM: its weights for the NumPy reference), work directory)."""
+    GLM: its weights for the NumPy reference), work directory). The converter runs in this process: the tests are
+    about run_mindformer.py (convert_weight.py's command line is tested in test_convert_weight.py)."""
     family, spec = request.param, FAMILIES[request.param]
     work = tmp_path_factory.mktemp(family)
     if family == 'glm':
@@ -67,11 +68,8 @@ def prepared(request, tmp_path_factory):
     hf_model = hf_tiny_model(family).eval()
     hf_model.save_pretrained(work / 'hf')
     checkpoint = work / f'{family}.ckpt'
-    _run('convert_weight.py', '--model', family, '--input_path', work / 'hf', '--output_path', checkpoint)
-    _run('mindformers.tools.dataset_preprocess.instruction_to_mindrecord', '--input',
-         os.path.join(INSTRUCTIONS, spec['data']), '--format', spec['format'], '--template',
-         spec['template'], '--tokenizer', f'{family}_tiny', '--seq_length', 128, '--output_file',
-         work / 'sft' / 'train.mindrecord', '--quiet')
+    assert convert_weight_main('--model', family, '--input_path', work / 'hf', '--output_path', checkpoint) == 0
+    tiny_sft_data(family, spec['data'], spec['format'], spec['template'], work / 'sft')
     return family, checkpoint, work / 'sft', hf_model, work
 
 

@@ -9,7 +9,7 @@ import pytest
 from mindformers import Trainer
 from mindformers.tools.register import MindFormerConfig
 from helpers.cli import json_result, run_ok
-from helpers.tiny import INSTRUCTIONS, tiny_yaml
+from helpers.tiny import tiny_sft_data, tiny_yaml
 
 pytestmark = pytest.mark.slow  # end-to-end runs of the tiny configs: 10-50 s each
 FAMILIES = {
@@ -38,9 +38,7 @@ def scratch(request, tmp_path_factory):
     summary = json_result(_run('run_mindformer.py', '--config', tiny_yaml(family), '--run_mode', 'train', '--epochs',
                                1, '--output_dir', work / 'scratch', '--train_dataset.data_loader.max_samples', 32))
     assert summary['steps'] == summary['total_steps'] > 0 and os.path.isfile(summary['last_checkpoint'])
-    _run('mindformers.tools.dataset_preprocess.instruction_to_mindrecord', '--input',
-         os.path.join(INSTRUCTIONS, data), '--format', fmt, '--template', template, '--tokenizer', f'{family}_tiny',
-         '--seq_length', 128, '--output_file', work / 'sft' / 'train.mindrecord', '--quiet')
+    tiny_sft_data(family, data, fmt, template, work / 'sft')
     return family, work / 'scratch' / 'checkpoint', work / 'sft', work
 
 

@@ -9,6 +9,7 @@ from mindspore import nn, Parameter, Tensor
 from mindformers import MindFormerConfig, Trainer
 from mindformers.core.optim import AdamWeightDecay
 from mindformers.tools.build import build_wrapper
+from mindformers.trainer.evaluation import eval_cell
 from mindformers.wrapper import MFTrainOneStepCell
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,8 +30,10 @@ def tiny_config(tmp_path, **overrides):
 def test_eval_while_training_does_not_change_the_loss_curve(tmp_path):
     plain = Trainer(args=tiny_config(tmp_path / 'plain')).train().losses
     config = tiny_config(tmp_path / 'eval', do_eval=True, eval_step_interval=4, eval_epoch_interval=1)
-    state = Trainer(args=config).train()
+    trainer = Trainer(args=config)
+    state = trainer.train()
     assert state.losses == plain  # bit for bit
+    assert len(eval_cell(trainer.model, 'loss').compile_cache) == 1  # the five evaluations ran one compiled graph
     records = [json.loads(line) for line in
                open(tmp_path / 'eval' / 'log' / 'rank_0' / 'metrics.jsonl', encoding='utf-8')]
     evals = [r for r in records if 'eval_loss' in r]

@@ -49,3 +49,15 @@ def counting_dataset(batch_size, num_samples=64, seq_length=16, seed=0):
     starts = np.random.default_rng(seed).integers(0, 62, size=num_samples)
     rows = ((starts[:, None] + np.arange(seq_length + 1)[None, :]) % 62 + 2).astype(np.int32)
     return ds.NumpySlicesDataset({'input_ids': rows}, shuffle=False).batch(batch_size, drop_remainder=True)
+
+
+def tiny_sft_data(family, data, fmt, template, out_dir):
+    """The bundled instruction file `data` (under mindformers/assets/instruction/, format `fmt`) as prompt-masked
+    MindRecord for `family`'s tiny tokenizer (seq_length 128, `template`) in `out_dir`/train.mindrecord, written by
+    instruction_to_mindrecord in this process (its command line is tested in test_instruction_data.py)."""
+    from mindformers.tools.dataset_preprocess.instruction_to_mindrecord import main
+    code = main(['--input', os.path.join(INSTRUCTIONS, data), '--format', fmt, '--template', template, '--tokenizer',
+                 f'{family}_tiny', '--seq_length', '128', '--output_file', os.path.join(out_dir, 'train.mindrecord'),
+                 '--quiet'])
+    assert code == 0, f"instruction_to_mindrecord exited {code}"
+    return out_dir
