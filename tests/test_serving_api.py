@@ -324,7 +324,7 @@ def test_pet_checkpoint_serves_an_adapter_or_a_delta(tmp_path):
         finally:
             ms.set_context(mode=ms.GRAPH_MODE)
 
-    finetuned = AutoModel.from_pretrained('gpt2_tiny_lora')
+    finetuned = AutoModel.from_config('gpt2_tiny_lora')
     rng = np.random.default_rng(0)
     for param in finetuned.trainable_params():
         param.set_data(ms.Tensor(rng.standard_normal(param.shape).astype(np.float32) * 0.1))
