@@ -224,3 +224,19 @@ def test_every_public_name_knows_its_source():
     assert model_book.source_for('gpt2_medium').repo == 'openai-community/gpt2-medium'
     assert model_book.source_for('llama2_7b_lora') == HubSource('meta-llama/Llama-2-7b-hf', gated=True)
     assert model_book.source_for('glm2_6b_ptuning2').repo == 'THUDM/chatglm2-6b'
+
+
+def test_mindspore_release_by_name_is_converted_with_the_yaml_config(hub, env, monkeypatch, tmp_path):
+    """A `weights='mindspore'` source (pengcheng_mind_7b's kind): the repository's one .ckpt in PengCheng's names."""
+    from research.pengcheng_mind import convert_pengcheng_mind
+    from mindformers.models.convert_utils import save_ms_weights
+    config = AutoConfig.from_pretrained('pengcheng_mind_tiny')
+    ours = AutoModel.from_config(config)
+    release = save_ms_weights(convert_pengcheng_mind.convert_ms_to_hf(_params(ours), config), str(tmp_path / 'r.ckpt'))
+    with open(release, 'rb') as f:
+        hub.server.add_repo('test-org/pcm', {'release.ckpt': f.read(), 'README.md': b'weights'})
+    monkeypatch.setitem(model_book.SOURCES, 'pengcheng_mind_tiny', HubSource('test-org/pcm', weights='mindspore'))
+    loaded = _params(AutoModel.from_pretrained('pengcheng_mind_tiny'))
+    for name, value in _params(ours).items():
+        np.testing.assert_array_equal(loaded[name], value, err_msg=name)
+    assert _fetched(hub.server) == ['release.ckpt']
