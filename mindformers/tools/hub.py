@@ -181,14 +181,12 @@ class HubRepo:
         return path
 
     def _record(self, name=None, entry=None):
-        """Note `name` (just verified) in the manifest; the manifest follows the listed commit, keeping the
-        entries of files whose hash did not change."""
-        manifest = self._manifest() or {}
+        """Note `name` (just verified) in the manifest, which follows the listed commit; each entry describes the
+        file on disk (one whose hash changed on the Hub keeps its old entry until it is downloaded again)."""
+        manifest = self._manifest() or {'repo': self.repo, 'revision': self.revision, 'files': {}}
         if manifest.get('commit') == self.commit and name is None:
             return
-        if manifest.get('commit') != self.commit:
-            manifest = {'repo': self.repo, 'revision': self.revision, 'commit': self.commit,
-                        'files': {k: v for k, v in manifest.get('files', {}).items() if self._files.get(k) == v}}
+        manifest['commit'] = self.commit
         if name is not None:
             manifest['files'][name] = entry
         write_json_atomic(os.path.join(self.directory, MANIFEST), manifest)
