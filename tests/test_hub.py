@@ -77,6 +77,7 @@ def env(hub, monkeypatch, tmp_path):
     hub.server.requests.clear()
     hub.server.cut.clear()
     hub.server.corrupt.clear()
+    hub.server.authorized.clear()
     return tmp_path / 'cache'
 
 
@@ -240,3 +241,20 @@ def test_mindspore_release_by_name_is_converted_with_the_yaml_config(hub, env, m
     for name, value in _params(ours).items():
         np.testing.assert_array_equal(loaded[name], value, err_msg=name)
     assert _fetched(hub.server) == ['release.ckpt']
+
+
+def test_token_goes_to_the_hub_only_not_to_the_cdn_it_redirects_to(hub, env, monkeypatch):
+    data = os.urandom(8192)
+    hub.server.add_repo('test-org/gated-cdn', {'config.json': b'{}', 'model.safetensors': data}, token='s3cret')
+    monkeypatch.setenv('HF_TOKEN', 's3cret')
+    monkeypatch.setattr(hub.server, 'redirect_lfs', True)
+    hub.server.cut['model.safetensors'] = 3000  # the resumed request follows the redirect with its Range too
+    with pytest.raises(DownloadError, match='stopped after 3000'):
+        HubRepo('test-org/gated-cdn').download(['model.safetensors'])
+    path = HubRepo('test-org/gated-cdn').download(['model.safetensors'])[0]
+    with open(path, 'rb') as f:
+        assert f.read() == data
+    cdn = [(p, r) for _, p, r in hub.server.requests if p.startswith('/cdn/')]
+    assert cdn == [(cdn[0][0], None), (cdn[0][0], 'bytes=3000-')]
+    assert not [p for p in hub.server.authorized if p.startswith('/cdn/')]
+    assert any('/resolve/' in p for p in hub.server.authorized)

@@ -9,7 +9,9 @@ Files of at least LFS_MIN bytes are LFS files (declared by their sha256), smalle
 sha1, as on the Hub. Switches: `cut[file] = n` ends the next transfer of `file` after n bytes (the headers announce
 all of it); `corrupt[file] = bytes` serves those bytes in place of the declared content; a repository added with
 `token=` answers its files with 401 without `Authorization: Bearer <token>` and 403 with another token (its listing
-stays public, as on the Hub). `requests` records (method, path, Range header)."""
+stays public, as on the Hub); `redirect_lfs = True` answers LFS files with a 302 to `/cdn/<sha256>` on another host
+name (`localhost` for `127.0.0.1`), as the Hub sends them to its CDN. `requests` records (method, path, Range
+header); `authorized` the paths requested with an Authorization header."""
 import hashlib
 import http.server
 import json
@@ -27,7 +29,8 @@ class HubServer:
     """`add_repo(repo, {file: bytes}, token=None)` publishes a revision 'main' (a new commit each call)."""
 
     def __init__(self):
-        self.repos, self.cut, self.corrupt, self.requests = {}, {}, {}, []
+        self.repos, self.cut, self.corrupt, self.requests, self.authorized = {}, {}, {}, [], []
+        self.redirect_lfs = False
         self.httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), _handler(self))
         self.url = f'http://127.0.0.1:{self.httpd.server_address[1]}'
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
@@ -87,8 +90,16 @@ def _handler(server):
 
         def do_GET(self):
             server.requests.append((self.command, self.path, self.headers.get('Range')))
+            if self.headers.get('Authorization'):
+                server.authorized.append(self.path)
             path = urllib.parse.unquote(urllib.parse.urlparse(self.path).path)
             parts = path.strip('/').split('/')
+            if parts[0] == 'cdn' and len(parts) == 2:
+                found = [(name, data) for entry in server.repos.values() for name, data in entry['files'].items()
+                         if hashlib.sha256(data).hexdigest() == parts[1]]
+                if not found:
+                    return self._error(404, 'Not Found')
+                return self._send(found[0][0], found[0][1], {})
             if parts[:2] == ['api', 'models'] and len(parts) >= 6 and parts[4] == 'revision':
                 repo = '/'.join(parts[2:4])
                 if repo not in server.repos:
@@ -115,8 +126,24 @@ def _handler(server):
             if name not in entry['files']:
                 return self._error(404, 'Entry not found', 'EntryNotFound')
             declared = entry['files'][name]
-            data = server.corrupt.get(name, declared)
             lfs = len(declared) >= LFS_MIN
+            etag = hashlib.sha256(declared).hexdigest() if lfs else git_blob_sha1(declared)
+            headers = {'X-Repo-Commit': entry['commit'], 'ETag': f'"{etag}"'}
+            if lfs:
+                headers.update({'X-Linked-Etag': f'"{etag}"', 'X-Linked-Size': str(len(declared))})
+            if lfs and server.redirect_lfs:
+                self.send_response(302)
+                host = self.headers.get('Host', '').replace('127.0.0.1', 'localhost')
+                self.send_header('Location', f'http://{host}/cdn/{etag}')
+                for key, value in headers.items():
+                    self.send_header(key, value)
+                self.send_header('Content-Length', '0')
+                self.end_headers()
+                return None
+            return self._send(name, declared, headers)
+
+        def _send(self, name, declared, headers):
+            data = server.corrupt.get(name, declared)
             start, ranged = 0, self.headers.get('Range')
             if ranged:
                 start = int(ranged.split('=')[1].split('-')[0])
@@ -127,12 +154,8 @@ def _handler(server):
             else:
                 self.send_response(200)
             body = data[start:]
-            etag = hashlib.sha256(declared).hexdigest() if lfs else git_blob_sha1(declared)
-            self.send_header('X-Repo-Commit', entry['commit'])
-            self.send_header('ETag', f'"{etag}"')
-            if lfs:
-                self.send_header('X-Linked-Etag', f'"{etag}"')
-                self.send_header('X-Linked-Size', str(len(declared)))
+            for key, value in headers.items():
+                self.send_header(key, value)
             self.send_header('Accept-Ranges', 'bytes')
             self.send_header('Content-Length', str(len(body)))
             self.end_headers()
