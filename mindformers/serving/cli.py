@@ -77,14 +77,23 @@ def check_serving_args(args):
             raise UsageError(f"--{name} {value} does not exist")
 
 
-def load_model(source):
+def load_model(source, checkpoint_given=False):
     """(model, tokenizer) from `source`: a registered name, YAML or directory (AutoModel / AutoTokenizer), or
-    run_mindformer.py's run config (its model and processor sections, context and load_checkpoint)."""
+    run_mindformer.py's run config (its model and processor sections, context and load_checkpoint). A name or YAML
+    without weights is built with fresh ones: with a warning unless `checkpoint_given` (--load_checkpoint)."""
     from mindformers.core.context import init_context
     from mindformers.models.auto import AutoModel, AutoTokenizer
+    from mindformers.models.auto.auto_class import NoWeightsError
     if isinstance(source, str):
         init_context()
-        return AutoModel.from_pretrained(source), AutoTokenizer.from_pretrained(source)
+        try:
+            model = AutoModel.from_pretrained(source)
+        except NoWeightsError as err:
+            if not checkpoint_given:
+                from mindformers.tools.logger import logger
+                logger.warning("%s. Serving randomly initialised weights: give --load_checkpoint for real ones", err)
+            model = AutoModel.from_config(source)
+        return model, AutoTokenizer.from_pretrained(source)
     from mindformers.tools.build import build_tokenizer
     from mindformers.trainer.build import build_network
     init_context(False, dict(source.get('context') or {}, enable_compile_cache=False))
@@ -152,7 +161,7 @@ def start_engine(source, args, model_id):
     """(started and warmed-up Engine, tokenizer, chat format, why that format) for the flags in `args`."""
     from mindformers.serving.chat import resolve_chat_format
     from mindformers.serving.engine import Engine
-    model, tokenizer = load_model(source)
+    model, tokenizer = load_model(source, bool(getattr(args, 'load_checkpoint', None)))
     load_weights(model, getattr(args, 'load_checkpoint', None), args.pet_checkpoint)
     chat_format, why = resolve_chat_format(args.chat_format, tokenizer, model_id)
     engine = Engine(model, tokenizer, slots=args.slots, max_waiting=args.max_waiting, timeout=args.timeout).start()
