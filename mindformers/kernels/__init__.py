@@ -1,6 +1,6 @@
 """Fused fp32 CPU kernels (tanh-GELU, LayerNorm, RMSNorm, SwiGLU, rotary embedding, causal softmax, causal
-attention, decode attention, linear layers on few rows) as MindSpore AOT custom ops, compiled from `fused.cc` on
-first use.
+attention, decode attention, linear layers on few rows) and the int8-weight linear layer as MindSpore AOT custom ops,
+compiled from `fused.cc` and `int8.cc` (sharing `common.h`'s thread pool) into one library on first use.
 
 MindSpore runs every small op as its own pass over memory; on CPU the train step's elementwise work (LayerNorm's
 backward above all) costs as much as its matrix products. These kernels do each of those in one pass. Decode steps
@@ -8,8 +8,9 @@ multiply one row (or a few) by every weight matrix, where MindSpore's MatMul rea
 cores allow; the few-rows linear kernel reads each weight row once for all rows, on every core.
 
 They are used only when the device is CPU, the data is fp32, `MINDFORMERS_CPU_KERNELS` is not `0`, and `g++` builds
-the library (once per machine and source version, cached under `$MINDFORMERS_CACHE/kernels`). Otherwise the callers
-fall back to plain MindSpore ops, after one warning saying why."""
+the library (once per machine and source version, cached under `$MINDFORMERS_CACHE/kernels`; extra compiler flags,
+e.g. `-mno-avx512f` for the portable code paths, from `MINDFORMERS_CPU_KERNELS_FLAGS`). Otherwise the callers fall
+back to plain MindSpore ops, after one warning saying why."""
 import hashlib
 import os
 import platform

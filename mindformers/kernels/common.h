@@ -1,4 +1,5 @@
-// The thread pool and helpers shared by the kernel sources (fused.cc, int8.cc). Everything here has external
+// The thread pool and helpers shared by the kernel sources (fused.cc, int8.cc): the pool, float vectors and a
+// register-tiled product, a 16 x 16 transpose. Everything here has external
 // linkage (inline), so all sources linked into one library share a single pool.
 // Large inputs are split between a small pool of threads (one per usable core) that poll briefly, then sleep between
 // jobs. Not OpenMP: its idle threads spin for milliseconds after every parallel region and starve MindSpore's own
@@ -12,6 +13,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
+#include <cstring>
 #include <functional>
 #include <mutex>
 #include <thread>
@@ -129,6 +131,44 @@ inline int64_t Numel(int ndim, const int64_t *shape) {
   int64_t n = 1;
   for (int i = 0; i < ndim; i++) n *= shape[i];
   return n;
+}
+
+// Vectors of kLanes floats: 16 with AVX-512, 8 with AVX, else 4.
+#if defined(__AVX512F__)
+constexpr int64_t kLanes = 16;
+#elif defined(__AVX__)
+constexpr int64_t kLanes = 8;
+#else
+constexpr int64_t kLanes = 4;
+#endif
+typedef float Lanes __attribute__((vector_size(kLanes * sizeof(float))));
+
+inline Lanes LoadLanes(const float *p) {
+  Lanes v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// c[r, 0 : kVecs kLanes) = (c[r] when add) + sum_k a[r a_row + k a_col] b[k ldb + 0 : kVecs kLanes), r < kRows,
+// accumulated in registers.
+template <int64_t kRows, int64_t kVecs>
+inline void Tile(const float *a, int64_t a_row, int64_t a_col, const float *b, int64_t ldb, int64_t depth, float *c,
+                 int64_t ldc, bool add) {
+  Lanes acc[kRows][kVecs];
+  for (int64_t r = 0; r < kRows; r++) {
+    for (int64_t v = 0; v < kVecs; v++) acc[r][v] = add ? LoadLanes(c + r * ldc + v * kLanes) : Lanes{};
+  }
+  for (int64_t k = 0; k < depth; k++) {
+    Lanes bk[kVecs];
+    for (int64_t v = 0; v < kVecs; v++) bk[v] = LoadLanes(b + k * ldb + v * kLanes);
+    for (int64_t r = 0; r < kRows; r++) {
+      const float ark = a[r * a_row + k * a_col];
+      for (int64_t v = 0; v < kVecs; v++) acc[r][v] += ark * bk[v];
+    }
+  }
+  for (int64_t r = 0; r < kRows; r++) {
+    for (int64_t v = 0; v < kVecs; v++) std::memcpy(c + r * ldc + v * kLanes, &acc[r][v], sizeof(Lanes));
+  }
 }
 
 #if defined(__AVX512F__)

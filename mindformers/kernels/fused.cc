@@ -776,52 +776,26 @@ extern "C" int HeadsToRows(int nparam, void **params, int *ndims, int64_t **shap
 
 namespace {
 // A register tile is kTileRows x (kMaxVecs vectors of kLanes floats); kLanes is a multiple of kTileRows.
+using mindformers_kernels::kLanes;
+using mindformers_kernels::Lanes;
+using mindformers_kernels::LoadLanes;
 #if defined(__AVX512F__)
-constexpr int64_t kLanes = 16, kTileRows = 8, kMaxVecs = 3;
+constexpr int64_t kTileRows = 8, kMaxVecs = 3;
 #elif defined(__AVX__)
-constexpr int64_t kLanes = 8, kTileRows = 4, kMaxVecs = 2;
+constexpr int64_t kTileRows = 4, kMaxVecs = 2;
 #else
-constexpr int64_t kLanes = 4, kTileRows = 4, kMaxVecs = 4;
+constexpr int64_t kTileRows = 4, kMaxVecs = 4;
 #endif
 constexpr int64_t kDepthBlock = 128;  // product depth per pass, so a tile's right-hand panel stays in L1
 constexpr int64_t kQueryBlock = 64;
 
-typedef float Lanes __attribute__((vector_size(kLanes * sizeof(float))));
 typedef int32_t IntLanes __attribute__((vector_size(kLanes * sizeof(int32_t))));
-
-inline Lanes LoadLanes(const float *p) {
-  Lanes v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
 
 inline int64_t RoundUp(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
 #if defined(__AVX512F__)
 using mindformers_kernels::Transpose16x16;
 #endif
-
-// c[r, 0 : kVecs kLanes) = (c[r] when add) + sum_k a[r a_row + k a_col] b[k ldb + 0 : kVecs kLanes), r < kTileRows,
-// accumulated in registers.
-template <int64_t kVecs>
-void Tile(const float *a, int64_t a_row, int64_t a_col, const float *b, int64_t ldb, int64_t depth, float *c,
-          int64_t ldc, bool add) {
-  Lanes acc[kTileRows][kVecs];
-  for (int64_t r = 0; r < kTileRows; r++) {
-    for (int64_t v = 0; v < kVecs; v++) acc[r][v] = add ? LoadLanes(c + r * ldc + v * kLanes) : Lanes{};
-  }
-  for (int64_t k = 0; k < depth; k++) {
-    Lanes bk[kVecs];
-    for (int64_t v = 0; v < kVecs; v++) bk[v] = LoadLanes(b + k * ldb + v * kLanes);
-    for (int64_t r = 0; r < kTileRows; r++) {
-      const float ark = a[r * a_row + k * a_col];
-      for (int64_t v = 0; v < kVecs; v++) acc[r][v] += ark * bk[v];
-    }
-  }
-  for (int64_t r = 0; r < kTileRows; r++) {
-    for (int64_t v = 0; v < kVecs; v++) std::memcpy(c + r * ldc + v * kLanes, &acc[r][v], sizeof(Lanes));
-  }
-}
 
 // Tile<vecs> for 1 <= vecs <= kVecs.
 template <int64_t kVecs>
@@ -830,7 +804,7 @@ void TileOf(int64_t vecs, const float *a, int64_t a_row, int64_t a_col, const fl
   if constexpr (kVecs > 1) {
     if (vecs < kVecs) return TileOf<kVecs - 1>(vecs, a, a_row, a_col, b, ldb, depth, c, ldc, add);
   }
-  Tile<kVecs>(a, a_row, a_col, b, ldb, depth, c, ldc, add);
+  mindformers_kernels::Tile<kTileRows, kVecs>(a, a_row, a_col, b, ldb, depth, c, ldc, add);
 }
 
 // Where a product meets the causal mask of the query rows first..: kColumnKeys, c's columns are keys and its rows

@@ -8,7 +8,7 @@
 // features x kDepth inputs is widened, scaled and transposed into fp32 once, then multiplied with every row of x by
 // a register-tiled kernel, so the widening is paid once per panel and the panel stays in L1.
 //
-// Written with GCC vector types, so one source serves every ISA: 16 lanes with AVX-512, 8 with AVX2, 4 otherwise
+// Written with GCC vector types, so one source serves every ISA: 16 lanes with AVX-512, 8 with AVX, 4 otherwise
 // (SSE or NEON); the AVX-512 build also packs panels with an in-register transpose.
 #include <algorithm>
 #include <cstdint>
@@ -25,12 +25,12 @@ namespace {
 using mindformers_kernels::Numel;
 using mindformers_kernels::ParallelFor;
 
+using mindformers_kernels::kLanes;
+using Vec = mindformers_kernels::Lanes;
 #if defined(__AVX512F__)
-constexpr int kLanes = 16, kRegisters = 32, kTileRows = 8, kTileVecs = 3;
-#elif defined(__AVX2__)
-constexpr int kLanes = 8, kRegisters = 16, kTileRows = 4, kTileVecs = 2;
+constexpr int kRegisters = 32, kTileRows = 8, kTileVecs = 3;
 #else
-constexpr int kLanes = 4, kRegisters = 16, kTileRows = 4, kTileVecs = 2;
+constexpr int kRegisters = 16, kTileRows = 4, kTileVecs = 2;
 #endif
 constexpr int64_t kBlock = 32;                     // block32's weights per scale
 constexpr int64_t kPanel = kTileVecs * kLanes;     // output features per packed panel
@@ -39,14 +39,6 @@ constexpr int64_t kFeatureBlock = 64;              // output features per task o
 constexpr int64_t kPrefetch = 512;                 // bytes ahead on each weight row (few rows)
 constexpr int64_t kFewRows = 16;                   // rows of x up to which the few-rows kernel runs (decode)
 
-typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
-
-inline Vec Load(const float *p) {
-  Vec v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
 // kLanes int8 at p as floats. GCC's generic conversion of a byte vector goes element by element; these are the
 // sign-extend and convert instructions.
 inline Vec Widen(const int8_t *p) {
@@ -54,7 +46,7 @@ inline Vec Widen(const int8_t *p) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(p))));
 #elif defined(__AVX2__)
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i *>(p))));
-#elif defined(__SSE4_1__)
+#elif defined(__SSE4_1__) && !defined(__AVX__)
   int32_t word;
   std::memcpy(&word, p, sizeof word);
   return _mm_cvtepi32_ps(_mm_cvtepi8_epi32(_mm_cvtsi32_si128(word)));
@@ -125,7 +117,7 @@ void DotTile(const float *x, int64_t ldx, const Weights &w, int64_t n, const flo
       if (scales) wv[j] *= scales[j * blocks + k / kBlock];
     }
     for (int i = 0; i < kRows; i++) {
-      const Vec xv = Load(x + i * ldx + k);
+      const Vec xv = mindformers_kernels::LoadLanes(x + i * ldx + k);
       for (int j = 0; j < kCols; j++) acc[i][j] += xv * wv[j];
     }
   }
@@ -208,26 +200,6 @@ void PackPanel(const Weights &w, int64_t n, int64_t k0, int64_t depth, float *pa
   }
 }
 
-// c[i][0 : kPanel) (+)= sum_k x[i * ldx + k] panel[k][0 : kPanel) for i < rows (<= kTileRows), in registers.
-template <int kRows>
-void PanelTile(const float *x, int64_t ldx, const float *panel, int64_t depth, float *c, int64_t ldc, bool add) {
-  Vec acc[kRows][kTileVecs];
-  for (int i = 0; i < kRows; i++) {
-    for (int v = 0; v < kTileVecs; v++) acc[i][v] = add ? Load(c + i * ldc + v * kLanes) : Vec{};
-  }
-  for (int64_t k = 0; k < depth; k++) {
-    Vec b[kTileVecs];
-    for (int v = 0; v < kTileVecs; v++) b[v] = Load(panel + k * kPanel + v * kLanes);
-    for (int i = 0; i < kRows; i++) {
-      const float a = x[i * ldx + k];
-      for (int v = 0; v < kTileVecs; v++) acc[i][v] += a * b[v];
-    }
-  }
-  for (int i = 0; i < kRows; i++) {
-    for (int v = 0; v < kTileVecs; v++) std::memcpy(c + i * ldc + v * kLanes, &acc[i][v], sizeof(Vec));
-  }
-}
-
 template <int kRows>
 void PanelRows(int rows, const float *x, int64_t ldx, const float *panel, int64_t depth, float *c, int64_t ldc,
                bool add) {
@@ -235,7 +207,8 @@ void PanelRows(int rows, const float *x, int64_t ldx, const float *panel, int64_
     if constexpr (kRows > 1) PanelRows<kRows - 1>(rows, x, ldx, panel, depth, c, ldc, add);
     return;
   }
-  PanelTile<kRows>(x, ldx, panel, depth, c, ldc, add);
+  // c[i][0 : kPanel) (+)= sum_k x[i * ldx + k] panel[k][0 : kPanel) for the rows i of the tile, in registers
+  mindformers_kernels::Tile<kRows, kTileVecs>(x, ldx, 1, panel, kPanel, depth, c, ldc, add);
 }
 
 // Many rows: panels of kPanel output features split over the cores; for each kDepth slice of the inputs the panel
