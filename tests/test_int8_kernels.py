@@ -194,6 +194,9 @@ def test_fused_int8_linear_cell_matches_numpy(mode):
                 y = kernels.FusedInt8Linear(scheme)(Tensor(x), Tensor(q), Tensor(scale)).asnumpy()
                 expected = x.astype(np.float64) @ dequantize(q, scale, scheme).astype(np.float64).T
                 np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+            batched = kernels.FusedInt8Linear(scheme)(Tensor(x.reshape(3, 11, 96)), Tensor(q), Tensor(scale))
+            assert batched.shape == (3, 11, 77)  # leading axes are rows
+            np.testing.assert_allclose(batched.asnumpy().reshape(33, 77), expected, rtol=1e-5, atol=1e-5)
     finally:
         ms.set_context(mode=ms.GRAPH_MODE)
     with pytest.raises(ValueError, match='q4'):
