@@ -18,8 +18,8 @@ PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # blocks of modules/ and walk a model as cells, needing nothing of models/, while a model applies its config's
 # pet_config when it is built); wrapper (compiled train-step cells) sits below trainer, which composes them. generation sits above models and pet: it drives any model through its one forward and a
 # decoding session; `model.generate` reaches it lazily (listed below).
-LAYERS = ('tools', 'kernels', 'parallel', 'core', 'dataset', 'modules', 'pet', 'models', 'generation', 'pipeline',
-          'wrapper', 'trainer', 'evaluation', 'serving', 'cli')
+LAYERS = ('tools', 'kernels', 'parallel', 'core', 'dataset', 'modules', 'pet', 'quantization', 'models', 'generation',
+          'pipeline', 'wrapper', 'trainer', 'evaluation', 'serving', 'cli')
 
 # Command-line entry points kept under tools/ at the paths users know (DESIGN: "cli/ (or tools/*)"): the top layer,
 # thin over the library.
