@@ -79,7 +79,7 @@ class GPT2Model(nn.Cell):
             hidden = self.embed_tokens(input_ids) + self.embed_positions(positions)
         elif attention_mask is None:
             mask = None  # the plain causal mask
-            positions = self.embed_positions.weight
+            positions = self.embed_positions.table()
             if seq != self.seq_length:
                 positions = positions[:seq]
             hidden = self.add_positions(self.embed_tokens(input_ids), positions)
