@@ -22,7 +22,8 @@ import numpy as np
 
 from mindformers.tools.checkpoint import CheckpointError
 from mindformers.tools.register.family import family_of_hf_config
-from mindformers.tools.weights import TensorView, WeightSource, as_source, open_weights, write_safetensors  # noqa: F401
+from mindformers.tools.weights import (CorruptWeightsError, TensorView, WeightSource, as_source,  # noqa: F401
+                                       open_weights, write_safetensors)
 from mindformers.tools.utils import UsageError
 
 
@@ -64,19 +65,32 @@ def load_hf_weights(path):
                               f"*.index.json)")
     try:
         return open_weights(path)
+    except CorruptWeightsError as err:
+        raise ConversionError(f"HF weight file {err.path} is truncated or corrupt ({err.detail}); download or save "
+                              f"it again") from None
     except CheckpointError as err:
         raise ConversionError(str(err)) from None
 
 
-def load_ms_weights(path):
-    """The tensors (a mapping name -> np.ndarray, bfloat16 widened to float32) of a mindformers `.ckpt` or
-    `.safetensors` file (memory-mapped, read per tensor), a sharded `*.index.json` set, or a directory holding one
-    (see `tools.weights.open_weights`; a checkpoint directory gives its newest checkpoint)."""
+def open_ms_weights(path):
+    """The tensors of a mindformers `.ckpt` or `.safetensors` file, a sharded `*.index.json` set, or a directory
+    holding one (a checkpoint directory gives its newest checkpoint), as a `WeightSource` (see
+    `tools.weights.open_weights`): read per tensor, bfloat16 widened to float32."""
     from mindformers.tools.checkpoint import resolve_checkpoint
     path = os.fspath(path)
     if not os.path.isdir(path) and not path.endswith('.index.json'):
         path = resolve_checkpoint(path)  # checks the file and the checksum meta.json records
-    return open_weights(path)
+    try:
+        return open_weights(path)
+    except CorruptWeightsError as err:
+        raise CheckpointError(f"checkpoint {err.path} is truncated or corrupt ({err.detail}); use an earlier "
+                              f"checkpoint or re-create it") from None
+
+
+def load_ms_weights(path):
+    """`open_ms_weights` read whole into a dict name -> np.ndarray."""
+    source = open_ms_weights(path)
+    return {name: source.read(name) for name in source.names()}
 
 
 DTYPES = {'fp32': 'float32', 'fp16': 'float16', 'bf16': 'bfloat16'}
@@ -554,7 +568,7 @@ class FamilyConverter:
         to_file = output_path.endswith('.safetensors')
         if not to_file:
             refuse_non_empty(os.path.abspath(output_path))
-        weights = load_ms_weights(input_path)
+        weights = open_ms_weights(input_path)
         config = self.load_config(config) if config is not None else self.config_beside(input_path)
         if config is None:
             config = self.infer_config(weights, ms_names=True)

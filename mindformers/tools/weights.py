@@ -34,6 +34,14 @@ HF_WEIGHT_FILES = ('model.safetensors.index.json', 'model.safetensors', 'pytorch
                    'pytorch_model.bin')
 
 
+class CorruptWeightsError(CheckpointError):
+    """A weight file that cannot be read (truncated, corrupt); `.path` and `.detail` say which and why."""
+
+    def __init__(self, path, detail, kind='weight file', advice='download or save it again'):
+        self.path, self.detail = path, detail
+        super().__init__(f"{kind} {path} is truncated or corrupt ({detail}); {advice}")
+
+
 def itemsize(dtype):
     return _ITEMSIZE.get(dtype) or np.dtype(dtype).itemsize
 
@@ -180,8 +188,7 @@ class SafetensorsFile(WeightSource):
                                      f"bytes)")
                 self.entries[name] = (dtype, tuple(entry['shape']), start + begin)
         except (ValueError, KeyError, TypeError, struct.error, UnicodeDecodeError) as err:
-            raise CheckpointError(f"safetensors file {path} is truncated or corrupt ({first_line(err)}); download "
-                                  f"or save it again") from None
+            raise CorruptWeightsError(path, first_line(err), 'safetensors file') from None
         self._file = open(path, 'rb')  # pylint: disable=consider-using-with
         self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if size else b''
 
@@ -221,8 +228,7 @@ class TorchFile(WeightSource):
                     raise
                 state = torch.load(path, map_location='cpu', weights_only=True)  # the legacy format: read whole
         except Exception as err:  # torch's RuntimeError/UnpicklingError/EOFError
-            raise CheckpointError(f"PyTorch weight file {path} is truncated or corrupt ({first_line(err)[:200]}); "
-                                  f"download or save it again") from None
+            raise CorruptWeightsError(path, first_line(err)[:200], 'PyTorch weight file') from None
         if not isinstance(state, dict):
             raise CheckpointError(f"{path} does not hold a state dict (got {type(state).__name__})")
         self.tensors = {name: value for name, value in state.items() if isinstance(value, torch.Tensor)}

@@ -105,7 +105,7 @@ def read_input(input_path):
         input_path = os.path.join(input_path, ckpts[0])
     if not input_path.endswith('.ckpt'):
         return load_hf_weights(input_path)
-    weights = dict(load_ms_weights(input_path))  # a .ckpt is read whole anyway
+    weights = load_ms_weights(input_path)
     directory = os.path.dirname(os.path.abspath(input_path))
     for file_name, name in RELEASE_NPY.items():
         path = os.path.join(directory, file_name)
