@@ -200,9 +200,10 @@ def test_a_model_built_for_a_checkpoint_holds_no_weights_until_loaded(saved):
 MIB = 1 << 20
 # a LLaMA of ~285 MB in fp32: 71M parameters, the largest tensors the two 16000 x 1024 embeddings (65.5 MB each)
 BIG = dict(vocab_size=16000, hidden_size=1024, num_layers=3, num_heads=8, intermediate_size=2816, seq_length=64)
-# what loading adds besides the parameters and one tensor in flight: the copy of that tensor MindSpore makes when it
-# becomes a Tensor, the allocator's slack and Python objects (measured: ~40 MB)
-MARGIN = 96 * MIB
+# what loading may add besides the parameters and one tensor in flight (the copy MindSpore makes of it): the
+# allocator's slack and Python objects. Measured: the load grew the peak by the parameters + 5 MB; reading the whole
+# dict first grew it by 2 x the parameters.
+MARGIN = 32 * MIB
 
 
 @pytest.fixture(scope='module')
