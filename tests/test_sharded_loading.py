@@ -16,7 +16,8 @@ from mindspore import Tensor
 from mindformers import AutoConfig, AutoModel
 from mindformers.models.base_model import parameter_array
 from mindformers.tools.checkpoint import CheckpointError
-from mindformers.tools.weights import init_remaining, no_weight_init, open_weights, parameter_specs, save_sharded
+from mindformers.tools.weights import (init_remaining, load_weights, no_weight_init, open_weights, parameter_specs,
+                                       save_sharded, source_items)
 from helpers import REPO
 from helpers.tiny import FAMILIES, tiny_yaml
 
@@ -145,6 +146,40 @@ def test_half_precision_sets_round_trip(saved, tmp_path):
     back = AutoModel.from_pretrained(tmp_path)
     assert {str(p.dtype).lower() for p in back.get_parameters()} == {'bfloat16'}
     _assert_same_weights(back, _arrays(model))
+    import torch
+    from safetensors.torch import load_file  # the files are HuggingFace's format: its reader agrees
+    index = json.loads((tmp_path / 'model.safetensors.index.json').read_text())
+    name, file = next(iter(index['weight_map'].items()))
+    tensor = load_file(str(tmp_path / file))[name]
+    assert tensor.dtype == torch.bfloat16
+    np.testing.assert_array_equal(tensor.float().numpy(), _arrays(model)[name])
+
+
+def test_load_weights_runs_the_transform_on_each_tensor(saved):
+    """The `transform` hook (quantize-on-load uses it): what it yields is loaded, and a name it invents that the
+    model lacks is named in the error."""
+    model, _, sharded = saved('gpt2')
+    config = AutoConfig.from_pretrained(sharded)
+    with no_weight_init():
+        target = AutoModel.from_config(config)
+    seen = []
+
+    def doubled(name, array):
+        seen.append(name)
+        yield name, array * 2
+    source = open_weights(sharded)
+    load_weights(target, source_items(source), source.path, transform=doubled)
+    assert sorted(seen) == sorted(source.names())
+    original = _arrays(model)
+    for name, value in _arrays(target).items():
+        np.testing.assert_array_equal(value, original[name] * 2, err_msg=name)
+    config.checkpoint_name_or_path = str(sharded)
+
+    def with_scale(name, array):
+        return [(name, array), (name + '_scale', array)] if name == 'backbone.final_layernorm.weight' else \
+            [(name, array)]
+    with pytest.raises(CheckpointError, match=r'unexpected backbone\.final_layernorm\.weight_scale'):
+        target.load_checkpoint(config, transform=with_scale)
 
 
 def test_strict_errors_name_every_problem(saved, tmp_path):
