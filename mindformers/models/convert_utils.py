@@ -1,15 +1,18 @@
 """What the per-family weight converters (`models/<family>/convert_<family>.py`) share.
 
-Files. Reading: HuggingFace checkpoints (safetensors, sharded `*.index.json`, `.bin`/`.pth` through
-`torch.load(weights_only=True)`; bfloat16 widened to float32) and mindformers checkpoints. Writing: mindformers
-`.ckpt`/`.safetensors` and HuggingFace safetensors files or directories, always atomically (temporary name, then
-rename).
+Files. Reading, one tensor at a time (`mindformers.tools.weights.open_weights`): HuggingFace checkpoints
+(safetensors, sharded `*.index.json`, `.bin`/`.pth` through `torch.load(weights_only=True)`; bfloat16 widened to
+float32) and mindformers checkpoints. Writing: mindformers `.ckpt`/`.safetensors` (HF -> ours into a `.safetensors`
+streams one tensor at a time) and HuggingFace safetensors files or directories, always atomically (temporary name,
+then rename).
 
 Names. A `NameTable` of `Rule`s maps a foreign format's tensor names onto ours ('{i}' stands for the layer index);
 a rule may transpose, stack several of our tensors along dim 0 (split and joined by the model's own shapes) or
 reorder rows. A `FamilyConverter` holds a family's tables and config mapping and runs the conversion both ways,
-checking the result against the shapes of the model built (without initialising it) from the config: every missing,
-unexpected and mis-shaped tensor is named, in the input's own naming, in one ConversionError."""
+checking the input's shapes against those of the model built (without initialising it) from the config before any
+tensor is read (`NameTable.plan`): every missing, unexpected and mis-shaped tensor is named, in the input's own
+naming, in one ConversionError. HF -> ours then runs per tensor (`FamilyConverter.iter_hf_to_ms`); ours -> HF
+still holds the whole model."""
 import copy
 import importlib
 import json
