@@ -235,10 +235,10 @@ def test_a_model_built_for_a_checkpoint_holds_no_weights_until_loaded(saved):
 MIB = 1 << 20
 # a LLaMA of ~285 MB in fp32: 71M parameters, the largest tensors the two 16000 x 1024 embeddings (65.5 MB each)
 BIG = dict(vocab_size=16000, hidden_size=1024, num_layers=3, num_heads=8, intermediate_size=2816, seq_length=64)
-# what loading may add besides the parameters and one tensor in flight (the copy MindSpore makes of it): the
-# allocator's slack and Python objects. Measured: the load grew the peak by the parameters + 5 MB; reading the whole
-# dict first grew it by 2 x the parameters.
-MARGIN = 32 * MIB
+# what loading may add besides the parameters and the one tensor in flight (read from the file, then copied into
+# its Parameter): the allocator's slack and Python objects. Measured from the RSS before the load: parameters +
+# largest tensor + 15 MB; reading the whole dict first: about twice the parameters + 65 MB.
+MARGIN = 64 * MIB
 
 
 @pytest.fixture(scope='module')
@@ -266,7 +266,6 @@ def _peak(directory, mode):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.slow
 def test_loading_a_sharded_model_holds_one_tensor_beside_its_parameters(big_checkpoint):
     directory, model_bytes, largest = big_checkpoint
     assert len([f for f in os.listdir(directory) if f.endswith('.safetensors')]) >= 3

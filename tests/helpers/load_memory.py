@@ -4,8 +4,8 @@
 
 `stream`: `AutoModel.from_pretrained(dir)` (built without initialising, shard by shard, one tensor at a time).
 `whole`: what loading did before: the model built with initialised weights and every tensor of the checkpoint read
-into one dict, then loaded. Prints one JSON line: {"before": peak RSS in bytes once MindSpore's runtime is up,
-"peak": peak RSS after loading, "seconds": load time}."""
+into one dict, then loaded. Prints one JSON line: {"before": RSS in bytes once MindSpore's runtime is up (the peak
+is reset there), "peak": peak RSS after loading, "seconds": load time, "parameter_bytes"}."""
 import json
 import os
 import resource
@@ -16,7 +16,22 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 
 def peak_bytes():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    """This process's peak resident set size: /proc's VmHWM (ru_maxrss would do, but Linux carries it over from
+    the parent across fork and exec, so a child of a large pytest process would report the parent's peak)."""
+    with open('/proc/self/status', encoding='ascii') as f:
+        for line in f:
+            if line.startswith('VmHWM:'):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def reset_peak():
+    """Start the peak over from the current RSS (Linux >= 4.0), so only what follows is measured."""
+    try:
+        with open('/proc/self/clear_refs', 'w', encoding='ascii') as f:
+            f.write('5')
+    except OSError:
+        pass
 
 
 def main(directory, mode, param_init_type=None):
@@ -28,6 +43,7 @@ def main(directory, mode, param_init_type=None):
     ms.Tensor(np.ones(4, np.float32)).sum().asnumpy()  # start MindSpore's runtime
     overrides = {'param_init_type': param_init_type} if param_init_type else {}
     config = AutoConfig.from_pretrained(directory, **overrides)
+    reset_peak()
     before, start = peak_bytes(), time.perf_counter()
     if mode == 'stream':
         model = AutoModel.from_pretrained(directory, **overrides)
