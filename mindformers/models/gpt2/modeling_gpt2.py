@@ -111,4 +111,4 @@ class GPT2LMHeadModel(CausalLMModel):
 
     def logits(self, input_ids, attention_mask=None, cache=None, step=None):
         hidden = self.backbone(input_ids, attention_mask, cache, step)
-        return self.lm_head(self.logit_rows(hidden, cache), self.backbone.embed_tokens.weight)
+        return self.lm_head(self.logit_rows(hidden, cache), self.backbone.embed_tokens.table())
