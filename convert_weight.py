@@ -16,6 +16,10 @@ only with --overwrite: the new output is written beside it and then renamed over
 the old one untouched and no file of the old output remains. On success stdout has the output path, a summary line,
 and the same as one JSON line for scripts (model, reversed, output_path, tensors, parameters, dtype).
 
+Memory: HF -> mindformers reads the input one tensor at a time (safetensors and sharded sets memory-mapped, .bin
+through torch.load(mmap=True)), converts it and, for a .safetensors output, writes it at once, so a conversion holds
+about one tensor; a .ckpt output is assembled in memory (the whole converted model), and so is --reversed output.
+
 A family joins through its `register_family(FamilySpec(..., converter=...))`; its converter (a module) provides
 `convert_pt_to_ms(input_path, output_path, dtype=None, config=None)` (HF -> ours) and
 `convert_ms_to_pt(input_path, output_path, dtype=None, config=None)` (ours -> HF), each returning

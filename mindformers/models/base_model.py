@@ -5,12 +5,17 @@ import numpy as np
 import mindspore as ms
 from mindspore import nn, ops
 
-from mindformers.tools.checkpoint import (CheckpointError, fit_problems, listing, load_checkpoint_file,
-                                          load_into_network, resolve_checkpoint)
+from mindformers.tools.checkpoint import CheckpointError, fit_problems, listing, resolve_checkpoint
+from mindformers.tools.weights import INDEX_SUFFIX, load_weights, open_weights, source_items
 from mindformers.models import peft_adapter
 from mindformers.pet import apply_pet, merge_pet
 from mindformers.tools.logger import logger
 from mindformers.tools.utils import resolve_path
+
+
+def parameter_array(param):
+    """A Parameter's data as NumPy (bfloat16 widened to float32: exact)."""
+    return (param.astype(ms.float32) if param.dtype == ms.bfloat16 else param).asnumpy()
 
 
 class BaseModel(nn.Cell):
@@ -32,12 +37,15 @@ class BaseModel(nn.Cell):
         super().__init__(**kwargs)
         self.config = config
 
-    def load_checkpoint(self, config=None):
+    def load_checkpoint(self, config=None, transform=None):
         """Load `config.checkpoint_name_or_path` (default: `self.config`'s) if set; returns the file loaded or None.
 
-        Strict: every model parameter must be present with the model's shape, and no parameter-like entry under the
-        model's own top-level names may be left over (optimizer states such as `adam_m.*` are ignored). All
-        problems are reported in one CheckpointError."""
+        The checkpoint (a `.safetensors` file, a sharded set's `*.index.json`, a `.ckpt`, or a directory holding one
+        of them) is read one tensor at a time (see `mindformers.tools.weights`); `transform(name, array)` -> iterable
+        of (name, array) runs on each tensor first (e.g. quantizing it). Strict: every model parameter must be
+        present with the model's shape, and no parameter-like entry under the model's own top-level names may be
+        left over (optimizer states such as `adam_m.*` are ignored). All problems are reported in one
+        CheckpointError, found from the shapes before any tensor is read (with a `transform`: after loading)."""
         config = config or self.config
         if getattr(config, 'pet_config', None) is not None and self.pet_config is None:
             apply_pet(self, config.pet_config)
@@ -52,17 +60,26 @@ class BaseModel(nn.Cell):
                 raise CheckpointError(f"checkpoint_name_or_path {given!r} is neither an existing file or directory "
                                       f"nor a model name with published weights; convert weights with "
                                       f"convert_weight.py and give the path")
-        path = resolve_checkpoint(path)
-        param_dict = load_checkpoint_file(path)
-        self.check_checkpoint(param_dict, path)
-        missing = load_into_network(self, param_dict, path, strict=False)
+        if not path.endswith(INDEX_SUFFIX) and not os.path.isdir(path):
+            path = resolve_checkpoint(path)  # verifies the checksum meta.json records
+        source = open_weights(path)
+        own = {p.name for p in self.get_parameters()}
+        if transform is None:
+            self.check_checkpoint(source.shapes(), source.path)  # before any tensor is read
+            names = [name for name in source.names() if name in own]  # not optimizer state
+        else:
+            roots = {name.split('.', 1)[0] for name in own}
+            names = [name for name in source.names() if name.split('.', 1)[0] in roots]
+        missing = load_weights(self, source_items(source, names), source.path, transform=transform,
+                               strict=transform is not None, optional=self.pet_parameter_names)
         if missing:
             logger.info("loaded the base weights of %s from %s; its %d PET parameters keep their initial values",
-                        type(self).__name__, path, len(missing))
-        return path
+                        type(self).__name__, source.path, len(missing))
+        return source.path
 
     def check_checkpoint(self, param_dict, path='<checkpoint>'):
-        """Raise CheckpointError naming every missing, unexpected or mis-shaped parameter of `param_dict`."""
+        """Raise CheckpointError naming every missing, unexpected or mis-shaped parameter of `param_dict` (name ->
+        tensor, or name -> shape tuple)."""
         own = {p.name: p for p in self.get_parameters()}
         delta = set(self.pet_parameter_names)
         if delta and not delta & set(param_dict):  # base weights: the PET delta keeps its initial values
@@ -82,19 +99,35 @@ class BaseModel(nn.Cell):
                             f"with convert_weight.py first")
         raise CheckpointError(f"checkpoint {path} does not fit {type(self).__name__}: {'; '.join(problems)}")
 
-    def save_pretrained(self, save_directory, checkpoint_format='safetensors'):
-        """Write `config.json` and the weights (`model.safetensors` or `model.ckpt`, atomically) to
-        `save_directory`; `AutoModel.from_pretrained(save_directory)` loads them back."""
+    def save_pretrained(self, save_directory, checkpoint_format='safetensors', max_shard_size=None):
+        """Write `config.json` and the weights to `save_directory`; `AutoModel.from_pretrained(save_directory)`
+        loads them back. Weights: `model.ckpt`, or `model.safetensors`; with `max_shard_size` (bytes, or a string
+        such as '2GB') a set larger than that is written as `model-00001-of-0000N.safetensors` shards plus
+        `model.safetensors.index.json` (HuggingFace's layout), one tensor in memory at a time. Each file is
+        written atomically; a directory holding other weights is refused."""
         from mindformers.tools.checkpoint import save_checkpoint_atomic
+        from mindformers.tools.weights import parameter_specs, plan_shards, parse_size, save_sharded
         if checkpoint_format not in ('safetensors', 'ckpt'):
             raise ValueError(f"checkpoint_format must be 'safetensors' or 'ckpt', got {checkpoint_format!r}")
+        if max_shard_size is not None and checkpoint_format != 'safetensors':
+            raise ValueError("max_shard_size needs checkpoint_format='safetensors' (a .ckpt is one file)")
+        params = list(self.get_parameters())
+        specs = parameter_specs(params)
+        count = len(plan_shards(specs, parse_size(max_shard_size))) if max_shard_size is not None else 1
+        planned = {f'model.{checkpoint_format}'} if count == 1 else \
+            {f'model-{i:05d}-of-{count:05d}.safetensors' for i in range(1, count + 1)} | {'model.safetensors' +
+                                                                                         INDEX_SUFFIX}
         os.makedirs(save_directory, exist_ok=True)
-        stale = [f for f in os.listdir(save_directory) if f.endswith(('.ckpt', '.safetensors'))
-                 and f != f'model.{checkpoint_format}']
+        stale = [f for f in os.listdir(save_directory) if f.endswith(('.ckpt', '.safetensors', INDEX_SUFFIX))
+                 and f not in planned]
         if stale:
-            raise ValueError(f"{save_directory} already holds other weights ({', '.join(stale)}); save into an "
-                             f"empty directory")
-        save_checkpoint_atomic(self, os.path.join(save_directory, f'model.{checkpoint_format}'))
+            raise ValueError(f"{save_directory} already holds other weights ({', '.join(sorted(stale))}); save into "
+                             f"an empty directory")
+        if checkpoint_format == 'ckpt':
+            save_checkpoint_atomic(self, os.path.join(save_directory, 'model.ckpt'))
+        else:
+            by_name = {p.name: p for p in params}
+            save_sharded(save_directory, specs, lambda name: parameter_array(by_name[name]), max_shard_size)
         source = self.config.checkpoint_name_or_path
         self.config.checkpoint_name_or_path = ''  # the saved config must not point at the old weights
         try:

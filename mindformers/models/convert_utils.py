@@ -1,15 +1,18 @@
 """What the per-family weight converters (`models/<family>/convert_<family>.py`) share.
 
-Files. Reading: HuggingFace checkpoints (safetensors, sharded `*.index.json`, `.bin`/`.pth` through
-`torch.load(weights_only=True)`; bfloat16 widened to float32) and mindformers checkpoints. Writing: mindformers
-`.ckpt`/`.safetensors` and HuggingFace safetensors files or directories, always atomically (temporary name, then
-rename).
+Files. Reading, one tensor at a time (`mindformers.tools.weights.open_weights`): HuggingFace checkpoints
+(safetensors, sharded `*.index.json`, `.bin`/`.pth` through `torch.load(weights_only=True)`; bfloat16 widened to
+float32) and mindformers checkpoints. Writing: mindformers `.ckpt`/`.safetensors` (HF -> ours into a `.safetensors`
+streams one tensor at a time) and HuggingFace safetensors files or directories, always atomically (temporary name,
+then rename).
 
 Names. A `NameTable` of `Rule`s maps a foreign format's tensor names onto ours ('{i}' stands for the layer index);
 a rule may transpose, stack several of our tensors along dim 0 (split and joined by the model's own shapes) or
 reorder rows. A `FamilyConverter` holds a family's tables and config mapping and runs the conversion both ways,
-checking the result against the shapes of the model built (without initialising it) from the config: every missing,
-unexpected and mis-shaped tensor is named, in the input's own naming, in one ConversionError."""
+checking the input's shapes against those of the model built (without initialising it) from the config before any
+tensor is read (`NameTable.plan`): every missing, unexpected and mis-shaped tensor is named, in the input's own
+naming, in one ConversionError. HF -> ours then runs per tensor (`FamilyConverter.iter_hf_to_ms`); ours -> HF
+still holds the whole model."""
 import copy
 import importlib
 import json
@@ -20,7 +23,10 @@ import tempfile
 
 import numpy as np
 
+from mindformers.tools.checkpoint import CheckpointError
 from mindformers.tools.register.family import family_of_hf_config
+from mindformers.tools.weights import (CorruptWeightsError, TensorView, WeightSource, as_source,  # noqa: F401
+                                       open_weights, write_safetensors)
 from mindformers.tools.utils import UsageError
 
 
@@ -31,50 +37,6 @@ class ConversionError(ValueError):
 class ConfigNeededError(ConversionError, UsageError):
     """The weights alone do not settle the architecture: the command line must name a config (convert_weight.py
     exits 2)."""
-
-
-def _read_safetensors(path):
-    from safetensors import safe_open
-    out = {}
-    with safe_open(path, framework='np') as f:
-        for name in f.keys():
-            try:
-                out[name] = f.get_tensor(name)
-            except (TypeError, ValueError):  # bfloat16 has no NumPy dtype: read through torch, widen to float32
-                out[name] = _read_safetensors_torch(path, name)
-    return out
-
-
-def _read_safetensors_torch(path, name):
-    import torch
-    from safetensors import safe_open
-    with safe_open(path, framework='pt') as f:
-        return f.get_tensor(name).to(torch.float32).numpy()
-
-
-def _read_torch(path):
-    import torch  # only needed for .bin files
-    state = torch.load(path, map_location='cpu', weights_only=True)
-    if not isinstance(state, dict):
-        raise ConversionError(f"{path} does not hold a state dict (got {type(state).__name__})")
-    out = {}
-    for name, value in state.items():
-        if isinstance(value, torch.Tensor):
-            value = value.detach()
-            out[name] = (value.to(torch.float32) if value.dtype == torch.bfloat16 else value).numpy()
-    return out
-
-
-def _read_index(path):
-    """A sharded checkpoint: `*.index.json` maps each tensor to its shard file in the same directory."""
-    with open(path, encoding='utf-8') as f:
-        weight_map = json.load(f).get('weight_map')
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise ConversionError(f"{path} has no 'weight_map'")
-    out = {}
-    for shard in sorted(set(weight_map.values())):
-        out.update(load_hf_weights(os.path.join(os.path.dirname(path), shard)))
-    return out
 
 
 def hf_family(data):
@@ -89,9 +51,11 @@ _HF_FILES = ('model.safetensors', 'model.safetensors.index.json', 'pytorch_model
 
 
 def load_hf_weights(path):
-    """Tensors (name -> np.ndarray) of a HF checkpoint: a directory holding one of `model.safetensors`,
-    `model.safetensors.index.json` (sharded), `pytorch_model.bin` or `pytorch_model.bin.index.json`, or such a
-    file itself. `.bin` files are read with `torch.load(weights_only=True)`; bfloat16 is widened to float32."""
+    """The tensors of a HF checkpoint as a `WeightSource` (a mapping name -> np.ndarray read on access, see
+    `mindformers.tools.weights`): a directory holding one of `model.safetensors`, `model.safetensors.index.json`
+    (sharded), `pytorch_model.bin` or `pytorch_model.bin.index.json`, or such a file itself. safetensors files are
+    memory-mapped; `.bin` files are read with `torch.load(weights_only=True, mmap=True)`; bfloat16 is widened to
+    float32 as each tensor is read."""
     if os.path.isdir(path):
         found = [name for name in _HF_FILES if os.path.isfile(os.path.join(path, name))]
         if not found:
@@ -99,35 +63,49 @@ def load_hf_weights(path):
         path = os.path.join(path, found[0])
     if not os.path.isfile(path):
         raise ConversionError(f"input not found: {path}")
-    if path.endswith('.index.json'):
-        return _read_index(path)
-    readers = {'.safetensors': _read_safetensors, '.bin': _read_torch, '.pt': _read_torch, '.pth': _read_torch}
-    reader = readers.get(os.path.splitext(path)[1])
-    if reader is None:
+    if not path.endswith(('.index.json', '.safetensors', '.bin', '.pt', '.pth')):
         raise ConversionError(f"unsupported HF weight file {path} (expected .safetensors, .bin, .pt, .pth or "
                               f"*.index.json)")
     try:
-        return reader(path)
-    except (ConversionError, OSError, MemoryError):
-        raise
-    except Exception as err:  # safetensors' SafetensorError, torch's RuntimeError/UnpicklingError/EOFError
-        detail = ' '.join(str(err).split()) or type(err).__name__
-        raise ConversionError(f"HF weight file {path} is truncated or corrupt ({detail[:200]}); download or save "
+        return open_weights(path)
+    except CorruptWeightsError as err:
+        raise ConversionError(f"HF weight file {err.path} is truncated or corrupt ({err.detail}); download or save "
                               f"it again") from None
+    except CheckpointError as err:
+        raise ConversionError(str(err)) from None
+
+
+def open_ms_weights(path):
+    """The tensors of a mindformers `.ckpt` or `.safetensors` file, a sharded `*.index.json` set, or a directory
+    holding one (a checkpoint directory gives its newest checkpoint), as a `WeightSource` (see
+    `tools.weights.open_weights`): read per tensor, bfloat16 widened to float32."""
+    from mindformers.tools.checkpoint import resolve_checkpoint
+    path = os.fspath(path)
+    if not os.path.isdir(path) and not path.endswith('.index.json'):
+        path = resolve_checkpoint(path)  # checks the file and the checksum meta.json records
+    try:
+        return open_weights(path)
+    except CorruptWeightsError as err:
+        raise CheckpointError(f"checkpoint {err.path} is truncated or corrupt ({err.detail}); use an earlier "
+                              f"checkpoint or re-create it") from None
 
 
 def load_ms_weights(path):
-    """Tensors (name -> np.ndarray, bfloat16 widened to float32) of a MindSpore `.ckpt` or `.safetensors` file, or
-    of the newest checkpoint in a directory (see `tools.checkpoint.resolve_checkpoint`)."""
-    import mindspore as ms
-    from mindformers.tools.checkpoint import load_checkpoint_file, resolve_checkpoint
-    out = {}
-    for name, param in load_checkpoint_file(resolve_checkpoint(path)).items():
-        out[name] = (param.astype(ms.float32) if param.dtype == ms.bfloat16 else param).asnumpy()
-    return out
+    """`open_ms_weights` read whole into a dict name -> np.ndarray."""
+    source = open_ms_weights(path)
+    return {name: source.read(name) for name in source.names()}
 
 
 DTYPES = {'fp32': 'float32', 'fp16': 'float16', 'bf16': 'bfloat16'}
+
+
+def _stored_dtype(dtype, cast=None):
+    """The dtype a tensor read as `dtype` is written with: `cast` ('fp32' | 'fp16' | 'bf16') for floating-point
+    ones, else as read (bfloat16 is read as float32)."""
+    floating = dtype in ('float16', 'bfloat16', 'float32', 'float64')
+    if cast and floating:
+        return DTYPES[cast]
+    return 'float32' if dtype == 'bfloat16' else dtype
 
 
 def check_dtype(dtype):
@@ -308,10 +286,12 @@ class NameTable:
         """How many of `names` this naming knows (skipped entries included)."""
         return sum(1 for name in names if self.rule_of(name) or (self.skip and self.skip.search(name)))
 
-    def to_ours(self, state_dict, expected, config):
-        """Foreign tensors -> (ours: name -> array, Problems), checked against `expected` (our name -> shape)."""
-        tensors, origin, problems, covered = {}, {}, Problems(), set()
-        for name, value in state_dict.items():
+    def plan(self, shapes, expected):
+        """How foreign tensors (name -> shape; no data needed) become ours, checked against `expected` (our name
+        -> shape): (steps, Problems). Each step is (foreign name, rule, our names): the tensor's data, renamed,
+        transposed and split, gives those tensors."""
+        steps, problems, covered = [], Problems(), set()
+        for name, shape in shapes.items():
             if self.skip and self.skip.search(name):
                 continue
             found = self.rule_of(name)
@@ -319,35 +299,40 @@ class NameTable:
                 problems.unexpected.add(name)
                 continue
             rule, index = found
-            targets = [_fill(ours, index) for ours in rule.ours]
-            value = transpose(value) if rule.transposed else np.asarray(value)
-            if len(targets) > 1:
-                shapes = [expected.get(target) for target in targets]
-                if None in shapes:
-                    problems.unexpected.add(name)
-                    continue
-                stacked = (sum(shape[0] for shape in shapes),) + tuple(shapes[0][1:])
-                if value.shape != stacked:
-                    problems.mismatched.append(f"{name} {rule.layout(value.shape)} (expected {rule.layout(stacked)})")
-                    covered.update(targets)
-                    continue
-                pieces = np.split(value, np.cumsum([shape[0] for shape in shapes])[:-1])
-            else:
-                pieces = [value]
-            for target, piece in zip(targets, pieces):
-                tensors[target], origin[target] = piece, (name, rule)
-        for target, value in tensors.items():
-            name, rule = origin[target]
-            if target not in expected:
+            targets = tuple(_fill(ours, index) for ours in rule.ours)
+            shape = rule.layout(shape)  # ours
+            wanted = [expected.get(target) for target in targets]
+            if None in wanted:
                 problems.unexpected.add(name)
-            elif value.shape != expected[target]:
-                problems.mismatched.append(f"{name} {rule.layout(value.shape)} "
-                                           f"(expected {rule.layout(expected[target])})")
-            elif rule.to_ours:
-                tensors[target] = rule.to_ours(value, config)
-        problems.missing.update(self.theirs_of(target) or target for target in expected
-                                if target not in tensors and target not in covered)
-        return tensors, problems
+                continue
+            stacked = (sum(s[0] for s in wanted),) + tuple(wanted[0][1:]) if len(targets) > 1 else wanted[0]
+            if len(targets) > 1 and shape != stacked or len(targets) == 1 and shape != wanted[0]:
+                problems.mismatched.append(f"{name} {rule.layout(shape)} (expected {rule.layout(stacked)})")
+                covered.update(targets)
+                continue
+            steps.append((name, rule, targets))
+            covered.update(targets)
+        problems.missing.update(self.theirs_of(target) or target for target in expected if target not in covered)
+        return steps, problems
+
+    @staticmethod
+    def run(source, steps, expected, config):
+        """(our name, array) of each planned step (see `plan`), reading one foreign tensor at a time."""
+        for name, rule, targets in steps:
+            value = transpose(source[name]) if rule.transposed else np.asarray(source[name])
+            pieces = [value] if len(targets) == 1 else \
+                np.split(value, np.cumsum([expected[target][0] for target in targets])[:-1])
+            for target, piece in zip(targets, pieces):
+                yield target, rule.to_ours(piece, config) if rule.to_ours else piece
+
+    def to_ours(self, state_dict, expected, config):
+        """Foreign tensors (a mapping name -> array) -> (ours: name -> array, Problems), checked against `expected`
+        (our name -> shape); nothing is converted when there are problems."""
+        source = as_source(state_dict)
+        steps, problems = self.plan(source.shapes(), expected)
+        if problems.message():
+            return {}, problems
+        return dict(self.run(source, steps, expected, config)), problems
 
     def to_theirs(self, tensors, config):
         """Our tensors (complete and well-shaped) -> the foreign naming."""
@@ -477,16 +462,27 @@ class FamilyConverter:
         """Foreign tensors (name -> array, in any naming of `input_tables`) -> our parameters (name -> array).
         With `config.pet_config`, the PET delta is optional as a whole: base weights alone convert to the base's
         tensors, and the delta alone (e.g. THUDM's P-Tuning v2 `prefix_encoder`) to the delta's."""
+        return dict(self.iter_hf_to_ms(state_dict, config))
+
+    def plan_hf_to_ms(self, state_dict, config):
+        """(source, steps, expected) of a conversion (see `NameTable.plan`), checked on the tensor shapes alone:
+        every missing, unexpected and mis-shaped tensor raises one ConversionError before any data is read."""
         expected, delta = self.model_shapes(config, with_delta=True)
-        state_dict = self.prepare_hf(state_dict, config)
-        table = max(self.input_tables, key=lambda t: t.known(state_dict))  # the first one on a tie
+        source = self.prepare_hf(as_source(state_dict), config)
+        table = max(self.input_tables, key=lambda t: t.known(source))  # the first one on a tie
         if delta:
-            given = {ours for name in state_dict for ours in (table.ours_of(name) or ())}
+            given = {ours for name in source for ours in (table.ours_of(name) or ())}
             if not given & delta or given <= delta:
                 expected = {name: shape for name, shape in expected.items() if (name in delta) == bool(given & delta)}
-        tensors, problems = table.to_ours(state_dict, expected, config)
+        steps, problems = table.plan(source.shapes(), expected)
         self.raise_if(config, problems)
-        return tensors
+        return source, table, steps, expected
+
+    def iter_hf_to_ms(self, state_dict, config):
+        """`convert_hf_to_ms` one tensor at a time: an iterator of (our name, array) reading each foreign tensor
+        (from a `WeightSource` or a mapping) when it is reached. Problems are raised here, before any is read."""
+        source, table, steps, expected = self.plan_hf_to_ms(state_dict, config)
+        return table.run(source, steps, expected, config)
 
     def convert_ms_to_hf(self, state_dict, config):
         """Our parameters (name -> array) -> HF tensors in `output_table`'s naming. Entries outside the model's
@@ -554,9 +550,15 @@ class FamilyConverter:
             config = self.load_config(config)
         else:
             config = self.config_beside(input_path, weights) or self.infer_config(weights)
-        converted = self.convert_hf_to_ms(weights, config)
-        save_ms_weights(converted, output_path, dtype)
-        return {name: tuple(value.shape) for name, value in converted.items()}
+        source, table, steps, expected = self.plan_hf_to_ms(weights, config)
+        items = table.run(source, steps, expected, config)
+        if output_path.endswith('.safetensors'):  # written one tensor at a time
+            specs = [(target, _stored_dtype(source.dtype(name), dtype), expected[target])
+                     for name, _, targets in steps for target in targets]
+            write_safetensors(output_path, specs, (value for _, value in items))
+        else:  # a .ckpt is written from all tensors at once
+            save_ms_weights(dict(items), output_path, dtype)
+        return {target: tuple(expected[target]) for _, _, targets in steps for target in targets}
 
     def convert_ms_to_pt(self, input_path, output_path, dtype=None, config=None):
         """Convert a mindformers checkpoint (`.ckpt`/`.safetensors`, or a checkpoint directory) to HF format.
@@ -569,7 +571,7 @@ class FamilyConverter:
         to_file = output_path.endswith('.safetensors')
         if not to_file:
             refuse_non_empty(os.path.abspath(output_path))
-        weights = load_ms_weights(input_path)
+        weights = open_ms_weights(input_path)
         config = self.load_config(config) if config is not None else self.config_beside(input_path)
         if config is None:
             config = self.infer_config(weights, ms_names=True)

@@ -249,6 +249,8 @@ class Embedding(nn.Cell):
         self.weight = Parameter(initializer(Normal(init_std), [vocab_size, hidden_size], param_dtype),
                                 name='weight')
         self.gather = ops.Gather()
+        # MindSpore's CPU Gather has no bfloat16 kernel: such a table is widened to fp32 for the lookup
+        self.widen = param_dtype == ms.bfloat16 and ms.get_context('device_target') == 'CPU'
         dp, mp = _dp_mp(parallel_config)
         if replicated or (parallel_config or default_parallel_config).vocab_emb_dp:
             self.gather.shard(((1, 1), (dp, 1)))
@@ -256,8 +258,12 @@ class Embedding(nn.Cell):
             _check_divisible(vocab_size, mp, 'vocab_size of a vocabulary-parallel embedding')
             self.gather.shard(((mp, 1), (1, 1)))
 
+    def table(self):
+        """The lookup table as the lookup reads it (a bfloat16 table widened to fp32 on CPU)."""
+        return ops.cast(self.weight, ms.float32) if self.widen else self.weight
+
     def construct(self, input_ids):
-        return self.gather(self.weight, input_ids, 0)
+        return self.gather(self.table(), input_ids, 0)
 
 
 class TiedLMHead(nn.Cell):

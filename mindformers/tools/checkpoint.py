@@ -113,12 +113,17 @@ def listing(items, limit=10):
     return ', '.join(items[:limit]) + (f" ... (+{len(items) - limit} more)" if len(items) > limit else '')
 
 
+def shape_of(value):
+    """The shape of a tensor or array, or `value` itself when it is a shape (a tuple)."""
+    return value if isinstance(value, tuple) else tuple(value.shape)
+
+
 def fit_problems(params, own, missing=(), unexpected=(), unexpected_label='unexpected'):
-    """How the checkpoint `params` (name -> tensor) fails to fit the parameters `own` (name -> Parameter), as
+    """How the checkpoint `params` (name -> tensor, or name -> shape tuple) fails to fit the parameters `own` (name -> Parameter), as
     phrases: 'missing <names>', '<unexpected_label> <names>', 'shape mismatch <name> (checkpoint <shape>, model
     <shape>)' for the names both hold. Empty when it fits."""
-    mismatched = [f"{n} (checkpoint {tuple(params[n].shape)}, model {tuple(p.shape)})"
-                  for n, p in own.items() if n in params and tuple(params[n].shape) != tuple(p.shape)]
+    mismatched = [f"{n} (checkpoint {shape_of(params[n])}, model {tuple(p.shape)})"
+                  for n, p in own.items() if n in params and shape_of(params[n]) != tuple(p.shape)]
     return [f"{label} {listing(names)}" for label, names in (('missing', missing), (unexpected_label, unexpected),
                                                             ('shape mismatch', mismatched)) if names]
 

@@ -22,7 +22,7 @@ the tensor shapes when they are those of the 7B model (whose 32 heads cannot be 
 import os
 
 from mindformers.models.convert_utils import (ConversionError, FamilyConverter, NameTable, Rule, check_dtype,
-                                              load_ms_weights, save_ms_weights)
+                                              open_ms_weights, save_ms_weights)
 
 from .modeling_pengcheng_mind import PengChengMindForCausalLM
 from .pengcheng_mind_config import PengChengMindConfig
@@ -80,7 +80,7 @@ class PengChengMindConverter(FamilyConverter):
                               "checkpoint in PengCheng's naming")
 
     def read_input(self, input_path):
-        return load_ms_weights(input_path)
+        return open_ms_weights(input_path)
 
     def infer_config(self, weights, ms_names=False):
         """The 7B release's config when the tensors have its sizes; any other size needs --config."""
@@ -99,7 +99,7 @@ class PengChengMindConverter(FamilyConverter):
         if os.path.isdir(output_path):
             raise ConversionError(f"output path {output_path} is a directory; give a checkpoint file "
                                   f"(.ckpt or .safetensors)")
-        weights = load_ms_weights(input_path)
+        weights = open_ms_weights(input_path)
         if config is not None:
             config = self.load_config(config)
         else:

@@ -12,10 +12,9 @@ The two kinds of directory are told apart by their `config.json`: ours names a r
 import json
 import os
 
-import numpy as np
-
 from mindformers.models.base_processor import PROCESSOR_CONFIG_FILE, BaseProcessor
 from mindformers.models.convert_utils import hf_family, load_hf_weights
+from mindformers.tools.weights import INDEX_SUFFIX, init_remaining, load_weights, no_weight_init
 from mindformers.tools.build import build_model_config, build_model, build_processor, build_tokenizer
 from mindformers.models import model_book
 from mindformers.models.model_book import find_config
@@ -194,11 +193,14 @@ def load_model(name_or_path, model_class=None, **kwargs):
     if kind == 'ours':
         if not config.checkpoint_name_or_path:
             config.checkpoint_name_or_path = _our_weights(directory)
-        return model_class(config)
+        with no_weight_init():  # the checkpoint sets every weight
+            return init_remaining(model_class(config))
     config.checkpoint_name_or_path = ''
-    model = model_class(config)
-    converted = _hf_family(directory, data).convert_hf_to_ms(load_hf_weights(directory), config)
-    _load_arrays(model, converted, directory)
+    with no_weight_init():
+        model = model_class(config)
+    converter = _hf_family(directory, data)
+    converter = getattr(converter, 'CONVERTER', converter)  # a family module, or the converter object itself
+    _load_arrays(model, converter.iter_hf_to_ms(load_hf_weights(directory), config), directory)
     return model
 
 
@@ -264,26 +266,25 @@ def converted_checkpoint(name):
 
 
 def _our_weights(directory):
-    """The one weight file of a save_pretrained directory."""
-    weights = sorted(f for f in os.listdir(directory) if f.endswith(WEIGHT_SUFFIXES) and not f.startswith('.'))
+    """The weights of a save_pretrained directory: its one weight file, or the index of its sharded set."""
+    files = sorted(f for f in os.listdir(directory) if f.endswith(WEIGHT_SUFFIXES + (INDEX_SUFFIX,))
+                   and not f.startswith('.'))
+    indexes = [f for f in files if f.endswith(INDEX_SUFFIX)]
+    weights = indexes if indexes else files
     if not weights:
-        raise ValueError(f"{directory} has {CONFIG_FILE} but no weights (model.safetensors or model.ckpt); for "
-                         f"fresh weights use AutoModel.from_config(AutoConfig.from_pretrained({directory!r}))")
+        raise ValueError(f"{directory} has {CONFIG_FILE} but no weights (model.safetensors, "
+                         f"model.safetensors.index.json or model.ckpt); for fresh weights use "
+                         f"AutoModel.from_config(AutoConfig.from_pretrained({directory!r}))")
     if len(weights) > 1:
-        raise ValueError(f"{directory} holds several weight files ({', '.join(weights)}); keep one")
+        raise ValueError(f"{directory} holds several weight {'indexes' if indexes else 'files'} "
+                         f"({', '.join(weights)}); keep one")
     return os.path.join(directory, weights[0])
 
 
-def _load_arrays(model, arrays, source):
-    """Load name -> ndarray into `model` (strict: names and shapes must fit; base weights alone leave a PET delta
-    at its initial values), cast to each parameter's dtype."""
-    import mindspore as ms
-    from mindformers.tools.checkpoint import load_into_network
-    params = {p.name: p for p in model.get_parameters()}
-    model.check_checkpoint(arrays, source)
-    tensors = {name: ms.Parameter(ms.Tensor(np.asarray(value)).astype(params[name].dtype), name=name)
-               for name, value in arrays.items() if name in params}
-    load_into_network(model, tensors, source, strict=False)  # check_checkpoint was strict
+def _load_arrays(model, items, source):
+    """Load (name, ndarray) items into `model`, one at a time, cast to each parameter's dtype (strict: names and
+    shapes must fit; base weights alone leave a PET delta at its initial values)."""
+    load_weights(model, items, source, optional=model.pet_parameter_names)
 
 
 class AutoTokenizer:

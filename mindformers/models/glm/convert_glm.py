@@ -20,7 +20,7 @@ import math
 import os
 
 from mindformers.models.convert_utils import (ConversionError, FamilyConverter, NameTable, load_hf_weights,
-                                              load_ms_weights)
+                                              open_ms_weights)
 from mindformers.models.glm.glm_config import GLMConfig
 
 __all__ = ['ConversionError', 'config_from_hf', 'config_to_hf', 'convert_hf_to_ms', 'convert_ms_to_hf',
@@ -65,7 +65,7 @@ def read_input(input_path):
                                   f".ckpt files; give one MindFormers checkpoint file")
         input_path = os.path.join(input_path, ckpts[0])
     if input_path.endswith('.ckpt') or (input_path.endswith('.safetensors') and not _hf_safetensors(input_path)):
-        return load_ms_weights(input_path)
+        return open_ms_weights(input_path)
     return load_hf_weights(input_path)
 
 

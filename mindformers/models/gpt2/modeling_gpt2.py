@@ -79,7 +79,7 @@ class GPT2Model(nn.Cell):
             hidden = self.embed_tokens(input_ids) + self.embed_positions(positions)
         elif attention_mask is None:
             mask = None  # the plain causal mask
-            positions = self.embed_positions.weight
+            positions = self.embed_positions.table()
             if seq != self.seq_length:
                 positions = positions[:seq]
             hidden = self.add_positions(self.embed_tokens(input_ids), positions)
@@ -111,4 +111,4 @@ class GPT2LMHeadModel(CausalLMModel):
 
     def logits(self, input_ids, attention_mask=None, cache=None, step=None):
         hidden = self.backbone(input_ids, attention_mask, cache, step)
-        return self.lm_head(self.logit_rows(hidden, cache), self.backbone.embed_tokens.weight)
+        return self.lm_head(self.logit_rows(hidden, cache), self.backbone.embed_tokens.table())

@@ -15,8 +15,8 @@ import re
 
 import numpy as np
 
-from mindformers.models.convert_utils import (ConversionError, FamilyConverter, NameTable, Rule, hf_rope_parameters,
-                                              load_hf_weights, read_json)
+from mindformers.models.convert_utils import (ConversionError, FamilyConverter, NameTable, Rule, TensorView,
+                                              WeightSource, hf_rope_parameters, load_hf_weights, read_json)
 from mindformers.models.llama.llama_config import LlamaConfig
 
 __all__ = ['ConversionError', 'config_from_hf', 'config_from_meta', 'config_to_hf', 'convert_hf_to_ms',
@@ -77,21 +77,48 @@ def meta_shards(path):
     return [os.path.join(directory, f) for f in shards] or None
 
 
+class MetaShards(WeightSource):
+    """The tensors of Meta model-parallel shards as one state dict (Meta names), each merged when read: dim 1 for
+    tok_embeddings / wo / w2, dim 0 for the other matrices, norms (replicated) from the first shard."""
+
+    def __init__(self, shard_files):
+        self.files, self.path = shard_files, os.path.dirname(os.path.abspath(shard_files[0]))
+        self.shards = [load_hf_weights(path) for path in shard_files]
+        self.order = list(dict.fromkeys(n for shard in self.shards for n in shard))
+        for name in self.order:
+            absent = [os.path.basename(path) for path, shard in zip(shard_files, self.shards) if name not in shard]
+            if absent:
+                raise ConversionError(f"Meta tensor {name} is missing from shard {', '.join(absent)} (other shards "
+                                      f"hold it)")
+
+    def _axis(self, name):
+        """The axis the shards split `name` along, or None when it is replicated."""
+        if len(self.shards) == 1 or len(self.shards[0].shape(name)) < 2:
+            return None
+        return 1 if _ALONG_DIM_1.match(name) else 0
+
+    def names(self):
+        return list(self.order)
+
+    def shape(self, name):
+        axis, shape = self._axis(name), list(self.shards[0].shape(name))
+        if axis is not None:
+            shape[axis] = sum(shard.shape(name)[axis] for shard in self.shards)
+        return tuple(shape)
+
+    def dtype(self, name):
+        return self.shards[0].dtype(name)
+
+    def read(self, name):
+        axis = self._axis(name)
+        if axis is None:
+            return self.shards[0][name]
+        return np.concatenate([shard[name] for shard in self.shards], axis=axis)
+
+
 def read_meta(shard_files):
-    """The tensors of Meta model-parallel shards merged into one state dict (Meta names)."""
-    shards = [load_hf_weights(path) for path in shard_files]
-    merged = {}
-    for name in dict.fromkeys(n for shard in shards for n in shard):
-        parts = [shard.get(name) for shard in shards]
-        absent = [os.path.basename(path) for path, part in zip(shard_files, parts) if part is None]
-        if absent:
-            raise ConversionError(f"Meta tensor {name} is missing from shard {', '.join(absent)} (other shards "
-                                  f"hold it)")
-        if len(parts) == 1 or parts[0].ndim < 2:  # norms (and rope.freqs) are replicated
-            merged[name] = parts[0]
-        else:
-            merged[name] = np.concatenate(parts, axis=1 if _ALONG_DIM_1.match(name) else 0)
-    return merged
+    """The tensors of Meta model-parallel shards merged into one state dict (Meta names), read per tensor."""
+    return MetaShards(shard_files)
 
 
 def config_from_meta(params, weights):
@@ -193,7 +220,8 @@ class LlamaConverter(FamilyConverter):
         """A HF config with tied embeddings (kept on our config as `tie_word_embeddings`) stores no lm_head."""
         if (getattr(config, 'tie_word_embeddings', False) and 'lm_head.weight' not in state_dict
                 and 'model.embed_tokens.weight' in state_dict):
-            state_dict = dict(state_dict, **{'lm_head.weight': state_dict['model.embed_tokens.weight']})
+            state_dict = TensorView(state_dict, {**{name: name for name in state_dict},
+                                                 'lm_head.weight': 'model.embed_tokens.weight'})
         return state_dict
 
     def config_from_hf(self, hf_config):

@@ -109,7 +109,7 @@ class LlamaForCausalLM(CausalLMModel):
     def head(self, hidden):
         """Final hidden states [N, hidden] -> fp32 logits [N, vocab_size]."""
         if self.tied_head:
-            return self.lm_head(hidden, self.model.embed_tokens.weight)
+            return self.lm_head(hidden, self.model.embed_tokens.table())
         logits = self.lm_head(hidden)
         return logits if logits.dtype == ms.float32 else ops.cast(logits, ms.float32)
 

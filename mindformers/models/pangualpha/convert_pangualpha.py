@@ -23,8 +23,8 @@ import re
 
 import numpy as np
 
-from mindformers.models.convert_utils import (ConversionError, FamilyConverter, NameTable, Rule, load_hf_weights,
-                                              load_ms_weights)
+from mindformers.models.convert_utils import (ConversionError, FamilyConverter, NameTable, Rule, TensorView,
+                                              load_hf_weights, load_ms_weights)
 from mindformers.models.pangualpha.pangualpha_config import PanguAlphaConfig
 
 __all__ = ['ConversionError', 'config_from_hf', 'config_to_hf', 'convert_hf_to_ms', 'convert_ms_to_hf',
@@ -140,8 +140,8 @@ class PanguAlphaConverter(FamilyConverter):
             raise ConversionError("lm_head.weight differs from transformer.wte.weight: PanGu-alpha ties its output "
                                   "head to the word embedding, an untied head cannot be converted")
         last = f'transformer.h.{config.num_layers - 1}.'
-        return {HF_QUERY_LAYER + name[len(last):] if name.startswith(last) else name: value
-                for name, value in state_dict.items()}
+        return TensorView(state_dict, {HF_QUERY_LAYER + name[len(last):] if name.startswith(last) else name: name
+                                       for name in state_dict})
 
     def raise_if(self, config, problems):
         try:

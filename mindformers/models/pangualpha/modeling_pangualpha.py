@@ -137,7 +137,7 @@ class PanguAlphaHeadModel(CausalLMModel):
 
     def head(self, hidden):
         """[N, H] -> fp32 logits [N, vocab_size] through the tied word embedding."""
-        return self.lm_head(hidden, self.backbone.embed_tokens.weight)
+        return self.lm_head(hidden, self.backbone.embed_tokens.table())
 
     def logits(self, input_ids, attention_mask=None, cache=None, step=None):
         return self.head(self.logit_rows(self.backbone(input_ids, attention_mask, cache, step), cache))
