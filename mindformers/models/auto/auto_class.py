@@ -193,8 +193,10 @@ def _load_arrays(model, arrays, source):
     import mindspore as ms
     from mindformers.tools.checkpoint import load_into_network
     params = {p.name: p for p in model.get_parameters()}
+    arrays = model.fit_weights(arrays)
     model.check_checkpoint(arrays, source)
-    tensors = {name: ms.Parameter(ms.Tensor(np.asarray(value)).astype(params[name].dtype), name=name)
+    tensors = {name: value if isinstance(value, ms.Parameter) else
+               ms.Parameter(ms.Tensor(np.asarray(value)).astype(params[name].dtype), name=name)
                for name, value in arrays.items() if name in params}
     load_into_network(model, tensors, source, strict=False)  # check_checkpoint was strict
 
