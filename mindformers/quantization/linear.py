@@ -9,6 +9,7 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, ops
 from mindspore.common.initializer import initializer
 
+from mindformers.kernels import use_fused
 from mindformers.modules.layers import Embedding, Linear
 
 BLOCK = 32
@@ -24,15 +25,13 @@ def _scale_dtype(scheme):
 
 
 def _int8_kernel(scheme, compute_dtype):
-    """The int8 matrix kernel cell for `scheme` (`kernels.FusedInt8Linear`) when it can run here, else None (the
-    layer then widens its weight with MindSpore ops)."""
-    if compute_dtype != ms.float32:
-        return None
+    """The int8 matrix kernel cell for `scheme` (`kernels.FusedInt8Linear`) when the fused CPU kernels run here (fp32,
+    see `kernels.use_fused`), else None: the layer then widens its weight with MindSpore ops."""
     try:
-        from mindformers.kernels import FusedInt8Linear, int8_kernels_available
-    except ImportError:
+        from mindformers.kernels import FusedInt8Linear
+    except ImportError:  # a kernel library without the int8 kernels
         return None
-    return FusedInt8Linear(scheme) if int8_kernels_available() else None
+    return FusedInt8Linear(scheme) if use_fused(compute_dtype) else None
 
 
 def _set_int8(cell, weight, scale, scheme):
