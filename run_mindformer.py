@@ -171,8 +171,9 @@ def build_config(args, overrides):
         config['input_data'] = [check_unicode(p.replace('\\n', '\n'), f"--predict_data prompt {i}")
                                 for i, p in enumerate(args.predict_data)]
     config.setdefault('run_mode', 'train')
-    if config.run_mode in ('train', 'finetune') and (config.get('model') or {}).get('model_config', {}).get(
-            'quantization'):
+    model = config.get('model')
+    model_config = model.get('model_config') if isinstance(model, dict) else None
+    if config.run_mode in ('train', 'finetune') and isinstance(model_config, dict) and model_config.get('quantization'):
         raise ValueError(f"model.model_config.quantization ({'--quantization' if args.quantization else 'the YAML'})"
                          f" is for inference: run_mode {config.run_mode} trains float weights")
     return validate_run_config(config, source='command line')

@@ -242,3 +242,20 @@ def test_run_mindformer_refuses_quantized_training(capsys):
     import run_mindformer
     assert run_mindformer.main(['--config', tiny_yaml('gpt2'), '--run_mode', 'train', '--quantization', 'int8']) == 2
     assert 'is for inference' in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_run_mindformer_predicts_with_quantization_int8(trained, models, capsys):
+    import run_mindformer
+    from helpers.trained import SIZES
+    tiny = trained('gpt2')
+    _, int8 = models('gpt2')
+    prompt = tiny.prompts(1)[0]
+    text = tiny.tokenizer.decode(prompt, skip_special_tokens=True)
+    sizes = [item for key, value in SIZES['gpt2'].items() for item in (f'--model.model_config.{key}', str(value))]
+    assert run_mindformer.main(['--config', tiny_yaml('gpt2'), '--run_mode', 'predict', '--quantization', 'int8',
+                                '--load_checkpoint', tiny.checkpoint, '--predict_data', text,
+                                '--generation.max_new_tokens', '8', *sizes]) == 0
+    expected = tiny.tokenizer.decode(int8.generate([prompt], max_new_tokens=8, do_sample=False)[0],
+                                     skip_special_tokens=True)
+    assert capsys.readouterr().out.splitlines()[0] == expected

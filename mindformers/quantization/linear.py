@@ -8,6 +8,7 @@ names), holding `weight` int8 [out, in] (an Embedding: [vocab, hidden]) and `wei
 import mindspore as ms
 from mindspore import Parameter, Tensor, ops
 from mindspore.common.initializer import initializer
+from mindspore.nn.utils import no_init_parameters
 
 from mindformers.kernels import use_fused
 from mindformers.modules.layers import Embedding, Linear
@@ -124,7 +125,8 @@ class Int8TiedLMHead(Int8Linear):
     def for_table(cls, table, weight=None, scale=None, scheme='block32', compute_dtype='float32'):
         """A head for the float `table` Parameter [vocab, hidden], named `lm_head.*` until its owner renames it."""
         vocab, hidden = table.shape
-        head = Linear(hidden, vocab, has_bias=False, compute_dtype=compute_dtype)
+        with no_init_parameters():  # its float weight is replaced at once: never allocate it
+            head = Linear(hidden, vocab, has_bias=False, compute_dtype=compute_dtype)
         head.weight.name = 'lm_head.weight'
         return cls.adopt(head, weight, scale, scheme)
 
