@@ -1,6 +1,6 @@
 """Fused fp32 CPU kernels (tanh-GELU, LayerNorm, RMSNorm, SwiGLU, rotary embedding, causal softmax, causal
-attention, decode attention, linear layers on few rows) as MindSpore AOT custom ops, compiled from `fused.cc` on
-first use.
+attention, decode attention, linear layers on few rows) and the int8-weight linear layer as MindSpore AOT custom ops,
+compiled from `fused.cc` and `int8.cc` (sharing `common.h`'s thread pool) into one library on first use.
 
 MindSpore runs every small op as its own pass over memory; on CPU the train step's elementwise work (LayerNorm's
 backward above all) costs as much as its matrix products. These kernels do each of those in one pass. Decode steps
@@ -8,8 +8,9 @@ multiply one row (or a few) by every weight matrix, where MindSpore's MatMul rea
 cores allow; the few-rows linear kernel reads each weight row once for all rows, on every core.
 
 They are used only when the device is CPU, the data is fp32, `MINDFORMERS_CPU_KERNELS` is not `0`, and `g++` builds
-the library (once per machine and source version, cached under `$MINDFORMERS_CACHE/kernels`). Otherwise the callers
-fall back to plain MindSpore ops, after one warning saying why."""
+the library (once per machine and source version, cached under `$MINDFORMERS_CACHE/kernels`; extra compiler flags,
+e.g. `-mno-avx512f` for the portable code paths, from `MINDFORMERS_CPU_KERNELS_FLAGS`). Otherwise the callers fall
+back to plain MindSpore ops, after one warning saying why."""
 import hashlib
 import os
 import platform
@@ -24,7 +25,9 @@ from mindspore import nn, ops, Tensor
 from mindformers.tools.logger import logger
 from mindformers.tools.utils import cache_dir
 
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fused.cc')
+HERE = os.path.dirname(os.path.abspath(__file__))
+SOURCES = [os.path.join(HERE, name) for name in ('fused.cc', 'int8.cc')]
+HEADERS = [os.path.join(HERE, 'common.h')]
 FLAGS = ['-O3', '-march=native', '-ffast-math', '-fopenmp-simd', '-pthread', '-shared', '-fPIC', '-std=c++17']
 if platform.machine() in ('x86_64', 'AMD64'):
     FLAGS.append('-mprefer-vector-width=512')  # GCC's loops stay 256 bits wide on AVX-512 machines otherwise
@@ -40,35 +43,45 @@ def _cpu_signature():
     return platform.machine() + ''.join(lines)
 
 
-def _build():
-    """Path of the compiled library, building it if needed; None (with a warning) when it cannot be built."""
-    if os.environ.get('MINDFORMERS_CPU_KERNELS', '1') == '0':
-        return None
+def build_library(sources=None, extra_flags=()):
+    """Path of the library compiled from `sources` (default: all kernel sources) with FLAGS plus `extra_flags` (e.g.
+    `-mno-avx512f` for the portable code paths), building it if needed; None (with a warning) when it cannot be
+    built. Cached under `$MINDFORMERS_CACHE/kernels`, keyed by the sources, headers, flags and CPU."""
     compiler = shutil.which(os.environ.get('CXX', 'g++'))
     if compiler is None:
         logger.warning("fused CPU kernels disabled: no C++ compiler (g++) found; using plain MindSpore ops")
         return None
-    with open(SOURCE, 'rb') as f:
-        source = f.read()
-    key = hashlib.sha256(source + ' '.join(FLAGS).encode() + _cpu_signature().encode()).hexdigest()[:16]
-    target = os.path.join(cache_dir('kernels'), f'fused_{key}.so')
+    sources = list(sources or SOURCES)
+    flags = FLAGS + list(extra_flags)
+    digest = hashlib.sha256()
+    for path in sources + HEADERS:
+        with open(path, 'rb') as f:
+            digest.update(f.read())
+    digest.update((' '.join(flags) + _cpu_signature()).encode())
+    target = os.path.join(cache_dir('kernels'), f'fused_{digest.hexdigest()[:16]}.so')
     if os.path.isfile(target):
         return target
     handle, tmp = tempfile.mkstemp(suffix='.so', dir=os.path.dirname(target))
     os.close(handle)
     try:
-        subprocess.run([compiler, *FLAGS, SOURCE, '-o', tmp], check=True, capture_output=True, text=True,
-                       timeout=300)
+        subprocess.run([compiler, *flags, *sources, '-o', tmp], check=True, capture_output=True, text=True,
+                       timeout=600)
         os.replace(tmp, target)  # atomic: concurrent builders each rename a complete file
     except (OSError, subprocess.SubprocessError) as err:
         detail = getattr(err, 'stderr', '') or str(err)
-        logger.warning("fused CPU kernels disabled: building %s failed (%s); using plain MindSpore ops", SOURCE,
-                       detail.strip().splitlines()[-1] if detail.strip() else type(err).__name__)
+        logger.warning("fused CPU kernels disabled: building %s failed (%s); using plain MindSpore ops",
+                       ', '.join(sources), detail.strip().splitlines()[-1] if detail.strip() else type(err).__name__)
         return None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
     return target
+
+
+def _build():
+    if os.environ.get('MINDFORMERS_CPU_KERNELS', '1') == '0':
+        return None
+    return build_library(extra_flags=os.environ.get('MINDFORMERS_CPU_KERNELS_FLAGS', '').split())
 
 
 def kernel_library():
@@ -464,3 +477,24 @@ class FusedCausalAttention(nn.Cell):
 
     def construct(self, query, key, value):
         return self.attend(query, key, value)[0]
+
+
+INT8_SCHEMES = ('block32', 'channel')
+
+
+class FusedInt8Linear(nn.Cell):
+    """`construct(x [M, K] fp32, weight int8 [N, K], scale) -> x dequantize(weight, scale)^T` [M, N] fp32, scale
+    fp16 [N, K / 32] for `block32` (K a multiple of 32) or fp32 [N] for `channel` (the formats of
+    `mindformers.quantization`). The weights are widened to fp32 inside the kernel; activations stay fp32. Up to 16
+    rows (decode) each weight row is read once for all rows on every core; more rows multiply cache-resident fp32
+    panels of the weight. CPU (see `use_fused`); inference only (no backward)."""
+
+    def __init__(self, scheme='block32'):
+        super().__init__()
+        if scheme not in INT8_SCHEMES:
+            raise ValueError(f"unknown int8 scheme {scheme!r}; expected one of {INT8_SCHEMES}")
+        self.scheme = scheme
+        self.op = _custom('Int8Linear', lambda x, w, s: list(x[:-1]) + [w[0]], lambda x, w, s: x)
+
+    def construct(self, x, weight, scale):
+        return self.op(x, weight, scale)

@@ -1,27 +1,21 @@
 // Fused fp32 CPU kernels for MindSpore's ops.Custom(func_type="aot").
 // Signature of every entry point: params = inputs then outputs; shapes[i] has ndims[i] dims.
-// Rows are the product of all but the last dimension; large inputs are split over rows between a small pool of
-// threads (one per usable core) that poll briefly, then sleep between jobs. Not OpenMP: its idle threads spin for
-// milliseconds after every parallel region and starve MindSpore's own thread pool, which made small ops (decode
-// steps) several times slower. Column sums (dweight, dbias) are
-// accumulated per fixed block of rows and the blocks are added in order, so results do not depend on the number of
-// threads or their timing.
-#include <sched.h>
-
+// Rows are the product of all but the last dimension; large inputs are split over rows between the threads of
+// common.h. Column sums (dweight, dbias) are accumulated per fixed block of rows and the blocks are added in order, so
+// results do not depend on the number of threads or their timing.
 #include <algorithm>
 #include <array>
-#include <atomic>
-#include <chrono>
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
 #include <functional>
-#include <mutex>
-#include <thread>
 #include <vector>
 
+#include "common.h"
+
 namespace {
+using mindformers_kernels::Numel;
+using mindformers_kernels::ParallelFor;
 constexpr float kA = 1.5957691216057308f;   // 2 * sqrt(2 / pi)
 constexpr float kB = 0.0713548162726f;      // 2 * sqrt(2 / pi) * 0.044715
 constexpr int64_t kBlockRows = 64;
@@ -58,114 +52,6 @@ inline float GeluSlope(float v) {
   return s + v * s * (1.f - s) * (kA + 3.f * kB * v * v);
 }
 
-int UsableCores() {
-  static const int cores = [] {
-    cpu_set_t set;
-    return sched_getaffinity(0, sizeof(set), &set) == 0 ? std::max(1, CPU_COUNT(&set)) : 1;
-  }();
-  return cores;
-}
-
-// A persistent pool of (cores - 1) worker threads. After a job a worker polls for the next one for a short while
-// (kernels of one graph step follow each other within microseconds, and waking a sleeping thread costs tens of them),
-// then sleeps on a condition variable, so idle workers never compete with MindSpore's own threads for long.
-// One job at a time; a caller that finds the pool busy (kernels launched concurrently by MindSpore) runs its job alone.
-class Pool {
- public:
-  static Pool &Get() {
-    static Pool *pool = new Pool(UsableCores() - 1);  // never destroyed: workers live as long as the process
-    return *pool;
-  }
-
-  int Workers() const { return static_cast<int>(workers_.size()); }
-
-  // Runs task(t) for t in [0, tasks): t = 0 on the caller, the rest on workers. False when the pool is busy.
-  bool TryRun(int64_t tasks, const std::function<void(int64_t)> &task) {
-    std::unique_lock<std::mutex> running(run_, std::try_to_lock);
-    if (!running.owns_lock()) return false;
-    {
-      std::lock_guard<std::mutex> lock(mutex_);  // workers read a job's fields and its generation under it
-      task_ = &task;
-      tasks_ = tasks;
-      pending_.store(std::min<int64_t>(tasks - 1, Workers()), std::memory_order_relaxed);
-      generation_.fetch_add(1, std::memory_order_release);
-    }
-    if (sleeping_.load(std::memory_order_acquire) > 0) wake_.notify_all();
-    task(0);
-    while (pending_.load(std::memory_order_acquire) != 0) Relax();
-    return true;
-  }
-
- private:
-  static constexpr int kPollMicros = 50;
-
-  explicit Pool(int workers) {
-    for (int i = 1; i <= workers; i++) workers_.emplace_back([this, i] { Work(i); });
-  }
-
-  static void Relax() {
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#endif
-  }
-
-  void Work(int64_t index) {
-    uint64_t seen = 0;
-    while (true) {
-      const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(kPollMicros);
-      for (int polls = 1; generation_.load(std::memory_order_relaxed) == seen; polls++) {
-        if (polls % 64 == 0 && std::chrono::steady_clock::now() > until) break;
-        Relax();
-      }
-      std::unique_lock<std::mutex> lock(mutex_);
-      if (generation_.load(std::memory_order_relaxed) == seen) {
-        sleeping_.fetch_add(1, std::memory_order_release);
-        wake_.wait(lock, [&] { return generation_.load(std::memory_order_relaxed) != seen; });
-        sleeping_.fetch_sub(1, std::memory_order_relaxed);
-      }
-      seen = generation_.load(std::memory_order_relaxed);
-      if (index >= tasks_) continue;
-      const std::function<void(int64_t)> *task = task_;
-      lock.unlock();
-      (*task)(index);
-      pending_.fetch_sub(1, std::memory_order_release);
-    }
-  }
-
-  std::vector<std::thread> workers_;
-  std::mutex run_, mutex_;
-  std::condition_variable wake_;
-  const std::function<void(int64_t)> *task_ = nullptr;
-  int64_t tasks_ = 0;
-  std::atomic<int64_t> pending_{0};
-  std::atomic<uint64_t> generation_{0};
-  std::atomic<int> sleeping_{0};
-};
-
-// Runs fn(begin, end) over [0, n) in contiguous chunks, one per core; inline when the work (n * cost elements)
-// is too small to pay for waking workers, or when the pool is busy.
-template <typename Fn>
-void ParallelFor(int64_t n, int64_t cost, Fn fn) {
-  constexpr int64_t kMinWorkPerThread = 1 << 14;
-  const int64_t threads =
-      std::min<int64_t>({Pool::Get().Workers() + 1, n, std::max<int64_t>(1, n * cost / kMinWorkPerThread)});
-  if (threads <= 1) {
-    fn(int64_t{0}, n);
-    return;
-  }
-  const int64_t chunk = (n + threads - 1) / threads;
-  const std::function<void(int64_t)> task = [&](int64_t t) {
-    const int64_t begin = std::min(n, t * chunk), end = std::min(n, (t + 1) * chunk);
-    if (begin < end) fn(begin, end);
-  };
-  if (!Pool::Get().TryRun(threads, task)) fn(int64_t{0}, n);
-}
-
-int64_t Numel(int ndim, const int64_t *shape) {
-  int64_t n = 1;
-  for (int i = 0; i < ndim; i++) n *= shape[i];
-  return n;
-}
 
 // out[j] = the sum over blocks of partial[block * cols + j], added in block order: per-block column sums filled by
 // any thread give the same result.
@@ -890,76 +776,26 @@ extern "C" int HeadsToRows(int nparam, void **params, int *ndims, int64_t **shap
 
 namespace {
 // A register tile is kTileRows x (kMaxVecs vectors of kLanes floats); kLanes is a multiple of kTileRows.
+using mindformers_kernels::kLanes;
+using mindformers_kernels::Lanes;
+using mindformers_kernels::LoadLanes;
 #if defined(__AVX512F__)
-constexpr int64_t kLanes = 16, kTileRows = 8, kMaxVecs = 3;
+constexpr int64_t kTileRows = 8, kMaxVecs = 3;
 #elif defined(__AVX__)
-constexpr int64_t kLanes = 8, kTileRows = 4, kMaxVecs = 2;
+constexpr int64_t kTileRows = 4, kMaxVecs = 2;
 #else
-constexpr int64_t kLanes = 4, kTileRows = 4, kMaxVecs = 4;
+constexpr int64_t kTileRows = 4, kMaxVecs = 4;
 #endif
 constexpr int64_t kDepthBlock = 128;  // product depth per pass, so a tile's right-hand panel stays in L1
 constexpr int64_t kQueryBlock = 64;
 
-typedef float Lanes __attribute__((vector_size(kLanes * sizeof(float))));
 typedef int32_t IntLanes __attribute__((vector_size(kLanes * sizeof(int32_t))));
-
-inline Lanes LoadLanes(const float *p) {
-  Lanes v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
 
 inline int64_t RoundUp(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
 #if defined(__AVX512F__)
-// dst[c * ld_dst + r] = src[r * ld_src + c] for r, c < 16, in registers.
-inline void Transpose16x16(const float *src, int64_t ld_src, float *dst, int64_t ld_dst) {
-  __m512 r[16], t[16];
-  for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_ps(src + i * ld_src);
-  for (int i = 0; i < 16; i += 2) {  // t[i], t[i + 1]: rows i and i + 1 interleaved
-    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
-  }
-  for (int m = 0; m < 16; m += 4) {  // r[m + c]: 128-bit lane L holds column 4 L + c of rows m..m + 3
-    for (int h = 0; h < 2; h++) {
-      const __m512d lo = _mm512_castps_pd(t[m + h]), hi = _mm512_castps_pd(t[m + h + 2]);
-      r[m + 2 * h] = _mm512_castpd_ps(_mm512_unpacklo_pd(lo, hi));
-      r[m + 2 * h + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(lo, hi));
-    }
-  }
-  for (int c = 0; c < 4; c++) {  // column 4 L + c gathers lane L of r[c], r[4 + c], r[8 + c], r[12 + c]
-    const __m512 v0 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0x44), v1 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0xee);
-    const __m512 w0 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0x44);
-    const __m512 w1 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0xee);
-    _mm512_storeu_ps(dst + c * ld_dst, _mm512_shuffle_f32x4(v0, w0, 0x88));
-    _mm512_storeu_ps(dst + (4 + c) * ld_dst, _mm512_shuffle_f32x4(v0, w0, 0xdd));
-    _mm512_storeu_ps(dst + (8 + c) * ld_dst, _mm512_shuffle_f32x4(v1, w1, 0x88));
-    _mm512_storeu_ps(dst + (12 + c) * ld_dst, _mm512_shuffle_f32x4(v1, w1, 0xdd));
-  }
-}
+using mindformers_kernels::Transpose16x16;
 #endif
-
-// c[r, 0 : kVecs kLanes) = (c[r] when add) + sum_k a[r a_row + k a_col] b[k ldb + 0 : kVecs kLanes), r < kTileRows,
-// accumulated in registers.
-template <int64_t kVecs>
-void Tile(const float *a, int64_t a_row, int64_t a_col, const float *b, int64_t ldb, int64_t depth, float *c,
-          int64_t ldc, bool add) {
-  Lanes acc[kTileRows][kVecs];
-  for (int64_t r = 0; r < kTileRows; r++) {
-    for (int64_t v = 0; v < kVecs; v++) acc[r][v] = add ? LoadLanes(c + r * ldc + v * kLanes) : Lanes{};
-  }
-  for (int64_t k = 0; k < depth; k++) {
-    Lanes bk[kVecs];
-    for (int64_t v = 0; v < kVecs; v++) bk[v] = LoadLanes(b + k * ldb + v * kLanes);
-    for (int64_t r = 0; r < kTileRows; r++) {
-      const float ark = a[r * a_row + k * a_col];
-      for (int64_t v = 0; v < kVecs; v++) acc[r][v] += ark * bk[v];
-    }
-  }
-  for (int64_t r = 0; r < kTileRows; r++) {
-    for (int64_t v = 0; v < kVecs; v++) std::memcpy(c + r * ldc + v * kLanes, &acc[r][v], sizeof(Lanes));
-  }
-}
 
 // Tile<vecs> for 1 <= vecs <= kVecs.
 template <int64_t kVecs>
@@ -968,7 +804,7 @@ void TileOf(int64_t vecs, const float *a, int64_t a_row, int64_t a_col, const fl
   if constexpr (kVecs > 1) {
     if (vecs < kVecs) return TileOf<kVecs - 1>(vecs, a, a_row, a_col, b, ldb, depth, c, ldc, add);
   }
-  Tile<kVecs>(a, a_row, a_col, b, ldb, depth, c, ldc, add);
+  mindformers_kernels::Tile<kTileRows, kVecs>(a, a_row, a_col, b, ldb, depth, c, ldc, add);
 }
 
 // Where a product meets the causal mask of the query rows first..: kColumnKeys, c's columns are keys and its rows
