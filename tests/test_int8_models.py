@@ -259,3 +259,21 @@ def test_run_mindformer_predicts_with_quantization_int8(trained, models, capsys)
     expected = tiny.tokenizer.decode(int8.generate([prompt], max_new_tokens=8, do_sample=False)[0],
                                      skip_special_tokens=True)
     assert capsys.readouterr().out.splitlines()[0] == expected
+
+
+@pytest.mark.parametrize('scheme', ['block32', 'channel'])
+def test_the_int8_kernel_and_the_mindspore_op_fallback_agree(scheme):
+    from helpers.kernel_checks import cpu_kernels_set
+    ids = np.arange(2, 26, dtype=np.int32).reshape(2, 12)
+    logits, kernels = {}, {}
+    for enabled in (True, False):
+        with cpu_kernels_set(enabled):
+            model = quantize_model(tiny_gpt2(seed=2), scheme=scheme, embeddings=True)
+            model.set_train(False)
+            kernels[enabled] = {type(c.int8_kernel).__name__ for _, c in model.cells_and_names()
+                                if isinstance(c, Int8Linear)}
+            logits[enabled] = _logits(model, ids)
+            decode = model.generate(ids[:, :5].tolist(), max_new_tokens=4, use_past=True, **GREEDY)  # 1-row steps
+            assert decode == model.generate(ids[:, :5].tolist(), max_new_tokens=4, use_past=False, **GREEDY)
+    assert kernels == {True: {'FusedInt8Linear'}, False: {'NoneType'}}
+    np.testing.assert_allclose(logits[True], logits[False], rtol=0, atol=1e-5 * np.abs(logits[False]).max())
