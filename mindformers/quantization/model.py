@@ -68,10 +68,25 @@ def _quantize_tied_heads(model, scheme, weights):
         model.__dict__.setdefault('int8_tied_heads', {})[path] = table_name
 
 
+def _read_elsewhere(model):
+    """Names of the parameters a primitive outside their own cell reads (the `parameter_inputs` the cells declare),
+    e.g. GPT-2's position table added whole; reads by a tied head, which gets its own int8 copy, do not count."""
+    heads = set(_tied_tables(model))
+    names = set()
+    for path, cell in model.cells_and_names():
+        prefix = f'{path}.' if path else ''
+        for param, (primitive, _) in (getattr(cell, 'parameter_inputs', None) or {}).items():
+            owner, reader = (prefix + param).rpartition('.')[0], prefix + primitive
+            if not reader.startswith(owner + '.') and reader.rpartition('.')[0] not in heads:
+                names.add(prefix + param)
+    return names
+
+
 def quantize_model(model, scheme='block32', embeddings=False, weights=True):
     """Make `model` weight-only int8 in place and return it: every plain Linear becomes an `Int8Linear`; a tied
     output head an `Int8TiedLMHead` with its own int8 copy of the table; with `embeddings`, every Embedding an
-    `Int8Embedding`. A LoRA delta is merged into the weights first; the layers of other PET algorithms stay float.
+    `Int8Embedding` (but a table the model also reads whole, as GPT-2 its positions, stays float). A LoRA delta is
+    merged into the weights first; the layers of other PET algorithms stay float.
     `weights=False` changes only the structure: the int8 parameters are zero placeholders (a checkpoint loaded
     through `quantized_weights` fills them) and no float weight is read. The model records the settings
     (`quantization_of`) and its config gets `quantization: int8` and `quantization_config`, so that a saved model
@@ -87,12 +102,13 @@ def quantize_model(model, scheme='block32', embeddings=False, weights=True):
     if pet is not None and pet.pet_type == 'lora':
         logger.info("quantize_model: merging the LoRA delta into the weights before quantizing")
         merge_pet(model)
+    whole = _read_elsewhere(model)
     _quantize_tied_heads(model, scheme, weights)
     changed = 0
     for _, cell in list(model.cells_and_names()):
         kind = Int8Linear if type(cell) is Linear else Int8Embedding if embeddings and type(cell) is Embedding \
             else None
-        if kind is None or DELTA_PREFIX in cell.weight.name:
+        if kind is None or DELTA_PREFIX in cell.weight.name or cell.weight.name in whole:
             continue
         q, s = _quantized(cell.weight, scheme, cell.weight.name) if weights else (None, None)
         kind.adopt(cell, q, s, scheme)
