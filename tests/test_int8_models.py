@@ -302,3 +302,14 @@ def test_quantize_cli_merges_a_lora_adapter_before_quantizing(trained, tmp_path,
     assert loaded.pet_config is None
     np.testing.assert_array_equal(_logits(loaded, rows), expected)
     assert np.abs(expected - _logits(tiny.model(), rows)).max() > 0.01  # the LoRA changed the model
+
+
+def test_quantize_model_records_int8_on_a_copy_of_the_config():
+    model = tiny_gpt2(seed=0)
+    shared = model.config
+    quantize_model(model, scheme='channel')
+    assert shared.quantization is None and shared.quantization_config is None  # other models built from it stay float
+    assert (model.config.quantization, model.config.quantization_config) == ('int8', {'scheme': 'channel',
+                                                                                      'embeddings': False})
+    with pytest.raises(ValueError, match="already int8 with"):
+        quantize_model(model, scheme='block32')

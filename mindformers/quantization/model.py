@@ -1,5 +1,7 @@
 """Making a model weight-only int8 (`quantize_model`), and turning the float weights of a checkpoint into the int8
 ones such a model holds as they load (`quantizing_transform`, `quantized_weights`)."""
+import copy
+
 import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor
@@ -89,8 +91,8 @@ def quantize_model(model, scheme='block32', embeddings=False, weights=True):
     merged into the weights first; the layers of other PET algorithms stay float.
     `weights=False` changes only the structure: the int8 parameters are zero placeholders (a checkpoint loaded
     through `quantized_weights` fills them) and no float weight is read. The model records the settings
-    (`quantization_of`) and its config gets `quantization: int8` and `quantization_config`, so that a saved model
-    loads back int8."""
+    (`quantization_of`) and `model.config` becomes a copy with `quantization: int8` and `quantization_config`, so
+    that a saved model loads back int8."""
     settings = quantization_settings('int8', {'scheme': scheme, 'embeddings': embeddings}, 'quantize_model')
     done = quantization_of(model)
     if done is not None:
@@ -114,9 +116,9 @@ def quantize_model(model, scheme='block32', embeddings=False, weights=True):
         kind.adopt(cell, q, s, scheme)
         changed += 1
     model.__dict__['quantization'] = settings
-    config = getattr(model, 'config', None)
-    if config is not None:
-        config.quantization, config.quantization_config = 'int8', dict(settings)
+    if getattr(model, 'config', None) is not None:  # a copy: the config may be shared with other models
+        model.config = copy.copy(model.config)
+        model.config.quantization, model.config.quantization_config = 'int8', dict(settings)
     forget_compiled(model)
     logger.info("%s: %d layers int8 (%s%s)", type(model).__name__, changed + len(_int8_heads(model)), scheme,
                 ', embeddings too' if embeddings else '')
