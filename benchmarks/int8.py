@@ -14,7 +14,12 @@ Each variant runs in its own process, variants interleaved round-robin, medians 
 called through ctypes exactly as MindSpore calls an AOT op (no framework overhead); `ms_matmul` and `ms_int8` are
 compiled MindSpore cells (one launch each per call, so they include MindSpore's launch overhead).
 
-    python benchmarks/int8.py [--rounds 3] [--shapes gpt2_qkv,llama_up] [--rows 1,16,128] [--json int8.json]
+With `--single-core` every variant runs on one core and is timed by its process's CPU time: on a machine shared
+with other work, 2-thread kernels lose whole scheduler slices waiting for a descheduled thread, which wall time
+shows and CPU time does not (the kernels' own efficiency, not the machine's scaling).
+
+    python benchmarks/int8.py [--rounds 3] [--shapes gpt2_qkv,llama_up] [--rows 1,16,128] [--single-core]
+                              [--json int8.json]
 """
 import argparse
 import ctypes
@@ -46,16 +51,21 @@ ONEDNN_MODES = {'onednn_wdecomp': 'wdecomp:scale_f32', 'onednn_u8s8': 'u8s8'}
 ONEDNN = os.environ.get('ONEDNN_ROOT', '/tmp/int8k/onednn-prefix')
 
 
+CLOCK = [time.perf_counter]  # time.process_time with --single-core
+
+
 def _timed(call, copies, seconds=0.25, least=5):
-    """Median wall time of call(copy index), cycling over `copies`, after two warm-up calls."""
+    """Median time of call(copy index) (wall, or the process's CPU time with --single-core), cycling over `copies`,
+    after two warm-up calls."""
+    clock = CLOCK[0]
     call(0)
     call(1 % copies)
     times, index, spent = [], 0, 0.0
     while spent < seconds or len(times) < least:
         index = (index + 1) % copies
-        t = time.perf_counter()
+        t = clock()
         call(index)
-        times.append(time.perf_counter() - t)
+        times.append(clock() - t)
         spent += times[-1]
     return statistics.median(times)
 
@@ -176,7 +186,8 @@ def _onednn(mode, shapes, rows, cold_mb):
         k_dim, n_dim = SHAPES[shape]
         for m in rows:
             run = subprocess.run([binary, str(m), str(k_dim), str(n_dim), str(cold_mb if m <= DECODE_ROWS else 0),
-                                  mode], capture_output=True, text=True, env=env)
+                                  mode, 'cpu' if CLOCK[0] is time.process_time else 'wall'],
+                                 capture_output=True, text=True, env=env)
             if run.returncode:
                 return {'error': 'run failed: ' + (run.stderr or run.stdout)[-500:]}
             lines = run.stdout.split('\n')
@@ -185,7 +196,11 @@ def _onednn(mode, shapes, rows, cold_mb):
     return figures
 
 
-def worker(name, shapes, rows, cold_mb):
+def worker(name, shapes, rows, cold_mb, single_core):
+    if single_core:  # before any library starts its threads: every pool sees one CPU
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+        os.environ['OMP_NUM_THREADS'] = '1'
+        CLOCK[0] = time.process_time
     if name in ONEDNN_MODES:
         report({'figures': _onednn(ONEDNN_MODES[name], shapes, rows, cold_mb)})
         return
@@ -203,22 +218,26 @@ def main():
     parser.add_argument('--rows', default=','.join(map(str, ROWS)))
     parser.add_argument('--variants', default=','.join(VARIANTS))
     parser.add_argument('--cold-mb', type=int, default=1024, help='weights cycled through per decode measurement')
+    parser.add_argument('--single-core', action='store_true',
+                        help='every variant on one core, timed by process CPU time (for a loaded machine)')
     parser.add_argument('--json', help='write the figures here')
     parser.add_argument('--worker', choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     shapes, rows = args.shapes.split(','), [int(r) for r in args.rows.split(',')]
     if args.worker:
-        worker(args.worker, shapes, rows, args.cold_mb)
+        worker(args.worker, shapes, rows, args.cold_mb, args.single_core)
         return
     variants = args.variants.split(',')
     runs = {name: [] for name in variants}
     for round_index in range(args.rounds):
         for name in variants:
+            extra = ['--single-core'] if args.single_core else []
             runs[name].append(run_worker(os.path.abspath(__file__), name, '--shapes', args.shapes, '--rows',
-                                         args.rows, '--cold-mb', args.cold_mb)['figures'])
+                                         args.rows, '--cold-mb', args.cold_mb, *extra)['figures'])
             print(f"round {round_index + 1}/{args.rounds} {name} done", file=sys.stderr)
     results = {'environment': environment(('mindspore', 'torch', 'numpy')), 'rounds': args.rounds,
-               'cold_mb': args.cold_mb, 'seconds': {}, 'errors': {}}
+               'cold_mb': args.cold_mb, 'single_core': args.single_core, 'load_average': os.getloadavg(),
+               'seconds': {}, 'errors': {}}
     for name, rounds in runs.items():
         if 'error' in rounds[0]:
             results['errors'][name] = rounds[0]['error']
@@ -227,7 +246,9 @@ def main():
         results.setdefault('weight_bytes', {})[name] = {key: rounds[0][key]['bytes'] for key in rounds[0]}
         if name in ONEDNN_MODES:
             results.setdefault('onednn_impl', {})[name] = sorted({r['impl'] for r in rounds[0].values()})
-    print(f"CPU: {results['environment']['cpu']} ({results['environment']['cpu_count']} cores)")
+    print(f"CPU: {results['environment']['cpu']} ({results['environment']['cpu_count']} cores), "
+          f"{'one core, CPU time' if args.single_core else 'all cores, wall time'}, "
+          f"load average at the end {results['load_average'][0]:.1f}")
     timed = list(results['seconds'])
     print(f"{'shape/M':<18}" + ''.join(f'{name:>20}' for name in timed))
     for key in results['seconds'][timed[0]]:

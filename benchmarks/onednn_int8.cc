@@ -1,5 +1,5 @@
 // oneDNN int8 matmul timing for benchmarks/int8.py: y [M, N] = x [M, K] W^T with W int8.
-//   onednn_int8 M K N COLD_MB [MODE]
+//   onednn_int8 M K N COLD_MB [MODE [cpu|wall]]   (cpu: time by the process's CPU time)
 // MODE wdecomp (default): fp32 activations, s8 weights with an f16 scale per 32 inputs of each output (oneDNN's
 //   "weights decompression", the Q8_0 layout), fp32 output; fpmath strict, so the weights are widened to fp32.
 //   Options appended to wdecomp: ":fpmath_bf16" (oneDNN may compute in bf16: less exact than our kernel),
@@ -12,6 +12,8 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <ctime>
+#include <unordered_map>
 #include <string>
 #include <vector>
 
@@ -26,6 +28,7 @@ int main(int argc, char **argv) {
   }
   const int64_t m = std::atoll(argv[1]), k = std::atoll(argv[2]), n = std::atoll(argv[3]), cold = std::atoll(argv[4]);
   const std::string mode = argc > 5 ? argv[5] : "wdecomp";
+  const bool cpu_time = argc > 6 && std::string(argv[6]) == "cpu";
   auto has = [&](const char *option) { return mode.find(option) != std::string::npos; };
   dnnl::engine engine(dnnl::engine::kind::cpu, 0);
   dnnl::stream stream(engine);
@@ -86,9 +89,11 @@ int main(int argc, char **argv) {
                                          {DNNL_ARG_ATTR_SCALES | DNNL_ARG_WEIGHTS, scales[c]}};
     if (u8s8) args.insert({DNNL_ARG_ATTR_SCALES | DNNL_ARG_SRC, src_scale});
     const auto t = std::chrono::steady_clock::now();
+    const std::clock_t c0 = std::clock();
     matmul.execute(stream, args);
     stream.wait();
-    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
+    const double s = cpu_time ? static_cast<double>(std::clock() - c0) / CLOCKS_PER_SEC
+                              : std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
     if (call >= 2) {
       times.push_back(s);
       spent += s;

@@ -57,10 +57,11 @@ def test_model_save_then_load_gives_identical_logits(small, tmp_path, checkpoint
 
 def test_registered_name_and_yaml_build_the_same_model():
     small = dict(hidden_size=32, num_layers=1, num_heads=2, seq_length=16)
-    model = AutoModel.from_pretrained('gpt2_tiny', **small)
+    model = AutoModel.from_config('gpt2_tiny', **small)
     assert isinstance(model, GPT2LMHeadModel) and model.config.seq_length == 16
-    assert GPT2LMHeadModel.from_pretrained(find_config('gpt2_tiny'), **small).config.to_dict() == \
-        model.config.to_dict()
+    assert AutoModel.from_config(find_config('gpt2_tiny'), **small).config.to_dict() == model.config.to_dict()
+    with pytest.raises(ValueError, match='no weights to load.*from_config'):  # never random weights unasked
+        GPT2LMHeadModel.from_pretrained(find_config('gpt2_tiny'), **small)
 
 
 def test_save_refuses_a_directory_with_other_weights(small, tmp_path):

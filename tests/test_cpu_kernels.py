@@ -218,7 +218,21 @@ def test_packed_decode_attention_equals_the_unpacked_kernel():
     np.testing.assert_array_equal(caches[0][0].asnumpy()[:, :, position], key[:, :, 0])
 
 
-@pytest.mark.parametrize('rows, in_features, out_features', [(1, 512, 1536), (3, 37, 130), (16, 40, 259), (1, 1, 1)])
+def test_linear_few_rows_gives_a_row_the_same_bits_whatever_rows_beside_it():
+    """A decode row's logits must not depend on which other requests share its step (continuous batching)."""
+    from mindformers.kernels import FusedBiasLinearFewRows
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((16, 200)).astype(np.float32)
+    weight, bias = rng.standard_normal((70, 200)).astype(np.float32), rng.standard_normal(70).astype(np.float32)
+    kernel = FusedBiasLinearFewRows()
+    together = kernel(Tensor(x), Tensor(weight), Tensor(bias)).asnumpy()
+    for rows in (slice(0, 1), slice(5, 8), slice(3, 16)):
+        alone = kernel(Tensor(x[rows]), Tensor(weight), Tensor(bias)).asnumpy()
+        np.testing.assert_array_equal(alone, together[rows])
+
+
+@pytest.mark.parametrize('rows, in_features, out_features', [(1, 512, 1536), (3, 37, 130), (16, 40, 259), (1, 1, 1),
+                                                            (5, 96, 7), (8, 33, 66)])
 def test_linear_few_rows_matches_numpy_both_ways(rows, in_features, out_features):
     from mindformers.kernels import (FusedBiasLinearFewRows, FusedLinearFewRows,
                                                  FusedResidualLinearFewRows)

@@ -9,7 +9,6 @@ import pytest
 import mindspore as ms
 
 from mindformers import AutoModel, GPT2Config, GPT2LMHeadModel
-from mindformers.models.auto import auto_class
 from mindformers.models import model_book
 from mindformers.tools.download import DownloadError, download_file
 
@@ -144,7 +143,6 @@ def test_published_checkpoint_is_fetched_by_model_name(server, tmp_path, monkeyp
     data = (tmp_path / 'saved' / 'model.safetensors').read_bytes()
     server.files['/gpt2_tiny.safetensors'] = data
     monkeypatch.setattr(model_book, 'CHECKPOINTS', {})
-    monkeypatch.setattr(auto_class, 'CHECKPOINTS', model_book.CHECKPOINTS)
     model_book.register_checkpoint('gpt2_tiny', server.url + '/gpt2_tiny.safetensors',
                                    hashlib.sha256(data).hexdigest())
     model = AutoModel.from_pretrained('gpt2_tiny', **small)

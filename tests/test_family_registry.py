@@ -6,6 +6,7 @@ import dataclasses
 import glob
 import json
 import os
+import pathlib
 import re
 from typing import ClassVar
 
@@ -20,6 +21,7 @@ from mindformers.models.convert_utils import FamilyConverter, NameTable, hf_fami
 from mindformers.models.llama import LlamaConfig, LlamaForCausalLM, LlamaTokenizer
 from mindformers.pipeline import pipeline
 from mindformers.tools import model_book
+from mindformers.tools.download import file_digest
 from mindformers.tools.register import FamilySpec, MindFormerRegister, MindFormerModuleType, register_family
 from mindformers.tools.register import family as family_registry
 from mindformers.tools.utils import PACKAGE_DIR, REPO_DIR
@@ -119,7 +121,7 @@ def test_each_family_is_declared_once_and_read_everywhere():
 
 # ----------------------------------------------------------------------------------------------- a user's family
 @pytest.mark.slow
-def test_a_family_registered_in_one_place_works_everywhere(registry, tmp_path):
+def test_a_family_registered_in_one_place_works_everywhere(registry, tmp_path, monkeypatch):
     yaml_dir = str(tmp_path / 'yamls')
     _write_yaml(yaml_dir)
     _register_toy(yaml_dir)
@@ -134,15 +136,18 @@ def test_a_family_registered_in_one_place_works_everywhere(registry, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained('toy_tiny')
     assert type(tokenizer) is ToyTokenizer
 
+    import mindspore as ms
+    ckpt = str(tmp_path / 'toy.ckpt')
+    ms.save_checkpoint(model, ckpt)
+    from mindformers.models import model_book as book
+    monkeypatch.setattr(book, 'CHECKPOINTS', {})  # published weights for the name: a pipeline by name
+    book.register_checkpoint('toy_tiny', pathlib.Path(ckpt).as_uri(), file_digest(ckpt))
     pipe = pipeline('text_generation', model='toy_tiny', max_new_tokens=3)
     assert type(pipe.model) is ToyForCausalLM and type(pipe.tokenizer) is ToyTokenizer
     (result,) = pipe('ROMEO:')
     assert result['text_generation_text'][0].startswith('ROMEO:')
 
     # convert_weight.py --model toy, both ways, and AutoModel on the HuggingFace-like directory it writes
-    import mindspore as ms
-    ckpt = str(tmp_path / 'toy.ckpt')
-    ms.save_checkpoint(model, ckpt)
     hf_dir = str(tmp_path / 'hf')
     assert convert_weight.main(['--model', 'toy', '--reversed', '--input_path', ckpt, '--output_path', hf_dir,
                                 '--config', os.path.join(yaml_dir, 'run_toy_tiny.yaml')]) == 0

@@ -202,8 +202,8 @@ def test_shipped_configs_resolve():
     assert chat.residual_alpha == pytest.approx(SQRT56) and chat.use_past
     small = dict(num_layers=1, hidden_size=64, num_heads=4, inner_hidden_size=128, vocab_size=1024,
                  bos_token_id=BOS, eos_token_id=EOS, mask_token_id=MASK, gmask_token_id=GMASK)
-    assert type(AutoModel.from_pretrained('glm_6b_chat', **small)) is GLMChatModel
-    assert type(AutoModel.from_pretrained('glm_6b', **small)) is GLMForPreTraining
+    assert type(AutoModel.from_config('glm_6b_chat', **small)) is GLMChatModel
+    assert type(AutoModel.from_config('glm_6b', **small)) is GLMForPreTraining
     tiny = AutoConfig.from_pretrained('glm_tiny')
     assert (tiny.vocab_size, tiny.bos_token_id, tiny.eos_token_id, tiny.mask_token_id, tiny.gmask_token_id,
             tiny.pad_token_id) == (1024, BOS, EOS, MASK, GMASK, PAD)

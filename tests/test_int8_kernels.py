@@ -116,7 +116,9 @@ def _run(library, x, q, scale):
 def _case(m_rows, k_dim, n_dim, scheme, seed=0):
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((m_rows, k_dim)).astype(np.float32)
-    q, scale = quantize(rng.standard_normal((n_dim, k_dim)).astype(np.float32) * 0.05, scheme)
+    # rows of very different sizes: the smallest give subnormal fp16 block scales
+    sizes = np.geomspace(1e-4, 1, n_dim, dtype=np.float32)[rng.permutation(n_dim), None]
+    q, scale = quantize(rng.standard_normal((n_dim, k_dim)).astype(np.float32) * sizes, scheme)
     return x, q, scale
 
 
@@ -192,6 +194,9 @@ def test_fused_int8_linear_cell_matches_numpy(mode):
                 y = kernels.FusedInt8Linear(scheme)(Tensor(x), Tensor(q), Tensor(scale)).asnumpy()
                 expected = x.astype(np.float64) @ dequantize(q, scale, scheme).astype(np.float64).T
                 np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+            batched = kernels.FusedInt8Linear(scheme)(Tensor(x.reshape(3, 11, 96)), Tensor(q), Tensor(scale))
+            assert batched.shape == (3, 11, 77)  # leading axes are rows
+            np.testing.assert_allclose(batched.asnumpy().reshape(33, 77), expected, rtol=1e-5, atol=1e-5)
     finally:
         ms.set_context(mode=ms.GRAPH_MODE)
     with pytest.raises(ValueError, match='q4'):

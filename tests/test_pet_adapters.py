@@ -26,7 +26,7 @@ PROMPT = np.random.default_rng(0).integers(5, 400, (2, 12)).astype(np.int32)  # 
 
 
 def _tiny(family, **overrides):
-    return AutoModel.from_pretrained(f'{family}_tiny', **dict(SMALL, **overrides))
+    return AutoModel.from_config(f'{family}_tiny', **dict(SMALL, **overrides))
 
 
 def _eval_logits(model, ids=PROMPT):

@@ -40,7 +40,7 @@ def test_tiny_lora_config_resolves_everywhere(family):
     name = f'{family}_tiny_lora'
     config = AutoConfig.from_pretrained(name)
     assert isinstance(config.pet_config, LoraConfig) and config.pet_config.lora_rank == 8
-    model = AutoModel.from_pretrained(name)
+    model = AutoModel.from_config(name)
     cells = dict(model.cells_and_names())
     targets = set(config.pet_config.target_modules)
     assert adapted(model) and all(path.rsplit('.', 1)[-1] in targets for path in adapted(model))
@@ -49,7 +49,7 @@ def test_tiny_lora_config_resolves_everywhere(family):
     assert model.num_parameters(trainable_only=True) == sum(
         8 * (cells[path].in_features + cells[path].out_features) for path in adapted(model))
     assert set(Trainer(model=name).config.model.model_config.pet_config.target_modules) == targets
-    generator = pipeline('text_generation', model=name)
+    generator = pipeline('text_generation', model=model, tokenizer=name)  # the name's tokenizer
     assert isinstance(generator.model.pet_config, LoraConfig) and generator.tokenizer is not None
 
 

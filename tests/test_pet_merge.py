@@ -56,7 +56,7 @@ def finetune(tmp_path_factory):
     lora = {'pet_type': 'lora', 'lora_rank': RANK, 'lora_alpha': ALPHA, 'target_modules': ['q_proj', 'v_proj', 'o_proj']}
     files = {'root': root, 'base_yaml': run_yaml(root / 'base.yaml'), 'lora_yaml': run_yaml(root / 'lora.yaml', lora),
              'base': str(root / 'base.ckpt'), 'delta': str(root / 'delta.ckpt'), 'full': str(root / 'full.ckpt')}
-    save_checkpoint_atomic(AutoModel.from_pretrained(files['base_yaml']), files['base'])
+    save_checkpoint_atomic(AutoModel.from_config(files['base_yaml']), files['base'])
     model = AutoModel.from_pretrained(files['lora_yaml'], checkpoint_name_or_path=files['base'])
     step = nn.TrainOneStepCell(model, nn.Adam(model.trainable_params(), learning_rate=1e-2))
     model.set_train(True)

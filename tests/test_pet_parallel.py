@@ -19,7 +19,7 @@ LORA_A, LORA_B = 'mindpet_delta_lora_a', 'mindpet_delta_lora_b'
 
 def tiny_lora(seed=0):
     ms.set_seed(seed)
-    return AutoModel.from_pretrained('llama_tiny_lora')
+    return AutoModel.from_config('llama_tiny_lora')
 
 
 @pytest.fixture(scope='module')

@@ -1,9 +1,10 @@
-"""pipeline('text_generation'): from a registered name, a directory or an instance; batching; option precedence."""
+"""pipeline('text_generation'): from a directory, a YAML or an instance (a registered name with published weights:
+tests/test_hub.py); batching; option precedence."""
 import os
 
 import pytest
 
-from mindformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, TextGenerationPipeline, TextStreamer, pipeline
+from mindformers import AutoModel, AutoTokenizer, GPT2Config, GPT2LMHeadModel, TextGenerationPipeline, TextStreamer, pipeline
 from mindformers.pipeline import BasePipeline
 from mindformers.tools.register import MindFormerRegister, MindFormerModuleType
 
@@ -11,8 +12,11 @@ SMALL = dict(num_layers=1, hidden_size=32, num_heads=2)
 
 
 @pytest.fixture(scope='module')
-def pipe():
-    return pipeline('text_generation', model='gpt2_tiny', seq_length=48, use_past=True, max_new_tokens=6)
+def pipe(tmp_path_factory):
+    directory = tmp_path_factory.mktemp('gpt2_tiny')  # gpt2_tiny with fresh weights, saved
+    AutoModel.from_config('gpt2_tiny', seq_length=48).save_pretrained(directory)
+    AutoTokenizer.from_pretrained('gpt2_tiny').save_pretrained(directory)
+    return pipeline('text_generation', model=str(directory), seq_length=48, use_past=True, max_new_tokens=6)
 
 
 def continuation(result, prompt):
@@ -21,7 +25,7 @@ def continuation(result, prompt):
     return text[len(prompt):]
 
 
-def test_registered_name_with_build_time_options(pipe):
+def test_build_time_options(pipe):
     assert isinstance(pipe, TextGenerationPipeline)
     assert pipe.model.config.seq_length == 48 and pipe.model.config.use_past
     (result,) = pipe('ROMEO:')
@@ -91,9 +95,12 @@ def test_yaml_and_huggingface_directory(tmp_path):
     from transformers import GPT2Config as HFConfig, GPT2LMHeadModel as HFModel, GPT2TokenizerFast as HFTokenizer
     from mindformers.tools.model_book import find_config
     from mindformers.tools.utils import resolve_path
+    small = dict(hidden_size=32, num_layers=1, num_heads=2, seq_length=32)
+    AutoModel.from_config('gpt2_tiny', **small).save_pretrained(tmp_path / 'small')
     yaml = tmp_path / 'run_small.yaml'
     yaml.write_text(f"base_config: {os.path.abspath(find_config('gpt2_tiny'))}\n"
-                    "model:\n  model_config: {hidden_size: 32, num_layers: 1, num_heads: 2}\n")
+                    "model:\n  model_config: {hidden_size: 32, num_layers: 1, num_heads: 2, "
+                    f"checkpoint_name_or_path: {tmp_path / 'small' / 'model.safetensors'}}}\n")
     from_yaml = pipeline('text_generation', model=yaml, seq_length=32, max_new_tokens=3)
     assert from_yaml.model.config.num_layers == 1 and from_yaml.model.config.seq_length == 32
     (result,) = from_yaml('ROMEO:')

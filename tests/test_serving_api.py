@@ -324,7 +324,7 @@ def test_pet_checkpoint_serves_an_adapter_or_a_delta(tmp_path):
         finally:
             ms.set_context(mode=ms.GRAPH_MODE)
 
-    finetuned = AutoModel.from_pretrained('gpt2_tiny_lora')
+    finetuned = AutoModel.from_config('gpt2_tiny_lora')
     rng = np.random.default_rng(0)
     for param in finetuned.trainable_params():
         param.set_data(ms.Tensor(rng.standard_normal(param.shape).astype(np.float32) * 0.1))
@@ -336,9 +336,9 @@ def test_pet_checkpoint_serves_an_adapter_or_a_delta(tmp_path):
     save_checkpoint_atomic({p.name: p for p in finetuned.trainable_params()}, str(tmp_path / 'delta' / 'lora.ckpt'))
     no_record = str(tmp_path / 'delta' / 'lora.ckpt')
     with pytest.raises(ValueError, match=f'--pet_checkpoint {no_record}: .*no meta.json'):
-        load_weights(AutoModel.from_pretrained(MODEL), base, no_record)
+        load_weights(AutoModel.from_config(MODEL), base, no_record)
     record_checkpoint(str(tmp_path / 'delta'), 'lora.ckpt', 1, 1, 1, keep_max=0, delta=delta_info(finetuned, base))
     for pet in (tmp_path / 'adapter', tmp_path / 'delta'):
-        model = AutoModel.from_pretrained(MODEL)
+        model = AutoModel.from_config(MODEL)
         load_weights(model, base, str(pet))
         assert model.pet_config is not None and np.abs(logits(model) - expected).max() < 1e-5, pet

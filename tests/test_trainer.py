@@ -101,7 +101,7 @@ def test_yaml_train_evaluate_predict_and_finetune(tmp_path):
 def test_auto_classes_from_registered_name():
     config = AutoConfig.from_pretrained('gpt2_tiny')
     assert isinstance(config, GPT2Config) and config.seq_length == 128 and config.vocab_size == 512
-    model = AutoModel.from_pretrained('gpt2_tiny', num_layers=1)
+    model = AutoModel.from_config('gpt2_tiny', num_layers=1)
     assert isinstance(model, GPT2LMHeadModel) and model.config.num_layers == 1
     small = AutoModel.from_config(AutoConfig.from_pretrained('gpt2', num_layers=1, hidden_size=64, num_heads=2,
                                                              vocab_size=100, seq_length=32))

@@ -625,13 +625,53 @@ namespace {
 // y[m, first:last] = x[m] . w[n] (+ bias[n]) for every row m of x [m_rows, k_dim] and n in [first, last), w
 // [n_dim, k_dim]. Four weight rows at a time, each read once for all rows of x (decode has few rows, so the
 // weights' memory traffic is the cost).
-void LinearRows(const float *x, const float *w, const float *bias, const float *residual, float *y, int64_t m_rows,
-                int64_t k_dim, int64_t n_dim, int64_t first, int64_t last) {
-  int64_t n = first;
-  for (; n + 4 <= last; n += 4) {
-    const float *w0 = w + n * k_dim, *w1 = w0 + k_dim, *w2 = w1 + k_dim, *w3 = w2 + k_dim;
-    for (int64_t m = 0; m < m_rows; m++) {
-      const float *xr = x + m * k_dim;
+#if defined(__AVX512F__)
+// out[i][j] = x row i . w row j for MR rows of x (stride k_dim) and NR weight rows, 16 lanes at a time with the tail
+// masked: each weight vector is loaded once for all MR rows. Every dot product adds its terms in the same order
+// whatever MR and NR are, so a row's result does not depend on the rows decoded beside it.
+template <int MR, int NR>
+inline void DotTile(const float *x, const float *w, int64_t k_dim, float (*out)[4]) {
+  __m512 acc[MR][NR];
+  for (int i = 0; i < MR; i++)
+    for (int j = 0; j < NR; j++) acc[i][j] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= k_dim; k += 16) {
+    __m512 wv[NR];
+    for (int j = 0; j < NR; j++) wv[j] = _mm512_loadu_ps(w + j * k_dim + k);
+    for (int i = 0; i < MR; i++) {
+      const __m512 xv = _mm512_loadu_ps(x + i * k_dim + k);
+      for (int j = 0; j < NR; j++) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
+    }
+  }
+  if (k < k_dim) {
+    const __mmask16 mask = static_cast<__mmask16>((1u << (k_dim - k)) - 1);
+    __m512 wv[NR];
+    for (int j = 0; j < NR; j++) wv[j] = _mm512_maskz_loadu_ps(mask, w + j * k_dim + k);
+    for (int i = 0; i < MR; i++) {
+      const __m512 xv = _mm512_maskz_loadu_ps(mask, x + i * k_dim + k);
+      for (int j = 0; j < NR; j++) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < MR; i++)
+    for (int j = 0; j < NR; j++) out[i][j] = _mm512_reduce_add_ps(acc[i][j]);
+}
+
+template <int NR>
+inline void DotTileRows(int mr, const float *x, const float *w, int64_t k_dim, float (*out)[4]) {
+  switch (mr) {
+    case 1: DotTile<1, NR>(x, w, k_dim, out); break;
+    case 2: DotTile<2, NR>(x, w, k_dim, out); break;
+    case 3: DotTile<3, NR>(x, w, k_dim, out); break;
+    default: DotTile<4, NR>(x, w, k_dim, out); break;
+  }
+}
+#else
+// The portable tile: the same contract as the AVX-512 one.
+inline void DotTilePortable(int mr, int nr, const float *x, const float *w, int64_t k_dim, float (*out)[4]) {
+  for (int i = 0; i < mr; i++) {
+    const float *xr = x + i * k_dim;
+    if (nr == 4) {
+      const float *w0 = w, *w1 = w0 + k_dim, *w2 = w1 + k_dim, *w3 = w2 + k_dim;
       float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
 #pragma omp simd reduction(+ : a0, a1, a2, a3)
       for (int64_t k = 0; k < k_dim; k++) {
@@ -640,23 +680,46 @@ void LinearRows(const float *x, const float *w, const float *bias, const float *
         a2 += xr[k] * w2[k];
         a3 += xr[k] * w3[k];
       }
-      float *yr = y + m * n_dim + n;
-      yr[0] = a0;
-      yr[1] = a1;
-      yr[2] = a2;
-      yr[3] = a3;
-      if (bias) for (int j = 0; j < 4; j++) yr[j] += bias[n + j];
-      if (residual) for (int j = 0; j < 4; j++) yr[j] += residual[m * n_dim + n + j];
+      out[i][0] = a0, out[i][1] = a1, out[i][2] = a2, out[i][3] = a3;
+      continue;
     }
-  }
-  for (; n < last; n++) {
-    const float *wr = w + n * k_dim;
-    for (int64_t m = 0; m < m_rows; m++) {
-      const float *xr = x + m * k_dim;
+    for (int j = 0; j < nr; j++) {
+      const float *wr = w + j * k_dim;
       float a = 0.f;
 #pragma omp simd reduction(+ : a)
       for (int64_t k = 0; k < k_dim; k++) a += xr[k] * wr[k];
-      y[m * n_dim + n] = a + (bias ? bias[n] : 0.f) + (residual ? residual[m * n_dim + n] : 0.f);
+      out[i][j] = a;
+    }
+  }
+}
+#endif
+
+// y[m, n] = x[m] . w[n] (+ bias[n]) (+ residual[m, n]) for all m_rows rows and the output features [first, last),
+// in tiles of up to 4 rows x 4 features.
+void LinearRows(const float *x, const float *w, const float *bias, const float *residual, float *y, int64_t m_rows,
+                int64_t k_dim, int64_t n_dim, int64_t first, int64_t last) {
+  float tile[4][4];
+  for (int64_t n = first; n < last; n += 4) {
+    const int nr = static_cast<int>(std::min<int64_t>(4, last - n));
+    for (int64_t m = 0; m < m_rows; m += 4) {
+      const int mr = static_cast<int>(std::min<int64_t>(4, m_rows - m));
+      const float *xm = x + m * k_dim, *wn = w + n * k_dim;
+#if defined(__AVX512F__)
+      switch (nr) {
+        case 1: DotTileRows<1>(mr, xm, wn, k_dim, tile); break;
+        case 2: DotTileRows<2>(mr, xm, wn, k_dim, tile); break;
+        case 3: DotTileRows<3>(mr, xm, wn, k_dim, tile); break;
+        default: DotTileRows<4>(mr, xm, wn, k_dim, tile); break;
+      }
+#else
+      DotTilePortable(mr, nr, xm, wn, k_dim, tile);
+#endif
+      for (int i = 0; i < mr; i++) {
+        float *yr = y + (m + i) * n_dim + n;
+        for (int j = 0; j < nr; j++) {
+          yr[j] = tile[i][j] + (bias ? bias[n + j] : 0.f) + (residual ? residual[(m + i) * n_dim + n + j] : 0.f);
+        }
+      }
     }
   }
 }

@@ -36,7 +36,7 @@ constexpr int64_t kBlock = 32;                     // block32's weights per scal
 constexpr int64_t kPanel = kTileVecs * kLanes;     // output features per packed panel
 constexpr int64_t kDepth = 128;                    // inputs per packed panel: kDepth x kPanel fp32 stays in L1
 constexpr int64_t kFeatureBlock = 64;              // output features per task on few rows
-constexpr int64_t kPrefetch = 512;                 // bytes ahead on each weight row (few rows)
+constexpr int64_t kPrefetch = 1024;                // bytes ahead on each weight row (few rows): measured best
 constexpr int64_t kFewRows = 16;                   // rows of x up to which the few-rows kernel runs (decode)
 
 // kLanes int8 at p as floats. GCC's generic conversion of a byte vector goes element by element; these are the
@@ -108,8 +108,9 @@ void DotTile(const float *x, int64_t ldx, const Weights &w, int64_t n, const flo
   Vec acc[kRows][kCols] = {};
   int64_t k = 0;
   for (; k + kLanes <= k_dim; k += kLanes) {
-    if (k % 64 == 0) {
-      for (int j = 0; j < kCols; j++) __builtin_prefetch(q + j * k_dim + k + kPrefetch);
+    if (k % 64 == 0) {  // kPrefetch bytes ahead on each row, past its end on the same row of the next tile
+      const int64_t ahead = k + kPrefetch < k_dim ? k + kPrefetch : kCols * k_dim + k + kPrefetch - k_dim;
+      for (int j = 0; j < kCols; j++) __builtin_prefetch(q + j * k_dim + ahead);
     }
     Vec wv[kCols];
     for (int j = 0; j < kCols; j++) {

@@ -81,16 +81,25 @@ def check_serving_args(args):
             raise UsageError(f"--{name} {value} does not exist")
 
 
-def load_model(source, quantization=None):
+def load_model(source, checkpoint_given=False, quantization=None):
     """(model, tokenizer) from `source`: a registered name, YAML or directory (AutoModel / AutoTokenizer), or
-    run_mindformer.py's run config (its model and processor sections, context and load_checkpoint).
+    run_mindformer.py's run config (its model and processor sections, context and load_checkpoint). A name or YAML
+    without weights is built with fresh ones: with a warning unless `checkpoint_given` (--load_checkpoint).
     `quantization`: 'int8' (--quantization), or False to build a run config's model float whatever it says."""
     from mindformers.core.context import init_context
     from mindformers.models.auto import AutoModel, AutoTokenizer
+    from mindformers.models.auto.auto_class import NoWeightsError
     if isinstance(source, str):
         init_context()
         overrides = {'quantization': quantization} if quantization else {}
-        return AutoModel.from_pretrained(source, **overrides), AutoTokenizer.from_pretrained(source)
+        try:
+            model = AutoModel.from_pretrained(source, **overrides)
+        except NoWeightsError as err:
+            if not checkpoint_given:
+                from mindformers.tools.logger import logger
+                logger.warning("%s. Serving randomly initialised weights: give --load_checkpoint for real ones", err)
+            model = AutoModel.from_config(source, **overrides)
+        return model, AutoTokenizer.from_pretrained(source)
     from mindformers.tools.build import build_tokenizer
     from mindformers.trainer.build import build_network
     init_context(False, dict(source.get('context') or {}, enable_compile_cache=False))
@@ -174,7 +183,8 @@ def start_engine(source, args, model_id):
     from mindformers.serving.engine import Engine
     quantization = requested_quantization(source, args)
     merge_first = quantization is not None and bool(args.pet_checkpoint)  # PET needs the float weights
-    model, tokenizer = load_model(source, False if merge_first else getattr(args, 'quantization', None))
+    model, tokenizer = load_model(source, bool(getattr(args, 'load_checkpoint', None)),
+                                  False if merge_first else getattr(args, 'quantization', None))
     load_weights(model, getattr(args, 'load_checkpoint', None), args.pet_checkpoint)
     if merge_first:
         from mindformers.quantization import quantize_model

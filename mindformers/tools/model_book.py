@@ -1,3 +1,4 @@
-"""Old path of `mindformers.models.model_book` (registered model names and their published checkpoints)."""
-from mindformers.models.model_book import (CHECKPOINTS, checkpoint_for, find_config, list_models,  # noqa: F401
-                                           register_checkpoint)
+"""Old path of `mindformers.models.model_book` (registered model names and their published weights)."""
+from mindformers.models.model_book import (CHECKPOINTS, SOURCES, HubSource, checkpoint_for,  # noqa: F401
+                                           find_config, list_models, register_checkpoint, register_source,
+                                           source_for)

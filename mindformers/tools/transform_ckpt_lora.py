@@ -129,7 +129,7 @@ def merge(args, work):
     from mindformers.models.auto import AutoModel
     from mindformers.models.peft_adapter import load_peft_adapter
     overrides = {'checkpoint_name_or_path': args.base_checkpoint} if args.base_checkpoint else {}
-    model = AutoModel.from_pretrained(args.config, **overrides)
+    model = AutoModel.from_config(args.config, **overrides)  # loads checkpoint_name_or_path when set
     has_base = bool(getattr(model.config, 'checkpoint_name_or_path', ''))
     if is_peft_adapter(args.src_ckpt_path_or_dir):
         if not has_base:

@@ -2,6 +2,11 @@
 written by `save_pretrained`, or a HuggingFace model directory (of a model type a registered family reads, see
 `FamilySpec.hf_model_types`; converted on load). Which model a config builds is its family's (`register_family`).
 
+A registered name with published weights (`model_book.SOURCES`) is built from its run YAML with those weights:
+downloaded into the cache (`tools.hub`), loaded through the HuggingFace-directory path once, and kept converted in
+`$MINDFORMERS_CACHE/converted/` so later loads read our names directly. A name or YAML without weights is an error
+that points at `AutoModel.from_config`: `from_pretrained` never hands out random weights.
+
 The two kinds of directory are told apart by their `config.json`: ours names a registered config class under `type`
 (see `BaseConfig.to_dict`), a HuggingFace one carries `model_type` and no `type`."""
 import json
@@ -12,13 +17,18 @@ import numpy as np
 from mindformers.models.base_processor import PROCESSOR_CONFIG_FILE, BaseProcessor
 from mindformers.models.convert_utils import hf_family, load_hf_weights
 from mindformers.tools.build import build_model_config, build_model, build_processor, build_tokenizer
-from mindformers.models.model_book import CHECKPOINTS, find_config
+from mindformers.models import model_book
+from mindformers.models.model_book import find_config
 from mindformers.tools.register import FamilySpec, MindFormerConfig, MindFormerRegister, MindFormerModuleType
 from mindformers.tools.register.family import (families, family_of_config, family_of_hf_config, hf_model_types,
                                                register_family, shared_hf_model_types)
 
 CONFIG_FILE = 'config.json'
 WEIGHT_SUFFIXES = ('.safetensors', '.ckpt')
+
+
+class NoWeightsError(ValueError):
+    """`from_pretrained` of a registered name or run YAML that has no weights to load."""
 
 
 def register_auto(config_name, model_name):
@@ -123,8 +133,14 @@ class AutoModel:
     @classmethod
     def from_config(cls, config, **kwargs):
         """A model with fresh weights (or `config.checkpoint_name_or_path`'s) for `config` (a config object, or
-        anything AutoConfig.from_pretrained takes plus overrides): the class registered for the config type."""
+        anything AutoConfig.from_pretrained takes plus overrides): the class registered for the config type, or
+        for a registered name or run YAML the class its `model.arch` names."""
         if not hasattr(config, 'to_dict'):
+            if _source_kind(config, cls.__name__) != 'dir':
+                run_config = _run_config(config)
+                _check_overrides(run_config.model.model_config.get('type'), kwargs, cls.__name__, config)
+                run_config.model.model_config.merge_from_dict(kwargs)
+                return _arch_class(run_config, None)(build_model_config(run_config.model.model_config))
             config = AutoConfig.from_pretrained(config, **kwargs)
         return _model_class(config)(config)
 
@@ -150,14 +166,24 @@ def load_model(name_or_path, model_class=None, **kwargs):
     """What AutoModel.from_pretrained does; `model_class` (e.g. from `GPT2LMHeadModel.from_pretrained`) replaces
     the class the source names."""
     caller = model_class.__name__ if model_class else 'AutoModel'
-    if _source_kind(name_or_path, caller) != 'dir':
+    kind = _source_kind(name_or_path, caller)
+    if kind != 'dir':
         run_config = _run_config(name_or_path)
         if kwargs:
             _check_overrides(run_config.model.model_config.get('type'), kwargs, caller, name_or_path)
             run_config.model.model_config.merge_from_dict(kwargs)
         model_config = run_config.model.model_config
-        if not model_config.get('checkpoint_name_or_path') and name_or_path in CHECKPOINTS:
-            model_config.checkpoint_name_or_path = name_or_path  # published weights: fetched and loaded
+        if not model_config.get('checkpoint_name_or_path'):
+            if kind == 'name' and model_book.source_for(name_or_path) is not None:
+                return _load_published(name_or_path, run_config, model_class)
+            if kind == 'name' and name_or_path in model_book.CHECKPOINTS:
+                model_config.checkpoint_name_or_path = name_or_path  # fetched and loaded by load_checkpoint
+            elif kind == 'name':
+                raise NoWeightsError(f"{caller}.from_pretrained: {model_book.no_weights_message(name_or_path)}")
+            else:
+                raise NoWeightsError(f"{caller}.from_pretrained({os.fspath(name_or_path)!r}): the YAML sets no "
+                                 f"model.model_config.checkpoint_name_or_path, so there are no weights to load; "
+                                 f"for fresh weights use AutoModel.from_config(AutoConfig.from_pretrained(<yaml>))")
         if model_class is None:
             return build_model(run_config.model)
         return model_class(build_model_config(model_config))
@@ -174,6 +200,67 @@ def load_model(name_or_path, model_class=None, **kwargs):
     converted = _hf_family(directory, data).convert_hf_to_ms(load_hf_weights(directory), config)
     _load_arrays(model, converted, directory)
     return model
+
+
+def _arch_class(run_config, model_class):
+    """`model_class`, else the class a run config's `model.arch.type` names, else its config's family model."""
+    arch = (run_config.model.get('arch') or {}).get('type')
+    if model_class is None and arch:
+        return MindFormerRegister.get_cls(MindFormerModuleType.MODELS, arch, where='model.arch.type')
+    return model_class or _model_class(build_model_config(run_config.model.model_config))
+
+
+def _converted_path(repo, model_class):
+    """Where the published weights of `name` are kept converted: one file per repository commit and model class."""
+    from mindformers.tools.utils import cache_dir
+    return os.path.join(cache_dir('converted', repo.repo.replace('/', '--'), repo.commit),
+                        f'{model_class.__name__}.safetensors')
+
+
+def _load_published(name, run_config, model_class=None):
+    """`name`'s run YAML built with its published weights (converted once, then read from the converted cache)."""
+    from mindformers.tools.checkpoint import save_checkpoint_atomic
+    source = model_book.source_for(name)
+    model_class = _arch_class(run_config, model_class)
+    model_config = run_config.model.model_config
+    repo = source.hub_repo()
+    repo.files()  # the commit the converted copy belongs to
+    converted = _converted_path(repo, model_class)
+    if not os.path.isfile(converted):
+        if source.weights == 'mindspore':
+            _convert_release(repo, model_config, converted)
+        else:
+            directory = os.path.dirname(repo.download(repo.weight_files())[0])
+            overrides = {k: v for k, v in model_config.items() if k not in ('type', 'checkpoint_name_or_path')}
+            model = load_model(directory, model_class, **overrides)
+            delta = set(model.pet_parameter_names)
+            save_checkpoint_atomic({p.name: p for p in model.get_parameters() if p.name not in delta}, converted)
+            return model
+    model_config.checkpoint_name_or_path = converted
+    return model_class(build_model_config(model_config))
+
+
+def _convert_release(repo, model_config, converted):
+    """A MindSpore release (the repository's one .ckpt, in the family's release naming) converted to `converted`
+    with the run YAML's architecture."""
+    releases = sorted(f for f in repo.files() if f.endswith('.ckpt'))
+    if len(releases) != 1:
+        raise ValueError(f"{repo.repo} holds {len(releases)} .ckpt files ({', '.join(releases) or 'none'}); one "
+                         f"merged checkpoint is expected: convert it with convert_weight.py and give the path")
+    config = build_model_config({**model_config, 'checkpoint_name_or_path': ''})
+    spec = family_of_config(type(config))
+    spec.load_converter().convert_pt_to_ms(repo.download(releases)[0], converted, config=config)
+
+
+def converted_checkpoint(name):
+    """The converted checkpoint of `name`'s published weights (see model_book.checkpoint_for)."""
+    run_config = _run_config(name)
+    repo = model_book.source_for(name).hub_repo()
+    repo.files()
+    converted = _converted_path(repo, _arch_class(run_config, None))
+    if not os.path.isfile(converted):
+        _load_published(name, run_config)
+    return converted
 
 
 def _our_weights(directory):
@@ -213,9 +300,8 @@ class AutoTokenizer:
     def from_pretrained(cls, name_or_path, **kwargs):
         from mindformers.models.base_tokenizer import TOKENIZER_CONFIG_FILE
         if _source_kind(name_or_path, cls.__name__) != 'dir':
-            section = dict(_run_config(name_or_path).processor.tokenizer)
-            section.update(kwargs)
-            return build_tokenizer(section, where='processor.tokenizer')
+            section = {**_run_config(name_or_path).processor.tokenizer, **kwargs}
+            return build_tokenizer(_published_vocabulary(name_or_path, section), where='processor.tokenizer')
         directory = os.fspath(name_or_path)
         class_name = None
         config_path = os.path.join(directory, TOKENIZER_CONFIG_FILE)
@@ -246,6 +332,20 @@ class AutoTokenizer:
         if files and not any(os.path.isfile(os.path.join(directory, f)) for f in files):
             raise ValueError(f"{directory} has no {tok_cls.__name__} files (looked for {', '.join(files)})")
         return tok_cls.from_pretrained(directory, **kwargs)
+
+
+def _published_vocabulary(name_or_path, section):
+    """A registered name's tokenizer section with each empty vocabulary-file argument (e.g. `vocab_file: ''`) set to
+    that file of its published source (`vocab_files_names`), downloaded into the cache."""
+    source = model_book.source_for(name_or_path) if _source_kind(name_or_path, 'AutoTokenizer') == 'name' else None
+    if source is None or not section.get('type'):
+        return section
+    tok_cls = MindFormerRegister.get_cls(MindFormerModuleType.TOKENIZER, section['type'], where='processor.tokenizer')
+    wanted = {key: file for key, file in getattr(tok_cls, 'vocab_files_names', {}).items()
+              if key in section and not section[key]}
+    if wanted:
+        section.update(zip(wanted, source.hub_repo().download(list(wanted.values()))))
+    return section
 
 
 def _class_of_vocabulary(directory, unknown):
@@ -297,6 +397,8 @@ class AutoProcessor:
     def from_pretrained(cls, name_or_path, **kwargs):
         if _source_kind(name_or_path, cls.__name__) != 'dir':
             section = dict(_run_config(name_or_path).processor)
+            if section.get('tokenizer'):
+                section['tokenizer'] = _published_vocabulary(name_or_path, dict(section['tokenizer']))
             section.update(kwargs)
             section.setdefault('type', 'BaseProcessor')
             return build_processor(section, where='processor')
