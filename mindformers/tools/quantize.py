@@ -70,8 +70,8 @@ def check_command_line(args):
             raise UsageError(f"--load_checkpoint: {args.model} is a HuggingFace directory, whose weights are its own")
     elif not args.load_checkpoint:
         from mindformers.models.auto import AutoConfig
-        from mindformers.models.model_book import CHECKPOINTS
-        if not AutoConfig.from_pretrained(args.model).checkpoint_name_or_path and args.model not in CHECKPOINTS:
+        from mindformers.models.model_book import has_weights
+        if not AutoConfig.from_pretrained(args.model).checkpoint_name_or_path and not has_weights(args.model):
             raise UsageError(f"--model {args.model} names no weights (no checkpoint_name_or_path, no published "
                              f"weights); give --load_checkpoint")
     check_output_path(args.output_dir, '--output_dir', overwrite=False, directory=True)

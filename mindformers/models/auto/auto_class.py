@@ -231,11 +231,15 @@ def _load_published(name, run_config, model_class=None):
             _convert_release(repo, model_config, converted)
         else:
             directory = os.path.dirname(repo.download(repo.weight_files())[0])
-            overrides = {k: v for k, v in model_config.items() if k not in ('type', 'checkpoint_name_or_path')}
+            # the cache keeps float weights: an int8 model is quantized from it below
+            floating = ('type', 'checkpoint_name_or_path', 'quantization', 'quantization_config')
+            overrides = {k: v for k, v in model_config.items() if k not in floating}
             model = load_model(directory, model_class, **overrides)
             delta = set(model.pet_parameter_names)
             save_checkpoint_atomic({p.name: p for p in model.get_parameters() if p.name not in delta}, converted)
-            return model
+            if not model_config.get('quantization'):
+                return model
+            del model
     model_config.checkpoint_name_or_path = converted
     return model_class(build_model_config(model_config))
 
