@@ -17,7 +17,7 @@ import signal
 import sys
 import threading
 
-from mindformers.serving.cli import SERVE_DEFAULTS, add_serving_arguments
+from mindformers.serving.cli import QUANTIZATION_CHOICES, SERVE_DEFAULTS, add_serving_arguments
 from mindformers.tools.utils import OneLineArgumentParser, cli_error  # no MindSpore: flags are checked before it loads
 
 RUN_MODES = ('train', 'finetune', 'eval', 'predict', 'serve')
@@ -66,6 +66,9 @@ def build_parser():
                         help="parameter-efficient tuning, e.g. lora: the config's model.model_config.pet_config must "
                              "be of that type; a config without one gets the algorithm's defaults (LoRA on the "
                              "family's default layers)")
+    parser.add_argument('--quantization', choices=QUANTIZATION_CHOICES,
+                        help='weight-only int8 inference (predict, eval, serve): the weights are quantized as they '
+                             'load (model.model_config.quantization; quantization_config sets the scheme)')
     parser.add_argument('--resume_training', nargs='?', const='True', metavar='True|PATH',
                         help='continue an interrupted run: alone or True = the newest complete checkpoint under '
                              '--load_checkpoint (a directory) or <output_dir>/checkpoint; or a checkpoint file or '
@@ -145,7 +148,7 @@ def build_config(args, overrides):
                 'src_strategy_path_or_dir': 'src_strategy_path_or_dir', 'only_save_strategy': 'only_save_strategy',
                 'device_target': 'context.device_target', 'device_id': 'context.device_id', 'mode': 'context.mode',
                 'epochs': 'runner_config.epochs', 'gradient_accumulation_steps':
-                'runner_config.gradient_accumulation_steps'}
+                'runner_config.gradient_accumulation_steps', 'quantization': 'model.model_config.quantization'}
     for flag, key in flag_map.items():
         value = getattr(args, flag)
         if value is not None:
@@ -168,6 +171,11 @@ def build_config(args, overrides):
         config['input_data'] = [check_unicode(p.replace('\\n', '\n'), f"--predict_data prompt {i}")
                                 for i, p in enumerate(args.predict_data)]
     config.setdefault('run_mode', 'train')
+    model = config.get('model')
+    model_config = model.get('model_config') if isinstance(model, dict) else None
+    if config.run_mode in ('train', 'finetune') and isinstance(model_config, dict) and model_config.get('quantization'):
+        raise ValueError(f"model.model_config.quantization ({'--quantization' if args.quantization else 'the YAML'})"
+                         f" is for inference: run_mode {config.run_mode} trains float weights")
     return validate_run_config(config, source='command line')
 
 

@@ -258,3 +258,16 @@ def test_token_goes_to_the_hub_only_not_to_the_cdn_it_redirects_to(hub, env, mon
     assert cdn == [(cdn[0][0], None), (cdn[0][0], 'bytes=3000-')]
     assert not [p for p in hub.server.authorized if p.startswith('/cdn/')]
     assert any('/resolve/' in p for p in hub.server.authorized)
+
+
+def test_int8_by_name_quantizes_on_load_and_keeps_the_converted_cache_float(hub, env):
+    from mindformers.quantization import quantization_of
+    model = AutoModel.from_pretrained('gpt2_tiny', quantization='int8')  # first use: downloads and converts
+    model.set_train(False)
+    assert quantization_of(model) == {'scheme': 'block32', 'embeddings': False}
+    logits = model(IDS).asnumpy()
+    assert 0 < np.abs(logits - hub.logits).max() <= 0.04 * np.abs(hub.logits).max()
+    _assert_same_params(AutoModel.from_pretrained('gpt2_tiny'), hub)  # the converted copy holds the float weights
+    again = AutoModel.from_pretrained('gpt2_tiny', quantization='int8')  # from the converted copy
+    again.set_train(False)
+    np.testing.assert_array_equal(again(IDS).asnumpy(), logits)

@@ -14,10 +14,13 @@ from mindformers.tools.register import register
 
 PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'mindformers')
 
-# DESIGN's layer list, with two placements changed: pet sits below models (its algorithms wrap and extend the
+# DESIGN's layer list, with these placements changed: pet sits below models (its algorithms wrap and extend the
 # blocks of modules/ and walk a model as cells, needing nothing of models/, while a model applies its config's
-# pet_config when it is built); wrapper (compiled train-step cells) sits below trainer, which composes them. generation sits above models and pet: it drives any model through its one forward and a
-# decoding session; `model.generate` reaches it lazily (listed below).
+# pet_config when it is built); quantization sits between pet and models (its int8 layers replace the blocks of
+# modules/ in any model, merging a LoRA first, and a model quantizes itself as its config asks when it loads);
+# wrapper (compiled train-step cells) sits below trainer, which composes them. generation sits above models and
+# pet: it drives any model through its one forward and a decoding session; `model.generate` reaches it lazily
+# (listed below).
 LAYERS = ('tools', 'kernels', 'parallel', 'core', 'dataset', 'modules', 'pet', 'quantization', 'models', 'generation',
           'pipeline', 'wrapper', 'trainer', 'evaluation', 'serving', 'cli')
 
@@ -27,6 +30,7 @@ ENTRY_POINTS = ('mindformers.tools.transform_ckpt', 'mindformers.tools.transform
                 'mindformers.tools.export_strategy', 'mindformers.tools.hccl_tools',
                 'mindformers.tools.merge_hccl', 'mindformers.tools.msrun_summary', 'mindformers.tools.msrun_worker',
                 'mindformers.tools.train_tokenizer', 'mindformers.tools.train_sentencepiece',
+                'mindformers.tools.quantize',
                 'mindformers.tools.dataset_preprocess', 'mindformers.serve')
 
 # Old module paths users may import, kept as re-exports of the module that replaced them (nothing but imports).

@@ -7,6 +7,7 @@ from typing import ClassVar, Optional
 
 from mindformers.core.parallel_config import ParallelConfig, build_parallel_config
 from mindformers.pet.config import PetConfig, pet_config_from_dict
+from mindformers.quantization.config import config_settings
 
 _MUTABLE = (list, dict, set)
 
@@ -60,6 +61,10 @@ class BaseConfig:
     Tokens: ignore_token_id (-100): targets left out of the loss.
     Tuning: pet_config (None): a parameter-efficient tuning algorithm applied when the model is built, as a mapping
         with `pet_type` (lora, ...; see `mindformers.pet`) or a PetConfig.
+    Inference: quantization (None; 'int8': weight-only int8, the float weights quantized as they load, see
+        `mindformers.quantization`), quantization_config (None: {scheme: block32, embeddings: false}; scheme
+        block32 (an fp16 scale per 32 weights, llama.cpp's Q8_0) or channel (an fp32 scale per output row),
+        embeddings: the embedding tables int8 too).
     Generation defaults (GenerationConfig.from_model_config): batch_size (1), use_past (False: decode with the KV
         cache), max_decode_length (512), max_new_tokens (None: the default number of tokens `generate()` adds),
         top_k (5), top_p (1.0), do_sample (False), repetition_penalty (1.0)."""
@@ -84,6 +89,8 @@ class BaseConfig:
     do_sample: bool = False
     repetition_penalty: float = 1.0
     pet_config: Optional[PetConfig] = None
+    quantization: Optional[str] = None
+    quantization_config: Optional[dict] = None
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -105,6 +112,7 @@ class BaseConfig:
             self.parallel_config = build_parallel_config(self.parallel_config)
         self.checkpoint_name_or_path = self.checkpoint_name_or_path or ''
         self.pet_config = pet_config_from_dict(self.pet_config, f"{type(self).__name__}.pet_config")
+        config_settings(self)
         self.validate()
 
     def validate(self):

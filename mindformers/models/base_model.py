@@ -9,6 +9,8 @@ from mindformers.tools.checkpoint import CheckpointError, fit_problems, listing,
 from mindformers.tools.weights import INDEX_SUFFIX, load_weights, open_weights, source_items
 from mindformers.models import peft_adapter
 from mindformers.pet import apply_pet, merge_pet
+from mindformers.quantization import quantization_of, quantize_model, quantized_weights, quantizing_transform
+from mindformers.quantization.config import config_settings
 from mindformers.tools.logger import logger
 from mindformers.tools.utils import resolve_path
 
@@ -24,7 +26,8 @@ class BaseModel(nn.Cell):
     Subclasses build their layers, then call `self.load_checkpoint(config)` at the end of `__init__` so that
     `config.pet_config` is applied (`mindformers.pet.apply_pet`) and `config.checkpoint_name_or_path` (a
     `.ckpt`/`.safetensors` file, a checkpoint directory, or a model name with published weights, downloaded once
-    into the cache) is loaded.
+    into the cache) is loaded. With `config.quantization: int8` the model becomes weight-only int8
+    (`mindformers.quantization.quantize_model`) before the weights load, and float weights are quantized as they do.
 
     `pet_default_targets` ({pet_type: Linear names}) are the layers a PET algorithm targets when the config names
     none (PEFT's defaults for the family)."""
@@ -50,6 +53,11 @@ class BaseModel(nn.Cell):
         if getattr(config, 'pet_config', None) is not None and self.pet_config is None:
             apply_pet(self, config.pet_config)
         given = getattr(config, 'checkpoint_name_or_path', '') or ''
+        quantization = config_settings(config)
+        # a LoRA is merged into float weights first (quantize_model does it), so its delta loads as float
+        after_loading = quantization is not None and given and self.pet_config is not None
+        if quantization is not None and not after_loading:  # without weights to load: the initial ones, quantized
+            quantize_model(self, weights=not given, **quantization)
         if not given:
             return None
         path = resolve_path(os.fspath(given))
@@ -63,6 +71,8 @@ class BaseModel(nn.Cell):
         if not path.endswith(INDEX_SUFFIX) and not os.path.isdir(path):
             path = resolve_checkpoint(path)  # verifies the checksum meta.json records
         source = open_weights(path)
+        if transform is None and quantization_of(self) is not None:  # float checkpoint entries -> int8 as they load
+            transform = quantizing_transform(self, set(source.names()))
         own = {p.name for p in self.get_parameters()}
         if transform is None:
             self.check_checkpoint(source.shapes(), source.path)  # before any tensor is read
@@ -75,7 +85,14 @@ class BaseModel(nn.Cell):
         if missing:
             logger.info("loaded the base weights of %s from %s; its %d PET parameters keep their initial values",
                         type(self).__name__, source.path, len(missing))
+        if after_loading:
+            quantize_model(self, **quantization)
         return source.path
+
+    def fit_weights(self, params):
+        """A checkpoint's `params` (name -> Parameter/Tensor/array) as this model holds its weights: for an int8 model
+        (`mindformers.quantization`) the float weights of its int8 layers quantized; otherwise `params` itself."""
+        return params if quantization_of(self) is None else quantized_weights(self, params)
 
     def check_checkpoint(self, param_dict, path='<checkpoint>'):
         """Raise CheckpointError naming every missing, unexpected or mis-shaped parameter of `param_dict` (name ->

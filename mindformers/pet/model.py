@@ -4,6 +4,8 @@ merging back into a plain model.
 An algorithm registers `register_pet_method(config_class, apply, freeze_mode)`: `apply(model, config)` changes the
 model in place and returns the names of the parameters it added; `freeze_mode` names the delta for `freeze_delta`
 (None: nothing is frozen, e.g. R-Drop, which changes the loss only)."""
+import mindspore as ms
+
 from mindformers.pet.config import LoraConfig, PetConfig, pet_config_class, pet_config_from_dict
 from mindformers.pet.freeze import freeze_delta
 from mindformers.pet.lora import LoRALinear, apply_lora
@@ -56,6 +58,9 @@ def apply_pet(model, pet_config):
     config = pet_config_from_dict(pet_config)
     if not isinstance(config, PetConfig):
         raise TypeError(f"apply_pet needs a pet config, got {type(pet_config).__name__}")
+    if any(p.dtype == ms.int8 for p in model.get_parameters()):
+        raise ValueError(f"{type(model).__name__} is weight-only int8: PET needs its float weights. Apply "
+                         f"{config.pet_type} to the float model (and merge a LoRA: merge_pet) before quantizing")
     if getattr(model, 'pet_config', None) is not None:
         raise ValueError(f"{type(model).__name__} already has PET ({model.pet_config.pet_type}); build a fresh model "
                          f"to apply another")

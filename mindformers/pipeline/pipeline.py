@@ -2,9 +2,10 @@
 import os
 
 from mindformers.pipeline.base_pipeline import positive_int
+from mindformers.quantization import quantization_settings, quantize_model
 from mindformers.tools.register import MindFormerRegister, MindFormerModuleType
 
-BUILD_TIME = ('batch_size', 'use_past', 'seq_length')
+BUILD_TIME = ('batch_size', 'use_past', 'seq_length', 'quantization', 'quantization_config')
 
 
 def _task_class(task):
@@ -24,6 +25,7 @@ def _build_options(kwargs):
             positive_int(build[name], name)
     if 'use_past' in build and not isinstance(build['use_past'], bool):
         raise ValueError(f"use_past must be True or False, got {build['use_past']!r}")
+    quantization_settings(build.get('quantization'), build.get('quantization_config'), 'pipeline()')
     return build
 
 
@@ -33,8 +35,10 @@ def pipeline(task='text_generation', model=None, tokenizer=None, **kwargs):
     `model`: a registered name (e.g. 'gpt2_tiny'), a directory from `save_pretrained` or HuggingFace, a run YAML,
     or a model instance. `tokenizer`: an instance, or a name/directory/YAML to load it from; by default it is
     loaded like the model. `batch_size`, `use_past` and `seq_length` configure the model when it is built (for an
-    instance, `use_past` and `batch_size` are set on its config and `seq_length` must match it); every other
-    keyword is a default option of the pipeline's call (for text generation: generate options)."""
+    instance, `use_past` and `batch_size` are set on its config and `seq_length` must match it);
+    `quantization='int8'` (with an optional `quantization_config={'scheme': 'block32' | 'channel', 'embeddings':
+    bool}`) makes it weight-only int8 (quantized as its weights load; an instance is quantized in place). Every
+    other keyword is a default option of the pipeline's call (for text generation: generate options)."""
     from mindformers.models.auto import AutoModel, AutoTokenizer
     pipeline_cls = _task_class(task)
     if model is None:
@@ -57,6 +61,9 @@ def pipeline(task='text_generation', model=None, tokenizer=None, **kwargs):
         for name in ('use_past', 'batch_size'):
             if name in build:
                 setattr(config, name, build[name])
+        settings = quantization_settings(build.get('quantization'), build.get('quantization_config'), 'pipeline()')
+        if settings is not None:
+            quantize_model(model, **settings)
     if isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = AutoTokenizer.from_pretrained(os.fspath(tokenizer))
     model.set_train(False)

@@ -17,6 +17,7 @@ from mindformers.tools.utils import OneLineArgumentParser, UsageError, cli_error
 
 PROG = 'mindformers.serve'
 CHAT_FORMAT_CHOICES = ('auto', 'chatglm', 'llama2', 'plain')
+QUANTIZATION_CHOICES = ('int8',)
 SERVE_DEFAULTS = {'host': '127.0.0.1', 'port': 8000, 'slots': 8, 'max_waiting': 64, 'timeout': 600.0,
                   'chat_format': 'auto'}
 
@@ -46,6 +47,9 @@ def build_parser():
                         help='registered model name (e.g. gpt2_tiny), run YAML, or a save_pretrained / HuggingFace '
                              'directory')
     parser.add_argument('--load_checkpoint', help='weights to load: a checkpoint file, or a directory (its newest)')
+    parser.add_argument('--quantization', choices=QUANTIZATION_CHOICES,
+                        help='weight-only int8: the weights are quantized as they load (a --pet_checkpoint LoRA is '
+                             'merged into the float weights first)')
     add_serving_arguments(parser)
     return parser
 
@@ -77,28 +81,44 @@ def check_serving_args(args):
             raise UsageError(f"--{name} {value} does not exist")
 
 
-def load_model(source, checkpoint_given=False):
+def load_model(source, checkpoint_given=False, quantization=None):
     """(model, tokenizer) from `source`: a registered name, YAML or directory (AutoModel / AutoTokenizer), or
     run_mindformer.py's run config (its model and processor sections, context and load_checkpoint). A name or YAML
-    without weights is built with fresh ones: with a warning unless `checkpoint_given` (--load_checkpoint)."""
+    without weights is built with fresh ones: with a warning unless `checkpoint_given` (--load_checkpoint).
+    `quantization`: 'int8' (--quantization), or False to build a run config's model float whatever it says."""
     from mindformers.core.context import init_context
     from mindformers.models.auto import AutoModel, AutoTokenizer
     from mindformers.models.auto.auto_class import NoWeightsError
     if isinstance(source, str):
         init_context()
+        overrides = {'quantization': quantization} if quantization else {}
         try:
-            model = AutoModel.from_pretrained(source)
+            model = AutoModel.from_pretrained(source, **overrides)
         except NoWeightsError as err:
             if not checkpoint_given:
                 from mindformers.tools.logger import logger
                 logger.warning("%s. Serving randomly initialised weights: give --load_checkpoint for real ones", err)
-            model = AutoModel.from_config(source)
+            model = AutoModel.from_config(source, **overrides)
         return model, AutoTokenizer.from_pretrained(source)
     from mindformers.tools.build import build_tokenizer
     from mindformers.trainer.build import build_network
     init_context(False, dict(source.get('context') or {}, enable_compile_cache=False))
     tokenizer = build_tokenizer((source.get('processor') or {}).get('tokenizer'), where='processor.tokenizer')
+    if quantization is False:
+        source.model.model_config.quantization = source.model.model_config.quantization_config = None
     return build_network(source), tokenizer
+
+
+def requested_quantization(source, args):
+    """The int8 settings asked for by --quantization or a run config's model_config, else None."""
+    from mindformers.quantization.config import quantization_settings
+    if getattr(args, 'quantization', None):
+        return quantization_settings(args.quantization, None, '--quantization')
+    if isinstance(source, str):
+        return None
+    section = source.model.model_config
+    return quantization_settings(section.get('quantization'), section.get('quantization_config'),
+                                 'model.model_config')
 
 
 def load_weights(model, load_checkpoint=None, pet_checkpoint=None):
@@ -161,8 +181,14 @@ def start_engine(source, args, model_id):
     """(started and warmed-up Engine, tokenizer, chat format, why that format) for the flags in `args`."""
     from mindformers.serving.chat import resolve_chat_format
     from mindformers.serving.engine import Engine
-    model, tokenizer = load_model(source, bool(getattr(args, 'load_checkpoint', None)))
+    quantization = requested_quantization(source, args)
+    merge_first = quantization is not None and bool(args.pet_checkpoint)  # PET needs the float weights
+    model, tokenizer = load_model(source, bool(getattr(args, 'load_checkpoint', None)),
+                                  False if merge_first else getattr(args, 'quantization', None))
     load_weights(model, getattr(args, 'load_checkpoint', None), args.pet_checkpoint)
+    if merge_first:
+        from mindformers.quantization import quantize_model
+        quantize_model(model, **quantization)  # a LoRA is merged first
     chat_format, why = resolve_chat_format(args.chat_format, tokenizer, model_id)
     engine = Engine(model, tokenizer, slots=args.slots, max_waiting=args.max_waiting, timeout=args.timeout).start()
     try:

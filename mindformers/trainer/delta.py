@@ -166,6 +166,8 @@ def load_weights(network, params, path):
     or one its meta.json marks as a delta) is checked by `check_delta` and loaded over the base weights the network
     holds; a whole one loads strictly, except that on a PET model a checkpoint without any delta parameter is the
     base (`BaseModel.check_checkpoint`): the delta keeps its initial values. Returns 'delta' or 'whole'."""
+    if hasattr(network, 'fit_weights'):  # e.g. an int8 model quantizes the float weights of its int8 layers
+        params = network.fit_weights(params)
     entry = meta_entry(path) if os.path.isfile(path) else None
     recorded = (entry or {}).get('delta')
     if is_delta(network, params, recorded):

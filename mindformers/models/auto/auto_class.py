@@ -18,6 +18,7 @@ from mindformers.tools.weights import INDEX_SUFFIX, init_remaining, load_weights
 from mindformers.tools.build import build_model_config, build_model, build_processor, build_tokenizer
 from mindformers.models import model_book
 from mindformers.models.model_book import find_config
+from mindformers.quantization import quantization_of, quantizing_transform
 from mindformers.tools.register import FamilySpec, MindFormerConfig, MindFormerRegister, MindFormerModuleType
 from mindformers.tools.register.family import (families, family_of_config, family_of_hf_config, hf_model_types,
                                                register_family, shared_hf_model_types)
@@ -184,8 +185,8 @@ def load_model(name_or_path, model_class=None, **kwargs):
                                  f"model.model_config.checkpoint_name_or_path, so there are no weights to load; "
                                  f"for fresh weights use AutoModel.from_config(AutoConfig.from_pretrained(<yaml>))")
         if model_class is None:
-            return build_model(run_config.model)
-        return model_class(build_model_config(model_config))
+            return _built_for_checkpoint(lambda: build_model(run_config.model))
+        return _built_for_checkpoint(lambda: model_class(build_model_config(model_config)))
     directory = os.fspath(name_or_path)
     data, kind = _read_config_json(directory)
     config = AutoConfig.from_pretrained(directory, **kwargs)
@@ -193,8 +194,7 @@ def load_model(name_or_path, model_class=None, **kwargs):
     if kind == 'ours':
         if not config.checkpoint_name_or_path:
             config.checkpoint_name_or_path = _our_weights(directory)
-        with no_weight_init():  # the checkpoint sets every weight
-            return init_remaining(model_class(config))
+        return _built_for_checkpoint(lambda: model_class(config))
     config.checkpoint_name_or_path = ''
     with no_weight_init():
         model = model_class(config)
@@ -202,6 +202,12 @@ def load_model(name_or_path, model_class=None, **kwargs):
     converter = getattr(converter, 'CONVERTER', converter)  # a family module, or the converter object itself
     _load_arrays(model, converter.iter_hf_to_ms(load_hf_weights(directory), config), directory)
     return model
+
+
+def _built_for_checkpoint(build):
+    """`build()`'s model, built without initialising the weights its checkpoint (loaded while it is built) sets."""
+    with no_weight_init():
+        return init_remaining(build())
 
 
 def _arch_class(run_config, model_class):
@@ -233,13 +239,17 @@ def _load_published(name, run_config, model_class=None):
             _convert_release(repo, model_config, converted)
         else:
             directory = os.path.dirname(repo.download(repo.weight_files())[0])
-            overrides = {k: v for k, v in model_config.items() if k not in ('type', 'checkpoint_name_or_path')}
+            # the cache keeps float weights: an int8 model is quantized from it below
+            floating = ('type', 'checkpoint_name_or_path', 'quantization', 'quantization_config')
+            overrides = {k: v for k, v in model_config.items() if k not in floating}
             model = load_model(directory, model_class, **overrides)
             delta = set(model.pet_parameter_names)
             save_checkpoint_atomic({p.name: p for p in model.get_parameters() if p.name not in delta}, converted)
-            return model
+            if not model_config.get('quantization'):
+                return model
+            del model
     model_config.checkpoint_name_or_path = converted
-    return model_class(build_model_config(model_config))
+    return _built_for_checkpoint(lambda: model_class(build_model_config(model_config)))
 
 
 def _convert_release(repo, model_config, converted):
@@ -283,8 +293,10 @@ def _our_weights(directory):
 
 def _load_arrays(model, items, source):
     """Load (name, ndarray) items into `model`, one at a time, cast to each parameter's dtype (strict: names and
-    shapes must fit; base weights alone leave a PET delta at its initial values)."""
-    load_weights(model, items, source, optional=model.pet_parameter_names)
+    shapes must fit; base weights alone leave a PET delta at its initial values). An int8 model
+    (`mindformers.quantization`) gets its float weights quantized as they load."""
+    transform = quantizing_transform(model) if quantization_of(model) is not None else None
+    load_weights(model, items, source, transform=transform, optional=model.pet_parameter_names)
 
 
 class AutoTokenizer:
