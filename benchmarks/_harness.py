@@ -12,8 +12,13 @@ from importlib import metadata
 
 
 def peak_rss_mb():
-    """Peak resident set size of this process in MB (Linux reports ru_maxrss in KB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident set size of this process in MB: Linux's VmHWM (ru_maxrss carries a parent's peak across
+    fork + exec, so a small worker of a large parent would report the parent's), else ru_maxrss (KB)."""
+    try:
+        with open('/proc/self/status', encoding='ascii') as f:
+            return next(int(line.split()[1]) for line in f if line.startswith('VmHWM:')) / 1024
+    except (OSError, StopIteration, ValueError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def report(figures):
