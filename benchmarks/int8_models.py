@@ -29,6 +29,7 @@ CACHE = os.path.expanduser('~/.cache/mindformers-bench')
 GPT2_VARIANTS = ('ours_int8', 'ours_fp32', 'torch_fp32', 'torch_dynamic_int8')
 LARGE = {'pangu': ('pangualpha_2_6b', {}, 128), 'llama7b': ('llama2_7b', {'seq_length': 2048}, 32)}
 PROMPT = 32
+SETTINGS = {'scheme': 'block32', 'embeddings': False}  # the large parts' quantization_config (--scheme, --embeddings)
 
 
 def _gpt2(name, calls):
@@ -123,12 +124,13 @@ def _large(part):
     import mindspore as ms
     name, overrides, new_tokens = LARGE[part]
     directory = _random_checkpoint(name, overrides)
-    bandwidth = _read_bandwidth_gbs() if part == 'llama7b' else None
     from mindformers import AutoModel
     ms.set_context(mode=0)
     ms.set_device('CPU')
     start = time.perf_counter()
-    model = AutoModel.from_pretrained(directory, quantization='int8', use_past=True, **overrides)
+    model = AutoModel.from_pretrained(directory, quantization='int8', use_past=True,
+                                      quantization_config={'scheme': SETTINGS['scheme'],
+                                                           'embeddings': SETTINGS['embeddings']}, **overrides)
     model.set_train(False)
     load_s = time.perf_counter() - start
     rss_loaded = peak_rss_mb()
@@ -148,9 +150,6 @@ def _large(part):
                'prefill_s': prefill_s, 's_per_token': total_s / new_tokens,
                'decode_s_per_token': (total_s - prefill_s) / (new_tokens - 1), 'weight_mb': weight_bytes / 2 ** 20,
                'rss_after_load_mb': rss_loaded, 'peak_rss_mb': peak_rss_mb()}
-    if bandwidth:
-        figures['read_gb_per_s'] = bandwidth
-        figures['bandwidth_bound_s_per_token'] = weight_bytes / 1e9 / bandwidth
     report(figures)
 
 
@@ -160,6 +159,8 @@ def main():
     parser.add_argument('--rounds', type=int, default=3)
     parser.add_argument('--calls', type=int, default=3, help='timed generate calls per GPT-2 process after the first')
     parser.add_argument('--cache', default=os.path.expanduser('~/.cache/mindformers-bench'), help='where the random large checkpoints are kept')
+    parser.add_argument('--scheme', choices=('block32', 'channel'), default='block32', help='large parts')
+    parser.add_argument('--embeddings', action='store_true', help='large parts: the embedding tables int8 too')
     parser.add_argument('--json', help='write the figures here')
     parser.add_argument('--worker', help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -168,8 +169,12 @@ def main():
     if args.worker in GPT2_VARIANTS:
         _gpt2(args.worker, args.calls)
         return
+    SETTINGS.update(scheme=args.scheme, embeddings=args.embeddings)
     if args.worker in LARGE:
         _large(args.worker)
+        return
+    if args.worker == 'bandwidth':  # its own process: the 2 GB buffer and torch stay out of the 7B worker's RSS
+        report({'read_gb_per_s': _read_bandwidth_gbs()})
         return
     parts = args.parts.split(',')
     figures = {'environment': environment()}
@@ -192,7 +197,13 @@ def main():
               f"{gpt2['int8_vs_ours_fp32']:.2f}")
     for part in ('pangu', 'llama7b'):
         if part in parts:
-            figures[part] = run_worker(script, part, '--cache', CACHE)
+            figures[part] = run_worker(script, part, '--cache', CACHE, '--scheme', args.scheme,
+                                       *(['--embeddings'] if args.embeddings else []))
+            figures[part]['quantization_config'] = dict(SETTINGS)
+            if part == 'llama7b':
+                bandwidth = run_worker(script, 'bandwidth')['read_gb_per_s']
+                figures[part]['read_gb_per_s'] = bandwidth
+                figures[part]['bandwidth_bound_s_per_token'] = figures[part]['weight_mb'] * 2 ** 20 / 1e9 / bandwidth
             row = figures[part]
             print(f"{LARGE[part][0]} int8: {row['s_per_token']:.3f} s/token ({row['decode_s_per_token']:.3f} decode "
                   f"only), peak RSS {row['peak_rss_mb'] / 1024:.2f} GB, load {row['load_s']:.0f} s"
