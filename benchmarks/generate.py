@@ -26,8 +26,9 @@ def _prompts(batch):
     return np.random.default_rng(batch).integers(0, VOCAB - 1, size=(batch, PROMPT)).tolist()
 
 
-def generate_mindformers(batch):
-    """Returns a function that runs one generate call."""
+def generate_mindformers(batch, **config_fields):
+    """Returns a function that runs one generate call; `config_fields` are further GPT2Config fields (e.g.
+    quantization='int8')."""
     import mindspore as ms
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from mindformers import GPT2Config, GPT2LMHeadModel
@@ -35,7 +36,7 @@ def generate_mindformers(batch):
     ms.set_device('CPU')
     ms.set_seed(0)
     config = GPT2Config(vocab_size=VOCAB, hidden_size=HIDDEN, num_layers=LAYERS, num_heads=HEADS, seq_length=SEQ,
-                        eos_token_id=VOCAB - 1, pad_token_id=VOCAB - 1, use_past=True)
+                        eos_token_id=VOCAB - 1, pad_token_id=VOCAB - 1, use_past=True, **config_fields)
     model = GPT2LMHeadModel(config)
     model.set_train(False)
     prompts = _prompts(batch)
@@ -43,13 +44,16 @@ def generate_mindformers(batch):
                                   use_past=True)
 
 
-def generate_torch(batch, dtype):
+def generate_torch(batch, dtype, prepare=None):
+    """Returns a function that runs one HF generate call; `prepare(model)` may change the model first."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_positions=SEQ,
                         eos_token_id=VOCAB - 1, pad_token_id=VOCAB - 1, bos_token_id=VOCAB - 1)
     model = GPT2LMHeadModel(config).eval().to(getattr(torch, dtype))
+    if prepare is not None:
+        prepare(model)
     input_ids = torch.tensor(_prompts(batch))
     attention_mask = torch.ones_like(input_ids)
 

@@ -35,22 +35,9 @@ SETTINGS = {'scheme': 'block32', 'embeddings': False}  # the large parts' quanti
 def _gpt2(name, calls):
     import generate as g  # the 29.5M GPT-2 of benchmarks/generate.py
     if name.startswith('ours'):
-        import mindspore as ms
-        sys.path.insert(0, REPO)
-        from mindformers import GPT2Config, GPT2LMHeadModel
-        ms.set_context(mode=0)
-        ms.set_device('CPU')
-        ms.set_seed(0)
-        config = GPT2Config(vocab_size=g.VOCAB, hidden_size=g.HIDDEN, num_layers=g.LAYERS, num_heads=g.HEADS,
-                            seq_length=g.SEQ, eos_token_id=g.VOCAB - 1, pad_token_id=g.VOCAB - 1, use_past=True,
-                            quantization='int8' if name == 'ours_int8' else None)
-        model = GPT2LMHeadModel(config)
-        model.set_train(False)
-        prompts = g._prompts(1)
-        call = lambda: model.generate(prompts, max_new_tokens=g.NEW_TOKENS, min_new_tokens=g.NEW_TOKENS,  # noqa
-                                      do_sample=False, use_past=True)
+        call = g.generate_mindformers(1, quantization='int8' if name == 'ours_int8' else None)
     else:
-        call = _torch_call(g, dynamic_int8=name == 'torch_dynamic_int8')
+        call = g.generate_torch(1, 'float32', _dynamic_int8 if name == 'torch_dynamic_int8' else None)
     start = time.perf_counter()
     call()
     first = time.perf_counter() - start
@@ -63,34 +50,20 @@ def _gpt2(name, calls):
             'peak_rss_mb': peak_rss_mb()})
 
 
-def _torch_call(g, dynamic_int8):
-    """HF GPT-2 `generate` on the same model; with `dynamic_int8` its Conv1D projections and the LM head (untied)
-    become nn.Linear and then PyTorch's dynamic int8 Linear, PyTorch's recipe for CPU inference."""
+def _dynamic_int8(model):
+    """PyTorch's recipe for CPU inference on HF GPT-2: its Conv1D projections and the LM head (untied) as nn.Linear,
+    then dynamic int8 Linear layers."""
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
     from transformers.pytorch_utils import Conv1D
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=g.VOCAB, n_embd=g.HIDDEN, n_layer=g.LAYERS, n_head=g.HEADS, n_positions=g.SEQ,
-                        eos_token_id=g.VOCAB - 1, pad_token_id=g.VOCAB - 1, bos_token_id=g.VOCAB - 1)
-    model = GPT2LMHeadModel(config).eval()
-    if dynamic_int8:
-        for module in list(model.modules()):
-            for child_name, child in list(module.named_children()):
-                if isinstance(child, Conv1D):
-                    layer = torch.nn.Linear(child.weight.shape[0], child.weight.shape[1])
-                    layer.weight.data = child.weight.data.t().contiguous()
-                    layer.bias.data = child.bias.data.clone()
-                    setattr(module, child_name, layer)
-        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
-        torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
-    input_ids = torch.tensor(g._prompts(1))
-
-    def call():
-        with torch.no_grad():
-            return model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                  max_new_tokens=g.NEW_TOKENS, min_new_tokens=g.NEW_TOKENS, do_sample=False,
-                                  use_cache=True)
-    return call
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, Conv1D):
+                layer = torch.nn.Linear(child.weight.shape[0], child.weight.shape[1])
+                layer.weight.data = child.weight.data.t().contiguous()
+                layer.bias.data = child.bias.data.clone()
+                setattr(module, child_name, layer)
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
 
 
 def _random_checkpoint(name, overrides):
