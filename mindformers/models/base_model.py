@@ -1,4 +1,5 @@
 """BaseModel: the parent of every model (holds the config, loads weights, generates text)."""
+import copy
 import os
 
 import numpy as np
@@ -8,6 +9,7 @@ from mindspore import nn, ops
 from mindformers.tools.checkpoint import CheckpointError, fit_problems, listing, resolve_checkpoint
 from mindformers.tools.weights import INDEX_SUFFIX, load_weights, open_weights, source_items
 from mindformers.models import peft_adapter
+from mindformers.models.convert_utils import hf_directory_converter, load_hf_weights
 from mindformers.pet import apply_pet, merge_pet
 from mindformers.quantization import quantization_of, quantize_model, quantized_weights, quantizing_transform
 from mindformers.quantization.config import config_settings
@@ -20,14 +22,23 @@ def parameter_array(param):
     return (param.astype(ms.float32) if param.dtype == ms.bfloat16 else param).asnumpy()
 
 
+def float_config(config):
+    """A copy of the model config `config` without weight quantization (what a float checkpoint's layout fits)."""
+    config = copy.copy(config)
+    if getattr(config, 'quantization', None) is not None:
+        config.quantization = config.quantization_config = None
+    return config
+
+
 class BaseModel(nn.Cell):
     """A model cell built from a config (`self.config`).
 
     Subclasses build their layers, then call `self.load_checkpoint(config)` at the end of `__init__` so that
     `config.pet_config` is applied (`mindformers.pet.apply_pet`) and `config.checkpoint_name_or_path` (a
-    `.ckpt`/`.safetensors` file, a checkpoint directory, or a model name with published weights, downloaded once
-    into the cache) is loaded. With `config.quantization: int8` the model becomes weight-only int8
-    (`mindformers.quantization.quantize_model`) before the weights load, and float weights are quantized as they do.
+    `.ckpt`/`.safetensors` file, a checkpoint directory, a HuggingFace model directory, or a model name with
+    published weights, downloaded once into the cache) is loaded. With `config.quantization: int8` the model
+    becomes weight-only int8 (`mindformers.quantization.quantize_model`) before the weights load, and float weights
+    are quantized as they do.
 
     `pet_default_targets` ({pet_type: Linear names}) are the layers a PET algorithm targets when the config names
     none (PEFT's defaults for the family)."""
@@ -43,9 +54,10 @@ class BaseModel(nn.Cell):
     def load_checkpoint(self, config=None, transform=None):
         """Load `config.checkpoint_name_or_path` (default: `self.config`'s) if set; returns the file loaded or None.
 
-        The checkpoint (a `.safetensors` file, a sharded set's `*.index.json`, a `.ckpt`, or a directory holding one
-        of them) is read one tensor at a time (see `mindformers.tools.weights`); `transform(name, array)` -> iterable
-        of (name, array) runs on each tensor first (e.g. quantizing it). Strict: every model parameter must be
+        The checkpoint (a `.safetensors` file, a sharded set's `*.index.json`, a `.ckpt`, a directory holding one
+        of them, or a HuggingFace model directory, converted per tensor by its family) is read one tensor at a time
+        (see `mindformers.tools.weights`); `transform(name, array)` -> iterable of (name, array) runs on each tensor
+        first (e.g. quantizing it). Strict: every model parameter must be
         present with the model's shape, and no parameter-like entry under the model's own top-level names may be
         left over (optimizer states such as `adam_m.*` are ignored). All problems are reported in one
         CheckpointError, found from the shapes before any tensor is read (with a `transform`: after loading)."""
@@ -70,18 +82,22 @@ class BaseModel(nn.Cell):
                                       f"convert_weight.py and give the path")
         if not path.endswith(INDEX_SUFFIX) and not os.path.isdir(path):
             path = resolve_checkpoint(path)  # verifies the checksum meta.json records
-        source = open_weights(path)
+        converter = hf_directory_converter(path)
+        source = open_weights(path) if converter is None else load_hf_weights(path)
         if transform is None and quantization_of(self) is not None:  # float checkpoint entries -> int8 as they load
-            transform = quantizing_transform(self, set(source.names()))
+            transform = quantizing_transform(self, None if converter else set(source.names()))
         own = {p.name for p in self.get_parameters()}
-        if transform is None:
+        if converter is not None:  # converted per tensor; the converter checks the names and shapes first
+            items = converter.iter_hf_to_ms(source, float_config(config))
+        elif transform is None:
             self.check_checkpoint(source.shapes(), source.path)  # before any tensor is read
-            names = [name for name in source.names() if name in own]  # not optimizer state
+            items = source_items(source, [name for name in source.names() if name in own])  # not optimizer state
         else:
             roots = {name.split('.', 1)[0] for name in own}
-            names = [name for name in source.names() if name.split('.', 1)[0] in roots]
-        missing = load_weights(self, source_items(source, names), source.path, transform=transform,
-                               strict=transform is not None, optional=self.pet_parameter_names)
+            items = source_items(source, [name for name in source.names() if name.split('.', 1)[0] in roots])
+        missing = load_weights(self, items, path if converter else source.path, transform=transform,
+                               strict=transform is not None or converter is not None,
+                               optional=self.pet_parameter_names)
         if missing:
             logger.info("loaded the base weights of %s from %s; its %d PET parameters keep their initial values",
                         type(self).__name__, source.path, len(missing))

@@ -24,7 +24,7 @@ import tempfile
 import numpy as np
 
 from mindformers.tools.checkpoint import CheckpointError
-from mindformers.tools.register.family import family_of_hf_config
+from mindformers.tools.register.family import family_of_hf_config, hf_model_types
 from mindformers.tools.weights import (CorruptWeightsError, TensorView, WeightSource, as_source,  # noqa: F401
                                        open_weights, write_safetensors)
 from mindformers.tools.utils import UsageError
@@ -45,6 +45,24 @@ def hf_family(data):
     what the family registered: a module path or an object."""
     spec = family_of_hf_config(data)
     return None if spec is None else (spec.converter, spec.class_name('tokenizer'))
+
+
+def hf_directory_converter(path):
+    """The FamilyConverter that reads `path` when it is a HuggingFace model directory (its config.json carries
+    `model_type` and no `type`), else None. A model_type no family converts: ConversionError naming the supported
+    ones."""
+    config_path = os.path.join(path, 'config.json')
+    if not os.path.isdir(path) or not os.path.isfile(config_path):
+        return None
+    data = read_json(config_path)
+    if 'type' in data or 'model_type' not in data:
+        return None
+    spec = family_of_hf_config(data)
+    if spec is None:
+        raise ConversionError(f"{config_path} has model_type {data.get('model_type')!r}, which has no converter "
+                              f"(supported HuggingFace model types: {', '.join(hf_model_types())})")
+    converter = spec.load_converter()
+    return getattr(converter, 'CONVERTER', converter)  # a family module, or the converter object itself
 
 
 _HF_FILES = ('model.safetensors', 'model.safetensors.index.json', 'pytorch_model.bin', 'pytorch_model.bin.index.json')

@@ -371,6 +371,13 @@ def no_weight_init():
         yield
 
 
+def built_for_checkpoint(build):
+    """`build()`'s model, built without initialising the weights its checkpoint (loaded while it is built, e.g. its
+    config's `checkpoint_name_or_path`) sets; what the checkpoint lacks gets its initial values."""
+    with no_weight_init():
+        return init_remaining(build())
+
+
 def init_remaining(model):
     """Give every Parameter of `model` still without data its initial values; returns `model`."""
     for param in model.get_parameters():

@@ -2,6 +2,7 @@
 `export_strategy` CLI, so the three cannot disagree about the network a config describes."""
 import copy
 import dataclasses
+import os
 
 import numpy as np
 import mindspore as ms
@@ -9,6 +10,7 @@ import mindspore as ms
 from mindformers.parallel.config import build_parallel_config
 from mindformers.tools.build import build_model, build_model_config
 from mindformers.tools.logger import logger
+from mindformers.tools.weights import built_for_checkpoint
 
 __all__ = ['build_network', 'model_section', 'run_parallel_config', 'validate_parallel']
 
@@ -39,11 +41,15 @@ def validate_parallel(parallel, model_config, device_num):
     parallel.validate(device_num, model_config if hasattr(model_config, 'num_layers') else None)
 
 
-def build_network(config, parallel=None, device_num=None, allocate=True):
+def build_network(config, parallel=None, device_num=None, allocate=True, checkpoint=None):
     """The model a run config's `model` section describes (`model.arch` on `model.model_config`), laid out by
     `parallel` (default: `run_parallel_config(config)`) and validated for `device_num` devices (default: the devices
-    `parallel` spans, data x model x pipeline). `allocate=False` builds the cells without allocating weights and
-    without loading `checkpoint_name_or_path`: enough to derive parameter layouts (strategy files) of any size."""
+    `parallel` spans, data x model x pipeline). `checkpoint`: whole weights to build it with, in place of
+    `checkpoint_name_or_path` (anything that takes). A model with weights to load (`checkpoint`, or
+    `checkpoint_name_or_path`) is built without initialising what they set and reads them tensor by tensor while it
+    is built (`BaseModel.load_checkpoint`: per-tensor HF conversion, int8 quantization as they load).
+    `allocate=False` builds the cells without allocating weights and without loading `checkpoint_name_or_path`:
+    enough to derive parameter layouts (strategy files) of any size."""
     parallel = run_parallel_config(config) if parallel is None else parallel
     if device_num is None:
         device_num = parallel.data_parallel * parallel.model_parallel * parallel.pipeline_stage
@@ -52,11 +58,15 @@ def build_network(config, parallel=None, device_num=None, allocate=True):
     if isinstance(model_config, dict) or not hasattr(model_config, 'to_dict'):
         model_config = build_model_config(model_config, {'parallel_config': parallel})
     else:
-        model_config = model_config if allocate else copy.copy(model_config)
+        model_config = model_config if allocate and not checkpoint else copy.copy(model_config)
         model_config.parallel_config = parallel
+    if checkpoint:
+        model_config.checkpoint_name_or_path = os.fspath(checkpoint)
     validate_parallel(parallel, model_config, device_num)
     if allocate:
-        network = build_model({'model_config': model_config, 'arch': section['arch']})
+        def build():
+            return build_model({'model_config': model_config, 'arch': section['arch']})
+        network = built_for_checkpoint(build) if getattr(model_config, 'checkpoint_name_or_path', '') else build()
         logger.info("built %s with %.2fM parameters", type(network).__name__,
                     sum(int(np.prod(p.shape)) for p in network.get_parameters()) / 1e6)
         return network

@@ -11,14 +11,16 @@ from mindformers.core.context import init_context
 from mindformers.core.context.compile_cache import disable_compile_cache
 from mindformers.pipeline import pipeline
 from mindformers.tools.build import build_dataset, build_tokenizer
-from mindformers.tools.checkpoint import load_checkpoint_file, resolve_checkpoint
+from mindformers.tools.checkpoint import load_checkpoint_file, meta_entry, resolve_checkpoint
+from mindformers.tools.weights import find_weights, open_weights
+from mindformers.models.convert_utils import hf_directory_converter
 from mindformers.parallel.reshard import transform_for_run
 from mindformers.tools.logger import logger, setup_file_logging
-from mindformers.models.model_book import find_config
+from mindformers.models.model_book import find_config, has_weights
 from mindformers.tools.register import MindFormerConfig, MindFormerRegister, MindFormerModuleType
 from mindformers.trainer.run_config import validate_run_config
-from mindformers.trainer.build import build_network, run_parallel_config, validate_parallel
-from mindformers.trainer.delta import delta_info, load_weights
+from mindformers.trainer.build import build_network, model_section, run_parallel_config, validate_parallel
+from mindformers.trainer.delta import delta_info, is_delta, load_weights
 from mindformers.trainer.evaluation import describe, evaluate, generation_options, resolve_metric
 from mindformers.trainer.pet_method import apply_to_config, apply_to_model, check_pet_method, pet_model_name
 from mindformers.trainer.resume import find_resume_checkpoint
@@ -135,11 +137,12 @@ class Trainer:
     def _parallel_config(self):
         return run_parallel_config(self.config)
 
-    def _get_network(self):
+    def _get_network(self, checkpoint=None):
         """The model instance given to the Trainer (its config takes the run's parallel_config, if one is set), or
-        the run config's model (`build_network`); validated for this job's device count."""
+        the run config's model (`build_network`, with the whole weights `checkpoint` if given); validated for this
+        job's device count."""
         if self.model is None:
-            self.model = build_network(self.config, device_num=self.device_num)
+            self.model = build_network(self.config, device_num=self.device_num, checkpoint=checkpoint)
             return self.model
         config = getattr(self.model, 'config', None)
         if config is not None and (self.config.get('parallel_config') or self.config.get('recompute_config')):
@@ -147,6 +150,65 @@ class Trainer:
         validate_parallel(getattr(config, 'parallel_config', None) or self._parallel_config(), config,
                           self.device_num)
         return self.model
+
+    def _network_with_weights(self, checkpoint):
+        """The network holding `checkpoint`'s weights (None: the weights it is built with). When the Trainer builds
+        the network for whole weights it can read tensor by tensor (`_streamable`), it builds it without
+        initialising them and loads them while it is built (`build_network(checkpoint=...)`); else they load over
+        the built network (`_load_weights`)."""
+        streamed = self._streamable(checkpoint) if checkpoint else None
+        built_here = self.model is None
+        network = self._get_network(streamed)
+        if streamed:
+            self._base_checkpoint = streamed
+            logger.info("loaded weights from %s", streamed)
+        elif checkpoint and not (built_here and checkpoint == _model_config(self.config).get(
+                'checkpoint_name_or_path')):  # finetune's default: loaded as the network was built
+            self._load_weights(network, checkpoint)
+        return network
+
+    def _streamable(self, checkpoint):
+        """What the network is built with for `checkpoint` (a load_checkpoint value): a model name with published
+        weights, a HuggingFace model directory, or the safetensors file / sharded set / PyTorch file it names (a
+        directory: its index or weight file, its rank_<id>/, its newest checkpoint). None when the weights load after
+        the network is built, as before: a network given to the Trainer, auto_trans_ckpt (resharding needs the
+        network), a MindSpore .ckpt (read whole: a training checkpoint) and a PET delta (loaded over the base)."""
+        if self.model is not None or is_true(self.config.get('auto_trans_ckpt', False)):
+            return None
+        checkpoint = os.fspath(checkpoint)
+        if not os.path.exists(checkpoint):
+            return checkpoint if has_weights(checkpoint) else None
+        if hf_directory_converter(checkpoint) is not None:
+            return checkpoint
+        if os.path.isdir(checkpoint) and not os.path.isdir(os.path.join(checkpoint, f'rank_{self.rank_id}')):
+            path = find_weights(checkpoint)
+        else:
+            path = resolve_checkpoint(checkpoint, self.rank_id)
+        if path.endswith('.ckpt') or (meta_entry(path) or {}).get('delta') or self._holds_delta(path):
+            return None
+        return path
+
+    def _holds_delta(self, path):
+        """Whether the weights at `path` are a PET delta of the run's model (`delta.is_delta`, on the names and
+        shapes alone: the model's cells are built without weights to tell)."""
+        model_config = _model_config(self.config)
+        if not model_config.get('pet_config'):
+            return False
+        probe_config = copy.copy(self.config)
+        probe_config['model'] = {**model_section(self.config), 'model_config': {
+            **model_config, 'quantization': None, 'quantization_config': None}}
+        probe = build_network(probe_config, device_num=self.device_num, allocate=False)
+        shapes = open_weights(path).shapes()
+        return is_delta(probe, {name: np.broadcast_to(np.float32(0), shape) for name, shape in shapes.items()})
+
+    def _warn_without_weights(self, checkpoint, what):
+        """Log a warning when `what` (predict / evaluate) is about to run a network built with random weights."""
+        if checkpoint or self.model is not None or _model_config(self.config).get('checkpoint_name_or_path'):
+            return
+        logger.warning("%s runs on randomly initialised weights: no weights were given. Load some with "
+                       "--load_checkpoint <file | directory | sharded set | HuggingFace directory | model name> "
+                       "(load_checkpoint in the run config, %s_checkpoint= in Python) or "
+                       "model.model_config.checkpoint_name_or_path", what, 'eval' if what == 'evaluate' else what)
 
     def _load_weights(self, network, checkpoint):
         checkpoint = os.fspath(checkpoint)
@@ -253,10 +315,10 @@ class Trainer:
         with RunLock(config.output_dir, self.rank_id):
             if not resume and not overwrite:
                 refuse_earlier_run(config.output_dir, self.rank_id, ckpt_dirs)
-            network = self._get_network()
             point = find_resume_checkpoint(resume, self.rank_id, self.device_num) if resume else None
-            if checkpoint and (point is None or point.delta is not None and not _within(checkpoint, resume)):
-                self._load_weights(network, checkpoint)  # a delta resumes over the base weights it names
+            # a delta resumes over the base weights it names
+            load = checkpoint and (point is None or point.delta is not None and not _within(checkpoint, resume))
+            network = self._network_with_weights(checkpoint if load else None)
             if overwrite:  # after the weights are read: they may come from the run being replaced
                 clear_earlier_run(config.output_dir, self.rank_id, ckpt_dirs)
             return self._train_loop(network, point, do_eval)
@@ -303,10 +365,9 @@ class Trainer:
         self._setup(compile_cache=False)
         if self._only_save_strategy(training=False):
             return None
-        network = self._get_network()
         checkpoint = self._checkpoint_arg(eval_checkpoint)
-        if checkpoint:
-            self._load_weights(network, checkpoint)
+        self._warn_without_weights(checkpoint, 'evaluate')
+        network = self._network_with_weights(checkpoint)
         result = self._evaluate(network, generate_kwargs)
         logger.info("eval: %s", describe(result))
         return result
@@ -337,10 +398,9 @@ class Trainer:
         self._setup(compile_cache=False)
         if self._only_save_strategy(training=False):
             return None
-        network = self._get_network()
         checkpoint = self._checkpoint_arg(predict_checkpoint)
-        if checkpoint:
-            self._load_weights(network, checkpoint)
+        self._warn_without_weights(checkpoint, 'predict')
+        network = self._network_with_weights(checkpoint)
         if input_data is None:
             input_data = self.config.get('input_data')
         if input_data is None:
@@ -348,6 +408,11 @@ class Trainer:
         prompts = [input_data] if isinstance(input_data, str) else list(input_data)
         generator = pipeline('text_generation', model=network, tokenizer=self._get_tokenizer())
         return generator(prompts, batch_size=int(batch_size or max(len(prompts), 1)), **generate_kwargs)
+
+
+def _model_config(config):
+    """The run config's model.model_config section ({} when absent)."""
+    return (config.get('model') or {}).get('model_config') or {}
 
 
 def _within(path, location):

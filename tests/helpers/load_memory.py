@@ -1,10 +1,12 @@
 """Peak memory of loading a save_pretrained directory, run in a fresh process:
 
     python tests/helpers/load_memory.py <model dir> stream|whole [param_init_type]
+    python tests/helpers/load_memory.py <weights dir> trainer '<model_config fields as JSON>'
 
 `stream`: `AutoModel.from_pretrained(dir)` (built without initialising, shard by shard, one tensor at a time).
 `whole`: what loading did before: the model built with initialised weights and every tensor of the checkpoint read
-into one dict, then loaded. Prints one JSON line: {"before": RSS in bytes once MindSpore's runtime is up (the peak
+into one dict, then loaded. `trainer`: the Trainer's network for LLaMA's tiny run YAML with those fields and
+`quantization: int8`, built for `load_checkpoint: <weights dir>` (as `run_mindformer.py --run_mode predict` does). Prints one JSON line: {"before": RSS in bytes once MindSpore's runtime is up (the peak
 is reset there), "peak": peak RSS after loading, "seconds": load time, "parameter_bytes"}."""
 import json
 import os
@@ -13,6 +15,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/, for helpers
 
 
 def peak_bytes():
@@ -34,11 +37,34 @@ def reset_peak():
         pass
 
 
+def trainer_load(directory, fields):
+    """(before, the Trainer's int8 network loaded from `directory`); see the module doc."""
+    from mindformers import Trainer
+    from mindformers.quantization import Int8Linear
+    from mindformers.tools.register import MindFormerConfig
+    from helpers.tiny import tiny_yaml
+    config = MindFormerConfig(tiny_yaml('llama'))
+    config.model.model_config.merge_from_dict({**json.loads(fields), 'quantization': 'int8'})
+    trainer = Trainer(args=config)
+    trainer._setup(compile_cache=False)  # pylint: disable=protected-access
+    reset_peak()
+    before = peak_bytes()
+    network = trainer._network_with_weights(directory)  # pylint: disable=protected-access
+    return before, network, sum(isinstance(cell, Int8Linear) for _, cell in network.cells_and_names())
+
+
 def main(directory, mode, param_init_type=None):
     import numpy as np
     import mindspore as ms
     from mindformers import AutoConfig, AutoModel
     from mindformers.tools.weights import load_weights, open_weights
+    if mode == 'trainer':
+        start = time.perf_counter()
+        before, model, int8_layers = trainer_load(directory, param_init_type)
+        print(json.dumps({'before': before, 'peak': peak_bytes(), 'seconds': time.perf_counter() - start,
+                          'int8_layers': int8_layers,
+                          'parameter_bytes': sum(p.size * p.itemsize for p in model.get_parameters())}))
+        return
     ms.set_context(mode=0)
     ms.Tensor(np.ones(4, np.float32)).sum().asnumpy()  # start MindSpore's runtime
     overrides = {'param_init_type': param_init_type} if param_init_type else {}

@@ -13,12 +13,11 @@ import json
 import os
 
 from mindformers.models.base_processor import PROCESSOR_CONFIG_FILE, BaseProcessor
-from mindformers.models.convert_utils import hf_family, load_hf_weights
-from mindformers.tools.weights import INDEX_SUFFIX, init_remaining, load_weights, no_weight_init
+from mindformers.models.convert_utils import hf_family
+from mindformers.tools.weights import INDEX_SUFFIX, built_for_checkpoint
 from mindformers.tools.build import build_model_config, build_model, build_processor, build_tokenizer
 from mindformers.models import model_book
 from mindformers.models.model_book import find_config
-from mindformers.quantization import quantization_of, quantizing_transform
 from mindformers.tools.register import FamilySpec, MindFormerConfig, MindFormerRegister, MindFormerModuleType
 from mindformers.tools.register.family import (families, family_of_config, family_of_hf_config, hf_model_types,
                                                register_family, shared_hf_model_types)
@@ -185,29 +184,17 @@ def load_model(name_or_path, model_class=None, **kwargs):
                                  f"model.model_config.checkpoint_name_or_path, so there are no weights to load; "
                                  f"for fresh weights use AutoModel.from_config(AutoConfig.from_pretrained(<yaml>))")
         if model_class is None:
-            return _built_for_checkpoint(lambda: build_model(run_config.model))
-        return _built_for_checkpoint(lambda: model_class(build_model_config(model_config)))
+            return built_for_checkpoint(lambda: build_model(run_config.model))
+        return built_for_checkpoint(lambda: model_class(build_model_config(model_config)))
     directory = os.fspath(name_or_path)
     data, kind = _read_config_json(directory)
     config = AutoConfig.from_pretrained(directory, **kwargs)
     model_class = model_class or _model_class(config)
-    if kind == 'ours':
-        if not config.checkpoint_name_or_path:
-            config.checkpoint_name_or_path = _our_weights(directory)
-        return _built_for_checkpoint(lambda: model_class(config))
-    config.checkpoint_name_or_path = ''
-    with no_weight_init():
-        model = model_class(config)
-    converter = _hf_family(directory, data)
-    converter = getattr(converter, 'CONVERTER', converter)  # a family module, or the converter object itself
-    _load_arrays(model, converter.iter_hf_to_ms(load_hf_weights(directory), config), directory)
-    return model
-
-
-def _built_for_checkpoint(build):
-    """`build()`'s model, built without initialising the weights its checkpoint (loaded while it is built) sets."""
-    with no_weight_init():
-        return init_remaining(build())
+    if kind == 'hf':
+        config.checkpoint_name_or_path = directory  # converted per tensor as the model loads it
+    elif not config.checkpoint_name_or_path:
+        config.checkpoint_name_or_path = _our_weights(directory)
+    return built_for_checkpoint(lambda: model_class(config))
 
 
 def _arch_class(run_config, model_class):
@@ -249,7 +236,7 @@ def _load_published(name, run_config, model_class=None):
                 return model
             del model
     model_config.checkpoint_name_or_path = converted
-    return _built_for_checkpoint(lambda: model_class(build_model_config(model_config)))
+    return built_for_checkpoint(lambda: model_class(build_model_config(model_config)))
 
 
 def _convert_release(repo, model_config, converted):
@@ -289,14 +276,6 @@ def _our_weights(directory):
         raise ValueError(f"{directory} holds several weight {'indexes' if indexes else 'files'} "
                          f"({', '.join(weights)}); keep one")
     return os.path.join(directory, weights[0])
-
-
-def _load_arrays(model, items, source):
-    """Load (name, ndarray) items into `model`, one at a time, cast to each parameter's dtype (strict: names and
-    shapes must fit; base weights alone leave a PET delta at its initial values). An int8 model
-    (`mindformers.quantization`) gets its float weights quantized as they load."""
-    transform = quantizing_transform(model) if quantization_of(model) is not None else None
-    load_weights(model, items, source, transform=transform, optional=model.pet_parameter_names)
 
 
 class AutoTokenizer:

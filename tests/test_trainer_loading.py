@@ -1,0 +1,104 @@
+"""The Trainer / run_mindformer.py path loads weights as `from_pretrained` does: a sharded safetensors set given as
+--load_checkpoint is read tensor by tensor into a network built without initialising its weights (quantized as it
+loads with --quantization int8), predicting what `AutoModel.from_pretrained(dir)` predicts; a 520 MB (fp32) model
+loaded int8 from an fp16 set never holds its fp32 weights; predict/evaluate without any weights say so."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from mindformers import AutoConfig, AutoModel, AutoTokenizer
+from helpers import REPO
+from helpers.tiny import tiny_yaml
+
+PROMPT = 'ROMEO:'
+NEW_TOKENS = 6
+SEPARATOR = '\n' + '-' * 40 + '\n'
+
+
+@pytest.fixture(scope='module')
+def sharded(tmp_path_factory):
+    """The tiny GPT-2 of its run YAML with random weights (std 0.2, so that greedy decoding is not flat), saved as
+    a sharded set of 4+ shards."""
+    model = AutoModel.from_config(AutoConfig.from_pretrained(tiny_yaml('gpt2'), initializer_range=0.2))
+    directory = tmp_path_factory.mktemp('sharded')
+    largest = max(p.size * 4 for p in model.get_parameters())
+    model.save_pretrained(directory, max_shard_size=largest + 1)
+    assert len([f for f in os.listdir(directory) if f.endswith('.safetensors')]) > 3
+    return directory
+
+
+def _expected(directory, **overrides):
+    """What `AutoModel.from_pretrained(directory)` continues PROMPT with, greedily, as predict prints it."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_yaml('gpt2'))
+    model = AutoModel.from_pretrained(directory, **overrides)
+    ids = tokenizer.encode_prompt(PROMPT)
+    return tokenizer.decode(model.generate([ids], max_new_tokens=NEW_TOKENS, do_sample=False)[0],
+                            skip_special_tokens=True)
+
+
+@pytest.mark.parametrize('quantization', [None, 'int8'])
+def test_run_mindformer_predicts_from_a_sharded_set_like_from_pretrained(sharded, quantization, tmp_path, capsys):
+    import run_mindformer
+    flags = ['--quantization', quantization] if quantization else []
+    assert run_mindformer.main(['--config', tiny_yaml('gpt2'), '--run_mode', 'predict', '--load_checkpoint',
+                                str(sharded), '--predict_data', PROMPT, '--generation.max_new_tokens',
+                                str(NEW_TOKENS), '--output_dir', str(tmp_path), *flags]) == 0
+    out, err = capsys.readouterr()
+    overrides = {'quantization': quantization} if quantization else {}
+    assert out.split(SEPARATOR)[0] == _expected(sharded, **overrides)
+    assert f"loaded weights from {os.path.join(sharded, 'model.safetensors.index.json')}" in err
+    assert 'randomly initialised' not in err
+
+
+def test_predict_without_weights_warns_naming_how_to_load_them(tmp_path, capsys):
+    from mindformers import Trainer
+    config = {**_run_config(), 'output_dir': str(tmp_path)}
+    Trainer(args=config).predict(input_data=PROMPT, max_new_tokens=2)
+    err = capsys.readouterr().err
+    assert 'predict runs on randomly initialised weights' in err
+    assert '--load_checkpoint' in err and 'checkpoint_name_or_path' in err
+
+
+def _run_config():
+    from mindformers.tools.register import MindFormerConfig
+    return dict(MindFormerConfig(tiny_yaml('gpt2')))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# peak memory
+
+MIB = 1 << 20
+# a LLaMA of 130M parameters: 520 MB in fp32, saved in fp16 (260 MB); int8 about 145 MB (its input table stays
+# fp32); the largest tensors 2816 x 1024 (11.5 MB in fp32). Loading int8 peaks at the parameters plus the
+# quantizer's NumPy temporaries for one tensor (~5x its fp32 size, measured 58 MB here): ~0.42x the fp32 size.
+BIG = dict(vocab_size=2000, hidden_size=1024, num_layers=10, num_heads=8, n_kv_heads=8, intermediate_size=2816,
+           seq_length=64)
+
+
+@pytest.mark.slow
+def test_the_trainer_loads_int8_from_an_fp16_set_without_holding_fp32_weights(tmp_path):
+    """The Trainer builds the network for the checkpoint (no initial weights) and quantizes each fp16 tensor as it
+    is read: the load grows the peak RSS by less than half the model's fp32 size (initialising the fp32 model
+    first, as the Trainer did before, takes all of it)."""
+    from mindformers import LlamaConfig, LlamaForCausalLM
+    from mindformers.tools.weights import no_weight_init, parameter_specs, save_sharded
+    with no_weight_init():
+        specs = parameter_specs(LlamaForCausalLM(LlamaConfig(**BIG, param_init_type='float16')).get_parameters())
+    rng = np.random.default_rng(0)
+    shapes = {name: shape for name, _, shape in specs}
+    save_sharded(str(tmp_path), specs, lambda name: rng.standard_normal(shapes[name], np.float32) * 0.02,
+                 max_shard_size='60MB')
+    assert len([f for f in os.listdir(tmp_path) if f.endswith('.safetensors')]) > 3
+    fp32_bytes = sum(int(np.prod(shape)) * 4 for shape in shapes.values())
+    out = subprocess.run([sys.executable, os.path.join(REPO, 'tests', 'helpers', 'load_memory.py'), str(tmp_path),
+                          'trainer', json.dumps(BIG)], capture_output=True, text=True, timeout=300, check=True,
+                         env=dict(os.environ, GLOG_v='3'))
+    measured = json.loads(out.stdout.strip().splitlines()[-1])
+    grown = measured['peak'] - measured['before']
+    assert measured['int8_layers'] == 7 * BIG['num_layers'] + 1  # q k v o gate up down per layer, and the head
+    assert measured['parameter_bytes'] < fp32_bytes / 3
+    assert grown < fp32_bytes / 2, (grown / MIB, fp32_bytes / MIB)
