@@ -42,7 +42,13 @@ def build_parser():
     parser.add_argument('--eval_dataset_dir', help='evaluation data: MindRecord directory or file')
     parser.add_argument('--predict_data', nargs='+', help='prompt(s) for predict; "\\n" is unescaped')
     parser.add_argument('--predict_batch_size', type=int, help='prompts per generate call')
-    parser.add_argument('--load_checkpoint', help='weights to load: a file, or a directory (newest checkpoint)')
+    parser.add_argument('--load_checkpoint',
+                        help='weights to load: a .safetensors or .ckpt file, a sharded set (its *.index.json or '
+                             'directory), a HuggingFace model directory (converted per tensor), a model name with '
+                             'published weights, or a training checkpoint directory (its newest; rank_N/ per rank). '
+                             'All but .ckpt files are read tensor by tensor into a model built without initial '
+                             'weights (a training .ckpt is read whole). predict/eval without any weights (this, '
+                             'or model.model_config.checkpoint_name_or_path) warn and run on random weights')
     parser.add_argument('--auto_trans_ckpt', type=_bool,
                         help='reshard --load_checkpoint (rank_N/ directories) into this run\'s layout before loading')
     parser.add_argument('--src_strategy_path_or_dir',

@@ -54,6 +54,26 @@ def test_run_mindformer_predicts_from_a_sharded_set_like_from_pretrained(sharded
     assert 'randomly initialised' not in err
 
 
+def test_a_huggingface_directory_loads_into_the_trainers_network_per_tensor(tmp_path, capsys):
+    """--load_checkpoint / predict_checkpoint= naming a HuggingFace GPT-2 directory (sharded): converted as it
+    loads, the network holds what `from_pretrained(dir)` holds."""
+    import torch
+    from transformers import GPT2Config as HFGPT2Config, GPT2LMHeadModel as HFGPT2
+    from mindformers import Trainer
+    from mindformers.models.base_model import parameter_array
+    torch.manual_seed(0)
+    hf = HFGPT2(HFGPT2Config(vocab_size=512, n_embd=192, n_layer=4, n_head=4, n_positions=128))
+    hf.save_pretrained(tmp_path / 'hf', safe_serialization=True, max_shard_size='1MB')
+    trainer = Trainer(args={**_run_config(), 'output_dir': str(tmp_path / 'out')})
+    trainer.predict(predict_checkpoint=str(tmp_path / 'hf'), input_data=PROMPT, max_new_tokens=1)
+    assert f"loaded weights from {tmp_path / 'hf'}" in capsys.readouterr().err
+    expected = {p.name: parameter_array(p) for p in AutoModel.from_pretrained(tmp_path / 'hf').get_parameters()}
+    got = {p.name: parameter_array(p) for p in trainer.model.get_parameters()}
+    assert sorted(got) == sorted(expected)
+    for name, value in expected.items():
+        np.testing.assert_array_equal(got[name], value, err_msg=name)
+
+
 def test_predict_without_weights_warns_naming_how_to_load_them(tmp_path, capsys):
     from mindformers import Trainer
     config = {**_run_config(), 'output_dir': str(tmp_path)}
