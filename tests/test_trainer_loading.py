@@ -74,6 +74,37 @@ def test_a_huggingface_directory_loads_into_the_trainers_network_per_tensor(tmp_
         np.testing.assert_array_equal(got[name], value, err_msg=name)
 
 
+def test_with_pet_base_weights_stream_and_a_delta_loads_over_the_base(sharded, tmp_path, capsys):
+    """A LoRA run: a sharded set of base weights is streamed in (the delta keeps its initial values); a delta saved
+    as safetensors without meta.json is told from its names and shapes and loads over the base, as before."""
+    from mindformers import Trainer
+    from mindformers.models.base_model import parameter_array
+    from mindformers.tools.weights import parameter_specs, save_sharded
+    trainer = Trainer(args={**_run_config(), 'output_dir': str(tmp_path / 'out')}, pet_method='lora')
+    trainer.predict(predict_checkpoint=str(sharded), input_data=PROMPT, max_new_tokens=1)
+    assert "loaded weights from" in capsys.readouterr().err
+    base = AutoModel.from_pretrained(sharded)
+    network = trainer.model
+    delta = [p for p in network.get_parameters() if p.requires_grad]
+    assert delta and all('lora' in p.name for p in delta)
+    for param in base.get_parameters():
+        np.testing.assert_array_equal(parameter_array(network.parameters_dict()[param.name]), parameter_array(param))
+    rng = np.random.default_rng(1)
+    values = {p.name: rng.standard_normal(p.shape).astype(np.float32) for p in delta}
+    save_sharded(str(tmp_path), parameter_specs(delta), values.__getitem__)
+    again = Trainer(args={**_run_config(), 'output_dir': str(tmp_path / 'out'),
+                          'model': {**_run_config()['model'], 'model_config': {
+                              **_run_config()['model']['model_config'], 'checkpoint_name_or_path': str(sharded)}}},
+                    pet_method='lora')
+    again.predict(predict_checkpoint=str(tmp_path / 'model.safetensors'), input_data=PROMPT, max_new_tokens=1)
+    assert 'loaded the delta checkpoint' in capsys.readouterr().err
+    held = again.model.parameters_dict()
+    for name, value in values.items():
+        np.testing.assert_array_equal(parameter_array(held[name]), value, err_msg=name)
+    for param in base.get_parameters():
+        np.testing.assert_array_equal(parameter_array(held[param.name]), parameter_array(param))
+
+
 def test_predict_without_weights_warns_naming_how_to_load_them(tmp_path, capsys):
     from mindformers import Trainer
     config = {**_run_config(), 'output_dir': str(tmp_path)}
