@@ -10,6 +10,7 @@ import pytest
 import mindspore as ms
 from mindspore import Tensor
 
+from helpers.tiny import tiny_yaml
 from helpers.trained import trained_tiny
 from mindformers import kernels
 
@@ -211,3 +212,13 @@ def test_bad_kv_cache_dtype_is_refused_naming_the_key():
     assert build_parser().parse_args(['--model', 'x', '--kv_cache_dtype', 'float16']).kv_cache_dtype == 'float16'
     with pytest.raises(SystemExit):
         build_parser().parse_args(['--model', 'x', '--kv_cache_dtype', 'bfloat16'])
+
+
+def test_run_mindformer_and_the_server_set_kv_cache_dtype():
+    import run_mindformer
+    from mindformers.serving.cli import load_model
+    args, overrides = run_mindformer.parse_args(['--config', tiny_yaml('llama'), '--run_mode', 'predict',
+                                                 '--kv_cache_dtype', 'float16'])
+    assert run_mindformer.build_config(args, overrides).model.model_config.kv_cache_dtype == 'float16'
+    model, _ = load_model(tiny_yaml('llama'), True, None, 'float16')
+    assert model.config.kv_cache_dtype == 'float16'
