@@ -1,14 +1,14 @@
 """A KV cache stored in fp16 under fp32 computation (`kv_cache_dtype: float16`): the decode-attention kernels (native
 and portable builds, through ctypes) store keys/values rounded as NumPy rounds them and attend as NumPy does over the
-widened cache; a session's buffers are half the bytes and its greedy output and logits match the fp32 cache on a
-trained tiny LLaMA, with float or int8 weights; the config key is checked and reachable from pipeline() and the CLIs."""
+widened cache (a layer's kernel and cast paths: tests/test_cpu_kernels.py); a session's buffers are half the bytes
+and its greedy output and logits match the fp32 cache on a trained tiny LLaMA, with float or int8 weights; the config
+key is checked and reachable from pipeline() and the CLIs."""
 import ctypes
 import platform
 
 import numpy as np
 import pytest
 import mindspore as ms
-from mindspore import Tensor
 
 from helpers.tiny import tiny_yaml
 from helpers.trained import trained_tiny
@@ -111,34 +111,6 @@ def test_fp16_cache_kernels_store_numpy_rounding_and_attend_like_numpy(libraries
         bad = indices.copy()
         bad[1, ..., 2] = history.shape[3]
         assert _call(library, 'DecodeAttentionF16', (query, key, value, *history.copy(), mask, bad), query.shape)[0] == 1
-
-
-def test_fp16_cache_layer_fused_and_cast_paths_agree():
-    """A decode step of `LayerCache` over an fp16 cache under fp32 computation: the fused kernel and the plain ops
-    (which cast the cache) store the same bits and give the same context."""
-    from mindformers.generation.session import KVCache
-    from mindformers.modules.attention import DotProductAttention
-    query, key, value, history, mask, indices, positions = _step(dim=16)
-    batch, kv_heads, length, dim = history.shape[1:]
-    indices[..., 0] = np.arange(batch)[:, None, None]
-    indices[..., 1] = np.arange(kv_heads)[None, :, None]
-    results = []
-    for fused in (True, False):
-        cache = KVCache(1, batch, kv_heads, length, dim, ms.float16, compute_dtype=ms.float32)
-        layer = cache.decode.layers[0]
-        assert layer.packed and layer.fused_attention is not None
-        if not fused:
-            layer.fused_attention = None
-        cache.keys[0].data.set_data(Tensor(history[0]))
-        cache.values[0].data.set_data(Tensor(history[1]))
-        out = layer.attend(*map(Tensor, (query, key, value, mask, indices)), DotProductAttention()).asnumpy()
-        results.append((out, cache.keys[0].data.asnumpy(), cache.values[0].data.asnumpy()))
-    (out, keys, values), (plain_out, plain_keys, plain_values) = results
-    assert out.dtype == np.float32 and keys.dtype == np.float16
-    np.testing.assert_array_equal(keys, plain_keys)
-    np.testing.assert_array_equal(values, plain_values)
-    np.testing.assert_allclose(out, plain_out, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(out, _expected(query, keys, values, mask, positions), rtol=1e-5, atol=1e-5)
 
 
 @pytest.fixture(scope='module')
