@@ -124,7 +124,8 @@ def _large(part, kv_cache_dtype):
     model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, use_past=True)
     total_s = time.perf_counter() - t
     from mindformers.generation.session import session_for
-    figures = {'kv_cache_dtype': kv_cache_dtype, 'kv_cache_mb': session_for(model, 1).cache.nbytes() / 2 ** 20,'tokens_per_s': new_tokens / total_s, 'load_s': load_s, 'first_call_s': first_s,
+    figures = {'kv_cache_dtype': kv_cache_dtype, 'kv_cache_mb': session_for(model, 1).cache.nbytes() / 2 ** 20,
+               'tokens_per_s': new_tokens / total_s, 'load_s': load_s, 'first_call_s': first_s,
                'prefill_s': prefill_s, 's_per_token': total_s / new_tokens,
                'decode_s_per_token': (total_s - prefill_s) / (new_tokens - 1), 'weight_mb': weight_bytes / 2 ** 20,
                'rss_after_load_mb': rss_loaded, 'peak_rss_mb': peak_rss_mb()}

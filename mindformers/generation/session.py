@@ -14,10 +14,10 @@ Cache layout per layer: keys and values `[slots, kv_heads, max_length, head_dim]
 `kv_cache_dtype` (default: its compute dtype), Parameters updated in place (keys stored after any rotary embedding).
 A cache narrower than the computation (fp16 under fp32) is rounded to nearest as it is written and widened as it is
 read: the fused fp32 decode kernels convert in registers; without them (or for a compute dtype they do not take) the
-decode step casts the whole cache of each layer before attending, correct but slower. A prefill writes a slot's positions [0, T)
-(its prompt left-padded to the bucket T) and zeroes the rest of the row; a decode step writes one position per
-slot, the next after that slot's last. Attention in a decode step reads a slot's positions up to its own under an
-additive mask that hides its left padding.
+decode step casts the whole cache of each layer before attending, correct but slower. A prefill writes a slot's
+positions [0, T) (its prompt left-padded to the bucket T) and zeroes the rest of the row; a decode step writes one
+position per slot, the next after that slot's last. Attention in a decode step reads a slot's positions up to its
+own under an additive mask that hides its left padding.
 
 A model whose attention layers hold prefix keys/values (Prefix-Tuning, P-Tuning v2: `modules.attention.prefix_length`
 P > 0) gets P more cache positions per slot: a prefill stores the prefix at [0, P) and the prompt at [P, P + T),

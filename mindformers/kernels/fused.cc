@@ -429,7 +429,9 @@ inline Half Narrow<Half>(float x) {
 
 #if defined(__AVX512F__)
 inline __m512 Widen16(const float *x) { return _mm512_loadu_ps(x); }
-inline __m512 Widen16(const Half *x) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(x))); }
+inline __m512 Widen16(const Half *x) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(x)));
+}
 #endif
 
 // dot(q, k) over dim values, k widened to fp32.
