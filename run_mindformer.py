@@ -17,7 +17,8 @@ import signal
 import sys
 import threading
 
-from mindformers.serving.cli import QUANTIZATION_CHOICES, SERVE_DEFAULTS, add_serving_arguments
+from mindformers.serving.cli import (KV_CACHE_DTYPE_CHOICES, QUANTIZATION_CHOICES, SERVE_DEFAULTS,
+                                    add_serving_arguments)
 from mindformers.tools.utils import OneLineArgumentParser, cli_error  # no MindSpore: flags are checked before it loads
 
 RUN_MODES = ('train', 'finetune', 'eval', 'predict', 'serve')
@@ -75,6 +76,9 @@ def build_parser():
     parser.add_argument('--quantization', choices=QUANTIZATION_CHOICES,
                         help='weight-only int8 inference (predict, eval, serve): the weights are quantized as they '
                              'load (model.model_config.quantization; quantization_config sets the scheme)')
+    parser.add_argument('--kv_cache_dtype', choices=KV_CACHE_DTYPE_CHOICES,
+                        help='dtype of the KV cache in predict/serve (model.model_config.kv_cache_dtype; default '
+                             'the compute_dtype): float16 halves its memory under fp32 computation')
     parser.add_argument('--resume_training', nargs='?', const='True', metavar='True|PATH',
                         help='continue an interrupted run: alone or True = the newest complete checkpoint under '
                              '--load_checkpoint (a directory) or <output_dir>/checkpoint; or a checkpoint file or '
@@ -154,7 +158,8 @@ def build_config(args, overrides):
                 'src_strategy_path_or_dir': 'src_strategy_path_or_dir', 'only_save_strategy': 'only_save_strategy',
                 'device_target': 'context.device_target', 'device_id': 'context.device_id', 'mode': 'context.mode',
                 'epochs': 'runner_config.epochs', 'gradient_accumulation_steps':
-                'runner_config.gradient_accumulation_steps', 'quantization': 'model.model_config.quantization'}
+                'runner_config.gradient_accumulation_steps', 'quantization': 'model.model_config.quantization',
+                'kv_cache_dtype': 'model.model_config.kv_cache_dtype'}
     for flag, key in flag_map.items():
         value = getattr(args, flag)
         if value is not None:

@@ -12,8 +12,11 @@ Parts (`--parts`, default all):
 - `llama7b`: LLaMA-2-7B's shape (`llama2_7b`, seq_length 2048), the same way, 32 new tokens; seconds per token next
   to the bound memory bandwidth sets (bytes of weights read per token / the GB/s a 2-thread read of 2 GB reaches
   here).
+The large parts' KV cache dtype (`kv_cache_dtype`, recorded with the cache's size): `--kv_cache_dtype`, by default
+float32 for pangu and float16 for llama7b (its fp32 cache at 2048 positions is 2 GiB, the fp16 one 1 GiB).
 
-    python benchmarks/int8_models.py [--parts gpt2,pangu,llama7b] [--rounds 3] [--json int8_models.json]
+    python benchmarks/int8_models.py [--parts gpt2,pangu,llama7b] [--rounds 3] [--kv_cache_dtype float16]
+        [--json int8_models.json]
 """
 import argparse
 import os
@@ -28,6 +31,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.path.expanduser('~/.cache/mindformers-bench')
 GPT2_VARIANTS = ('ours_int8', 'ours_fp32', 'torch_fp32', 'torch_dynamic_int8')
 LARGE = {'pangu': ('pangualpha_2_6b', {}, 128), 'llama7b': ('llama2_7b', {'seq_length': 2048}, 32)}
+KV_CACHE_DTYPES = {'pangu': 'float32', 'llama7b': 'float16'}  # the large parts' defaults (--kv_cache_dtype)
 PROMPT = 32
 SETTINGS = {'scheme': 'block32', 'embeddings': False}  # the large parts' quantization_config (--scheme, --embeddings)
 
@@ -92,7 +96,7 @@ def _read_bandwidth_gbs(megabytes=2048):
     return data.numel() * 4 / best / 1e9
 
 
-def _large(part):
+def _large(part, kv_cache_dtype):
     import numpy as np
     import mindspore as ms
     name, overrides, new_tokens = LARGE[part]
@@ -101,7 +105,7 @@ def _large(part):
     ms.set_context(mode=0)
     ms.set_device('CPU')
     start = time.perf_counter()
-    model = AutoModel.from_pretrained(directory, quantization='int8', use_past=True,
+    model = AutoModel.from_pretrained(directory, quantization='int8', use_past=True, kv_cache_dtype=kv_cache_dtype,
                                       quantization_config={'scheme': SETTINGS['scheme'],
                                                            'embeddings': SETTINGS['embeddings']}, **overrides)
     model.set_train(False)
@@ -119,7 +123,9 @@ def _large(part):
     t = time.perf_counter()
     model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, use_past=True)
     total_s = time.perf_counter() - t
-    figures = {'tokens_per_s': new_tokens / total_s, 'load_s': load_s, 'first_call_s': first_s,
+    from mindformers.generation.session import session_for
+    figures = {'kv_cache_dtype': kv_cache_dtype, 'kv_cache_mb': session_for(model, 1).cache.nbytes() / 2 ** 20,
+               'tokens_per_s': new_tokens / total_s, 'load_s': load_s, 'first_call_s': first_s,
                'prefill_s': prefill_s, 's_per_token': total_s / new_tokens,
                'decode_s_per_token': (total_s - prefill_s) / (new_tokens - 1), 'weight_mb': weight_bytes / 2 ** 20,
                'rss_after_load_mb': rss_loaded, 'peak_rss_mb': peak_rss_mb()}
@@ -134,6 +140,8 @@ def main():
     parser.add_argument('--cache', default=os.path.expanduser('~/.cache/mindformers-bench'), help='where the random large checkpoints are kept')
     parser.add_argument('--scheme', choices=('block32', 'channel'), default='block32', help='large parts')
     parser.add_argument('--embeddings', action='store_true', help='large parts: the embedding tables int8 too')
+    parser.add_argument('--kv_cache_dtype', choices=('float32', 'float16'),
+                        help='large parts: the KV cache dtype (default: float32 for pangu, float16 for llama7b)')
     parser.add_argument('--json', help='write the figures here')
     parser.add_argument('--worker', help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -144,7 +152,7 @@ def main():
         return
     SETTINGS.update(scheme=args.scheme, embeddings=args.embeddings)
     if args.worker in LARGE:
-        _large(args.worker)
+        _large(args.worker, args.kv_cache_dtype or KV_CACHE_DTYPES[args.worker])
         return
     if args.worker == 'bandwidth':  # its own process: the 2 GB buffer and torch stay out of the 7B worker's RSS
         report({'read_gb_per_s': _read_bandwidth_gbs()})
@@ -171,6 +179,7 @@ def main():
     for part in ('pangu', 'llama7b'):
         if part in parts:
             figures[part] = run_worker(script, part, '--cache', CACHE, '--scheme', args.scheme,
+                                       '--kv_cache_dtype', args.kv_cache_dtype or KV_CACHE_DTYPES[part],
                                        *(['--embeddings'] if args.embeddings else []))
             figures[part]['quantization_config'] = dict(SETTINGS)
             if part == 'llama7b':
@@ -179,7 +188,8 @@ def main():
                 figures[part]['bandwidth_bound_s_per_token'] = figures[part]['weight_mb'] * 2 ** 20 / 1e9 / bandwidth
             row = figures[part]
             print(f"{LARGE[part][0]} int8: {row['s_per_token']:.3f} s/token ({row['decode_s_per_token']:.3f} decode "
-                  f"only), peak RSS {row['peak_rss_mb'] / 1024:.2f} GB, load {row['load_s']:.0f} s"
+                  f"only), peak RSS {row['peak_rss_mb'] / 1024:.2f} GB ({row['kv_cache_dtype']} KV cache "
+                  f"{row['kv_cache_mb']:.0f} MB), load {row['load_s']:.0f} s"
                   + (f", bandwidth bound {row['bandwidth_bound_s_per_token']:.3f} s/token at "
                      f"{row['read_gb_per_s']:.1f} GB/s" if 'read_gb_per_s' in row else ''))
     write_json(args.json, figures)

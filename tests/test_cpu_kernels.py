@@ -121,10 +121,12 @@ def test_build_failure_and_opt_out_fall_back(monkeypatch, tmp_path, capsys):
     assert cpu_kernels._build() is None
 
 
+@pytest.mark.parametrize('cache_dtype', [np.float32, np.float16])
 @pytest.mark.parametrize('batch, heads, kv_heads', [(3, 4, 4), (2, 4, 2), (1, 64, 64)])
-def test_decode_attention_writes_the_cache_and_matches_plain_ops(batch, heads, kv_heads):
+def test_decode_attention_writes_the_cache_and_matches_plain_ops(batch, heads, kv_heads, cache_dtype):
     """A decode step's attention over a session's cache, each row at its own position (slots of different
-    lengths): the fused kernel and plain MindSpore ops store the same keys/values and match NumPy."""
+    lengths): the fused kernel and plain MindSpore ops store the same keys/values and match NumPy; fp32 computation
+    over an fp32 or fp16 cache (the plain ops cast it, the kernel converts in registers)."""
     from mindformers.generation.session import KVCache
     from mindformers.modules.attention import DotProductAttention
     length, dim = 24, 16
@@ -132,7 +134,7 @@ def test_decode_attention_writes_the_cache_and_matches_plain_ops(batch, heads, k
     rng = np.random.default_rng(4)
     query = rng.standard_normal((batch, heads, 1, dim)).astype(np.float32)
     key, value = (rng.standard_normal((batch, kv_heads, 1, dim)).astype(np.float32) for _ in range(2))
-    history = rng.standard_normal((2, batch, kv_heads, length, dim)).astype(np.float32)
+    history = rng.standard_normal((2, batch, kv_heads, length, dim)).astype(cache_dtype)
     valid = np.zeros((batch, length), bool)
     for row, position in enumerate(positions):
         history[:, row, :, position:] = 0  # nothing written at or after the row's position yet
@@ -145,7 +147,8 @@ def test_decode_attention_writes_the_cache_and_matches_plain_ops(batch, heads, k
     indices[..., 2] = positions[:, None, None]
     results = []
     for fused in (True, False):
-        cache = KVCache(1, batch, kv_heads, length, dim)
+        cache = KVCache(1, batch, kv_heads, length, dim, ms.float16 if cache_dtype == np.float16 else ms.float32,
+                        compute_dtype=ms.float32)
         layer = cache.decode.layers[0]
         assert layer.fused_attention is not None
         if not fused:
@@ -156,12 +159,14 @@ def test_decode_attention_writes_the_cache_and_matches_plain_ops(batch, heads, k
         results.append((out, cache.keys[0].data.asnumpy(), cache.values[0].data.asnumpy()))
     (out, keys, values), (plain_out, plain_keys, plain_values) = results
     np.testing.assert_allclose(out, plain_out, rtol=1e-5, atol=1e-5)
+    assert out.dtype == np.float32 and keys.dtype == cache_dtype
     assert np.array_equal(keys, plain_keys) and np.array_equal(values, plain_values)
     group = heads // kv_heads
     for row, position in enumerate(positions):
-        np.testing.assert_array_equal(keys[row, :, position], key[row, :, 0])
-        keys_q = np.repeat(keys[row], group, axis=0)[:, :position + 1]
-        values_q = np.repeat(values[row], group, axis=0)[:, :position + 1]
+        np.testing.assert_array_equal(keys[row, :, position], key[row, :, 0].astype(cache_dtype))
+        np.testing.assert_array_equal(values[row, :, position], value[row, :, 0].astype(cache_dtype))
+        keys_q = np.repeat(keys[row], group, axis=0)[:, :position + 1].astype(np.float64)
+        values_q = np.repeat(values[row], group, axis=0)[:, :position + 1].astype(np.float64)
         scores = query[row] @ keys_q.transpose(0, 2, 1) + mask[row, :, :, :position + 1]
         probs = np.exp(scores - scores.max(-1, keepdims=True))
         probs /= probs.sum(-1, keepdims=True)

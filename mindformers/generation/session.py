@@ -10,11 +10,14 @@ The model side is the family's one forward: `model.logits(input_ids, None, cache
 session's cache (`KVCache.prefill` or `KVCache.decode`) and `step = (positions, mask, write)`, returning fp32
 logits [rows, vocab] of each row's last position. The family declares its cache with `model.kv_cache_layout()`.
 
-Cache layout per layer: keys and values `[slots, kv_heads, max_length, head_dim]` in the model's compute dtype,
-Parameters updated in place (keys stored after any rotary embedding). A prefill writes a slot's positions [0, T)
-(its prompt left-padded to the bucket T) and zeroes the rest of the row; a decode step writes one position per
-slot, the next after that slot's last. Attention in a decode step reads a slot's positions up to its own under an
-additive mask that hides its left padding.
+Cache layout per layer: keys and values `[slots, kv_heads, max_length, head_dim]` in the model config's
+`kv_cache_dtype` (default: its compute dtype), Parameters updated in place (keys stored after any rotary embedding).
+A cache narrower than the computation (fp16 under fp32) is rounded to nearest as it is written and widened as it is
+read: the fused fp32 decode kernels convert in registers; without them (or for a compute dtype they do not take) the
+decode step casts the whole cache of each layer before attending, correct but slower. A prefill writes a slot's
+positions [0, T) (its prompt left-padded to the bucket T) and zeroes the rest of the row; a decode step writes one
+position per slot, the next after that slot's last. Attention in a decode step reads a slot's positions up to its
+own under an additive mask that hides its left padding.
 
 A model whose attention layers hold prefix keys/values (Prefix-Tuning, P-Tuning v2: `modules.attention.prefix_length`
 P > 0) gets P more cache positions per slot: a prefill stores the prefix at [0, P) and the prompt at [P, P + T),
@@ -26,7 +29,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import nn, ops, Parameter, Tensor
 
-from mindformers.kernels import FusedDecodeAttention, FusedDecodeAttentionPacked, use_fused
+from mindformers.kernels import CACHE_KERNEL_SUFFIX, FusedDecodeAttention, FusedDecodeAttentionPacked, use_fused
 from mindformers.modules.attention import prefix_length
 from mindformers.modules.layers import to_mstype
 
@@ -61,16 +64,20 @@ class LayerCache(nn.Cell):
     position) and attends over the row's cache under `mask` [B, 1, 1, cache length]. A `core.score_scale`
     multiplies the scores here too.
     `attend_packed(qkv, mask, write, scale [1])`: the same decode step on a packed projection qkv
-    [B, (H + 2 Hkv) D] (unscaled) -> [B, H D]; only where `packed` (decode, fp32 CPU kernels)."""
+    [B, (H + 2 Hkv) D] (unscaled) -> [B, H D]; only where `packed` (decode, fp32 CPU kernels).
+    The buffers may be narrower than `compute_dtype` (the model's): keys/values are cast as they are stored and
+    read; the context comes back in the query's dtype."""
 
-    def __init__(self, keys, values, prefill):
+    def __init__(self, keys, values, prefill, compute_dtype=None):
         super().__init__(auto_prefix=False)
         self.keys, self.values = keys, values
         self.prefill = prefill
         self.max_length = keys.data.shape[2]
-        self.packed = not prefill and use_fused(keys.data.dtype)
-        self.fused_attention = FusedDecodeAttention() if self.packed else None
-        self.fused_packed = FusedDecodeAttentionPacked() if self.packed else None
+        self.cache_dtype = keys.data.dtype
+        fused = use_fused(compute_dtype or self.cache_dtype) and self.cache_dtype in CACHE_KERNEL_SUFFIX
+        self.packed = not prefill and fused
+        self.fused_attention = FusedDecodeAttention(self.cache_dtype) if self.packed else None
+        self.fused_packed = FusedDecodeAttentionPacked(self.cache_dtype) if self.packed else None
         self.scatter_rows = ops.ScatterUpdate()
         self.scatter = ops.ScatterNdUpdate()
         self.scores_matmul = ops.BatchMatMul(transpose_b=True)
@@ -85,16 +92,19 @@ class LayerCache(nn.Cell):
                 key, value, mask = core.add_prefix(query, key, value, mask)
             length = key.shape[2]
             pad = (0, 0, 0, self.max_length - length)  # ops.pad: (last axis before, after, previous axis ...)
-            self.scatter_rows(self.keys.data, write, ops.pad(key, pad) if length < self.max_length else key)
-            self.scatter_rows(self.values.data, write, ops.pad(value, pad) if length < self.max_length else value)
+            for buffer, rows in ((self.keys, key), (self.values, value)):
+                rows = ops.pad(rows, pad) if length < self.max_length else rows
+                self.scatter_rows(buffer.data, write, self._narrow(rows))
             return core.attend(query, key, value, mask)
         if core.score_scale is not None:
             query = query * ops.cast(core.score_scale, query.dtype)
         keys, values = self.keys.data, self.values.data
         if self.fused_attention is not None and query.dtype == ms.float32:
             return self.fused_attention(query, key, value, keys, values, mask, write)
-        keys = ops.depend(keys, self.scatter(keys, write, key))
-        values = ops.depend(values, self.scatter(values, write, value))
+        keys = ops.depend(keys, self.scatter(keys, write, self._narrow(key)))
+        values = ops.depend(values, self.scatter(values, write, self._narrow(value)))
+        if keys.dtype != query.dtype:  # a narrower cache: every step widens all of it (the fused kernels do not)
+            keys, values = ops.cast(keys, query.dtype), ops.cast(values, query.dtype)
         group = query.shape[1] // keys.shape[1]
         if group > 1:
             keys, values = ops.repeat_interleave(keys, group, 1), ops.repeat_interleave(values, group, 1)
@@ -103,6 +113,9 @@ class LayerCache(nn.Cell):
             scores = ops.cast(scores, ms.float32)
         probs = self.softmax(scores + mask)
         return self.context_matmul(ops.cast(probs, values.dtype), values)
+
+    def _narrow(self, x):
+        return x if x.dtype == self.cache_dtype else ops.cast(x, self.cache_dtype)
 
     def attend_packed(self, qkv, mask, write, scale):
         return self.fused_packed(qkv, self.keys.data, self.values.data, mask, write, scale)
@@ -114,10 +127,10 @@ class CacheView(nn.Cell):
     int32 into slots `write`) and `load(name)` (decode: [slots, 1]) keep what a family needs between steps (its
     `kv_cache_layout()['state']`)."""
 
-    def __init__(self, keys, values, state, prefill):
+    def __init__(self, keys, values, state, prefill, compute_dtype=None):
         super().__init__(auto_prefix=False)
         self.prefill = prefill
-        self.layers = nn.CellList([LayerCache(k, v, prefill) for k, v in zip(keys, values)])
+        self.layers = nn.CellList([LayerCache(k, v, prefill, compute_dtype) for k, v in zip(keys, values)])
         self.state = state
         self.scatter_rows = ops.ScatterUpdate()
 
@@ -143,17 +156,22 @@ class _State(nn.Cell):
 class KVCache(nn.Cell):
     """The buffers of one session: `num_layers` key and value caches [slots, kv_heads, max_length, head_dim] in
     `dtype`, per-slot `state` names, and the two views (`prefill`, `decode`) the compiled steps hand to the
-    model."""
+    model, which computes in `compute_dtype` (default `dtype`)."""
 
-    def __init__(self, num_layers, slots, kv_heads, max_length, head_dim, dtype=ms.float32, state=()):
+    def __init__(self, num_layers, slots, kv_heads, max_length, head_dim, dtype=ms.float32, state=(),
+                 compute_dtype=None):
         super().__init__(auto_prefix=False)
         prefix = f'session{next(_SESSION_IDS)}'
         shape = (slots, kv_heads, max_length, head_dim)
         self.keys = nn.CellList([_Buffer(shape, dtype, f'{prefix}.key_cache_{i}') for i in range(num_layers)])
         self.values = nn.CellList([_Buffer(shape, dtype, f'{prefix}.value_cache_{i}') for i in range(num_layers)])
         self.state = _State(prefix, state, slots)
-        self.prefill = CacheView(self.keys, self.values, self.state, prefill=True)
-        self.decode = CacheView(self.keys, self.values, self.state, prefill=False)
+        self.prefill = CacheView(self.keys, self.values, self.state, True, compute_dtype)
+        self.decode = CacheView(self.keys, self.values, self.state, False, compute_dtype)
+
+    def nbytes(self):
+        """Bytes of the key and value buffers."""
+        return sum(buffer.data.nbytes for buffers in (self.keys, self.values) for buffer in buffers)
 
 
 class SlotTable:
@@ -274,8 +292,10 @@ class DecodingSession:
             raise ValueError(f"a session needs at least one slot and at most the model's seq_length "
                              f"({model.config.seq_length}) positions; got slots={slots}, max_length={max_length}")
         prefix = prefix_length(model)
+        compute_dtype = to_mstype(model.config.compute_dtype)
+        cache_dtype = to_mstype(getattr(model.config, 'kv_cache_dtype', None) or compute_dtype)
         self.cache = KVCache(layout['num_layers'], self.slots, layout['kv_heads'], prefix + self.max_length,
-                             layout['head_dim'], to_mstype(model.config.compute_dtype), layout.get('state', ()))
+                             layout['head_dim'], cache_dtype, layout.get('state', ()), compute_dtype)
         self.table = SlotTable(self.slots, layout['kv_heads'], self.max_length, prefix)
         self._prefill, self._decode = _Step(model, self.cache.prefill), _Step(model, self.cache.decode)
         self._reorder = _Reorder(self.cache)

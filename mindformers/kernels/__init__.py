@@ -231,17 +231,29 @@ class FusedCausalSoftmax(nn.Cell):
         return (self.backward(out, dout),)
 
 
+CACHE_KERNEL_SUFFIX = {ms.float32: '', ms.float16: 'F16'}
+
+
+def _cache_kernel(name, cache_dtype):
+    if cache_dtype not in CACHE_KERNEL_SUFFIX:
+        raise ValueError(f"{name}: no kernel for a {cache_dtype} cache (accepted: float32, float16)")
+    return name + CACHE_KERNEL_SUFFIX[cache_dtype]
+
+
 class FusedDecodeAttention(nn.Cell):
-    """One decode step of attention over an in-place KV cache; fp32, CPU (see `use_fused`).
+    """One decode step of attention over an in-place KV cache; fp32 computation, the cache fp32 or fp16
+    (`cache_dtype`: converted in registers as it is read and written, rounding to nearest even); CPU (see
+    `use_fused`).
 
     `construct(query [B, Hq, 1, D] scaled, key [B, Hkv, 1, D], value [B, Hkv, 1, D], key_cache [B, Hkv, L, D],
     value_cache [B, Hkv, L, D], mask [B, 1, 1, L] additive, indices [B, Hkv, 1, 3] int32) -> context [B, Hq, 1, D]`.
     Writes each row's key/value into the cache Parameters at its position `indices[b, 0, 0, 2]` (rows may differ)
     and attends over that row's positions up to it only. Inference only (no backward)."""
 
-    def __init__(self):
+    def __init__(self, cache_dtype=ms.float32):
         super().__init__()
-        self.attend = _custom('DecodeAttention', lambda q, k, v, kc, vc, m, i: q, lambda q, k, v, kc, vc, m, i: q)
+        self.attend = _custom(_cache_kernel('DecodeAttention', cache_dtype), lambda q, k, v, kc, vc, m, i: q,
+                              lambda q, k, v, kc, vc, m, i: q)
 
     def construct(self, query, key, value, key_cache, value_cache, mask, indices):
         return self.attend(query, key, value, key_cache, value_cache, mask, indices)
@@ -326,9 +338,9 @@ class FusedDecodeAttentionPacked(nn.Cell):
     """`FusedDecodeAttention` on a packed projection: `construct(qkv [B, (Hq + 2 Hkv) D] (q | k | v, heads
     contiguous, unscaled), key_cache, value_cache, mask, indices, scale [1]) -> context [B, Hq D]`."""
 
-    def __init__(self):
+    def __init__(self, cache_dtype=ms.float32):
         super().__init__()
-        self.attend = _custom('DecodeAttentionPacked',
+        self.attend = _custom(_cache_kernel('DecodeAttentionPacked', cache_dtype),
                               lambda qkv, kc, vc, m, i, s: [qkv[0], qkv[1] - 2 * kc[1] * kc[3]],
                               lambda qkv, kc, vc, m, i, s: qkv)
 

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -366,21 +367,134 @@ bool RowPositions(const int32_t *indices, int64_t batch, int64_t kv_heads, int64
   return true;
 }
 
-// One decode step of attention over an in-place KV cache, for `batch` rows of `q_heads` query heads and `kv_heads`
-// cached heads of `dim` values. query(b, h), key(b, g), value(b, g) point at the new vectors (query already
-// scaled); context(b, h) at the output. Caches are [batch, kv_heads, length, dim]; mask [batch, length] additive.
-// Writes row b's key/value at positions[b], then attends over its positions 0..positions[b] only; query head h
-// reads kv head h / (q_heads / kv_heads).
-template <typename Query, typename Key, typename Value, typename Context>
+// A KV cache element stored in IEEE half precision (its bits). Conversions round to nearest even and are exact
+// the other way, so the scalar and the AVX-512 code store and read the same values.
+struct Half {
+  uint16_t bits;
+};
+
+inline float Widen(float x) { return x; }
+
+inline float Widen(Half h) {
+  const uint32_t sign = static_cast<uint32_t>(h.bits & 0x8000u) << 16;
+  const uint32_t exponent = (h.bits >> 10) & 0x1fu, mantissa = h.bits & 0x3ffu;
+  uint32_t bits;
+  if (exponent == 0) {  // zero or subnormal: mantissa * 2^-24, exact in float
+    float magnitude = static_cast<float>(mantissa) * 5.9604644775390625e-8f;
+    std::memcpy(&bits, &magnitude, sizeof(bits));
+  } else if (exponent == 31) {
+    bits = 0x7f800000u | (mantissa << 13);
+  } else {
+    bits = ((exponent + 112) << 23) | (mantissa << 13);
+  }
+  bits |= sign;
+  float out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+
+template <typename Cache>
+inline Cache Narrow(float x);
+
+template <>
+inline float Narrow<float>(float x) {
+  return x;
+}
+
+template <>
+inline Half Narrow<Half>(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  const uint16_t sign = static_cast<uint16_t>((bits >> 16) & 0x8000u);
+  bits &= 0x7fffffffu;
+  auto round = [](uint32_t kept, uint32_t rest, uint32_t halfway) {  // to nearest, ties to even
+    return kept + (rest > halfway || (rest == halfway && (kept & 1u)));
+  };
+  uint32_t out;
+  if (bits > 0x7f800000u) {
+    out = 0x7e00u;  // NaN
+  } else if (bits >= 0x47800000u) {
+    out = 0x7c00u;  // >= 2^16 (or infinity): overflows to infinity
+  } else if (bits >= 0x38800000u) {  // normal half; a carry out of the mantissa moves the exponent up (to inf at most)
+    const uint32_t rebased = bits - (112u << 23);
+    out = round(rebased >> 13, rebased & 0x1fffu, 0x1000u);
+  } else if (bits >= 0x33000000u) {  // subnormal half: units of 2^-24
+    const uint32_t mantissa = (bits & 0x7fffffu) | 0x800000u, shift = 126 - (bits >> 23);
+    out = round(mantissa >> shift, mantissa & ((1u << shift) - 1), 1u << (shift - 1));
+  } else {
+    out = 0;  // below half of the smallest subnormal
+  }
+  return Half{static_cast<uint16_t>(sign | out)};
+}
+
+#if defined(__AVX512F__)
+inline __m512 Widen16(const float *x) { return _mm512_loadu_ps(x); }
+inline __m512 Widen16(const Half *x) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(x)));
+}
+#endif
+
+// dot(q, k) over dim values, k widened to fp32.
+template <typename Cache>
+inline float CacheDot(const float *q, const Cache *k, int64_t dim) {
+  float dot = 0.f;
+  int64_t d = 0;
+#if defined(__AVX512F__)
+  if (!std::is_same<Cache, float>::value) {
+    __m512 acc = _mm512_setzero_ps();
+    for (; d + 16 <= dim; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), Widen16(k + d), acc);
+    dot = _mm512_reduce_add_ps(acc);
+  }
+#endif
+#pragma omp simd reduction(+ : dot)
+  for (int64_t e = d; e < dim; e++) dot += q[e] * Widen(k[e]);
+  return dot;
+}
+
+// out += p * v over dim values, v widened to fp32.
+template <typename Cache>
+inline void CacheAxpy(float p, const Cache *v, float *out, int64_t dim) {
+  int64_t d = 0;
+#if defined(__AVX512F__)
+  if (!std::is_same<Cache, float>::value) {
+    const __m512 scale = _mm512_set1_ps(p);
+    for (; d + 16 <= dim; d += 16)
+      _mm512_storeu_ps(out + d, _mm512_fmadd_ps(scale, Widen16(v + d), _mm512_loadu_ps(out + d)));
+  }
+#endif
+#pragma omp simd
+  for (int64_t e = d; e < dim; e++) out[e] += p * Widen(v[e]);
+}
+
+template <typename Cache>
+inline void CacheStore(const float *x, Cache *out, int64_t dim) {
+  int64_t d = 0;
+#if defined(__AVX512F__)
+  if (std::is_same<Cache, Half>::value) {
+    for (; d + 16 <= dim; d += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i *>(out + d),
+                          _mm512_cvtps_ph(_mm512_loadu_ps(x + d), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+#endif
+  for (; d < dim; d++) out[d] = Narrow<Cache>(x[d]);
+}
+
+// One decode step of attention over an in-place KV cache of `Cache` elements (float, or Half: converted to and from
+// fp32 in registers), for `batch` rows of `q_heads` query heads and `kv_heads` cached heads of `dim` values.
+// query(b, h), key(b, g), value(b, g) point at the new fp32 vectors (query already scaled); context(b, h) at the fp32
+// output. Caches are [batch, kv_heads, length, dim]; mask [batch, length] additive. Writes row b's key/value at
+// positions[b], then attends over its positions 0..positions[b] only; query head h reads kv head
+// h / (q_heads / kv_heads).
+template <typename Cache, typename Query, typename Key, typename Value, typename Context>
 void DecodeAttend(int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t dim, int64_t length,
-                  const int64_t *positions, float *key_cache, float *value_cache, const float *mask, Query query,
+                  const int64_t *positions, Cache *key_cache, Cache *value_cache, const float *mask, Query query,
                   Key key, Value value, Context context) {
   int64_t longest = 0;
   for (int64_t b = 0; b < batch; b++) {
     for (int64_t g = 0; g < kv_heads; g++) {
       const int64_t slot = ((b * kv_heads + g) * length + positions[b]) * dim;
-      std::memcpy(key_cache + slot, key(b, g), dim * sizeof(float));
-      std::memcpy(value_cache + slot, value(b, g), dim * sizeof(float));
+      CacheStore(key(b, g), key_cache + slot, dim);
+      CacheStore(value(b, g), value_cache + slot, dim);
     }
     longest = std::max(longest, positions[b] + 1);
   }
@@ -391,16 +505,12 @@ void DecodeAttend(int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t dim,
       const int64_t b = row / q_heads, h = row % q_heads, kv_row = b * kv_heads + h / group;
       const int64_t span = positions[b] + 1;
       const float *qr = query(b, h);
-      const float *keys = key_cache + kv_row * length * dim;
-      const float *values = value_cache + kv_row * length * dim;
+      const Cache *keys = key_cache + kv_row * length * dim;
+      const Cache *values = value_cache + kv_row * length * dim;
       const float *mr = mask + b * length;
       float mx = -3.0e38f;  // not -INFINITY: -ffast-math assumes no infinities
       for (int64_t j = 0; j < span; j++) {
-        const float *kj = keys + j * dim;
-        float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-        for (int64_t d = 0; d < dim; d++) dot += qr[d] * kj[d];
-        scores[j] = dot + mr[j];
+        scores[j] = CacheDot(qr, keys + j * dim, dim) + mr[j];
         mx = std::fmax(mx, scores[j]);
       }
       float sum = 0.f;
@@ -410,23 +520,17 @@ void DecodeAttend(int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t dim,
       }
       float *orow = context(b, h);
       std::memset(orow, 0, dim * sizeof(float));
-      for (int64_t j = 0; j < span; j++) {
-        const float p = scores[j] / sum;
-        const float *vj = values + j * dim;
-#pragma omp simd
-        for (int64_t d = 0; d < dim; d++) orow[d] += p * vj[d];
-      }
+      for (int64_t j = 0; j < span; j++) CacheAxpy(scores[j] / sum, values + j * dim, orow, dim);
     }
   });
 }
-}  // namespace
 
 // Inputs: query [B, Hq, 1, D] (already scaled), key and value [B, Hkv, 1, D], key_cache and value_cache
-// [B, Hkv, L, D], mask [B, 1, 1, L] additive, indices [B, Hkv, 1, 3] int32 whose last entry is the row's write
-// position P_b (rows may differ: each attends over its positions 0..P_b). Output: context [B, Hq, 1, D]. The caches' memory is their Parameters': writing into
-// it is the intended side effect.
-extern "C" int DecodeAttention(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
-                               void *stream, void *extra) {
+// [B, Hkv, L, D] of `Cache` elements, mask [B, 1, 1, L] additive, indices [B, Hkv, 1, 3] int32 whose last entry is the
+// row's write position P_b (rows may differ: each attends over its positions 0..P_b). Output: context [B, Hq, 1, D].
+// The caches' memory is their Parameters': writing into it is the intended side effect.
+template <typename Cache>
+int DecodeAttentionOf(void **params, int64_t **shapes) {
   const float *q = static_cast<const float *>(params[0]);
   const float *k = static_cast<const float *>(params[1]);
   const float *v = static_cast<const float *>(params[2]);
@@ -436,8 +540,8 @@ extern "C" int DecodeAttention(int nparam, void **params, int *ndims, int64_t **
   std::vector<int64_t> positions;
   if (q_heads % kv_heads || !RowPositions(static_cast<const int32_t *>(params[6]), batch, kv_heads, length, &positions))
     return 1;
-  DecodeAttend(batch, q_heads, kv_heads, dim, length, positions.data(), static_cast<float *>(params[3]),
-               static_cast<float *>(params[4]), static_cast<const float *>(params[5]),
+  DecodeAttend(batch, q_heads, kv_heads, dim, length, positions.data(), static_cast<Cache *>(params[3]),
+               static_cast<Cache *>(params[4]), static_cast<const float *>(params[5]),
                [&](int64_t b, int64_t h) { return q + (b * q_heads + h) * dim; },
                [&](int64_t b, int64_t g) { return k + (b * kv_heads + g) * dim; },
                [&](int64_t b, int64_t g) { return v + (b * kv_heads + g) * dim; },
@@ -447,8 +551,8 @@ extern "C" int DecodeAttention(int nparam, void **params, int *ndims, int64_t **
 
 // The same on a packed projection: qkv [B, (Hq + 2 Hkv) D] laid out q | k | v with heads contiguous (unscaled),
 // key_cache, value_cache, mask, indices as above, scale [1]. Output: context [B, Hq D] (heads merged).
-extern "C" int DecodeAttentionPacked(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
-                                     void *stream, void *extra) {
+template <typename Cache>
+int DecodeAttentionPackedOf(void **params, int64_t **shapes) {
   const float *qkv = static_cast<const float *>(params[0]);
   float *out = static_cast<float *>(params[6]);
   const int64_t batch = shapes[0][0], width = shapes[0][1];
@@ -464,13 +568,35 @@ extern "C" int DecodeAttentionPacked(int nparam, void **params, int *ndims, int6
     for (int64_t i = 0; i < q_heads * dim; i++) query[b * q_heads * dim + i] = qkv[b * width + i] * scale;
   }
   const float *keys = qkv + q_heads * dim, *values = keys + kv_heads * dim;
-  DecodeAttend(batch, q_heads, kv_heads, dim, length, positions.data(), static_cast<float *>(params[1]),
-               static_cast<float *>(params[2]), static_cast<const float *>(params[3]),
+  DecodeAttend(batch, q_heads, kv_heads, dim, length, positions.data(), static_cast<Cache *>(params[1]),
+               static_cast<Cache *>(params[2]), static_cast<const float *>(params[3]),
                [&](int64_t b, int64_t h) { return query.data() + (b * q_heads + h) * dim; },
                [&](int64_t b, int64_t g) { return keys + b * width + g * dim; },
                [&](int64_t b, int64_t g) { return values + b * width + g * dim; },
                [&](int64_t b, int64_t h) { return out + (b * q_heads + h) * dim; });
   return 0;
+}
+}  // namespace
+
+// Entry points: fp32 caches, and fp16 caches (suffix F16) read and written by the same fp32 computation.
+extern "C" int DecodeAttention(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                               void *stream, void *extra) {
+  return DecodeAttentionOf<float>(params, shapes);
+}
+
+extern "C" int DecodeAttentionF16(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                  void *stream, void *extra) {
+  return DecodeAttentionOf<Half>(params, shapes);
+}
+
+extern "C" int DecodeAttentionPacked(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                     void *stream, void *extra) {
+  return DecodeAttentionPackedOf<float>(params, shapes);
+}
+
+extern "C" int DecodeAttentionPackedF16(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                        void *stream, void *extra) {
+  return DecodeAttentionPackedOf<Half>(params, shapes);
 }
 
 // Column sums (the gradient of a bias add). Input: dy [rows, C]. Output: [C].

@@ -36,6 +36,18 @@ def _declared_fields(cls):
     return fields
 
 
+KV_CACHE_DTYPES = ('float32', 'float16')
+
+
+def check_kv_cache_dtype(value, where='kv_cache_dtype'):
+    """ValueError naming `where` unless `value` is None (the compute dtype) or one of KV_CACHE_DTYPES."""
+    if value is None or value in KV_CACHE_DTYPES:
+        return
+    why = " (bfloat16: MindSpore's CPU scatter ops have no bfloat16 kernel)" if value == 'bfloat16' else ''
+    raise ValueError(f"{where} must be one of {', '.join(KV_CACHE_DTYPES)} (or unset: the compute_dtype), got "
+                     f"{value!r}{why}")
+
+
 class BaseConfig:
     """Holds a model's hyper-parameters as attributes.
 
@@ -64,7 +76,9 @@ class BaseConfig:
     Inference: quantization (None; 'int8': weight-only int8, the float weights quantized as they load, see
         `mindformers.quantization`), quantization_config (None: {scheme: block32, embeddings: false}; scheme
         block32 (an fp16 scale per 32 weights, llama.cpp's Q8_0) or channel (an fp32 scale per output row),
-        embeddings: the embedding tables int8 too).
+        embeddings: the embedding tables int8 too), kv_cache_dtype (None: the compute_dtype; 'float32' | 'float16':
+        the dtype a decoding session stores keys and values in, e.g. float16 under fp32 computation halves the
+        cache, see `mindformers.generation.session`).
     Generation defaults (GenerationConfig.from_model_config): batch_size (1), use_past (False: decode with the KV
         cache), max_decode_length (512), max_new_tokens (None: the default number of tokens `generate()` adds),
         top_k (5), top_p (1.0), do_sample (False), repetition_penalty (1.0)."""
@@ -91,6 +105,7 @@ class BaseConfig:
     pet_config: Optional[PetConfig] = None
     quantization: Optional[str] = None
     quantization_config: Optional[dict] = None
+    kv_cache_dtype: Optional[str] = None
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -113,6 +128,7 @@ class BaseConfig:
         self.checkpoint_name_or_path = self.checkpoint_name_or_path or ''
         self.pet_config = pet_config_from_dict(self.pet_config, f"{type(self).__name__}.pet_config")
         config_settings(self)
+        check_kv_cache_dtype(self.kv_cache_dtype, f"{type(self).__name__}.kv_cache_dtype")
         self.validate()
 
     def validate(self):

@@ -1,11 +1,12 @@
 """pipeline(): a ready-to-call task pipeline from a registered model name, a directory, a YAML or a model object."""
 import os
 
+from mindformers.models.base_config import check_kv_cache_dtype
 from mindformers.pipeline.base_pipeline import positive_int
 from mindformers.quantization import quantization_settings, quantize_model
 from mindformers.tools.register import MindFormerRegister, MindFormerModuleType
 
-BUILD_TIME = ('batch_size', 'use_past', 'seq_length', 'quantization', 'quantization_config')
+BUILD_TIME = ('batch_size', 'use_past', 'seq_length', 'quantization', 'quantization_config', 'kv_cache_dtype')
 
 
 def _task_class(task):
@@ -26,6 +27,7 @@ def _build_options(kwargs):
     if 'use_past' in build and not isinstance(build['use_past'], bool):
         raise ValueError(f"use_past must be True or False, got {build['use_past']!r}")
     quantization_settings(build.get('quantization'), build.get('quantization_config'), 'pipeline()')
+    check_kv_cache_dtype(build.get('kv_cache_dtype'), 'pipeline().kv_cache_dtype')
     return build
 
 
@@ -37,7 +39,8 @@ def pipeline(task='text_generation', model=None, tokenizer=None, **kwargs):
     loaded like the model. `batch_size`, `use_past` and `seq_length` configure the model when it is built (for an
     instance, `use_past` and `batch_size` are set on its config and `seq_length` must match it);
     `quantization='int8'` (with an optional `quantization_config={'scheme': 'block32' | 'channel', 'embeddings':
-    bool}`) makes it weight-only int8 (quantized as its weights load; an instance is quantized in place). Every
+    bool}`) makes it weight-only int8 (quantized as its weights load; an instance is quantized in place);
+    `kv_cache_dtype` ('float32' | 'float16') sets the dtype of its decoding sessions' KV cache. Every
     other keyword is a default option of the pipeline's call (for text generation: generate options)."""
     from mindformers.models.auto import AutoModel, AutoTokenizer
     pipeline_cls = _task_class(task)
@@ -58,9 +61,11 @@ def pipeline(task='text_generation', model=None, tokenizer=None, **kwargs):
         if 'seq_length' in build and build['seq_length'] != int(config.seq_length):
             raise ValueError(f"pipeline(seq_length={build['seq_length']}) does not match the given model's "
                              f"seq_length {config.seq_length}; build the model with that seq_length instead")
-        for name in ('use_past', 'batch_size'):
+        for name in ('use_past', 'batch_size', 'kv_cache_dtype'):
             if name in build:
                 setattr(config, name, build[name])
+        if 'kv_cache_dtype' in build:
+            model.__dict__.pop('_generate_sessions', None)  # sessions built before hold the old cache
         settings = quantization_settings(build.get('quantization'), build.get('quantization_config'), 'pipeline()')
         if settings is not None:
             quantize_model(model, **settings)

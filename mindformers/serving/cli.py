@@ -18,6 +18,7 @@ from mindformers.tools.utils import OneLineArgumentParser, UsageError, cli_error
 PROG = 'mindformers.serve'
 CHAT_FORMAT_CHOICES = ('auto', 'chatglm', 'llama2', 'plain')
 QUANTIZATION_CHOICES = ('int8',)
+KV_CACHE_DTYPE_CHOICES = ('float32', 'float16')  # models.base_config.KV_CACHE_DTYPES, without importing MindSpore
 SERVE_DEFAULTS = {'host': '127.0.0.1', 'port': 8000, 'slots': 8, 'max_waiting': 64, 'timeout': 600.0,
                   'chat_format': 'auto'}
 
@@ -50,6 +51,9 @@ def build_parser():
     parser.add_argument('--quantization', choices=QUANTIZATION_CHOICES,
                         help='weight-only int8: the weights are quantized as they load (a --pet_checkpoint LoRA is '
                              'merged into the float weights first)')
+    parser.add_argument('--kv_cache_dtype', choices=KV_CACHE_DTYPE_CHOICES,
+                        help="dtype of the slots' KV cache (default: the model's compute_dtype); float16 halves it "
+                             "under fp32 computation")
     add_serving_arguments(parser)
     return parser
 
@@ -81,17 +85,20 @@ def check_serving_args(args):
             raise UsageError(f"--{name} {value} does not exist")
 
 
-def load_model(source, checkpoint_given=False, quantization=None):
+def load_model(source, checkpoint_given=False, quantization=None, kv_cache_dtype=None):
     """(model, tokenizer) from `source`: a registered name, YAML or directory (AutoModel / AutoTokenizer), or
     run_mindformer.py's run config (its model and processor sections, context and load_checkpoint). A name or YAML
     without weights is built with fresh ones: with a warning unless `checkpoint_given` (--load_checkpoint).
-    `quantization`: 'int8' (--quantization), or False to build a run config's model float whatever it says."""
+    `quantization`: 'int8' (--quantization), or False to build a run config's model float whatever it says.
+    `kv_cache_dtype` (--kv_cache_dtype): the model config's, when given."""
     from mindformers.core.context import init_context
     from mindformers.models.auto import AutoModel, AutoTokenizer
     from mindformers.models.auto.auto_class import NoWeightsError
     if isinstance(source, str):
         init_context()
         overrides = {'quantization': quantization} if quantization else {}
+        if kv_cache_dtype:
+            overrides['kv_cache_dtype'] = kv_cache_dtype
         try:
             model = AutoModel.from_pretrained(source, **overrides)
         except NoWeightsError as err:
@@ -106,6 +113,8 @@ def load_model(source, checkpoint_given=False, quantization=None):
     tokenizer = build_tokenizer((source.get('processor') or {}).get('tokenizer'), where='processor.tokenizer')
     if quantization is False:
         source.model.model_config.quantization = source.model.model_config.quantization_config = None
+    if kv_cache_dtype:
+        source.model.model_config.kv_cache_dtype = kv_cache_dtype
     return build_network(source), tokenizer
 
 
@@ -184,7 +193,8 @@ def start_engine(source, args, model_id):
     quantization = requested_quantization(source, args)
     merge_first = quantization is not None and bool(args.pet_checkpoint)  # PET needs the float weights
     model, tokenizer = load_model(source, bool(getattr(args, 'load_checkpoint', None)),
-                                  False if merge_first else getattr(args, 'quantization', None))
+                                  False if merge_first else getattr(args, 'quantization', None),
+                                  getattr(args, 'kv_cache_dtype', None))
     load_weights(model, getattr(args, 'load_checkpoint', None), args.pet_checkpoint)
     if merge_first:
         from mindformers.quantization import quantize_model
