@@ -11,6 +11,7 @@
 // Written with GCC vector types, so one source serves every ISA: 16 lanes with AVX-512, 8 with AVX, 4 otherwise
 // (SSE or NEON); the AVX-512 build also packs panels with an in-register transpose.
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -96,9 +97,9 @@ struct Weights {
   int64_t Blocks() const { return k_dim / kBlock; }
 
   // fp32 block scales of rows [n, n + rows) into out [rows][Blocks()] (block32 only)
-  void BlockScales(int64_t n, int64_t rows, float *out) const {
-    const int64_t count = rows * Blocks();
-    const uint16_t *src = half + n * Blocks();
+  void BlockScales(int64_t n, int64_t rows, float *out) const { HalvesToFloats(half + n * Blocks(), rows * Blocks(), out); }
+
+  static void HalvesToFloats(const uint16_t *src, int64_t count, float *out) {
     int64_t i = 0;
 #if defined(__F16C__)
     for (; i + 8 <= count; i += 8) {  // vcvtph2ps: exact, subnormals included
@@ -244,20 +245,20 @@ void PackRows(const float *x, int64_t m_rows, int64_t k_dim, int64_t g, uint32_t
 }
 
 // Weight rows [n, n + kAmxSpan) (zeros past the last), inputs [k0, k0 + depth), as A tiles in bf16:
-// out[k / 32][row][32], and their block32 scales as fp32 scales[k / 32][row].
+// out[k / 32][row][32], and their block32 scales as fp32 scales[row][k / 32]. Row by row: one stream per row.
 void PackWeights(const Weights &w, int64_t n, int64_t k0, int64_t depth, uint16_t *out, float *scales) {
-  const int64_t rows = std::min(kAmxSpan, w.n_dim - n);
-  for (int64_t b = 0; b < depth / kBlock; b++) {
-    for (int64_t r = 0; r < kAmxSpan; r++) {
-      __m512bh v{};
-      if (r < rows) {
-        const int8_t *q = w.q + (n + r) * w.k_dim + k0 + b * kBlock;
-        v = _mm512_cvtne2ps_pbh(Widen(q + 16), Widen(q));
-      }
+  const int64_t rows = std::min(kAmxSpan, w.n_dim - n), blocks = depth / kBlock;
+  for (int64_t r = 0; r < kAmxSpan; r++) {
+    const int8_t *q = w.q + (n + r) * w.k_dim + k0;
+    for (int64_t b = 0; b < blocks; b++) {
+      const __m512bh v = r < rows ? _mm512_cvtne2ps_pbh(Widen(q + b * kBlock + 16), Widen(q + b * kBlock)) : __m512bh{};
       std::memcpy(out + (b * kAmxSpan + r) * 32, &v, sizeof v);
-      if (w.half) {
-        scales[b * kAmxSpan + r] = r < rows ? HalfToFloat(w.half[(n + r) * w.Blocks() + k0 / kBlock + b]) : 0.f;
-      }
+    }
+    if (!w.half) continue;
+    if (r < rows) {
+      Weights::HalvesToFloats(w.half + (n + r) * w.Blocks() + k0 / kBlock, blocks, scales + r * blocks);
+    } else {
+      std::fill(scales + r * blocks, scales + (r + 1) * blocks, 0.f);
     }
   }
 }
@@ -325,11 +326,10 @@ void AmxRows(const float *x, int64_t m_rows, const Weights &w, float *y) {
               _tile_zero(0);
               _tile_zero(1);
               _tile_zero(2);
-              const float *scale = scales.data() + b * kAmxSpan;
               for (int64_t t = 0; t < kAmxTiles; t++) {
                 for (int j = 0; j < 16; j++) {
-                  _mm512_store_ps(acc[t][j], _mm512_fmadd_ps(_mm512_load_ps(c[t][j]), _mm512_set1_ps(scale[16 * t + j]),
-                                                             _mm512_load_ps(acc[t][j])));
+                  const __m512 scale = _mm512_set1_ps(scales[(16 * t + j) * blocks + b]);
+                  _mm512_store_ps(acc[t][j], _mm512_fmadd_ps(_mm512_load_ps(c[t][j]), scale, _mm512_load_ps(acc[t][j])));
                 }
               }
             }
@@ -431,6 +431,22 @@ void ManyRows(const float *x, int64_t m_rows, const Weights &w, float *y) {
 
 // Floats per vector in this build (16 with AVX-512, 8 with AVX, else 4).
 extern "C" int Int8Lanes() { return kLanes; }
+
+// The bytes [p, p + bytes) summed (wrapping), split over the cores as the kernels split their weights: the plain
+// read a decode step's weight streaming is measured against (benchmarks/int8.py `read`).
+extern "C" int64_t Int8ReadBytes(const int8_t *p, int64_t bytes) {
+  constexpr int64_t kPiece = 1 << 16;
+  std::atomic<int64_t> total{0};
+  ParallelFor((bytes + kPiece - 1) / kPiece, kPiece, [&](int64_t begin, int64_t end) {
+    Vec acc{};
+    int64_t sum = 0, i = begin * kPiece;
+    const int64_t last = std::min(bytes, end * kPiece);
+    for (; i + kLanes <= last; i += kLanes) acc += Widen(p + i);
+    for (; i < last; i++) sum += p[i];
+    total += sum + static_cast<int64_t>(Sum(acc));
+  });
+  return total.load();
+}
 
 // 1 when this build multiplies kAmxRows or more rows on AMX and this CPU and process allow it, else 0.
 extern "C" int Int8UsesAmx() {
