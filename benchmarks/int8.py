@@ -11,9 +11,9 @@ in processes alternating with the current one (an A/B of a kernel change).
 
 Shapes are (in K, out N): GPT-2 768x2304 (qkv), 768x3072, 3072x768, 768x50257 (LM head); LLaMA-7B 4096x4096,
 4096x11008, 11008x4096, 4096x32000 (head); PanGu-alpha 2.6B 2560x7680 (qkv), 2560x2560, 2560x10240, 10240x2560,
-2560x40000 (head). Rows M = 1 and 16 (decode) and 128 (prefill) by default. Decode runs on cold weights, as in a model's decode step: each call reads the next of enough copies of the
-weight to pass through `--cold-mb` MB (beyond the last-level cache), and the weight bytes read per second are reported
-(int8 + scales, fp32 4 bytes per weight). Prefill repeats one weight (it is compute-bound) and reports GFLOP/s.
+2560x40000 (head). Rows M = 1 and 16 (decode) and 128 (prefill) by default. Decode runs on cold weights, as in a
+model's decode step: each call reads the next of enough copies of the weight to pass through `--cold-mb` MB (beyond
+the last-level cache), and the weight bytes read per second are reported (int8 + scales, fp32 4 bytes per weight). Prefill repeats one weight (it is compute-bound) and reports GFLOP/s.
 The JSON keeps every round's raw figures (`raw`) besides the medians.
 
 Each variant runs in its own process, variants interleaved round-robin, medians over `--rounds` rounds. Our kernels are
@@ -306,10 +306,10 @@ def main():
     for name in ('int8_block32', 'int8_channel', *BASELINE):
         read = results['seconds'].get('read')
         if read and name in results['seconds']:  # GB/s of the kernel over GB/s of the plain read, decode rows
-            fractions = {key: results['weight_bytes'][name][key] / seconds
-                         / (results['weight_bytes']['read'][key.split('/')[0] + '/M1'] / read[key.split('/')[0] + '/M1'])
+            read_rate = {key: results['weight_bytes']['read'][key] / seconds for key, seconds in read.items()}
+            fractions = {key: results['weight_bytes'][name][key] / seconds / read_rate[key.split('/')[0] + '/M1']
                          for key, seconds in results['seconds'][name].items()
-                         if int(key.rsplit('M', 1)[1]) <= DECODE_ROWS and key.split('/')[0] + '/M1' in read}
+                         if int(key.rsplit('M', 1)[1]) <= DECODE_ROWS and key.split('/')[0] + '/M1' in read_rate}
             results[f'read_fraction_{name}'] = fractions
             print(f"{name} GB/s / read GB/s: " + ', '.join(f'{k} {v:.2f}' for k, v in fractions.items()))
     for name in ('int8_block32', 'int8_channel'):

@@ -6,7 +6,8 @@
 // Few rows (decode): each weight row is read once for all rows of x, widened and scaled in registers, and dotted
 // with every row of x; the output features are split over the cores. Many rows (prefill): a panel of kPanel output
 // features x kDepth inputs is widened, scaled and transposed into fp32 once, then multiplied with every row of x by
-// a register-tiled kernel, so the widening is paid once per panel and the panel stays in L1.
+// a register-tiled kernel, so the widening is paid once per panel and the panel stays in L1. From 16 rows on, a CPU
+// with AMX multiplies bf16 tiles instead (AmxRows: exact products, see there).
 //
 // Written with GCC vector types, so one source serves every ISA: 16 lanes with AVX-512, 8 with AVX, 4 otherwise
 // (SSE or NEON); the AVX-512 build also packs panels with an in-register transpose.
@@ -97,7 +98,9 @@ struct Weights {
   int64_t Blocks() const { return k_dim / kBlock; }
 
   // fp32 block scales of rows [n, n + rows) into out [rows][Blocks()] (block32 only)
-  void BlockScales(int64_t n, int64_t rows, float *out) const { HalvesToFloats(half + n * Blocks(), rows * Blocks(), out); }
+  void BlockScales(int64_t n, int64_t rows, float *out) const {
+    HalvesToFloats(half + n * Blocks(), rows * Blocks(), out);
+  }
 
   static void HalvesToFloats(const uint16_t *src, int64_t count, float *out) {
     int64_t i = 0;
@@ -277,7 +280,7 @@ void StoreTile(const float *acc, int64_t g, int64_t m_rows, int64_t n, int64_t n
 void AmxRows(const float *x, int64_t m_rows, const Weights &w, float *y) {
   const int64_t k_dim = w.k_dim, n_dim = w.n_dim, groups = (m_rows + 15) / 16;
   const int64_t spans = (n_dim + kAmxSpan - 1) / kAmxSpan, pairs = k_dim / 2, group_words = kAmxTerms * pairs * 16;
-  thread_local std::vector<uint32_t> buffer;  // the caller's; the tasks below read it through `packed`
+  thread_local std::vector<uint32_t> buffer;  // the caller's; workers reach it through `packed`
   buffer.resize(groups * group_words);
   uint32_t *packed = buffer.data();
   ParallelFor(groups, 16 * k_dim * 8, [&](int64_t begin, int64_t end) {
@@ -329,7 +332,8 @@ void AmxRows(const float *x, int64_t m_rows, const Weights &w, float *y) {
               for (int64_t t = 0; t < kAmxTiles; t++) {
                 for (int j = 0; j < 16; j++) {
                   const __m512 scale = _mm512_set1_ps(scales[(16 * t + j) * blocks + b]);
-                  _mm512_store_ps(acc[t][j], _mm512_fmadd_ps(_mm512_load_ps(c[t][j]), scale, _mm512_load_ps(acc[t][j])));
+                  const __m512 sum = _mm512_fmadd_ps(_mm512_load_ps(c[t][j]), scale, _mm512_load_ps(acc[t][j]));
+                  _mm512_store_ps(acc[t][j], sum);
                 }
               }
             }
