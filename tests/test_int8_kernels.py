@@ -201,6 +201,14 @@ def test_portable_builds_match_numpy(portable, scheme):
             _check(library, m_rows, k_dim, n_dim, scheme)
 
 
+def test_read_reference_sums_the_bytes(native):
+    # benchmarks/int8.py's `read`: the bytes summed over the pool's threads (sums of at most 2^24 stay exact in fp32)
+    data = np.random.default_rng(3).integers(-128, 128, 3 * 65536 + 77, dtype=np.int8)
+    read = ctypes.CDLL(native).Int8ReadBytes
+    read.argtypes, read.restype = [ctypes.c_void_p, ctypes.c_int64], ctypes.c_int64
+    assert read(data.ctypes.data, data.nbytes) == int(data.astype(np.int64).sum())
+
+
 def test_mismatched_shapes_are_refused(native):
     x, q, scale = _case(2, 64, 5, 'block32')
     assert _run(native, x[:, :32], q, scale)[0] == 1
