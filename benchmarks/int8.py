@@ -2,13 +2,19 @@
 (`Int8Linear`, mindformers/kernels/int8.cc, `block32` = llama.cpp Q8_0 layout and per-row `channel`) against our
 fp32 few-rows kernel, MindSpore's MatMul, torch fp32 `F.linear`, torch's dynamic int8 Linear
 (`torch.ao.quantization.quantize_dynamic`: per-tensor int8 weights, activations quantized per call) and, when the
-`onednn` wheels can be loaded, oneDNN's int8 matmuls (benchmarks/onednn_int8.cc; see ONEDNN_MODES).
+`onednn` wheels can be loaded, oneDNN's int8 matmuls (benchmarks/onednn_int8.cc; see ONEDNN_MODES). `read` is the
+bandwidth reference: our library's `Int8ReadBytes` summing the same cold int8 weight copies, split over the cores
+by the kernels' thread pool (vector loads widened and added: about the kernel's instruction mix minus the
+multiplies). With
+`--baseline REV` the variants `int8_block32_base` / `int8_channel_base` run our kernel as it was at git revision REV,
+in processes alternating with the current one (an A/B of a kernel change).
 
 Shapes are (in K, out N): GPT-2 768x2304 (qkv), 768x3072, 3072x768, 768x50257 (LM head); LLaMA-7B 4096x4096,
-4096x11008, 11008x4096, 4096x32000 (head); PanGu-alpha 2.6B 2560x10240. Rows M = 1 and 16 (decode) and 128
-(prefill). Decode runs on cold weights, as in a model's decode step: each call reads the next of enough copies of the
-weight to pass through `--cold-mb` MB (beyond the last-level cache), and the weight bytes read per second are reported
-(int8 + scales, fp32 4 bytes per weight). Prefill repeats one weight (it is compute-bound).
+4096x11008, 11008x4096, 4096x32000 (head); PanGu-alpha 2.6B 2560x7680 (qkv), 2560x2560, 2560x10240, 10240x2560,
+2560x40000 (head). Rows M = 1 and 16 (decode) and 128 (prefill) by default. Decode runs on cold weights, as in a
+model's decode step: each call reads the next of enough copies of the weight to pass through `--cold-mb` MB (beyond
+the last-level cache), and the weight bytes read per second are reported (int8 + scales, fp32 4 bytes per weight). Prefill repeats one weight (it is compute-bound) and reports GFLOP/s.
+The JSON keeps every round's raw figures (`raw`) besides the medians.
 
 Each variant runs in its own process, variants interleaved round-robin, medians over `--rounds` rounds. Our kernels are
 called through ctypes exactly as MindSpore calls an AOT op (no framework overhead); `ms_matmul` and `ms_int8` are
@@ -19,7 +25,7 @@ with other work, 2-thread kernels lose whole scheduler slices waiting for a desc
 shows and CPU time does not (the kernels' own efficiency, not the machine's scaling).
 
     python benchmarks/int8.py [--rounds 3] [--shapes gpt2_qkv,llama_up] [--rows 1,16,128] [--single-core]
-                              [--json int8.json]
+                              [--variants read,int8_block32] [--baseline b9ac11b] [--json int8.json]
 """
 import argparse
 import ctypes
@@ -35,11 +41,14 @@ from _harness import environment, report, run_worker, write_json  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPES = {'gpt2_qkv': (768, 2304), 'gpt2_fc': (768, 3072), 'gpt2_proj': (3072, 768), 'gpt2_head': (768, 50257),
           'llama_qkvo': (4096, 4096), 'llama_up': (4096, 11008), 'llama_down': (11008, 4096),
-          'llama_head': (4096, 32000), 'pangu_fc': (2560, 10240)}
+          'llama_head': (4096, 32000), 'pangu_qkv': (2560, 7680), 'pangu_dense': (2560, 2560),
+          'pangu_fc': (2560, 10240), 'pangu_proj': (10240, 2560), 'pangu_head': (2560, 40000)}
 ROWS = (1, 16, 128)
 DECODE_ROWS = 16
-VARIANTS = ('int8_block32', 'int8_channel', 'fp32_fewrows', 'ms_matmul', 'ms_int8', 'torch_fp32',
+VARIANTS = ('read', 'int8_block32', 'int8_channel', 'fp32_fewrows', 'ms_matmul', 'ms_int8', 'torch_fp32',
             'torch_dynamic_int8', 'onednn_wdecomp', 'onednn_u8s8')
+BASELINE = ('int8_block32_base', 'int8_channel_base')  # with --baseline REV
+BASELINE_DIR = 'INT8_BENCH_BASELINE'  # environment: where the workers find REV's kernel sources
 # oneDNN variants (benchmarks/onednn_int8.cc): `wdecomp` = fp32 activations, s8 weights with an fp32 scale per 32
 # inputs (oneDNN's weights decompression; with fp16 scales, as block32 stores them, oneDNN 3.13 has only its slow
 # reference kernel, so the scales are given widened), `u8s8` = activations already quantized to u8 (the matmul of a
@@ -101,9 +110,11 @@ def _weights(name, k_dim, n_dim, cold_mb):
     """(weight copies in the variant's form, bytes of one copy): enough copies to pass through cold_mb MB."""
     import numpy as np
     weight = np.random.default_rng(0).standard_normal((n_dim, k_dim), dtype=np.float32) * 0.02
-    if name in ('int8_block32', 'int8_channel', 'ms_int8'):
+    if name.startswith('int8_') or name in ('ms_int8', 'read'):
         from mindformers.quantization import quantize
-        q, scale = quantize(weight, 'channel' if name == 'int8_channel' else 'block32')
+        q, scale = quantize(weight, 'channel' if name.startswith('int8_channel') else 'block32')
+        if name == 'read':
+            return [q] + [q.copy() for _ in range(_copies(q.nbytes, cold_mb) - 1)], q.nbytes
         size = q.nbytes + scale.nbytes
         return [(q, scale)] + [(q.copy(), scale.copy()) for _ in range(_copies(size, cold_mb) - 1)], size
     if name == 'torch_dynamic_int8':
@@ -121,10 +132,19 @@ def _weights(name, k_dim, n_dim, cold_mb):
 
 def _caller(name, x, weights, n_dim):
     """call(copy index) running variant `name` on x and the index-th weight copy."""
-    if name in ('int8_block32', 'int8_channel', 'fp32_fewrows'):
+    if name.startswith('int8_') or name == 'fp32_fewrows':
         from mindformers.kernels import build_library
         entry = 'LinearFewRows' if name == 'fp32_fewrows' else 'Int8Linear'
-        return _Kernel(build_library(), entry, x, [w if isinstance(w, tuple) else (w,) for w in weights], n_dim)
+        sources = None
+        if name.endswith('_base'):
+            sources = [os.path.join(os.environ[BASELINE_DIR], f) for f in ('fused.cc', 'int8.cc')]
+        return _Kernel(build_library(sources), entry, x, [w if isinstance(w, tuple) else (w,) for w in weights],
+                       n_dim)
+    if name == 'read':
+        from mindformers.kernels import build_library
+        read = ctypes.CDLL(build_library()).Int8ReadBytes
+        read.argtypes, read.restype = [ctypes.c_void_p, ctypes.c_int64], ctypes.c_int64
+        return lambda i: read(weights[i].ctypes.data, weights[i].nbytes)
     if name in ('ms_int8', 'ms_matmul'):
         import mindspore as ms
         from mindspore import nn, ops
@@ -160,7 +180,7 @@ def _measure(name, k_dim, n_dim, rows, cold_mb):
     weights, size = _weights(name, k_dim, n_dim, cold_mb)
     figures = {}
     for m in rows:
-        if name == 'fp32_fewrows' and m > DECODE_ROWS:
+        if name in ('fp32_fewrows', 'read') and m > DECODE_ROWS or name == 'read' and m > 1:
             continue
         x = np.random.default_rng(m).standard_normal((m, k_dim), dtype=np.float32)
         used = weights if m <= DECODE_ROWS else weights[:1]
@@ -196,6 +216,18 @@ def _onednn(mode, shapes, rows, cold_mb):
     return figures
 
 
+def _extract_baseline(revision):
+    """Write the kernel sources of git `revision` to a scratch directory named in the workers' environment."""
+    import tempfile
+    target = tempfile.mkdtemp(prefix='int8-baseline-')
+    for name in ('fused.cc', 'int8.cc', 'common.h'):
+        source = subprocess.run(['git', '-C', REPO, 'show', f'{revision}:mindformers/kernels/{name}'],
+                                capture_output=True, text=True, check=True).stdout
+        with open(os.path.join(target, name), 'w', encoding='utf-8') as f:
+            f.write(source)
+    os.environ[BASELINE_DIR] = target
+
+
 def worker(name, shapes, rows, cold_mb, single_core):
     if single_core:  # before any library starts its threads: every pool sees one CPU
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
@@ -220,14 +252,19 @@ def main():
     parser.add_argument('--cold-mb', type=int, default=1024, help='weights cycled through per decode measurement')
     parser.add_argument('--single-core', action='store_true',
                         help='every variant on one core, timed by process CPU time (for a loaded machine)')
+    parser.add_argument('--baseline', metavar='REV',
+                        help='also run int8_block32_base / int8_channel_base: the kernel sources at git revision REV')
     parser.add_argument('--json', help='write the figures here')
-    parser.add_argument('--worker', choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument('--worker', choices=VARIANTS + BASELINE, help=argparse.SUPPRESS)
     args = parser.parse_args()
     shapes, rows = args.shapes.split(','), [int(r) for r in args.rows.split(',')]
     if args.worker:
         worker(args.worker, shapes, rows, args.cold_mb, args.single_core)
         return
     variants = args.variants.split(',')
+    if args.baseline:
+        _extract_baseline(args.baseline)
+        variants += [f'{name}_base' for name in variants if f'{name}_base' in BASELINE]
     runs = {name: [] for name in variants}
     for round_index in range(args.rounds):
         for name in variants:
@@ -237,7 +274,7 @@ def main():
             print(f"round {round_index + 1}/{args.rounds} {name} done", file=sys.stderr)
     results = {'environment': environment(('mindspore', 'torch', 'numpy')), 'rounds': args.rounds,
                'cold_mb': args.cold_mb, 'single_core': args.single_core, 'load_average': os.getloadavg(),
-               'seconds': {}, 'errors': {}}
+               'baseline': args.baseline, 'seconds': {}, 'errors': {}, 'raw': runs}
     for name, rounds in runs.items():
         if 'error' in rounds[0]:
             results['errors'][name] = rounds[0]['error']
@@ -251,18 +288,36 @@ def main():
           f"load average at the end {results['load_average'][0]:.1f}")
     timed = list(results['seconds'])
     print(f"{'shape/M':<18}" + ''.join(f'{name:>20}' for name in timed))
-    for key in results['seconds'][timed[0]]:
+    for key in max(results['seconds'].values(), key=len):
         cells = []
         for name in timed:
             seconds = results['seconds'][name].get(key)
             if seconds is None:
                 cells.append(f"{'-':>20}")
                 continue
-            text = f'{seconds * 1e6:.0f}us'
-            if int(key.rsplit('M', 1)[1]) <= DECODE_ROWS:
-                text += f" {results['weight_bytes'][name][key] / seconds / 1e9:.1f}GB/s"
+            m_rows = int(key.rsplit('M', 1)[1])
+            if m_rows <= DECODE_ROWS:
+                text = f"{seconds * 1e6:.0f}us {results['weight_bytes'][name][key] / seconds / 1e9:.1f}GB/s"
+            else:
+                k_dim, n_dim = SHAPES[key.split('/')[0]]
+                text = f"{seconds * 1e3:.1f}ms {2 * m_rows * k_dim * n_dim / seconds / 1e9:.0f}GF/s"
             cells.append(f'{text:>20}')
         print(f'{key:<18}' + ''.join(cells))
+    for name in ('int8_block32', 'int8_channel', *BASELINE):
+        read = results['seconds'].get('read')
+        if read and name in results['seconds']:  # GB/s of the kernel over GB/s of the plain read, decode rows
+            read_rate = {key: results['weight_bytes']['read'][key] / seconds for key, seconds in read.items()}
+            fractions = {key: results['weight_bytes'][name][key] / seconds / read_rate[key.split('/')[0] + '/M1']
+                         for key, seconds in results['seconds'][name].items()
+                         if int(key.rsplit('M', 1)[1]) <= DECODE_ROWS and key.split('/')[0] + '/M1' in read_rate}
+            results[f'read_fraction_{name}'] = fractions
+            print(f"{name} GB/s / read GB/s: " + ', '.join(f'{k} {v:.2f}' for k, v in fractions.items()))
+    for name in ('int8_block32', 'int8_channel'):
+        if f'{name}_base' in results['seconds'] and name in results['seconds']:
+            ratios = {key: results['seconds'][f'{name}_base'][key] / seconds
+                      for key, seconds in results['seconds'][name].items()}
+            results[f'speedup_{name}_vs_base'] = ratios
+            print(f"{name} speedup vs {args.baseline}: " + ', '.join(f'{k} {v:.2f}' for k, v in ratios.items()))
     ours = results['seconds'].get('int8_block32', {})
     for reference in ('torch_fp32', 'fp32_fewrows', 'ms_matmul', 'torch_dynamic_int8', *ONEDNN_MODES):
         if reference in results['seconds'] and ours:

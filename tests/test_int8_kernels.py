@@ -150,17 +150,42 @@ def _lanes(library):
     return ctypes.CDLL(library).Int8Lanes()
 
 
-def test_native_build_uses_the_widest_vectors(native):
+def _cpu_flags():
     with open('/proc/cpuinfo', encoding='utf-8') as f:
-        flags = next(line for line in f if line.startswith('flags')).split()
+        return next(line for line in f if line.startswith('flags')).split()
+
+
+def test_native_build_uses_the_widest_vectors(native):
+    flags = _cpu_flags()
     assert _lanes(native) == (16 if 'avx512f' in flags else 8 if 'avx' in flags else 4)
 
 
 @pytest.mark.parametrize('scheme', SCHEMES)
-@pytest.mark.parametrize('m_rows', [1, 3, 16, 17, 128])
+@pytest.mark.parametrize('m_rows', [1, 3, 8, 16, 17, 128])
 @pytest.mark.parametrize('k_dim, n_dim', [(32, 1), (96, 67), (4096, 129)])
 def test_int8_linear_matches_numpy(native, m_rows, k_dim, n_dim, scheme):
     _check(native, m_rows, k_dim, n_dim, scheme)
+
+
+@pytest.fixture(scope='module')
+def without_amx():
+    """The native build with AMX compiled out: 16 rows and more take the fp32 register kernels."""
+    return kernels.build_library(kernels.SOURCES[1:], ['-mno-amx-tile'])
+
+
+def test_amx_is_used_where_the_cpu_has_it(native, without_amx):
+    flags = _cpu_flags()
+    assert ctypes.CDLL(native).Int8UsesAmx() == int('amx_bf16' in flags and 'amx_tile' in flags)
+    assert ctypes.CDLL(without_amx).Int8UsesAmx() == 0
+
+
+@pytest.mark.parametrize('scheme', SCHEMES)
+@pytest.mark.parametrize('m_rows, k_dim, n_dim', [(16, 32, 1), (17, 96, 49), (40, 1120, 50), (33, 4096, 97)])
+def test_many_rows_match_numpy_with_and_without_amx(native, without_amx, m_rows, k_dim, n_dim, scheme):
+    # 1120 inputs = two 512-input chunks and a 96-input rest when the packed rows outgrow L2 (AMX path);
+    # 49, 50 and 97 weight rows: partial 48-row spans and 16-row tiles
+    for library in (native, without_amx):
+        _check(library, m_rows, k_dim, n_dim, scheme)
 
 
 @pytest.mark.parametrize('m_rows, k_dim, n_dim', [(2, 50, 9), (40, 200, 101), (5, 7, 3)])
@@ -174,6 +199,14 @@ def test_portable_builds_match_numpy(portable, scheme):
     for library in portable:
         for m_rows, k_dim, n_dim in ((1, 96, 67), (3, 4096, 5), (17, 256, 49), (128, 96, 131)):
             _check(library, m_rows, k_dim, n_dim, scheme)
+
+
+def test_read_reference_sums_the_bytes(native):
+    # benchmarks/int8.py's `read`: the bytes summed over the pool's threads (sums of at most 2^24 stay exact in fp32)
+    data = np.random.default_rng(3).integers(-128, 128, 3 * 65536 + 77, dtype=np.int8)
+    read = ctypes.CDLL(native).Int8ReadBytes
+    read.argtypes, read.restype = [ctypes.c_void_p, ctypes.c_int64], ctypes.c_int64
+    assert read(data.ctypes.data, data.nbytes) == int(data.astype(np.int64).sum())
 
 
 def test_mismatched_shapes_are_refused(native):

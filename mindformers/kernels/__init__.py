@@ -497,9 +497,10 @@ INT8_SCHEMES = ('block32', 'channel')
 class FusedInt8Linear(nn.Cell):
     """`construct(x [M, K] fp32, weight int8 [N, K], scale) -> x dequantize(weight, scale)^T` [M, N] fp32, scale
     fp16 [N, K / 32] for `block32` (K a multiple of 32) or fp32 [N] for `channel` (the formats of
-    `mindformers.quantization`). The weights are widened to fp32 inside the kernel; activations stay fp32. Up to 16
-    rows (decode) each weight row is read once for all rows on every core; more rows multiply cache-resident fp32
-    panels of the weight. CPU (see `use_fused`); inference only (no backward)."""
+    `mindformers.quantization`). The weights are widened inside the kernel; activations stay fp32 and every product
+    is exact. Few rows (decode) read each weight row once for all rows on every core; from 16 rows on, CPUs with AMX
+    multiply bf16 tiles (the activations split into three bf16 terms), others cache-resident fp32 panels of the
+    weight. CPU (see `use_fused`); inference only (no backward)."""
 
     def __init__(self, scheme='block32'):
         super().__init__()

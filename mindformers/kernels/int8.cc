@@ -6,11 +6,13 @@
 // Few rows (decode): each weight row is read once for all rows of x, widened and scaled in registers, and dotted
 // with every row of x; the output features are split over the cores. Many rows (prefill): a panel of kPanel output
 // features x kDepth inputs is widened, scaled and transposed into fp32 once, then multiplied with every row of x by
-// a register-tiled kernel, so the widening is paid once per panel and the panel stays in L1.
+// a register-tiled kernel, so the widening is paid once per panel and the panel stays in L1. From 16 rows on, a CPU
+// with AMX multiplies bf16 tiles instead (AmxRows: exact products, see there).
 //
 // Written with GCC vector types, so one source serves every ISA: 16 lanes with AVX-512, 8 with AVX, 4 otherwise
 // (SSE or NEON); the AVX-512 build also packs panels with an in-register transpose.
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -19,6 +21,11 @@
 
 #if defined(__SSE4_1__) || defined(__AVX2__)
 #include <immintrin.h>
+#endif
+#if defined(__AMX_TILE__) && defined(__linux__)
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 
 namespace {
@@ -92,10 +99,17 @@ struct Weights {
 
   // fp32 block scales of rows [n, n + rows) into out [rows][Blocks()] (block32 only)
   void BlockScales(int64_t n, int64_t rows, float *out) const {
-    const int64_t count = rows * Blocks();
-    const uint16_t *src = half + n * Blocks();
-#pragma omp simd
-    for (int64_t i = 0; i < count; i++) out[i] = HalfToFloat(src[i]);
+    HalvesToFloats(half + n * Blocks(), rows * Blocks(), out);
+  }
+
+  static void HalvesToFloats(const uint16_t *src, int64_t count, float *out) {
+    int64_t i = 0;
+#if defined(__F16C__)
+    for (; i + 8 <= count; i += 8) {  // vcvtph2ps: exact, subnormals included
+      _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(src + i))));
+    }
+#endif
+    for (; i < count; i++) out[i] = HalfToFloat(src[i]);
   }
 };
 
@@ -171,6 +185,180 @@ void FewRows(const float *x, int64_t m_rows, const Weights &w, float *y) {
     }
   });
 }
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__linux__)
+#define MINDFORMERS_INT8_AMX 1
+// Rows of x from kAmxRows on, on AMX (Intel Sapphire Rapids and later): C [16 weight rows][16 rows of x] += A [16
+// weight rows][32 inputs] B [32 inputs][16 rows of x] in bf16 with fp32 accumulation (TDPBF16PS). int8 weights are
+// exact in bf16; each fp32 activation is split into three bf16 terms whose sum is the activation (8 + 8 + 8
+// significant bits), so every product is the fp32 product and only the order of the sums differs from the fp32
+// kernels. kAmxTiles weight tiles are in flight at once (independent accumulations hide the TDPBF16PS latency). For
+// block32, C is flushed after every 32-input block and multiplied by the block's scale in fp32; for channel, once
+// per chunk of inputs.
+constexpr int64_t kAmxRows = 16;    // rows of x from which AMX is used (see quantization.md, "Speed")
+constexpr int64_t kAmxTerms = 3;    // bf16 terms per activation
+constexpr int64_t kAmxTiles = 3;    // weight tiles (16 rows each) per pass: tiles 0..2 C, 3..5 A, 6..7 B
+constexpr int64_t kAmxSpan = 16 * kAmxTiles;
+constexpr int64_t kAmxChunk = 512;  // inputs per pass when x is large, so that its packed chunk stays in L2
+
+// Whether this process may use AMX tile data: the CPU has AMX-BF16 and Linux granted the permission.
+bool AmxReady() {
+  static const bool ready = [] {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 22)) || !(d & (1u << 24))) return false;
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureTileData = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureTileData) == 0;
+  }();
+  return ready;
+}
+
+// Palette 1, eight tiles of 16 rows x 64 bytes.
+void ConfigureTiles() {
+  alignas(64) uint8_t config[64] = {};
+  config[0] = 1;
+  for (int t = 0; t < 8; t++) {
+    const uint16_t bytes = 64;
+    std::memcpy(config + 16 + 2 * t, &bytes, sizeof bytes);
+    config[48 + t] = 16;
+  }
+  _tile_loadconfig(config);
+}
+
+inline __m512 FromBf16(__m256bh h) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(reinterpret_cast<__m256i>(h)), 16));
+}
+
+// x rows [16 g, 16 g + 16) (zeros past m_rows) as B tiles: packed[term][k / 2][row][k % 2] in bf16 (pairs as 32-bit
+// words), the terms summing to x.
+void PackRows(const float *x, int64_t m_rows, int64_t k_dim, int64_t g, uint32_t *packed) {
+  const int64_t pairs = k_dim / 2;
+  for (int64_t r = 0; r < 16; r++) {
+    const int64_t m = 16 * g + r;
+    for (int64_t k = 0; k < k_dim; k += 16) {
+      __m512 v = m < m_rows ? _mm512_loadu_ps(x + m * k_dim + k) : _mm512_setzero_ps();
+      for (int64_t t = 0; t < kAmxTerms; t++) {
+        const __m256bh h = _mm512_cvtneps_pbh(v);
+        v = _mm512_sub_ps(v, FromBf16(h));
+        alignas(32) uint32_t words[8];
+        std::memcpy(words, &h, sizeof words);
+        for (int64_t j = 0; j < 8; j++) packed[(t * pairs + k / 2 + j) * 16 + r] = words[j];
+      }
+    }
+  }
+}
+
+// Weight rows [n, n + kAmxSpan) (zeros past the last), inputs [k0, k0 + depth), as A tiles in bf16:
+// out[k / 32][row][32], and their block32 scales as fp32 scales[row][k / 32]. Row by row: one stream per row.
+void PackWeights(const Weights &w, int64_t n, int64_t k0, int64_t depth, uint16_t *out, float *scales) {
+  const int64_t rows = std::min(kAmxSpan, w.n_dim - n), blocks = depth / kBlock;
+  for (int64_t r = 0; r < kAmxSpan; r++) {
+    const int8_t *q = w.q + (n + r) * w.k_dim + k0;
+    for (int64_t b = 0; b < blocks; b++) {
+      const __m512bh v = r < rows ? _mm512_cvtne2ps_pbh(Widen(q + b * kBlock + 16), Widen(q + b * kBlock)) : __m512bh{};
+      std::memcpy(out + (b * kAmxSpan + r) * 32, &v, sizeof v);
+    }
+    if (!w.half) continue;
+    if (r < rows) {
+      Weights::HalvesToFloats(w.half + (n + r) * w.Blocks() + k0 / kBlock, blocks, scales + r * blocks);
+    } else {
+      std::fill(scales + r * blocks, scales + (r + 1) * blocks, 0.f);
+    }
+  }
+}
+
+// y[16 g + r, n + j] (+)= acc[j][r] for the rows of x and weight rows that exist.
+void StoreTile(const float *acc, int64_t g, int64_t m_rows, int64_t n, int64_t n_dim, bool add, float *y) {
+  alignas(64) float turned[16][16];
+  mindformers_kernels::Transpose16x16(acc, 16, &turned[0][0], 16);
+  const int64_t cols = std::min<int64_t>(16, n_dim - n);
+  for (int64_t r = 0; r < 16 && 16 * g + r < m_rows; r++) {
+    float *out = y + (16 * g + r) * n_dim + n;
+    for (int64_t j = 0; j < cols; j++) out[j] = add ? out[j] + turned[r][j] : turned[r][j];
+  }
+}
+
+void AmxRows(const float *x, int64_t m_rows, const Weights &w, float *y) {
+  const int64_t k_dim = w.k_dim, n_dim = w.n_dim, groups = (m_rows + 15) / 16;
+  const int64_t spans = (n_dim + kAmxSpan - 1) / kAmxSpan, pairs = k_dim / 2, group_words = kAmxTerms * pairs * 16;
+  thread_local std::vector<uint32_t> buffer;  // the caller's; workers reach it through `packed`
+  buffer.resize(groups * group_words);
+  uint32_t *packed = buffer.data();
+  ParallelFor(groups, 16 * k_dim * 8, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; g++) PackRows(x, m_rows, k_dim, g, packed + g * group_words);
+  });
+  // one pass over all inputs when the packed rows fit in L2, else chunks of kAmxChunk inputs
+  const int64_t chunk = groups * group_words * 4 <= (1 << 20) ? k_dim : kAmxChunk;
+  ParallelFor(spans, kAmxSpan * k_dim * groups * 2, [&](int64_t begin, int64_t end) {
+    ConfigureTiles();
+    std::vector<uint16_t> weights(chunk * kAmxSpan);
+    std::vector<float> scales(chunk / kBlock * kAmxSpan);
+    alignas(64) float c[kAmxTiles][16][16], acc[kAmxTiles][16][16];
+    for (int64_t k0 = 0; k0 < k_dim; k0 += chunk) {
+      const int64_t depth = std::min(chunk, k_dim - k0), blocks = depth / kBlock;
+      for (int64_t s = begin; s < end; s++) {
+        const int64_t n = s * kAmxSpan;
+        PackWeights(w, n, k0, depth, weights.data(), scales.data());
+        for (int64_t g = 0; g < groups; g++) {
+          const uint32_t *b_tiles = packed + g * group_words + k0 / 2 * 16;
+          std::memset(acc, 0, sizeof acc);
+          _tile_zero(0);
+          _tile_zero(1);
+          _tile_zero(2);
+          for (int64_t b = 0; b < blocks; b++) {
+            const uint16_t *a_tiles = weights.data() + b * kAmxSpan * 32;
+            _tile_loadd(3, a_tiles, 64);
+            _tile_loadd(4, a_tiles + 16 * 32, 64);
+            _tile_loadd(5, a_tiles + 32 * 32, 64);
+            // B of each term, alternating between tiles 6 and 7 (TDP operands must be immediates)
+            _tile_loadd(6, b_tiles + b * 256, 64);
+            _tile_dpbf16ps(0, 3, 6);
+            _tile_dpbf16ps(1, 4, 6);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_loadd(7, b_tiles + pairs * 16 + b * 256, 64);
+            _tile_dpbf16ps(0, 3, 7);
+            _tile_dpbf16ps(1, 4, 7);
+            _tile_dpbf16ps(2, 5, 7);
+            _tile_loadd(6, b_tiles + 2 * pairs * 16 + b * 256, 64);
+            _tile_dpbf16ps(0, 3, 6);
+            _tile_dpbf16ps(1, 4, 6);
+            _tile_dpbf16ps(2, 5, 6);
+            if (w.half) {
+              _tile_stored(0, &c[0][0][0], 64);
+              _tile_stored(1, &c[1][0][0], 64);
+              _tile_stored(2, &c[2][0][0], 64);
+              _tile_zero(0);
+              _tile_zero(1);
+              _tile_zero(2);
+              for (int64_t t = 0; t < kAmxTiles; t++) {
+                for (int j = 0; j < 16; j++) {
+                  const __m512 scale = _mm512_set1_ps(scales[(16 * t + j) * blocks + b]);
+                  const __m512 sum = _mm512_fmadd_ps(_mm512_load_ps(c[t][j]), scale, _mm512_load_ps(acc[t][j]));
+                  _mm512_store_ps(acc[t][j], sum);
+                }
+              }
+            }
+          }
+          if (!w.half) {
+            _tile_stored(0, &acc[0][0][0], 64);
+            _tile_stored(1, &acc[1][0][0], 64);
+            _tile_stored(2, &acc[2][0][0], 64);
+            for (int64_t t = 0; t < kAmxTiles; t++) {
+              for (int j = 0; j < 16; j++) {
+                const float scale = n + 16 * t + j < n_dim ? w.channel[n + 16 * t + j] : 0.f;
+                _mm512_store_ps(acc[t][j], _mm512_mul_ps(_mm512_load_ps(acc[t][j]), _mm512_set1_ps(scale)));
+              }
+            }
+          }
+          for (int64_t t = 0; t < kAmxTiles && n + 16 * t < n_dim; t++) {
+            StoreTile(&acc[t][0][0], g, m_rows, n + 16 * t, n_dim, k0 > 0, y);
+          }
+        }
+      }
+    }
+    _tile_release();
+  });
+}
+#endif
 
 // panel[k][j] = dequantized w[n + j][k0 + k] for k < depth, j < kPanel (0 past the last weight row): one block of
 // the weight, widened, scaled and transposed.
@@ -248,6 +436,33 @@ void ManyRows(const float *x, int64_t m_rows, const Weights &w, float *y) {
 // Floats per vector in this build (16 with AVX-512, 8 with AVX, else 4).
 extern "C" int Int8Lanes() { return kLanes; }
 
+// The bytes [p, p + bytes) summed (wrapping), split over the cores as the kernels split their weights: the plain
+// read a decode step's weight streaming is measured against (benchmarks/int8.py `read`).
+extern "C" int64_t Int8ReadBytes(const int8_t *p, int64_t bytes) {
+  constexpr int64_t kPiece = 1 << 16;
+  std::atomic<int64_t> total{0};
+  ParallelFor((bytes + kPiece - 1) / kPiece, kPiece, [&](int64_t begin, int64_t end) {
+    Vec acc[4] = {};  // four independent sums: one would be bound by the add's latency, not by memory
+    int64_t sum = 0, i = begin * kPiece;
+    const int64_t last = std::min(bytes, end * kPiece);
+    for (; i + 4 * kLanes <= last; i += 4 * kLanes) {
+      for (int j = 0; j < 4; j++) acc[j] += Widen(p + i + j * kLanes);
+    }
+    for (; i < last; i++) sum += p[i];
+    total += sum + static_cast<int64_t>(Sum(acc[0] + acc[1]) + Sum(acc[2] + acc[3]));
+  });
+  return total.load();
+}
+
+// 1 when this build multiplies kAmxRows or more rows on AMX and this CPU and process allow it, else 0.
+extern "C" int Int8UsesAmx() {
+#if defined(MINDFORMERS_INT8_AMX)
+  return AmxReady() ? 1 : 0;
+#else
+  return 0;
+#endif
+}
+
 // y = x dequantize(weight)^T. Inputs: x [..., K] fp32, weight [N, K] int8, scale: [N, K / 32] fp16 (block32) or
 // [N] fp32 (channel). Output: y [..., N] fp32. Returns 1 when the shapes do not fit together.
 extern "C" int Int8Linear(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
@@ -269,6 +484,12 @@ extern "C" int Int8Linear(int nparam, void **params, int *ndims, int64_t **shape
     std::memset(y, 0, m_rows * n_dim * sizeof(float));
     return 0;
   }
+#if defined(MINDFORMERS_INT8_AMX)
+  if (m_rows >= kAmxRows && k_dim % kBlock == 0 && AmxReady()) {
+    AmxRows(x, m_rows, w, y);
+    return 0;
+  }
+#endif
   if (m_rows <= kFewRows) {
     FewRows(x, m_rows, w, y);
   } else {
