@@ -33,6 +33,7 @@ from mindformers.generation.session import PREFILL_BUCKETS, DecodingSession, pre
 from mindformers.tools.logger import logger
 
 FINISH_REASONS = ('stop', 'length', 'timeout', 'error', 'cancelled')
+DETOKENIZE_WINDOW = 8  # tokens a request's detokenization window grows to before it moves on
 _IDS = itertools.count(1)
 
 
@@ -112,20 +113,24 @@ class _Request:
         self.submitted = time.monotonic()
         self.slot, self.pending, self.tokens = None, [], []
         self.text, self.sent, self.cancelled = '', 0, False
-        # incremental detokenization: tokens[start:] are decoded, tokens[start:read] as context whose text `before`
-        # is known; `stable` is the text of tokens[:read]
+        # incremental detokenization: tokens[start:] are decoded; `before` is the text of tokens[start:read],
+        # `stable` the text of tokens[:read] (read: where the text was last complete)
         self.start, self.read, self.before, self.stable = 0, 0, '', ''
 
     def detokenize(self, tokenizer):
-        """Update `text` after a new token, decoding only the tokens since the last complete character (plus the
-        ones before them, as context for tokenizers whose pieces depend on their neighbours): the text equals
-        decoding every token."""
+        """Update `text` after a new token, decoding only the tokens since a recent point where the text was
+        complete (the ones before it are context for tokenizers whose pieces depend on their neighbours): the text
+        equals decoding every token. One decode call per step; the window moves on every DETOKENIZE_WINDOW tokens
+        (one more call then)."""
         window = tokenizer.decode(self.tokens[self.start:], skip_special_tokens=True)
         new = window[len(self.before):]
         self.text = self.stable + new
-        if not new.endswith('\ufffd'):  # complete: the next window starts here
-            self.stable, self.start, self.read = self.text, self.read, len(self.tokens)
-            self.before = tokenizer.decode(self.tokens[self.start:], skip_special_tokens=True)
+        if new.endswith('\ufffd'):
+            return  # an incomplete multi-byte character: the window keeps growing
+        if len(self.tokens) - self.start > DETOKENIZE_WINDOW:
+            self.start = self.read
+            window = tokenizer.decode(self.tokens[self.start:], skip_special_tokens=True)
+        self.stable, self.read, self.before = self.text, len(self.tokens), window
 
     @property
     def next_input(self):
