@@ -12,6 +12,9 @@ Each server is measured twice:
 - **fixed rate**: the 32 requests arriving at a fixed rate, 0.75 x the request rate the 8-stream run sustained:
   request throughput, output tokens/s, TTFT and time per output token after the first (TPOT), p50 and p99.
 Offline: `generate()` over the same prompts in batches of 8 (left-padded), 128 new tokens each.
+The clients are light (a plain asyncio connection per request that parses chunks as JSON only until the first text
+and for the usage), since they share the machine's cores with the server; each run reports the CPU seconds per
+second the server and the clients used (`server_cpu_per_s`, `client_cpu_per_s`).
 
 Bars (issue 18): 8-stream output tokens/s >= 0.8 x offline batch-8 and >= 4 x the 1-slot server; p99 TTFT < 1 s
 while 8 streams decode.
@@ -66,12 +69,13 @@ def workload(count, seed=0):
     from mindformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(CACHE)
     with open(os.path.join(REPO, 'mindformers', 'assets', 'corpus', 'tiny_shakespeare.txt'), encoding='utf-8') as f:
-        ids = tokenizer.encode(f.read(200_000))
+        ids = tokenizer.encode(f.read(200_000), add_special_tokens=False)
+    added = len(tokenizer.build_prompt_inputs([]))  # the BOS a prompt gets
     rng = np.random.default_rng(seed)
     requests = []
     while len(requests) < count:
         length, start = int(rng.integers(16, 65)), int(rng.integers(0, len(ids) - 100))
-        text = tokenizer.decode(ids[start:start + length])
+        text = tokenizer.decode(ids[start:start + length - added])
         if len(tokenizer.encode_prompt(text)) == length:  # the cut re-encodes to the same tokens
             requests.append((text, length, int(rng.integers(64, 129))))
     return requests
@@ -103,44 +107,72 @@ def free_port():
         return sock.getsockname()[1]
 
 
-async def stream_one(client, url, text, new_tokens, sent_at):
-    """One streamed completion; returns (send time, first-token time, end time, completion tokens)."""
+async def stream_one(port, text, new_tokens, sent_at):
+    """One streamed completion over a plain asyncio connection, as a light client reads it: the chunks are only
+    parsed as JSON until the first text arrives and for the usage; returns (send time, first-token time, end time,
+    completion tokens)."""
     await asyncio.sleep(max(0.0, sent_at - time.perf_counter()))
-    body = {'model': 'bench', 'prompt': text, 'max_tokens': new_tokens, 'min_tokens': new_tokens,
-            'temperature': 0, 'stream': True, 'stream_options': {'include_usage': True}}
+    body = json.dumps({'model': 'bench', 'prompt': text, 'max_tokens': new_tokens, 'min_tokens': new_tokens,
+                       'temperature': 0, 'stream': True, 'stream_options': {'include_usage': True}}).encode()
     start, first, usage = time.perf_counter(), None, None
-    async with client.stream('POST', url, json=body) as response:
-        response.raise_for_status()
-        async for line in response.aiter_lines():
-            if not line.startswith('data: ') or line == 'data: [DONE]':
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get('usage'):
-                usage = chunk['usage']
-            elif first is None and chunk['choices'] and chunk['choices'][0].get('text'):
-                first = time.perf_counter()
+    reader, writer = await asyncio.open_connection('127.0.0.1', port)
+    try:
+        writer.write(b'POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n'
+                     b'Connection: close\r\nContent-Length: %d\r\n\r\n%s' % (len(body), body))
+        head = (await reader.readuntil(b'\r\n\r\n')).decode('latin-1')
+        if not head.startswith('HTTP/1.1 200') or 'transfer-encoding: chunked' not in head.lower():
+            raise RuntimeError(f"unexpected answer: {head!r}")
+        while True:
+            size = int((await reader.readuntil(b'\r\n')).split(b';')[0], 16)
+            data = await reader.readexactly(size + 2)
+            if size == 0:
+                break
+            if first is None or b'"usage": {' in data:
+                for line in data.decode().split('\n'):
+                    if not line.startswith('data: {'):
+                        continue
+                    chunk = json.loads(line[6:])
+                    if chunk.get('usage'):
+                        usage = chunk['usage']
+                    elif first is None and chunk['choices'] and chunk['choices'][0].get('text'):
+                        first = time.perf_counter()
+    finally:
+        writer.close()
     return start, first, time.perf_counter(), usage['completion_tokens']
 
 
 async def drive(port, requests, rate=None, streams=8):
     """Replay `requests`: at `rate` requests/s, or (rate None) by `streams` clients one request after another."""
-    import httpx
-    url = f'http://127.0.0.1:{port}/v1/completions'
-    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=64)) as client:
-        # compile every prompt bucket and the decode step before timing
-        await asyncio.gather(*(stream_one(client, url, text, 4, 0) for text, _, _ in requests[:8]))
-        begin = time.perf_counter()
-        if rate is not None:
-            return await asyncio.gather(*(stream_one(client, url, text, new, begin + i / rate)
-                                          for i, (text, _, new) in enumerate(requests)))
-        queue, results = list(requests), []
+    # compile every prompt bucket and the decode step before timing
+    await asyncio.gather(*(stream_one(port, text, 4, 0) for text, _, _ in requests[:8]))
+    begin = time.perf_counter()
+    if rate is not None:
+        return await asyncio.gather(*(stream_one(port, text, new, begin + i / rate)
+                                      for i, (text, _, new) in enumerate(requests)))
+    queue, results = list(requests), []
 
-        async def client_loop():
-            while queue:
-                text, _, new = queue.pop(0)
-                results.append(await stream_one(client, url, text, new, 0))
-        await asyncio.gather(*(client_loop() for _ in range(streams)))
-        return results
+    async def client_loop():
+        while queue:
+            text, _, new = queue.pop(0)
+            results.append(await stream_one(port, text, new, 0))
+    await asyncio.gather(*(client_loop() for _ in range(streams)))
+    return results
+
+
+def cpu_seconds(pid):
+    """User + system CPU seconds of process `pid` so far (Linux /proc)."""
+    with open(f'/proc/{pid}/stat', encoding='ascii') as f:
+        fields = f.read().rsplit(')', 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
+
+
+def measured(port, server, requests, rate=None):
+    """figures() of one drive(), with the CPU the server and this client used per second of it."""
+    server_cpu, client_cpu, start = cpu_seconds(server.pid), time.process_time(), time.perf_counter()
+    result = figures(asyncio.run(drive(port, requests, rate)))
+    wall = time.perf_counter() - start
+    return {**result, 'server_cpu_per_s': (cpu_seconds(server.pid) - server_cpu) / wall,
+            'client_cpu_per_s': (time.process_time() - client_cpu) / wall}
 
 
 def figures(results):
@@ -181,10 +213,10 @@ def server_worker(count, slots):
                 sys.exit("server not ready after 600 s")
             time.sleep(0.2)
         requests = workload(count)
-        result = {'streams_8': figures(asyncio.run(drive(port, requests)))}
+        result = {'streams_8': measured(port, server, requests)}
         if slots > 1:
             rate = 0.75 * result['streams_8']['requests_per_s']
-            result['fixed_rate'] = {'rate': rate, **figures(asyncio.run(drive(port, requests, rate)))}
+            result['fixed_rate'] = {'rate': rate, **measured(port, server, requests, rate)}
     finally:
         server.terminate()
         server.wait()

@@ -10,7 +10,7 @@ import pytest
 import mindspore as ms
 
 from mindformers import AutoConfig, AutoModel, AutoTokenizer
-from mindformers.serving.engine import Engine, Overloaded, RequestError, SamplingParams
+from mindformers.serving.engine import Engine, Overloaded, RequestError, SamplingParams, deliver_each
 
 CONTEXT = 64
 
@@ -215,3 +215,66 @@ def test_eos_ends_with_stop_unless_min_tokens_holds_it_off(engine):
         engine.eos_token_ids = eos
     assert (ended.last.finish_reason, ended.last.completion_tokens, ended.text) == ('stop', 1, '')
     assert held.last.completion_tokens >= 5 and held.last.finish_reason in ('stop', 'length')
+
+
+def test_a_batched_pick_gives_each_row_what_picking_it_alone_gives(engine):
+    """Greedy rows (one with a repetition penalty, one with EOS held off) and sampled rows of two parameter groups
+    picked in one call equal the per-row processing generate() does."""
+    from mindformers.generation.logits_process import (repetition_penalty, sample, suppress_eos, temperature,
+                                                       top_k, top_p)
+    from mindformers.serving.engine import _Request
+    rng = np.random.default_rng(12)
+    kinds = [dict(temperature=0), dict(temperature=0, repetition_penalty=1.3), dict(temperature=0, min_tokens=3),
+             dict(temperature=0.7, top_k=30, seed=1), dict(temperature=0.7, top_k=30, seed=2),
+             dict(temperature=1.2, top_p=0.8, seed=3, repetition_penalty=0.9), dict(temperature=0)]
+    logits = rng.normal(size=(len(kinds), engine.vocab_size)).astype(np.float32)
+    logits[2, engine.eos_token_ids] = 100.0  # EOS would win were it not held off
+    requests = [_Request([3, 4, 5], SamplingParams(8, **kind), None, 0) for kind in kinds]
+    for request in requests:
+        request.tokens = [int(t) for t in rng.integers(0, 100, 2)]
+    picked = engine._pick(requests, logits.copy())
+    for row, kind in enumerate(kinds):
+        params, tokens = SamplingParams(8, **kind), requests[row].tokens
+        scores = logits[row:row + 1, :engine.decodable].copy()
+        scores = repetition_penalty(scores, np.asarray([[3, 4, 5, *tokens]]), params.repetition_penalty)
+        if len(tokens) < params.min_tokens:
+            scores = suppress_eos(scores, engine.eos_token_ids)
+        if params.temperature == 0:
+            expected = int(scores[0].argmax())
+        else:
+            scores = top_p(top_k(temperature(scores, params.temperature), params.top_k), params.top_p)
+            expected = int(sample(scores, np.random.default_rng(params.seed))[0])
+        assert picked[row] == expected, (row, kind)
+    assert picked[2] not in engine.eos_token_ids
+
+
+@pytest.mark.parametrize('name', ['gpt2_tiny', 'llama_tiny', 'glm2_tiny'])
+def test_incremental_detokenization_equals_decoding_every_token(name):
+    """Multi-byte characters split over byte-level tokens, SentencePiece pieces whose leading space depends on
+    their neighbours, and special tokens in between: after every token the text is the full decode's."""
+    from mindformers.serving.engine import _Request
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    ids = tokenizer.encode("Good morrow, 你好 café — 🙂 friend!\n  Two  spaces", add_special_tokens=False)
+    specials = [i for i in tokenizer.all_special_ids if i is not None][:1]
+    ids = ids[:5] + specials + ids[5:]
+    request = _Request([1], SamplingParams(len(ids)), None, 0)
+    for count, token in enumerate(ids, 1):
+        request.tokens.append(token)
+        request.detokenize(tokenizer)
+        assert request.text == tokenizer.decode(ids[:count], skip_special_tokens=True), count
+    assert request.text.endswith('spaces')
+
+
+def test_a_step_dispatches_its_events_together(engine):
+    batches = []
+    engine.dispatch = lambda batch: (batches.append(len(batch)), deliver_each(batch))
+    try:
+        collectors = [Collector() for _ in range(engine.slots)]
+        for prompt, collector in zip(prompts(engine.slots, seed=13, longest=8), collectors):
+            engine.submit(prompt, SamplingParams(12, temperature=0, min_tokens=12), collector)
+        for collector in collectors:
+            collector.wait()
+    finally:
+        engine.dispatch = deliver_each
+    assert sum(batches) == sum(len(c.events) for c in collectors)
+    assert max(batches) == engine.slots  # a decode step of every slot: one dispatch

@@ -7,7 +7,7 @@ import threading
 import pytest
 
 from mindformers.serving.chat import chat_prompt_ids, resolve_chat_format, split_conversation
-from mindformers.serving.protocol import APIError, COMPLETION_MAX_TOKENS, parse_request
+from mindformers.serving.protocol import APIError, ChunkWriter, COMPLETION_MAX_TOKENS, parse_request
 
 USER = {'role': 'user', 'content': 'hi'}
 
@@ -313,3 +313,34 @@ def test_the_chat_page_is_served_when_installed(tmp_path, monkeypatch):
     monkeypatch.setattr(app_module, 'STATIC_DIR', str(tmp_path / 'absent'))
     response = TestClient(app_module.create_app(model_id='tiny')).get('/')
     assert response.status_code == 404 and response.json()['error']['code'] == 'not_found'
+
+
+def test_an_engine_steps_events_cross_to_the_event_loop_in_one_call():
+    """`dispatch` (the app's Engine.dispatch) hands a step's events for two HTTP requests on one loop over with one
+    call_soon_threadsafe, each to its own queue in order; other on_event callables are called directly."""
+    import asyncio
+    import types
+    from mindformers.serving.app import _Choice, dispatch
+    calls, direct = [], []
+    loop = type('Loop', (), {'call_soon_threadsafe': lambda _, fn, *args: calls.append((fn, args))})()
+    first, second = (types.SimpleNamespace(loop=loop, queue=asyncio.Queue()) for _ in range(2))
+    dispatch([(_Choice(first, 0), event('a')), (_Choice(second, 1), event('b')), (direct.append, event('c')),
+              (_Choice(first, 0), event('d', 'stop'))])
+    assert len(calls) == 1 and [e.text for e in direct] == ['c']
+    fn, args = calls[0]
+    fn(*args)
+    assert [(i, e.text) for i, e in (first.queue.get_nowait(), first.queue.get_nowait())] == [(0, 'a'), (0, 'd')]
+    assert second.queue.get_nowait()[0] == 1 and second.queue.empty()
+
+
+def test_streamed_text_chunks_are_the_json_of_the_chunk():
+    """The cached frame of a choice's text chunks gives exactly the JSON encoding of the whole chunk."""
+    for chat, body in ((False, {'prompt': 'x'}), (True, {'messages': [{'role': 'user', 'content': 'x'}]})):
+        writer = ChunkWriter(parse_request(json.dumps(body), chat), '\x00')
+        for index in (0, 2):
+            for text in ('hi', 'a"b\\c\n\x00é🙂', '\x00'):
+                choice = {'index': index, **({'delta': {'content': text}} if chat else {'text': text}),
+                          'logprobs': None, 'finish_reason': None}
+                chunk = {'id': writer.id, 'object': 'chat.completion.chunk' if chat else 'text_completion',
+                         'created': writer.created, 'model': '\x00', 'choices': [choice], 'usage': None}
+                assert writer.text(index, text) == f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"

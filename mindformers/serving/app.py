@@ -5,10 +5,9 @@ text), GET / (the chat page, `static/index.html`) and the files beside it under 
 its model is loaded: until `app.state.serving.load(engine, tokenizer, chat_format)` is called (from any thread),
 /health and the API answer 503.
 
-The engine calls back on its own thread; events are handed to the request's asyncio queue with
-`loop.call_soon_threadsafe`. A client that goes away cancels its engine requests (`Handle.cancel`)."""
+The engine calls back on its own thread; an engine step's events are handed to the requests' asyncio queues with
+one `loop.call_soon_threadsafe` (`dispatch`). A client that goes away cancels its engine requests (`Handle.cancel`)."""
 import asyncio
-import functools
 import os
 import time
 
@@ -42,6 +41,7 @@ class ServingState:
         self.error = None
 
     def load(self, engine, tokenizer, chat_format):
+        engine.dispatch = dispatch
         self.tokenizer, self.chat_format = tokenizer, chat_format
         self.engine = engine  # last: a request that sees the engine sees the rest
 
@@ -57,6 +57,38 @@ class ServingState:
         return self.engine
 
 
+class _Choice:
+    """The on_event of one choice of a `_Requests`: its events go to that request's asyncio queue."""
+
+    def __init__(self, requests, index):
+        self.requests, self.index = requests, index
+
+    def __call__(self, event):  # on the engine thread, when the engine delivers events one by one
+        dispatch([(self, event)])
+
+
+def dispatch(batch):
+    """`Engine.dispatch` of the app (engine thread): an engine step's [(on_event, Event)] cross to each event loop
+    with one `call_soon_threadsafe` (each wakes the loop and hands it the GIL, so one per step rather than one per
+    event)."""
+    by_loop = {}
+    for on_event, event in batch:
+        if isinstance(on_event, _Choice):
+            by_loop.setdefault(on_event.requests.loop, []).append((on_event, event))
+        else:
+            on_event(event)
+    for loop, items in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_enqueue, items)
+        except RuntimeError:  # the event loop is closed: the server is stopping
+            pass
+
+
+def _enqueue(items):  # on the event loop
+    for choice, event in items:
+        choice.requests.queue.put_nowait((choice.index, event))
+
+
 class _Requests:
     """The engine requests of one HTTP request (one per choice) and their events, as (choice, Event), on an asyncio
     queue."""
@@ -66,16 +98,10 @@ class _Requests:
         self.handles, self.pending = [], set(range(len(params)))
         try:
             for index, choice_params in enumerate(params):
-                self.handles.append(engine.submit(ids, choice_params, functools.partial(self._put, index)))
+                self.handles.append(engine.submit(ids, choice_params, _Choice(self, index)))
         except BaseException:
             self.cancel()
             raise
-
-    def _put(self, index, event):  # on the engine thread
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
-        except RuntimeError:  # the event loop is closed: the server is stopping
-            pass
 
     def cancel(self):
         """Cancel the choices that have not finished."""

@@ -12,6 +12,10 @@ fills is prefilled and the rest of the prompt is fed through decode steps (no pa
 keep per-slot state between steps (GLM: its 2-D positions) cannot take prompt tokens through decode; for them the
 bucket shrinks to what fits, as `generate()` does (a shape compiled once per such size).
 
+A step's host work is batched: greedy rows are picked with one argmax, sampled rows are warped together per
+(temperature, top_k, top_p) and each drawn with its own generator; each request's text is updated by decoding only
+its newest tokens; the step's events go out together after every pick.
+
 Per-request sampling follows `generate()` with `seed`: the same request gives the same tokens whatever runs beside
 it. Only ids the tokenizer can decode are picked (a model's embedding may be padded past its tokenizer). Stop strings end a request and are never part of its text, also when they arrive split over several tokens."""
 import collections
@@ -24,12 +28,12 @@ from typing import Callable, Optional
 import numpy as np
 
 from mindformers.generation.generation_config import GenerationConfig
-from mindformers.generation.logits_process import (repetition_penalty, sample, suppress_eos, temperature, top_k,
-                                                   top_p)
+from mindformers.generation.logits_process import repetition_penalty, sample, temperature, top_k, top_p
 from mindformers.generation.session import PREFILL_BUCKETS, DecodingSession, prefill_bucket
 from mindformers.tools.logger import logger
 
 FINISH_REASONS = ('stop', 'length', 'timeout', 'error', 'cancelled')
+DETOKENIZE_WINDOW = 8  # tokens a request's detokenization window grows to before it moves on
 _IDS = itertools.count(1)
 
 
@@ -109,6 +113,24 @@ class _Request:
         self.submitted = time.monotonic()
         self.slot, self.pending, self.tokens = None, [], []
         self.text, self.sent, self.cancelled = '', 0, False
+        # incremental detokenization: tokens[start:] are decoded; `before` is the text of tokens[start:read],
+        # `stable` the text of tokens[:read] (read: where the text was last complete)
+        self.start, self.read, self.before, self.stable = 0, 0, '', ''
+
+    def detokenize(self, tokenizer):
+        """Update `text` after a new token, decoding only the tokens since a recent point where the text was
+        complete (the ones before it are context for tokenizers whose pieces depend on their neighbours): the text
+        equals decoding every token. One decode call per step; the window moves on every DETOKENIZE_WINDOW tokens
+        (one more call then)."""
+        window = tokenizer.decode(self.tokens[self.start:], skip_special_tokens=True)
+        new = window[len(self.before):]
+        self.text = self.stable + new
+        if new.endswith('\ufffd'):
+            return  # an incomplete multi-byte character: the window keeps growing
+        if len(self.tokens) - self.start > DETOKENIZE_WINDOW:
+            self.start = self.read
+            window = tokenizer.decode(self.tokens[self.start:], skip_special_tokens=True)
+        self.stable, self.read, self.before = self.text, len(self.tokens), window
 
     @property
     def next_input(self):
@@ -119,7 +141,9 @@ class Engine:
     """Serves generation requests over `model` (a causal LM of the suite) and `tokenizer` with `slots` concurrent
     sequences; at most `max_waiting` more wait for a slot; a request is ended ('timeout') after `timeout` seconds.
     Progress (running/waiting requests, prompt and generation tokens/s) is logged every `log_interval` seconds
-    while there is work. `submit` is thread-safe; events are delivered on the engine thread."""
+    while there is work. `submit` is thread-safe; events are delivered on the engine thread, after each prefill and
+    decode step, as one call of `dispatch` with that step's [(on_event, Event)] (default `deliver_each`: calls
+    each on_event in order; a server replaces it to cross to its event loop once per step)."""
 
     def __init__(self, model, tokenizer, slots=8, max_waiting=64, timeout=600.0, log_interval=5.0):
         if int(slots) < 1 or int(max_waiting) < 0 or float(timeout) <= 0:
@@ -140,6 +164,8 @@ class Engine:
         self._lock = threading.Condition()
         self._thread, self._stopping = None, False
         self.ready = False
+        self.dispatch = deliver_each
+        self._outbox = []  # (on_event, Event) of the current step, handed to `dispatch` together
         self._stats = {'requests_total': dict.fromkeys(FINISH_REASONS, 0), 'prompt_tokens_total': 0,
                        'generation_tokens_total': 0, 'time_to_first_token_seconds_sum': 0.0,
                        'time_to_first_token_seconds_count': 0, 'request_seconds_sum': 0.0,
@@ -229,12 +255,21 @@ class Engine:
                     self._running[self._free_slot()] = request
             for request in admit:
                 self._guard(self._prefill, request)
+            self._flush()
             if any(r.slot is not None for r in self._running.values()):
                 self._guard(self._decode)
+            self._flush()
             self._log_progress()
         with self._lock:
             for request in [*self._waiting, *self._running.values()]:
                 self._finish(request, 'error', "the server is shutting down")
+        self._flush()
+
+    def _flush(self):
+        """Hand the events gathered since the last flush to `dispatch` (engine thread)."""
+        if self._outbox:
+            batch, self._outbox = self._outbox, []
+            self.dispatch(batch)
 
     def _free_slot(self):
         taken = set(self._running)
@@ -275,7 +310,7 @@ class Engine:
         self._stats['prefills_total'] += 1
         self._stats['prompt_tokens_total'] += len(head)
         if not request.pending:
-            self._emit(request, logits[0])
+            self._emit([request], logits)
 
     def _decode(self):
         active = [r for r in self._running.values() if r.slot is not None]
@@ -284,55 +319,78 @@ class Engine:
             tokens[request.slot] = request.next_input
         logits = self._session.decode(tokens)
         self._stats['decode_steps_total'] += 1
+        ready = []
         for request in active:
             if request.pending:
                 request.pending.pop(0)
                 self._stats['prompt_tokens_total'] += 1
                 if request.pending:
                     continue
-            self._emit(request, logits[request.slot])
+            ready.append(request)
+        if ready:
+            self._emit(ready, logits[[r.slot for r in ready]])
 
-    def _emit(self, request, logits):
-        """Pick `request`'s next token from its `logits` [vocab], update its text and tell the submitter."""
-        token = self._pick(request, logits)
-        request.tokens.append(token)
-        self._stats['generation_tokens_total'] += 1
-        if len(request.tokens) == 1:
-            self._stats['time_to_first_token_seconds_sum'] += time.monotonic() - request.submitted
-            self._stats['time_to_first_token_seconds_count'] += 1
-        finish = None
-        if token in self.eos_token_ids:
-            finish = 'stop'
-        else:
-            request.text = self.tokenizer.decode(request.tokens, skip_special_tokens=True)
-        cut, hold = _stop_scan(request.text, request.params.stop, request.sent)
-        if cut is not None:
-            request.text, finish = request.text[:cut], 'stop'
-        elif finish is None and len(request.tokens) >= request.params.max_tokens:
-            finish = 'length'
-        if finish is None:
-            if request.text.endswith('\ufffd'):
-                return  # an incomplete multi-byte character: wait for the rest
-            ready = len(request.text) - hold
-            if ready > request.sent:
-                piece, request.sent = request.text[request.sent:ready], ready
-                request.on_event(Event(piece, None, len(request.prompt), len(request.tokens)))
-            return
-        with self._lock:
-            self._finish(request, finish)
+    def _emit(self, requests, logits):
+        """Pick each request's next token from its row of `logits` [len(requests), vocab], update its text and
+        tell the submitters (all of this step's events together, after every pick)."""
+        tokens = self._pick(requests, logits)
+        now = time.monotonic()
+        events, finished = [], []
+        for request, token in zip(requests, tokens):
+            request.tokens.append(token)
+            if len(request.tokens) == 1:
+                self._stats['time_to_first_token_seconds_sum'] += now - request.submitted
+                self._stats['time_to_first_token_seconds_count'] += 1
+            finish = None
+            if token in self.eos_token_ids:
+                finish = 'stop'
+            else:
+                request.detokenize(self.tokenizer)
+            cut, hold = _stop_scan(request.text, request.params.stop, request.sent)
+            if cut is not None:
+                request.text, finish = request.text[:cut], 'stop'
+            elif finish is None and len(request.tokens) >= request.params.max_tokens:
+                finish = 'length'
+            if finish is not None:
+                finished.append((request, finish))
+            elif not request.text.endswith('\ufffd'):  # else an incomplete multi-byte character: wait for the rest
+                ready = len(request.text) - hold
+                if ready > request.sent:
+                    piece, request.sent = request.text[request.sent:ready], ready
+                    events.append((request, Event(piece, None, len(request.prompt), len(request.tokens))))
+        self._stats['generation_tokens_total'] += len(requests)
+        self._outbox += [(request.on_event, event) for request, event in events]
+        if finished:
+            with self._lock:
+                for request, finish in finished:
+                    self._finish(request, finish)
 
-    def _pick(self, request, logits):
-        params = request.params
-        scores = logits[None, :self.decodable].astype(np.float32)
-        if params.repetition_penalty != 1.0:
-            seen = np.asarray([request.prompt + request.tokens], np.int64)
-            scores = repetition_penalty(scores, seen, params.repetition_penalty)
-        if len(request.tokens) < params.min_tokens:
-            scores = suppress_eos(scores, self.eos_token_ids)
-        if params.temperature == 0:
-            return int(scores[0].argmax())
-        scores = top_p(top_k(temperature(scores, params.temperature), params.top_k), params.top_p)
-        return int(sample(scores, request.rng)[0])
+    def _pick(self, requests, logits):
+        """The next token of each of `requests` from `logits` [len(requests), vocab] (a copy this may change):
+        greedy rows in one argmax, sampled rows warped together per (temperature, top_k, top_p) and drawn each
+        with its own generator."""
+        scores = logits[:, :self.decodable]
+        if scores.dtype != np.float32:
+            scores = scores.astype(np.float32)
+        for row, request in enumerate(requests):
+            params = request.params
+            if params.repetition_penalty != 1.0:
+                seen = np.asarray([request.prompt + request.tokens], np.int64)
+                scores[row:row + 1] = repetition_penalty(scores[row:row + 1], seen, params.repetition_penalty)
+        held = [row for row, r in enumerate(requests) if len(r.tokens) < r.params.min_tokens]
+        if held and self.eos_token_ids:
+            scores[np.ix_(held, self.eos_token_ids)] = -np.inf
+        picked = scores.argmax(axis=-1).tolist()
+        groups = collections.defaultdict(list)
+        for row, request in enumerate(requests):
+            params = request.params
+            if params.temperature != 0:
+                groups[params.temperature, params.top_k, params.top_p].append(row)
+        for (temp, k, p), rows in groups.items():
+            warped = top_p(top_k(temperature(scores[rows], temp), k), p)
+            for index, row in enumerate(rows):
+                picked[row] = int(sample(warped[index:index + 1], requests[row].rng)[0])
+        return picked
 
     def _finish(self, request, reason, message=''):
         """Under the lock: take `request` out of the queue or its slot, count it and send its last event (none
@@ -351,7 +409,8 @@ class Engine:
         if reason != 'cancelled':
             text = request.text[request.sent:] if reason in ('stop', 'length') else ''
             request.sent = len(request.text)
-            request.on_event(Event(text, reason, len(request.prompt), len(request.tokens), message))
+            self._outbox.append((request.on_event, Event(text, reason, len(request.prompt), len(request.tokens),
+                                                         message)))
 
     def _log_progress(self):
         now = time.monotonic()
@@ -363,6 +422,12 @@ class Engine:
                     len(self._running), len(self._waiting), (prompt - prompt_before) / (now - last),
                     (generated - generated_before) / (now - last))
         self._logged = (now, prompt, generated)
+
+
+def deliver_each(batch):
+    """The default `Engine.dispatch`: call each on_event with its Event, in order."""
+    for on_event, event in batch:
+        on_event(event)
 
 
 def _stop_scan(text, stops, start):

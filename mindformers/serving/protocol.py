@@ -247,6 +247,7 @@ class ChunkWriter:
     def __init__(self, request, model):
         self.chat, self.model = request.chat, model
         self.id, self.created = new_id(request.chat), int(time.time())
+        self._text_frames = {}  # choice index -> the text chunk's event around its JSON-encoded text
 
     def _event(self, choices, usage_=None):
         chunk = {'id': self.id, 'object': 'chat.completion.chunk' if self.chat else 'text_completion',
@@ -259,7 +260,12 @@ class ChunkWriter:
             if self.chat else ''
 
     def text(self, index, text):
-        return self._event([_choice(self.chat, index, {'content': text} if self.chat else text, None, True)])
+        if index not in self._text_frames:  # built once per choice: only the text differs between its chunks
+            marker = '\x00'
+            event = self._event([_choice(self.chat, index, {'content': marker} if self.chat else marker, None, True)])
+            self._text_frames[index] = event.rsplit(json.dumps(marker), 1)  # the last string
+        head, tail = self._text_frames[index]
+        return f"{head}{json.dumps(text, ensure_ascii=False)}{tail}"
 
     def finish(self, index, finish_reason):
         return self._event([_choice(self.chat, index, {} if self.chat else '', finish_reason, True)])
