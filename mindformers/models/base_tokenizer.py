@@ -287,6 +287,12 @@ class BaseTokenizer:
 
     def _check_ids(self, token_ids):
         """Ids as a list of Python ints, each in range(len(self))."""
+        if isinstance(token_ids, list) and all(type(i) is int for i in token_ids):  # the common case, without NumPy
+            size = len(self)
+            for i in token_ids:
+                if not 0 <= i < size:
+                    raise ValueError(f"{type(self).__name__}: token id {i} is out of range [0, {size})")
+            return list(token_ids)
         if hasattr(token_ids, 'asnumpy'):
             token_ids = token_ids.asnumpy()
         array = np.asarray(token_ids)
