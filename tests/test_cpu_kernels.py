@@ -1,5 +1,7 @@
 """Fused CPU kernels: same values and gradients as the plain-op layers, deterministic, and a clean fallback."""
 
+import platform
+
 import numpy as np
 import pytest
 import mindspore as ms
@@ -8,7 +10,7 @@ from mindspore import nn, ops, Parameter, ParameterTuple, Tensor
 import mindformers.kernels as cpu_kernels
 from mindformers.kernels import FusedCausalSoftmax, FusedGELU, FusedLayerNorm, kernel_library
 from mindformers.modules.layers import LayerNorm, TanhGELU
-from helpers.kernel_checks import ProbeAll
+from helpers.kernel_checks import ProbeAll, call_kernel
 
 
 # the kernels run here even when the suite runs with MINDFORMERS_CPU_KERNELS=0
@@ -257,6 +259,38 @@ def test_linear_few_rows_matches_numpy_both_ways(rows, in_features, out_features
         got = ms.grad(ProbeAll(kernel, probe.astype(np.float32)), tuple(range(len(inputs))))(*tensors)
         for g, want in zip(got, grads):
             np.testing.assert_allclose(g.asnumpy(), want, **tol)
+
+
+@pytest.fixture(scope='module')
+def few_rows_builds():
+    """fused.cc built for this CPU and without AVX-512 (the portable tile), as {name: library}."""
+    builds = {'native': cpu_kernels.build_library(cpu_kernels.SOURCES[:1])}
+    if platform.machine() in ('x86_64', 'AMD64'):
+        builds['portable'] = cpu_kernels.build_library(cpu_kernels.SOURCES[:1], ['-mno-avx512f'])
+    assert all(builds.values())
+    return builds
+
+
+@pytest.mark.parametrize('rows', [1, 3, 8, 16])
+def test_linear_few_rows_builds_match_numpy(few_rows_builds, rows):
+    """Both builds' tiles (4 rows x 4 features, the weight rows two tiles ahead prefetched) on widths and feature
+    counts that are not multiples of the tile or the vector, with and without bias and residual."""
+    rng = np.random.default_rng(rows)
+    for k_dim, n_dim in ((100, 203), (530, 131), (7, 70), (16, 9)):
+        x, residual = rng.standard_normal((rows, k_dim)), rng.standard_normal((rows, n_dim))
+        weight, bias = rng.standard_normal((n_dim, k_dim)), rng.standard_normal(n_dim)
+        x, residual, weight, bias = (a.astype(np.float32) for a in (x, residual, weight, bias))
+        exact = x.astype(np.float64) @ weight.T.astype(np.float64)
+        bound = 2e-6 * (np.abs(x).astype(np.float64) @ np.abs(weight).T) + 1e-6
+        for name, library in few_rows_builds.items():
+            for entry, inputs, expected in (('LinearFewRows', (x, weight), exact),
+                                            ('LinearFewRows', (x, weight, bias), exact + bias),
+                                            ('LinearFewRowsResidual', (x, weight, bias, residual),
+                                             exact + bias + residual)):
+                code, y = call_kernel(library, entry, inputs, (rows, n_dim))
+                assert code == 0
+                error = np.abs(y - expected) / bound
+                assert error.max() <= 1, (name, entry, k_dim, n_dim, error.max())
 
 
 @pytest.mark.parametrize('rows', [2, 17])

@@ -749,19 +749,38 @@ extern "C" int AdamWUpdate(int nparam, void **params, int *ndims, int64_t **shap
 
 namespace {
 // y[m, first:last] = x[m] . w[n] (+ bias[n]) for every row m of x [m_rows, k_dim] and n in [first, last), w
-// [n_dim, k_dim]. Four weight rows at a time, each read once for all rows of x (decode has few rows, so the
-// weights' memory traffic is the cost).
+// [n_dim, k_dim]. Tiles of 4 weight rows, each read once from memory for all rows of x (decode has few rows, so the
+// weights' memory traffic is the cost); the weight rows kPrefetchTiles tiles ahead are prefetched while a tile is
+// computed, so the weights stream from memory while the arithmetic runs.
+constexpr int64_t kPrefetchTiles = 2;
 #if defined(__AVX512F__)
-// out[i][j] = x row i . w row j for MR rows of x (stride k_dim) and NR weight rows, 16 lanes at a time with the tail
-// masked: each weight vector is loaded once for all MR rows. Every dot product adds its terms in the same order
-// whatever MR and NR are, so a row's result does not depend on the rows decoded beside it.
+// [sum of a's lanes, of b's, of c's, of d's]. Each vector's lanes are added in the same order whatever its position
+// and the other three, so a feature's result does not depend on the features computed beside it.
+inline __m128 SumLanes4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+  const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+  const __m512d abd = _mm512_castps_pd(ab), cdd = _mm512_castps_pd(cd);
+  const __m512 s = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(abd, cdd)),
+                                 _mm512_castpd_ps(_mm512_unpackhi_pd(abd, cdd)));  // each 128 bits: a b c d
+  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(s),
+                                 _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(s), 1)));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+// out[i][j] = x row i . w row j for MR rows of x (stride k_dim) and NR weight rows (out[i][NR..4) = 0), 16 lanes at
+// a time with the tail masked: each weight vector is loaded once for all MR rows. Every dot product adds its terms
+// in the same order whatever MR and NR are, so a row's result does not depend on the rows decoded beside it.
+// `prefetch` (or null): NR rows of stride k_dim to bring into the cache, a line per row per step.
 template <int MR, int NR>
-inline void DotTile(const float *x, const float *w, int64_t k_dim, float (*out)[4]) {
-  __m512 acc[MR][NR];
+inline void DotTile(const float *x, const float *w, int64_t k_dim, float (*out)[4], const float *prefetch) {
+  __m512 acc[MR][4];
   for (int i = 0; i < MR; i++)
-    for (int j = 0; j < NR; j++) acc[i][j] = _mm512_setzero_ps();
+    for (int j = 0; j < 4; j++) acc[i][j] = _mm512_setzero_ps();
   int64_t k = 0;
   for (; k + 16 <= k_dim; k += 16) {
+    if (prefetch) {
+      for (int j = 0; j < NR; j++) _mm_prefetch(reinterpret_cast<const char *>(prefetch + j * k_dim + k), _MM_HINT_T0);
+    }
     __m512 wv[NR];
     for (int j = 0; j < NR; j++) wv[j] = _mm512_loadu_ps(w + j * k_dim + k);
     for (int i = 0; i < MR; i++) {
@@ -778,22 +797,26 @@ inline void DotTile(const float *x, const float *w, int64_t k_dim, float (*out)[
       for (int j = 0; j < NR; j++) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
     }
   }
-  for (int i = 0; i < MR; i++)
-    for (int j = 0; j < NR; j++) out[i][j] = _mm512_reduce_add_ps(acc[i][j]);
+  for (int i = 0; i < MR; i++) _mm_storeu_ps(out[i], SumLanes4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]));
 }
 
 template <int NR>
-inline void DotTileRows(int mr, const float *x, const float *w, int64_t k_dim, float (*out)[4]) {
+inline void DotTileRows(int mr, const float *x, const float *w, int64_t k_dim, float (*out)[4],
+                        const float *prefetch) {
   switch (mr) {
-    case 1: DotTile<1, NR>(x, w, k_dim, out); break;
-    case 2: DotTile<2, NR>(x, w, k_dim, out); break;
-    case 3: DotTile<3, NR>(x, w, k_dim, out); break;
-    default: DotTile<4, NR>(x, w, k_dim, out); break;
+    case 1: DotTile<1, NR>(x, w, k_dim, out, prefetch); break;
+    case 2: DotTile<2, NR>(x, w, k_dim, out, prefetch); break;
+    case 3: DotTile<3, NR>(x, w, k_dim, out, prefetch); break;
+    default: DotTile<4, NR>(x, w, k_dim, out, prefetch); break;
   }
 }
 #else
 // The portable tile: the same contract as the AVX-512 one.
-inline void DotTilePortable(int mr, int nr, const float *x, const float *w, int64_t k_dim, float (*out)[4]) {
+inline void DotTilePortable(int mr, int nr, const float *x, const float *w, int64_t k_dim, float (*out)[4],
+                            const float *prefetch) {
+  for (int64_t k = 0; prefetch && k < k_dim; k += 64 / sizeof(float)) {
+    for (int j = 0; j < nr; j++) __builtin_prefetch(prefetch + j * k_dim + k);
+  }
   for (int i = 0; i < mr; i++) {
     const float *xr = x + i * k_dim;
     if (nr == 4) {
@@ -827,18 +850,21 @@ void LinearRows(const float *x, const float *w, const float *bias, const float *
   float tile[4][4];
   for (int64_t n = first; n < last; n += 4) {
     const int nr = static_cast<int>(std::min<int64_t>(4, last - n));
+    const int64_t ahead = n + 4 * kPrefetchTiles;
     for (int64_t m = 0; m < m_rows; m += 4) {
       const int mr = static_cast<int>(std::min<int64_t>(4, m_rows - m));
       const float *xm = x + m * k_dim, *wn = w + n * k_dim;
+      // the first block of rows prefetches (the others find the tile in the cache); a full tile ahead only
+      const float *prefetch = m == 0 && ahead + 4 <= last ? w + ahead * k_dim : nullptr;
 #if defined(__AVX512F__)
       switch (nr) {
-        case 1: DotTileRows<1>(mr, xm, wn, k_dim, tile); break;
-        case 2: DotTileRows<2>(mr, xm, wn, k_dim, tile); break;
-        case 3: DotTileRows<3>(mr, xm, wn, k_dim, tile); break;
-        default: DotTileRows<4>(mr, xm, wn, k_dim, tile); break;
+        case 1: DotTileRows<1>(mr, xm, wn, k_dim, tile, prefetch); break;
+        case 2: DotTileRows<2>(mr, xm, wn, k_dim, tile, prefetch); break;
+        case 3: DotTileRows<3>(mr, xm, wn, k_dim, tile, prefetch); break;
+        default: DotTileRows<4>(mr, xm, wn, k_dim, tile, prefetch); break;
       }
 #else
-      DotTilePortable(mr, nr, xm, wn, k_dim, tile);
+      DotTilePortable(mr, nr, xm, wn, k_dim, tile, prefetch);
 #endif
       for (int i = 0; i < mr; i++) {
         float *yr = y + (m + i) * n_dim + n;

@@ -254,9 +254,9 @@ class CausalLMModel(BaseModel):
     def logit_rows(hidden, cache):
         """The final hidden states [B, S, H] the logits are for: every position ([B * S, H]), or each row's last
         ([B, H]) when decoding with a cache."""
-        if cache is not None:
+        if cache is not None and hidden.shape[1] > 1:
             return hidden[:, -1, :]
-        return hidden.reshape(-1, hidden.shape[-1])
+        return hidden.reshape(-1, hidden.shape[-1])  # a decode step's [B, 1, H] too: a view, where a slice copies
 
     def loss_targets(self, input_ids, attention_mask=None, labels=None):
         """(targets [B * S], weights [B * S] fp32: 1 where the target counts, else 0) for `input_ids [B, S+1]`."""

@@ -33,3 +33,19 @@ def cpu_kernels_set(enabled):
             os.environ.pop('MINDFORMERS_CPU_KERNELS')
         else:
             os.environ['MINDFORMERS_CPU_KERNELS'] = saved_env
+
+
+def call_kernel(library, entry, inputs, out_shape, out_dtype=None):
+    """Calls the AOT kernel `entry` of the compiled `library` as MindSpore does (params = inputs then the output):
+    (return code, output array of `out_shape`, NaN-filled before the call)."""
+    import ctypes
+    import numpy as np
+    out = np.full(out_shape, np.nan, out_dtype or np.float32)
+    arrays = [np.ascontiguousarray(a) for a in inputs] + [out]
+    count = len(arrays)
+    params = (ctypes.c_void_p * count)(*[a.ctypes.data for a in arrays])
+    ndims = (ctypes.c_int * count)(*[a.ndim for a in arrays])
+    dims = [(ctypes.c_int64 * max(a.ndim, 1))(*a.shape) for a in arrays]
+    shapes = (ctypes.POINTER(ctypes.c_int64) * count)(*[ctypes.cast(d, ctypes.POINTER(ctypes.c_int64)) for d in dims])
+    code = getattr(ctypes.CDLL(library), entry)(count, params, ndims, shapes, None, None, None)
+    return code, out
