@@ -47,21 +47,26 @@ def hf_family(data):
     return None if spec is None else (spec.converter, spec.class_name('tokenizer'))
 
 
+def hf_conversion_module(data, config_path):
+    """The conversion module of a HuggingFace config.json's parsed `data` (read from `config_path`); a model_type no
+    family converts: ConversionError naming the supported ones."""
+    spec = family_of_hf_config(data)
+    if spec is None:
+        raise ConversionError(f"{config_path} has model_type {data.get('model_type')!r}, which has no converter "
+                              f"(supported HuggingFace model types: {', '.join(hf_model_types())})")
+    return spec.load_converter()
+
+
 def hf_directory_converter(path):
     """The FamilyConverter that reads `path` when it is a HuggingFace model directory (its config.json carries
-    `model_type` and no `type`), else None. A model_type no family converts: ConversionError naming the supported
-    ones."""
+    `model_type` and no `type`), else None (see `hf_conversion_module` for an unknown model_type)."""
     config_path = os.path.join(path, 'config.json')
     if not os.path.isdir(path) or not os.path.isfile(config_path):
         return None
     data = read_json(config_path)
     if 'type' in data or 'model_type' not in data:
         return None
-    spec = family_of_hf_config(data)
-    if spec is None:
-        raise ConversionError(f"{config_path} has model_type {data.get('model_type')!r}, which has no converter "
-                              f"(supported HuggingFace model types: {', '.join(hf_model_types())})")
-    converter = spec.load_converter()
+    converter = hf_conversion_module(data, config_path)
     return getattr(converter, 'CONVERTER', converter)  # a family module, or the converter object itself
 
 

@@ -28,7 +28,8 @@ from typing import Callable, Optional
 import numpy as np
 
 from mindformers.generation.generation_config import GenerationConfig
-from mindformers.generation.logits_process import repetition_penalty, sample, temperature, top_k, top_p
+from mindformers.generation.logits_process import (repetition_penalty, sample, suppress_eos, temperature, top_k,
+                                                   top_p)
 from mindformers.generation.session import PREFILL_BUCKETS, DecodingSession, prefill_bucket
 from mindformers.tools.logger import logger
 
@@ -378,8 +379,8 @@ class Engine:
                 seen = np.asarray([request.prompt + request.tokens], np.int64)
                 scores[row:row + 1] = repetition_penalty(scores[row:row + 1], seen, params.repetition_penalty)
         held = [row for row, r in enumerate(requests) if len(r.tokens) < r.params.min_tokens]
-        if held and self.eos_token_ids:
-            scores[np.ix_(held, self.eos_token_ids)] = -np.inf
+        if held:
+            scores[held] = suppress_eos(scores[held], self.eos_token_ids)
         picked = scores.argmax(axis=-1).tolist()
         groups = collections.defaultdict(list)
         for row, request in enumerate(requests):

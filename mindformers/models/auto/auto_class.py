@@ -13,13 +13,13 @@ import json
 import os
 
 from mindformers.models.base_processor import PROCESSOR_CONFIG_FILE, BaseProcessor
-from mindformers.models.convert_utils import hf_family
+from mindformers.models.convert_utils import hf_conversion_module, hf_family
 from mindformers.tools.weights import INDEX_SUFFIX, built_for_checkpoint
 from mindformers.tools.build import build_model_config, build_model, build_processor, build_tokenizer
 from mindformers.models import model_book
 from mindformers.models.model_book import find_config
 from mindformers.tools.register import FamilySpec, MindFormerConfig, MindFormerRegister, MindFormerModuleType
-from mindformers.tools.register.family import (families, family_of_config, family_of_hf_config, hf_model_types,
+from mindformers.tools.register.family import (families, family_of_config, hf_model_types,
                                                register_family, shared_hf_model_types)
 
 CONFIG_FILE = 'config.json'
@@ -97,15 +97,6 @@ def _check_overrides(config_type, kwargs, caller, source):
             unknown_key_message(key, fields, f'{config_cls.__name__} field') for key in unknown))
 
 
-def _hf_family(directory, data):
-    """The conversion module of a HF directory's `model_type`, or a clear error."""
-    spec = family_of_hf_config(data)
-    if spec is None:
-        raise ValueError(f"{os.path.join(directory, CONFIG_FILE)} has model_type {data.get('model_type')!r}, which "
-                         f"has no converter (supported HuggingFace model types: {', '.join(hf_model_types())})")
-    return spec.load_converter()
-
-
 class AutoConfig:
     """`AutoConfig.from_pretrained(name | yaml | directory, **overrides)` -> the model config object."""
 
@@ -121,7 +112,7 @@ class AutoConfig:
         if kind == 'ours':
             _check_overrides(data['type'], kwargs, cls.__name__, name_or_path)
             return build_model_config({**data, **kwargs})
-        config = _hf_family(directory, data).config_from_hf(data)
+        config = hf_conversion_module(data, os.path.join(directory, CONFIG_FILE)).config_from_hf(data)
         _check_overrides(type(config), kwargs, cls.__name__, name_or_path)
         return type(config).from_dict({**config.to_dict(), **kwargs}) if kwargs else config
 
