@@ -63,6 +63,17 @@ def medians(runs):
             for name, rounds in runs.items()}
 
 
+def round_ratios(runs, ours, ref, key='tokens_per_s'):
+    """`ours` / `ref` per round (the two ran minutes apart in the same round): a list, one per round. Their median
+    follows the machine's drift between rounds less than the ratio of the two medians does."""
+    return [a[key] / b[key] for a, b in zip(runs[ours], runs[ref])]
+
+
+def ratio_line(label, ratios):
+    """One printed line: the per-round ratios and their median."""
+    return f"{label}: per round {', '.join(f'{r:.2f}' for r in ratios)}; median {statistics.median(ratios):.2f}"
+
+
 def environment(packages=('mindspore', 'torch', 'transformers', 'peft', 'numpy')):
     """Where the figures were taken: CPU model and count, Python and package versions, the repository's commit."""
     cpu = platform.processor() or platform.machine()

@@ -22,7 +22,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _harness import environment, interleave, medians, report, step_figures, write_json  # noqa: E402
+from _harness import (environment, interleave, medians, ratio_line, report, round_ratios, step_figures,  # noqa: E402
+                      write_json)
 from train_gpt2 import (BATCH, HEADS, HIDDEN, LAYERS, SEQ, VOCAB, hf_gpt2, mindformers_context,  # noqa: E402
                         mindformers_gpt2, time_mindformers, time_torch)
 
@@ -87,8 +88,9 @@ def main():
     unknown = sorted(set(names) - set(WORKERS))
     if unknown:
         parser.error(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(WORKERS)}")
-    summary = medians(interleave(os.path.abspath(__file__), names, args.rounds,
-                                 lambda name, round_index: ['--steps', args.steps, '--warmup', args.warmup]))
+    runs = interleave(os.path.abspath(__file__), names, args.rounds,
+                      lambda name, round_index: ['--steps', args.steps, '--warmup', args.warmup])
+    summary = medians(runs)
     figures = {'setup': f'seq {SEQ}, batch {BATCH}, AdamW fp32, dropout 0; LoRA rank {RANK}, alpha {ALPHA} on q/v '
                         f'(GPT-2: the fused qkv_proj / c_attn)', 'rounds': args.rounds, 'steps': args.steps, **summary}
     print(f"{'variant':<14}{'tokens/s':>10}{'first step s':>14}{'peak RSS MB':>13}")
@@ -100,10 +102,14 @@ def main():
         lora, full, peft = (summary[f'{family}_{kind}'] for kind in KINDS)
         figures[family] = {'ratio': lora['tokens_per_s'] / peft['tokens_per_s'],
                            'rss_ratio': lora['peak_rss_mb'] / peft['peak_rss_mb'],
-                           'lora_speedup': lora['tokens_per_s'] / full['tokens_per_s']}
+                           'lora_speedup': lora['tokens_per_s'] / full['tokens_per_s'],
+                           'ratio_per_round': round_ratios(runs, f'{family}_lora', f'{family}_peft'),
+                           'lora_speedup_per_round': round_ratios(runs, f'{family}_lora', f'{family}_full')}
         print(f"{family}: ratio (our LoRA / PEFT tokens/s) {figures[family]['ratio']:.2f}, rss_ratio "
               f"{figures[family]['rss_ratio']:.2f}, lora_speedup (our LoRA / our full) "
               f"{figures[family]['lora_speedup']:.2f}")
+        print(ratio_line(f'{family} ratio', figures[family]['ratio_per_round']))
+        print(ratio_line(f'{family} lora_speedup', figures[family]['lora_speedup_per_round']))
     figures['environment'] = environment()
     write_json(args.json, figures)
 

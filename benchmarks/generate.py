@@ -4,7 +4,7 @@ cache (fp32, and bf16 for reference), same machine, interleaved in one run.
 The 29.5M-parameter GPT-2 (vocab 8192, hidden 512, 8 layers, 8 heads, seq 256), random weights, prompt 32 tokens,
 128 new tokens (EOS suppressed so every call produces all 128), batch 1 and batch 8. Each variant runs in its own
 process; per process the first call (compilation included) is timed apart, then `--calls` more calls are timed and
-their median is used. Medians over `--rounds` rounds are reported.
+their median is used. Medians over `--rounds` rounds are reported, and each round's ours / HF ratio.
 
     python benchmarks/generate.py [--rounds 3] [--calls 3] [--json result.json]
 """
@@ -14,7 +14,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _harness import medians, peak_rss_mb, report, run_worker, write_json  # noqa: E402
+from _harness import (environment, interleave, medians, peak_rss_mb, ratio_line, report, round_ratios,  # noqa: E402
+                      write_json)
 
 VOCAB, HIDDEN, LAYERS, HEADS, SEQ = 8192, 512, 8, 8, 256
 PROMPT, NEW_TOKENS = 32, 128
@@ -105,12 +106,8 @@ def main():
     if args.worker:
         worker(args.worker, args.calls)
         return
-    results = {name: [] for name in VARIANTS}
-    for round_index in range(args.rounds):
-        for name in VARIANTS:
-            results[name].append(run_worker(os.path.abspath(__file__), name, '--calls', args.calls))
-            print(f"round {round_index + 1}/{args.rounds} {name}: {results[name][-1]['tokens_per_s']:.0f} tokens/s",
-                  file=sys.stderr)
+    results = interleave(os.path.abspath(__file__), list(VARIANTS), args.rounds,
+                         lambda name, round_index: ['--calls', args.calls])
     summary = medians(results)
     figures = {'model': f'GPT-2 vocab {VOCAB}, hidden {HIDDEN}, {LAYERS} layers, {HEADS} heads, seq {SEQ}; '
                         f'prompt {PROMPT}, {NEW_TOKENS} new tokens, greedy', 'rounds': args.rounds, **summary}
@@ -121,8 +118,11 @@ def main():
         ours, ref = summary[f'mindformers_b{batch}'], summary[f'torch_float32_b{batch}']
         figures[f'ratio_b{batch}'] = ours['tokens_per_s'] / ref['tokens_per_s']
         figures[f'rss_ratio_b{batch}'] = ours['peak_rss_mb'] / ref['peak_rss_mb']
+        figures[f'ratio_b{batch}_per_round'] = round_ratios(results, f'mindformers_b{batch}', f'torch_float32_b{batch}')
         print(f"batch {batch}: ratio (ours / HF fp32 tokens/s) {figures[f'ratio_b{batch}']:.2f}, "
               f"rss_ratio {figures[f'rss_ratio_b{batch}']:.2f}")
+        print(ratio_line(f'batch {batch} ratio', figures[f'ratio_b{batch}_per_round']))
+    figures['environment'] = environment()
     write_json(args.json, figures)
 
 

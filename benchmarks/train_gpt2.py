@@ -16,7 +16,8 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _harness import environment, interleave, medians, report, step_figures, write_json  # noqa: E402
+from _harness import (environment, interleave, medians, ratio_line, report, round_ratios, step_figures,  # noqa: E402
+                      write_json)
 
 VOCAB, HIDDEN, LAYERS, HEADS, SEQ, BATCH = 8192, 512, 8, 8, 256, 8
 LR, BETAS, EPS, WEIGHT_DECAY = 1e-4, (0.9, 0.95), 1e-8, 0.1
@@ -136,7 +137,8 @@ def main():
             cache = ['--compile_cache', warm_cache]
         return ['--steps', args.steps, '--warmup', args.warmup, *cache]
 
-    summary = medians(interleave(os.path.abspath(__file__), WORKERS, args.rounds, extra))
+    runs = interleave(os.path.abspath(__file__), WORKERS, args.rounds, extra)
+    summary = medians(runs)
     shutil.rmtree(cache_root, ignore_errors=True)
     ours, ref = summary['mindformers'], summary['torch']
     figures = {'model': f'GPT-2 vocab {VOCAB}, hidden {HIDDEN}, {LAYERS} layers, {HEADS} heads, seq {SEQ}, '
@@ -145,6 +147,7 @@ def main():
                'first_step_s_cold_cache': ours['first_step_s'],
                'first_step_s_warm_cache': summary['mindformers_cached']['first_step_s'],
                'ratio': ours['tokens_per_s'] / ref['tokens_per_s'],
+               'ratio_per_round': round_ratios(runs, 'mindformers', 'torch'),
                'rss_ratio': ours['peak_rss_mb'] / ref['peak_rss_mb'], 'environment': environment()}
     print(f"{'variant':<34}{'tokens/s':>10}{'first step s':>14}{'peak RSS MB':>13}")
     for name, label in (('mindformers', 'mindformers, cold compile cache'),
@@ -152,6 +155,7 @@ def main():
         row = summary[name]
         print(f"{label:<34}{row['tokens_per_s']:>10.0f}{row['first_step_s']:>14.1f}{row['peak_rss_mb']:>13.0f}")
     print(f"ratio (ours / torch tokens/s): {figures['ratio']:.2f}   rss_ratio: {figures['rss_ratio']:.2f}")
+    print(ratio_line('ratio', figures['ratio_per_round']))
     write_json(args.json, figures)
 
 
