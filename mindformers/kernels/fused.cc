@@ -778,21 +778,20 @@ inline __m128 SumLanes4(__m512 a, __m512 b, __m512 c, __m512 d) {
 // out[i][j] = x row i . w row j for MR rows of x (stride k_dim) and NR weight rows (out[i][NR..4) = 0), 16 lanes at
 // a time with the tail masked: each weight vector is loaded once for all MR rows. Every dot product adds its terms
 // in the same order whatever MR and NR are, so a row's result does not depend on the rows decoded beside it.
-// `prefetch`: weight rows to bring into the cache, a line per row per step.
-template <int MR, int NR>
+// `prefetch`: weight rows to bring into the cache (kToL2 = prefetch.to_l2), a line per row per step. Into L1 it is
+// always a whole tile (4 rows, a count known at compile time: at one row this loop streams from memory and a
+// counted prefetch loop slowed it by a few percent).
+template <int MR, int NR, bool kToL2>
 inline void DotTile(const float *x, const float *w, int64_t k_dim, float (*out)[4], const Prefetch &prefetch) {
   __m512 acc[MR][4];
   for (int i = 0; i < MR; i++)
     for (int j = 0; j < 4; j++) acc[i][j] = _mm512_setzero_ps();
   int64_t k = 0;
   for (; k + 16 <= k_dim; k += 16) {
-    for (int j = 0; j < prefetch.count; j++) {
-      const char *line = reinterpret_cast<const char *>(prefetch.rows + j * k_dim + k);
-      if (prefetch.to_l2) {
-        _mm_prefetch(line, _MM_HINT_T1);
-      } else {
-        _mm_prefetch(line, _MM_HINT_T0);
-      }
+    if (kToL2) {
+      for (int j = 0; j < prefetch.count; j++) _mm_prefetch(prefetch.rows + j * k_dim + k, _MM_HINT_T1);
+    } else if (prefetch.rows) {
+      for (int j = 0; j < 4; j++) _mm_prefetch(prefetch.rows + j * k_dim + k, _MM_HINT_T0);
     }
     __m512 wv[NR];
     for (int j = 0; j < NR; j++) wv[j] = _mm512_loadu_ps(w + j * k_dim + k);
@@ -816,11 +815,20 @@ inline void DotTile(const float *x, const float *w, int64_t k_dim, float (*out)[
 template <int NR>
 inline void DotTileRows(int mr, const float *x, const float *w, int64_t k_dim, float (*out)[4],
                         const Prefetch &prefetch) {
+  if (prefetch.to_l2) {
+    switch (mr) {
+      case 1: DotTile<1, NR, true>(x, w, k_dim, out, prefetch); break;
+      case 2: DotTile<2, NR, true>(x, w, k_dim, out, prefetch); break;
+      case 3: DotTile<3, NR, true>(x, w, k_dim, out, prefetch); break;
+      default: DotTile<4, NR, true>(x, w, k_dim, out, prefetch); break;
+    }
+    return;
+  }
   switch (mr) {
-    case 1: DotTile<1, NR>(x, w, k_dim, out, prefetch); break;
-    case 2: DotTile<2, NR>(x, w, k_dim, out, prefetch); break;
-    case 3: DotTile<3, NR>(x, w, k_dim, out, prefetch); break;
-    default: DotTile<4, NR>(x, w, k_dim, out, prefetch); break;
+    case 1: DotTile<1, NR, false>(x, w, k_dim, out, prefetch); break;
+    case 2: DotTile<2, NR, false>(x, w, k_dim, out, prefetch); break;
+    case 3: DotTile<3, NR, false>(x, w, k_dim, out, prefetch); break;
+    default: DotTile<4, NR, false>(x, w, k_dim, out, prefetch); break;
   }
 }
 #else
