@@ -750,9 +750,11 @@ extern "C" int AdamWUpdate(int nparam, void **params, int *ndims, int64_t **shap
 namespace {
 // y[m, first:last] = x[m] . w[n] (+ bias[n]) for every row m of x [m_rows, k_dim] and n in [first, last), w
 // [n_dim, k_dim]. Tiles of 4 weight rows, each read once from memory for all rows of x (decode has few rows, so the
-// weights' memory traffic is the cost); the weight rows kPrefetchTiles tiles ahead are prefetched while a tile is
-// computed, so the weights stream from memory while the arithmetic runs.
-constexpr int64_t kPrefetchTiles = 2;
+// weights' memory traffic is the cost). While a tile is computed, the tile kPrefetchTiles tiles ahead is prefetched
+// into L2, so the weights stream from memory while the arithmetic runs; with more than 4 rows of x (a tile computed
+// once per block of 4 rows) each block prefetches its share of that tile's rows, so the requests are spread over the
+// tile's whole computation rather than issued in a burst during the first block.
+constexpr int64_t kPrefetchTiles = 4;
 #if defined(__AVX512F__)
 // [sum of a's lanes, of b's, of c's, of d's]. Each vector's lanes are added in the same order whatever its position
 // and the other three, so a feature's result does not depend on the features computed beside it.
@@ -770,17 +772,16 @@ inline __m128 SumLanes4(__m512 a, __m512 b, __m512 c, __m512 d) {
 // out[i][j] = x row i . w row j for MR rows of x (stride k_dim) and NR weight rows (out[i][NR..4) = 0), 16 lanes at
 // a time with the tail masked: each weight vector is loaded once for all MR rows. Every dot product adds its terms
 // in the same order whatever MR and NR are, so a row's result does not depend on the rows decoded beside it.
-// `prefetch` (or null): NR rows of stride k_dim to bring into the cache, a line per row per step.
+// `prefetch`: `prefetch_rows` weight rows of stride k_dim to bring into L2, a line per row per step.
 template <int MR, int NR>
-inline void DotTile(const float *x, const float *w, int64_t k_dim, float (*out)[4], const float *prefetch) {
+inline void DotTile(const float *x, const float *w, int64_t k_dim, float (*out)[4], const float *prefetch,
+                    int prefetch_rows) {
   __m512 acc[MR][4];
   for (int i = 0; i < MR; i++)
     for (int j = 0; j < 4; j++) acc[i][j] = _mm512_setzero_ps();
   int64_t k = 0;
   for (; k + 16 <= k_dim; k += 16) {
-    if (prefetch) {
-      for (int j = 0; j < NR; j++) _mm_prefetch(reinterpret_cast<const char *>(prefetch + j * k_dim + k), _MM_HINT_T0);
-    }
+    for (int j = 0; j < prefetch_rows; j++) _mm_prefetch(prefetch + j * k_dim + k, _MM_HINT_T1);
     __m512 wv[NR];
     for (int j = 0; j < NR; j++) wv[j] = _mm512_loadu_ps(w + j * k_dim + k);
     for (int i = 0; i < MR; i++) {
@@ -802,20 +803,20 @@ inline void DotTile(const float *x, const float *w, int64_t k_dim, float (*out)[
 
 template <int NR>
 inline void DotTileRows(int mr, const float *x, const float *w, int64_t k_dim, float (*out)[4],
-                        const float *prefetch) {
+                        const float *prefetch, int prefetch_rows) {
   switch (mr) {
-    case 1: DotTile<1, NR>(x, w, k_dim, out, prefetch); break;
-    case 2: DotTile<2, NR>(x, w, k_dim, out, prefetch); break;
-    case 3: DotTile<3, NR>(x, w, k_dim, out, prefetch); break;
-    default: DotTile<4, NR>(x, w, k_dim, out, prefetch); break;
+    case 1: DotTile<1, NR>(x, w, k_dim, out, prefetch, prefetch_rows); break;
+    case 2: DotTile<2, NR>(x, w, k_dim, out, prefetch, prefetch_rows); break;
+    case 3: DotTile<3, NR>(x, w, k_dim, out, prefetch, prefetch_rows); break;
+    default: DotTile<4, NR>(x, w, k_dim, out, prefetch, prefetch_rows); break;
   }
 }
 #else
 // The portable tile: the same contract as the AVX-512 one.
 inline void DotTilePortable(int mr, int nr, const float *x, const float *w, int64_t k_dim, float (*out)[4],
-                            const float *prefetch) {
-  for (int64_t k = 0; prefetch && k < k_dim; k += 64 / sizeof(float)) {
-    for (int j = 0; j < nr; j++) __builtin_prefetch(prefetch + j * k_dim + k);
+                            const float *prefetch, int prefetch_rows) {
+  for (int64_t k = 0; k < k_dim; k += 64 / sizeof(float)) {
+    for (int j = 0; j < prefetch_rows; j++) __builtin_prefetch(prefetch + j * k_dim + k, 0, 2);
   }
   for (int i = 0; i < mr; i++) {
     const float *xr = x + i * k_dim;
@@ -848,23 +849,27 @@ inline void DotTilePortable(int mr, int nr, const float *x, const float *w, int6
 void LinearRows(const float *x, const float *w, const float *bias, const float *residual, float *y, int64_t m_rows,
                 int64_t k_dim, int64_t n_dim, int64_t first, int64_t last) {
   float tile[4][4];
+  const int64_t blocks = (m_rows + 3) / 4;
+  const int share = static_cast<int>((4 + blocks - 1) / blocks);  // weight rows each block prefetches
   for (int64_t n = first; n < last; n += 4) {
     const int nr = static_cast<int>(std::min<int64_t>(4, last - n));
     const int64_t ahead = n + 4 * kPrefetchTiles;
     for (int64_t m = 0; m < m_rows; m += 4) {
       const int mr = static_cast<int>(std::min<int64_t>(4, m_rows - m));
       const float *xm = x + m * k_dim, *wn = w + n * k_dim;
-      // the first block of rows prefetches (the others find the tile in the cache); a full tile ahead only
-      const float *prefetch = m == 0 && ahead + 4 <= last ? w + ahead * k_dim : nullptr;
+      // this block's share of the tile ahead (a full tile only)
+      const int64_t own = std::min(ahead + m / 4 * share, ahead + 4);
+      const int prefetch_rows = ahead + 4 <= last ? static_cast<int>(std::min<int64_t>(share, ahead + 4 - own)) : 0;
+      const float *prefetch = w + std::min(own, n_dim - 1) * k_dim;
 #if defined(__AVX512F__)
       switch (nr) {
-        case 1: DotTileRows<1>(mr, xm, wn, k_dim, tile, prefetch); break;
-        case 2: DotTileRows<2>(mr, xm, wn, k_dim, tile, prefetch); break;
-        case 3: DotTileRows<3>(mr, xm, wn, k_dim, tile, prefetch); break;
-        default: DotTileRows<4>(mr, xm, wn, k_dim, tile, prefetch); break;
+        case 1: DotTileRows<1>(mr, xm, wn, k_dim, tile, prefetch, prefetch_rows); break;
+        case 2: DotTileRows<2>(mr, xm, wn, k_dim, tile, prefetch, prefetch_rows); break;
+        case 3: DotTileRows<3>(mr, xm, wn, k_dim, tile, prefetch, prefetch_rows); break;
+        default: DotTileRows<4>(mr, xm, wn, k_dim, tile, prefetch, prefetch_rows); break;
       }
 #else
-      DotTilePortable(mr, nr, xm, wn, k_dim, tile, prefetch);
+      DotTilePortable(mr, nr, xm, wn, k_dim, tile, prefetch, prefetch_rows);
 #endif
       for (int i = 0; i < mr; i++) {
         float *yr = y + (m + i) * n_dim + n;
