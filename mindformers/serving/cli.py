@@ -6,6 +6,7 @@ The port is bound first and /health answers 503 while the model loads in the bac
 Exit codes: 0 stopped (Ctrl-C / SIGTERM); 2 the command line is wrong (a flag, a path that does not exist, a port
 that cannot be bound); 1 loading failed (a checkpoint or adapter that does not fit names its flag and path)."""
 import argparse
+import importlib.util
 import os
 import signal
 import socket
@@ -209,6 +210,13 @@ def start_engine(source, args, model_id):
     return engine, tokenizer, chat_format, why
 
 
+def asgi_stack():
+    """(event loop, HTTP parser) for uvicorn: uvloop and httptools when installed (the `serve` extra installs
+    them; they parse and schedule in C), else asyncio and h11."""
+    found = lambda name: importlib.util.find_spec(name) is not None  # noqa: E731
+    return 'uvloop' if found('uvloop') else 'asyncio', 'httptools' if found('httptools') else 'h11'
+
+
 def serve(source, args, model_id=None):
     """Serve `source` (see `load_model`) with the serving flags in `args` (and `args.load_checkpoint`) until
     stopped; returns the exit status."""
@@ -230,8 +238,9 @@ def serve(source, args, model_id=None):
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
     model_id = args.served_model_name or model_id or str(source)
     app = create_app(model_id=model_id)
-    server = uvicorn.Server(uvicorn.Config(app, log_level='warning', timeout_graceful_shutdown=5,
-                                           lifespan='off'))
+    loop, http = asgi_stack()
+    server = uvicorn.Server(uvicorn.Config(app, loop=loop, http=http, log_level='warning',
+                                           timeout_graceful_shutdown=5, lifespan='off'))
     outcome = {'code': 0, 'engine': None}
 
     def load():
@@ -246,7 +255,8 @@ def serve(source, args, model_id=None):
             outcome['code'] = cli_error(PROG, first_line(err), 1)
             server.should_exit = True
 
-    logger.info("listening on %s; loading %s", url, source if isinstance(source, str) else model_id)
+    logger.info("listening on %s (uvicorn, %s + %s); loading %s", url, loop, http,
+                source if isinstance(source, str) else model_id)
     threading.Thread(target=load, name='load-model', daemon=True).start()
     # uvicorn stops gracefully on SIGINT/SIGTERM, then raises the signal again for the handler it replaced: make
     # that one a no-op, so a stop is a normal exit (status 0) after the engine has shut down
