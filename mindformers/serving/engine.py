@@ -7,9 +7,9 @@ as it ends, and the next waiting one takes it, so no request waits for another t
 prefill compiles once per prompt bucket, decode once.
 
 Batched admission (`batched_prefill` = N > 0): requests admitted in the same iteration whose prompts share a bucket
-<= N start in one prefill of 2, 4, ... rows (powers of two up to the slots), whose graphs `start()` compiles, so
-serving never compiles a new shape for them; a prefill costs much less per row with more rows. The rest start one by
-one.
+<= N start in one prefill of 2, 4, ... rows (powers of two up to the slots); `start()` compiles those graphs (and
+the one-row ones of those buckets), so serving never compiles for them; a prefill costs much less per row with more
+rows. The rest start one by one.
 
 A prompt is padded on the left to its bucket (`generation.session.prefill_bucket`). When the bucket plus the
 request's `max_tokens` would not fit the context, the prompt is split instead: the largest bucket that the prompt
@@ -187,14 +187,14 @@ class Engine:
     # ----- the submitter's side (any thread)
 
     def start(self):
-        """Build the decoding session and start the engine thread. The graphs of batched admission compile here
-        (`batched_prefill`); the others on first use."""
+        """Build the decoding session and start the engine thread. The prefill graphs of the buckets up to
+        `batched_prefill` compile here, for 1, 2, 4, ... rows; the others on first use."""
         self.model.set_train(False)
         self._session = DecodingSession(self.model, self.slots)
         for bucket in PREFILL_BUCKETS:
             if bucket > min(self.batched_prefill, self.context_length - 1):
                 break
-            for rows in self._group_rows:
+            for rows in (1, *self._group_rows):
                 self._session.prefill(list(range(rows)), np.zeros((rows, bucket), np.int32), bucket=bucket)
                 self._group_shapes.add((rows, bucket))
         self._session.free(list(range(self.slots)))
