@@ -4,6 +4,10 @@ import os
 from setuptools import setup, find_packages
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# the server's ASGI stack; httptools (HTTP parsing) and uvloop (event loop) are what `uvicorn[standard]` adds for
+# speed, and uvicorn uses them when they are installed (its other `standard` extras are for --reload and websockets)
+SERVE = ['fastapi', 'uvicorn', 'httptools',
+         "uvloop; sys_platform != 'win32' and sys_platform != 'cygwin' and platform_python_implementation != 'PyPy'"]
 
 
 def requirements():
@@ -30,8 +34,8 @@ setup(
     # serve: `python -m mindformers.serve` (the library imports without it); test: the server's tests drive it with
     # the official openai client and httpx, the chat page's in Chromium through playwright (Debian's chromium:
     # scripts/install_test_system_deps.sh)
-    extras_require={'serve': ['fastapi', 'uvicorn'],
-                    'test': ['pytest', 'torch==2.13.0', 'transformers', 'peft', 'matplotlib', 'fastapi', 'uvicorn',
+    extras_require={'serve': SERVE,
+                    'test': ['pytest', 'torch==2.13.0', 'transformers', 'peft', 'matplotlib', *SERVE,
                              'openai', 'httpx', 'prometheus_client', 'playwright']},
     py_modules=['run_mindformer', 'convert_weight'],
 )

@@ -19,7 +19,8 @@ second the server and the clients used (`server_cpu_per_s`, `client_cpu_per_s`).
 Bars (issue 18): 8-stream output tokens/s >= 0.8 x offline batch-8 and >= 4 x the 1-slot server; p99 TTFT < 1 s
 while 8 streams decode.
 
-    python benchmarks/serve.py [--requests 32] [--rounds 1] [--json result.json]
+    python benchmarks/serve.py [--requests 32] [--rounds 1] [--variants offline,8,1] [--server_flags '...']
+                               [--json result.json]
 """
 import argparse
 import asyncio
@@ -191,12 +192,13 @@ def percentile(values, q):
     return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
 
 
-def server_worker(count, slots):
-    """Start the server with `slots` slots; measure 8 concurrent streams, then a fixed rate (8 slots only)."""
+def server_worker(count, slots, flags=()):
+    """Start the server with `slots` slots (and more `flags`); measure 8 concurrent streams, then a fixed rate (8
+    slots only)."""
     port = free_port()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (REPO, os.environ.get('PYTHONPATH')) if p))
     server = subprocess.Popen([sys.executable, '-m', 'mindformers.serve', '--model', CACHE, '--port', str(port),
-                               '--slots', str(slots), '--served_model_name', 'bench', '--max_waiting', '64'],
+                               '--slots', str(slots), '--served_model_name', 'bench', '--max_waiting', '64', *flags],
                               cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         import httpx
@@ -230,27 +232,39 @@ def main():
     parser.add_argument('--json', default=None)
     parser.add_argument('--worker', default=None)
     parser.add_argument('--slots', type=int, default=8)
+    parser.add_argument('--server_flags', default='', help="more flags for the servers, e.g. '--batched_prefill 64'")
+    parser.add_argument('--variants', default='offline,8,1', help='what to run: offline, 8 (slots), 1 (slot)')
     args = parser.parse_args()
     if args.worker == 'offline':
         return offline_worker(args.requests)
     if args.worker == 'server':
-        return server_worker(args.requests, args.slots)
+        return server_worker(args.requests, args.slots, args.server_flags.split())
     build_model_dir()
     rounds = []
+    variants = {'offline': ('offline_batch8', ('offline',)), '8': ('server_8_slots', ('server', '--slots', 8)),
+                '1': ('server_1_slot', ('server', '--slots', 1))}
+    chosen = args.variants.split(',')
+    if not chosen or set(chosen) - set(variants):
+        parser.error(f"--variants takes a comma-separated subset of {', '.join(variants)}, got {args.variants!r}")
     for index in range(args.rounds):
-        offline = run_worker(__file__, 'offline', '--requests', args.requests)
-        eight = run_worker(__file__, 'server', '--requests', args.requests, '--slots', 8)
-        one = run_worker(__file__, 'server', '--requests', args.requests, '--slots', 1)
-        rounds.append({'offline_batch8': offline, 'server_8_slots': eight, 'server_1_slot': one})
-        print(f"round {index + 1}/{args.rounds}: offline {offline['tokens_per_s']:.0f} tokens/s, server 8 streams "
-              f"{eight['tokens_per_s']:.0f}, 1 slot {one['tokens_per_s']:.0f}; p99 TTFT at 8 streams "
-              f"{eight['streams_8']['ttft_p99_s']:.2f} s", file=sys.stderr)
-    offline, eight, one = (statistics.median(r[k]['tokens_per_s'] for r in rounds)
-                           for k in ('offline_batch8', 'server_8_slots', 'server_1_slot'))
-    summary = {'vs_offline_batch8': eight / offline, 'vs_one_slot': eight / one,
-               'ttft_p99_s_at_8_streams': statistics.median(r['server_8_slots']['streams_8']['ttft_p99_s']
-                                                            for r in rounds)}
-    write_json(args.json, {'environment': environment(('mindspore', 'fastapi', 'uvicorn', 'httpx', 'numpy')),
+        results = {}
+        for variant in chosen:
+            key, worker = variants[variant]
+            results[key] = run_worker(__file__, *worker, '--requests', args.requests,
+                                      *(('--server_flags', args.server_flags) if variant != 'offline' else ()))
+        rounds.append(results)
+        print(f"round {index + 1}/{args.rounds}: " + ', '.join(f"{key} {result['tokens_per_s']:.0f} tokens/s"
+                                                               for key, result in results.items()), file=sys.stderr)
+    tokens = {key: statistics.median(r[key]['tokens_per_s'] for r in rounds) for key in rounds[0]}
+    summary = {'tokens_per_s': tokens}
+    if 'server_8_slots' in tokens:
+        summary['ttft_p99_s_at_8_streams'] = statistics.median(r['server_8_slots']['streams_8']['ttft_p99_s']
+                                                               for r in rounds)
+        for key, name in (('offline_batch8', 'vs_offline_batch8'), ('server_1_slot', 'vs_one_slot')):
+            if key in tokens:
+                summary[name] = tokens['server_8_slots'] / tokens[key]
+    write_json(args.json, {'environment': environment(('mindspore', 'fastapi', 'uvicorn', 'httptools', 'uvloop',
+                                                       'httpx', 'numpy')),
                            'rounds': rounds, **summary})
     print(json.dumps({**summary, 'last_round': rounds[-1]}, indent=2))
     return 0

@@ -1,6 +1,7 @@
 """The server end to end: `python -m mindformers.serve --model gpt2_tiny` on loopback (one slot, so the slot tests
 are exact), driven by the official `openai` client, unmodified, and by raw HTTP (httpx) where the wire format itself
 is checked. The HTTP layer's details over a scripted engine are in tests/test_serving_protocol.py."""
+import importlib.util
 import json
 import os
 import re
@@ -111,6 +112,19 @@ def metric(server, name):
 def test_health_and_models(server, client):
     assert httpx.get(server.url + '/health').json() == {'status': 'ok'}
     assert [m.id for m in client.models.list().data] == [MODEL]
+
+
+def test_uvicorn_runs_on_uvloop_and_httptools_when_installed(server):
+    """The `serve` extra installs uvloop and httptools: the server then runs on them (their C modules are loaded in
+    its process), else on asyncio and h11; the log says which."""
+    with open(f'/proc/{server.proc.pid}/maps', encoding='utf-8') as f:
+        loaded = f.read()
+    stack = []
+    for name, fallback in (('uvloop', 'asyncio'), ('httptools', 'h11')):
+        installed = importlib.util.find_spec(name) is not None
+        assert (f'/{name}/' in loaded) == installed, name
+        stack.append(name if installed else fallback)
+    assert f"(uvicorn, {' + '.join(stack)})" in server.text()
 
 
 @pytest.mark.parametrize('sampling', [{'temperature': 0}, {'temperature': 1.0, 'top_k': 40, 'seed': 5}])

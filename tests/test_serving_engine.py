@@ -46,7 +46,7 @@ def engine():
     config = AutoConfig.from_pretrained('gpt2_tiny', num_layers=2, hidden_size=64, seq_length=CONTEXT)
     model = AutoModel.from_config(config)
     tokenizer = AutoTokenizer.from_pretrained('gpt2_tiny')
-    engine = Engine(model, tokenizer, slots=4, max_waiting=32, log_interval=0.5).start()
+    engine = Engine(model, tokenizer, slots=4, max_waiting=32, log_interval=0.5, batched_prefill=16).start()
     yield engine
     engine.shutdown()
 
@@ -93,6 +93,24 @@ def test_sixteen_staggered_requests_give_what_each_gives_alone_and_what_generate
     stats = engine.stats()
     assert stats['running'] == 0 and stats['waiting'] == 0
     assert stats['requests_total']['length'] + stats['requests_total']['stop'] >= 32
+
+
+def test_requests_waiting_together_start_in_one_prefill_and_give_what_each_gives_alone(engine):
+    """batched_prefill=16: requests of bucket 16 admitted together share a prefill in the shapes start() compiled
+    (4 rows, then 2, then 1); a longer prompt gets its own; each gives exactly its text alone."""
+    requests = prompts(6, seed=7, longest=16) + [list(range(2, 22))]
+    alone = [run(engine, p, max_tokens=5) for p in requests]
+    compiled = len(engine._session._prefill.compile_cache)
+    prefills = engine.stats()['prefills_total']
+    together = [Collector() for _ in requests]
+    with engine._lock:  # the engine thread cannot admit until all have been submitted
+        for prompt, collector in zip(requests, together):
+            engine.submit(prompt, SamplingParams(5, temperature=0), collector)
+    for collector, single in zip(together, alone):
+        assert collector.wait().text == single.text and collector.last.finish_reason == single.last.finish_reason
+    # 4 slots: four of bucket 16 in one prefill; when they end, the other two in one and the 20 tokens alone
+    assert engine.stats()['prefills_total'] - prefills == 3
+    assert len(engine._session._prefill.compile_cache) == compiled
 
 
 def test_a_request_arriving_while_others_decode_starts_and_ends_before_they_finish(engine):

@@ -6,6 +6,7 @@ The port is bound first and /health answers 503 while the model loads in the bac
 Exit codes: 0 stopped (Ctrl-C / SIGTERM); 2 the command line is wrong (a flag, a path that does not exist, a port
 that cannot be bound); 1 loading failed (a checkpoint or adapter that does not fit names its flag and path)."""
 import argparse
+import importlib.util
 import os
 import signal
 import socket
@@ -20,7 +21,7 @@ CHAT_FORMAT_CHOICES = ('auto', 'chatglm', 'llama2', 'plain')
 QUANTIZATION_CHOICES = ('int8',)
 KV_CACHE_DTYPE_CHOICES = ('float32', 'float16')  # models.base_config.KV_CACHE_DTYPES, without importing MindSpore
 SERVE_DEFAULTS = {'host': '127.0.0.1', 'port': 8000, 'slots': 8, 'max_waiting': 64, 'timeout': 600.0,
-                  'chat_format': 'auto'}
+                  'batched_prefill': 0, 'chat_format': 'auto'}
 
 
 def add_serving_arguments(parser, defaults=True):
@@ -34,6 +35,9 @@ def add_serving_arguments(parser, defaults=True):
                         help='requests decoded together (KV-cache slots; default 8)')
     parser.add_argument('--max_waiting', type=int, default=default.get('max_waiting'),
                         help='requests queued behind the slots before new ones get 503 (default 64)')
+    parser.add_argument('--batched_prefill', type=int, default=default.get('batched_prefill'),
+                        help='prompts up to this many tokens that wait together start in one prefill (its shapes '
+                             'compile at startup; default 0: one prefill per request)')
     parser.add_argument('--timeout', type=float, default=default.get('timeout'),
                         help='time limit of one request in seconds (default 600)')
     parser.add_argument('--served_model_name', help='the model id clients send (default: the --model value)')
@@ -73,8 +77,9 @@ def check_model(model):
 
 def check_serving_args(args):
     """UsageError for serving flags that cannot work (checked before anything loads)."""
-    if args.slots < 1 or args.max_waiting < 0:
-        raise UsageError(f"--slots must be >= 1 and --max_waiting >= 0, got {args.slots} and {args.max_waiting}")
+    for name, low in (('slots', 1), ('max_waiting', 0), ('batched_prefill', 0)):
+        if getattr(args, name) < low:
+            raise UsageError(f"--{name} must be >= {low}, got {getattr(args, name)}")
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be in [0, 65535], got {args.port}")
     if not args.timeout > 0:
@@ -200,13 +205,21 @@ def start_engine(source, args, model_id):
         from mindformers.quantization import quantize_model
         quantize_model(model, **quantization)  # a LoRA is merged first
     chat_format, why = resolve_chat_format(args.chat_format, tokenizer, model_id)
-    engine = Engine(model, tokenizer, slots=args.slots, max_waiting=args.max_waiting, timeout=args.timeout).start()
+    engine = Engine(model, tokenizer, slots=args.slots, max_waiting=args.max_waiting, timeout=args.timeout,
+                    batched_prefill=args.batched_prefill).start()
     try:
         warm_up(engine, tokenizer)
     except BaseException:
         engine.shutdown()
         raise
     return engine, tokenizer, chat_format, why
+
+
+def asgi_stack():
+    """(event loop, HTTP parser) for uvicorn: uvloop and httptools when installed (the `serve` extra installs
+    them; they parse and schedule in C), else asyncio and h11."""
+    found = lambda name: importlib.util.find_spec(name) is not None  # noqa: E731
+    return 'uvloop' if found('uvloop') else 'asyncio', 'httptools' if found('httptools') else 'h11'
 
 
 def serve(source, args, model_id=None):
@@ -230,8 +243,9 @@ def serve(source, args, model_id=None):
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
     model_id = args.served_model_name or model_id or str(source)
     app = create_app(model_id=model_id)
-    server = uvicorn.Server(uvicorn.Config(app, log_level='warning', timeout_graceful_shutdown=5,
-                                           lifespan='off'))
+    loop, http = asgi_stack()
+    server = uvicorn.Server(uvicorn.Config(app, loop=loop, http=http, log_level='warning',
+                                           timeout_graceful_shutdown=5, lifespan='off'))
     outcome = {'code': 0, 'engine': None}
 
     def load():
@@ -246,7 +260,8 @@ def serve(source, args, model_id=None):
             outcome['code'] = cli_error(PROG, first_line(err), 1)
             server.should_exit = True
 
-    logger.info("listening on %s; loading %s", url, source if isinstance(source, str) else model_id)
+    logger.info("listening on %s (uvicorn, %s + %s); loading %s", url, loop, http,
+                source if isinstance(source, str) else model_id)
     threading.Thread(target=load, name='load-model', daemon=True).start()
     # uvicorn stops gracefully on SIGINT/SIGTERM, then raises the signal again for the handler it replaced: make
     # that one a no-op, so a stop is a normal exit (status 0) after the engine has shut down

@@ -6,6 +6,11 @@ request by one token with one compiled decode step and hands each its new text. 
 as it ends, and the next waiting one takes it, so no request waits for another to finish. Shapes never change:
 prefill compiles once per prompt bucket, decode once.
 
+Batched admission (`batched_prefill` = N > 0): requests admitted in the same iteration whose prompts share a bucket
+<= N start in one prefill of 2, 4, ... rows (powers of two up to the slots); `start()` compiles those graphs (and
+the one-row ones of those buckets), so serving never compiles for them; a prefill costs much less per row with more
+rows. The rest start one by one.
+
 A prompt is padded on the left to its bucket (`generation.session.prefill_bucket`). When the bucket plus the
 request's `max_tokens` would not fit the context, the prompt is split instead: the largest bucket that the prompt
 fills is prefilled and the rest of the prompt is fed through decode steps (no padding, no new shape). Families that
@@ -146,10 +151,12 @@ class Engine:
     decode step, as one call of `dispatch` with that step's [(on_event, Event)] (default `deliver_each`: calls
     each on_event in order; a server replaces it to cross to its event loop once per step)."""
 
-    def __init__(self, model, tokenizer, slots=8, max_waiting=64, timeout=600.0, log_interval=5.0):
-        if int(slots) < 1 or int(max_waiting) < 0 or float(timeout) <= 0:
-            raise ValueError(f"Engine needs slots >= 1, max_waiting >= 0 and timeout > 0; got slots={slots}, "
-                             f"max_waiting={max_waiting}, timeout={timeout}")
+    def __init__(self, model, tokenizer, slots=8, max_waiting=64, timeout=600.0, log_interval=5.0,
+                 batched_prefill=0):
+        if int(slots) < 1 or int(max_waiting) < 0 or float(timeout) <= 0 or int(batched_prefill) < 0:
+            raise ValueError(f"Engine needs slots >= 1, max_waiting >= 0, timeout > 0 and batched_prefill >= 0; got "
+                             f"slots={slots}, max_waiting={max_waiting}, timeout={timeout}, "
+                             f"batched_prefill={batched_prefill}")
         self.model, self.tokenizer = model, tokenizer
         self.slots, self.max_waiting, self.timeout = int(slots), int(max_waiting), float(timeout)
         self.log_interval = float(log_interval)
@@ -159,6 +166,10 @@ class Engine:
         # ids past the tokenizer's (a padded embedding) cannot become text: never picked
         self.decodable = min(len(tokenizer), self.vocab_size)
         self._stateful = bool(model.kv_cache_layout().get('state'))
+        # batched admission: prefill shapes (rows, bucket) compiled by start(), rows the powers of two in (1, slots]
+        self.batched_prefill = int(batched_prefill)
+        self._group_rows = [rows for rows in (2 ** i for i in range(1, self.slots.bit_length())) if rows <= self.slots]
+        self._group_shapes = set()
         self._session = None
         self._waiting = collections.deque()
         self._running = {}
@@ -176,9 +187,17 @@ class Engine:
     # ----- the submitter's side (any thread)
 
     def start(self):
-        """Build the decoding session (its graphs compile on first use) and start the engine thread."""
+        """Build the decoding session and start the engine thread. The prefill graphs of the buckets up to
+        `batched_prefill` compile here, for 1, 2, 4, ... rows; the others on first use."""
         self.model.set_train(False)
         self._session = DecodingSession(self.model, self.slots)
+        for bucket in PREFILL_BUCKETS:
+            if bucket > min(self.batched_prefill, self.context_length - 1):
+                break
+            for rows in (1, *self._group_rows):
+                self._session.prefill(list(range(rows)), np.zeros((rows, bucket), np.int32), bucket=bucket)
+                self._group_shapes.add((rows, bucket))
+        self._session.free(list(range(self.slots)))
         self._thread = threading.Thread(target=self._loop, name='mindformers-engine', daemon=True)
         self._thread.start()
         self.ready = True
@@ -254,8 +273,8 @@ class Engine:
                     admit.append(self._waiting.popleft())
                 for request in admit:
                     self._running[self._free_slot()] = request
-            for request in admit:
-                self._guard(self._prefill, request)
+            for group in self._admission_groups(admit):
+                self._guard(self._prefill, *group)
             self._flush()
             if any(r.slot is not None for r in self._running.values()):
                 self._guard(self._decode)
@@ -296,22 +315,48 @@ class Engine:
                 for request in (args or list(self._running.values())):
                     self._finish(request, 'error', f"generation failed: {type(error).__name__}: {error}")
 
-    def _prefill(self, request):
-        slot = next(s for s, r in self._running.items() if r is request)
+    def _bucket(self, request):
+        """The padded length of `request`'s prefill (its prompt's bucket unless that leaves too little room)."""
         prompt, budget = request.prompt, request.params.max_tokens
         bucket = prefill_bucket(len(prompt), self.context_length)
         if bucket + budget > self.context_length:
             if self._stateful:
-                bucket = self.context_length - budget
-            else:
-                bucket = max(b for b in (1, *PREFILL_BUCKETS) if b <= len(prompt))
-        head, request.pending = prompt[:bucket], prompt[bucket:]
-        logits = self._session.prefill([slot], np.asarray([head], np.int32), bucket=bucket)
-        request.slot = slot
+                return self.context_length - budget
+            return max(b for b in (1, *PREFILL_BUCKETS) if b <= len(prompt))
+        return bucket
+
+    def _admission_groups(self, requests):
+        """`requests` split into the groups prefilled together: those of one bucket, in as few compiled shapes
+        (`batched_prefill`) as fit, largest first; the rest one by one."""
+        by_bucket = collections.defaultdict(list)
+        for request in requests:
+            by_bucket[self._bucket(request)].append(request)
+        groups = []
+        for bucket, waiting in by_bucket.items():
+            while waiting:
+                rows = max((r for r in self._group_rows if r <= len(waiting) and (r, bucket) in self._group_shapes),
+                           default=1)
+                groups.append(waiting[:rows])
+                waiting = waiting[rows:]
+        return groups
+
+    def _prefill(self, *requests):
+        """Start `requests` (of one bucket) in their slots with one prefill; the prompt past the bucket is fed
+        through decode steps."""
+        slots = {id(r): s for s, r in self._running.items()}
+        bucket = self._bucket(requests[0])
+        ids, mask = np.zeros((2, len(requests), bucket), np.int32)
+        for row, request in enumerate(requests):
+            head, request.pending = request.prompt[:bucket], request.prompt[bucket:]
+            ids[row, bucket - len(head):], mask[row, bucket - len(head):] = head, 1
+            self._stats['prompt_tokens_total'] += len(head)
+        logits = self._session.prefill([slots[id(r)] for r in requests], ids, mask, bucket=bucket)
+        for request in requests:
+            request.slot = slots[id(request)]
         self._stats['prefills_total'] += 1
-        self._stats['prompt_tokens_total'] += len(head)
-        if not request.pending:
-            self._emit([request], logits)
+        ready = [row for row, request in enumerate(requests) if not request.pending]
+        if ready:
+            self._emit([requests[row] for row in ready], logits[ready])
 
     def _decode(self):
         active = [r for r in self._running.values() if r.slot is not None]
