@@ -334,23 +334,25 @@ class FusedTokenLogProbs(nn.Cell):
 
 class FusedLoRA(nn.Cell):
     """LoRA's update added to a Linear's output: `construct(x [M, K], y [M, N], a [r, K], b [N, r]) -> (y + h b^T
-    [M, N], h [M, r])` with h = scale * x a^T, one pass over the rows each way (the backward gives the gradients of
-    x, y, a and b; only the first output's gradient is used). fp32, CPU (see `use_fused`)."""
+    [M, N], h [M, r])` with h = scale * x a^T, one pass over the rows; only the first output's gradient is used. The
+    backward's input side (x's gradient and g = scale * dout b) is one pass too; the gradients of a and b are two
+    MatMuls. fp32, CPU (see `use_fused`)."""
 
     def __init__(self, scale):
         super().__init__()
         self.scale = Tensor(np.array([scale], np.float32))
         self.forward = _custom('LoraForward', lambda x, y, a, b, s: (y, [y[0], a[0]]),
                                lambda x, y, a, b, s: (x, x))
-        self.backward = _custom('LoraBackward', lambda x, h, d, a, b, s: (x, a, b),
-                                lambda x, h, d, a, b, s: (x, x, x))
+        self.input_backward = _custom('LoraInputBackward', lambda d, a, b, s: ([d[0], a[1]], [d[0], a[0]]),
+                                      lambda d, a, b, s: (d, d))
+        self.factor_grad = ops.MatMul(transpose_a=True)
 
     def construct(self, x, y, a, b):
         return self.forward(x, y, a, b, self.scale)
 
     def bprop(self, x, y, a, b, out, dout):
-        dx, da, db = self.backward(x, out[1], dout[0], a, b, self.scale)
-        return dx, dout[0], da, db
+        dx, g = self.input_backward(dout[0], a, b, self.scale)
+        return dx, dout[0], self.factor_grad(g, x), self.factor_grad(dout[0], out[1])
 
 
 class FusedSumOfSquares(nn.Cell):

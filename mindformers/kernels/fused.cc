@@ -1431,6 +1431,16 @@ extern "C" int RotaryHeadsBackward(int nparam, void **params, int *ndims, int64_
   return Rotary(params, ndims, shapes, true, true);
 }
 
+namespace {
+// m [rows, cols] (row-major) transposed, as a new [cols, rows] array.
+std::vector<float> Transposed(const float *m, int64_t rows, int64_t cols) {
+  std::vector<float> t(rows * cols);
+  for (int64_t r = 0; r < rows; r++)
+    for (int64_t c = 0; c < cols; c++) t[c * rows + r] = m[r * cols + c];
+  return t;
+}
+}  // namespace
+
 // LoRA's update on a Linear's output: out = y + h b^T with h = scale * x a^T (rank r), one pass over the rows; h is
 // kept for the backward. Inputs: x [M, K], y [M, N], a [r, K], b [N, r], scale [1]. Outputs: out [M, N], h [M, r].
 extern "C" int LoraForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
@@ -1444,12 +1454,10 @@ extern "C" int LoraForward(int nparam, void **params, int *ndims, int64_t **shap
   float *h = static_cast<float *>(params[6]);
   const int64_t rank = shapes[2][0], in = shapes[2][1], features = shapes[3][0];
   const int64_t rows = Numel(ndims[0], shapes[0]) / in;
-  std::vector<float> bt(rank * features);  // b^T: row j holds factor j's output weights contiguously
-  for (int64_t n = 0; n < features; n++)
-    for (int64_t j = 0; j < rank; j++) bt[j * features + n] = b[n * rank + j];
+  const std::vector<float> bt = Transposed(b, features, rank);
   ParallelFor(rows, rank * (in + features), [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; m++) {
-      const float *xr = x + m * in;
+      const float *xr = x + m * in, *yr = y + m * features;
       float *hr = h + m * rank, *outr = out + m * features;
       for (int64_t j = 0; j < rank; j++) {
         const float *aj = a + j * in;
@@ -1458,7 +1466,7 @@ extern "C" int LoraForward(int nparam, void **params, int *ndims, int64_t **shap
         for (int64_t k = 0; k < in; k++) dot += xr[k] * aj[k];
         hr[j] = scale * dot;
       }
-      std::memcpy(outr, y + m * features, features * sizeof(float));
+      std::memcpy(outr, yr, features * sizeof(float));
       for (int64_t j = 0; j < rank; j++) {
         const float hj = hr[j], *btj = bt.data() + j * features;
 #pragma omp simd
@@ -1469,55 +1477,38 @@ extern "C" int LoraForward(int nparam, void **params, int *ndims, int64_t **shap
   return 0;
 }
 
-// The backward of LoraForward. With g = scale * dout b: dx = g a, da = g^T x, db = dout^T h (the sums over rows in
-// fixed blocks, as everywhere here). Inputs: x [M, K], h [M, r], dout [M, N], a [r, K], b [N, r], scale [1].
-// Outputs: dx [M, K], da [r, K], db [N, r].
-extern "C" int LoraBackward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
-                            void *stream, void *extra) {
-  const float *x = static_cast<const float *>(params[0]);
-  const float *h = static_cast<const float *>(params[1]);
-  const float *dout = static_cast<const float *>(params[2]);
-  const float *a = static_cast<const float *>(params[3]);
-  const float *b = static_cast<const float *>(params[4]);
-  const float scale = *static_cast<const float *>(params[5]);
-  float *dx = static_cast<float *>(params[6]);
-  float *da = static_cast<float *>(params[7]);
-  float *db = static_cast<float *>(params[8]);
-  const int64_t rank = shapes[3][0], in = shapes[3][1], features = shapes[4][0];
-  const int64_t rows = Numel(ndims[0], shapes[0]) / in;
-  std::vector<float> bt(rank * features), sums(rank * (features + in));  // sums: db^T [r, N] then da [r, K]
-  for (int64_t n = 0; n < features; n++)
-    for (int64_t j = 0; j < rank; j++) bt[j * features + n] = b[n * rank + j];
-  RowsWithColumnSums<1>(rows, rank * (features + in), {sums.data()}, [&](int64_t m, const std::array<float *, 1> &s) {
-    const float *xr = x + m * in, *hr = h + m * rank, *dr = dout + m * features;
-    float *dxr = dx + m * in;
-    thread_local std::vector<float> g;
-    g.resize(rank);
-    for (int64_t j = 0; j < rank; j++) {
-      const float *btj = bt.data() + j * features;
-      float *dbj = s[0] + j * features;
-      const float hj = hr[j];
-      float dot = 0.f;
+// The input side of LoraForward's backward: g = scale * dout b [M, r] and dx = g a [M, K] (the factors' gradients,
+// db = dout^T h and da = g^T x, are matrix products the caller runs). Inputs: dout [M, N], a [r, K], b [N, r],
+// scale [1]. Outputs: dx [M, K], g [M, r].
+extern "C" int LoraInputBackward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                 void *stream, void *extra) {
+  const float *dout = static_cast<const float *>(params[0]);
+  const float *a = static_cast<const float *>(params[1]);
+  const float *b = static_cast<const float *>(params[2]);
+  const float scale = *static_cast<const float *>(params[3]);
+  float *dx = static_cast<float *>(params[4]);
+  float *g = static_cast<float *>(params[5]);
+  const int64_t rank = shapes[1][0], in = shapes[1][1], features = shapes[2][0];
+  const int64_t rows = Numel(ndims[0], shapes[0]) / features;
+  const std::vector<float> bt = Transposed(b, features, rank);
+  ParallelFor(rows, rank * (in + features), [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; m++) {
+      const float *dr = dout + m * features;
+      float *gr = g + m * rank, *dxr = dx + m * in;
+      for (int64_t j = 0; j < rank; j++) {
+        const float *btj = bt.data() + j * features;
+        float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-      for (int64_t n = 0; n < features; n++) {
-        dot += dr[n] * btj[n];
-        dbj[n] += hj * dr[n];
+        for (int64_t n = 0; n < features; n++) dot += dr[n] * btj[n];
+        gr[j] = scale * dot;
       }
-      g[j] = scale * dot;
-    }
-    std::memset(dxr, 0, in * sizeof(float));
-    for (int64_t j = 0; j < rank; j++) {
-      const float gj = g[j], *aj = a + j * in;
-      float *daj = s[0] + rank * features + j * in;
+      std::memset(dxr, 0, in * sizeof(float));
+      for (int64_t j = 0; j < rank; j++) {
+        const float gj = gr[j], *aj = a + j * in;
 #pragma omp simd
-      for (int64_t k = 0; k < in; k++) {
-        dxr[k] += gj * aj[k];
-        daj[k] += gj * xr[k];
+        for (int64_t k = 0; k < in; k++) dxr[k] += gj * aj[k];
       }
     }
   });
-  for (int64_t n = 0; n < features; n++)
-    for (int64_t j = 0; j < rank; j++) db[n * rank + j] = sums[j * features + n];
-  std::memcpy(da, sums.data() + rank * features, rank * in * sizeof(float));
   return 0;
 }
