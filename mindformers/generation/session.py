@@ -46,6 +46,16 @@ def prefill_bucket(length, max_length):
     return max_length
 
 
+def left_padded(prompts, width, pad=0, dtype=np.int32):
+    """Ragged `prompts` (lists of ids, each <= `width`) as (ids [n, width] filled with `pad` on the left, attention
+    mask [n, width] int32: 1 on the prompt's tokens)."""
+    ids = np.full((len(prompts), width), pad, dtype)
+    mask = np.zeros((len(prompts), width), np.int32)
+    for row, tokens in enumerate(prompts):
+        ids[row, width - len(tokens):], mask[row, width - len(tokens):] = tokens, 1
+    return ids, mask
+
+
 class _Buffer(nn.Cell):
     def __init__(self, shape, dtype, name):
         super().__init__(auto_prefix=False)

@@ -10,7 +10,7 @@ import mindspore as ms
 from mindformers.generation.beam_search import beam_search
 from mindformers.generation.generation_config import GenerationConfig
 from mindformers.generation.logits_process import process, sample, warp
-from mindformers.generation.session import prefill_bucket, session_for
+from mindformers.generation.session import left_padded, prefill_bucket, session_for
 from mindformers.tools.utils import check_unicode
 
 
@@ -129,11 +129,7 @@ def generate(model, input_ids, generation_config=None, streamer=None, seed=None,
         raise ValueError("a streamer needs a single prompt and num_beams=1 "
                          f"(got {len(prompts)} prompts, num_beams={config.num_beams})")
 
-    prompt = np.full((len(prompts), width), config.pad_token_id, np.int64)
-    mask = np.zeros((len(prompts), width), np.int32)
-    for row, tokens in enumerate(prompts):
-        prompt[row, width - len(tokens):] = tokens
-        mask[row, width - len(tokens):] = 1
+    prompt, mask = left_padded(prompts, width, config.pad_token_id, np.int64)
     stepper_cls = _CachedStepper if config.use_past else _RecomputeStepper
     was_training = model.training
     model.set_train(False)

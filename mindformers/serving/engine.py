@@ -35,7 +35,7 @@ import numpy as np
 from mindformers.generation.generation_config import GenerationConfig
 from mindformers.generation.logits_process import (repetition_penalty, sample, suppress_eos, temperature, top_k,
                                                    top_p)
-from mindformers.generation.session import PREFILL_BUCKETS, DecodingSession, prefill_bucket
+from mindformers.generation.session import PREFILL_BUCKETS, DecodingSession, left_padded, prefill_bucket
 from mindformers.tools.logger import logger
 
 FINISH_REASONS = ('stop', 'length', 'timeout', 'error', 'cancelled')
@@ -345,11 +345,12 @@ class Engine:
         through decode steps."""
         slots = {id(r): s for s, r in self._running.items()}
         bucket = self._bucket(requests[0])
-        ids, mask = np.zeros((2, len(requests), bucket), np.int32)
-        for row, request in enumerate(requests):
-            head, request.pending = request.prompt[:bucket], request.prompt[bucket:]
-            ids[row, bucket - len(head):], mask[row, bucket - len(head):] = head, 1
-            self._stats['prompt_tokens_total'] += len(head)
+        heads = []
+        for request in requests:
+            heads.append(request.prompt[:bucket])
+            request.pending = request.prompt[bucket:]
+            self._stats['prompt_tokens_total'] += len(heads[-1])
+        ids, mask = left_padded(heads, bucket)
         logits = self._session.prefill([slots[id(r)] for r in requests], ids, mask, bucket=bucket)
         for request in requests:
             request.slot = slots[id(request)]
