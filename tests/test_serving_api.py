@@ -249,9 +249,12 @@ def test_a_client_that_disconnects_frees_its_slot(server, client):
                                                               'mindformers_requests_total{cancelled}'))
     body = {'prompt': PROMPT, 'max_tokens': CONTEXT - 16, 'min_tokens': CONTEXT - 16, 'temperature': 0,
             'stream': True}
-    with httpx.stream('POST', server.url + '/v1/completions', json=body, timeout=120) as response:
-        chunks = (line for line in response.iter_lines() if line.startswith('data: '))
-        next(chunks), next(chunks)  # leaving the block closes the connection mid-stream
+    with httpx.stream('POST', server.url + '/v1/completions', json=body, timeout=120):
+        # wait until it decodes (its text may stay empty a while: a tiny model's greedy tokens can decode to
+        # nothing), then leave the block, which closes the connection mid-stream
+        deadline = time.time() + 60
+        while metric(server, 'mindformers_generation_tokens_total') < generated + 2 and time.time() < deadline:
+            time.sleep(0.01)
     after = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=3, temperature=0)
     assert after.choices[0].finish_reason == 'length'  # admitted to the one slot
     assert metric(server, 'mindformers_requests_total{cancelled}') == cancelled + 1
