@@ -233,7 +233,7 @@ def test_linear_few_rows_gives_a_row_the_same_bits_whatever_rows_beside_it():
     weight, bias = rng.standard_normal((70, 200)).astype(np.float32), rng.standard_normal(70).astype(np.float32)
     kernel = FusedBiasLinearFewRows()
     together = kernel(Tensor(x), Tensor(weight), Tensor(bias)).asnumpy()
-    for rows in (slice(0, 1), slice(5, 8), slice(3, 16)):
+    for rows in (slice(0, 1), slice(5, 8), slice(3, 16), slice(8, 16)):
         alone = kernel(Tensor(x[rows]), Tensor(weight), Tensor(bias)).asnumpy()
         np.testing.assert_array_equal(alone, together[rows])
 
@@ -271,12 +271,22 @@ def few_rows_builds():
     return builds
 
 
-@pytest.mark.parametrize('rows', [1, 3, 8, 16])
+def _at_line_offset(a, offset):
+    """A copy of `a` starting `offset` bytes past a 64-byte line (MindSpore's tensors start 16 bytes past one)."""
+    buffer = np.empty(a.nbytes + 64 + offset, np.uint8)
+    start = (-buffer.ctypes.data) % 64 + offset
+    copy = buffer[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
+    copy[...] = a
+    return copy
+
+
+@pytest.mark.parametrize('rows', [1, 3, 8, 12, 16])
 def test_linear_few_rows_builds_match_numpy(few_rows_builds, rows):
-    """Both builds' tiles (4 rows x 4 features, the weight rows two tiles ahead prefetched) on widths and feature
-    counts that are not multiples of the tile or the vector, with and without bias and residual."""
+    """Both builds' tiles (4 rows x 4 features, 8 rows x 4 features on AVX-512 up to 512 input features, the weight
+    rows tiles ahead prefetched) on widths and feature counts that are not multiples of the tile or the vector, with
+    and without bias and residual, and x on a 64-byte line or 16 bytes past one (the same bits either way)."""
     rng = np.random.default_rng(rows)
-    for k_dim, n_dim in ((100, 203), (530, 131), (7, 70), (16, 9)):
+    for k_dim, n_dim in ((100, 203), (530, 131), (7, 70), (16, 9), (512, 38)):
         x, residual = rng.standard_normal((rows, k_dim)), rng.standard_normal((rows, n_dim))
         weight, bias = rng.standard_normal((n_dim, k_dim)), rng.standard_normal(n_dim)
         x, residual, weight, bias = (a.astype(np.float32) for a in (x, residual, weight, bias))
@@ -287,10 +297,15 @@ def test_linear_few_rows_builds_match_numpy(few_rows_builds, rows):
                                             ('LinearFewRows', (x, weight, bias), exact + bias),
                                             ('LinearFewRowsResidual', (x, weight, bias, residual),
                                              exact + bias + residual)):
-                code, y = call_kernel(library, entry, inputs, (rows, n_dim))
-                assert code == 0
-                error = np.abs(y - expected) / bound
-                assert error.max() <= 1, (name, entry, k_dim, n_dim, error.max())
+                outputs = []
+                for offset in (0, 16):
+                    code, y = call_kernel(library, entry, (_at_line_offset(inputs[0], offset),) + inputs[1:],
+                                          (rows, n_dim))
+                    assert code == 0
+                    error = np.abs(y - expected) / bound
+                    assert error.max() <= 1, (name, entry, k_dim, n_dim, offset, error.max())
+                    outputs.append(y)
+                np.testing.assert_array_equal(outputs[0], outputs[1])
 
 
 @pytest.mark.parametrize('rows', [2, 17])

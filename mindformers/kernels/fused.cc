@@ -751,9 +751,9 @@ namespace {
 // y[m, first:last] = x[m] . w[n] (+ bias[n]) for every row m of x [m_rows, k_dim] and n in [first, last), w
 // [n_dim, k_dim]. Tiles of 4 weight rows, each read once from memory for all rows of x (decode has few rows, so the
 // weights' memory traffic is the cost). While a tile is computed, the tile kPrefetchTiles tiles ahead is prefetched
-// into L2, so the weights stream from memory while the arithmetic runs; with more than 4 rows of x (a tile computed
-// once per block of 4 rows) each block prefetches its share of that tile's rows, so the requests are spread over the
-// tile's whole computation rather than issued in a burst during the first block.
+// into L2, so the weights stream from memory while the arithmetic runs; with more than one block of rows of x (a tile
+// computed once per block of 4 or 8 rows) each block prefetches its share of that tile's rows, so the requests are
+// spread over the tile's whole computation rather than issued in a burst during the first block.
 constexpr int64_t kPrefetchTiles = 4;
 #if defined(__AVX512F__)
 // [sum of a's lanes, of b's, of c's, of d's]. Each vector's lanes are added in the same order whatever its position
@@ -811,6 +811,25 @@ inline void DotTileRows(int mr, const float *x, const float *w, int64_t k_dim, f
     default: DotTile<4, NR>(x, w, k_dim, out, prefetch, prefetch_rows); break;
   }
 }
+
+// The same contract for 8 rows of x and NR <= 4 weight rows, as two passes of 8 rows x 2 weight rows (16
+// accumulators each): each weight vector is loaded once for the 8 rows rather than once per 4 (15-25% faster at 8
+// rows on a Zen 4). Only while the 8 rows of x stay in L1 (k_dim <= kEightRowsDepth: beyond it two blocks of 4 rows
+// are faster); the products are the same bits as DotTile's. The passes share the prefetch rows.
+constexpr int64_t kEightRowsDepth = 512;
+
+template <int NR>
+inline void DotTileEightRows(const float *x, const float *w, int64_t k_dim, float (*out)[4], const float *prefetch,
+                             int prefetch_rows) {
+  const int first_prefetch = (prefetch_rows + 1) / 2;
+  DotTile<8, NR < 2 ? NR : 2>(x, w, k_dim, out, prefetch, first_prefetch);
+  if constexpr (NR > 2) {
+    float high[8][4];
+    DotTile<8, NR - 2>(x, w + 2 * k_dim, k_dim, high, prefetch + first_prefetch * k_dim,
+                       prefetch_rows - first_prefetch);
+    for (int i = 0; i < 8; i++) out[i][2] = high[i][0], out[i][3] = high[i][1];
+  }
+}
 #else
 // The portable tile: the same contract as the AVX-512 one.
 inline void DotTilePortable(int mr, int nr, const float *x, const float *w, int64_t k_dim, float (*out)[4],
@@ -845,28 +864,42 @@ inline void DotTilePortable(int mr, int nr, const float *x, const float *w, int6
 #endif
 
 // y[m, n] = x[m] . w[n] (+ bias[n]) (+ residual[m, n]) for all m_rows rows and the output features [first, last),
-// in tiles of up to 4 rows x 4 features.
+// in tiles of up to 4 rows (8 with DotTileEightRows) x 4 features.
 void LinearRows(const float *x, const float *w, const float *bias, const float *residual, float *y, int64_t m_rows,
                 int64_t k_dim, int64_t n_dim, int64_t first, int64_t last) {
-  float tile[4][4];
-  const int64_t blocks = (m_rows + 3) / 4;
+  float tile[8][4];
+#if defined(__AVX512F__)
+  const int64_t eight_rows = k_dim <= kEightRowsDepth ? m_rows / 8 * 8 : 0;  // rows taken in blocks of 8
+#else
+  const int64_t eight_rows = 0;
+#endif
+  const int64_t blocks = eight_rows / 8 + (m_rows - eight_rows + 3) / 4;
   const int share = static_cast<int>((4 + blocks - 1) / blocks);  // weight rows each block prefetches
   for (int64_t n = first; n < last; n += 4) {
     const int nr = static_cast<int>(std::min<int64_t>(4, last - n));
     const int64_t ahead = n + 4 * kPrefetchTiles;
-    for (int64_t m = 0; m < m_rows; m += 4) {
-      const int mr = static_cast<int>(std::min<int64_t>(4, m_rows - m));
+    for (int64_t m = 0, block = 0; m < m_rows; m += m < eight_rows ? 8 : 4, block++) {
+      const int mr = static_cast<int>(m < eight_rows ? 8 : std::min<int64_t>(4, m_rows - m));
       const float *xm = x + m * k_dim, *wn = w + n * k_dim;
       // this block's share of the tile ahead (a full tile only)
-      const int64_t own = std::min(ahead + m / 4 * share, ahead + 4);
+      const int64_t own = std::min(ahead + block * share, ahead + 4);
       const int prefetch_rows = ahead + 4 <= last ? static_cast<int>(std::min<int64_t>(share, ahead + 4 - own)) : 0;
       const float *prefetch = w + std::min(own, n_dim - 1) * k_dim;
 #if defined(__AVX512F__)
-      switch (nr) {
-        case 1: DotTileRows<1>(mr, xm, wn, k_dim, tile, prefetch, prefetch_rows); break;
-        case 2: DotTileRows<2>(mr, xm, wn, k_dim, tile, prefetch, prefetch_rows); break;
-        case 3: DotTileRows<3>(mr, xm, wn, k_dim, tile, prefetch, prefetch_rows); break;
-        default: DotTileRows<4>(mr, xm, wn, k_dim, tile, prefetch, prefetch_rows); break;
+      if (mr == 8) {
+        switch (nr) {
+          case 1: DotTileEightRows<1>(xm, wn, k_dim, tile, prefetch, prefetch_rows); break;
+          case 2: DotTileEightRows<2>(xm, wn, k_dim, tile, prefetch, prefetch_rows); break;
+          case 3: DotTileEightRows<3>(xm, wn, k_dim, tile, prefetch, prefetch_rows); break;
+          default: DotTileEightRows<4>(xm, wn, k_dim, tile, prefetch, prefetch_rows); break;
+        }
+      } else {
+        switch (nr) {
+          case 1: DotTileRows<1>(mr, xm, wn, k_dim, tile, prefetch, prefetch_rows); break;
+          case 2: DotTileRows<2>(mr, xm, wn, k_dim, tile, prefetch, prefetch_rows); break;
+          case 3: DotTileRows<3>(mr, xm, wn, k_dim, tile, prefetch, prefetch_rows); break;
+          default: DotTileRows<4>(mr, xm, wn, k_dim, tile, prefetch, prefetch_rows); break;
+        }
       }
 #else
       DotTilePortable(mr, nr, xm, wn, k_dim, tile, prefetch, prefetch_rows);
@@ -888,6 +921,15 @@ int LinearFewRows(const float *x, const float *w, const float *bias, const float
   const int64_t k_dim = shapes[0][ndims[0] - 1], m_rows = Numel(ndims[0], shapes[0]) / k_dim;
   const int64_t n_dim = shapes[1][0];
   if (shapes[1][1] != k_dim) return 1;
+  // MindSpore's tensors start 16 bytes past a 64-byte line, where every vector load of x would straddle two lines
+  // (at batch 8, a third of the time): the tiles read an aligned copy of x.
+  std::vector<float> copy;
+  if (reinterpret_cast<uintptr_t>(x) % 64 != 0) {
+    copy.resize(m_rows * k_dim + 64 / sizeof(float));
+    float *aligned = copy.data() + (64 - reinterpret_cast<uintptr_t>(copy.data()) % 64) % 64 / sizeof(float);
+    std::memcpy(aligned, x, m_rows * k_dim * sizeof(float));
+    x = aligned;
+  }
   constexpr int64_t kFeatureBlock = 64;
   const int64_t blocks = (n_dim + kFeatureBlock - 1) / kFeatureBlock;
   ParallelFor(blocks, kFeatureBlock * k_dim * m_rows, [&](int64_t begin, int64_t end) {
