@@ -8,7 +8,7 @@ from mindspore import Tensor
 import mindformers.kernels as cpu_kernels
 from mindformers.kernels import FusedRMSNorm, FusedRotary, FusedSwiGLU
 from mindformers.modules.attention import GroupedQueryAttention
-from mindformers.modules.mlp import GatedMLP
+from mindformers.modules.mlp import MLP, GatedMLP
 from mindformers.modules.norm import RMSNorm, build_norm
 from mindformers.modules.rotary import Rotary2DEmbedding, RotaryEmbedding
 from helpers.kernel_checks import ProbeAll, cpu_kernels_set
@@ -175,21 +175,38 @@ def test_rotary_heads_kernel_is_the_rotary_kernel_transposed_and_scaled():
     np.testing.assert_allclose(dx, dx_reference * 0.25, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize('norm', ['rmsnorm', 'layernorm'])
-def test_a_frozen_norm_computes_the_input_gradient_only_and_the_same_one(norm):
-    """A norm whose weight (and bias) are frozen runs the backward kernel without the weight gradient sums: the
-    input gradient is bit-identical to the full kernel's, and nothing else is computed."""
+def _frozen_variant(kind, frozen):
+    """A cell with a frozen-parameter path (a norm; an MLP whose fc_in bias goes into the GELU kernel), its
+    parameters set alike; frozen: the weight and bias of the norm, fc_in's bias of the MLP."""
+    if kind == 'mlp':
+        layer = MLP(40, 64, hidden_act='gelu')
+        rng = np.random.default_rng(10)
+        for param in layer.get_parameters():
+            param.set_data(Tensor((0.1 * rng.standard_normal(param.shape)).astype(np.float32)))
+        layer.fc_in.bias.requires_grad = not frozen
+        assert layer.frozen_bias == frozen
+        return layer, layer.act_frozen_bias
+    layer = build_norm(kind, 40, 1e-5)
+    for param in layer.get_parameters():
+        param.set_data(Tensor(np.linspace(0.5, 1.5, 40).astype(np.float32)))
+        param.requires_grad = not frozen
+    assert layer.frozen == frozen
+    return layer, layer.fused_frozen if kind == 'rmsnorm' else layer.norm_frozen
+
+
+@pytest.mark.parametrize('kind', ['rmsnorm', 'layernorm', 'mlp'])
+def test_a_frozen_cell_computes_the_same_output_and_input_gradient_and_nothing_else(kind):
+    """A cell whose parameters are frozen runs a backward kernel without their gradient sums: its output and input
+    gradient are bit-identical to the trainable cell's, and the frozen kernel's input gradient is the trainable
+    kernel's code (one row function, so the trainable kernel keeps the rounding it had before the frozen one)."""
     x = Tensor(np.random.default_rng(11).standard_normal((3, 70, 40)).astype(np.float32))
-    grads = []
+    probe = np.random.default_rng(12).standard_normal(x.shape).astype(np.float32)
+    outputs, grads = [], []
     with cpu_kernels_set(True):
         for frozen in (False, True):
-            layer = build_norm(norm, 40, 1e-5)
-            for param in layer.get_parameters():
-                param.set_data(Tensor(np.linspace(0.5, 1.5, 40).astype(np.float32)))
-                param.requires_grad = not frozen
-            assert layer.frozen == frozen
-            probe = np.random.default_rng(12).standard_normal(x.shape).astype(np.float32)
+            layer, kernel = _frozen_variant(kind, frozen)
+            outputs.append(layer(x).asnumpy())
             grads.append(ms.grad(ProbeAll(layer, probe), 0)(x).asnumpy())
-        kernel = layer.fused_frozen if norm == 'rmsnorm' else layer.norm_frozen
         assert kernel.backward.func.endswith('InputBackward')
+    assert np.array_equal(outputs[0], outputs[1])
     assert np.array_equal(grads[0], grads[1])

@@ -236,44 +236,54 @@ void NormForward(const float *x, const float *w, const float *b, float eps, floa
 }
 
 // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * weight, xhat = (x - mean) * rstd (RMSNorm: without
-// mean(g) and mean); with kParamGrads, dweight = the sum over rows of dy * xhat and dbias (LayerNorm) of dy. Without,
-// only dx (frozen weight and bias: no column sums at all).
+// mean(g) and mean); row r adds dy * xhat into sums[0] and (LayerNorm) dy into sums[1]. Not inlined: the frozen path
+// (kParamGrads false) runs this same code, its sums into a scratch row nobody reads, so dx has the bits of the
+// trainable path, which are those of the kernel before the frozen path existed (-ffast-math lets the compiler round a
+// reshaped loop differently, and a full training run then takes another trajectory).
+template <bool kCentered>
+__attribute__((noinline)) void NormBackwardRow(const float *x, const float *dy, const float *w, const float *mean,
+                                               const float *rstd, float *dx,
+                                               const std::array<float *, kCentered ? 2 : 1> &sums, int64_t r,
+                                               int64_t h) {
+  float *pw = sums[0];
+  const float *xr = x + r * h;
+  const float *dyr = dy + r * h;
+  float *dxr = dx + r * h;
+  const float mu = kCentered ? mean[r] : 0.f, rs = rstd[r];
+  float sum_g = 0.f, sum_gx = 0.f;
+#pragma omp simd reduction(+ : sum_g, sum_gx)
+  for (int64_t j = 0; j < h; j++) {
+    const float xhat = (xr[j] - mu) * rs;
+    const float g = dyr[j] * w[j];
+    sum_g += g;
+    sum_gx += g * xhat;
+    pw[j] += dyr[j] * xhat;
+    if constexpr (kCentered) sums[1][j] += dyr[j];
+  }
+  const float mean_g = kCentered ? sum_g / h : 0.f, mean_gx = sum_gx / h;
+#pragma omp simd
+  for (int64_t j = 0; j < h; j++) {
+    const float xhat = (xr[j] - mu) * rs;
+    dxr[j] = rs * (dyr[j] * w[j] - mean_g - xhat * mean_gx);
+  }
+}
+
+// NormBackwardRow over every row; with kParamGrads, dweight = the sum over rows of dy * xhat and dbias (LayerNorm)
+// of dy into dparams. Without (frozen weight and bias), only dx: no column sums over rows.
 template <bool kCentered, bool kParamGrads>
 void NormBackward(const float *x, const float *dy, const float *w, const float *mean, const float *rstd, float *dx,
                   std::array<float *, kCentered ? 2 : 1> dparams, int64_t rows, int64_t h) {
   using Sums = std::array<float *, kCentered ? 2 : 1>;
-  auto row = [&](int64_t r, const Sums &sums) {
-    const float *xr = x + r * h;
-    const float *dyr = dy + r * h;
-    float *dxr = dx + r * h;
-    const float mu = kCentered ? mean[r] : 0.f, rs = rstd[r];
-    float sum_g = 0.f, sum_gx = 0.f;
-#pragma omp simd reduction(+ : sum_g, sum_gx)
-    for (int64_t j = 0; j < h; j++) {
-      const float xhat = (xr[j] - mu) * rs;
-      const float g = dyr[j] * w[j];
-      sum_g += g;
-      sum_gx += g * xhat;
-    }
-    if constexpr (kParamGrads) {  // a loop of its own: dx gets the same bits with or without these sums
-#pragma omp simd
-      for (int64_t j = 0; j < h; j++) {
-        sums[0][j] += dyr[j] * ((xr[j] - mu) * rs);
-        if constexpr (kCentered) sums[1][j] += dyr[j];
-      }
-    }
-    const float mean_g = kCentered ? sum_g / h : 0.f, mean_gx = sum_gx / h;
-#pragma omp simd
-    for (int64_t j = 0; j < h; j++) {
-      const float xhat = (xr[j] - mu) * rs;
-      dxr[j] = rs * (dyr[j] * w[j] - mean_g - xhat * mean_gx);
-    }
-  };
   if constexpr (kParamGrads) {
-    RowsWithColumnSums(rows, h, dparams, row);
+    RowsWithColumnSums(rows, h, dparams, [&](int64_t r, const Sums &sums) {
+      NormBackwardRow<kCentered>(x, dy, w, mean, rstd, dx, sums, r, h);
+    });
   } else {
     ParallelFor(rows, h, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; r++) row(r, dparams);
+      std::vector<float> scratch(std::tuple_size<Sums>::value * h, 0.f);
+      Sums sums;
+      for (size_t k = 0; k < sums.size(); k++) sums[k] = scratch.data() + k * h;
+      for (int64_t r = begin; r < end; r++) NormBackwardRow<kCentered>(x, dy, w, mean, rstd, dx, sums, r, h);
     });
   }
 }
