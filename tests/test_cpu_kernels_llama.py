@@ -5,9 +5,11 @@ import pytest
 import mindspore as ms
 from mindspore import Tensor
 
+import mindformers.kernels as cpu_kernels
 from mindformers.kernels import FusedRMSNorm, FusedRotary, FusedSwiGLU
-from mindformers.modules.mlp import GatedMLP
-from mindformers.modules.norm import RMSNorm
+from mindformers.modules.attention import GroupedQueryAttention
+from mindformers.modules.mlp import MLP, GatedMLP
+from mindformers.modules.norm import RMSNorm, build_norm
 from mindformers.modules.rotary import Rotary2DEmbedding, RotaryEmbedding
 from helpers.kernel_checks import ProbeAll, cpu_kernels_set
 
@@ -121,3 +123,90 @@ def test_layers_pick_the_kernels_only_when_allowed():
         assert RMSNorm(8).fused is None and GatedMLP(8, 16).swiglu is None and RotaryEmbedding(8, 4).fused is None
     with pytest.raises(ValueError, match='own inverse'):
         FusedRotary(np.roll(np.eye(4, dtype=np.float32), 1, axis=1))  # a 4-cycle, not pairs
+
+
+class _Attention(ms.nn.Cell):
+    """A GroupedQueryAttention layer on x [B, S, hidden] with the plain causal mask, with rotary tables or (as
+    PanGu's query layer calls it) without a rotary embedding."""
+
+    def __init__(self, rotary, seq):
+        super().__init__()
+        self.layer = GroupedQueryAttention(48, 4, 2, rotary=rotary, init_std=0.3)
+        self.tables = rotary.static_tables(seq) if rotary is not None else None
+
+    def construct(self, x):
+        layer = self.layer
+        if self.tables is None:
+            return layer.attend(layer.heads(x, layer.q_proj), layer.heads(x, layer.k_proj),
+                                layer.heads(x, layer.v_proj), None, None, None, None)
+        return layer(x, None, self.tables[0], self.tables[1])
+
+
+@pytest.mark.parametrize('with_rotary', [True, False])
+def test_attention_heads_kernels_match_plain_ops(with_rotary):
+    """q, k, v go into heads (with the rotary embedding and the query scale) and back in one kernel pass each."""
+    x = Tensor(np.random.default_rng(8).standard_normal((2, 7, 48)).astype(np.float32))
+
+    def build():
+        ms.set_seed(9)
+        cell = _Attention(RotaryEmbedding(12, 16) if with_rotary else None, 7)
+        assert cell.layer.fused_heads == (cpu_kernels.kernel_library() is not None)
+        return cell
+
+    fused, plain = _both_ways(build, [x], ('weight',))
+    assert len(fused[1]) == 5  # dx and the four projections' weights
+    _close(fused, plain)
+
+
+def test_rotary_heads_kernel_is_the_rotary_kernel_transposed_and_scaled():
+    batch, seq, heads, dim = 2, 5, 3, 16
+    rng = np.random.default_rng(10)
+    x, dy = (Tensor(rng.standard_normal(shape).astype(np.float32))
+             for shape in ((batch, seq, heads, dim), (batch, heads, seq, dim)))
+    with cpu_kernels_set(True):
+        rotary = RotaryEmbedding(dim, 16, 12, interleaved=True)
+        cos, sin = rotary.tables(Tensor(rng.integers(0, 16, (batch, seq)).astype(np.int32)))
+        heads_kernel = rotary.heads_kernel(0.25)
+        y = heads_kernel(x, cos, sin).asnumpy()
+        dx = heads_kernel.bprop(x, cos, sin, None, dy)[0].asnumpy()
+        reference = rotary.fused(x, cos, sin).asnumpy()
+        dx_reference = rotary.fused.bprop(x, cos, sin, None, Tensor(dy.asnumpy().transpose(0, 2, 1, 3)))[0].asnumpy()
+    np.testing.assert_allclose(y, reference.transpose(0, 2, 1, 3) * 0.25, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(dx, dx_reference * 0.25, rtol=1e-6, atol=1e-6)
+
+
+def _frozen_variant(kind, frozen):
+    """A cell with a frozen-parameter path (a norm; an MLP whose fc_in bias goes into the GELU kernel), its
+    parameters set alike; frozen: the weight and bias of the norm, fc_in's bias of the MLP."""
+    if kind == 'mlp':
+        layer = MLP(40, 64, hidden_act='gelu')
+        rng = np.random.default_rng(10)
+        for param in layer.get_parameters():
+            param.set_data(Tensor((0.1 * rng.standard_normal(param.shape)).astype(np.float32)))
+        layer.fc_in.bias.requires_grad = not frozen
+        assert layer.frozen_bias == frozen
+        return layer, layer.act_frozen_bias
+    layer = build_norm(kind, 40, 1e-5)
+    for param in layer.get_parameters():
+        param.set_data(Tensor(np.linspace(0.5, 1.5, 40).astype(np.float32)))
+        param.requires_grad = not frozen
+    assert layer.frozen == frozen
+    return layer, layer.fused_frozen if kind == 'rmsnorm' else layer.norm_frozen
+
+
+@pytest.mark.parametrize('kind', ['rmsnorm', 'layernorm', 'mlp'])
+def test_a_frozen_cell_computes_the_same_output_and_input_gradient_and_nothing_else(kind):
+    """A cell whose parameters are frozen runs a backward kernel without their gradient sums: its output and input
+    gradient are bit-identical to the trainable cell's, and the frozen kernel's input gradient is the trainable
+    kernel's code (one row function, so the trainable kernel keeps the rounding it had before the frozen one)."""
+    x = Tensor(np.random.default_rng(11).standard_normal((3, 70, 40)).astype(np.float32))
+    probe = np.random.default_rng(12).standard_normal(x.shape).astype(np.float32)
+    outputs, grads = [], []
+    with cpu_kernels_set(True):
+        for frozen in (False, True):
+            layer, kernel = _frozen_variant(kind, frozen)
+            outputs.append(layer(x).asnumpy())
+            grads.append(ms.grad(ProbeAll(layer, probe), 0)(x).asnumpy())
+        assert kernel.backward.func.endswith('InputBackward')
+    assert np.array_equal(outputs[0], outputs[1])
+    assert np.array_equal(grads[0], grads[1])

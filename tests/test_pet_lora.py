@@ -7,6 +7,9 @@ import mindspore as ms
 from mindspore import nn, Tensor
 
 from mindformers import AutoConfig, AutoModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from mindformers.modules.layers import LayerNorm
+from mindformers.modules.mlp import MLP
+from mindformers.modules.norm import RMSNorm
 from mindformers.pet import LoRALinear, apply_pet, freeze_delta, pet_config_from_dict, select_linears
 from mindformers.tools.checkpoint import CheckpointError, save_checkpoint_atomic
 
@@ -202,3 +205,60 @@ def test_cached_greedy_generation_with_lora_equals_recomputation(name):
     cached = model.generate(prompts, max_new_tokens=8, use_past=True, eos_token_id=[])
     assert cached == model.generate(prompts, max_new_tokens=8, use_past=False, eos_token_id=[])
     ms.set_seed(0)
+
+
+@pytest.mark.usefixtures('cpu_kernels_on')
+@pytest.mark.parametrize('build', [_gpt2, _llama])
+def test_frozen_norms_and_biases_skip_their_gradients_and_the_delta_trains_alike(build, monkeypatch):
+    """Under LoRA every norm's weight (and GPT-2's fc_in bias, added inside the GELU kernel) is frozen, so their
+    backward kernels compute the input gradient only; the delta trains bit for bit as with the kernels that also sum
+    the (unread) weight and bias gradients."""
+    first = build(pet_config={'pet_type': 'lora', 'lora_rank': 4, 'lora_alpha': 8})
+    _randomize_b(first)
+    initial = {p.name: p.asnumpy().copy() for p in first.get_parameters()}
+    runs = []
+    for skip in (True, False):
+        if not skip:
+            for cls, name in ((RMSNorm, 'frozen'), (LayerNorm, 'frozen'), (MLP, 'frozen_bias')):
+                monkeypatch.setattr(cls, name, property(lambda self: False))
+        model = first if skip else build(pet_config={'pet_type': 'lora', 'lora_rank': 4, 'lora_alpha': 8})
+        for param in model.get_parameters():
+            param.set_data(Tensor(initial[param.name]))
+        cells = [cell for _, cell in model.cells_and_names()]
+        norms = [cell.frozen for cell in cells if isinstance(cell, (RMSNorm, LayerNorm))]
+        assert norms and all(frozen == skip for frozen in norms)
+        assert all(cell.frozen_bias == skip for cell in cells if isinstance(cell, MLP))
+        losses = _train(model, steps=3)
+        runs.append((losses, {p.name: p.asnumpy() for p in model.trainable_params()}))
+    assert runs[0][0] == runs[1][0]
+    assert runs[0][1].keys() == runs[1][1].keys()
+    for name, value in runs[0][1].items():
+        assert np.array_equal(value, runs[1][1][name]), name
+
+
+class _FirstOutput(nn.Cell):
+    def __init__(self, cell):
+        super().__init__()
+        self.cell = cell
+
+    def construct(self, *inputs):
+        return self.cell(*inputs)[0]
+
+
+@pytest.mark.usefixtures('cpu_kernels_on')
+@pytest.mark.parametrize('rows, rank', [(37, 8), (300, 3)])
+def test_the_fused_lora_kernel_matches_numpy_both_ways(rows, rank):
+    """On CPU in fp32 the update y + s (x A^T) B^T and its gradients are one kernel pass each way (FusedLoRA)."""
+    from mindformers.kernels import FusedLoRA
+    from helpers.kernel_checks import ProbeAll
+    rng = np.random.default_rng(13)
+    x, y = rng.standard_normal((rows, 24)), rng.standard_normal((rows, 40))
+    a, b, probe = rng.standard_normal((rank, 24)), rng.standard_normal((40, rank)), rng.standard_normal((rows, 40))
+    kernel = FusedLoRA(0.75)
+    grads = ms.grad(ProbeAll(_FirstOutput(kernel), probe.astype(np.float32)), (0, 1, 2, 3))(
+        *(Tensor(v.astype(np.float32)) for v in (x, y, a, b)))
+    out = kernel(*(Tensor(v.astype(np.float32)) for v in (x, y, a, b)))[0].asnumpy()
+    np.testing.assert_allclose(out, y + 0.75 * (x @ a.T) @ b.T, rtol=1e-5, atol=1e-5)
+    g = 0.75 * probe @ b
+    for got, expected in zip(grads, (g @ a, probe, g.T @ x, probe.T @ (0.75 * x @ a.T))):
+        np.testing.assert_allclose(got.asnumpy(), expected, rtol=1e-5, atol=1e-4)

@@ -138,48 +138,70 @@ class _TwoInputs(nn.Cell):
 
 class FusedBiasGELU(_TwoInputs):
     """`construct(x [..., C], bias [C]) -> gelu(x + bias)` (the tanh-GELU of `FusedGELU`), one pass each way; the
-    backward gives the bias gradient too. fp32, CPU (see `use_fused`)."""
+    backward gives the bias gradient too (with `bias_grad=False`, for a frozen bias, zeros instead). fp32, CPU (see
+    `use_fused`)."""
 
-    def __init__(self):
+    def __init__(self, bias_grad=True):
         super().__init__('BiasGeluForward', 'BiasGeluBackward')
+        self.bias_grad = bias_grad
+        if not bias_grad:
+            self.backward = _custom('BiasGeluInputBackward', lambda a, b, d: a, lambda a, b, d: a)
+
+    def bprop(self, a, b, out, dout):
+        if self.bias_grad:
+            return self.backward(a, b, dout)
+        return self.backward(a, b, dout), ops.zeros_like(b)
 
 
 class FusedLayerNorm(nn.Cell):
     """`construct(x [..., h], weight [h], bias [h]) -> (y, mean [rows], rstd [rows])` over the last axis, one pass
-    each way; fp32, CPU (see `use_fused`)."""
+    each way; fp32, CPU (see `use_fused`). With `param_grads=False` (a frozen weight and bias) the backward computes
+    only the input gradient and gives zeros for weight and bias."""
 
-    def __init__(self, eps):
+    def __init__(self, eps, param_grads=True):
         super().__init__()
         self.eps = Tensor(np.array([eps], np.float32))
+        self.param_grads = param_grads
         self.forward = _custom('LayerNormForward', lambda x, w, b, e: (x, _rows(x), _rows(x)),
                                lambda x, w, b, e: (x, x, x))
-        self.backward = _custom('LayerNormBackward', lambda x, dy, w, m, r: (x, w, w),
-                                lambda x, dy, w, m, r: (x, x, x))
+        if param_grads:
+            self.backward = _custom('LayerNormBackward', lambda x, dy, w, m, r: (x, w, w),
+                                    lambda x, dy, w, m, r: (x, x, x))
+        else:
+            self.backward = _custom('LayerNormInputBackward', lambda x, dy, w, m, r: x, lambda x, dy, w, m, r: x)
 
     def construct(self, x, weight, bias):
         return self.forward(x, weight, bias, self.eps)
 
     def bprop(self, x, weight, bias, out, dout):
         _, mean, rstd = out
-        dx, dweight, dbias = self.backward(x, dout[0], weight, mean, rstd)
-        return dx, dweight, dbias
+        if self.param_grads:
+            return self.backward(x, dout[0], weight, mean, rstd)
+        return self.backward(x, dout[0], weight, mean, rstd), ops.zeros_like(weight), ops.zeros_like(bias)
 
 
 class FusedRMSNorm(nn.Cell):
     """`construct(x [..., h], weight [h]) -> (y, rstd [rows])`, y = x * rsqrt(mean(x^2) + eps) * weight over the last
-    axis, one pass each way (the backward gives the weight gradient too); fp32, CPU (see `use_fused`)."""
+    axis, one pass each way (the backward gives the weight gradient too; with `weight_grad=False`, for a frozen
+    weight, only the input gradient and zeros for the weight); fp32, CPU (see `use_fused`)."""
 
-    def __init__(self, eps):
+    def __init__(self, eps, weight_grad=True):
         super().__init__()
         self.eps = Tensor(np.array([eps], np.float32))
+        self.weight_grad = weight_grad
         self.forward = _custom('RmsNormForward', lambda x, w, e: (x, _rows(x)), lambda x, w, e: (x, x))
-        self.backward = _custom('RmsNormBackward', lambda x, dy, w, r: (x, w), lambda x, dy, w, r: (x, x))
+        if weight_grad:
+            self.backward = _custom('RmsNormBackward', lambda x, dy, w, r: (x, w), lambda x, dy, w, r: (x, x))
+        else:
+            self.backward = _custom('RmsNormInputBackward', lambda x, dy, w, r: x, lambda x, dy, w, r: x)
 
     def construct(self, x, weight):
         return self.forward(x, weight, self.eps)
 
     def bprop(self, x, weight, out, dout):
-        return self.backward(x, dout[0], weight, out[1])
+        if self.weight_grad:
+            return self.backward(x, dout[0], weight, out[1])
+        return self.backward(x, dout[0], weight, out[1]), ops.zeros_like(weight)
 
 
 class FusedSwiGLU(_TwoInputs):
@@ -212,6 +234,28 @@ class FusedRotary(nn.Cell):
 
     def bprop(self, x, cos, sin, out, dout):
         return self.backward(dout, cos, sin, self.partner, self.sign), ops.zeros_like(cos), ops.zeros_like(sin)
+
+
+def _heads_of_rows(x, *rest):
+    return [x[0], x[2], x[1], x[3]]
+
+
+class FusedRotaryHeads(FusedRotary):
+    """`FusedRotary` straight into the per-head layout attention reads, times `scale`: `construct(x [B, S, heads,
+    D], cos, sin) -> [B, heads, S, D]` in one pass each way (a Transpose and a Mul less each way)."""
+
+    def __init__(self, swap, scale):
+        super().__init__(swap)
+        self.scale = Tensor(np.array([scale], np.float32))
+        self.forward = _custom('RotaryHeadsForward', _heads_of_rows, lambda x, *rest: x)
+        self.backward = _custom('RotaryHeadsBackward', _heads_of_rows, lambda x, *rest: x)
+
+    def construct(self, x, cos, sin):
+        return self.forward(x, cos, sin, self.partner, self.sign, self.scale)
+
+    def bprop(self, x, cos, sin, out, dout):
+        return (self.backward(dout, cos, sin, self.partner, self.sign, self.scale), ops.zeros_like(cos),
+                ops.zeros_like(sin))
 
 
 class FusedCausalSoftmax(nn.Cell):
@@ -286,6 +330,29 @@ class FusedTokenLogProbs(nn.Cell):
 
     def bprop(self, logits, index, out, dout):
         return self.backward(logits, index, out[1], dout[0]), ops.zeros_like(index)
+
+
+class FusedLoRA(nn.Cell):
+    """LoRA's update added to a Linear's output: `construct(x [M, K], y [M, N], a [r, K], b [N, r]) -> (y + h b^T
+    [M, N], h [M, r])` with h = scale * x a^T, one pass over the rows; only the first output's gradient is used. The
+    backward's input side (x's gradient and g = scale * dout b) is one pass too; the gradients of a and b are two
+    MatMuls. fp32, CPU (see `use_fused`)."""
+
+    def __init__(self, scale):
+        super().__init__()
+        self.scale = Tensor(np.array([scale], np.float32))
+        self.forward = _custom('LoraForward', lambda x, y, a, b, s: (y, [y[0], a[0]]),
+                               lambda x, y, a, b, s: (x, x))
+        self.input_backward = _custom('LoraInputBackward', lambda d, a, b, s: ([d[0], a[1]], [d[0], a[0]]),
+                                      lambda d, a, b, s: (d, d))
+        self.factor_grad = ops.MatMul(transpose_a=True)
+
+    def construct(self, x, y, a, b):
+        return self.forward(x, y, a, b, self.scale)
+
+    def bprop(self, x, y, a, b, out, dout):
+        dx, g = self.input_backward(dout[0], a, b, self.scale)
+        return dx, dout[0], self.factor_grad(g, x), self.factor_grad(dout[0], out[1])
 
 
 class FusedSumOfSquares(nn.Cell):
@@ -466,6 +533,16 @@ class FusedMergeHeads(nn.Cell):
 
     def bprop(self, x, out, dout):
         return (self.split(dout, self.one),)
+
+
+class FusedToHeads(FusedMergeHeads):
+    """The inverse of `FusedMergeHeads`: `construct(x [B, S, heads * D]) -> [B, heads, S, D]` times `scale`, one
+    pass each way; fp32, CPU (see `use_fused`)."""
+
+    def __init__(self, heads, scale=1.0):
+        super().__init__(heads)
+        self.one = Tensor(np.array([scale], np.float32))
+        self.merge, self.split = self.split, self.merge  # construct splits rows into heads, bprop merges them
 
 
 class FusedCausalAttention(nn.Cell):

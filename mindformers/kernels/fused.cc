@@ -139,30 +139,46 @@ extern "C" int BiasGeluForward(int nparam, void **params, int *ndims, int64_t **
   return 0;
 }
 
-// Inputs: x [rows, C], bias [C], dy [rows, C]. Outputs: dx [rows, C] (the gradient of x, and of x + bias), dbias [C].
-extern "C" int BiasGeluBackward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
-                                void *stream, void *extra) {
+// Inputs: x [rows, C], bias [C], dy [rows, C]. Outputs: dx [rows, C] (the gradient of x, and of x + bias), dbias [C]
+// (BiasGeluInputBackward, for a frozen bias: dx only).
+template <bool kBiasGrad>
+int BiasGeluBackwardOf(void **params, int *ndims, int64_t **shapes) {
   const float *x = static_cast<const float *>(params[0]);
   const float *bias = static_cast<const float *>(params[1]);
   const float *dy = static_cast<const float *>(params[2]);
   float *dx = static_cast<float *>(params[3]);
-  float *db = static_cast<float *>(params[4]);
   const int64_t cols = shapes[1][0];
   const int64_t rows = Numel(ndims[0], shapes[0]) / cols;
-  RowsWithColumnSums<1>(rows, cols, {db}, [&](int64_t r, const std::array<float *, 1> &sums) {
-    float *pb = sums[0];
+  auto row = [&](int64_t r, float *pb) {
     const float *xr = x + r * cols;
     const float *dyr = dy + r * cols;
     float *dxr = dx + r * cols;
 #pragma omp simd
-    for (int64_t j = 0; j < cols; j++) {
-      const float v = xr[j] + bias[j];
-      const float g = dyr[j] * GeluSlope(v);
-      dxr[j] = g;
-      pb[j] += g;
+    for (int64_t j = 0; j < cols; j++) dxr[j] = dyr[j] * GeluSlope(xr[j] + bias[j]);
+    if constexpr (kBiasGrad) {
+#pragma omp simd
+      for (int64_t j = 0; j < cols; j++) pb[j] += dxr[j];
     }
-  });
+  };
+  if constexpr (kBiasGrad) {
+    RowsWithColumnSums<1>(rows, cols, {static_cast<float *>(params[4])},
+                          [&](int64_t r, const std::array<float *, 1> &sums) { row(r, sums[0]); });
+  } else {
+    ParallelFor(rows, cols, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; r++) row(r, nullptr);
+    });
+  }
   return 0;
+}
+
+extern "C" int BiasGeluBackward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                void *stream, void *extra) {
+  return BiasGeluBackwardOf<true>(params, ndims, shapes);
+}
+
+extern "C" int BiasGeluInputBackward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                     void *stream, void *extra) {
+  return BiasGeluBackwardOf<false>(params, ndims, shapes);
 }
 
 // y = x + bias + residual for x, residual [rows, C] and bias [C] (a layer's output joining the residual stream).
@@ -220,34 +236,56 @@ void NormForward(const float *x, const float *w, const float *b, float eps, floa
 }
 
 // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * weight, xhat = (x - mean) * rstd (RMSNorm: without
-// mean(g) and mean); dweight = the sum over rows of dy * xhat, dbias (LayerNorm) of dy.
+// mean(g) and mean); row r adds dy * xhat into sums[0] and (LayerNorm) dy into sums[1]. Not inlined: the frozen path
+// (kParamGrads false) runs this same code, its sums into a scratch row nobody reads, so dx has the bits of the
+// trainable path, which are those of the kernel before the frozen path existed (-ffast-math lets the compiler round a
+// reshaped loop differently, and a full training run then takes another trajectory).
 template <bool kCentered>
+__attribute__((noinline)) void NormBackwardRow(const float *x, const float *dy, const float *w, const float *mean,
+                                               const float *rstd, float *dx,
+                                               const std::array<float *, kCentered ? 2 : 1> &sums, int64_t r,
+                                               int64_t h) {
+  float *pw = sums[0];
+  const float *xr = x + r * h;
+  const float *dyr = dy + r * h;
+  float *dxr = dx + r * h;
+  const float mu = kCentered ? mean[r] : 0.f, rs = rstd[r];
+  float sum_g = 0.f, sum_gx = 0.f;
+#pragma omp simd reduction(+ : sum_g, sum_gx)
+  for (int64_t j = 0; j < h; j++) {
+    const float xhat = (xr[j] - mu) * rs;
+    const float g = dyr[j] * w[j];
+    sum_g += g;
+    sum_gx += g * xhat;
+    pw[j] += dyr[j] * xhat;
+    if constexpr (kCentered) sums[1][j] += dyr[j];
+  }
+  const float mean_g = kCentered ? sum_g / h : 0.f, mean_gx = sum_gx / h;
+#pragma omp simd
+  for (int64_t j = 0; j < h; j++) {
+    const float xhat = (xr[j] - mu) * rs;
+    dxr[j] = rs * (dyr[j] * w[j] - mean_g - xhat * mean_gx);
+  }
+}
+
+// NormBackwardRow over every row; with kParamGrads, dweight = the sum over rows of dy * xhat and dbias (LayerNorm)
+// of dy into dparams. Without (frozen weight and bias), only dx: no column sums over rows.
+template <bool kCentered, bool kParamGrads>
 void NormBackward(const float *x, const float *dy, const float *w, const float *mean, const float *rstd, float *dx,
                   std::array<float *, kCentered ? 2 : 1> dparams, int64_t rows, int64_t h) {
   using Sums = std::array<float *, kCentered ? 2 : 1>;
-  RowsWithColumnSums(rows, h, dparams, [&](int64_t r, const Sums &sums) {
-    float *pw = sums[0];
-    const float *xr = x + r * h;
-    const float *dyr = dy + r * h;
-    float *dxr = dx + r * h;
-    const float mu = kCentered ? mean[r] : 0.f, rs = rstd[r];
-    float sum_g = 0.f, sum_gx = 0.f;
-#pragma omp simd reduction(+ : sum_g, sum_gx)
-    for (int64_t j = 0; j < h; j++) {
-      const float xhat = (xr[j] - mu) * rs;
-      const float g = dyr[j] * w[j];
-      sum_g += g;
-      sum_gx += g * xhat;
-      pw[j] += dyr[j] * xhat;
-      if constexpr (kCentered) sums[1][j] += dyr[j];
-    }
-    const float mean_g = kCentered ? sum_g / h : 0.f, mean_gx = sum_gx / h;
-#pragma omp simd
-    for (int64_t j = 0; j < h; j++) {
-      const float xhat = (xr[j] - mu) * rs;
-      dxr[j] = rs * (dyr[j] * w[j] - mean_g - xhat * mean_gx);
-    }
-  });
+  if constexpr (kParamGrads) {
+    RowsWithColumnSums(rows, h, dparams, [&](int64_t r, const Sums &sums) {
+      NormBackwardRow<kCentered>(x, dy, w, mean, rstd, dx, sums, r, h);
+    });
+  } else {
+    ParallelFor(rows, h, [&](int64_t begin, int64_t end) {
+      std::vector<float> scratch(std::tuple_size<Sums>::value * h, 0.f);
+      Sums sums;
+      for (size_t k = 0; k < sums.size(); k++) sums[k] = scratch.data() + k * h;
+      for (int64_t r = begin; r < end; r++) NormBackwardRow<kCentered>(x, dy, w, mean, rstd, dx, sums, r, h);
+    });
+  }
 }
 }  // namespace
 
@@ -264,16 +302,27 @@ extern "C" int LayerNormForward(int nparam, void **params, int *ndims, int64_t *
 }
 
 // Inputs: x [rows, h], dy [rows, h], weight [h], mean [rows], rstd [rows].
-// Outputs: dx [rows, h], dweight [h], dbias [h].
+// Outputs: dx [rows, h], dweight [h], dbias [h] (LayerNormInputBackward, for a frozen weight and bias: dx only).
+template <bool kParamGrads>
+int LayerNormBackwardOf(void **params, int *ndims, int64_t **shapes) {
+  const int64_t h = shapes[0][ndims[0] - 1];
+  NormBackward<true, kParamGrads>(static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
+                                  static_cast<const float *>(params[2]), static_cast<const float *>(params[3]),
+                                  static_cast<const float *>(params[4]), static_cast<float *>(params[5]),
+                                  {kParamGrads ? static_cast<float *>(params[6]) : nullptr,
+                                   kParamGrads ? static_cast<float *>(params[7]) : nullptr},
+                                  Numel(ndims[0], shapes[0]) / h, h);
+  return 0;
+}
+
 extern "C" int LayerNormBackward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                                  void *stream, void *extra) {
-  const int64_t h = shapes[0][ndims[0] - 1];
-  NormBackward<true>(static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
-                     static_cast<const float *>(params[2]), static_cast<const float *>(params[3]),
-                     static_cast<const float *>(params[4]), static_cast<float *>(params[5]),
-                     {static_cast<float *>(params[6]), static_cast<float *>(params[7])},
-                     Numel(ndims[0], shapes[0]) / h, h);
-  return 0;
+  return LayerNormBackwardOf<true>(params, ndims, shapes);
+}
+
+extern "C" int LayerNormInputBackward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                      void *stream, void *extra) {
+  return LayerNormBackwardOf<false>(params, ndims, shapes);
 }
 
 // RMSNorm over the last axis, y = (x * rstd) * w. Inputs: x [rows, h], weight [h], eps [1].
@@ -287,19 +336,29 @@ extern "C" int RmsNormForward(int nparam, void **params, int *ndims, int64_t **s
   return 0;
 }
 
-// Inputs: x [rows, h], dy [rows, h], weight [h], rstd [rows]. Outputs: dx [rows, h], dweight [h].
-extern "C" int RmsNormBackward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
-                               void *stream, void *extra) {
+// Inputs: x [rows, h], dy [rows, h], weight [h], rstd [rows]. Outputs: dx [rows, h], dweight [h]
+// (RmsNormInputBackward, for a frozen weight: dx only).
+template <bool kParamGrads>
+int RmsNormBackwardOf(void **params, int *ndims, int64_t **shapes) {
   const int64_t h = shapes[0][ndims[0] - 1];
-  NormBackward<false>(static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
-                      static_cast<const float *>(params[2]), nullptr, static_cast<const float *>(params[3]),
-                      static_cast<float *>(params[4]), {static_cast<float *>(params[5])},
-                      Numel(ndims[0], shapes[0]) / h, h);
+  NormBackward<false, kParamGrads>(static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
+                                   static_cast<const float *>(params[2]), nullptr,
+                                   static_cast<const float *>(params[3]), static_cast<float *>(params[4]),
+                                   {kParamGrads ? static_cast<float *>(params[5]) : nullptr},
+                                   Numel(ndims[0], shapes[0]) / h, h);
   return 0;
 }
 
-// Causal softmax over the last axis of scores [..., S, S]: row q keeps columns 0..q, the rest get probability 0.
-// Input: scores. Output: probs.
+extern "C" int RmsNormBackward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                               void *stream, void *extra) {
+  return RmsNormBackwardOf<true>(params, ndims, shapes);
+}
+
+extern "C" int RmsNormInputBackward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                    void *stream, void *extra) {
+  return RmsNormBackwardOf<false>(params, ndims, shapes);
+}
+
 extern "C" int CausalSoftmaxForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                                     void *stream, void *extra) {
   const float *x = static_cast<const float *>(params[0]);
@@ -1367,28 +1426,41 @@ extern "C" int SwiGluBackward(int nparam, void **params, int *ndims, int64_t **s
 // Inputs: x [B, S, H, D], cos [Bc, S, 1, D] (Bc = 1 or B), sin (as cos), partner [D] int32, sign [D]. Output y.
 // Backward (inverse = true): the same inputs with dy for x, output dx[k] = dy[k] cos[k] + sign[p] sin[p] dy[p], p =
 // partner[k].
+// The heads variants take a further input scale [1] and multiply by it, and their [B, S, H, D] side (the forward's
+// input, the backward's output) faces a [B, H, S, D] side (the layout attention reads): one pass instead of the
+// rotary kernel, a Transpose and a Mul.
 namespace {
-int Rotary(void **params, int *ndims, int64_t **shapes, bool inverse) {
+int Rotary(void **params, int *ndims, int64_t **shapes, bool inverse, bool heads_layout) {
   const float *x = static_cast<const float *>(params[0]);
   const float *cos = static_cast<const float *>(params[1]);
   const float *sin = static_cast<const float *>(params[2]);
   const int32_t *partner = static_cast<const int32_t *>(params[3]);
   const float *sign = static_cast<const float *>(params[4]);
-  float *y = static_cast<float *>(params[5]);
-  const int64_t batch = shapes[0][0], seq = shapes[0][1], heads = shapes[0][2], dim = shapes[0][3];
+  const float scale = heads_layout ? *static_cast<const float *>(params[5]) : 1.f;
+  float *y = static_cast<float *>(params[heads_layout ? 6 : 5]);
+  const bool heads_in = heads_layout && inverse, heads_out = heads_layout && !inverse;
+  const int64_t batch = shapes[0][0], dim = shapes[0][3];
+  const int64_t seq = shapes[0][heads_in ? 2 : 1], heads = shapes[0][heads_in ? 1 : 2];
   const int64_t table_batch = shapes[1][0];
   ParallelFor(batch * seq, heads * dim, [&](int64_t begin, int64_t end) {
+    std::vector<float> coefficients(3 * dim);
+    float *cs = coefficients.data(), *ss = cs + dim, *swapped = ss + dim;
     for (int64_t bs = begin; bs < end; bs++) {
-      const int64_t table_row = (table_batch == 1 ? bs % seq : bs) * dim;
-      const float *c = cos + table_row, *s = sin + table_row;
+      const int64_t b = bs / seq, s = bs % seq;
+      const int64_t table_row = (table_batch == 1 ? s : bs) * dim;
+      const float *c = cos + table_row, *sn = sin + table_row;
+      for (int64_t i = 0; i < dim; i++) {
+        const int64_t k = inverse ? partner[i] : i;
+        cs[i] = c[i] * scale;
+        ss[i] = sign[k] * sn[k] * scale;
+      }
       for (int64_t h = 0; h < heads; h++) {
-        const float *xr = x + (bs * heads + h) * dim;
-        float *yr = y + (bs * heads + h) * dim;
-        if (inverse) {
-          for (int64_t i = 0; i < dim; i++) yr[i] = xr[i] * c[i] + sign[partner[i]] * s[partner[i]] * xr[partner[i]];
-        } else {
-          for (int64_t i = 0; i < dim; i++) yr[i] = xr[i] * c[i] + sign[i] * xr[partner[i]] * s[i];
-        }
+        const int64_t rows_at = (bs * heads + h) * dim, heads_at = ((b * heads + h) * seq + s) * dim;
+        const float *xr = x + (heads_in ? heads_at : rows_at);
+        float *yr = y + (heads_out ? heads_at : rows_at);
+        for (int64_t i = 0; i < dim; i++) swapped[i] = xr[partner[i]];
+#pragma omp simd
+        for (int64_t i = 0; i < dim; i++) yr[i] = xr[i] * cs[i] + ss[i] * swapped[i];
       }
     }
   });
@@ -1398,10 +1470,102 @@ int Rotary(void **params, int *ndims, int64_t **shapes, bool inverse) {
 
 extern "C" int RotaryForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                              void *stream, void *extra) {
-  return Rotary(params, ndims, shapes, false);
+  return Rotary(params, ndims, shapes, false, false);
 }
 
 extern "C" int RotaryBackward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                               void *stream, void *extra) {
-  return Rotary(params, ndims, shapes, true);
+  return Rotary(params, ndims, shapes, true, false);
+}
+
+extern "C" int RotaryHeadsForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                  void *stream, void *extra) {
+  return Rotary(params, ndims, shapes, false, true);
+}
+
+extern "C" int RotaryHeadsBackward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                   void *stream, void *extra) {
+  return Rotary(params, ndims, shapes, true, true);
+}
+
+namespace {
+// m [rows, cols] (row-major) transposed, as a new [cols, rows] array.
+std::vector<float> Transposed(const float *m, int64_t rows, int64_t cols) {
+  std::vector<float> t(rows * cols);
+  for (int64_t r = 0; r < rows; r++)
+    for (int64_t c = 0; c < cols; c++) t[c * rows + r] = m[r * cols + c];
+  return t;
+}
+}  // namespace
+
+// LoRA's update on a Linear's output: out = y + h b^T with h = scale * x a^T (rank r), one pass over the rows; h is
+// kept for the backward. Inputs: x [M, K], y [M, N], a [r, K], b [N, r], scale [1]. Outputs: out [M, N], h [M, r].
+extern "C" int LoraForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                           void *stream, void *extra) {
+  const float *x = static_cast<const float *>(params[0]);
+  const float *y = static_cast<const float *>(params[1]);
+  const float *a = static_cast<const float *>(params[2]);
+  const float *b = static_cast<const float *>(params[3]);
+  const float scale = *static_cast<const float *>(params[4]);
+  float *out = static_cast<float *>(params[5]);
+  float *h = static_cast<float *>(params[6]);
+  const int64_t rank = shapes[2][0], in = shapes[2][1], features = shapes[3][0];
+  const int64_t rows = Numel(ndims[0], shapes[0]) / in;
+  const std::vector<float> bt = Transposed(b, features, rank);
+  ParallelFor(rows, rank * (in + features), [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; m++) {
+      const float *xr = x + m * in, *yr = y + m * features;
+      float *hr = h + m * rank, *outr = out + m * features;
+      for (int64_t j = 0; j < rank; j++) {
+        const float *aj = a + j * in;
+        float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t k = 0; k < in; k++) dot += xr[k] * aj[k];
+        hr[j] = scale * dot;
+      }
+      std::memcpy(outr, yr, features * sizeof(float));
+      for (int64_t j = 0; j < rank; j++) {
+        const float hj = hr[j], *btj = bt.data() + j * features;
+#pragma omp simd
+        for (int64_t n = 0; n < features; n++) outr[n] += hj * btj[n];
+      }
+    }
+  });
+  return 0;
+}
+
+// The input side of LoraForward's backward: g = scale * dout b [M, r] and dx = g a [M, K] (the factors' gradients,
+// db = dout^T h and da = g^T x, are matrix products the caller runs). Inputs: dout [M, N], a [r, K], b [N, r],
+// scale [1]. Outputs: dx [M, K], g [M, r].
+extern "C" int LoraInputBackward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                 void *stream, void *extra) {
+  const float *dout = static_cast<const float *>(params[0]);
+  const float *a = static_cast<const float *>(params[1]);
+  const float *b = static_cast<const float *>(params[2]);
+  const float scale = *static_cast<const float *>(params[3]);
+  float *dx = static_cast<float *>(params[4]);
+  float *g = static_cast<float *>(params[5]);
+  const int64_t rank = shapes[1][0], in = shapes[1][1], features = shapes[2][0];
+  const int64_t rows = Numel(ndims[0], shapes[0]) / features;
+  const std::vector<float> bt = Transposed(b, features, rank);
+  ParallelFor(rows, rank * (in + features), [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; m++) {
+      const float *dr = dout + m * features;
+      float *gr = g + m * rank, *dxr = dx + m * in;
+      for (int64_t j = 0; j < rank; j++) {
+        const float *btj = bt.data() + j * features;
+        float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t n = 0; n < features; n++) dot += dr[n] * btj[n];
+        gr[j] = scale * dot;
+      }
+      std::memset(dxr, 0, in * sizeof(float));
+      for (int64_t j = 0; j < rank; j++) {
+        const float gj = gr[j], *aj = a + j * in;
+#pragma omp simd
+        for (int64_t k = 0; k < in; k++) dxr[k] += gj * aj[k];
+      }
+    }
+  });
+  return 0;
 }

@@ -6,7 +6,7 @@ import mindspore as ms
 from mindspore import nn, ops, Tensor
 
 from mindformers.kernels import (FusedBiasSplitHeads, FusedCausalAttention, FusedCausalSoftmax,
-                                             FusedMergeHeads, FusedSplitHeads, use_fused)
+                                             FusedMergeHeads, FusedSplitHeads, FusedToHeads, use_fused)
 from mindformers.modules.layers import Linear, Dropout, add_residual, to_mstype, _dp_mp, _check_divisible
 
 
@@ -289,6 +289,16 @@ class GroupedQueryAttention(nn.Cell):
         self.mul_scale = ops.Mul().shard(((dp, mp, 1, 1), ()))
         self.to_heads = ops.Transpose().shard(((dp, 1, mp, 1),))
         self.from_heads = ops.Transpose().shard(((dp, mp, 1, 1),))
+        # on CPU (fp32, unsharded) each of q, k, v goes into the heads layout in one kernel pass (with the rotary
+        # embedding and the query scale), and the heads' outputs come back in one
+        self.fused_heads = (dp == mp == 1 and use_fused(to_mstype(compute_dtype, 'compute_dtype'))
+                            and (rotary is None or rotary.fused is not None))
+        if self.fused_heads:
+            scale = 1.0 / math.sqrt(self.head_dim)
+            self.query_heads, self.kv_heads = FusedToHeads(num_heads, scale), FusedToHeads(self.num_kv_heads)
+            if rotary is not None:
+                self.query_rotary, self.key_rotary = rotary.heads_kernel(scale), rotary.heads_kernel(1.0)
+            self.merge_heads = FusedMergeHeads(num_heads)
 
     def heads(self, x, projection):
         """x [B, S, hidden] through `projection` -> [B, S, heads, head_dim] (heads from the projection's width)."""
@@ -296,20 +306,38 @@ class GroupedQueryAttention(nn.Cell):
         y = projection(x.reshape(batch * seq, hidden))
         return y.reshape(batch, seq, -1, self.head_dim)
 
-    def attend(self, query, key, value, mask, cache, write, residual):
-        """query [B, S, heads, head_dim] (unscaled), key/value [B, S, kv_heads, head_dim] -> o_proj's output
-        [B, S, hidden] (+ residual)."""
+    def _split(self, query, key, value, cos, sin):
+        """query, key, value [B, S, heads, head_dim] (query unscaled; the rotary embedding applied when cos and sin
+        are given) -> [B, heads, S, head_dim], query scaled."""
         batch, seq = query.shape[0], query.shape[1]
+        if self.fused_heads:
+            if cos is None:
+                query = self.query_heads(query.reshape(batch, seq, -1))
+                key = self.kv_heads(key.reshape(batch, seq, -1))
+            else:
+                query, key = self.query_rotary(query, cos, sin), self.key_rotary(key, cos, sin)
+            return query, key, self.kv_heads(value.reshape(batch, seq, -1))
+        if cos is not None:
+            query, key = self.rotary.apply(query, cos, sin), self.rotary.apply(key, cos, sin)
         query = self.mul_scale(self.to_heads(query, (0, 2, 1, 3)), self.scale)
-        key, value = self.to_heads(key, (0, 2, 1, 3)), self.to_heads(value, (0, 2, 1, 3))
+        return query, self.to_heads(key, (0, 2, 1, 3)), self.to_heads(value, (0, 2, 1, 3))
+
+    def attend(self, query, key, value, mask, cache, write, residual, cos=None, sin=None):
+        """query [B, S, heads, head_dim] (unscaled), key/value [B, S, kv_heads, head_dim] -> o_proj's output
+        [B, S, hidden] (+ residual); with cos and sin, query and key get the rotary embedding first."""
+        batch, seq = query.shape[0], query.shape[1]
+        query, key, value = self._split(query, key, value, cos, sin)
         if cache is None:
             context = self.core(query, key, value, mask)
         else:
             context = cache.attend(query, key, value, mask, write, self.core)
-        context = self.from_heads(context, (0, 2, 1, 3)).reshape(batch * seq, self.num_heads * self.head_dim)
+        if self.fused_heads:
+            context = self.merge_heads(context)
+        else:
+            context = self.from_heads(context, (0, 2, 1, 3))
+        context = context.reshape(batch * seq, self.num_heads * self.head_dim)
         return self.o_proj(context, residual=residual).reshape(batch, seq, -1)
 
     def construct(self, x, mask, cos, sin, cache=None, write=None, residual=None):
-        query, key = self.heads(x, self.q_proj), self.heads(x, self.k_proj)
-        query, key = self.rotary.apply(query, cos, sin), self.rotary.apply(key, cos, sin)
-        return self.attend(query, key, self.heads(x, self.v_proj), mask, cache, write, residual)
+        return self.attend(self.heads(x, self.q_proj), self.heads(x, self.k_proj), self.heads(x, self.v_proj), mask,
+                           cache, write, residual, cos, sin)

@@ -209,7 +209,9 @@ class LayerNorm(nn.Cell):
         dp, mp = _dp_mp(parallel_config)
         if dp == mp == 1 and use_fused(self.compute_type):  # a sharded layout means Ascend/GPU: keep strategies
             self.norm = FusedLayerNorm(eps)
+            self.norm_frozen = FusedLayerNorm(eps, param_grads=False)
         else:
+            self.norm_frozen = None
             self.norm = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=eps)
             self.shard(((dp, 1, 1), (1,), (1,)))
 
@@ -219,6 +221,11 @@ class LayerNorm(nn.Cell):
             self.norm.shard(strategy)
         return self
 
+    @property
+    def frozen(self):
+        """Whether weight and bias are both frozen (read when a graph is compiled: their gradients are not computed)."""
+        return not (self.weight.requires_grad or self.bias.requires_grad)
+
     def construct(self, x):
         dtype = x.dtype
         weight, bias = self.weight, self.bias
@@ -226,7 +233,10 @@ class LayerNorm(nn.Cell):
             x = ops.cast(x, self.compute_type)
         if weight.dtype != self.compute_type:
             weight, bias = ops.cast(weight, self.compute_type), ops.cast(bias, self.compute_type)
-        y, _, _ = self.norm(x, weight, bias)
+        if self.norm_frozen is not None and self.frozen:
+            y, _, _ = self.norm_frozen(x, weight, bias)
+        else:
+            y, _, _ = self.norm(x, weight, bias)
         if dtype != self.compute_type:
             y = ops.cast(y, dtype)
         return y
@@ -334,6 +344,7 @@ class TanhGELU(nn.Cell):
         super().__init__()
         self.fused = FusedGELU() if use_fused(ms.float32) else None
         self.fused_bias = FusedBiasGELU() if use_fused(ms.float32) else None  # gelu(x + bias) in one kernel
+        self.fused_frozen_bias = FusedBiasGELU(bias_grad=False) if use_fused(ms.float32) else None
         self.a, self.b = 2 * math.sqrt(2 / math.pi), 2 * math.sqrt(2 / math.pi) * 0.044715
         self.square, self.mul_inner, self.mul_outer = ops.Mul(), ops.Mul(), ops.Mul()
         self.scale, self.shift = ops.Mul(), ops.Add()

@@ -29,12 +29,21 @@ class MLP(nn.Cell):
         self.act = get_activation(hidden_act).shard(((dp, 1, mp),))
         self.dropout = Dropout(dropout).shard(((dp, 1, 1),))
         self.act_bias = getattr(self.act, 'fused_bias', None)  # gelu(x + bias) in one CPU kernel, if any
+        self.act_frozen_bias = getattr(self.act, 'fused_frozen_bias', None)  # the same without the bias gradient
+
+    @property
+    def frozen_bias(self):
+        """Whether fc_in's bias is frozen (read when a graph is compiled: its gradient is then not computed)."""
+        bias = getattr(self, self.names[0]).bias
+        return bias is not None and not bias.requires_grad
 
     def _hidden(self, x):
         """act(fc_in(x)) for x [B, S, hidden_size], with fc_in's bias added inside the GELU kernel where fc_in lets
         a caller add it (decode steps keep fc_in's few-rows kernel)."""
         fc_in = getattr(self, self.names[0])
         if self.act_bias is not None and getattr(fc_in, 'bias_fusable', False) and x.size > FEW_ROWS * x.shape[-1]:
+            if self.frozen_bias:
+                return self.act_frozen_bias(fc_in(x, False), fc_in.bias)
             return self.act_bias(fc_in(x, False), fc_in.bias)
         return self.act(fc_in(x))
 

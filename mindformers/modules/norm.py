@@ -33,10 +33,18 @@ class RMSNorm(nn.Cell):
         # fp32 throughout, unsharded, on CPU: one kernel pass each way
         fused = dp == 1 and self.weight.dtype == ms.float32 and use_fused(self.compute_type)
         self.fused = FusedRMSNorm(self.eps) if fused else None
+        self.fused_frozen = FusedRMSNorm(self.eps, weight_grad=False) if fused else None
+
+    @property
+    def frozen(self):
+        """Whether the weight is frozen (read when a graph is compiled: a frozen weight's gradient is not computed)."""
+        return not self.weight.requires_grad
 
     def construct(self, x):
         dtype = x.dtype
         if self.fused is not None and dtype == ms.float32:
+            if self.frozen:
+                return self.fused_frozen(x, self.weight)[0]
             return self.fused(x, self.weight)[0]
         y = x if dtype == self.compute_type else ops.cast(x, self.compute_type)
         y = self.mul(y, self.rsqrt(self.add_eps(self.mean(self.square(y), -1), self.eps)))

@@ -4,7 +4,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import nn, ops, Tensor
 
-from mindformers.kernels import FusedRotary, use_fused
+from mindformers.kernels import FusedRotary, FusedRotaryHeads, use_fused
 from mindformers.modules.layers import to_mstype
 
 
@@ -68,6 +68,12 @@ class RotaryEmbedding(nn.Cell):
         kernel pass each way (see `kernels.FusedRotary`)."""
         self.swap = Tensor(swap, self.dtype)
         self.fused = FusedRotary(swap) if use_fused(self.dtype) else None
+        self.swap_lanes = swap
+
+    def heads_kernel(self, scale):
+        """A `FusedRotaryHeads` with this rotation: x [B, S, heads, head_dim] -> `apply`'s result times `scale` as
+        [B, heads, S, head_dim], one kernel pass each way; only where `fused` runs."""
+        return FusedRotaryHeads(self.swap_lanes, scale)
 
     def static_tables(self, seq):
         cos, sin = self.cos_table[:seq], self.sin_table[:seq]

@@ -11,6 +11,7 @@ import mindspore as ms
 from mindspore import nn, ops, Parameter, Tensor
 from mindspore.common.initializer import HeUniform, initializer
 
+from mindformers.kernels import FusedLoRA
 from mindformers.modules.layers import Linear
 from mindformers.pet.freeze import DELTA_PREFIX
 
@@ -52,6 +53,9 @@ class LoRALinear(Linear):
         linear.lora_a_matmul = ops.MatMul(transpose_b=True)
         linear.lora_b_matmul = ops.MatMul(transpose_b=True)
         linear.lora_add = ops.Add()
+        # on CPU, fp32 and unsharded (where Linear has its few-rows kernel): the update in one kernel pass each way
+        fused = linear.few_rows is not None and linear.weight.dtype == ms.float32
+        linear.lora_fused = FusedLoRA(linear.lora_scaling) if fused else None
         strategy = linear.matmul.in_strategy
         if strategy is not None:  # x (dp, a) @ W^T with W split (b, a): A is split like W's inputs, B like its outputs
             (dp, split_in), (split_out, _) = strategy
@@ -67,6 +71,8 @@ class LoRALinear(Linear):
         lora_a, lora_b = getattr(self, LORA_A), getattr(self, LORA_B)
         if h.dtype != self.compute_dtype:
             h = ops.cast(h, self.compute_dtype)
+        if self.lora_fused is not None:
+            return self.lora_fused(h, y.reshape(h.shape[0], -1), lora_a, lora_b)[0].reshape(y.shape)
         if lora_a.dtype != self.compute_dtype:
             lora_a, lora_b = ops.cast(lora_a, self.compute_dtype), ops.cast(lora_b, self.compute_dtype)
         h = self.lora_a_matmul(h, lora_a) * self.lora_scaling
@@ -84,8 +90,8 @@ class LoRALinear(Linear):
         back into a plain Linear; returns it."""
         weight = self.weight.asnumpy().astype(np.float32) + self.delta_weight()
         self.weight.set_data(Tensor(weight, ms.float32).astype(self.weight.dtype))
-        for name in (LORA_A, LORA_B, 'lora_dropout', 'lora_a_matmul', 'lora_b_matmul', 'lora_add', 'lora_rank',
-                     'lora_scaling'):
+        for name in (LORA_A, LORA_B, 'lora_dropout', 'lora_a_matmul', 'lora_b_matmul', 'lora_add', 'lora_fused',
+                     'lora_rank', 'lora_scaling'):
             delattr(self, name)
         self.__class__ = Linear
         return self
