@@ -175,6 +175,52 @@ def test_decode_attention_writes_the_cache_and_matches_plain_ops(batch, heads, k
         np.testing.assert_allclose(out[row], probs @ values_q, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('cache_dtype', [np.float32, np.float16])
+def test_decode_attention_rows_name_their_cache_rows(cache_dtype):
+    """Rows of a step that name their cache row (`indices[b, :, 0, 0]`), several tokens of one sequence among them
+    (a prompt read in chunks while others decode): every key/value is written before any row attends, each row sees
+    its cache row up to its own position; the packed kernel agrees with the plain one. Against NumPy."""
+    from mindformers.kernels import FusedDecodeAttention, FusedDecodeAttentionPacked
+    heads, kv_heads, length, dim = 4, 2, 16, 8
+    slots, positions = np.array([2, 0, 0, 0, 2, 1]), np.array([5, 3, 4, 5, 6, 0])
+    batch, rng = len(slots), np.random.default_rng(21)
+    qkv = rng.standard_normal((batch, (heads + 2 * kv_heads) * dim)).astype(np.float32)
+    history = rng.standard_normal((2, 3, kv_heads, length, dim)).astype(cache_dtype)
+    mask = np.zeros((batch, 1, 1, length), np.float32)
+    mask[0, ..., 1] = -1e9  # a hidden (padding) position of slot 2
+    indices = np.stack([np.broadcast_to(slots[:, None], (batch, kv_heads)),
+                        np.broadcast_to(np.arange(kv_heads), (batch, kv_heads)),
+                        np.broadcast_to(positions[:, None], (batch, kv_heads))], -1)[:, :, None].astype(np.int32)
+    scale = 0.25
+    query = qkv[:, :heads * dim].reshape(batch, heads, 1, dim) * scale
+    key = qkv[:, heads * dim:(heads + kv_heads) * dim].reshape(batch, kv_heads, 1, dim)
+    value = qkv[:, (heads + kv_heads) * dim:].reshape(batch, kv_heads, 1, dim)
+    caches = [[ms.Parameter(Tensor(h.copy()), name=f'rows{i}{j}') for j, h in enumerate(history)] for i in range(2)]
+    dtype = ms.float16 if cache_dtype == np.float16 else ms.float32
+    attend = FusedDecodeAttention(dtype)
+    plain = attend(*map(Tensor, (query, key, value)), *caches[0], Tensor(mask), Tensor(indices)).asnumpy()
+    packed = FusedDecodeAttentionPacked(dtype)(
+        Tensor(qkv), *caches[1], Tensor(mask), Tensor(indices), Tensor(np.array([scale], np.float32))).asnumpy()
+    np.testing.assert_allclose(packed, plain.reshape(batch, heads * dim), rtol=1e-5, atol=1e-6)
+    expected = history.copy()
+    for row, (slot, position) in enumerate(zip(slots, positions)):
+        expected[0, slot, :, position], expected[1, slot, :, position] = key[row, :, 0], value[row, :, 0]
+    for cache in caches:
+        np.testing.assert_array_equal(cache[0].asnumpy(), expected[0])
+        np.testing.assert_array_equal(cache[1].asnumpy(), expected[1])
+    group = heads // kv_heads
+    for row, (slot, position) in enumerate(zip(slots, positions)):
+        keys_q = np.repeat(expected[0, slot], group, axis=0)[:, :position + 1].astype(np.float64)
+        values_q = np.repeat(expected[1, slot], group, axis=0)[:, :position + 1].astype(np.float64)
+        scores = query[row] @ keys_q.transpose(0, 2, 1) + mask[row, :, :, :position + 1]
+        probs = np.exp(scores - scores.max(-1, keepdims=True))
+        np.testing.assert_allclose(plain[row], probs / probs.sum(-1, keepdims=True) @ values_q, rtol=1e-5,
+                                   atol=1e-5)
+    indices[3, :, 0, 0] = 3  # a cache row that does not exist: the kernel refuses
+    with pytest.raises(RuntimeError):
+        attend(*map(Tensor, (query, key, value)), *caches[0], Tensor(mask), Tensor(indices)).asnumpy()
+
+
 @pytest.mark.parametrize('shape', [(7, 5), (2048, 1536), (3, 4, 300)])
 def test_column_sum_matches_numpy_and_bias_gradient(shape):
     from mindformers.kernels import FusedColumnSum
@@ -209,6 +255,7 @@ def test_packed_decode_attention_equals_the_unpacked_kernel():
     mask = np.zeros((batch, 1, 1, length), np.float32)
     mask[1, ..., :2] = -1e9
     indices = np.zeros((batch, kv_heads, 1, 3), np.int32)
+    indices[..., 0] = np.arange(batch)[:, None, None]
     indices[..., 2] = position
     scale = 0.125
     query = qkv[:, :heads * dim].reshape(batch, heads, 1, dim) * scale
@@ -229,11 +276,11 @@ def test_linear_few_rows_gives_a_row_the_same_bits_whatever_rows_beside_it():
     """A decode row's logits must not depend on which other requests share its step (continuous batching)."""
     from mindformers.kernels import FusedBiasLinearFewRows
     rng = np.random.default_rng(3)
-    x = rng.standard_normal((16, 200)).astype(np.float32)
+    x = rng.standard_normal((64, 200)).astype(np.float32)
     weight, bias = rng.standard_normal((70, 200)).astype(np.float32), rng.standard_normal(70).astype(np.float32)
     kernel = FusedBiasLinearFewRows()
     together = kernel(Tensor(x), Tensor(weight), Tensor(bias)).asnumpy()
-    for rows in (slice(0, 1), slice(5, 8), slice(3, 16), slice(8, 16)):
+    for rows in (slice(0, 1), slice(5, 8), slice(3, 16), slice(8, 16), slice(13, 50), slice(60, 64)):
         alone = kernel(Tensor(x[rows]), Tensor(weight), Tensor(bias)).asnumpy()
         np.testing.assert_array_equal(alone, together[rows])
 
@@ -280,7 +327,7 @@ def _at_line_offset(a, offset):
     return copy
 
 
-@pytest.mark.parametrize('rows', [1, 3, 8, 12, 16])
+@pytest.mark.parametrize('rows', [1, 3, 8, 12, 16, 37, 64])
 def test_linear_few_rows_builds_match_numpy(few_rows_builds, rows):
     """Both builds' tiles (4 rows x 4 features, 8 rows x 4 features on AVX-512 up to 512 input features, the weight
     rows tiles ahead prefetched) on widths and feature counts that are not multiples of the tile or the vector, with
@@ -308,7 +355,7 @@ def test_linear_few_rows_builds_match_numpy(few_rows_builds, rows):
                 np.testing.assert_array_equal(outputs[0], outputs[1])
 
 
-@pytest.mark.parametrize('rows', [2, 17])
+@pytest.mark.parametrize('rows', [2, 17, 65])
 def test_linear_and_mlp_take_the_few_rows_kernel_with_the_same_values(rows):
     """Up to FEW_ROWS rows go through the few-rows kernel, more through MatMul; both give the plain NumPy values,
     a `residual` argument adds it, and gradients flow either way."""
@@ -414,7 +461,7 @@ def test_bias_gelu_matches_numpy_both_ways(shape):
                                atol=2e-4 * np.sqrt(rows))
 
 
-@pytest.mark.parametrize('rows', [2, 17])
+@pytest.mark.parametrize('rows', [2, 65])
 def test_mlp_matches_numpy_with_the_bias_inside_the_gelu_kernel(rows):
     """More than FEW_ROWS rows add fc_in's bias inside the GELU kernel, fewer use the few-rows kernel's bias."""
     from mindformers.modules.mlp import MLP

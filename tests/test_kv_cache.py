@@ -175,3 +175,65 @@ def test_sessions_of_one_model_are_independent(models):
     expected = [fresh.prefill([0, 1], ids, mask)] + [fresh.decode([t, t]) for t in (3, 9, 27)]
     np.testing.assert_array_equal(np.stack(a), np.stack(expected))
     np.testing.assert_allclose(np.stack(b)[:, 0], np.stack(a)[:, 0], atol=1e-5)
+
+
+def test_feed_reads_prompts_in_chunks_beside_decoding_slots_with_the_same_bits(models):
+    """`feed`: a prompt read in chunks of any size, in steps shared with other slots' tokens and padded to any row
+    count, gives the same bits as reading it whole alone, and matches HuggingFace; a prompt's chunks and decode
+    steps continue it exactly; and the table refuses what it cannot do."""
+    hf, ours = models
+    rng = np.random.default_rng(9)
+    prompt, other = rng.integers(1, VOCAB, 23).tolist(), rng.integers(1, VOCAB, 40).tolist()
+    session = DecodingSession(ours, 3)
+    assert session.feed_rows == 64
+    session.open([1])
+    whole = session.feed([1] * 23, prompt, 32)
+    with torch.no_grad():
+        expected = hf(torch.tensor([prompt])).logits[0].numpy()
+    np.testing.assert_allclose(whole, expected, rtol=1e-4, atol=1e-4)
+    session.open([0, 2])
+    session.feed([2] * 6, other[:6], 16)  # slot 2 is somewhere else in its prompt
+    first = session.feed([2] + [0] * 9, other[6:7] + prompt[:9], 16)
+    second = session.feed([0] * 14 + [2] * 3, prompt[9:] + other[7:10], 64)
+    np.testing.assert_array_equal(np.concatenate([first[1:], second[:14]]), whole)
+    token = int(whole[-1].argmax())
+    alone = session.feed([1], [token], 3)  # slot 1 continues its prompt (one decode row, padded)
+    beside = session.feed([2, 0], [other[10], token], 3)
+    np.testing.assert_array_equal(alone[0], beside[1])
+    assert sorted(session._feed) == [3, 16, 32, 64]  # pylint: disable=protected-access
+    session.feed([1] * 64, [1] * 64, 64)  # 88 of its 128 positions written
+    with pytest.raises(ValueError, match='slot 1 is full'):
+        session.feed([1] * 41, [1] * 41, 64)
+    assert session.table.length[1] == 88  # a refused step changes nothing
+    with pytest.raises(ValueError, match='at least one'):
+        session.feed([1], [1], 65)
+    session.free([1])
+    with pytest.raises(ValueError, match='slot 1 is not open'):
+        session.feed([1], [1])
+
+
+def test_feed_rows_follow_the_kernels_and_the_family():
+    """64 rows with the fp32 few-rows kernels, 16 with int8 weights (their kernel's few-rows limit; a row then
+    keeps its bits beside any others), none for GLM (per-slot 2-D positions) or without the kernels."""
+    from mindformers import AutoConfig, AutoModel
+    from mindformers.generation.session import feed_rows
+    from mindformers.quantization import quantize_model
+
+    def tiny(name, **overrides):
+        return AutoModel.from_config(AutoConfig.from_pretrained(name, num_layers=1, seq_length=32, **overrides))
+
+    assert feed_rows(tiny('gpt2_tiny')) == 64
+    int8 = quantize_model(tiny('llama_tiny'))
+    assert feed_rows(int8) == 16
+    session, rng = DecodingSession(int8, 2), np.random.default_rng(3)
+    prompt = rng.integers(2, 300, 15).tolist()
+    session.open([0, 1])
+    alone = session.feed([0] * 15, prompt, 16)
+    beside = session.feed([1] + [1] * 14 + [0], prompt + [7], 16)
+    np.testing.assert_array_equal(alone, beside[:15])
+    with pytest.raises(ValueError, match=r'rows in \[that count, 16\]'):
+        session.feed([0], [1], 32)
+    assert feed_rows(tiny('glm_tiny')) == 0
+    assert feed_rows(tiny('gpt2_tiny', compute_dtype='float16')) == 0
+    with pytest.raises(ValueError, match='cannot feed several tokens'):
+        DecodingSession(tiny('glm_tiny'), 1).feed([0], [1])

@@ -57,6 +57,7 @@ def _step(batch=3, heads=4, kv_heads=2, length=12, dim=20, seed=0):
     valid[0, :2] = False
     mask = np.where(valid, 0.0, -1e9).astype(np.float32)[:, None, None, :]
     indices = np.zeros((batch, kv_heads, 1, 3), np.int32)
+    indices[..., 0] = np.arange(batch)[:, None, None]  # each row writes its own cache row
     indices[..., 2] = positions[:, None, None]
     return query, key, value, history, mask, indices, positions
 
@@ -110,6 +111,10 @@ def test_fp16_cache_kernels_store_numpy_rounding_and_attend_like_numpy(libraries
         np.testing.assert_array_equal(caches[1][rows, :, positions].view(np.uint16), (-rounded).view(np.uint16))
         bad = indices.copy()
         bad[1, ..., 2] = history.shape[3]
+        code, _ = _call(library, 'DecodeAttentionF16', (query, key, value, *history.copy(), mask, bad), query.shape)
+        assert code == 1
+        bad = indices.copy()
+        bad[2, ..., 0] = history.shape[1]  # a cache row past the cache
         code, _ = _call(library, 'DecodeAttentionF16', (query, key, value, *history.copy(), mask, bad), query.shape)
         assert code == 1
 

@@ -296,6 +296,7 @@ def test_health_is_503_while_loading_then_200_through_run_mindformer(tmp_path, t
 
 
 @pytest.mark.parametrize('args,needle', [(['--slots', 0], '--slots must be >= 1'),
+                                         (['--prefill_chunk', -1], '--prefill_chunk must be >= 0'),
                                          (['--model', 'gpt2_tinny'], 'did you mean gpt2_tiny'),
                                          (['--model', 'no/such/dir'], '--model no/such/dir does not exist'),
                                          (['--port', 70000], '--port must be in'),

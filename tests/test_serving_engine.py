@@ -1,7 +1,8 @@
-"""The continuous-batching engine over a tiny GPT-2 (random weights, 64 positions, 4 slots): requests that arrive at
-different times and share the batch give exactly what each gives alone and what `generate()` gives; newcomers
-start while others decode; stop strings never leak; cancelled requests free their slot; a full queue, a prompt past
-the context and bad sampling values are refused; no shape compiles twice."""
+"""The continuous-batching engine over a tiny GPT-2 (random weights, 64 positions, 4 slots), reading prompts in
+chunks beside the decoding requests (the default) and with a prefill per request: requests that arrive at different
+times and share the batch give exactly what each gives alone and what `generate()` gives; newcomers start while
+others decode; stop strings never leak; cancelled requests free their slot; a full queue, a prompt past the context
+and bad sampling values are refused; no shape compiles twice."""
 import threading
 import time
 
@@ -40,15 +41,36 @@ class Collector:
         return self.events[-1]
 
 
-@pytest.fixture(scope='module')
-def engine():
+def started(**options):
     ms.set_seed(11)
     config = AutoConfig.from_pretrained('gpt2_tiny', num_layers=2, hidden_size=64, seq_length=CONTEXT)
     model = AutoModel.from_config(config)
     tokenizer = AutoTokenizer.from_pretrained('gpt2_tiny')
-    engine = Engine(model, tokenizer, slots=4, max_waiting=32, log_interval=0.5, batched_prefill=16).start()
+    return Engine(model, tokenizer, slots=4, max_waiting=32, log_interval=0.5, **options).start()
+
+
+@pytest.fixture(scope='module')
+def engine():
+    """Chunked prompts (the default): steps of 4, 16, 32 and 64 rows."""
+    engine = started()
+    assert engine._rows == [4, 16, 32, 64]
     yield engine
     engine.shutdown()
+
+
+@pytest.fixture(scope='module')
+def prefill_engine():
+    """A prefill per request (the path of GLM, prefix models and plain ops), batched for prompts up to 16 tokens."""
+    engine = started(prefill_chunk=0, batched_prefill=16)
+    assert engine._rows == []
+    yield engine
+    engine.shutdown()
+
+
+def compiled(engine):
+    session = engine._session
+    return (len(session._prefill.compile_cache),
+            {rows: len(step.compile_cache) for rows, step in session._feed.items()})
 
 
 def run(engine, prompt, **params):
@@ -70,14 +92,16 @@ def prompts(count, seed, longest=29):
     return [rng.integers(2, 500, int(n)).tolist() for n in rng.integers(3, longest + 1, count)]
 
 
-def test_sixteen_staggered_requests_give_what_each_gives_alone_and_what_generate_gives(engine):
+@pytest.mark.parametrize('mode', ['chunked', 'prefill'])
+def test_sixteen_staggered_requests_give_what_each_gives_alone_and_what_generate_gives(mode, request):
+    engine = request.getfixturevalue('engine' if mode == 'chunked' else 'prefill_engine')
     requests = prompts(16, seed=1)
     budgets = [int(n) for n in np.random.default_rng(2).integers(4, 30, 16)]
     alone = [run(engine, p, max_tokens=m) for p, m in zip(requests, budgets)]
     for prompt, budget, result in zip(requests[:4], budgets[:4], alone):  # the library's own generate()
         ids = engine.model.generate([prompt], max_new_tokens=budget, do_sample=False, use_past=True)[0]
         assert result.text == engine.tokenizer.decode(ids[len(prompt):], skip_special_tokens=True)
-    compiled = (len(engine._session._prefill.compile_cache), len(engine._session._decode.compile_cache))
+    shapes = compiled(engine)
 
     together = [Collector() for _ in requests]
     for index, (prompt, budget) in enumerate(zip(requests, budgets)):
@@ -89,15 +113,16 @@ def test_sixteen_staggered_requests_give_what_each_gives_alone_and_what_generate
         assert (collector.last.finish_reason, collector.last.completion_tokens) == \
                (alone[index].last.finish_reason, alone[index].last.completion_tokens), index
         assert collector.last.prompt_tokens == len(requests[index])
-    assert (len(engine._session._prefill.compile_cache), len(engine._session._decode.compile_cache)) == compiled
+    assert compiled(engine) == shapes
     stats = engine.stats()
     assert stats['running'] == 0 and stats['waiting'] == 0
     assert stats['requests_total']['length'] + stats['requests_total']['stop'] >= 32
 
 
-def test_requests_waiting_together_start_in_one_prefill_and_give_what_each_gives_alone(engine):
+def test_requests_waiting_together_start_in_one_prefill_and_give_what_each_gives_alone(prefill_engine):
     """batched_prefill=16: requests of bucket 16 admitted together share a prefill in the shapes start() compiled
     (4 rows, then 2, then 1); a longer prompt gets its own; each gives exactly its text alone."""
+    engine = prefill_engine
     requests = prompts(6, seed=7, longest=16) + [list(range(2, 22))]
     alone = [run(engine, p, max_tokens=5) for p in requests]
     compiled = len(engine._session._prefill.compile_cache)
@@ -128,14 +153,46 @@ def test_a_request_arriving_while_others_decode_starts_and_ends_before_they_fini
         assert short.times[0] < collector.times[-1] and short.times[-1] < collector.times[-1]
 
 
-def test_a_prompt_too_long_for_its_bucket_plus_max_tokens_is_split_and_matches_recomputation(engine):
+def test_a_prompt_too_long_for_its_bucket_plus_max_tokens_is_split_and_matches_recomputation(prefill_engine):
     """40 prompt tokens (bucket 64) + 20 new tokens do not fit 64 positions padded: 32 are prefilled and 8 go
     through decode steps; the greedy tokens equal full recomputation's."""
+    engine = prefill_engine
     prompt = (prompts(1, seed=5, longest=5)[0] * 20)[:40]
     result = run(engine, prompt, max_tokens=20)
     ids = engine.model.generate([prompt], max_new_tokens=20, do_sample=False, use_past=False)[0]
     assert result.text == engine.tokenizer.decode(ids[40:], skip_special_tokens=True)
     assert result.last.completion_tokens == len(ids) - 40
+
+
+def test_a_long_prompt_is_read_in_chunks_while_the_others_keep_decoding(engine):
+    """3 requests decode; a 29-token prompt arrives: steps of at most 16 rows give it the 13 rows the three leave,
+    so its prompt takes three steps, each of which also advances the three; no prefill runs, no new shape
+    compiles, and every request gives exactly its text alone."""
+    engine.prefill_chunk, engine._rows = 16, [4, 16]
+    steps, feed = [], engine._session.feed
+    try:
+        short, long_prompt = prompts(3, seed=14, longest=4), (prompts(1, seed=15, longest=29)[0] * 10)[:29]
+        alone = [run(engine, p, max_tokens=20) for p in short] + [run(engine, long_prompt, max_tokens=3)]
+        shapes, before = compiled(engine), engine.stats()
+        decoding = [Collector() for _ in short]
+        for prompt, collector in zip(short, decoding):
+            engine.submit(prompt, SamplingParams(20, temperature=0), collector)
+        wait_until(lambda: engine.stats()['generation_tokens_total'] >= before['generation_tokens_total'] + 6)
+        engine._session.feed = lambda slots, tokens, rows: (steps.append((list(slots), rows)),
+                                                            feed(slots, tokens, rows))[1]
+        late = Collector()
+        engine.submit(long_prompt, SamplingParams(3, temperature=0), late)
+        for collector, single in zip(decoding + [late.wait()], alone):
+            assert collector.wait().text == single.text
+            assert collector.last.completion_tokens == single.last.completion_tokens
+        late_slot = next(slot for slots, _ in steps for slot in set(slots) if slots.count(slot) > 1)
+        reading = [(sorted(slots.count(s) for s in set(slots)), rows) for slots, rows in steps
+                   if slots.count(late_slot) > 1]
+        assert reading == [([1, 1, 1, 13], 16), ([1, 1, 1, 13], 16), ([1, 1, 1, 3], 16)]
+        assert engine.stats()['prefills_total'] == before['prefills_total'] and compiled(engine) == shapes
+    finally:
+        del engine._session.feed
+        engine.prefill_chunk, engine._rows = 64, [4, 16, 32, 64]
 
 
 def test_seeded_sampling_is_reproducible_and_equals_generate(engine):

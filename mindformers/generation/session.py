@@ -6,6 +6,11 @@ sequences in the given free slots while the other slots keep their state, `decod
 slot by one token, and `free(rows)` releases slots for reuse. Shapes are static: one compiled graph per (rows,
 prompt bucket) for prefill and one for decode, whatever the slots hold.
 
+`feed(slots, tokens, rows)` is the general step those two are cases of: any tokens of any slots in one decode-shaped
+step of `rows` rows, several consecutive tokens of one slot among them (a prompt read in chunks while other slots
+decode: continuous batching without a separate prefill). It needs the fused decode attention and a family without
+per-slot state or prefix (`feed_rows(model)` > 0), and compiles once per `rows`.
+
 The model side is the family's one forward: `model.logits(input_ids, None, cache, step)` with `cache` a view of the
 session's cache (`KVCache.prefill` or `KVCache.decode`) and `step = (positions, mask, write)`, returning fp32
 logits [rows, vocab] of each row's last position. The family declares its cache with `model.kv_cache_layout()`.
@@ -29,7 +34,8 @@ import numpy as np
 import mindspore as ms
 from mindspore import nn, ops, Parameter, Tensor
 
-from mindformers.kernels import CACHE_KERNEL_SUFFIX, FusedDecodeAttention, FusedDecodeAttentionPacked, use_fused
+from mindformers.kernels import (CACHE_KERNEL_SUFFIX, FEW_ROWS, FusedDecodeAttention, FusedDecodeAttentionPacked,
+                                 use_fused)
 from mindformers.modules.attention import prefix_length
 from mindformers.modules.layers import to_mstype
 
@@ -237,6 +243,42 @@ class SlotTable:
         self.length[self.active] += 1
         return positions, mask, indices
 
+    def open(self, rows):
+        """Start empty sequences in slots `rows` (their tokens come through `feed`)."""
+        self.valid[rows] = False
+        self.valid[rows, :self.prefix] = True
+        self.length[rows] = self.prefix
+        self.active[rows] = True
+
+    def feed(self, slots, rows):
+        """Step inputs for one token per entry of `slots` ([n] active slots; the entries of one slot take its next
+        positions in order), padded to `rows` by repeating the last entry: (positions [rows, 1], mask
+        [rows, 1, 1, P + max_length], write indices [rows, kv_heads, 1, 3] (slot, head, position))."""
+        slots = np.asarray(slots, np.int64)
+        if not self.active[slots].all():
+            raise ValueError(f"feed: slot {int(slots[~self.active[slots]][0])} is not open")
+        by_slot = np.argsort(slots, kind='stable')  # entries grouped by slot, in their order within each group
+        grouped = slots[by_slot]
+        starts = np.flatnonzero(np.r_[True, grouped[1:] != grouped[:-1]])
+        order = np.empty(len(slots), np.int64)  # how many entries of the same slot come before each entry
+        order[by_slot] = np.arange(len(slots)) - np.repeat(starts, np.diff(np.r_[starts, len(slots)]))
+        written = self.length[slots] + order
+        full = written >= self.prefix + self.max_length
+        if full.any():
+            raise ValueError(f"slot {int(slots[full][0])} is full: its cache holds {self.max_length} positions")
+        positions = self.valid[slots].sum(axis=1) - self.prefix + order
+        self.valid[slots, written] = True
+        np.add.at(self.length, slots, 1)
+        visible = self.valid[slots] & (np.arange(self.valid.shape[1]) <= written[:, None])
+        pad = np.full(rows - len(slots), len(slots) - 1)
+        take = np.concatenate([np.arange(len(slots)), pad])
+        mask = np.where(visible[take], 0.0, NEG_INF).astype(np.float32)[:, None, None, :]
+        indices = np.empty((rows, self.kv_heads, 1, 3), np.int32)
+        indices[..., 0] = slots[take][:, None, None]
+        indices[..., 1] = np.arange(self.kv_heads)[None, :, None]
+        indices[..., 2] = written[take][:, None, None]
+        return positions[take].astype(np.int32)[:, None], mask, indices
+
     def free(self, rows):
         self.active[rows] = False
         self.valid[rows] = False
@@ -308,6 +350,8 @@ class DecodingSession:
                              layout['head_dim'], cache_dtype, layout.get('state', ()), compute_dtype)
         self.table = SlotTable(self.slots, layout['kv_heads'], self.max_length, prefix)
         self._prefill, self._decode = _Step(model, self.cache.prefill), _Step(model, self.cache.decode)
+        self._feed = {self.slots: self._decode}  # rows -> step; `slots` rows have the decode step's shapes
+        self.feed_rows = feed_rows(model)
         self._reorder = _Reorder(self.cache)
         for cell in (self._prefill, self._decode):
             cell.set_train(False)
@@ -336,6 +380,34 @@ class DecodingSession:
         tokens = np.asarray(tokens, np.int32).reshape(self.slots, 1)
         return self._decode(*_tensors(tokens, *self.table.step())).asnumpy()
 
+    def open(self, rows):
+        """Start empty sequences in slots `rows` (free or not: their old state is dropped), to be fed by `feed`."""
+        self.table.open(np.asarray(rows, np.int64).reshape(-1))
+
+    def feed(self, slots, tokens, rows=None):
+        """Feed `tokens[i]` ([n] ids) to slot `slots[i]` ([n]; open slots; one slot's entries are its next tokens in
+        order, each seeing the ones before it) in one step of `rows` rows (n <= rows <= `feed_rows`; default n;
+        compiled once per `rows`: the extra rows repeat the last entry, which changes nothing) -> fp32 logits
+        [n, vocab], row i the next-token logits after tokens[i]."""
+        slots, tokens = np.asarray(slots, np.int64).reshape(-1), np.asarray(tokens, np.int32).reshape(-1)
+        rows = len(tokens) if rows is None else int(rows)
+        if self.feed_rows == 0:
+            raise ValueError(f"{type(self.model).__name__} cannot feed several tokens of a slot in one step (it "
+                             "needs the fp32 CPU kernels' decode attention, and no per-slot state or prefix); use "
+                             "prefill and decode")
+        if len(slots) != len(tokens) or not 0 < len(tokens) <= rows <= self.feed_rows:
+            raise ValueError(f"feed takes as many slots as tokens (got {len(slots)} and {len(tokens)}), at least one, "
+                             f"in a step of rows in [that count, {self.feed_rows}]; got rows={rows}")
+        if slots.min() < 0 or slots.max() >= self.slots:
+            raise ValueError(f"feed slots must be in [0, {self.slots}), got {slots.tolist()}")
+        step = self._feed.get(rows)
+        if step is None:
+            step = self._feed[rows] = _Step(self.model, self.cache.decode)
+            step.set_train(False)
+        inputs = self.table.feed(slots, rows)
+        ids = np.concatenate([tokens, np.full(rows - len(tokens), tokens[-1], np.int32)])[:, None]
+        return step(*_tensors(ids, *inputs)).asnumpy()[:len(tokens)]
+
     def free(self, rows):
         self.table.free(np.asarray(rows, np.int64).reshape(-1))
 
@@ -343,6 +415,20 @@ class DecodingSession:
         rows = np.asarray(rows, np.int32)
         self._reorder(Tensor(rows))
         self.table.reorder(rows)
+
+
+def feed_rows(model):
+    """The most rows `DecodingSession.feed` takes in one step over `model`: `FEW_ROWS` (every product then runs a
+    few-rows kernel, which gives each row the same bits whatever rows are beside it), or less where a layer's
+    kernel says so (`few_rows_limit`: int8); 0 when a step cannot take several tokens of a slot: without the fused
+    fp32 decode attention, or for a family with per-slot state (GLM's 2-D positions) or prefix keys."""
+    compute_dtype = to_mstype(model.config.compute_dtype)
+    cache_dtype = to_mstype(getattr(model.config, 'kv_cache_dtype', None) or compute_dtype)
+    if not (use_fused(compute_dtype) and cache_dtype in CACHE_KERNEL_SUFFIX) or prefix_length(model) \
+            or model.kv_cache_layout().get('state'):
+        return 0
+    return min([FEW_ROWS] + [cell.few_rows_limit for _, cell in model.cells_and_names()
+                             if hasattr(cell, 'few_rows_limit')])
 
 
 def _tensors(*arrays):

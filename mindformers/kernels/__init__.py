@@ -290,9 +290,11 @@ class FusedDecodeAttention(nn.Cell):
     `use_fused`).
 
     `construct(query [B, Hq, 1, D] scaled, key [B, Hkv, 1, D], value [B, Hkv, 1, D], key_cache [B, Hkv, L, D],
-    value_cache [B, Hkv, L, D], mask [B, 1, 1, L] additive, indices [B, Hkv, 1, 3] int32) -> context [B, Hq, 1, D]`.
-    Writes each row's key/value into the cache Parameters at its position `indices[b, 0, 0, 2]` (rows may differ)
-    and attends over that row's positions up to it only. Inference only (no backward)."""
+    value_cache [S, Hkv, L, D], mask [B, 1, 1, L] additive, indices [B, Hkv, 1, 3] int32) -> context [B, Hq, 1, D]`.
+    Writes each row's key/value into the cache Parameters at cache row `indices[b, 0, 0, 0]`, position
+    `indices[b, 0, 0, 2]` (rows may differ), then attends over that cache row's positions up to it only. Rows may
+    share a cache row (consecutive tokens of one sequence): each sees what the rows before it wrote. Inference only
+    (no backward)."""
 
     def __init__(self, cache_dtype=ms.float32):
         super().__init__()
@@ -415,13 +417,14 @@ class FusedDecodeAttentionPacked(nn.Cell):
         return self.attend(qkv, key_cache, value_cache, mask, indices, scale)
 
 
-FEW_ROWS = 16
+FEW_ROWS = 64  # beyond it MatMul: at 17-64 rows it costs 2-3x the few-rows kernel (it repacks the weight per call)
 
 
 class _FewRows(nn.Cell):
-    """A linear layer on few rows (decode steps; at most `FEW_ROWS`): each weight row is read once for all rows and
-    the output features are split over the cores, which reads the weight about twice as fast as MatMul does on one
-    row. x [M, K], weight [N, K] -> [M, N]; fp32, CPU (see `use_fused`). The backward is plain MatMuls."""
+    """A linear layer on few rows (decode steps, short prompts; at most `FEW_ROWS`): each weight row is read once
+    for all rows and the output features are split over the cores, which reads the weight about twice as fast as
+    MatMul does on one row. Each row's result is the same bits whatever rows are beside it. x [M, K], weight [N, K]
+    -> [M, N]; fp32, CPU (see `use_fused`). The backward is plain MatMuls."""
 
     def __init__(self, entry):
         super().__init__()

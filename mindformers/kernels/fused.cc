@@ -413,14 +413,16 @@ extern "C" int CausalSoftmaxBackward(int nparam, void **params, int *ndims, int6
 }
 
 namespace {
-// Each row's write position from indices [B, Hkv, 1, 3] int32 (row, head, position): entry 2 of the row's first
-// head. Returns false when one lies outside [0, length).
-bool RowPositions(const int32_t *indices, int64_t batch, int64_t kv_heads, int64_t length,
-                  std::vector<int64_t> *positions) {
+// Each row's cache row and write position from indices [batch, kv_heads, 1, 3] (cache row, head, position; the
+// heads of a row agree); false when one is outside a cache of `cache_rows` rows of `length` positions.
+bool RowPositions(const int32_t *indices, int64_t batch, int64_t kv_heads, int64_t cache_rows, int64_t length,
+                  std::vector<int64_t> *rows, std::vector<int64_t> *positions) {
+  rows->resize(batch);
   positions->resize(batch);
   for (int64_t b = 0; b < batch; b++) {
-    const int64_t position = indices[b * kv_heads * 3 + 2];
-    if (position < 0 || position >= length) return false;
+    const int64_t row = indices[b * kv_heads * 3], position = indices[b * kv_heads * 3 + 2];
+    if (row < 0 || row >= cache_rows || position < 0 || position >= length) return false;
+    (*rows)[b] = row;
     (*positions)[b] = position;
   }
   return true;
@@ -541,17 +543,18 @@ inline void CacheStore(const float *x, Cache *out, int64_t dim) {
 // One decode step of attention over an in-place KV cache of `Cache` elements (float, or Half: converted to and from
 // fp32 in registers), for `batch` rows of `q_heads` query heads and `kv_heads` cached heads of `dim` values.
 // query(b, h), key(b, g), value(b, g) point at the new fp32 vectors (query already scaled); context(b, h) at the fp32
-// output. Caches are [batch, kv_heads, length, dim]; mask [batch, length] additive. Writes row b's key/value at
-// positions[b], then attends over its positions 0..positions[b] only; query head h reads kv head
-// h / (q_heads / kv_heads).
+// output. Caches are [cache rows, kv_heads, length, dim]; mask [batch, length] additive. Writes row b's key/value at
+// position positions[b] of cache row rows[b], then (every row written) attends over that cache row's positions
+// 0..positions[b] only; query head h reads kv head h / (q_heads / kv_heads). Several rows may share a cache row
+// (consecutive tokens of one sequence, positions increasing): each sees the keys the earlier ones wrote.
 template <typename Cache, typename Query, typename Key, typename Value, typename Context>
 void DecodeAttend(int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t dim, int64_t length,
-                  const int64_t *positions, Cache *key_cache, Cache *value_cache, const float *mask, Query query,
+                  const int64_t *rows, const int64_t *positions, Cache *key_cache, Cache *value_cache, const float *mask, Query query,
                   Key key, Value value, Context context) {
   int64_t longest = 0;
   for (int64_t b = 0; b < batch; b++) {
     for (int64_t g = 0; g < kv_heads; g++) {
-      const int64_t slot = ((b * kv_heads + g) * length + positions[b]) * dim;
+      const int64_t slot = ((rows[b] * kv_heads + g) * length + positions[b]) * dim;
       CacheStore(key(b, g), key_cache + slot, dim);
       CacheStore(value(b, g), value_cache + slot, dim);
     }
@@ -561,7 +564,7 @@ void DecodeAttend(int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t dim,
   ParallelFor(batch * q_heads, 2 * longest * dim, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(longest);
     for (int64_t row = begin; row < end; row++) {
-      const int64_t b = row / q_heads, h = row % q_heads, kv_row = b * kv_heads + h / group;
+      const int64_t b = row / q_heads, h = row % q_heads, kv_row = rows[b] * kv_heads + h / group;
       const int64_t span = positions[b] + 1;
       const float *qr = query(b, h);
       const Cache *keys = key_cache + kv_row * length * dim;
@@ -585,8 +588,9 @@ void DecodeAttend(int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t dim,
 }
 
 // Inputs: query [B, Hq, 1, D] (already scaled), key and value [B, Hkv, 1, D], key_cache and value_cache
-// [B, Hkv, L, D] of `Cache` elements, mask [B, 1, 1, L] additive, indices [B, Hkv, 1, 3] int32 whose last entry is the
-// row's write position P_b (rows may differ: each attends over its positions 0..P_b). Output: context [B, Hq, 1, D].
+// [S, Hkv, L, D] of `Cache` elements, mask [B, 1, 1, L] additive, indices [B, Hkv, 1, 3] int32: (cache row s_b, head,
+// write position P_b) (rows may differ: each attends over cache row s_b's positions 0..P_b). Output: context
+// [B, Hq, 1, D].
 // The caches' memory is their Parameters': writing into it is the intended side effect.
 template <typename Cache>
 int DecodeAttentionOf(void **params, int64_t **shapes) {
@@ -596,10 +600,11 @@ int DecodeAttentionOf(void **params, int64_t **shapes) {
   float *out = static_cast<float *>(params[7]);
   const int64_t batch = shapes[0][0], q_heads = shapes[0][1], dim = shapes[0][3];
   const int64_t kv_heads = shapes[3][1], length = shapes[3][2];
-  std::vector<int64_t> positions;
-  if (q_heads % kv_heads || !RowPositions(static_cast<const int32_t *>(params[6]), batch, kv_heads, length, &positions))
+  std::vector<int64_t> rows, positions;
+  if (q_heads % kv_heads ||
+      !RowPositions(static_cast<const int32_t *>(params[6]), batch, kv_heads, shapes[3][0], length, &rows, &positions))
     return 1;
-  DecodeAttend(batch, q_heads, kv_heads, dim, length, positions.data(), static_cast<Cache *>(params[3]),
+  DecodeAttend(batch, q_heads, kv_heads, dim, length, rows.data(), positions.data(), static_cast<Cache *>(params[3]),
                static_cast<Cache *>(params[4]), static_cast<const float *>(params[5]),
                [&](int64_t b, int64_t h) { return q + (b * q_heads + h) * dim; },
                [&](int64_t b, int64_t g) { return k + (b * kv_heads + g) * dim; },
@@ -618,16 +623,16 @@ int DecodeAttentionPackedOf(void **params, int64_t **shapes) {
   const int64_t kv_heads = shapes[1][1], length = shapes[1][2], dim = shapes[1][3];
   const int64_t q_heads = width / dim - 2 * kv_heads;
   const float scale = *static_cast<const float *>(params[5]);
-  std::vector<int64_t> positions;
+  std::vector<int64_t> rows, positions;
   if (q_heads <= 0 || q_heads % kv_heads ||
-      !RowPositions(static_cast<const int32_t *>(params[4]), batch, kv_heads, length, &positions))
+      !RowPositions(static_cast<const int32_t *>(params[4]), batch, kv_heads, shapes[1][0], length, &rows, &positions))
     return 1;
   std::vector<float> query(batch * q_heads * dim);
   for (int64_t b = 0; b < batch; b++) {
     for (int64_t i = 0; i < q_heads * dim; i++) query[b * q_heads * dim + i] = qkv[b * width + i] * scale;
   }
   const float *keys = qkv + q_heads * dim, *values = keys + kv_heads * dim;
-  DecodeAttend(batch, q_heads, kv_heads, dim, length, positions.data(), static_cast<Cache *>(params[1]),
+  DecodeAttend(batch, q_heads, kv_heads, dim, length, rows.data(), positions.data(), static_cast<Cache *>(params[1]),
                static_cast<Cache *>(params[2]), static_cast<const float *>(params[3]),
                [&](int64_t b, int64_t h) { return query.data() + (b * q_heads + h) * dim; },
                [&](int64_t b, int64_t g) { return keys + b * width + g * dim; },

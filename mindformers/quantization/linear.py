@@ -71,7 +71,10 @@ class Int8Linear(Linear):
     `construct(x [..., in], add_bias=True, residual=None) -> [..., out]` in `compute_dtype`. With the int8 kernels
     (fp32 on CPU) the weights are widened in registers; otherwise with MindSpore ops (block32: the weight is widened
     whole, then multiplied; channel: the product of the int8 weight is scaled per output). `bias_fusable` is False:
-    callers leave the bias to it."""
+    callers leave the bias to it. `few_rows_limit`: the rows up to which the int8 kernel's few-rows path runs
+    (`int8.cc` kFewRows), giving each row the same bits whatever rows are beside it."""
+
+    few_rows_limit = 16
 
     @classmethod
     def adopt(cls, linear, weight=None, scale=None, scheme='block32'):

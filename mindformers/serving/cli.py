@@ -21,7 +21,7 @@ CHAT_FORMAT_CHOICES = ('auto', 'chatglm', 'llama2', 'plain')
 QUANTIZATION_CHOICES = ('int8',)
 KV_CACHE_DTYPE_CHOICES = ('float32', 'float16')  # models.base_config.KV_CACHE_DTYPES, without importing MindSpore
 SERVE_DEFAULTS = {'host': '127.0.0.1', 'port': 8000, 'slots': 8, 'max_waiting': 64, 'timeout': 600.0,
-                  'batched_prefill': 0, 'chat_format': 'auto'}
+                  'batched_prefill': 0, 'prefill_chunk': 64, 'chat_format': 'auto'}
 
 
 def add_serving_arguments(parser, defaults=True):
@@ -35,9 +35,12 @@ def add_serving_arguments(parser, defaults=True):
                         help='requests decoded together (KV-cache slots; default 8)')
     parser.add_argument('--max_waiting', type=int, default=default.get('max_waiting'),
                         help='requests queued behind the slots before new ones get 503 (default 64)')
+    parser.add_argument('--prefill_chunk', type=int, default=default.get('prefill_chunk'),
+                        help='the most rows of a step that reads new prompts beside the decoding requests (chunked '
+                             'prompts, where the model allows; default 64; 0: a prefill per request)')
     parser.add_argument('--batched_prefill', type=int, default=default.get('batched_prefill'),
-                        help='prompts up to this many tokens that wait together start in one prefill (its shapes '
-                             'compile at startup; default 0: one prefill per request)')
+                        help='without chunked prompts: prompts up to this many tokens that wait together start in '
+                             'one prefill (its shapes compile at startup; default 0: one prefill per request)')
     parser.add_argument('--timeout', type=float, default=default.get('timeout'),
                         help='time limit of one request in seconds (default 600)')
     parser.add_argument('--served_model_name', help='the model id clients send (default: the --model value)')
@@ -77,7 +80,7 @@ def check_model(model):
 
 def check_serving_args(args):
     """UsageError for serving flags that cannot work (checked before anything loads)."""
-    for name, low in (('slots', 1), ('max_waiting', 0), ('batched_prefill', 0)):
+    for name, low in (('slots', 1), ('max_waiting', 0), ('batched_prefill', 0), ('prefill_chunk', 0)):
         if getattr(args, name) < low:
             raise UsageError(f"--{name} must be >= {low}, got {getattr(args, name)}")
     if not 0 <= args.port <= 65535:
@@ -206,7 +209,7 @@ def start_engine(source, args, model_id):
         quantize_model(model, **quantization)  # a LoRA is merged first
     chat_format, why = resolve_chat_format(args.chat_format, tokenizer, model_id)
     engine = Engine(model, tokenizer, slots=args.slots, max_waiting=args.max_waiting, timeout=args.timeout,
-                    batched_prefill=args.batched_prefill).start()
+                    batched_prefill=args.batched_prefill, prefill_chunk=args.prefill_chunk).start()
     try:
         warm_up(engine, tokenizer)
     except BaseException:

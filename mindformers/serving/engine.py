@@ -1,21 +1,25 @@
 """Continuous batching: many requests share one `DecodingSession`, each in its own slot.
 
 One engine thread runs the model. Every iteration it drops requests that were cancelled or ran out of time, starts
-waiting requests in free slots (a prefill each; the other slots keep their state), then advances every running
-request by one token with one compiled decode step and hands each its new text. A request leaves its slot as soon
-as it ends, and the next waiting one takes it, so no request waits for another to finish. Shapes never change:
-prefill compiles once per prompt bucket, decode once.
+waiting requests in free slots (the other slots keep their state), then runs one compiled step that advances every
+running request by one token and hands each its new text. A request leaves its slot as soon as it ends, and the next
+waiting one takes it, so no request waits for another to finish. Shapes never change: each compiles once.
 
-Batched admission (`batched_prefill` = N > 0): requests admitted in the same iteration whose prompts share a bucket
-<= N start in one prefill of 2, 4, ... rows (powers of two up to the slots); `start()` compiles those graphs (and
-the one-row ones of those buckets), so serving never compiles for them; a prefill costs much less per row with more
-rows. The rest start one by one.
+Chunked prompts (`prefill_chunk` = C, default 64; where the session can `feed`, `feed_rows(model)` > 0): a new
+request's prompt is read by the same steps that decode the others. Each step has one row per decoding request and
+gives the rows left, up to C in all, to the prompts still being read (oldest request first); the step's row count is
+the smallest of the slots, 16, 32, ... up to C that holds them (all compiled by `start()`). A prompt costs its rows
+of a step, well under a prefill of its own, and the decoding requests never stop for it. Every product of such a
+step runs a few-rows kernel, so each row's result is the same bits whatever the other rows hold.
 
-A prompt is padded on the left to its bucket (`generation.session.prefill_bucket`). When the bucket plus the
-request's `max_tokens` would not fit the context, the prompt is split instead: the largest bucket that the prompt
-fills is prefilled and the rest of the prompt is fed through decode steps (no padding, no new shape). Families that
-keep per-slot state between steps (GLM: its 2-D positions) cannot take prompt tokens through decode; for them the
-bucket shrinks to what fits, as `generate()` does (a shape compiled once per such size).
+Otherwise (GLM's per-slot state, prefix keys, no fused kernels, or `prefill_chunk` 0) a request starts with a
+prefill of its prompt, padded on the left to its bucket (`generation.session.prefill_bucket`). When the bucket plus
+the request's `max_tokens` would not fit the context, the prompt is split: the largest bucket that the prompt fills
+is prefilled and the rest of the prompt is fed through decode steps one token a step. Families that keep per-slot
+state between steps (GLM: its 2-D positions) cannot take prompt tokens through decode; for them the bucket shrinks
+to what fits, as `generate()` does (a shape compiled once per such size). Batched admission (`batched_prefill` =
+N > 0): requests admitted in the same iteration whose prompts share a bucket <= N start in one prefill of 2, 4, ...
+rows (powers of two up to the slots); `start()` compiles those graphs (and the one-row ones of those buckets).
 
 A step's host work is batched: greedy rows are picked with one argmax, sampled rows are warped together per
 (temperature, top_k, top_p) and each drawn with its own generator; each request's text is updated by decoding only
@@ -146,17 +150,20 @@ class _Request:
 class Engine:
     """Serves generation requests over `model` (a causal LM of the suite) and `tokenizer` with `slots` concurrent
     sequences; at most `max_waiting` more wait for a slot; a request is ended ('timeout') after `timeout` seconds.
+    `prefill_chunk`: the most rows of a step that reads prompts (0: a prefill per request; see the module
+    docstring).
     Progress (running/waiting requests, prompt and generation tokens/s) is logged every `log_interval` seconds
     while there is work. `submit` is thread-safe; events are delivered on the engine thread, after each prefill and
     decode step, as one call of `dispatch` with that step's [(on_event, Event)] (default `deliver_each`: calls
     each on_event in order; a server replaces it to cross to its event loop once per step)."""
 
     def __init__(self, model, tokenizer, slots=8, max_waiting=64, timeout=600.0, log_interval=5.0,
-                 batched_prefill=0):
-        if int(slots) < 1 or int(max_waiting) < 0 or float(timeout) <= 0 or int(batched_prefill) < 0:
-            raise ValueError(f"Engine needs slots >= 1, max_waiting >= 0, timeout > 0 and batched_prefill >= 0; got "
-                             f"slots={slots}, max_waiting={max_waiting}, timeout={timeout}, "
-                             f"batched_prefill={batched_prefill}")
+                 batched_prefill=0, prefill_chunk=64):
+        if int(slots) < 1 or int(max_waiting) < 0 or float(timeout) <= 0 or int(batched_prefill) < 0 \
+                or int(prefill_chunk) < 0:
+            raise ValueError(f"Engine needs slots >= 1, max_waiting >= 0, timeout > 0, batched_prefill >= 0 and "
+                             f"prefill_chunk >= 0; got slots={slots}, max_waiting={max_waiting}, timeout={timeout}, "
+                             f"batched_prefill={batched_prefill}, prefill_chunk={prefill_chunk}")
         self.model, self.tokenizer = model, tokenizer
         self.slots, self.max_waiting, self.timeout = int(slots), int(max_waiting), float(timeout)
         self.log_interval = float(log_interval)
@@ -170,6 +177,8 @@ class Engine:
         self.batched_prefill = int(batched_prefill)
         self._group_rows = [rows for rows in (2 ** i for i in range(1, self.slots.bit_length())) if rows <= self.slots]
         self._group_shapes = set()
+        self.prefill_chunk = int(prefill_chunk)
+        self._rows = []  # chunked prompts: the row counts of the compiled steps, ascending (empty: prefills)
         self._session = None
         self._waiting = collections.deque()
         self._running = {}
@@ -187,12 +196,21 @@ class Engine:
     # ----- the submitter's side (any thread)
 
     def start(self):
-        """Build the decoding session and start the engine thread. The prefill graphs of the buckets up to
-        `batched_prefill` compile here, for 1, 2, 4, ... rows; the others on first use."""
+        """Build the decoding session, compile its steps and start the engine thread. Chunked prompts: the steps of
+        every row count compile here. Prefills: those of the buckets up to `batched_prefill` (for 1, 2, 4, ...
+        rows); the others on first use."""
         self.model.set_train(False)
         self._session = DecodingSession(self.model, self.slots)
+        chunk = min(self.prefill_chunk, self._session.feed_rows, self.context_length)
+        if chunk > self.slots:
+            self._rows = sorted({self.slots, chunk, *(r for r in (2 ** i for i in range(4, chunk.bit_length()))
+                                                      if self.slots < r < chunk)})
+            self._session.open(list(range(self.slots)))
+            for rows in self._rows:  # each slot gets at most ceil(rows / slots) <= chunk <= context positions
+                self._session.feed(sorted(i % self.slots for i in range(rows)), np.zeros(rows, np.int32), rows)
+                self._session.open(list(range(self.slots)))
         for bucket in PREFILL_BUCKETS:
-            if bucket > min(self.batched_prefill, self.context_length - 1):
+            if self._rows or bucket > min(self.batched_prefill, self.context_length - 1):
                 break
             for rows in (1, *self._group_rows):
                 self._session.prefill(list(range(rows)), np.zeros((rows, bucket), np.int32), bucket=bucket)
@@ -273,11 +291,14 @@ class Engine:
                     admit.append(self._waiting.popleft())
                 for request in admit:
                     self._running[self._free_slot()] = request
-            for group in self._admission_groups(admit):
-                self._guard(self._prefill, *group)
+            if self._rows:
+                self._open(admit)
+            else:
+                for group in self._admission_groups(admit):
+                    self._guard(self._prefill, *group)
             self._flush()
             if any(r.slot is not None for r in self._running.values()):
-                self._guard(self._decode)
+                self._guard(self._step)
             self._flush()
             self._log_progress()
         with self._lock:
@@ -359,23 +380,50 @@ class Engine:
         if ready:
             self._emit([requests[row] for row in ready], logits[ready])
 
-    def _decode(self):
-        active = [r for r in self._running.values() if r.slot is not None]
-        tokens = np.zeros(self.slots, np.int32)
-        for request in active:
-            tokens[request.slot] = request.next_input
-        logits = self._session.decode(tokens)
+    def _open(self, requests):
+        """Chunked prompts: start `requests` in their (empty) slots with all of the prompt still to read."""
+        slots = {id(r): s for s, r in self._running.items()}
+        for request in requests:
+            request.slot = slots[id(request)]
+            request.pending = list(request.prompt)
+        if requests:
+            self._session.open([r.slot for r in requests])
+
+    def _step(self):
+        """Advance every running request by one token with one compiled step. A request still reading its prompt
+        takes a piece of it instead: chunked prompts, as many tokens as the rows left by the decoding requests allow
+        (oldest request first); otherwise one token (a decode step over all slots)."""
+        active = sorted((r for r in self._running.values() if r.slot is not None), key=lambda r: r.slot)
+        if self._rows:
+            taken = [(r, 1) for r in active if not r.pending]
+            spare = self._rows[-1] - len(taken)
+            for request in sorted(active, key=lambda r: r.id):
+                if request.pending and spare > 0:
+                    taken.append((request, min(spare, len(request.pending))))
+                    spare -= taken[-1][1]
+            slots = [r.slot for r, count in taken for _ in range(count)]
+            tokens = [t for r, count in taken for t in (r.pending[:count] if r.pending else r.tokens[-1:])]
+            logits = self._session.feed(slots, tokens, next(rows for rows in self._rows if rows >= len(tokens)))
+            last = np.cumsum([count for _, count in taken]) - 1  # each request's last row
+        else:
+            taken = [(r, 1) for r in active]
+            tokens = np.zeros(self.slots, np.int32)
+            for request in active:
+                tokens[request.slot] = request.next_input
+            logits = self._session.decode(tokens)
+            last = [r.slot for r in active]
         self._stats['decode_steps_total'] += 1
-        ready = []
-        for request in active:
+        ready, rows = [], []
+        for (request, count), row in zip(taken, last):
             if request.pending:
-                request.pending.pop(0)
-                self._stats['prompt_tokens_total'] += 1
+                del request.pending[:count]
+                self._stats['prompt_tokens_total'] += count
                 if request.pending:
                     continue
             ready.append(request)
+            rows.append(row)
         if ready:
-            self._emit(ready, logits[[r.slot for r in ready]])
+            self._emit(ready, logits[rows])
 
     def _emit(self, requests, logits):
         """Pick each request's next token from its row of `logits` [len(requests), vocab], update its text and
