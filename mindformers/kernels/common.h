@@ -36,6 +36,9 @@ inline int UsableCores() {
 // (kernels of one graph step follow each other within microseconds, and waking a sleeping thread costs tens of them),
 // then sleeps on a condition variable, so idle workers never compete with MindSpore's own threads for long.
 // One job at a time; a caller that finds the pool busy (kernels launched concurrently by MindSpore) runs its job alone.
+// A job's tasks are claimed one at a time by whoever is free (the caller and the workers that join it), so a worker
+// that the OS has not scheduled (other threads on the cores: a server's event loop, its clients) delays the job by
+// at most the task it holds, not by a fixed share of the job.
 class Pool {
  public:
   static Pool &Get() {
@@ -45,20 +48,26 @@ class Pool {
 
   int Workers() const { return static_cast<int>(workers_.size()); }
 
-  // Runs task(t) for t in [0, tasks): t = 0 on the caller, the rest on workers. False when the pool is busy.
+  // Runs task(t) once for each t in [0, tasks), on the caller and on the workers that join before the tasks run out;
+  // returns when every task has ended. False when the pool is busy.
   bool TryRun(int64_t tasks, const std::function<void(int64_t)> &task) {
     std::unique_lock<std::mutex> running(run_, std::try_to_lock);
     if (!running.owns_lock()) return false;
+    next_.store(0, std::memory_order_relaxed);
     {
-      std::lock_guard<std::mutex> lock(mutex_);  // workers read a job's fields and its generation under it
+      std::lock_guard<std::mutex> lock(mutex_);  // workers read a job's fields and join it under this lock
       task_ = &task;
       tasks_ = tasks;
-      pending_.store(std::min<int64_t>(tasks - 1, Workers()), std::memory_order_relaxed);
+      open_ = true;
       generation_.fetch_add(1, std::memory_order_release);
     }
     if (sleeping_.load(std::memory_order_acquire) > 0) wake_.notify_all();
-    task(0);
-    while (pending_.load(std::memory_order_acquire) != 0) Relax();
+    RunTasks(task, tasks);
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      open_ = false;  // every task is taken: a worker that comes now must not touch this job
+    }
+    while (joined_.load(std::memory_order_acquire) != 0) Relax();  // the tasks workers still run
     return true;
   }
 
@@ -67,6 +76,13 @@ class Pool {
 
   explicit Pool(int workers) {
     for (int i = 1; i <= workers; i++) workers_.emplace_back([this, i] { Work(i); });
+  }
+
+  void RunTasks(const std::function<void(int64_t)> &task, int64_t tasks) {
+    for (int64_t t = next_.fetch_add(1, std::memory_order_relaxed); t < tasks;
+         t = next_.fetch_add(1, std::memory_order_relaxed)) {
+      task(t);
+    }
   }
 
   static void Relax() {
@@ -90,11 +106,13 @@ class Pool {
         sleeping_.fetch_sub(1, std::memory_order_relaxed);
       }
       seen = generation_.load(std::memory_order_relaxed);
-      if (index >= tasks_) continue;
+      if (!open_ || index >= tasks_) continue;
+      joined_.fetch_add(1, std::memory_order_relaxed);
       const std::function<void(int64_t)> *task = task_;
+      const int64_t tasks = tasks_;
       lock.unlock();
-      (*task)(index);
-      pending_.fetch_sub(1, std::memory_order_release);
+      RunTasks(*task, tasks);
+      joined_.fetch_sub(1, std::memory_order_release);
     }
   }
 
@@ -103,28 +121,31 @@ class Pool {
   std::condition_variable wake_;
   const std::function<void(int64_t)> *task_ = nullptr;
   int64_t tasks_ = 0;
-  std::atomic<int64_t> pending_{0};
+  bool open_ = false;                 // the current job takes new workers (under mutex_)
+  std::atomic<int64_t> next_{0};      // the next task of the current job to claim
+  std::atomic<int64_t> joined_{0};    // workers running the current job's tasks
   std::atomic<uint64_t> generation_{0};
   std::atomic<int> sleeping_{0};
 };
 
-// Runs fn(begin, end) over [0, n) in contiguous chunks, one per core; inline when the work (n * cost elements)
-// is too small to pay for waking workers, or when the pool is busy.
+// Runs fn(begin, end) over [0, n) in contiguous chunks, kChunksPerThread per core, claimed by whichever thread is
+// free; inline when the work (n * cost elements) is too small to pay for waking workers, or when the pool is busy.
 template <typename Fn>
 void ParallelFor(int64_t n, int64_t cost, Fn fn) {
-  constexpr int64_t kMinWorkPerThread = 1 << 14;
+  constexpr int64_t kMinWorkPerThread = 1 << 14, kChunksPerThread = 4;
   const int64_t threads =
       std::min<int64_t>({Pool::Get().Workers() + 1, n, std::max<int64_t>(1, n * cost / kMinWorkPerThread)});
   if (threads <= 1) {
     fn(int64_t{0}, n);
     return;
   }
-  const int64_t chunk = (n + threads - 1) / threads;
+  const int64_t chunk = (n + threads * kChunksPerThread - 1) / (threads * kChunksPerThread);
+  const int64_t chunks = (n + chunk - 1) / chunk;
   const std::function<void(int64_t)> task = [&](int64_t t) {
     const int64_t begin = std::min(n, t * chunk), end = std::min(n, (t + 1) * chunk);
     if (begin < end) fn(begin, end);
   };
-  if (!Pool::Get().TryRun(threads, task)) fn(int64_t{0}, n);
+  if (!Pool::Get().TryRun(chunks, task)) fn(int64_t{0}, n);
 }
 
 inline int64_t Numel(int ndim, const int64_t *shape) {
