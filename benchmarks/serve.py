@@ -232,7 +232,7 @@ def main():
     parser.add_argument('--json', default=None)
     parser.add_argument('--worker', default=None)
     parser.add_argument('--slots', type=int, default=8)
-    parser.add_argument('--server_flags', default='', help="more flags for the servers, e.g. '--batched_prefill 64'")
+    parser.add_argument('--server_flags', default='', help="more flags for the servers, e.g. '--prefill_chunk 0'")
     parser.add_argument('--variants', default='offline,8,1', help='what to run: offline, 8 (slots), 1 (slot)')
     args = parser.parse_args()
     if args.worker == 'offline':
