@@ -37,15 +37,17 @@ def trained(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def models(trained):
-    """(fp32 model, int8 model) of a family, built once per (family, scheme)."""
-    built = {}
+    """(fp32 model, int8 model) of a family: the fp32 model built once per family (its compiled graphs serve every
+    scheme), the int8 model once per (family, scheme)."""
+    fp32, int8 = {}, {}
 
     def get(family, scheme='block32'):
-        if (family, scheme) not in built:
-            tiny = trained(family)
-            built[family, scheme] = (tiny.model(), tiny.model(quantization='int8',
-                                                              quantization_config={'scheme': scheme}))
-        return built[family, scheme]
+        tiny = trained(family)
+        if family not in fp32:
+            fp32[family] = tiny.model()
+        if (family, scheme) not in int8:
+            int8[family, scheme] = tiny.model(quantization='int8', quantization_config={'scheme': scheme})
+        return fp32[family], int8[family, scheme]
 
     return get
 
