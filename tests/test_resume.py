@@ -36,9 +36,15 @@ def user_dataset_run(tmp_path, stop=None, resume=None, epochs=2, accumulation=1)
     return trainer.train(resume_training=resume)
 
 
+@pytest.fixture(scope='module')
+def user_dataset_reference(tmp_path_factory):
+    """The losses of `user_dataset_run` uninterrupted: one run serves every stop point."""
+    return user_dataset_run(tmp_path_factory.mktemp('ref')).losses
+
+
 @pytest.mark.parametrize('stop', [7, 12])  # mid-epoch, and exactly an epoch's end (12 steps per epoch)
-def test_resume_reproduces_uninterrupted_run_with_a_user_dataset(tmp_path, stop):
-    reference = user_dataset_run(tmp_path / 'ref').losses
+def test_resume_reproduces_uninterrupted_run_with_a_user_dataset(tmp_path, user_dataset_reference, stop):
+    reference = user_dataset_reference
     assert len(reference) == 24
     first = user_dataset_run(tmp_path / 'run', stop=stop).losses
     assert len(first) == stop
@@ -61,6 +67,12 @@ def yaml_config(tmp_path, epochs=2):
     return config
 
 
+@pytest.fixture(scope='module')
+def yaml_reference(tmp_path_factory):
+    """The losses of the `yaml_config` run uninterrupted (2 epochs of 6 steps)."""
+    return Trainer(args=yaml_config(tmp_path_factory.mktemp('yaml_ref'))).train().losses
+
+
 @pytest.mark.slow
 def test_resume_with_gradient_accumulation_and_no_buffers_saved(tmp_path):
     """Accumulation buffers are zero at every step boundary, so checkpoints leave them out and resume still
@@ -75,9 +87,9 @@ def test_resume_with_gradient_accumulation_and_no_buffers_saved(tmp_path):
     np.testing.assert_allclose(resumed.losses, reference[5:], rtol=0, atol=1e-6)
 
 
-def test_resume_from_yaml_dataset_and_cli_style_path(tmp_path):
+def test_resume_from_yaml_dataset_and_cli_style_path(tmp_path, yaml_reference):
     """The bundled-corpus loader starts at the resumed epoch and skips the batches already trained on."""
-    reference = Trainer(args=yaml_config(tmp_path / 'ref')).train().losses
+    reference = yaml_reference
     assert len(reference) == 12  # 6 batches of 4 per epoch, 2 epochs
     Trainer(args=yaml_config(tmp_path / 'run'), callbacks=[StopAt(9)]).train()
     meta = json.loads((tmp_path / 'run' / 'checkpoint' / 'rank_0' / 'meta.json').read_text())
@@ -88,8 +100,8 @@ def test_resume_from_yaml_dataset_and_cli_style_path(tmp_path):
     np.testing.assert_allclose(resumed.losses, reference[8:], rtol=0, atol=1e-6)
 
 
-def test_resume_falls_back_when_newest_checkpoint_is_corrupt(tmp_path, capsys):
-    reference = Trainer(args=yaml_config(tmp_path / 'ref')).train().losses
+def test_resume_falls_back_when_newest_checkpoint_is_corrupt(tmp_path, yaml_reference, capsys):
+    reference = yaml_reference
     Trainer(args=yaml_config(tmp_path / 'run'), callbacks=[StopAt(9)]).train()
     rank_dir = tmp_path / 'run' / 'checkpoint' / 'rank_0'
     newest = rank_dir / json.loads((rank_dir / 'meta.json').read_text())['last_ckpt_file']
