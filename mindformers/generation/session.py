@@ -215,11 +215,9 @@ class SlotTable:
         extra = bucket - length
         mask = np.concatenate([np.zeros((count, extra), np.int32), attention_mask.astype(np.int32)], axis=1)
         valid = mask.astype(bool)
-        self.valid[rows] = False
-        self.valid[rows, :self.prefix] = True
+        self.open(rows)
         self.valid[rows, self.prefix:self.prefix + bucket] = valid
         self.length[rows] = self.prefix + bucket
-        self.active[rows] = True
         positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
         allowed = np.tril(np.ones((bucket, bucket), bool))[None] & valid[:, None, :]
         return positions, np.where(allowed, 0.0, NEG_INF).astype(np.float32)[:, None], extra
